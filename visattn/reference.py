@@ -1,0 +1,271 @@
+"""Exact pure-PyTorch attention for every visattn op: the CPU path and the test oracle's twin.
+
+All local patterns (neighborhood and window attention) reduce to one representation: for each spatial dimension a
+*neighbor table* — for every position, the (padded) list of key positions it may attend, a validity mask and the
+rpb offset of each key. Queries are processed in chunks whose gathered keys stay under a fixed element budget, so
+memory never grows like N×N; with autograd on, each chunk is checkpointed so only the inputs are kept.
+
+Arguments arrive validated and normalised by ``visattn.functional`` (tuples per dimension, float scale).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+# Gathered key elements (queries × keys × heads × head_dim) per chunk: bounds peak memory at ~1 GiB in fp32.
+CHUNK_ELEMENTS = 1 << 28
+
+
+class NeighborTable(NamedTuple):
+    """Per-dimension key lists: ``index[i, a]`` is the a-th key of query i, valid where ``valid[i, a]``."""
+
+    index: Tensor  # [L, K] int64 key positions (clamped into range where invalid)
+    valid: Tensor  # [L, K] bool
+    offset: Tensor  # [L, K] int64 row of the rpb table for this (query, key) pair
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def na_table(length: int, kernel: int, dilation: int, stride: int, causal: bool, device=None) -> NeighborTable:
+    """Neighbor table of one dimension under NATTEN's rules (docs/SEMANTICS.md)."""
+    i = torch.arange(length, device=device)
+    group = i % dilation
+    qi = i // dilation
+    group_len = (length - group + dilation - 1) // dilation
+    a = torch.arange(kernel, device=device)
+    if causal:
+        lead = torch.minimum((qi // stride) * stride + stride - 1, group_len - 1)
+        first = lead - kernel + 1  # may be negative near the start: those slots are invalid
+        kj = first[:, None] + a[None, :]
+        valid = (kj >= 0) & (kj <= qi[:, None])
+    else:
+        left = kernel // 2
+        right = kernel // 2 - (1 - kernel % 2)
+        lead = torch.minimum((qi // stride) * stride + stride // 2, group_len - 1)
+        centre = torch.maximum(torch.minimum(lead, group_len - 1 - right), torch.full_like(lead, left))
+        kj = (centre - left)[:, None] + a[None, :]
+        valid = torch.ones_like(kj, dtype=torch.bool)
+    offset = kj - qi[:, None] + kernel - 1
+    index = (kj.clamp(min=0) * dilation + group[:, None]).clamp(max=length - 1)
+    return NeighborTable(index, valid, offset.clamp(min=0, max=2 * kernel - 2))
+
+
+def window_table(length: int, window: int, shift: int, device=None) -> NeighborTable:
+    """Neighbor table of one dimension for (shifted) windows: windows start at ``shift - window`` + multiples."""
+    x = torch.arange(length, device=device)
+    start = torch.div(x - shift, window, rounding_mode="floor") * window + shift
+    j = start[:, None] + torch.arange(window, device=device)[None, :]
+    valid = (j >= 0) & (j < length)
+    offset = j - x[:, None] + window - 1
+    return NeighborTable(j.clamp(0, length - 1), valid, offset.clamp(0, 2 * window - 2))
+
+
+def _chunk_neighbors(tables: Sequence[NeighborTable], spatial: Sequence[int], rows: Tensor):
+    """Flat key indices [C, K], validity [C, K] and per-dim rpb offsets for a chunk of flat query indices."""
+    coords = []
+    rest = rows
+    for size in reversed(spatial):
+        coords.append(rest % size)
+        rest = rest // size
+    coords.reverse()
+    n = len(spatial)
+    index = valid = None
+    offsets = []
+    for d, (table, c) in enumerate(zip(tables, coords)):
+        shape = [rows.shape[0]] + [1] * n
+        shape[1 + d] = table.index.shape[1]
+        idx_d = table.index[c].view(shape)
+        val_d = table.valid[c].view(shape)
+        offsets.append(table.offset[c].view(shape))
+        index = idx_d if index is None else index * spatial[d] + idx_d
+        valid = val_d if valid is None else valid & val_d
+    flat = lambda t: t.expand([rows.shape[0]] + [tb.index.shape[1] for tb in tables]).reshape(rows.shape[0], -1)
+    return flat(index), flat(valid), [flat(o) for o in offsets]
+
+
+def _attend_chunk(q, k, v, index, valid, bias, extra_k, extra_v, scale):
+    """Softmax attention of q [B, C, H, D] over gathered keys k[:, index] (+ extra tokens) in compute precision."""
+    ct = _compute_dtype(q.dtype)
+    ks = k[:, index].to(ct)  # [B, C, K, H, D]
+    vs = v[:, index].to(ct)
+    logits = torch.einsum("bchd,bckhd->bchk", q.to(ct), ks) * scale
+    if bias is not None:
+        logits = logits + bias.to(ct)
+    logits = logits.masked_fill(~valid[None, :, None, :], float("-inf"))
+    if extra_k is not None:
+        extra = torch.einsum("bchd,bnhd->bchn", q.to(ct), extra_k.to(ct)) * scale
+        logits = torch.cat([logits, extra], dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    n_local = index.shape[1]
+    out = torch.einsum("bchk,bckhd->bchd", probs[..., :n_local], vs)
+    if extra_k is not None:
+        out = out + torch.einsum("bchn,bnhd->bchd", probs[..., n_local:], extra_v.to(ct))
+    return out
+
+
+def _local_attention(q, k, v, tables, rpb, scale, extra_k=None, extra_v=None) -> Tensor:
+    """Shared engine of the reference: chunked gather attention over per-dimension neighbor tables."""
+    batch, *spatial, heads, dim = q.shape
+    dim_v = v.shape[-1]
+    n = math.prod(spatial)
+    qf, kf, vf = q.reshape(batch, n, heads, dim), k.reshape(batch, n, heads, dim), v.reshape(batch, n, heads, dim_v)
+    neighbors = math.prod(t.index.shape[1] for t in tables)
+    per_query = max(1, batch * neighbors * heads * max(dim, dim_v))
+    chunk = max(1, min(n, CHUNK_ELEMENTS // per_query))
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, rpb, extra_k, extra_v)
+    )
+    outputs = []
+    for start in range(0, n, chunk):
+        rows = torch.arange(start, min(start + chunk, n), device=q.device)
+
+        def run(qc, kf, vf, rpb, extra_k, extra_v, rows=rows):
+            index, valid, offsets = _chunk_neighbors(tables, spatial, rows)
+            bias = None
+            if rpb is not None:
+                bias = rpb[(slice(None), *offsets)].permute(1, 0, 2)  # [C, H, K]
+            return _attend_chunk(qc, kf, vf, index, valid, bias, extra_k, extra_v, scale)
+
+        qc = qf[:, start : start + chunk]
+        if needs_grad:
+            out = checkpoint(run, qc, kf, vf, rpb, extra_k, extra_v, use_reentrant=False)
+        else:
+            out = run(qc, kf, vf, rpb, extra_k, extra_v)
+        outputs.append(out)
+    out = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+    return out.to(q.dtype).reshape(batch, *spatial, heads, dim_v)
+
+
+def na(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kernel_size: tuple[int, ...],
+    dilation: tuple[int, ...],
+    stride: tuple[int, ...],
+    is_causal: tuple[bool, ...],
+    rpb: Optional[Tensor],
+    scale: float,
+    additional_keys: Optional[Tensor],
+    additional_values: Optional[Tensor],
+) -> Tensor:
+    """Neighborhood attention (NA/DiNA/GNA, 1-3 D) with optional rpb and extra global tokens."""
+    spatial = q.shape[1:-2]
+    tables = [
+        na_table(length, *params, device=q.device)
+        for length, params in zip(spatial, zip(kernel_size, dilation, stride, is_causal))
+    ]
+    return _local_attention(q, k, v, tables, rpb, scale, additional_keys, additional_values)
+
+
+def window(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window_size: tuple[int, ...],
+    shift: tuple[int, ...],
+    rpb: Optional[Tensor],
+    scale: float,
+) -> Tensor:
+    """(Shifted) window attention: each query attends its own, possibly partial, window."""
+    spatial = q.shape[1:-2]
+    tables = [window_table(length, w, t, device=q.device) for length, w, t in zip(spatial, window_size, shift)]
+    return _local_attention(q, k, v, tables, rpb, scale)
+
+
+def agent(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    agents: Tensor,
+    agent_bias: Optional[Tensor],
+    query_bias: Optional[Tensor],
+    scale: float,
+) -> Tensor:
+    """Agent attention: agents attend the keys, then queries attend the agents' summaries."""
+    batch, *spatial, heads, dim = q.shape
+    ct = _compute_dtype(q.dtype)
+    n = math.prod(spatial)
+    as_bhnd = lambda t: t.reshape(batch, -1, heads, t.shape[-1]).transpose(1, 2).to(ct)
+    qh, kh, vh, ah = as_bhnd(q), as_bhnd(k), as_bhnd(v), as_bhnd(agents)
+    agent_logits = (ah @ kh.transpose(-1, -2)) * scale  # [B, H, A, N]
+    if agent_bias is not None:
+        agent_logits = agent_logits + agent_bias.to(ct)
+    agent_values = torch.softmax(agent_logits, dim=-1) @ vh  # [B, H, A, Dv]
+    query_logits = (qh @ ah.transpose(-1, -2)) * scale  # [B, H, N, A]
+    if query_bias is not None:
+        query_logits = query_logits + query_bias.to(ct)
+    out = torch.softmax(query_logits, dim=-1) @ agent_values
+    return out.transpose(1, 2).reshape(batch, *spatial, heads, v.shape[-1]).to(q.dtype)
+
+
+def region_grid(height: int, width: int, regions: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Padded map size and region size: (padded_h, padded_w, region_h, region_w)."""
+    region_h, region_w = -(-height // regions[0]), -(-width // regions[1])
+    return region_h * regions[0], region_w * regions[1], region_h, region_w
+
+
+def route_regions(q: Tensor, k: Tensor, regions: tuple[int, int], topk: int) -> Tensor:
+    """BiFormer routing on padded maps [B, Hp, Wp, heads, D]: top-k regions per query region, [B, R, topk]."""
+    batch, height, width = q.shape[:3]
+    sh, sw = regions
+
+    def region_means(t: Tensor) -> Tensor:
+        t = t.detach().to(_compute_dtype(t.dtype)).reshape(batch, sh, height // sh, sw, width // sw, -1)
+        return t.mean(dim=(2, 4)).reshape(batch, sh * sw, -1)
+
+    affinity = region_means(q) @ region_means(k).transpose(-1, -2)
+    return torch.topk(affinity, k=topk, dim=-1).indices
+
+
+def pad_to_regions(t: Tensor, regions: tuple[int, int]) -> Tensor:
+    """Zero-pad [B, H, W, heads, D] at the bottom/right so the regions divide it."""
+    padded_h, padded_w, _, _ = region_grid(t.shape[1], t.shape[2], regions)
+    return F.pad(t, (0, 0, 0, 0, 0, padded_w - t.shape[2], 0, padded_h - t.shape[1]))
+
+
+def bilevel_routing(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    regions: tuple[int, int],
+    topk: int,
+    scale: float,
+    return_routing: bool = False,
+):
+    """Bi-level routing attention (BiFormer) on [B, H, W, heads, D] maps, zero-padded to the region grid."""
+    batch, height, width, heads, dim = q.shape
+    dim_v = v.shape[-1]
+    qp, kp, vp = (pad_to_regions(t, regions) for t in (q, k, v))
+    padded_h, padded_w, region_h, region_w = region_grid(height, width, regions)
+    sh, sw = regions
+    n_regions, per_region = sh * sw, region_h * region_w
+    routing = route_regions(qp, kp, regions, topk)  # [B, R, topk]
+
+    def by_region(t: Tensor) -> Tensor:  # [B, R, tokens, heads, D]
+        t = t.reshape(batch, sh, region_h, sw, region_w, heads, t.shape[-1]).permute(0, 1, 3, 2, 4, 5, 6)
+        return t.reshape(batch, n_regions, per_region, heads, t.shape[-1])
+
+    ct = _compute_dtype(q.dtype)
+    qr, kr, vr = by_region(qp).to(ct), by_region(kp).to(ct), by_region(vp).to(ct)
+    budget = max(1, CHUNK_ELEMENTS // max(1, batch * topk * per_region * heads * max(dim, dim_v)))
+    outs = []
+    for start in range(0, n_regions, budget):
+        idx = routing[:, start : start + budget]  # [B, C, topk]
+        gather = lambda t: torch.stack([t[b, idx[b]] for b in range(batch)])  # [B, C, topk, tokens, H, D]
+        ks = gather(kr).flatten(2, 3)
+        vs = gather(vr).flatten(2, 3)
+        logits = torch.einsum("bcthd,bckhd->bchtk", qr[:, start : start + budget], ks) * scale
+        outs.append(torch.einsum("bchtk,bckhd->bcthd", torch.softmax(logits, dim=-1), vs))
+    out = torch.cat(outs, dim=1).reshape(batch, sh, sw, region_h, region_w, heads, dim_v)
+    out = out.permute(0, 1, 3, 2, 4, 5, 6).reshape(batch, padded_h, padded_w, heads, dim_v)
+    out = out[:, :height, :width].to(q.dtype).contiguous()
+    return (out, routing) if return_routing else out
