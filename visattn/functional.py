@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+from contextvars import ContextVar
 from typing import Optional, Sequence, Union
 
 import torch
@@ -23,6 +24,12 @@ BoolOrTuple = Union[bool, Sequence[bool]]
 
 BACKENDS = ("auto", "reference", "triton", "sdpa")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LAST_BACKEND: ContextVar[Optional[str]] = ContextVar("visattn_last_backend", default=None)
+
+
+def last_backend() -> Optional[str]:
+    """The backend the most recent op call in this context ran on (diagnostics: smoke tables, tests)."""
+    return _LAST_BACKEND.get()
 
 
 # ----------------------------------------------------------------------------------------------- normalisation
@@ -118,6 +125,12 @@ def _triton_why_not(op: str, *args) -> Optional[str]:
 
 def _choose(op: str, backend: str, q: Tensor, triton_args: tuple, extra: Sequence[str] = ()) -> str:
     """Resolve ``backend`` to a runnable one; a forced backend that cannot run raises and says why."""
+    chosen = _resolve(op, backend, q, triton_args, extra)
+    _LAST_BACKEND.set(chosen)
+    return chosen
+
+
+def _resolve(op: str, backend: str, q: Tensor, triton_args: tuple, extra: Sequence[str]) -> str:
     if backend == "reference":
         return backend
     if backend == "sdpa" and "sdpa" not in extra:

@@ -1,0 +1,56 @@
+"""The command line: info reports backends, smoke passes on the bundled photo and fails loudly when wrong."""
+
+import pytest
+
+from visattn import cli, reference
+from visattn.bench import smoke
+
+
+def test_info_lists_every_op_and_backend(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    for op in ("na", "window", "agent", "bilevel_routing"):
+        assert op in out
+    assert "reference  ok" in out
+    assert "torch" in out and "triton" in out
+
+
+def test_smoke_passes_on_cpu(capsys):
+    assert cli.main(["smoke", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.endswith(" yes") or line.endswith(" NO")]
+    assert len(rows) >= 11 and all(line.endswith(" yes") for line in rows)
+    assert "0 failed" in out
+
+
+def test_smoke_reports_a_wrong_kernel(monkeypatch, capsys):
+    """A backend that is off by a small amount must turn the smoke red (the oracle is independent)."""
+    exact = reference.na
+
+    def off_by_a_bit(*args):
+        return exact(*args) + 1e-3
+
+    monkeypatch.setattr(reference, "na", off_by_a_bit)
+    assert cli.main(["smoke", "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert " NO" in out and "na2d k=7 rpb" in out
+
+
+def test_smoke_photo_is_real():
+    photo = smoke.load_photo()
+    assert photo.shape == (96, 96, 3)
+    assert 0.05 < float(photo.std()) < 0.5  # a photo, not a constant or noise-free test card
+
+
+@pytest.mark.parametrize("name", ["bench-attn", "bench-prune", "check"])
+def test_delegated_commands_forward_their_arguments(name, monkeypatch):
+    """`visattn NAME ARGS` calls NAME's module main(ARGS) untouched, importing it only then."""
+    import importlib
+    import types
+
+    calls = []
+    fake = types.SimpleNamespace(main=lambda argv: calls.append(argv) or 0)
+    monkeypatch.setattr(importlib, "import_module", lambda module: fake)
+    assert cli.main([name, "--tiny", "--out", "x.json"]) == 0
+    assert calls == [["--tiny", "--out", "x.json"]]
+    assert name in cli.build_parser().format_help()

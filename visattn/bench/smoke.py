@@ -1,0 +1,139 @@
+"""``visattn smoke``: every attention op on a real photo, checked against the dense float64 oracle.
+
+The bundled photo (visattn/assets) is cut into 4×4 patches; fixed random projections turn the patches into
+q/k/v for 1-D (rows of patches as a sequence), 2-D (the patch grid) and 3-D (four shifted crops as frames).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+import visattn
+from visattn.bench import dense
+from visattn.functional import last_backend
+
+HEADS, HEAD_DIM, PATCH = 2, 16, 4
+
+
+@dataclass
+class Row:
+    op: str
+    shape: str
+    backend: str
+    error: float
+    tolerance: float
+    ms: float
+
+    @property
+    def ok(self) -> bool:
+        return self.error <= self.tolerance
+
+
+def load_photo() -> Tensor:
+    """The bundled 96×96 RGB photo as a float tensor [96, 96, 3] in [0, 1]."""
+    from PIL import Image
+
+    with resources.files("visattn").joinpath("assets/astronaut_96.png").open("rb") as f:
+        img = Image.open(f).convert("RGB")
+        data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    return data.view(img.height, img.width, 3).float() / 255.0
+
+
+def patch_tokens(photo: Tensor) -> Tensor:
+    """[H/4, W/4, 48] patch vectors, normalised per channel."""
+    h, w, c = photo.shape
+    grid = photo.view(h // PATCH, PATCH, w // PATCH, PATCH, c).permute(0, 2, 1, 3, 4).reshape(h // PATCH, w // PATCH, -1)
+    return (grid - grid.mean((0, 1))) / (grid.std((0, 1)) + 1e-6)
+
+
+def project(x: Tensor, seed: int, device, dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Fixed random q/k/v projections of [..., C] features to [1, ..., heads, head_dim] views of one qkv tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(x.shape[-1], 3 * HEADS * HEAD_DIM, generator=gen) / x.shape[-1] ** 0.5
+    qkv = (x @ weight).view(1, *x.shape[:-1], 3, HEADS, HEAD_DIM).to(device=device, dtype=dtype)
+    return qkv.unbind(-3)  # strided views, as a fused qkv Linear gives them
+
+
+def _time(fn: Callable[[], Tensor], device) -> tuple[Tensor, float]:
+    out = fn()  # warm-up (compilation, autotune cache)
+    times = []
+    for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return out, sorted(times)[1]
+
+
+def cases(tokens2d: Tensor, device, dtype):
+    """(op name, q shape, callable running visattn, callable running the oracle) for each smoke case."""
+    gen = torch.Generator().manual_seed(7)
+    rand = lambda *shape: (torch.randn(*shape, generator=gen) * 0.5).to(device=device, dtype=dtype)
+    q2, k2, v2 = project(tokens2d, 0, device, dtype)
+    q1, k1, v1 = project(tokens2d.reshape(-1, tokens2d.shape[-1])[:288], 1, device, dtype)
+    frames = torch.stack([tokens2d[i : i + 20, i : i + 20] for i in range(4)])
+    q3, k3, v3 = project(frames, 2, device, dtype)
+    rpb7, rpb_win = rand(HEADS, 13, 13), rand(HEADS, 11, 11)
+    extra_k, extra_v = rand(1, 3, HEADS, HEAD_DIM), rand(1, 3, HEADS, HEAD_DIM)
+    agents = rand(1, 16, HEADS, HEAD_DIM)
+    agent_bias, query_bias = rand(1, HEADS, 16, 576), rand(1, HEADS, 576, 16)
+    f64 = lambda *ts: [None if t is None else t.double().cpu() for t in ts]
+    yield ("na1d causal k=15", q1, lambda: visattn.na1d(q1, k1, v1, 15, is_causal=True),
+           lambda: dense.na(*f64(q1, k1, v1), (15,), (1,), (1,), (True,)))
+    yield ("na2d k=7 rpb", q2, lambda: visattn.na2d(q2, k2, v2, 7, rpb=rpb7),
+           lambda: dense.na(*f64(q2, k2, v2), (7, 7), (1, 1), (1, 1), (False, False), *f64(rpb7)))
+    yield ("na2d k=5 dil=3", q2, lambda: visattn.na2d(q2, k2, v2, 5, dilation=3),
+           lambda: dense.na(*f64(q2, k2, v2), (5, 5), (3, 3), (1, 1), (False, False)))
+    yield ("na2d k=6 stride=3 (GNA)", q2, lambda: visattn.na2d(q2, k2, v2, 6, stride=3),
+           lambda: dense.na(*f64(q2, k2, v2), (6, 6), (1, 1), (3, 3), (False, False)))
+    yield ("na2d k=8 stride=8 (blocked)", q2, lambda: visattn.na2d(q2, k2, v2, 8, stride=8),
+           lambda: dense.na(*f64(q2, k2, v2), (8, 8), (1, 1), (8, 8), (False, False)))
+    yield ("na2d k=7 +3 global KV", q2,
+           lambda: visattn.na2d(q2, k2, v2, 7, additional_keys=extra_k, additional_values=extra_v),
+           lambda: dense.na(*f64(q2, k2, v2), (7, 7), (1, 1), (1, 1), (False, False), None, None,
+                            *f64(extra_k, extra_v)))
+    yield ("na3d k=(3,5,5) causal-T", q3, lambda: visattn.na3d(q3, k3, v3, (3, 5, 5), is_causal=(True, False, False)),
+           lambda: dense.na(*f64(q3, k3, v3), (3, 5, 5), (1, 1, 1), (1, 1, 1), (True, False, False)))
+    yield ("window 6x6 shift 3 rpb", q2, lambda: visattn.window_attention(q2, k2, v2, 6, 3, rpb=rpb_win),
+           lambda: dense.window(*f64(q2, k2, v2), (6, 6), (3, 3), *f64(rpb_win)))
+    yield ("window3d (2,4,4) shift (1,2,2)", q3, lambda: visattn.window_attention(q3, k3, v3, (2, 4, 4), (1, 2, 2)),
+           lambda: dense.window(*f64(q3, k3, v3), (2, 4, 4), (1, 2, 2)))
+    yield ("agent 16 agents +biases", q2,
+           lambda: visattn.agent_attention(q2, k2, v2, agents, agent_bias, query_bias),
+           lambda: dense.agent(*f64(q2, k2, v2, agents, agent_bias, query_bias)))
+    yield ("BRA 5x5 regions top-4 (padded)", q2, lambda: visattn.bilevel_routing_attention(q2, k2, v2, 5, 4),
+           lambda: dense.bilevel_routing(*f64(q2, k2, v2), (5, 5), 4))
+
+
+def run_smoke(device: str | None = None, dtype: str = "auto") -> list[Row]:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = {"auto": torch.float16 if dev.type == "cuda" else torch.float32, "fp32": torch.float32,
+          "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    tolerance = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dt]
+    tokens2d = patch_tokens(load_photo())
+    rows = []
+    with torch.no_grad():
+        for op, q, run, oracle in cases(tokens2d, dev, dt):
+            out, ms = _time(run, dev)
+            backend = last_backend()
+            err = dense.max_abs_error(out, oracle())
+            shape = "x".join(str(s) for s in q.shape)
+            rows.append(Row(op, shape, backend, err, tolerance, ms))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    header = f"{'op':34s} {'q shape':14s} {'backend':10s} {'max err':>9s} {'ms':>8s}  ok"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r.op:34s} {r.shape:14s} {r.backend:10s} {r.error:9.2e} {r.ms:8.2f}  {'yes' if r.ok else 'NO'}")
+    return "\n".join(lines)
