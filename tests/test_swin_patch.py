@@ -1,0 +1,71 @@
+"""timm's Swin on visattn.window_attention equals timm's own roll + partition + mask path, values and gradients."""
+
+import pytest
+import torch
+
+from visattn.models.swin_patch import patch_swin, swin_table_to_visattn, unpatch_swin
+
+timm = pytest.importorskip("timm")
+from timm.models.swin_transformer import SwinTransformer  # noqa: E402
+
+
+def _tiny_swin(seed=0):
+    torch.manual_seed(seed)
+    model = SwinTransformer(img_size=64, patch_size=4, window_size=4, embed_dim=16, depths=(2, 2),
+                            num_heads=(2, 4), num_classes=5).double()
+    for blk in model.modules():  # non-zero bias tables so a wrong rpb layout cannot hide
+        if hasattr(blk, "relative_position_bias_table"):
+            torch.nn.init.normal_(blk.relative_position_bias_table, std=0.5)
+    return model.eval()
+
+
+def _forward_and_grads(model, x):
+    model.zero_grad()
+    out = model(x)
+    out.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads
+
+
+def test_patched_swin_matches_timm_values_and_grads(monkeypatch):
+    import visattn
+
+    calls = []
+    real = visattn.window_attention
+    monkeypatch.setattr(visattn, "window_attention", lambda *a, **kw: calls.append(kw["shift"]) or real(*a, **kw))
+    model = _tiny_swin()
+    assert any(any(b.shift_size) for b in model.modules() if hasattr(b, "shift_size"))  # shifted blocks exist
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    want, want_grads = _forward_and_grads(model, x)
+    patch_swin(model)
+    got, got_grads = _forward_and_grads(model, x)
+    assert len(calls) == 4 and any(any(shift) for shift in calls)  # every block went through visattn
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    assert want_grads.keys() == got_grads.keys()
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-8, atol=1e-10, msg=name)
+    unpatch_swin(model)
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+
+
+def test_patch_does_not_touch_state_dict_and_is_idempotent():
+    model = _tiny_swin()
+    keys = list(model.state_dict())
+    patch_swin(patch_swin(model))
+    assert list(model.state_dict()) == keys
+
+
+def test_patch_rejects_models_without_swin_blocks():
+    with pytest.raises(ValueError, match="SwinTransformerBlock"):
+        patch_swin(torch.nn.Linear(2, 2))
+
+
+def test_table_conversion_is_key_minus_query():
+    wh, ww, heads = 3, 2, 2
+    table = torch.randn((2 * wh - 1) * (2 * ww - 1), heads)
+    converted = swin_table_to_visattn(table, (wh, ww))
+    # Swin indexes (dq_h, dq_w) = query - key, shifted by w-1; visattn indexes key - query.
+    for dh in range(-(wh - 1), wh):
+        for dw in range(-(ww - 1), ww):
+            swin_row = (dh + wh - 1) * (2 * ww - 1) + (dw + ww - 1)
+            torch.testing.assert_close(converted[:, -dh + wh - 1, -dw + ww - 1], table[swin_row])
