@@ -17,6 +17,7 @@ for step in "$@"; do
     smoke) python3 -m visattn.cli smoke ;;
     gpu-tests) python3 -m pytest -q -m gpu tests -p no:cacheprovider ;;
     check) python3 -m visattn.cli check --out "$LOGS/check.json" ;;
+    bench) python3 -m visattn.cli bench ;;
     bench-attn) python3 -m visattn.cli bench-attn ;;
     bench-prune) python3 -m visattn.cli bench-prune ;;
     *) echo "unknown step $step"; false ;;

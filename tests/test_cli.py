@@ -42,7 +42,7 @@ def test_smoke_photo_is_real():
     assert 0.05 < float(photo.std()) < 0.5  # a photo, not a constant or noise-free test card
 
 
-@pytest.mark.parametrize("name", ["bench-attn", "bench-prune", "check"])
+@pytest.mark.parametrize("name", ["bench", "bench-attn", "bench-prune", "check"])
 def test_delegated_commands_forward_their_arguments(name, monkeypatch):
     """`visattn NAME ARGS` calls NAME's module main(ARGS) untouched, importing it only then."""
     import importlib

@@ -1,4 +1,4 @@
-"""The ``visattn`` command: info, smoke, check, bench-attn, bench-prune."""
+"""The ``visattn`` command: info, smoke, check, bench, bench-attn, bench-prune."""
 
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 # Sub-commands implemented by ``module.main(argv)`` with their own parsers, imported only when used.
 DELEGATED = {
+    "bench": ("visattn.bench.models", "images/sec of timm models: visattn's attention vs the stock path"),
     "check": ("visattn.bench.check", "GPU correctness sweep of the Triton kernels against the reference"),
     "bench-attn": ("visattn.bench.attn", "kernel benchmarks: time, TFLOP/s, floor, peers"),
     "bench-prune": ("visattn.bench.prune", "token-pruning benchmarks on LLaVA-shaped models"),
