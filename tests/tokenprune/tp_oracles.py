@@ -1,0 +1,95 @@
+"""Independent brute-force references for the tokenprune tests (eager attention, explicit loops)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def vision_outputs(eager_model, pixel_values):
+    vt = eager_model.model.vision_tower
+    return vt(pixel_values, output_attentions=True, output_hidden_states=True)
+
+
+def topk_sorted(scores: torch.Tensor, k: int) -> list[int]:
+    return sorted(scores.topk(k).indices.tolist())
+
+
+def projected_patches(eager_model, pixel_values) -> torch.Tensor:
+    """LLaVA image features (N, P, D): projector(hidden_states[-2][:, 1:])."""
+    out = vision_outputs(eager_model, pixel_values)
+    return eager_model.model.multi_modal_projector(out.hidden_states[-2][:, 1:])
+
+
+def divprune_loop(features: torch.Tensor, k: int) -> list[int]:
+    """Greedy max-min on cosine distance, written as plain loops."""
+    f = torch.nn.functional.normalize(features.double(), dim=-1)
+    n = f.shape[0]
+    dist = [[1.0 - float(f[i] @ f[j]) for j in range(n)] for i in range(n)]
+    nearest = [min(dist[i][j] for j in range(n) if j != i) for i in range(n)]
+    picked = [max(range(n), key=lambda i: nearest[i])]
+    while len(picked) < k:
+        cand = max((i for i in range(n)), key=lambda i: min(dist[p][i] for p in picked))
+        picked.append(cand)
+    return sorted(picked)
+
+
+def visionzip_tokens(eager_model, pixel_values, dominant: int, contextual: int):
+    """VisionZip tokens per image (pre-projector), built from eager attentions and explicit key recomputation."""
+    out = vision_outputs(eager_model, pixel_values)
+    attn = out.attentions[-2]  # (N, H, S, S)
+    hidden = out.hidden_states[-2]
+    vt = eager_model.model.vision_tower
+    layer = getattr(vt, "vision_model", vt).encoder.layers[-2]
+    x = layer.layer_norm1(out.hidden_states[-3])
+    heads = layer.self_attn.num_heads
+    keys = layer.self_attn.k_proj(x).view(x.shape[0], x.shape[1], heads, -1).mean(2)
+    results, dominants = [], []
+    for i in range(hidden.shape[0]):
+        scores = attn[i, :, 0, 1:].sum(0)
+        dom = topk_sorted(scores, dominant - 1)
+        rest = [p for p in range(hidden.shape[1] - 1) if p not in dom]
+        metric = torch.nn.functional.normalize(keys[i, 1:][rest], dim=-1)
+        step = max(1, len(rest) // contextual)
+        targets = list(range(0, len(rest), step))[:contextual]
+        others = [r for r in range(len(rest)) if r not in targets]
+        merged = []
+        for t in targets:
+            members = [o for o in others if int((metric[o] @ metric[targets].T).argmax()) == targets.index(t)]
+            acc = hidden[i, 1 + rest[t]].clone()
+            if members:
+                acc = acc + torch.stack([hidden[i, 1 + rest[o]] for o in members]).mean(0)
+            merged.append(acc)
+        tokens = [hidden[i, 0]] + [hidden[i, 1 + d] for d in dom] + merged
+        results.append(torch.stack(tokens))
+        dominants.append(dom)
+    return results, dominants
+
+
+def llm_reference_logits(
+    eager_model,
+    embeds: torch.Tensor,
+    stages: list[tuple[int, list[int]]],
+    reindex: bool,
+) -> torch.Tensor:
+    """Logits of one unpadded sequence ``embeds`` (1, L, D) run layer by layer with explicit causal masks.
+
+    ``stages``: (layer, indices to keep of the sequence as it stands before that layer); original positions are
+    carried along unless ``reindex``.
+    """
+    lm = eager_model.model.language_model
+    h = embeds
+    pos = torch.arange(h.shape[1])[None]
+    orig_pos = pos.clone()
+    for idx, layer in enumerate(lm.layers):
+        for layer_at, keep in stages:
+            if layer_at == idx:
+                keep_t = torch.tensor(keep)
+                h = h[:, keep_t]
+                orig_pos = orig_pos[:, keep_t]
+        pos = torch.arange(h.shape[1])[None] if reindex else orig_pos
+        n = h.shape[1]
+        mask = torch.full((n, n), torch.finfo(h.dtype).min).triu(1)[None, None]
+        cos, sin = lm.rotary_emb(h, pos)
+        out = layer(h, attention_mask=mask, position_embeddings=(cos, sin), position_ids=pos)
+        h = out[0] if isinstance(out, tuple) else out
+    return eager_model.lm_head(lm.norm(h))

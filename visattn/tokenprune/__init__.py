@@ -1,0 +1,46 @@
+"""Visual token pruning for multimodal models: scorers x selectors x adapters, on unmodified models.
+
+>>> from visattn import tokenprune
+>>> model = tokenprune.apply(model, tokenprune.FastV(layer=2, keep=64))
+>>> out = model.generate(**inputs)
+>>> tokenprune.last_report(model).visual_tokens_kept
+>>> tokenprune.remove(model)
+
+See docs/TOKENPRUNE.md for budget semantics and the position policy of every method.
+"""
+
+from visattn.tokenprune.api import REGISTRY, apply, available, create, last_report, register, remove
+from visattn.tokenprune.methods import (
+    VTCCLS,
+    DivPrune,
+    FastV,
+    FasterVLM,
+    LLMPruner,
+    PyramidDrop,
+    TokenPruner,
+    Uniform,
+    VisionPruner,
+    VisionZip,
+)
+from visattn.tokenprune.report import PruneReport
+
+__all__ = [
+    "REGISTRY",
+    "VTCCLS",
+    "DivPrune",
+    "FastV",
+    "FasterVLM",
+    "LLMPruner",
+    "PruneReport",
+    "PyramidDrop",
+    "TokenPruner",
+    "Uniform",
+    "VisionPruner",
+    "VisionZip",
+    "apply",
+    "available",
+    "create",
+    "last_report",
+    "register",
+    "remove",
+]

@@ -1,0 +1,494 @@
+"""Adapter for unmodified Hugging Face LLaVA-family models (``LlavaForConditionalGeneration``,
+``LlavaNextForConditionalGeneration``), implemented with forward hooks only.
+
+How a prefill (a forward that carries ``pixel_values``) is pruned:
+
+* ``vision`` methods: pre-hooks on the vision encoder layers recompute the [CLS] attention row; a pre-hook on the
+  projector replaces the patch features with the ``k`` kept/merged ones, a post-hook writes the ``k`` projected
+  tokens into the first ``k`` placeholder slots of each image (so HF's placeholder check holds); a pre-hook on the
+  language model then removes the unused slots from ``inputs_embeds`` / ``attention_mask`` / ``position_ids``.
+* ``embedding`` methods select on ``inputs_embeds`` in the same language-model pre-hook.
+* ``llm`` methods score and drop inside decoder-layer pre-hooks, substituting the layer's hidden states, mask,
+  rotary embeddings and position ids for the layers after the drop.
+
+Decode steps on the same KV cache object are translated (mask, positions) so the cache stays consistent.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from visattn.tokenprune.layout import Compaction, attention_mask_4d, compact, image_spans, positions_from_valid
+from visattn.tokenprune.methods import LLMPruner, TokenPruner, VisionPruner
+from visattn.tokenprune.report import PruneReport, estimate
+from visattn.tokenprune.scoring import clip_cls_attention, decoder_attention_rows
+
+
+def _hidden_arg(args: tuple, kwargs: dict, name: str = "hidden_states") -> torch.Tensor:
+    return args[0] if args else kwargs[name]
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor, name: str = "hidden_states"):
+    if args:
+        return (hidden, *args[1:]), kwargs
+    kwargs[name] = hidden
+    return args, kwargs
+
+
+def _last_valid(valid: torch.Tensor) -> torch.Tensor:
+    ar = torch.arange(valid.shape[1], device=valid.device)
+    return (valid.long() * (ar + 1)).argmax(1)
+
+
+def _kept_now(spans: list, lay: "_Layout") -> list[list[torch.Tensor]]:
+    """Per sample, per image: original indices (within the image) still present in layout ``lay``."""
+    kept, j = [], 0
+    for b, row in enumerate(spans):
+        kept_row = []
+        for s, _ in row:
+            kept_row.append(lay.orig[b][(lay.image[b] == j) & lay.valid[b]] - s)
+            j += 1
+        kept.append(kept_row)
+    return kept
+
+
+@dataclass
+class _Layout:
+    """Current LLM-side layout of a prefill: which original token sits where."""
+
+    valid: torch.Tensor  # (B, L) bool
+    pos: torch.Tensor  # (B, L) long position ids
+    image: torch.Tensor  # (B, L) long: image index within the batch, -1 for text
+    orig: torch.Tensor  # (B, L) long: index in the LM input
+
+    def apply(self, comp: Compaction, reindex: bool) -> _Layout:
+        valid = comp.valid
+        pos = positions_from_valid(valid) if reindex else comp.take(self.pos).masked_fill(~valid, 0)
+        return _Layout(valid, pos, comp.take(self.image).masked_fill(~valid, -1), comp.take(self.orig))
+
+
+@dataclass
+class _Vision:
+    """State of one vision-tower pass (HF may run it before the model forward, e.g. inside ``generate``)."""
+
+    captures: dict = field(default_factory=dict)
+    cls_hidden: torch.Tensor | None = None
+    kept: list = field(default_factory=list)
+    count: int | None = None
+    slots_used: int = 0
+
+
+@dataclass
+class _Call:
+    """State of one prefill forward."""
+
+    image_mask: torch.Tensor
+    spans: list[list[tuple[int, int]]]
+    vision: _Vision | None = None
+    layout: _Layout | None = None
+    scores: dict = field(default_factory=dict)
+    substitute: dict | None = None
+    stage_states: list = field(default_factory=list)
+    per_layer: list = field(default_factory=list)
+    events: list = field(default_factory=list)
+    kept: list | None = None
+    pos_in: torch.Tensor | None = None
+    lm_len: int = 0
+    image_lengths: list = field(default_factory=list)
+    stage_kept: list = field(default_factory=list)
+
+
+@dataclass
+class _Bound:
+    """What decode steps on the prefill's KV cache need."""
+
+    cache: object
+    lm_len: int
+    lm_valid: torch.Tensor | None = None  # set when the LM input itself was compacted
+    lm_next_pos: torch.Tensor | None = None
+    stages: list = field(default_factory=list)  # (layer, valid, next_pos or None)
+
+
+class LlavaAdapter:
+    """Attach a :class:`TokenPruner` to a HF LLaVA / LLaVA-NeXT model with hooks; :meth:`remove` detaches."""
+
+    def __init__(self, model: torch.nn.Module, pruner: TokenPruner, timing: bool = False):
+        self.model = model
+        self.pruner = pruner
+        self.timing = timing
+        core = model.model if hasattr(model, "model") and hasattr(model.model, "language_model") else model
+        self.core = core
+        self.lm = core.language_model
+        self.layers = self.lm.layers
+        self.text_config = self.lm.config
+        cfg = model.config
+        self.image_token_id = getattr(cfg, "image_token_id", None)
+        if self.image_token_id is None:
+            self.image_token_id = cfg.image_token_index
+        self.is_next = hasattr(core, "image_newline")
+        self.call: _Call | None = None
+        self.vision: _Vision | None = None
+        self.events: list = []
+        self.bound: _Bound | None = None
+        self.decoding = False
+        self.last_report: PruneReport | None = None
+        self.handles: list = []
+        self._validate()
+        self._install()
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def _vision_layers(self):
+        vt = self.core.vision_tower
+        vm = getattr(vt, "vision_model", vt)
+        return vm.encoder.layers
+
+    def _validate(self) -> None:
+        p = self.pruner
+        n_llm = len(self.layers)
+        if isinstance(p, LLMPruner):
+            for st in p.stages():
+                if st.layer >= n_llm:
+                    raise ValueError(f"layer={st.layer}: the language model has {n_llm} layers (valid: 1..{n_llm - 1})")
+        if isinstance(p, VisionPruner):
+            if self.is_next:
+                raise NotImplementedError(f"{p.name} on LLaVA-NeXT (anyres packing) is not supported yet")
+            if self.model.config.vision_feature_select_strategy != "default":
+                raise NotImplementedError("vision-stage pruning needs vision_feature_select_strategy='default'")
+            feat = self.model.config.vision_feature_layer
+            if not isinstance(feat, int):
+                raise NotImplementedError("vision-stage pruning needs a single vision_feature_layer")
+            n_vis = len(self._vision_layers())
+            self.capture_layers = p.capture_layers(n_vis)
+            hs_index = feat % (n_vis + 1)
+            if hs_index == 0:
+                raise NotImplementedError("vision_feature_layer selects the embeddings; nothing to score")
+            self.feature_layer = hs_index - 1
+
+    def _install(self) -> None:
+        h = self.handles
+        h.append(self.core.register_forward_pre_hook(self._core_pre, with_kwargs=True))
+        h.append(self.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
+        h.append(self.lm.register_forward_hook(self._lm_post, with_kwargs=True))
+        if isinstance(self.pruner, VisionPruner):
+            layers = self._vision_layers()
+            h.append(self.core.vision_tower.register_forward_pre_hook(self._vision_start))
+            for idx in self.capture_layers:
+                h.append(layers[idx].register_forward_pre_hook(self._make_vision_pre(idx), with_kwargs=True))
+            if self.pruner.needs_cls_hidden:
+                h.append(layers[self.feature_layer].register_forward_hook(self._vision_feature_post))
+            proj = self.core.multi_modal_projector
+            h.append(proj.register_forward_pre_hook(self._proj_pre))
+            h.append(proj.register_forward_hook(self._proj_post))
+        if isinstance(self.pruner, LLMPruner):
+            for idx, layer in enumerate(self.layers):
+                h.append(layer.register_forward_pre_hook(self._make_layer_pre(idx), with_kwargs=True))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.call = self.bound = None
+
+    @contextmanager
+    def _timed(self):
+        if not self.timing:
+            yield
+            return
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+        else:
+            start = time.perf_counter()
+            yield
+            end = time.perf_counter()
+        self.events.append((start, end))
+
+    # ------------------------------------------------------------------------------------------ vision side
+    def _core_pre(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        pixel_values = kwargs.get("pixel_values", args[1] if len(args) > 1 else None)
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        self.call = None
+        if pixel_values is None and encoded.get("image") is None:
+            return None
+        if input_ids is None:
+            raise NotImplementedError("tokenprune needs input_ids (not inputs_embeds) to locate image tokens")
+        image_mask = input_ids == self.image_token_id
+        per_image = None
+        if not self.is_next:
+            cfg = self.core.vision_tower.config
+            per_image = (cfg.image_size // cfg.patch_size) ** 2
+        spans = image_spans(image_mask, per_image)
+        self.call = _Call(image_mask=image_mask, spans=spans)
+        self.call.image_lengths = [e - s for row in spans for s, e in row]
+        return None
+
+    def _vision_start(self, module, args):
+        self.vision = _Vision()
+
+    def _make_vision_pre(self, idx: int):
+        def hook(module, args, kwargs):
+            if self.vision is not None:
+                with self._timed():
+                    self.vision.captures[idx] = clip_cls_attention(module, _hidden_arg(args, kwargs))
+            return None
+
+        return hook
+
+    def _vision_feature_post(self, module, args, output):
+        if self.vision is not None:
+            out = output[0] if isinstance(output, tuple) else output
+            self.vision.cls_hidden = out[:, 0]
+
+    def _proj_pre(self, module, args):
+        vis = self.vision
+        if vis is None or not vis.captures:
+            return None
+        patches = args[0]
+        k = self.pruner.output_count(patches.shape[1])
+        if k >= patches.shape[1]:
+            vis.captures = {}
+            return None
+        with self._timed():
+            tokens, kept, info = self.pruner.reduce(patches, vis.cls_hidden, vis.captures)
+        vis.count, vis.kept, vis.captures = patches.shape[1], list(kept), {}
+        return (tokens.to(patches.dtype), *args[1:])
+
+    def _proj_post(self, module, args, output):
+        vis = self.vision
+        if vis is None or vis.count is None or vis.slots_used:
+            return None
+        full = output.new_zeros(output.shape[0], vis.count, output.shape[-1])
+        full[:, : output.shape[1]] = output
+        vis.slots_used = output.shape[1]
+        return full
+
+    # ---------------------------------------------------------------------------------------- language model
+    def _lm_pre(self, module, args, kwargs):
+        call = self.call
+        cache = kwargs.get("past_key_values")
+        self.decoding = False
+        if call is None:
+            if self.bound is not None and cache is not None and cache is self.bound.cache:
+                self.decoding = True
+                if self.bound.lm_valid is not None:
+                    self._translate_decode(kwargs)
+            return args, kwargs
+        if cache is not None and cache.get_seq_length() > 0:
+            raise NotImplementedError("pruning a prefill that continues a non-empty KV cache is not supported")
+        embeds = kwargs["inputs_embeds"]
+        bsz, length = embeds.shape[:2]
+        am = kwargs.get("attention_mask")
+        if am is not None and am.dim() != 2:
+            raise NotImplementedError("tokenprune needs a 2D attention_mask (or none)")
+        valid = am.bool() if am is not None else torch.ones(bsz, length, dtype=torch.bool, device=embeds.device)
+        pos_in = kwargs.get("position_ids")
+        pos_in = positions_from_valid(valid) if pos_in is None else pos_in.expand(bsz, -1)
+        call.pos_in, call.lm_len = pos_in, length
+        image_id = torch.full((bsz, length), -1, dtype=torch.long, device=embeds.device)
+        j = 0
+        for b, row in enumerate(call.spans):
+            for s, e in row:
+                image_id[b, s:e] = j
+                j += 1
+        orig = torch.arange(length, device=embeds.device).expand(bsz, -1)
+        call.layout = _Layout(valid, pos_in, image_id, orig)
+        self.bound = _Bound(cache=cache, lm_len=length)
+        if self.pruner.stage == "llm":
+            return args, kwargs
+        vis, self.vision = self.vision, None
+        if self.pruner.stage == "vision" and vis is None:
+            raise RuntimeError("tokenprune: the vision tower did not run through the pruning hooks")
+        keep = image_id < 0
+        kept = []
+        j = 0
+        with self._timed():
+            for b, row in enumerate(call.spans):
+                kept_row = []
+                for s, e in row:
+                    if self.pruner.stage != "vision":
+                        idx = self.pruner.select(embeds[b, s:e])
+                        kept_row.append(idx)
+                    elif vis.count is None:
+                        idx = torch.arange(e - s, device=embeds.device)
+                        kept_row.append(idx)
+                    else:
+                        idx = torch.arange(vis.slots_used, device=embeds.device)
+                        kept_row.append(vis.kept[j])
+                    keep[b, s + idx] = True
+                    j += 1
+                kept.append(kept_row)
+        call.kept = kept
+        if bool(keep[valid].all()):
+            return args, kwargs
+        comp = compact(keep, valid)
+        reindex = self.pruner.positions == "reindex"
+        new = call.layout.apply(comp, reindex)
+        call.layout = new
+        kwargs["inputs_embeds"] = comp.take(embeds)
+        kwargs["attention_mask"] = new.valid.to(am.dtype if am is not None else torch.long)
+        kwargs["position_ids"] = new.pos
+        if kwargs.get("cache_position") is not None:
+            kwargs["cache_position"] = torch.arange(new.valid.shape[1], device=embeds.device)
+        self.bound.lm_valid = new.valid
+        self.bound.lm_next_pos = new.pos.gather(1, _last_valid(new.valid)[:, None]) + 1
+        return args, kwargs
+
+    def _translate_decode(self, kwargs: dict) -> None:
+        bound = self.bound
+        embeds = kwargs.get("inputs_embeds")
+        q = embeds.shape[1] if embeds is not None else kwargs["input_ids"].shape[1]
+        past = bound.cache.get_seq_length()
+        new_len = bound.lm_valid.shape[1]
+        extra = past + q - new_len
+        am = kwargs.get("attention_mask")
+        if am is not None and am.dim() == 2:
+            tail = am[:, bound.lm_len :].bool()
+        else:
+            tail = torch.ones(bound.lm_valid.shape[0], extra, dtype=torch.bool, device=bound.lm_valid.device)
+        kv_valid = torch.cat([bound.lm_valid, tail], 1)
+        if am is not None or not bool(kv_valid.all()):
+            kwargs["attention_mask"] = kv_valid.long()
+        offset = past - new_len + torch.arange(q, device=kv_valid.device)
+        kwargs["position_ids"] = bound.lm_next_pos + offset[None]
+        if kwargs.get("cache_position") is not None:
+            kwargs["cache_position"] = past + torch.arange(q, device=kv_valid.device)
+
+    def _lm_post(self, module, args, kwargs, output):
+        call = self.call
+        if call is not None:
+            cache = getattr(output, "past_key_values", None)
+            if self.bound is not None:
+                self.bound.cache = cache
+                if cache is None:
+                    self.bound = None
+            self.last_report = self._report(call)
+        self.call = None
+        self.decoding = False
+        return None
+
+    # ---------------------------------------------------------------------------------------- decoder layers
+    def _make_layer_pre(self, idx: int):
+        stages = self.pruner.stages()
+
+        def hook(module, args, kwargs):
+            if self.call is not None:
+                return self._layer_prefill(idx, module, stages, args, kwargs)
+            if self.decoding and self.bound is not None and self.bound.stages:
+                self._layer_decode(idx, args, kwargs)
+            return args, kwargs
+
+        return hook
+
+    def _substitute(self, kwargs: dict, sub: dict) -> None:
+        for key, value in sub.items():
+            if key == "cache_position" and kwargs.get(key) is None:
+                continue
+            kwargs[key] = value
+
+    def _layer_prefill(self, idx, module, stages, args, kwargs):
+        call = self.call
+        hidden = _hidden_arg(args, kwargs)
+        if call.substitute is not None:
+            self._substitute(kwargs, call.substitute)
+        lay = call.layout
+        call.per_layer.append(((lay.valid).sum(1).tolist(), ((lay.image >= 0) & lay.valid).sum(1).tolist()))
+        for s, st in enumerate(stages):
+            if st.score_layer == idx:
+                with self._timed():
+                    cos, sin = kwargs["position_embeddings"]
+                    rows = _last_valid(lay.valid)[:, None]
+                    probs = decoder_attention_rows(module, hidden, rows, cos, sin, lay.valid)
+                    call.scores[s] = probs.mean(1)[:, 0]
+        for s, st in enumerate(stages):
+            if st.layer != idx:
+                continue
+            with self._timed():
+                keep = lay.image < 0
+                for b in range(keep.shape[0]):
+                    for jimg in lay.image[b].unique().tolist():
+                        if jimg < 0:
+                            continue
+                        where = (lay.image[b] == jimg).nonzero().flatten()
+                        sel = self.pruner.select(s, call.scores[s][b, where], call.image_lengths[jimg])
+                        keep[b, where[sel]] = True
+            if bool(keep[lay.valid].all()):
+                continue
+            comp = compact(keep, lay.valid)
+            lay = lay.apply(comp, self.pruner.positions == "reindex")
+            call.layout = lay
+            hidden = comp.take(hidden)
+            impl = self.text_config._attn_implementation
+            cos, sin = self.lm.rotary_emb(hidden, lay.pos)
+            call.substitute = {
+                "attention_mask": attention_mask_4d(lay.valid, hidden.shape[1], impl, hidden.dtype),
+                "position_embeddings": (cos, sin),
+                "position_ids": lay.pos,
+                "cache_position": torch.arange(hidden.shape[1], device=hidden.device),
+            }
+            self._substitute(kwargs, call.substitute)
+            next_pos = lay.pos.gather(1, _last_valid(lay.valid)[:, None]) + 1
+            self.bound.stages.append((idx, lay.valid, next_pos))
+            call.stage_kept.append(_kept_now(call.spans, lay))
+            call.per_layer[-1] = ((lay.valid).sum(1).tolist(), ((lay.image >= 0) & lay.valid).sum(1).tolist())
+        return _with_hidden(args, kwargs, hidden)
+
+    def _layer_decode(self, idx, args, kwargs):
+        bound = self.bound
+        stage = None
+        for st in bound.stages:
+            if st[0] <= idx:
+                stage = st
+        if stage is None:
+            return
+        _, valid, next_pos = stage
+        hidden = _hidden_arg(args, kwargs)
+        q = hidden.shape[1]
+        extra = bound.cache.get_seq_length(0) - bound.lm_len
+        kv_valid = torch.cat([valid, valid.new_ones(valid.shape[0], extra)], 1)
+        impl = self.text_config._attn_implementation
+        sub = {"attention_mask": attention_mask_4d(kv_valid, q, impl, hidden.dtype)}
+        pos = next_pos + (extra - q) + torch.arange(q, device=hidden.device)[None]
+        if self.pruner.positions == "reindex":
+            sub["position_embeddings"] = self.lm.rotary_emb(hidden, pos)
+            sub["position_ids"] = pos
+        sub["cache_position"] = valid.shape[1] + (extra - q) + torch.arange(q, device=hidden.device)
+        self._substitute(kwargs, sub)
+
+    # ---------------------------------------------------------------------------------------------- report
+    def _report(self, call: _Call) -> PruneReport:
+        lay = call.layout
+        bsz = lay.valid.shape[0]
+        visual = [sum(e - s for s, e in row) for row in call.spans]
+        extra = {}
+        if self.pruner.stage == "llm":
+            kept = _kept_now(call.spans, lay)
+            extra["stage_kept"] = call.stage_kept
+            per_layer = call.per_layer
+            tokens = [[pl[0][b] for pl in per_layer] for b in range(bsz)]
+            vis = [[pl[1][b] for pl in per_layer] for b in range(bsz)]
+        else:
+            kept = call.kept or [[] for _ in range(bsz)]
+            n_layers = len(self.layers)
+            n_valid = lay.valid.sum(1).tolist()
+            n_vis = ((lay.image >= 0) & lay.valid).sum(1).tolist()
+            tokens = [[n_valid[b]] * n_layers for b in range(bsz)]
+            vis = [[n_vis[b]] * n_layers for b in range(bsz)]
+        avg, saved = estimate(tokens, self.text_config, self.pruner.name, visual, vis)
+        rep = PruneReport(
+            method=self.pruner.name,
+            visual_tokens=visual,
+            visual_tokens_kept=[v[-1] for v in vis],
+            visual_tokens_layer_avg=avg,
+            flops_saved=saved,
+            kept_indices=kept,
+            extra=extra,
+        )
+        rep._scoring_events, self.events = self.events, []
+        return rep

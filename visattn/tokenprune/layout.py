@@ -1,0 +1,99 @@
+"""Sequence layout helpers: compacting kept tokens per row, padding side, masks and position ids.
+
+Rows keep their padding side: left-padded (or unpadded) batches stay left-padded after compaction, right-padded
+batches stay right-padded. Kept tokens keep their relative order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Compaction:
+    """Result of :func:`compact`: ``gather`` indexes the old layout, ``valid`` marks real tokens of the new one."""
+
+    gather: torch.Tensor  # (B, L') long
+    valid: torch.Tensor  # (B, L') bool
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """Gather a ``(B, L, ...)`` tensor into the new layout."""
+        idx = self.gather
+        if x.dim() > 2:
+            idx = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(*idx.shape, *x.shape[2:])
+        if x.shape[0] == 1 and idx.shape[0] > 1:
+            x = x.expand(idx.shape[0], *x.shape[1:])
+        return x.gather(1, idx)
+
+
+def is_right_padded(valid: torch.Tensor) -> bool:
+    """True if some row ends with padding (HF right padding)."""
+    return bool((~valid[:, -1]).any())
+
+
+def compact(keep: torch.Tensor, valid: torch.Tensor) -> Compaction:
+    """Pack the tokens with ``keep & valid`` of every row, preserving order and padding side."""
+    sel = keep & valid
+    counts = sel.sum(1)
+    new_len = max(int(counts.max()), 1)
+    order = torch.sort((~sel).to(torch.int8), dim=1, stable=True).indices[:, :new_len]
+    ar = torch.arange(new_len, device=keep.device)
+    if is_right_padded(valid):
+        new_valid = ar[None, :] < counts[:, None]
+        return Compaction(order, new_valid)
+    shift = (new_len - counts)[:, None]
+    new_valid = ar[None, :] >= shift
+    src = (ar[None, :] - shift).clamp(min=0)
+    return Compaction(order.gather(1, src), new_valid)
+
+
+def positions_from_valid(valid: torch.Tensor) -> torch.Tensor:
+    """HF-style position ids: cumulative count of real tokens minus one; padding gets 0."""
+    pos = valid.long().cumsum(-1) - 1
+    return pos.masked_fill(~valid, 0)
+
+
+def attention_mask_4d(
+    kv_valid: torch.Tensor, q_len: int, impl: str, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """Causal + padding mask for the last ``q_len`` queries over ``kv_valid`` (B, Lk) keys.
+
+    Returns a bool mask (True = attend) for SDPA-like implementations, an additive float mask for ``eager``,
+    the 2D key mask for flash attention, or ``None`` when SDPA can use its causal kernel.
+    """
+    bsz, kv_len = kv_valid.shape
+    if impl.startswith("flash"):
+        return None if bool(kv_valid.all()) else kv_valid.long()
+    if impl != "eager" and bool(kv_valid.all()) and q_len in (1, kv_len):
+        return None
+    q_abs = torch.arange(kv_len - q_len, kv_len, device=kv_valid.device)
+    k_abs = torch.arange(kv_len, device=kv_valid.device)
+    allowed = (k_abs[None, :] <= q_abs[:, None])[None] & kv_valid[:, None, :]
+    allowed = allowed | (k_abs[None, :] == q_abs[:, None])[None]  # padded query rows see themselves (no NaN)
+    allowed = allowed[:, None]
+    if impl == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=kv_valid.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
+    return allowed
+
+
+def image_spans(image_mask: torch.Tensor, tokens_per_image: int | None = None) -> list[list[tuple[int, int]]]:
+    """Per row, ``(start, end)`` of every image: contiguous runs of image tokens, split by ``tokens_per_image``."""
+    spans: list[list[tuple[int, int]]] = []
+    m = image_mask.to(torch.int8).cpu()
+    for row in m:
+        padded = torch.cat([torch.zeros(1, dtype=torch.int8), row, torch.zeros(1, dtype=torch.int8)])
+        diff = padded[1:] - padded[:-1]
+        starts = (diff == 1).nonzero().flatten().tolist()
+        ends = (diff == -1).nonzero().flatten().tolist()
+        row_spans = []
+        for s, e in zip(starts, ends):
+            if tokens_per_image and (e - s) % tokens_per_image == 0:
+                row_spans += [(b, b + tokens_per_image) for b in range(s, e, tokens_per_image)]
+            else:
+                row_spans.append((s, e))
+        spans.append(row_spans)
+    return spans

@@ -1,0 +1,264 @@
+"""Pruning methods: each is a scorer + a selector, attached to a pipeline by an adapter.
+
+Stages:
+* ``"vision"``: scores come from the vision tower ([CLS] attention); tokens are removed (or merged) before the
+  projector, so the LLM sees ``keep`` visual tokens per image at every layer (positions re-indexed).
+* ``"embedding"``: selection on the projected visual tokens (no attention needed), before the LLM.
+* ``"llm"``: scores come from text-token attention inside the LLM; tokens are dropped from a given layer on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from visattn.tokenprune.budget import Budget, check_budget, check_increasing, check_layer, resolve_budget
+from visattn.tokenprune.selection import contextual_merge, maxmin_diversity, topk_in_order
+
+POSITION_POLICIES = ("reindex", "original")
+
+
+def _check_positions(value: str) -> str:
+    if value not in POSITION_POLICIES:
+        raise ValueError(f"positions={value!r}: expected one of {POSITION_POLICIES}")
+    return value
+
+
+@dataclass
+class LLMStage:
+    """Drop visual tokens right before decoder layer ``layer``; scores from ``score_layer``'s attention."""
+
+    layer: int
+    budget: Budget
+    score_layer: int
+
+
+class TokenPruner:
+    """Base class. Subclasses set ``name``, ``stage`` and ``positions`` and implement their stage's hooks."""
+
+    name = "base"
+    stage = "vision"
+    positions = "reindex"
+
+    def config(self) -> dict:
+        """Constructor arguments, for reports."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+
+# ----------------------------------------------------------------------------------------------- vision stage
+class VisionPruner(TokenPruner):
+    """Scores from [CLS] attention of vision-encoder layers (indexed like HF ``attentions[i]``)."""
+
+    stage = "vision"
+    needs_cls_hidden = False
+
+    def capture_layers(self, num_layers: int) -> list[int]:
+        raise NotImplementedError
+
+    def output_count(self, num_patches: int) -> int:
+        raise NotImplementedError
+
+    def reduce(
+        self, patches: torch.Tensor, cls_hidden: torch.Tensor | None, captures: dict
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """``patches`` (N, P, C) → (tokens (N, k, C), kept patch indices (N, k'), extra info)."""
+        raise NotImplementedError
+
+
+def _resolve_vision_layer(layer: int, num_layers: int, name: str) -> int:
+    if not -num_layers <= layer < num_layers:
+        raise ValueError(f"{name}={layer}: the vision tower has {num_layers} layers")
+    return layer % num_layers
+
+
+class FasterVLM(VisionPruner):
+    """[CLS]→patch attention of one vision layer (default ``attentions[-2]``), heads averaged, top-``keep``."""
+
+    name = "fastervlm"
+
+    def __init__(self, keep: Budget = 0.25, layer: int = -2):
+        self.keep = check_budget(keep, "keep")
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise ValueError(f"layer={layer!r}: expected an int")
+        self.layer = layer
+
+    def capture_layers(self, num_layers: int) -> list[int]:
+        return [_resolve_vision_layer(self.layer, num_layers, "layer")]
+
+    def output_count(self, num_patches: int) -> int:
+        return resolve_budget(self.keep, num_patches)
+
+    def patch_scores(self, captures: dict) -> torch.Tensor:
+        (probs, _), = captures.values()
+        return probs.mean(1)[:, 1:]
+
+    def reduce(self, patches, cls_hidden, captures):
+        idx = topk_in_order(self.patch_scores(captures), self.output_count(patches.shape[1]))
+        return patches.gather(1, idx[..., None].expand(-1, -1, patches.shape[-1])), idx, {}
+
+
+class VTCCLS(FasterVLM):
+    """VTC-CLS: [CLS]→patch attention, heads averaged, summed over layers ``start_layer .. last-1`` (exclusive)."""
+
+    name = "vtc-cls"
+
+    def __init__(self, keep: Budget = 0.25, start_layer: int = 12, end_layer: int = -1):
+        self.keep = check_budget(keep, "keep")
+        for nm, v in (("start_layer", start_layer), ("end_layer", end_layer)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{nm}={v!r}: expected an int")
+        self.start_layer, self.end_layer = start_layer, end_layer
+
+    def capture_layers(self, num_layers: int) -> list[int]:
+        start = _resolve_vision_layer(self.start_layer, num_layers, "start_layer")
+        end = self.end_layer % num_layers if -num_layers <= self.end_layer < 0 else self.end_layer
+        if not start < end <= num_layers:
+            raise ValueError(f"start_layer={self.start_layer}, end_layer={self.end_layer}: empty layer range")
+        return list(range(start, end))
+
+    def patch_scores(self, captures: dict) -> torch.Tensor:
+        return sum(probs.mean(1)[:, 1:] for probs, _ in captures.values())
+
+
+class VisionZip(VisionPruner):
+    """VisionZip: ``dominant`` tokens ([CLS] + top [CLS]-attention patches, heads summed) + ``contextual`` tokens
+    merged by key similarity, all from vision layer ``layer`` (default -2, as LLaVA's feature layer)."""
+
+    name = "visionzip"
+    needs_cls_hidden = True
+
+    def __init__(self, dominant: int = 54, contextual: int = 10, layer: int = -2):
+        self.dominant = check_layer(dominant, "dominant", 2)
+        self.contextual = check_layer(contextual, "contextual", 1)
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise ValueError(f"layer={layer!r}: expected an int")
+        self.layer = layer
+
+    def capture_layers(self, num_layers: int) -> list[int]:
+        return [_resolve_vision_layer(self.layer, num_layers, "layer")]
+
+    def output_count(self, num_patches: int) -> int:
+        return min(self.dominant + self.contextual, num_patches + 1)
+
+    def reduce(self, patches, cls_hidden, captures):
+        (probs, keys), = captures.values()
+        n_patches = patches.shape[1]
+        n_dom = min(self.dominant - 1, n_patches)
+        dom = topk_in_order(probs.sum(1)[:, 1:], n_dom)
+        tokens = [cls_hidden[:, None], patches.gather(1, dom[..., None].expand(-1, -1, patches.shape[-1]))]
+        info: dict = {"dominant": dom}
+        rest_mask = torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)
+        rest_mask.scatter_(1, dom, False)
+        n_rest = n_patches - n_dom
+        if n_rest > 0:
+            rest = rest_mask.nonzero()[:, 1].view(patches.shape[0], n_rest)
+            metric = keys[:, 1:].mean(2)
+            hid = patches.gather(1, rest[..., None].expand(-1, -1, patches.shape[-1]))
+            met = metric.gather(1, rest[..., None].expand(-1, -1, metric.shape[-1]))
+            ctx, targets, assign = contextual_merge(hid, met, self.contextual)
+            tokens.append(ctx)
+            info.update(contextual_targets=rest[:, targets], rest=rest, assignment=assign)
+        return torch.cat(tokens, 1), dom, info
+
+
+# -------------------------------------------------------------------------------------------- embedding stage
+class DivPrune(TokenPruner):
+    """DivPrune: greedy max–min cosine diversity on the projected visual tokens of each image."""
+
+    name = "divprune"
+    stage = "embedding"
+
+    def __init__(self, keep: Budget = 0.25):
+        self.keep = check_budget(keep, "keep")
+
+    def select(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return maxmin_diversity(embeddings, resolve_budget(self.keep, embeddings.shape[0]))
+
+
+class Uniform(TokenPruner):
+    """Baseline without scores: ``keep`` evenly spaced visual tokens per image (scoring-overhead reference)."""
+
+    name = "uniform"
+    stage = "embedding"
+
+    def __init__(self, keep: Budget = 0.25):
+        self.keep = check_budget(keep, "keep")
+
+    def select(self, embeddings: torch.Tensor) -> torch.Tensor:
+        n = embeddings.shape[0]
+        k = resolve_budget(self.keep, n)
+        return torch.linspace(0, n - 1, k, device=embeddings.device).round().long().unique()
+
+
+# -------------------------------------------------------------------------------------------------- LLM stage
+class LLMPruner(TokenPruner):
+    """Scores from the last text token's attention to visual tokens inside the LLM."""
+
+    stage = "llm"
+
+    def stages(self) -> list[LLMStage]:
+        raise NotImplementedError
+
+    def select(self, stage_index: int, scores: torch.Tensor, num_original: int) -> torch.Tensor:
+        """Kept indices within one image's current tokens given their ``scores``."""
+        return topk_in_order(scores, resolve_budget(self.stages()[stage_index].budget, num_original))
+
+
+class FastV(LLMPruner):
+    """FastV: at layer ``layer`` (K ≥ 1) keep the ``keep`` visual tokens that the last token attends to most in
+    layer K-1 (heads averaged); the rest are dropped before layer K. Original positions are kept."""
+
+    name = "fastv"
+
+    def __init__(self, layer: int = 2, keep: Budget = 0.25, positions: str = "original"):
+        self.layer = check_layer(layer, "layer", 1)
+        self.keep = check_budget(keep, "keep")
+        self.positions = _check_positions(positions)
+
+    def stages(self) -> list[LLMStage]:
+        return [LLMStage(self.layer, self.keep, self.layer - 1)]
+
+
+class PyramidDrop(LLMPruner):
+    """PyramidDrop: after each layer in ``layers`` keep ``ratios[i]`` of the image's original visual tokens,
+    ranked by the last instruction token's attention computed with that layer's own q/k; positions re-indexed."""
+
+    name = "pdrop"
+
+    def __init__(
+        self,
+        layers: tuple[int, ...] | list[int] = (8, 16, 24),
+        ratios: tuple[float, ...] | list[float] = (0.5, 0.25, 0.125),
+        positions: str = "reindex",
+    ):
+        self.layers = check_increasing(list(layers), "layers")
+        if self.layers[0] < 1:
+            raise ValueError(f"layers={list(layers)!r}: the first pruning layer must be >= 1")
+        ratios = [check_budget(float(r), "ratios") for r in ratios]
+        if len(ratios) != len(self.layers):
+            raise ValueError(f"ratios={ratios!r}: expected {len(self.layers)} values (one per layer)")
+        if any(b > a for a, b in zip(ratios, ratios[1:])):
+            raise ValueError(f"ratios={ratios!r}: ratios must not increase")
+        self.ratios = ratios
+        self.positions = _check_positions(positions)
+
+    def stages(self) -> list[LLMStage]:
+        return [LLMStage(layer, ratio, layer) for layer, ratio in zip(self.layers, self.ratios)]
+
+    def select(self, stage_index, scores, num_original):
+        k = max(1, int(self.ratios[stage_index] * num_original))  # PDrop truncates: int(N * ratio)
+        return topk_in_order(scores, k)
+
+
+@dataclass
+class MethodInfo:
+    """Registry entry."""
+
+    cls: type
+    description: str
+    aliases: tuple[str, ...] = field(default_factory=tuple)

@@ -1,0 +1,60 @@
+"""Selectors: turn scores or features into kept indices (always returned in ascending, i.e. spatial, order)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def topk_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest ``scores`` along the last dim, sorted ascending."""
+    k = min(k, scores.shape[-1])
+    return scores.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+def maxmin_diversity(features: torch.Tensor, k: int) -> torch.Tensor:
+    """DivPrune's greedy max–min selection on cosine distance, for one image's ``features`` (N, D).
+
+    The first pick is the token farthest from its nearest neighbour; each next pick maximises the distance to the
+    closest already-picked token. Returns the picked indices sorted ascending.
+    """
+    n = features.shape[0]
+    k = min(k, n)
+    f = features.float()
+    f = f / f.norm(dim=-1, keepdim=True)
+    dist = 1.0 - f @ f.T
+    picked = torch.empty(k, dtype=torch.long, device=features.device)
+    if n == 1:
+        return torch.zeros(1, dtype=torch.long, device=features.device)
+    nearest = dist.topk(2, dim=0, largest=False).values[1]
+    picked[0] = nearest.argmax()
+    closest = dist[picked[0]].clone()
+    for i in range(1, k):
+        picked[i] = closest.argmax()
+        closest = torch.minimum(closest, dist[picked[i]])
+    return picked.sort().values
+
+
+def contextual_merge(
+    hidden: torch.Tensor, metric: torch.Tensor, num_contextual: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VisionZip's contextual tokens for one batch of remaining tokens.
+
+    ``hidden`` (B, M, C) and ``metric`` (B, M, D) are the tokens left after the dominant ones. Targets are every
+    ``max(1, M // num_contextual)``-th token (the first ``num_contextual``); every other token joins the target with
+    the highest cosine similarity; a contextual token is ``target + mean(assigned)``.
+    Returns (contextual (B, c, C), target indices (c,), assignment (B, M - c) into targets).
+    """
+    bsz, m, _ = hidden.shape
+    c = min(num_contextual, m)
+    step = max(1, m // c)
+    targets = torch.arange(0, m, step, device=hidden.device)[:c]
+    is_target = torch.zeros(m, dtype=torch.bool, device=hidden.device)
+    is_target[targets] = True
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    sim = torch.bmm(metric[:, ~is_target], metric[:, targets].transpose(1, 2))
+    assign = sim.argmax(dim=-1)
+    one_hot = torch.zeros(bsz, m - c, c, dtype=hidden.dtype, device=hidden.device)
+    one_hot.scatter_(2, assign[..., None], 1)
+    counts = one_hot.sum(1).clamp(min=1)[..., None]
+    merged = torch.bmm(one_hot.transpose(1, 2), hidden[:, ~is_target]) / counts
+    return hidden[:, targets] + merged, targets, assign
