@@ -44,6 +44,42 @@ def _last_valid(valid: torch.Tensor) -> torch.Tensor:
     return (valid.long() * (ar + 1)).argmax(1)
 
 
+def _select_per_image(image: torch.Tensor, valid: torch.Tensor, lengths: list[int], select) -> tuple:
+    """Run ``select(image_index_or_None, coords)`` on the (row, col) coords of every image's current tokens.
+
+    ``coords`` is (G, c, 2) when all images have ``c`` current tokens and the same original length (one batched
+    call, ``image_index`` None), else (1, c_j, 2) per image. Returns (keep mask with text kept, kept per image).
+    """
+    present = (image >= 0) & valid
+    keep = ~present & valid
+    coords = present.nonzero()
+    ids = image[coords[:, 0], coords[:, 1]]
+    counts = torch.bincount(ids, minlength=len(lengths)).tolist()
+    kept: list[torch.Tensor] = []
+    if len(set(counts)) == 1 and len(set(lengths)) == 1 and counts[0] > 0:
+        grid = coords.view(len(lengths), counts[0], 2)
+        sel = select(0, grid)
+        picked = grid.gather(1, sel[..., None].expand(-1, -1, 2))
+        keep[picked[..., 0].flatten(), picked[..., 1].flatten()] = True
+        return keep, list(sel)
+    start = 0
+    for j, c in enumerate(counts):
+        grid = coords[start : start + c][None]
+        sel = select(j, grid)[0]
+        keep[grid[0, sel, 0], grid[0, sel, 1]] = True
+        kept.append(sel)
+        start += c
+    return keep, kept
+
+
+def _per_sample(spans: list, flat: list) -> list[list[torch.Tensor]]:
+    out, j = [], 0
+    for row in spans:
+        out.append(flat[j : j + len(row)])
+        j += len(row)
+    return out
+
+
 def _kept_now(spans: list, lay: "_Layout") -> list[list[torch.Tensor]]:
     """Per sample, per image: original indices (within the image) still present in layout ``lay``."""
     kept, j = [], 0
@@ -305,25 +341,22 @@ class LlavaAdapter:
         vis, self.vision = self.vision, None
         if self.pruner.stage == "vision" and vis is None:
             raise RuntimeError("tokenprune: the vision tower did not run through the pruning hooks")
-        keep = image_id < 0
-        kept = []
-        j = 0
-        with self._timed():
+        if self.pruner.stage == "vision":
+            keep, kept = image_id < 0, []
+            j = 0
             for b, row in enumerate(call.spans):
                 kept_row = []
                 for s, e in row:
-                    if self.pruner.stage != "vision":
-                        idx = self.pruner.select(embeds[b, s:e])
-                        kept_row.append(idx)
-                    elif vis.count is None:
-                        idx = torch.arange(e - s, device=embeds.device)
-                        kept_row.append(idx)
-                    else:
-                        idx = torch.arange(vis.slots_used, device=embeds.device)
-                        kept_row.append(vis.kept[j])
-                    keep[b, s + idx] = True
+                    n_slots = e - s if vis.count is None else vis.slots_used
+                    keep[b, s : s + n_slots] = True
+                    kept_row.append(torch.arange(e - s, device=embeds.device) if vis.count is None else vis.kept[j])
                     j += 1
                 kept.append(kept_row)
+        else:
+            with self._timed():
+                keep, sel = _select_per_image(image_id, valid, call.image_lengths, lambda g, x: self.pruner.select(
+                    embeds[x[..., 0], x[..., 1]]))
+            kept = _per_sample(call.spans, sel)
         call.kept = kept
         if bool(keep[valid].all()):
             return args, kwargs
@@ -406,18 +439,13 @@ class LlavaAdapter:
                     rows = _last_valid(lay.valid)[:, None]
                     probs = decoder_attention_rows(module, hidden, rows, cos, sin, lay.valid)
                     call.scores[s] = probs.mean(1)[:, 0]
-        for s, st in enumerate(stages):
+        for stage_index, st in enumerate(stages):
             if st.layer != idx:
                 continue
             with self._timed():
-                keep = lay.image < 0
-                for b in range(keep.shape[0]):
-                    for jimg in lay.image[b].unique().tolist():
-                        if jimg < 0:
-                            continue
-                        where = (lay.image[b] == jimg).nonzero().flatten()
-                        sel = self.pruner.select(s, call.scores[s][b, where], call.image_lengths[jimg])
-                        keep[b, where[sel]] = True
+                scores = call.scores[stage_index]
+                keep, _ = _select_per_image(lay.image, lay.valid, call.image_lengths, lambda g, x: self.pruner.select(
+                    stage_index, scores[x[..., 0], x[..., 1]], call.image_lengths[g]))
             if bool(keep[lay.valid].all()):
                 continue
             comp = compact(keep, lay.valid)

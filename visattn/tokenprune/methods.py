@@ -177,7 +177,8 @@ class DivPrune(TokenPruner):
         self.keep = check_budget(keep, "keep")
 
     def select(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return maxmin_diversity(embeddings, resolve_budget(self.keep, embeddings.shape[0]))
+        """``embeddings`` (G, N, D) of G images → kept indices (G, k)."""
+        return maxmin_diversity(embeddings, resolve_budget(self.keep, embeddings.shape[-2]))
 
 
 class Uniform(TokenPruner):
@@ -190,9 +191,10 @@ class Uniform(TokenPruner):
         self.keep = check_budget(keep, "keep")
 
     def select(self, embeddings: torch.Tensor) -> torch.Tensor:
-        n = embeddings.shape[0]
+        n = embeddings.shape[-2]
         k = resolve_budget(self.keep, n)
-        return torch.linspace(0, n - 1, k, device=embeddings.device).round().long().unique()
+        idx = torch.linspace(0, n - 1, k, device=embeddings.device).round().long().unique()
+        return idx.expand(*embeddings.shape[:-2], -1)
 
 
 # -------------------------------------------------------------------------------------------------- LLM stage

@@ -12,26 +12,31 @@ def topk_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def maxmin_diversity(features: torch.Tensor, k: int) -> torch.Tensor:
-    """DivPrune's greedy max–min selection on cosine distance, for one image's ``features`` (N, D).
+    """DivPrune's greedy max–min selection on cosine distance, for ``features`` (N, D) or a batch (G, N, D).
 
     The first pick is the token farthest from its nearest neighbour; each next pick maximises the distance to the
-    closest already-picked token. Returns the picked indices sorted ascending.
+    closest already-picked token. Returns the picked indices sorted ascending, (k,) or (G, k).
     """
-    n = features.shape[0]
+    single = features.dim() == 2
+    f = features[None] if single else features
+    g, n, _ = f.shape
     k = min(k, n)
-    f = features.float()
-    f = f / f.norm(dim=-1, keepdim=True)
-    dist = 1.0 - f @ f.T
-    picked = torch.empty(k, dtype=torch.long, device=features.device)
     if n == 1:
-        return torch.zeros(1, dtype=torch.long, device=features.device)
-    nearest = dist.topk(2, dim=0, largest=False).values[1]
-    picked[0] = nearest.argmax()
-    closest = dist[picked[0]].clone()
+        out = torch.zeros(g, 1, dtype=torch.long, device=f.device)
+        return out[0] if single else out
+    f = f.float()
+    f = f / f.norm(dim=-1, keepdim=True)
+    dist = 1.0 - f @ f.transpose(1, 2)
+    rows = torch.arange(g, device=f.device)
+    picked = torch.empty(g, k, dtype=torch.long, device=f.device)
+    nearest = dist.topk(2, dim=1, largest=False).values[:, 1]
+    picked[:, 0] = nearest.argmax(-1)
+    closest = dist[rows, picked[:, 0]].clone()
     for i in range(1, k):
-        picked[i] = closest.argmax()
-        closest = torch.minimum(closest, dist[picked[i]])
-    return picked.sort().values
+        picked[:, i] = closest.argmax(-1)
+        closest = torch.minimum(closest, dist[rows, picked[:, i]])
+    picked = picked.sort(-1).values
+    return picked[0] if single else picked
 
 
 def contextual_merge(
