@@ -19,6 +19,7 @@ for step in "$@"; do
     check) python3 -m visattn.cli check --out "$LOGS/check.json" ;;
     bench) python3 -m visattn.cli bench ;;
     bench-attn) python3 -m visattn.cli bench-attn ;;
+    bench-bra) python3 -m visattn.cli bench-bra ;;
     bench-prune) python3 -m visattn.cli bench-prune ;;
     *) echo "unknown step $step"; false ;;
   esac 2>&1 | tee "$LOGS/$step.log"

@@ -56,6 +56,7 @@ DELEGATED = {
     "bench": ("visattn.bench.models", "images/sec of timm models: visattn's attention vs the stock path"),
     "check": ("visattn.bench.check", "GPU correctness sweep of the Triton kernels against the reference"),
     "bench-attn": ("visattn.bench.attn", "kernel benchmarks: time, TFLOP/s, floor, peers"),
+    "bench-bra": ("visattn.bench.bra", "bi-level routing: fused kernel vs BiFormer's gather, time and memory"),
     "bench-prune": ("visattn.bench.prune", "token-pruning benchmarks on LLaVA-shaped models"),
 }
 

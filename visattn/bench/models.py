@@ -7,32 +7,20 @@ rotation of fresh random batches, and checks the two paths' logits agree. Peers 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import statistics
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
+from visattn.bench.timing import median_ms, save_result
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _median_ms(run: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Tensor], iters: int) -> float:
-    for x in batches:  # warm-up: compilation, autotune caches, cuDNN plans
-        run(x)
-    torch.cuda.synchronize()
-    times = []
-    for i in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        x = batches[i % len(batches)]
-        start.record()
-        run(x)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median ms of ``run`` over a rotation of batches (each warm-up call sees every batch once)."""
+    calls = iter(range(10**9))
+    return median_ms(lambda: run(batches[next(calls) % len(batches)]), iters=iters, warmup=len(batches))
 
 
 def _swin_pair(name: str):
@@ -93,7 +81,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("visattn bench needs a CUDA GPU (images/sec on CPU would say nothing about the kernels)")
         return 2
     import timm
-    import triton
 
     rows = []
     for name in args.models:
@@ -102,14 +89,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         except Exception as err:  # one broken model must not hide the others' numbers
             rows.append({"model": name, "error": f"{type(err).__name__}: {err}"})
         print(json.dumps(rows[-1]))
-    date = datetime.date.today().isoformat()
-    result = {
-        "bench": "models", "date": date, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-        "triton": triton.__version__, "timm": timm.__version__, "python": platform.python_version(), "rows": rows,
-    }
-    out = Path(args.out or f"benchmarks/results/models-{date}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = save_result("models", {"timm": timm.__version__, "rows": rows}, args.out)
     print(f"\n{'model':32s} {'batch':>5s} {'stock img/s':>12s} {'visattn img/s':>14s} {'speedup':>8s} {'rel err':>9s}")
     for r in rows:
         if "error" in r:

@@ -1,0 +1,128 @@
+"""``visattn bench-bra``: bi-level routing attention, fused Triton kernel vs BiFormer's gather formulation.
+
+Rows are BiFormer-T's routed stages at 224² (maps 56/28/14, 7×7 regions, top-k 1/4/16, head dim 32). Every row:
+forward and forward+backward medians, peak extra memory, useful TFLOP/s and the floor (measured ceilings).
+Peers in the same process: BiFormer's own formulation (gather the routed regions' keys/values into a top-k-times
+larger tensor, then matmul-softmax-matmul) and the same gather followed by SDPA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Callable, Optional
+
+import torch
+
+from visattn.bench.timing import device_ceilings, floor_ms, median_ms, save_result
+
+# (name, batch, map size, channels, heads, regions per side, topk) — BiFormer-T stages 1-3 at 224².
+PROBLEMS = [
+    ("biformer_t stage1", 128, 56, 64, 2, 7, 1),
+    ("biformer_t stage2", 128, 28, 128, 4, 7, 4),
+    ("biformer_t stage3", 128, 14, 256, 8, 7, 16),
+]
+
+
+def biformer_gather(q, k, v, regions: int, topk: int, scale: float, use_sdpa: bool):
+    """BiFormer's formulation on [B, H, W, heads, D]: region means, top-k, gather k/v copies, dense attention."""
+    from visattn.reference import route_regions
+
+    batch, height, width, heads, dim = q.shape
+    rh, rw = height // regions, width // regions
+    routing = route_regions(q, k, (regions, regions), topk)  # [B, R, topk]
+
+    def by_region(t):  # [B, R, tokens, heads*D]
+        t = t.reshape(batch, regions, rh, regions, rw, -1).permute(0, 1, 3, 2, 4, 5)
+        return t.reshape(batch, regions * regions, rh * rw, -1)
+
+    qr, kr, vr = by_region(q), by_region(k), by_region(v)
+    n_regions, tokens = qr.shape[1], qr.shape[2]
+    index = routing.view(batch, n_regions, topk, 1, 1).expand(-1, -1, -1, tokens, kr.shape[-1])
+    gathered = lambda t: torch.gather(t[:, None].expand(-1, n_regions, -1, -1, -1), 2, index)
+    k_sel = gathered(kr).reshape(batch * n_regions, topk * tokens, heads, dim).transpose(1, 2)
+    v_sel = gathered(vr).reshape(batch * n_regions, topk * tokens, heads, dim).transpose(1, 2)
+    q_sel = qr.reshape(batch * n_regions, tokens, heads, dim).transpose(1, 2)
+    if use_sdpa:
+        out = torch.nn.functional.scaled_dot_product_attention(q_sel, k_sel, v_sel, scale=scale)
+    else:
+        out = torch.softmax((q_sel * scale) @ k_sel.transpose(-1, -2), dim=-1) @ v_sel
+    out = out.transpose(1, 2).reshape(batch, regions, regions, rh, rw, heads, dim).permute(0, 1, 3, 2, 4, 5, 6)
+    return out.reshape(batch, height, width, heads, dim)
+
+
+def _measure(fn: Callable, inputs: list[torch.Tensor], backward: bool) -> tuple[float, float]:
+    """(median ms, peak extra MiB) of fn(*inputs) [+ backward]."""
+    grad = torch.randn_like(fn(*inputs))
+
+    def step():
+        out = fn(*inputs)
+        if backward:
+            torch.autograd.grad(out, inputs, grad)
+
+    ms = median_ms(step, iters=30)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run_problem(problem, dtype, ceilings) -> dict:
+    from visattn.kernels.routing import bilevel_routing
+
+    name, batch, size, channels, heads, regions, topk = problem
+    dim = channels // heads
+    scale = channels**-0.5  # BiFormer scales by the full qk dim
+    qkv = torch.randn(batch, size, size, 3, heads, dim, device="cuda", dtype=dtype)
+    inputs = [t.detach().requires_grad_() for t in qkv.unbind(3)]
+    tokens = batch * size * size
+    keys = topk * (size // regions) ** 2
+    flops = 4 * tokens * heads * keys * dim
+    nbytes = 4 * tokens * channels * qkv.element_size()
+    peers = {
+        "visattn": lambda q, k, v: bilevel_routing(q, k, v, (regions, regions), topk, scale),
+        "biformer_gather": lambda q, k, v: biformer_gather(q, k, v, regions, topk, scale, use_sdpa=False),
+        "gather_sdpa": lambda q, k, v: biformer_gather(q, k, v, regions, topk, scale, use_sdpa=True),
+    }
+    row = {"problem": name, "batch": batch, "map": size, "heads": heads, "head_dim": dim, "topk": topk,
+           "dtype": str(dtype).removeprefix("torch."), "fwd_floor_ms": floor_ms(flops, nbytes, ceilings),
+           "fwd_bwd_floor_ms": floor_ms(3.5 * flops, 2.5 * nbytes, ceilings)}
+    reference = peers["biformer_gather"](*inputs).float()
+    for peer, fn in peers.items():
+        fwd_ms, _ = _measure(fn, inputs, backward=False)
+        both_ms, peak_mib = _measure(fn, inputs, backward=True)
+        err = float((fn(*inputs).float() - reference).norm() / reference.norm())
+        row[peer] = {"fwd_ms": fwd_ms, "fwd_bwd_ms": both_ms, "peak_mib": peak_mib,
+                     "fwd_tflops": flops / fwd_ms / 1e9, "rel_err_vs_gather": err}
+    return row
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    parser.add_argument("--out", default=None)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="visattn bench-bra", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("visattn bench-bra needs a CUDA GPU")
+        return 2
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    ceilings = device_ceilings()
+    rows = [run_problem(p, dtype, ceilings) for p in PROBLEMS]
+    for row in rows:
+        print(json.dumps(row))
+    path = save_result("bra", {"ceilings": ceilings, "rows": rows}, args.out)
+    print(f"\nceilings: matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, copy {ceilings['copy_gbs']:.0f} GB/s")
+    print(f"{'problem':20s} {'peer':16s} {'fwd ms':>8s} {'%floor':>7s} {'fwd+bwd':>8s} {'peak MiB':>9s} {'err':>8s}")
+    for row in rows:
+        for peer in ("visattn", "biformer_gather", "gather_sdpa"):
+            r = row[peer]
+            print(f"{row['problem']:20s} {peer:16s} {r['fwd_ms']:8.3f} {100 * row['fwd_floor_ms'] / r['fwd_ms']:6.0f}% "
+                  f"{r['fwd_bwd_ms']:8.3f} {r['peak_mib']:9.0f} {r['rel_err_vs_gather']:8.1e}")
+    print(f"saved {path}")
+    return 0

@@ -1,0 +1,287 @@
+"""Bi-level routing attention (BiFormer) in Triton, without BiFormer's key/value gather.
+
+A query tile is (part of) one region; its keys are the tokens of the region's top-k routed regions, addressed
+straight in the original ``[B, H, W, heads, D]`` tensors through the routing table (BiFormer copies them into a
+``topk``-times larger tensor first). The key iteration is data-dependent (a table, not an interval), which is why
+this is its own small kernel family rather than a pattern of the interval engine. Backward is FA2-style and
+deterministic: dQ walks the routed regions again; dK/dV walks an inverse table of the query regions routed to
+each key region (built with one sort), so no atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _region_token(region, p, SW, RH, RW):
+    """Spatial (row, col) of token ``p`` (row-major inside the region) of region ``region`` (row-major grid)."""
+    return (region // SW) * RH + p // RW, (region % SW) * RW + p % RW
+
+
+@triton.jit
+def _load_rows(base, y, x, s_y, s_x, s_d, ok, cols, n_cols):
+    return tl.load(base + y[:, None] * s_y + x[:, None] * s_x + cols[None, :] * s_d,
+                   mask=ok[:, None] & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _routed_keys(IDX, idx_base, c0, N_KEYS, PER_REGION, SW, RH, RW, BLOCK_N: tl.constexpr):
+    """Columns ``c0 .. c0+BLOCK_N`` of the flattened (routed region, token) key list of one query region."""
+    cols = c0 + tl.arange(0, BLOCK_N)
+    ok = cols < N_KEYS
+    region = tl.load(IDX + idx_base + cols // PER_REGION, mask=ok, other=0)
+    ky, kx = _region_token(region, cols % PER_REGION, SW, RH, RW)
+    return ky, kx, ok
+
+
+@triton.jit
+def _stat_offsets(b, h, HEADS, HP, W, y, x):
+    """Offsets into the float32 [B, heads, Hp, Wp] row statistics (LSE, delta)."""
+    return ((b * HEADS + h).to(tl.int64) * HP + y) * W + x
+
+
+@triton.jit
+def _bra_fwd_kernel(Q, K, V, O, LSE, IDX, s_b, s_y, s_x, s_h, s_d, v_b, v_y, v_x, v_h, v_d,
+                    o_b, o_y, o_x, o_h, idx_b, idx_r,
+                    HEADS, HP, W, SW, RH, RW, PER_REGION, N_KEYS, Q_TILES, qk_scale, HEAD_D, HEAD_DV,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    DOT_PREC: tl.constexpr):
+    """One program: a tile of one query region's tokens against every token of its routed regions."""
+    region, tile = tl.program_id(0) // Q_TILES, tl.program_id(0) % Q_TILES
+    b, h = tl.program_id(1) // HEADS, tl.program_id(1) % HEADS
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < PER_REGION
+    qy, qx = _region_token(region, rows, SW, RH, RW)
+    d, dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    qk_head = b.to(tl.int64) * s_b + h * s_h
+    v_head = b.to(tl.int64) * v_b + h * v_h
+    q = _load_rows(Q + qk_head, qy, qx, s_y, s_x, s_d, row_ok, d, HEAD_D)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for c0 in range(0, N_KEYS, BLOCK_N):
+        ky, kx, col_ok = _routed_keys(IDX, b * idx_b + region * idx_r, c0, N_KEYS, PER_REGION, SW, RH, RW, BLOCK_N)
+        kT = tl.trans(_load_rows(K + qk_head, ky, kx, s_y, s_x, s_d, col_ok, d, HEAD_D))
+        v = _load_rows(V + v_head, ky, kx, v_y, v_x, v_d, col_ok, dv, HEAD_DV)
+        s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # every row has >= 1 valid key in the first block: never -inf
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    out = O + b.to(tl.int64) * o_b + h * o_h + qy[:, None] * o_y + qx[:, None] * o_x + dv[None, :]
+    tl.store(out, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < HEAD_DV))
+    tl.store(LSE + _stat_offsets(b, h, HEADS, HP, W, qy, qx), m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _bra_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IDX, s_b, s_y, s_x, s_h, s_d, v_b, v_y, v_x, v_h, v_d,
+                   g_b, g_y, g_x, g_h, gq_b, gq_y, gq_x, gq_h, idx_b, idx_r,
+                   HEADS, HP, W, SW, RH, RW, PER_REGION, N_KEYS, Q_TILES, qk_scale, scale, HEAD_D, HEAD_DV,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   DOT_PREC: tl.constexpr):
+    """dQ of one query tile: recompute P from the saved LSE over the routed keys; dS = P * (dP - delta)."""
+    region, tile = tl.program_id(0) // Q_TILES, tl.program_id(0) % Q_TILES
+    b, h = tl.program_id(1) // HEADS, tl.program_id(1) % HEADS
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < PER_REGION
+    qy, qx = _region_token(region, rows, SW, RH, RW)
+    d, dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    qk_head = b.to(tl.int64) * s_b + h * s_h
+    v_head = b.to(tl.int64) * v_b + h * v_h
+    g_head = b.to(tl.int64) * g_b + h * g_h
+    q = _load_rows(Q + qk_head, qy, qx, s_y, s_x, s_d, row_ok, d, HEAD_D)
+    do = _load_rows(DO + g_head, qy, qx, g_y, g_x, 1, row_ok, dv, HEAD_DV)
+    stats = _stat_offsets(b, h, HEADS, HP, W, qy, qx)
+    lse = tl.load(LSE + stats, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for c0 in range(0, N_KEYS, BLOCK_N):
+        ky, kx, col_ok = _routed_keys(IDX, b * idx_b + region * idx_r, c0, N_KEYS, PER_REGION, SW, RH, RW, BLOCK_N)
+        k = _load_rows(K + qk_head, ky, kx, s_y, s_x, s_d, col_ok, d, HEAD_D)
+        v = _load_rows(V + v_head, ky, kx, v_y, v_x, v_d, col_ok, dv, HEAD_DV)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        p = tl.where(col_ok[None, :] & row_ok[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    out = DQ + b.to(tl.int64) * gq_b + h * gq_h + qy[:, None] * gq_y + qx[:, None] * gq_x + d[None, :]
+    tl.store(out, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < HEAD_D))
+
+
+@triton.jit
+def _bra_dkv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, INV, INV_COUNT, s_b, s_y, s_x, s_h, s_d,
+                    v_b, v_y, v_x, v_h, v_d, g_b, g_y, g_x, g_h, gk_b, gk_y, gk_x, gk_h, gv_b, gv_y, gv_x, gv_h,
+                    HEADS, HP, W, SW, RH, RW, PER_REGION, N_REGIONS, K_TILES, qk_scale, scale, HEAD_D, HEAD_DV,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    DOT_PREC: tl.constexpr):
+    """dK, dV of one key tile: walk the query regions routed to this key region (the inverse table)."""
+    region, tile = tl.program_id(0) // K_TILES, tl.program_id(0) % K_TILES
+    b, h = tl.program_id(1) // HEADS, tl.program_id(1) % HEADS
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < PER_REGION
+    ky, kx = _region_token(region, cols, SW, RH, RW)
+    d, dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    qk_head = b.to(tl.int64) * s_b + h * s_h
+    v_head = b.to(tl.int64) * v_b + h * v_h
+    g_head = b.to(tl.int64) * g_b + h * g_h
+    k = _load_rows(K + qk_head, ky, kx, s_y, s_x, s_d, col_ok, d, HEAD_D)
+    v = _load_rows(V + v_head, ky, kx, v_y, v_x, v_d, col_ok, dv, HEAD_DV)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dvacc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    inv_base = (b * N_REGIONS + region).to(tl.int64) * N_REGIONS
+    n_sources = tl.load(INV_COUNT + b * N_REGIONS + region)
+    for i in range(0, n_sources):
+        q_region = tl.load(INV + inv_base + i)
+        for r0 in range(0, PER_REGION, BLOCK_M):
+            rows = r0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < PER_REGION
+            qy, qx = _region_token(q_region, rows, SW, RH, RW)
+            q = _load_rows(Q + qk_head, qy, qx, s_y, s_x, s_d, row_ok, d, HEAD_D)
+            do = _load_rows(DO + g_head, qy, qx, g_y, g_x, 1, row_ok, dv, HEAD_DV)
+            stats = _stat_offsets(b, h, HEADS, HP, W, qy, qx)
+            lse = tl.load(LSE + stats, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
+            sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [keys, queries]
+            pT = tl.where(col_ok[:, None] & row_ok[None, :], tl.math.exp2(sT - lse[None, :]), 0.0)
+            dvacc += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            dsT = pT * (dpT - delta[None, :])
+            dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
+    tl.store(DK + b.to(tl.int64) * gk_b + h * gk_h + ky[:, None] * gk_y + kx[:, None] * gk_x + d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & (d[None, :] < HEAD_D))
+    tl.store(DV + b.to(tl.int64) * gv_b + h * gv_h + ky[:, None] * gv_y + kx[:, None] * gv_x + dv[None, :],
+             dvacc.to(DV.dtype.element_ty), mask=col_ok[:, None] & (dv[None, :] < HEAD_DV))
+
+
+# ------------------------------------------------------------------------------------------------ launchers
+def _blocks(per_region: int, head_d: int, head_dv: int, dtype: torch.dtype):
+    """Tile sizes: a region's tokens (at least 16 rows for tl.dot), at most 64x64; head dims padded to pow2 >= 16."""
+    block_m = min(64, max(16, triton.next_power_of_2(per_region)))
+    block_n = 64 if dtype != torch.float32 else 32
+    pad = lambda x: max(16, triton.next_power_of_2(x))
+    return block_m, block_n, pad(head_d), pad(head_dv)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _strides5(t: Tensor):
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)
+
+
+def _grid_args(q: Tensor, regions: tuple[int, int]):
+    batch, hp, wp, heads, _ = q.shape
+    rh, rw = hp // regions[0], wp // regions[1]
+    return batch, heads, hp, wp, rh, rw, rh * rw
+
+
+@torch.library.custom_op("visattn::bra_fwd", mutates_args=())
+def bra_forward(q: Tensor, k: Tensor, v: Tensor, routing: Tensor, sh: int, sw: int, scale: float
+                ) -> tuple[Tensor, Tensor]:
+    """Fused routed attention on region-divisible maps; returns (out, log2-LSE [B, heads, H, W])."""
+    batch, heads, hp, wp, rh, rw, per_region = _grid_args(q, (sh, sw))
+    topk = routing.shape[-1]
+    out = torch.empty(*q.shape[:-1], v.shape[-1], device=q.device, dtype=q.dtype)
+    lse = torch.empty(batch, heads, hp, wp, device=q.device, dtype=torch.float32)
+    block_m, block_n, block_d, block_dv = _blocks(per_region, q.shape[-1], v.shape[-1], q.dtype)
+    q_tiles = triton.cdiv(per_region, block_m)
+    _bra_fwd_kernel[(sh * sw * q_tiles, batch * heads)](
+        q, k, v, out, lse, routing, *_strides5(q), *_strides5(v), *_strides5(out)[:4],
+        routing.stride(0), routing.stride(1), heads, hp, wp, sw, rh, rw, per_region, topk * per_region, q_tiles,
+        scale * _LOG2E, q.shape[-1], v.shape[-1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_DV=block_dv, DOT_PREC=_dot_precision(q.dtype))
+    return out, lse
+
+
+@bra_forward.register_fake
+def _(q, k, v, routing, sh, sw, scale):
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    return out, q.new_empty(q.shape[0], q.shape[3], q.shape[1], q.shape[2], dtype=torch.float32)
+
+
+def inverse_routing(routing: Tensor, n_regions: int) -> tuple[Tensor, Tensor]:
+    """For each key region, the query regions routed to it: ([B, R, R] padded table, [B, R] counts), int32."""
+    batch, _, topk = routing.shape
+    flat = routing.reshape(batch, -1).long()
+    order = torch.argsort(flat, dim=1, stable=True)
+    sources = (order // topk).to(torch.int32)  # query region of each sorted entry
+    counts = torch.zeros(batch, n_regions, dtype=torch.int64, device=routing.device)
+    counts.scatter_add_(1, flat, torch.ones_like(flat))
+    starts = torch.cumsum(counts, dim=1) - counts
+    # entry e of the sorted list belongs to key region kr = sorted value, at slot e - starts[kr]
+    sorted_regions = torch.gather(flat, 1, order)
+    slot = torch.arange(flat.shape[1], device=routing.device)[None, :] - torch.gather(starts, 1, sorted_regions)
+    table = torch.zeros(batch, n_regions, n_regions, dtype=torch.int32, device=routing.device)
+    table[torch.arange(batch, device=routing.device)[:, None], sorted_regions, slot] = sources
+    return table, counts.to(torch.int32)
+
+
+@torch.library.custom_op("visattn::bra_bwd", mutates_args=())
+def bra_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, routing: Tensor,
+                 sh: int, sw: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    batch, heads, hp, wp, rh, rw, per_region = _grid_args(q, (sh, sw))
+    topk = routing.shape[-1]
+    grad_out = grad_out.contiguous()
+    delta = (grad_out.float() * out.float()).sum(-1).permute(0, 3, 1, 2).contiguous()  # [B, heads, H, W]
+    dq, dk = torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    block_m, block_n, block_d, block_dv = _blocks(per_region, q.shape[-1], v.shape[-1], q.dtype)
+    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+                  DOT_PREC=_dot_precision(q.dtype))
+    q_tiles = triton.cdiv(per_region, block_m)
+    _bra_dq_kernel[(sh * sw * q_tiles, batch * heads)](
+        q, k, v, grad_out, dq, lse, delta, routing, *_strides5(q), *_strides5(v), *_strides5(grad_out)[:4],
+        *_strides5(dq)[:4], routing.stride(0), routing.stride(1), heads, hp, wp, sw, rh, rw, per_region,
+        topk * per_region, q_tiles, scale * _LOG2E, scale, q.shape[-1], v.shape[-1], **common)
+    table, counts = inverse_routing(routing, sh * sw)
+    k_tiles = triton.cdiv(per_region, block_n)
+    _bra_dkv_kernel[(sh * sw * k_tiles, batch * heads)](
+        q, k, v, grad_out, dk, dv, lse, delta, table, counts, *_strides5(q), *_strides5(v),
+        *_strides5(grad_out)[:4], *_strides5(dk)[:4], *_strides5(dv)[:4], heads, hp, wp, sw, rh, rw, per_region,
+        sh * sw, k_tiles, scale * _LOG2E, scale, q.shape[-1], v.shape[-1], **common)
+    return dq, dk, dv
+
+
+@bra_backward.register_fake
+def _(grad_out, q, k, v, out, lse, routing, sh, sw, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, routing, sh, sw, scale = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], routing)
+    ctx.grid, ctx.scale = (sh, sw), scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, routing = ctx.saved_tensors
+    dq, dk, dv = bra_backward(grad_out, q, k, v, out, lse, routing, *ctx.grid, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+bra_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def bilevel_routing(q: Tensor, k: Tensor, v: Tensor, regions: tuple[int, int], topk: int, scale: float,
+                    return_routing: bool = False):
+    """Backend entry: pad to the region grid, route exactly as the reference does, run the fused kernel, crop."""
+    from visattn.reference import pad_to_regions, route_regions
+
+    height, width = q.shape[1:3]
+    if height % regions[0] or width % regions[1]:
+        q, k, v = (pad_to_regions(t, regions) for t in (q, k, v))
+    routing = route_regions(q, k, regions, topk)
+    out, _ = bra_forward(q, k, v, routing.to(torch.int32).contiguous(), regions[0], regions[1], scale)
+    out = out[:, :height, :width]
+    out = out if out.is_contiguous() else out.contiguous()
+    return (out, routing) if return_routing else out
