@@ -270,3 +270,22 @@ def test_na_hypothesis(p):
     run_case(p["nd"], p["shape"], p["kernel"], p["dilation"], p["stride"], p["causal"], seed=p["seed"],
              batch=1, heads=p["heads"], head_dim=p["head_dim"], use_rpb=p["use_rpb"], extra=p["extra"],
              fused=p["fused"])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The reference's chunked path (tiny problems never chunk under the default budget: force it)
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", [700, 3000])
+def test_reference_chunked_path(budget, monkeypatch):
+    import visattn.reference as reference
+
+    if not hasattr(reference, "CHUNK_ELEMENTS"):
+        pytest.skip("visattn.reference has no CHUNK_ELEMENTS budget to shrink")
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", budget)
+    run_case(2, (7, 9), (3, 4), (2, 1), 1, (False, True), seed=90 + budget, use_rpb=True, extra=2, fused=True)
+    run_case(3, (4, 5, 6), (2, 3, 3), (1, 1, 2), (2, 1, 2), (True, False, False), seed=91, extra=1)
+    run_case(1, (10,), 4, 2, 3, False, seed=92, heads=3)
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 1)  # one query per chunk
+    run_case(1, (7,), 3, 1, 1, True, seed=93, use_rpb=True, extra=1)

@@ -234,3 +234,23 @@ def test_window_low_precision_and_auto(backend, dtype):
     assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
     tol = {torch.float16: 3e-3, torch.bfloat16: 2.5e-2, torch.float32: 1e-5}[dtype]
     torch.testing.assert_close(out.double(), window_oracle(q, k, v, 4, 2, rpb=rpb), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("budget", [300, 2000])
+def test_reference_chunked_path(budget, monkeypatch):
+    import visattn.reference as reference
+
+    if not hasattr(reference, "CHUNK_ELEMENTS"):
+        pytest.skip("visattn.reference has no CHUNK_ELEMENTS budget to shrink")
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", budget)
+    run_window((8, 8), 4, 2, seed=budget, use_rpb=True, fused=True)
+    run_window((4, 6, 4), (2, 3, 2), (1, 2, 0), seed=budget + 1, use_rpb=True, batch=1)
+    gen = _gen(budget)
+    (q, k, v), _ = make_qkv(2, (7, 9), 2, 4, gen=gen)
+    out, routing = visattn.bilevel_routing_attention(q, k, v, (2, 3), 3, backend="reference", return_routing=True)
+    want, want_routing = bra_oracle(q, k, v, (2, 3), 3)
+    assert torch.equal(routing, want_routing)
+    assert_fwd_bwd_match(
+        lambda: visattn.bilevel_routing_attention(q, k, v, (2, 3), 3, backend="reference"),
+        lambda: bra_oracle(q, k, v, (2, 3), 3)[0], [q, k, v], gen=gen, what="bra chunked",
+    )
