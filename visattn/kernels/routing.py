@@ -47,17 +47,23 @@ def _stat_offsets(b, h, HEADS, HP, W, y, x):
 
 
 @triton.jit
+def _program_tile(TILES, HEADS, PER_REGION, SW, RH, RW, BLOCK: tl.constexpr):
+    """This program's (region, batch, head) and the spatial coordinates of its BLOCK tokens of the region."""
+    region, tile = tl.program_id(0) // TILES, tl.program_id(0) % TILES
+    b, h = tl.program_id(1) // HEADS, tl.program_id(1) % HEADS
+    tokens = tile * BLOCK + tl.arange(0, BLOCK)
+    y, x = _region_token(region, tokens, SW, RH, RW)
+    return region, b, h, y, x, tokens < PER_REGION
+
+
+@triton.jit
 def _bra_fwd_kernel(Q, K, V, O, LSE, IDX, s_b, s_y, s_x, s_h, s_d, v_b, v_y, v_x, v_h, v_d,
                     o_b, o_y, o_x, o_h, idx_b, idx_r,
                     HEADS, HP, W, SW, RH, RW, PER_REGION, N_KEYS, Q_TILES, qk_scale, HEAD_D, HEAD_DV,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     DOT_PREC: tl.constexpr):
     """One program: a tile of one query region's tokens against every token of its routed regions."""
-    region, tile = tl.program_id(0) // Q_TILES, tl.program_id(0) % Q_TILES
-    b, h = tl.program_id(1) // HEADS, tl.program_id(1) % HEADS
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < PER_REGION
-    qy, qx = _region_token(region, rows, SW, RH, RW)
+    region, b, h, qy, qx, row_ok = _program_tile(Q_TILES, HEADS, PER_REGION, SW, RH, RW, BLOCK_M)
     d, dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     qk_head = b.to(tl.int64) * s_b + h * s_h
     v_head = b.to(tl.int64) * v_b + h * v_h
@@ -89,11 +95,7 @@ def _bra_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IDX, s_b, s_y, s_x, s_h, s_d, v_
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    DOT_PREC: tl.constexpr):
     """dQ of one query tile: recompute P from the saved LSE over the routed keys; dS = P * (dP - delta)."""
-    region, tile = tl.program_id(0) // Q_TILES, tl.program_id(0) % Q_TILES
-    b, h = tl.program_id(1) // HEADS, tl.program_id(1) % HEADS
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < PER_REGION
-    qy, qx = _region_token(region, rows, SW, RH, RW)
+    region, b, h, qy, qx, row_ok = _program_tile(Q_TILES, HEADS, PER_REGION, SW, RH, RW, BLOCK_M)
     d, dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     qk_head = b.to(tl.int64) * s_b + h * s_h
     v_head = b.to(tl.int64) * v_b + h * v_h
@@ -124,11 +126,7 @@ def _bra_dkv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, INV, INV_COUNT, s_b, s_y, s
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     DOT_PREC: tl.constexpr):
     """dK, dV of one key tile: walk the query regions routed to this key region (the inverse table)."""
-    region, tile = tl.program_id(0) // K_TILES, tl.program_id(0) % K_TILES
-    b, h = tl.program_id(1) // HEADS, tl.program_id(1) % HEADS
-    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < PER_REGION
-    ky, kx = _region_token(region, cols, SW, RH, RW)
+    region, b, h, ky, kx, col_ok = _program_tile(K_TILES, HEADS, PER_REGION, SW, RH, RW, BLOCK_N)
     d, dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     qk_head = b.to(tl.int64) * s_b + h * s_h
     v_head = b.to(tl.int64) * v_b + h * v_h
