@@ -289,3 +289,10 @@ def test_reference_chunked_path(budget, monkeypatch):
     run_case(1, (10,), 4, 2, 3, False, seed=92, heads=3)
     monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 1)  # one query per chunk
     run_case(1, (7,), 3, 1, 1, True, seed=93, use_rpb=True, extra=1)
+
+
+def test_scalar_arguments_broadcast_to_every_dimension():
+    """An int/bool argument means the same value in every dimension."""
+    run_case(3, (6, 5, 6), 2, 2, 2, True, seed=95, extra=1)
+    run_case(2, (8, 9), 4, 2, 1, True, seed=96, use_rpb=True)
+    run_case(2, (8, 9), 3, 1, 3, False, seed=97)
