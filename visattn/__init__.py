@@ -24,3 +24,5 @@ __all__ = [
     "window_attention",
     "__version__",
 ]
+
+import visattn.models  # noqa: E402,F401  (registers the timm model families)
