@@ -242,6 +242,9 @@ def bra_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
         *_strides5(dq)[:4], routing.stride(0), routing.stride(1), heads, hp, wp, sw, rh, rw, per_region,
         topk * per_region, q_tiles, scale * _LOG2E, scale, q.shape[-1], v.shape[-1], **common)
     table, counts = inverse_routing(routing, sh * sw)
+    # A dK/dV program owns one key region: size its tile to the region, not to the forward's routed-key block.
+    block_n = min(64, max(16, triton.next_power_of_2(per_region)))
+    common["BLOCK_N"] = block_n
     k_tiles = triton.cdiv(per_region, block_n)
     _bra_dkv_kernel[(sh * sw * k_tiles, batch * heads)](
         q, k, v, grad_out, dk, dv, lse, delta, table, counts, *_strides5(q), *_strides5(v),
