@@ -131,6 +131,44 @@ def run_smoke(device: str | None = None, dtype: str = "auto") -> list[Row]:
     return rows
 
 
+def model_rows(device, dtype) -> list[Row]:
+    """``nat_mini`` and ``dinat_mini`` (random init, seed 0, no download) through timm on the photo at 224².
+
+    Oracle: a float64 copy of the same model with every neighborhood-attention layer forced to
+    ``backend="reference"``; the error is the max abs difference of the logits (float64 reference vs the
+    ``device``/``dtype`` run on the automatically chosen backend).
+    """
+    import copy
+
+    import timm
+    import torch.nn.functional as F
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from visattn.nn.neighborhood import _NeighborhoodAttention
+
+    dev, dt = torch.device(device), dtype
+    tolerance = {torch.float32: 1e-3, torch.float64: 1e-9, torch.float16: 5e-2, torch.bfloat16: 2e-1}[dt]
+    image = F.interpolate(load_photo().permute(2, 0, 1)[None], size=(224, 224), mode="bicubic", align_corners=False)
+    mean, std = (torch.tensor(stat).view(1, 3, 1, 1) for stat in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    image = (image.clamp(0, 1) - mean) / std
+    rows = []
+    with torch.no_grad():
+        for name in ("nat_mini", "dinat_mini"):
+            torch.manual_seed(0)
+            model = timm.create_model(name, pretrained=False).eval()
+            oracle = copy.deepcopy(model).double()
+            for layer in oracle.modules():
+                if isinstance(layer, _NeighborhoodAttention):
+                    layer.backend = "reference"
+            model = model.to(device=dev, dtype=dt)
+            x = image.to(device=dev, dtype=dt)
+            out, ms = _time(lambda: model(x), dev)
+            backend = last_backend()
+            err = dense.max_abs_error(out, oracle(image.double()))
+            rows.append(Row(f"timm {name} fwd", "x".join(str(s) for s in x.shape), backend, err, tolerance, ms))
+    return rows
+
+
 def format_table(rows: list[Row]) -> str:
     header = f"{'op':34s} {'q shape':14s} {'backend':10s} {'max err':>9s} {'ms':>8s}  ok"
     lines = [header, "-" * len(header)]
