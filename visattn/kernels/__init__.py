@@ -1,0 +1,108 @@
+"""Triton backend for neighborhood (NA/DiNA/GNA) and (shifted) window attention.
+
+The dispatcher in ``visattn.functional`` validates and normalises arguments, asks ``*_why_not`` whether this
+backend can run the call, then calls ``na`` / ``window``. Importing this package does not import Triton; the
+engine is loaded on first use so ``*_why_not`` stays cheap and never raises.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+_MAX_LENGTH = 65536  # the backward's binary searches run 17 steps
+_engine_error: Optional[str] = None
+_ops = None
+
+
+def _load_ops():
+    """Import the engine once; remember why it failed if it did."""
+    global _ops, _engine_error
+    if _ops is None and _engine_error is None:
+        try:
+            from visattn.kernels import ops
+
+            _ops = ops
+        except Exception as err:  # triton missing or broken: report, never raise from *_why_not
+            _engine_error = f"triton not importable ({type(err).__name__}: {err})"
+    return _ops
+
+
+def _max_offset(t: Tensor) -> int:
+    """Largest element offset inside one batch item (the kernels index those with int32)."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
+
+
+def _common_why_not(tensors: list[Optional[Tensor]], q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
+    if q.device.type != "cuda":
+        if os.environ.get("TRITON_INTERPRET", "0") != "1":
+            return "no CUDA tensor and TRITON_INTERPRET is not set"
+    if q.dtype not in _SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} is not supported by the triton kernels (float16, bfloat16, float32)"
+    if q.shape[-1] > _MAX_HEAD_DIM or v.shape[-1] > _MAX_HEAD_DIM:
+        return f"head_dim {max(q.shape[-1], v.shape[-1])} > {_MAX_HEAD_DIM}"
+    if k.shape[-2] != q.shape[-2] or v.shape[-2] != q.shape[-2]:
+        return "grouped-query attention (fewer kv heads) is not supported by the triton kernels"
+    if any(length > _MAX_LENGTH for length in q.shape[1:-2]):
+        return f"a spatial dimension is longer than {_MAX_LENGTH}"
+    if any(t is not None and _max_offset(t) >= 2**31 for t in tensors):
+        return "a tensor is too large for 32-bit offsets within one batch item"
+    ops = _load_ops()
+    if ops is None:
+        return _engine_error
+    if q.device.type != "cuda" and not ops.INTERPRETED:
+        return "no CUDA tensor and TRITON_INTERPRET was not set when visattn.kernels was imported"
+    return None
+
+
+def na_why_not(q, k, v, kernel_size, dilation, stride, is_causal, rpb, additional_keys,
+               additional_values) -> Optional[str]:
+    """None when the Triton kernels can run this neighborhood-attention call, else a short reason."""
+    try:
+        if rpb is not None and rpb.dtype not in _SUPPORTED_DTYPES:
+            return f"rpb dtype {rpb.dtype} is not supported by the triton kernels"
+        if additional_keys is not None and additional_keys.shape[-2] != q.shape[-2]:
+            return "additional keys with a different number of heads are not supported"
+        return _common_why_not([q, k, v, additional_keys, additional_values], q, k, v)
+    except Exception as err:  # never raise from a capability probe
+        return f"triton capability check failed ({type(err).__name__}: {err})"
+
+
+def window_why_not(q, k, v, window_size, shift, rpb) -> Optional[str]:
+    """None when the Triton kernels can run this window-attention call, else a short reason."""
+    try:
+        if rpb is not None and rpb.dtype not in _SUPPORTED_DTYPES:
+            return f"rpb dtype {rpb.dtype} is not supported by the triton kernels"
+        return _common_why_not([q, k, v], q, k, v)
+    except Exception as err:
+        return f"triton capability check failed ({type(err).__name__}: {err})"
+
+
+def na(q: Tensor, k: Tensor, v: Tensor, kernel_size: tuple, dilation: tuple, stride: tuple, is_causal: tuple,
+       rpb: Optional[Tensor], scale: float, additional_keys: Optional[Tensor],
+       additional_values: Optional[Tensor]) -> Tensor:
+    """Fused neighborhood attention (forward and backward in Triton), ``[B, *spatial, heads, D_v]``."""
+    ops = _load_ops()
+    rank = q.dim() - 3
+    out, _ = ops.local_attention_fwd(q, k, v, rpb, additional_keys, additional_values, False,
+                                     list(kernel_size), list(dilation), list(stride),
+                                     [bool(c) for c in is_causal], [0] * rank, float(scale))
+    return out
+
+
+def window(q: Tensor, k: Tensor, v: Tensor, window_size: tuple, shift: tuple, rpb: Optional[Tensor],
+           scale: float) -> Tensor:
+    """Fused (shifted) window attention, ``[B, *spatial, heads, D_v]``."""
+    ops = _load_ops()
+    rank = q.dim() - 3
+    out, _ = ops.local_attention_fwd(q, k, v, rpb, None, None, True, list(window_size), [1] * rank, [1] * rank,
+                                     [False] * rank, list(shift), float(scale))
+    return out
+
+
+__all__ = ["na", "na_why_not", "window", "window_why_not"]

@@ -1,0 +1,157 @@
+"""The attention engine: one forward kernel and one backward (dQ pass + dK/dV pass) for every local pattern.
+
+Layout: every tensor is viewed as ``[B, L0, L1, L2, heads, D]`` (rank < 3 inputs get leading size-1 dims, which
+cost nothing) and read in place through its strides. A program owns a box of query rows (M0 x M1 x M2, flattened
+row-major into BLOCK_M rows) inside one dilation group; dilation is a strided sub-grid: position = coord*dil + group.
+Scores live in the log2 domain (``qk_scale`` includes log2(e)); the saved LSE is log2-based too.
+"""
+
+import triton
+import triton.language as tl
+
+from visattn.kernels.patterns import in_interval, key_interval, split_tile, unflatten
+
+LOG2E: tl.constexpr = 1.4426950408889634
+
+
+@triton.jit
+def _row_offsets(c0, c1, c2, dil0, dil1, dil2, g0, g1, g2, s0, s1, s2):
+    """Memory offsets of group coordinates (c0, c1, c2) along the three spatial strides."""
+    return (c0 * dil0 + g0) * s0 + (c1 * dil1 + g1) * s1 + (c2 * dil2 + g2) * s2
+
+
+@triton.jit
+def _rpb_offsets(qi0, qi1, qi2, kj0, kj1, kj2, K0, K1, K2, r_s0, r_s1, r_s2):
+    """[rows, cols] offsets into the bias table: (key - query + kernel - 1) per dimension."""
+    return ((kj0[None, :] - qi0[:, None] + K0 - 1) * r_s0 + (kj1[None, :] - qi1[:, None] + K1 - 1) * r_s1
+            + (kj2[None, :] - qi2[:, None] + K2 - 1) * r_s2)
+
+
+@triton.jit
+def _query_dim(t, r, L, dil, n_tiles, ks, st, sh, M: tl.constexpr, N: tl.constexpr,
+               CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """One dimension of a query tile: rows, their key intervals, and the key range the whole tile needs."""
+    g, group_len, first, lo, hi = split_tile(t, L, dil, n_tiles, ks, sh, M, WINDOW)
+    qi = first + r
+    valid = (qi >= lo) & (qi < hi)
+    start, end = key_interval(qi, group_len, ks, st, sh, CAUSAL, WINDOW)
+    qa = tl.maximum(first, lo)
+    qb = tl.minimum(first + M, hi) - 1
+    ka, common_hi = key_interval(qa, group_len, ks, st, sh, CAUSAL, WINDOW)
+    common_lo, kb = key_interval(qb, group_len, ks, st, sh, CAUSAL, WINDOW)
+    n_key_tiles = tl.where(qb >= qa, (kb - ka + N) // N, 0)
+    # keys in [common_lo, common_hi] are seen by every row of the tile: tiles inside it need no element mask.
+    return g, group_len, qi, valid, start, end, ka, n_key_tiles, common_lo, common_hi
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, RPB, EK, EV,
+    q_sb, q_s0, q_s1, q_s2, q_sh, q_sd, k_sb, k_s0, k_s1, k_s2, k_sh, k_sd,
+    v_sb, v_s0, v_s1, v_s2, v_sh, v_sd, o_sb, o_s0, o_s1, o_s2, o_sh, l_sb, l_s0, l_s1, l_s2,
+    r_sh, r_s0, r_s1, r_s2, ek_sb, ek_sn, ek_sh, ek_sd, ev_sb, ev_sn, ev_sh, ev_sd,
+    H, L0, L1, L2, DL0, DL1, DL2, NT0, NT1, NT2, KS0, KS1, KS2, ST0, ST1, ST2, SH0, SH1, SH2,
+    N_EXTRA, qk_scale, HEAD_D, HEAD_DV,
+    M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, WINDOW: tl.constexpr,
+    HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Online-softmax forward over the key tiles covering the union of the query tile's windows."""
+    BLOCK_M: tl.constexpr = M0 * M1 * M2
+    BLOCK_N: tl.constexpr = N0 * N1 * N2
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    t0, t1, t2 = unflatten(pid, DL1 * NT1, DL2 * NT2)
+    r0, r1, r2 = unflatten(tl.arange(0, BLOCK_M), M1, M2)
+    c0, c1, c2 = unflatten(tl.arange(0, BLOCK_N), N1, N2)
+    g0, G0, qi0, qv0, st0, en0, ka0, nk0, cl0, ch0 = _query_dim(t0, r0, L0, DL0, NT0, KS0, ST0, SH0, M0, N0, CAUSAL0, WINDOW)
+    g1, G1, qi1, qv1, st1, en1, ka1, nk1, cl1, ch1 = _query_dim(t1, r1, L1, DL1, NT1, KS1, ST1, SH1, M1, N1, CAUSAL1, WINDOW)
+    g2, G2, qi2, qv2, st2, en2, ka2, nk2, cl2, ch2 = _query_dim(t2, r2, L2, DL2, NT2, KS2, ST2, SH2, M2, N2, CAUSAL2, WINDOW)
+    q_valid = qv0 & qv1 & qv2
+    dq_cols = tl.arange(0, BLOCK_D)
+    dv_cols = tl.arange(0, BLOCK_DV)
+    q_rows = _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, q_s0, q_s1, q_s2)
+    q = tl.load(Q + b * q_sb + h * q_sh + q_rows[:, None] + dq_cols[None, :] * q_sd,
+                mask=q_valid[:, None] & (dq_cols[None, :] < HEAD_D), other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    k_base = K + b * k_sb + h * k_sh
+    v_base = V + b * v_sb + h * v_sh
+    for t in range(0, nk0 * nk1 * nk2):
+        a0, a1, a2 = t // (nk1 * nk2), (t // nk2) % nk1, t % nk2
+        kj0 = ka0 + a0 * N0 + c0
+        kj1 = ka1 + a1 * N1 + c1
+        kj2 = ka2 + a2 * N2 + c2
+        k_in = (kj0 < G0) & (kj1 < G1) & (kj2 < G2)
+        k_rows = _row_offsets(kj0, kj1, kj2, DL0, DL1, DL2, g0, g1, g2, k_s0, k_s1, k_s2)
+        kT = tl.load(k_base + k_rows[None, :] + dq_cols[:, None] * k_sd,
+                     mask=k_in[None, :] & (dq_cols[:, None] < HEAD_D), other=0.0)
+        v_rows = _row_offsets(kj0, kj1, kj2, DL0, DL1, DL2, g0, g1, g2, v_s0, v_s1, v_s2)
+        v = tl.load(v_base + v_rows[:, None] + dv_cols[None, :] * v_sd,
+                    mask=k_in[:, None] & (dv_cols[None, :] < HEAD_DV), other=0.0)
+        s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+        if HAS_RPB:
+            pair = in_interval(kj0, st0, en0) & in_interval(kj1, st1, en1) & in_interval(kj2, st2, en2)
+            pair = pair & q_valid[:, None]
+            offs = _rpb_offsets(qi0, qi1, qi2, kj0, kj1, kj2, KS0, KS1, KS2, r_s0, r_s1, r_s2)
+            bias = tl.load(RPB + h * r_sh + offs, mask=pair, other=0.0).to(tl.float32)
+            s = tl.where(pair, s + bias * LOG2E, float("-inf"))
+        else:
+            t_lo0 = ka0 + a0 * N0
+            t_lo1 = ka1 + a1 * N1
+            t_lo2 = ka2 + a2 * N2
+            border = ((t_lo0 < cl0) | (t_lo0 + N0 - 1 > ch0) | (t_lo1 < cl1) | (t_lo1 + N1 - 1 > ch1)
+                      | (t_lo2 < cl2) | (t_lo2 + N2 - 1 > ch2))
+            if border:
+                pair = in_interval(kj0, st0, en0) & in_interval(kj1, st1, en1) & in_interval(kj2, st2, en2)
+                s = tl.where(pair, s, float("-inf"))
+        m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, DOT_PREC)
+
+    if HAS_EXTRA:
+        e_cols = tl.arange(0, BLOCK_N)
+        for n0 in range(0, N_EXTRA, BLOCK_N):
+            e_in = (n0 + e_cols) < N_EXTRA
+            kT = tl.load(EK + b * ek_sb + h * ek_sh + (n0 + e_cols)[None, :] * ek_sn + dq_cols[:, None] * ek_sd,
+                         mask=e_in[None, :] & (dq_cols[:, None] < HEAD_D), other=0.0)
+            v = tl.load(EV + b * ev_sb + h * ev_sh + (n0 + e_cols)[:, None] * ev_sn + dv_cols[None, :] * ev_sd,
+                        mask=e_in[:, None] & (dv_cols[None, :] < HEAD_DV), other=0.0)
+            s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+            s = tl.where(e_in[None, :], s, float("-inf"))
+            m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, DOT_PREC)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_rows = _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, o_s0, o_s1, o_s2)
+    tl.store(O + b * o_sb + h * o_sh + o_rows[:, None] + dv_cols[None, :],
+             out.to(O.dtype.element_ty), mask=q_valid[:, None] & (dv_cols[None, :] < HEAD_DV))
+    l_rows = _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, l_s0, l_s1, l_s2)
+    tl.store(LSE + b * l_sb + h + l_rows, m_i + tl.log2(l_safe), mask=q_valid)
+
+
+@triton.jit
+def _online_update(s, v, m_i, l_i, acc, DOT_PREC: tl.constexpr):
+    """One flash-attention step on a [rows, keys] tile of log2-domain scores (masked entries are -inf)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet must not produce inf - inf
+    alpha = tl.math.exp2(m_i - m_use)
+    p = tl.math.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _delta_kernel(O, DO, DELTA, n_rows, HEAD_DV, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """delta = rowsum(dO * O) in float32 over contiguous [rows, Dv] tensors."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_DV)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < HEAD_DV)
+    offs = rows.to(tl.int64)[:, None] * HEAD_DV + cols[None, :]
+    o = tl.load(O + offs, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + rows, tl.sum(o * do, 1), mask=rows < n_rows)

@@ -1,0 +1,261 @@
+"""Launchers for the engine and its ``torch.library.custom_op`` wrapper (fake + autograd registered).
+
+Every tensor is viewed as ``[B, L0, L1, L2, heads, D]`` by inserting size-1 spatial dims after the batch dim (a
+view: strided inputs such as ``qkv.unbind(-3)`` are read in place). Pattern arguments are padded the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from visattn.kernels.backward import _bwd_dkv_kernel, _bwd_dq_kernel, _bwd_extra_dkv_kernel
+from visattn.kernels.engine import _delta_kernel, _fwd_kernel
+from visattn.kernels.tiles import choose_tiles, padded_head_dim
+
+# Triton decides interpreter vs compiler when a kernel is decorated, i.e. when this module is imported.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Test hook (visattn.bench.check): fill outputs with NaN before launching, so an unwritten element fails a check.
+POISON = False
+_LOG2E = 1.4426950408889634
+
+
+class Pattern(NamedTuple):
+    """A local pattern in canonical 3-D form (leading dims padded with size-1, kernel-1 dims)."""
+
+    window: bool
+    kernel: tuple  # kernel size (neighborhood) or window size
+    dilation: tuple
+    stride: tuple
+    causal: tuple
+    shift: tuple
+
+
+def make_pattern(rank: int, window: bool, kernel, dilation, stride, causal, shift) -> Pattern:
+    pad = 3 - rank
+    return Pattern(window, (1,) * pad + tuple(kernel), (1,) * pad + tuple(dilation), (1,) * pad + tuple(stride),
+                   (False,) * pad + tuple(bool(c) for c in causal), (0,) * pad + tuple(shift))
+
+
+def _view3(x: Tensor, rank: int) -> Tensor:
+    for _ in range(3 - rank):
+        x = x.unsqueeze(1)
+    return x
+
+
+def _rpb3(rpb: Tensor, rank: int) -> Tensor:
+    for _ in range(3 - rank):
+        rpb = rpb.unsqueeze(1)
+    return rpb
+
+
+def _tiles_per_group(pat: Pattern, lengths, box) -> list[int]:
+    out = []
+    for i in range(3):
+        if pat.window:
+            w, t = pat.kernel[i], pat.shift[i]
+            out.append((lengths[i] // w + (1 if t > 0 else 0)) * math.ceil(w / box[i]))
+        else:
+            out.append(math.ceil(math.ceil(lengths[i] / pat.dilation[i]) / box[i]))
+    return out
+
+
+def _tiles(pass_name: str, pat: Pattern, lengths, q: Tensor, head_dim: int):
+    extents = tuple(math.ceil(lengths[i] / pat.dilation[i]) for i in range(3))
+    if pat.window:
+        spans = tuple(pat.kernel)
+    else:
+        spans = tuple(pat.kernel[i] + pat.stride[i] - 1 for i in range(3))
+    bits = 16 if q.dtype in (torch.float16, torch.bfloat16) else 32
+    return choose_tiles(pass_name, pat.window, extents, spans, bits, head_dim, INTERPRETED)
+
+
+def _pattern_args(pat: Pattern, lengths, n_tiles):
+    return (*lengths, *pat.dilation, *n_tiles, *pat.kernel, *pat.stride, *pat.shift)
+
+
+def _pattern_constexprs(pat: Pattern, tiles, head_d: int, head_dv: int, dtype) -> dict:
+    return dict(
+        M0=tiles.m[0], M1=tiles.m[1], M2=tiles.m[2], N0=tiles.n[0], N1=tiles.n[1], N2=tiles.n[2],
+        BLOCK_D=padded_head_dim(head_d), BLOCK_DV=padded_head_dim(head_dv),
+        CAUSAL0=pat.causal[0], CAUSAL1=pat.causal[1], CAUSAL2=pat.causal[2], WINDOW=pat.window,
+        DOT_PREC="ieee" if dtype == torch.float32 else "tf32", num_warps=tiles.warps, num_stages=tiles.stages,
+    )
+
+
+def _new(shape, like: Tensor, dtype=None) -> Tensor:
+    dtype = like.dtype if dtype is None else dtype
+    if POISON:
+        return torch.full(shape, float("nan"), device=like.device, dtype=dtype)
+    return torch.empty(shape, device=like.device, dtype=dtype)
+
+
+def _optional(t: Optional[Tensor], like: Tensor, n_strides: int):
+    """A tensor and its strides, or a dummy pointer with zero strides."""
+    return (like, (0,) * n_strides) if t is None else (t, t.stride())
+
+
+def forward(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float) -> tuple[Tensor, Tensor]:
+    """Run the forward kernel; returns the output (contiguous, like q) and the log2-LSE ``[B, *spatial, heads]``."""
+    rank = q.dim() - 3
+    q3, k3, v3 = (_view3(t, rank) for t in (q, k, v))
+    B, L0, L1, L2, H, D = q3.shape
+    Dv = v3.shape[-1]
+    out = _new((*q.shape[:-1], Dv), q)
+    lse = _new(q.shape[:-1], q, torch.float32)
+    o3, l3 = _view3(out, rank), _view3(lse, rank)
+    lengths = (L0, L1, L2)
+    tiles = _tiles("fwd", pat, lengths, q, max(D, Dv))
+    n_tiles = _tiles_per_group(pat, lengths, tiles.m)
+    rpb_t, r_st = _optional(None if rpb is None else _rpb3(rpb, rank), q, 4)
+    ek, ek_st = _optional(extra_k, q, 4)
+    ev, ev_st = _optional(extra_v, q, 4)
+    grid = (math.prod(pat.dilation[i] * n_tiles[i] for i in range(3)), B * H)
+    _fwd_kernel[grid](
+        q3, k3, v3, o3, l3, rpb_t, ek, ev,
+        *q3.stride(), *k3.stride(), *v3.stride(), *o3.stride()[:5], *l3.stride()[:4],
+        *r_st, *ek_st, *ev_st,
+        H, *_pattern_args(pat, lengths, n_tiles),
+        0 if extra_k is None else extra_k.shape[1], scale * _LOG2E, D, Dv,
+        HAS_RPB=rpb is not None, HAS_EXTRA=extra_k is not None,
+        **_pattern_constexprs(pat, tiles, D, Dv, q.dtype),
+    )
+    return out, lse
+
+
+def backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, scale: float):
+    """dq, dk, dv, drpb (float32 or None), d extra_k, d extra_v (or None)."""
+    rank = q.dim() - 3
+    grad_out = grad_out.contiguous()
+    q3, k3, v3, do3, l3 = (_view3(t, rank) for t in (q, k, v, grad_out, lse))
+    B, L0, L1, L2, H, D = q3.shape
+    Dv = v3.shape[-1]
+    lengths = (L0, L1, L2)
+    delta = _new(lse.shape, lse)
+    n_rows = lse.numel()
+    _delta_kernel[(triton_cdiv(n_rows, 64),)](out, grad_out, delta, n_rows, Dv, BLOCK_R=64,
+                                                BLOCK_DV=padded_head_dim(Dv))
+    dq, dk, dv = _new(q.shape, q), _new(k.shape, k), _new(v.shape, v)
+    dq3, dk3, dv3 = (_view3(t, rank) for t in (dq, dk, dv))
+    rpb3 = None if rpb is None else _rpb3(rpb, rank)
+    drpb = None if rpb is None else torch.zeros(rpb.shape, device=rpb.device, dtype=torch.float32)
+    rpb_t, r_st = _optional(rpb3, q, 4)
+    drpb_t = q if drpb is None else drpb
+    ek, ek_st = _optional(extra_k, q, 4)
+    ev, ev_st = _optional(extra_v, q, 4)
+    n_extra = 0 if extra_k is None else extra_k.shape[1]
+    d_max = max(D, Dv)
+
+    tiles = _tiles("dq", pat, lengths, q, d_max)
+    n_tiles = _tiles_per_group(pat, lengths, tiles.m)
+    grid = (math.prod(pat.dilation[i] * n_tiles[i] for i in range(3)), B * H)
+    _bwd_dq_kernel[grid](
+        q3, k3, v3, do3, l3, delta, dq3, drpb_t, rpb_t, ek, ev,
+        *q3.stride(), *k3.stride(), *v3.stride(), *do3.stride(), *dq3.stride()[:5], *l3.stride()[:4],
+        *r_st, *ek_st, *ev_st,
+        H, *_pattern_args(pat, lengths, n_tiles), n_extra, scale * _LOG2E, scale, D, Dv,
+        HAS_RPB=rpb is not None, HAS_EXTRA=extra_k is not None,
+        **_pattern_constexprs(pat, tiles, D, Dv, q.dtype),
+    )
+    tiles = _tiles("dkv", pat, lengths, q, d_max)
+    n_tiles = _tiles_per_group(pat, lengths, tiles.n)
+    grid = (math.prod(pat.dilation[i] * n_tiles[i] for i in range(3)), B * H)
+    _bwd_dkv_kernel[grid](
+        q3, k3, v3, do3, l3, delta, dk3, dv3, rpb_t,
+        *q3.stride(), *k3.stride(), *v3.stride(), *do3.stride(), *dk3.stride()[:5], *dv3.stride()[:5],
+        *l3.stride()[:4], *r_st,
+        H, *_pattern_args(pat, lengths, n_tiles), scale * _LOG2E, scale, D, Dv,
+        HAS_RPB=rpb is not None, STEPS=_search_steps(lengths, pat.dilation),
+        **_pattern_constexprs(pat, tiles, D, Dv, q.dtype),
+    )
+    dek = dev = None
+    if extra_k is not None:
+        dek, dev = _new(extra_k.shape, extra_k), _new(extra_v.shape, extra_v)
+        block = 16 if INTERPRETED else 64
+        _bwd_extra_dkv_kernel[(triton_cdiv(n_extra, block), B * H)](
+            q3, ek, ev, do3, l3, delta, dek, dev,
+            *q3.stride(), *ek_st, *ev_st, *do3.stride(), *l3.stride()[:4],
+            H, L1, L2, L0 * L1 * L2, n_extra, scale * _LOG2E, scale, D, Dv,
+            BLOCK_M=32 if INTERPRETED else 64, BLOCK_N=block, BLOCK_D=padded_head_dim(D),
+            BLOCK_DV=padded_head_dim(Dv), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=4, num_stages=1 if INTERPRETED else 2,
+        )
+    return dq, dk, dv, drpb, dek, dev
+
+
+def _search_steps(lengths, dilation) -> int:
+    """Binary-search steps for the dK/dV pass: exact need under the interpreter (slow per step), and one fixed
+    value on the GPU, where the steps are cheap and one value means fewer compiled variants."""
+    if not INTERPRETED:
+        return 17
+    return max(math.ceil(L / d).bit_length() for L, d in zip(lengths, dilation)) + 1
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+# ------------------------------------------------------------------------------------------------------------
+# torch.library wrapping: one forward op and one backward op for every local pattern.
+# ------------------------------------------------------------------------------------------------------------
+
+_EMPTY = (0,)
+
+
+@torch.library.custom_op("visattn::local_attention_fwd", mutates_args=())
+def local_attention_fwd(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], extra_k: Optional[Tensor],
+                        extra_v: Optional[Tensor], window: bool, kernel: list[int], dilation: list[int],
+                        stride: list[int], causal: list[bool], shift: list[int], scale: float) -> tuple[Tensor, Tensor]:
+    pat = make_pattern(q.dim() - 3, window, kernel, dilation, stride, causal, shift)
+    return forward(q, k, v, rpb, extra_k, extra_v, pat, scale)
+
+
+@local_attention_fwd.register_fake
+def _(q, k, v, rpb, extra_k, extra_v, window, kernel, dilation, stride, causal, shift, scale):
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("visattn::local_attention_bwd", mutates_args=())
+def local_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                        rpb: Optional[Tensor], extra_k: Optional[Tensor], extra_v: Optional[Tensor], window: bool,
+                        kernel: list[int], dilation: list[int], stride: list[int], causal: list[bool],
+                        shift: list[int], scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    pat = make_pattern(q.dim() - 3, window, kernel, dilation, stride, causal, shift)
+    dq, dk, dv, drpb, dek, dev = backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat, scale)
+    # custom ops cannot return None: absent gradients travel as empty tensors.
+    drpb = q.new_empty(_EMPTY) if drpb is None else drpb.to(rpb.dtype)
+    dek = q.new_empty(_EMPTY) if dek is None else dek
+    dev = q.new_empty(_EMPTY) if dev is None else dev
+    return dq, dk, dv, drpb, dek, dev
+
+
+@local_attention_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, window, kernel, dilation, stride, causal, shift, scale):
+    def like(t):
+        return q.new_empty(_EMPTY) if t is None else t.new_empty(t.shape)
+
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), like(rpb), like(extra_k),
+            like(extra_v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, rpb, extra_k, extra_v, window, kernel, dilation, stride, causal, shift, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, rpb, extra_k, extra_v)
+    ctx.pattern = (window, kernel, dilation, stride, causal, shift, scale)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, rpb, extra_k, extra_v = ctx.saved_tensors
+    dq, dk, dv, drpb, dek, dev = local_attention_bwd(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v,
+                                                     *ctx.pattern)
+    return (dq, dk, dv, None if rpb is None else drpb, None if extra_k is None else dek,
+            None if extra_v is None else dev) + (None,) * 7
+
+
+local_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,89 @@
+"""Tile shapes: a small table of tile volumes per (dtype, head_dim, pass) plus a cached box-shape heuristic.
+
+The volume table (rows per query tile, rows per key tile, warps, pipeline stages) fixes register and shared-memory
+use; the box shape (how those rows are spread over the three spatial dimensions) is chosen per problem to
+minimise the keys visited per useful query, which is what a local-attention kernel wastes. Chosen once per key
+and cached: nothing is autotuned on a call.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from typing import NamedTuple
+
+Triple = tuple[int, int, int]
+
+
+class Tiles(NamedTuple):
+    m: Triple  # query box (rows per spatial dim); prod = BLOCK_M
+    n: Triple  # key box; prod = BLOCK_N
+    warps: int
+    stages: int
+
+
+# (pass, dtype class, head-dim class) -> (BLOCK_M, BLOCK_N, num_warps, num_stages). Measured on H100 (docs/PERF.md).
+_VOLUMES = {
+    ("fwd", "16", 64): (128, 64, 4, 3),
+    ("fwd", "16", 128): (128, 64, 8, 3),
+    ("fwd", "16", 256): (64, 32, 8, 2),
+    ("fwd", "32", 64): (64, 32, 4, 2),
+    ("fwd", "32", 128): (64, 32, 4, 2),
+    ("fwd", "32", 256): (32, 16, 4, 1),
+    ("bwd", "16", 64): (64, 64, 4, 2),
+    ("bwd", "16", 128): (64, 64, 8, 2),
+    ("bwd", "16", 256): (32, 32, 8, 1),
+    ("bwd", "32", 64): (32, 32, 4, 2),
+    ("bwd", "32", 128): (32, 32, 4, 2),
+    ("bwd", "32", 256): (16, 16, 4, 1),
+}
+_INTERPRETER_VOLUMES = {"fwd": (64, 32, 4, 1), "bwd": (64, 64, 4, 1)}
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """Power-of-two block for the head dimension (tl.dot needs >= 16); extra columns are masked."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def _boxes(volume: int) -> list[Triple]:
+    """Every power-of-two box of the given volume."""
+    e = int(math.log2(volume))
+    return [(1 << a, 1 << b, 1 << (e - a - b)) for a in range(e + 1) for b in range(e + 1 - a)]
+
+
+def _dim_cost(own: int, other: int, extent: int, span: int, window: bool) -> tuple[float, float]:
+    """(rows of the other tile visited, useful rows of own tile) along one dimension."""
+    if window:  # own tiles are cut inside windows of size `span`; the other side covers the whole window
+        per_window = math.ceil(span / own)
+        return math.ceil(span / other) * other, span / per_window
+    reach = min(own + span - 1, extent)
+    return math.ceil(reach / other) * other, min(own, extent)
+
+
+@functools.lru_cache(maxsize=512)
+def choose_tiles(pass_name: str, window: bool, extents: Triple, spans: Triple, dtype_bits: int, head_dim: int,
+                 interpret: bool) -> Tiles:
+    """Tiles for one pass ('fwd', 'dq' or 'dkv'). extents: group lengths; spans: how far one row reaches
+    (kernel + stride - 1 for neighborhoods, the window for windows)."""
+    volumes = "fwd" if pass_name == "fwd" else "bwd"
+    if interpret:
+        block_m, block_n, warps, stages = _INTERPRETER_VOLUMES[volumes]
+    else:
+        d_class = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+        block_m, block_n, warps, stages = _VOLUMES[(volumes, "16" if dtype_bits == 16 else "32", d_class)]
+    # the dK/dV pass owns the key tile and walks query tiles: the same cost with the roles swapped.
+    own_volume, other_volume = (block_n, block_m) if pass_name == "dkv" else (block_m, block_n)
+    best, best_cost = None, float("inf")
+    for own, other in itertools.product(_boxes(own_volume), _boxes(other_volume)):
+        visited, useful = 1.0, 1.0
+        for i in range(3):
+            v, u = _dim_cost(own[i], other[i], extents[i], spans[i], window)
+            visited *= v
+            useful *= u
+        cost = visited / useful
+        if cost < best_cost - 1e-9:
+            best, best_cost = (own, other), cost
+    own, other = best
+    m, n = (other, own) if pass_name == "dkv" else (own, other)
+    return Tiles(m, n, warps, stages)
