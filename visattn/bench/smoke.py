@@ -147,7 +147,9 @@ def model_rows(device, dtype) -> list[Row]:
     from visattn.nn.neighborhood import _NeighborhoodAttention
 
     dev, dt = torch.device(device), dtype
-    tolerance = {torch.float32: 1e-3, torch.float64: 1e-9, torch.float16: 5e-2, torch.bfloat16: 2e-1}[dt]
+    # Logits are O(1). Measured on an H100 with the reference NA path (rest of the model in dt, cuDNN TF32 convs):
+    # fp32 2.4e-4, fp16 5.3e-4, bf16 4.8e-3; the bounds leave 4x/20x/10x for the attention kernels.
+    tolerance = {torch.float32: 1e-3, torch.float64: 1e-9, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dt]
     image = F.interpolate(load_photo().permute(2, 0, 1)[None], size=(224, 224), mode="bicubic", align_corners=False)
     mean, std = (torch.tensor(stat).view(1, 3, 1, 1) for stat in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
     image = (image.clamp(0, 1) - mean) / std
