@@ -19,7 +19,8 @@ def test_smoke_passes_on_cpu(capsys):
     assert cli.main(["smoke", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.endswith(" yes") or line.endswith(" NO")]
-    assert len(rows) >= 11 and all(line.endswith(" yes") for line in rows)
+    assert len(rows) >= 13 and all(line.endswith(" yes") for line in rows)
+    assert "timm nat_mini" in out and "timm dinat_mini" in out
     assert "0 failed" in out
 
 
@@ -31,7 +32,7 @@ def test_smoke_reports_a_wrong_kernel(monkeypatch, capsys):
         return exact(*args) + 1e-3
 
     monkeypatch.setattr(reference, "na", off_by_a_bit)
-    assert cli.main(["smoke", "--device", "cpu"]) == 1
+    assert cli.main(["smoke", "--device", "cpu", "--no-models"]) == 1
     out = capsys.readouterr().out
     assert " NO" in out and "na2d k=7 rpb" in out
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from visattn.models.swin_patch import patch_swin, swin_table_to_visattn, unpatch_swin
+from visattn.models.swin_patch import patch_swin, unpatch_swin
 
 timm = pytest.importorskip("timm")
 from timm.models.swin_transformer import SwinTransformer  # noqa: E402
@@ -58,14 +58,3 @@ def test_patch_does_not_touch_state_dict_and_is_idempotent():
 def test_patch_rejects_models_without_swin_blocks():
     with pytest.raises(ValueError, match="SwinTransformerBlock"):
         patch_swin(torch.nn.Linear(2, 2))
-
-
-def test_table_conversion_is_key_minus_query():
-    wh, ww, heads = 3, 2, 2
-    table = torch.randn((2 * wh - 1) * (2 * ww - 1), heads)
-    converted = swin_table_to_visattn(table, (wh, ww))
-    # Swin indexes (dq_h, dq_w) = query - key, shifted by w-1; visattn indexes key - query.
-    for dh in range(-(wh - 1), wh):
-        for dw in range(-(ww - 1), ww):
-            swin_row = (dh + wh - 1) * (2 * ww - 1) + (dw + ww - 1)
-            torch.testing.assert_close(converted[:, -dh + wh - 1, -dw + ww - 1], table[swin_row])

@@ -44,7 +44,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_smoke(args: argparse.Namespace) -> int:
     from visattn.bench.smoke import format_table, run_smoke
 
-    rows = run_smoke(args.device, args.dtype)
+    rows = run_smoke(args.device, args.dtype, models=not args.no_models)
     print(format_table(rows))
     failed = [r.op for r in rows if not r.ok]
     print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed")
@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     smoke = sub.add_parser("smoke", help="run every attention op on a real photo against the dense oracle")
     smoke.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     smoke.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    smoke.add_argument("--no-models", action="store_true", help="attention ops only (skip the timm model rows)")
     smoke.set_defaults(func=cmd_smoke)
     for name, (_, text) in DELEGATED.items():
         sub.add_parser(name, help=f"{text} (see `visattn {name} --help`)", add_help=False)

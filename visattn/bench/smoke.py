@@ -114,7 +114,8 @@ def cases(tokens2d: Tensor, device, dtype):
            lambda: dense.bilevel_routing(*f64(q2, k2, v2), (5, 5), 4))
 
 
-def run_smoke(device: str | None = None, dtype: str = "auto") -> list[Row]:
+def run_smoke(device: str | None = None, dtype: str = "auto", models: bool = True) -> list[Row]:
+    """Every op on the photo vs the dense oracle, then (``models``) whole timm NAT/DiNAT models vs float64."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = {"auto": torch.float16 if dev.type == "cuda" else torch.float32, "fp32": torch.float32,
           "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
@@ -128,6 +129,8 @@ def run_smoke(device: str | None = None, dtype: str = "auto") -> list[Row]:
             err = dense.max_abs_error(out, oracle())
             shape = "x".join(str(s) for s in q.shape)
             rows.append(Row(op, shape, backend, err, tolerance, ms))
+    if models:
+        rows += model_rows(dev, dt)
     return rows
 
 

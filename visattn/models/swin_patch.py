@@ -14,14 +14,9 @@ import torch
 from torch import nn
 
 import visattn
+from visattn.nn.positional import swin_rpb_to_visattn
 
 _ORIGINAL = "_visattn_original_attn"
-
-
-def swin_table_to_visattn(table: torch.Tensor, window_size: tuple[int, int]) -> torch.Tensor:
-    """Swin's ``[(2wh-1)(2ww-1), heads]`` query-minus-key table -> visattn's ``[heads, 2wh-1, 2ww-1]`` key-minus-query."""
-    wh, ww = window_size
-    return table.view(2 * wh - 1, 2 * ww - 1, -1).permute(2, 0, 1).flip(1, 2)
 
 
 def _window_attn(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -35,7 +30,7 @@ def _window_attn(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return getattr(block, _ORIGINAL)(x)
     qkv = attn.qkv(x).view(batch, height, width, 3, attn.num_heads, -1)
     q, k, v = qkv.unbind(3)
-    rpb = swin_table_to_visattn(attn.relative_position_bias_table, window)
+    rpb = swin_rpb_to_visattn(attn.relative_position_bias_table, window)
     out = visattn.window_attention(q, k, v, window, shift=tuple(block.shift_size), rpb=rpb.to(q.dtype),
                                    scale=attn.scale)
     return attn.proj_drop(attn.proj(out.reshape(batch, height, width, -1)))
