@@ -40,11 +40,12 @@ def _gen(model, pruner, ids, mask, px, sizes, steps=3):
         tp.remove(model)
 
 
-@pytest.mark.parametrize("name", ["fastv", "pdrop", "divprune"])
+@pytest.mark.parametrize("name", ["fastv", "pdrop", "divprune", "sparsevlm"])
 def test_next_batch_rows_equal_single_runs(setup, name):
     model, _, px, ids, mask, _ = setup
     make = {"fastv": lambda: tp.FastV(layer=2, keep=0.25), "divprune": lambda: tp.DivPrune(keep=0.25),
-            "pdrop": lambda: tp.PyramidDrop(layers=[1, 2, 3], ratios=[0.5, 0.25, 0.125])}[name]
+            "pdrop": lambda: tp.PyramidDrop(layers=[1, 2, 3], ratios=[0.5, 0.25, 0.125]),
+            "sparsevlm": lambda: tp.SparseVLM(layers=[0, 1, 2], counts=[0.5, 0.25, 0.125])}[name]
     out, rep = _gen(model, make(), ids, mask, px, SIZES)
     assert rep.visual_tokens != rep.visual_tokens_kept
     for i in range(2):
@@ -78,4 +79,4 @@ def test_next_full_budget_identity_and_vision_methods_refused(setup):
     for a, b in zip(out.logits, base.logits):
         torch.testing.assert_close(a, b)
     with pytest.raises(NotImplementedError, match="LLaVA-NeXT"):
-        tp.apply(model, tp.FasterVLM(keep=4))
+        tp.apply(model, tp.VisionZip(dominant=4, contextual=2))

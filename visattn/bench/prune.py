@@ -172,7 +172,7 @@ def measure(model, inputs: dict, method, iters: int, decode_tokens: int, device:
 
 def grid(args) -> list[tuple[str, int, int, str, int | None]]:
     """(shape, images per sample, batch, method, keep) in priority order."""
-    all_methods = ["fastervlm", "visionzip", "divprune", "vtc-cls", "fastv", "pdrop"]
+    all_methods = ["fastervlm", "visionzip", "divprune", "vtc-cls", "fastv", "pdrop", "sparsevlm"]
     methods = args.methods.split(",") if args.methods else all_methods
     if args.tiny:
         keeps, b15, bnx = [4], [1, 2], [1]

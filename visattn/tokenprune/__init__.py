@@ -23,6 +23,7 @@ from visattn.tokenprune.methods import (
     VisionZip,
 )
 from visattn.tokenprune.report import PruneReport
+from visattn.tokenprune.sparsevlm import SparseVLM
 
 __all__ = [
     "REGISTRY",
@@ -33,6 +34,7 @@ __all__ = [
     "LLMPruner",
     "PruneReport",
     "PyramidDrop",
+    "SparseVLM",
     "TokenPruner",
     "Uniform",
     "VisionPruner",

@@ -86,7 +86,7 @@ def _kept_now(spans: list, lay: "_Layout") -> list[list[torch.Tensor]]:
     for b, row in enumerate(spans):
         kept_row = []
         for s, _ in row:
-            kept_row.append(lay.orig[b][(lay.image[b] == j) & lay.valid[b]] - s)
+            kept_row.append(lay.orig[b][(lay.image[b] == j) & lay.valid[b] & (lay.orig[b] >= 0)] - s)
             j += 1
         kept.append(kept_row)
     return kept
@@ -99,7 +99,7 @@ class _Layout:
     valid: torch.Tensor  # (B, L) bool
     pos: torch.Tensor  # (B, L) long position ids
     image: torch.Tensor  # (B, L) long: image index within the batch, -1 for text
-    orig: torch.Tensor  # (B, L) long: index in the LM input
+    orig: torch.Tensor  # (B, L) long: index in the LM input (-1 for merged / recycled tokens)
 
     def apply(self, comp: Compaction, reindex: bool) -> _Layout:
         valid = comp.valid
@@ -136,6 +136,8 @@ class _Call:
     lm_len: int = 0
     image_lengths: list = field(default_factory=list)
     stage_kept: list = field(default_factory=list)
+    stage_selected: list = field(default_factory=list)
+    raters: torch.Tensor | None = None
 
 
 @dataclass
@@ -186,12 +188,15 @@ class LlavaAdapter:
         p = self.pruner
         n_llm = len(self.layers)
         if isinstance(p, LLMPruner):
+            if hasattr(p, "bind"):
+                p.bind(n_llm)
             for st in p.stages():
                 if st.layer >= n_llm:
                     raise ValueError(f"layer={st.layer}: the language model has {n_llm} layers (valid: 1..{n_llm - 1})")
         if isinstance(p, VisionPruner):
-            if self.is_next:
-                raise NotImplementedError(f"{p.name} on LLaVA-NeXT (anyres packing) is not supported yet")
+            if self.is_next and not hasattr(p, "patch_scores"):
+                raise NotImplementedError(f"{p.name} on LLaVA-NeXT (anyres packing) is not supported: its merged "
+                                          "tokens have no place in the packed crop grid")
             if self.model.config.vision_feature_select_strategy != "default":
                 raise NotImplementedError("vision-stage pruning needs vision_feature_select_strategy='default'")
             feat = self.model.config.vision_feature_layer
@@ -214,6 +219,11 @@ class LlavaAdapter:
             h.append(self.core.vision_tower.register_forward_pre_hook(self._vision_start))
             for idx in self.capture_layers:
                 h.append(layers[idx].register_forward_pre_hook(self._make_vision_pre(idx), with_kwargs=True))
+            if self.is_next:
+                from visattn.tokenprune.hf_llava_next import install_pack_wrapper
+
+                install_pack_wrapper(self)
+                return
             if self.pruner.needs_cls_hidden:
                 h.append(layers[self.feature_layer].register_forward_hook(self._vision_feature_post))
             proj = self.core.multi_modal_projector
@@ -337,11 +347,17 @@ class LlavaAdapter:
         call.layout = _Layout(valid, pos_in, image_id, orig)
         self.bound = _Bound(cache=cache, lm_len=length)
         if self.pruner.stage == "llm":
+            if hasattr(self.pruner, "raters"):
+                call.raters = self.pruner.raters(embeds, valid, image_id)
             return args, kwargs
         vis, self.vision = self.vision, None
         if self.pruner.stage == "vision" and vis is None:
             raise RuntimeError("tokenprune: the vision tower did not run through the pruning hooks")
-        if self.pruner.stage == "vision":
+        if self.pruner.stage == "vision" and self.is_next:
+            from visattn.tokenprune.hf_llava_next import next_keep
+
+            keep, kept = next_keep(image_id, call.spans, vis)
+        elif self.pruner.stage == "vision":
             keep, kept = image_id < 0, []
             j = 0
             for b, row in enumerate(call.spans):
@@ -432,23 +448,26 @@ class LlavaAdapter:
             self._substitute(kwargs, call.substitute)
         lay = call.layout
         call.per_layer.append(((lay.valid).sum(1).tolist(), ((lay.image >= 0) & lay.valid).sum(1).tolist()))
-        for s, st in enumerate(stages):
+        for stage_index, st in enumerate(stages):  # in order: an earlier stage's drop precedes a later scoring
             if st.score_layer == idx:
                 with self._timed():
                     cos, sin = kwargs["position_embeddings"]
-                    rows = _last_valid(lay.valid)[:, None]
-                    probs = decoder_attention_rows(module, hidden, rows, cos, sin, lay.valid)
-                    call.scores[s] = probs.mean(1)[:, 0]
-        for stage_index, st in enumerate(stages):
+                    rows, row_ok = self._score_rows(call, lay)
+                    probs = decoder_attention_rows(module, hidden, rows, cos, sin, lay.valid).mean(1)
+                    w = row_ok.to(probs.dtype)[..., None]
+                    call.scores[stage_index] = (probs * w).sum(1) / w.sum(1)
             if st.layer != idx:
                 continue
             with self._timed():
                 scores = call.scores[stage_index]
-                keep, _ = _select_per_image(lay.image, lay.valid, call.image_lengths, lambda g, x: self.pruner.select(
+                keep, sel = _select_per_image(lay.image, lay.valid, call.image_lengths, lambda g, x: self.pruner.select(
                     stage_index, scores[x[..., 0], x[..., 1]], call.image_lengths[g]))
+            call.stage_selected.append(_per_sample(call.spans, [x for x in sel]))
             if bool(keep[lay.valid].all()):
                 continue
-            comp = compact(keep, lay.valid)
+            with self._timed():
+                lay, hidden, comp, order = self._recycle(lay, hidden, keep, scores)
+            comp = compact(keep, lay.valid, order) if comp is None else comp
             lay = lay.apply(comp, self.pruner.positions == "reindex")
             call.layout = lay
             hidden = comp.take(hidden)
@@ -466,6 +485,54 @@ class LlavaAdapter:
             call.stage_kept.append(_kept_now(call.spans, lay))
             call.per_layer[-1] = ((lay.valid).sum(1).tolist(), ((lay.image >= 0) & lay.valid).sum(1).tolist())
         return _with_hidden(args, kwargs, hidden)
+
+    def _score_rows(self, call: _Call, lay: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query rows (B, R) for the scores and which are real: the raters if any, else the last valid token."""
+        last = _last_valid(lay.valid)[:, None]
+        if call.raters is None:
+            return last, torch.ones_like(last, dtype=torch.bool)
+        now = call.raters.gather(1, lay.orig.clamp(min=0)) & (lay.orig >= 0) & lay.valid
+        counts = now.sum(1)
+        width = max(int(counts.max()), 1)
+        order = torch.sort((~now).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        ok = torch.arange(width, device=now.device)[None] < counts[:, None]
+        none = counts == 0  # no rater (no text after the image): fall back to the last token
+        ok[:, 0] |= none
+        rows = torch.where(ok & ~none[:, None], order, last)
+        return rows, ok
+
+    def _recycle(self, lay: _Layout, hidden: torch.Tensor, keep: torch.Tensor, scores: torch.Tensor):
+        """Append recycled tokens (pruner.recycled) after each image's kept tokens; extends the layout."""
+        if not getattr(self.pruner, "recycle", False):
+            return lay, hidden, None, None
+        present = (lay.image >= 0) & lay.valid
+        deleted = present & ~keep
+        extras: list[list[tuple[int, int, torch.Tensor]]] = [[] for _ in range(hidden.shape[0])]
+        for b in range(hidden.shape[0]):
+            for j in lay.image[b][deleted[b]].unique().tolist():
+                gone = (deleted[b] & (lay.image[b] == j)).nonzero()[:, 0]
+                tokens = self.pruner.recycled(hidden[b, gone], scores[b, gone])
+                anchor = int(((lay.image[b] == j) & keep[b]).nonzero()[-1, 0])
+                extras[b] += [(anchor, j, t) for t in tokens]
+        n_extra = max(len(e) for e in extras)
+        if n_extra == 0:
+            return lay, hidden, None, None
+        bsz, length = lay.valid.shape
+        ext = hidden.new_zeros(bsz, n_extra, hidden.shape[-1])
+        ext_valid = torch.zeros(bsz, n_extra, dtype=torch.bool, device=hidden.device)
+        ext_image = torch.full((bsz, n_extra), -1, dtype=torch.long, device=hidden.device)
+        ext_key = torch.zeros(bsz, n_extra, dtype=torch.long, device=hidden.device)
+        for b, row in enumerate(extras):
+            for e, (anchor, j, t) in enumerate(row):
+                ext[b, e], ext_valid[b, e], ext_image[b, e] = t, True, j
+                ext_key[b, e] = anchor * (n_extra + 1) + 1 + e
+        key = torch.arange(length, device=hidden.device)[None].expand(bsz, -1) * (n_extra + 1)
+        valid = torch.cat([lay.valid, ext_valid], 1)
+        new = _Layout(valid, torch.cat([lay.pos, torch.zeros_like(ext_key)], 1), torch.cat([lay.image, ext_image], 1),
+                      torch.cat([lay.orig, torch.full_like(ext_key, -1)], 1))
+        keep = torch.cat([keep, ext_valid], 1)
+        comp = compact(keep, valid, torch.cat([key, ext_key], 1))
+        return new, torch.cat([hidden, ext], 1), comp, None
 
     def _layer_decode(self, idx, args, kwargs):
         bound = self.bound
@@ -498,6 +565,7 @@ class LlavaAdapter:
         if self.pruner.stage == "llm":
             kept = _kept_now(call.spans, lay)
             extra["stage_kept"] = call.stage_kept
+            extra["stage_selected"] = call.stage_selected
             per_layer = call.per_layer
             tokens = [[pl[0][b] for pl in per_layer] for b in range(bsz)]
             vis = [[pl[1][b] for pl in per_layer] for b in range(bsz)]

@@ -33,12 +33,19 @@ def is_right_padded(valid: torch.Tensor) -> bool:
     return bool((~valid[:, -1]).any())
 
 
-def compact(keep: torch.Tensor, valid: torch.Tensor) -> Compaction:
-    """Pack the tokens with ``keep & valid`` of every row, preserving order and padding side."""
+def compact(keep: torch.Tensor, valid: torch.Tensor, order_key: torch.Tensor | None = None) -> Compaction:
+    """Pack the tokens with ``keep & valid`` of every row, preserving order and padding side.
+
+    ``order_key`` (B, L) long, optional: kept tokens are ordered by it (ties by index) instead of by index.
+    """
     sel = keep & valid
     counts = sel.sum(1)
     new_len = max(int(counts.max()), 1)
-    order = torch.sort((~sel).to(torch.int8), dim=1, stable=True).indices[:, :new_len]
+    if order_key is None:
+        order = torch.sort((~sel).to(torch.int8), dim=1, stable=True).indices[:, :new_len]
+    else:
+        big = int(order_key.max()) + 1
+        order = torch.sort(order_key.masked_fill(~sel, big), dim=1, stable=True).indices[:, :new_len]
     ar = torch.arange(new_len, device=keep.device)
     if is_right_padded(valid):
         new_valid = ar[None, :] < counts[:, None]
