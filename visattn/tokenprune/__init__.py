@@ -24,6 +24,7 @@ from visattn.tokenprune.methods import (
 )
 from visattn.tokenprune.report import PruneReport
 from visattn.tokenprune.sparsevlm import SparseVLM
+from visattn.tokenprune.tome import ToMe
 
 __all__ = [
     "REGISTRY",
@@ -35,6 +36,7 @@ __all__ = [
     "PruneReport",
     "PyramidDrop",
     "SparseVLM",
+    "ToMe",
     "TokenPruner",
     "Uniform",
     "VisionPruner",

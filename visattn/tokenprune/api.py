@@ -64,14 +64,20 @@ register("uniform", Uniform)
 
 def _adapter_for(model: torch.nn.Module, pruner: TokenPruner, timing: bool):
     names = {cls.__name__ for cls in type(model).__mro__}
+    if type(pruner).__name__ == "ToMe":
+        from visattn.tokenprune import tome
+
+        if names & {"LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "LlavaModel", "LlavaNextModel"}:
+            return tome.llava_adapter(model, pruner, timing=timing)
+        return tome.ToMeAdapter(model, pruner)
     if names & {"LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "LlavaModel", "LlavaNextModel"}:
         from visattn.tokenprune.hf_llava import LlavaAdapter
 
         return LlavaAdapter(model, pruner, timing=timing)
-    if "VisionTransformer" in names or "CLIPVisionModel" in names or "CLIPVisionTransformer" in names:
-        from visattn.tokenprune.tome import ToMeAdapter
+    if type(model).__module__.startswith("open_clip") and names & {"VisionTransformer", "CLIP"}:
+        from visattn.tokenprune.open_clip_tower import OpenClipTowerAdapter
 
-        return ToMeAdapter(model, pruner)
+        return OpenClipTowerAdapter(model, pruner, timing=timing)
     raise NotImplementedError(f"no tokenprune adapter for {type(model).__name__}")
 
 

@@ -84,17 +84,19 @@ def clip_cls_attention(layer: torch.nn.Module, hidden: torch.Tensor) -> tuple[to
 
 
 def open_clip_cls_attention(block: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same as :func:`clip_cls_attention` for an open_clip ``ResidualAttentionBlock`` (batch-first input)."""
-    mha = block.attn
+    """Same as :func:`clip_cls_attention` for an open_clip ``ResidualAttentionBlock`` (batch-first input
+    ``hidden`` (B, S, C), [CLS] at index 0): q for [CLS] and k for all tokens from ``attn.in_proj_weight``."""
+    mha = getattr(block, "attn", None)
+    if not isinstance(mha, torch.nn.MultiheadAttention) or not hasattr(block, "ln_1"):
+        raise ValueError(f"block={type(block).__name__}: expected an open_clip ResidualAttentionBlock "
+                         "(nn.MultiheadAttention; custom blocks with qk-norm / scaled-cosine attention are not supported)")
+    if not mha._qkv_same_embed_dim or not mha.batch_first:
+        raise ValueError(f"block={type(block).__name__}: needs batch_first attention with a packed in_proj_weight")
     x = block.ln_1(hidden)
     dim = x.shape[-1]
-    heads = mha.num_heads
-    head_dim = dim // heads
+    head_dim = dim // mha.num_heads
     w, b = mha.in_proj_weight, mha.in_proj_bias
     q = F.linear(x[:, :1], w[:dim], None if b is None else b[:dim])
-    k_flat = F.linear(x, w[dim : 2 * dim], None if b is None else b[dim : 2 * dim])
-    q, k = _head_view(q, head_dim), _head_view(k_flat, head_dim)
-    if getattr(mha, "scale_heads", None) is not None or getattr(mha, "logit_scale", None) is not None:
-        raise NotImplementedError("open_clip attention with logit_scale/scale_heads is not supported")
-    probs = row_softmax(q, k, None, head_dim**-0.5)[:, :, 0]
+    k = _head_view(F.linear(x, w[dim : 2 * dim], None if b is None else b[dim : 2 * dim]), head_dim)
+    probs = row_softmax(_head_view(q, head_dim), k, None, head_dim**-0.5)[:, :, 0]
     return probs, k.transpose(1, 2)

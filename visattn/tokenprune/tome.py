@@ -1,0 +1,384 @@
+"""ToMe (Token Merging, Bolya et al. 2023) inside vision towers: HF ``CLIPVisionModel`` and open_clip
+``VisionTransformer``, standalone or as the vision tower of a HF ``LlavaForConditionalGeneration``.
+
+In every patched encoder layer, after the attention residual and before the MLP:
+
+* the similarity metric is the layer's attention keys averaged over heads (exact: captured from the layer's own
+  key projection, no attention matrix);
+* tokens alternate into sets A (even positions) and B (odd); each A token's best B partner by cosine similarity is
+  found, the ``r`` A tokens with the highest best-similarity are merged into their partners ([CLS], token 0, is
+  never merged); the remaining tokens are ordered as *unmerged A tokens, then B tokens*;
+* merging is a size-weighted average; every token carries a running ``size`` (number of patches it holds);
+* proportional attention adds ``log(size)`` of each key to the attention logits through a ``(B, 1, 1, N)`` additive
+  mask, so the fused SDPA path stays on (flash-attention kernels that take no float mask are not supported).
+"""
+
+from __future__ import annotations
+
+import numbers
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from visattn.tokenprune.methods import TokenPruner
+from visattn.tokenprune.report import PruneReport
+
+
+# ------------------------------------------------------------------------------------------------ the method
+class ToMe(TokenPruner):
+    """Merge ``r`` tokens per vision-tower layer.
+
+    ``r``: an int (same for every layer, optionally bent by ``inflect`` in [-1, 1] into a linear schedule whose
+    mean is ``r``, as ToMe's ``(r, inflect)``), or a per-layer list (shorter lists are padded with zeros). In every
+    layer ``r`` is clamped to half of the mergeable tokens. ``trace_source`` records which original patches each
+    output token holds (``last_report(model).extra["source"]``). ``prop_attn`` turns proportional attention on.
+    """
+
+    name = "tome"
+    stage = "vision"
+    positions = "reindex"
+
+    def __init__(
+        self,
+        r: int | Sequence[int] = 8,
+        trace_source: bool = False,
+        prop_attn: bool = True,
+        inflect: float = 0.0,
+    ):
+        self.r = _check_r(r)
+        if isinstance(inflect, bool) or not isinstance(inflect, numbers.Real) or not -1.0 <= float(inflect) <= 1.0:
+            raise ValueError(f"inflect={inflect!r}: expected a float in [-1, 1]")
+        if isinstance(self.r, list) and inflect:
+            raise ValueError(f"inflect={inflect!r}: only allowed with an int r")
+        for nm, v in (("trace_source", trace_source), ("prop_attn", prop_attn)):
+            if not isinstance(v, bool):
+                raise ValueError(f"{nm}={v!r}: expected a bool")
+        self.trace_source, self.prop_attn, self.inflect = trace_source, prop_attn, float(inflect)
+
+    def schedule(self, num_layers: int) -> list[int]:
+        """Requested ``r`` for each of ``num_layers`` layers (before the per-layer clamp)."""
+        if isinstance(self.r, list):
+            if len(self.r) > num_layers:
+                raise ValueError(f"r={self.r!r}: {len(self.r)} values for a tower with {num_layers} layers")
+            return self.r + [0] * (num_layers - len(self.r))
+        if num_layers == 1 or not self.inflect:
+            return [self.r] * num_layers
+        lo = int(self.r * (1.0 - self.inflect))
+        hi = 2 * self.r - lo
+        return [int(lo + (hi - lo) / (num_layers - 1) * i) for i in range(num_layers)]
+
+
+def _check_r(r: object) -> int | list[int]:
+    def ok(v: object) -> bool:
+        return not isinstance(v, bool) and isinstance(v, numbers.Integral) and int(v) >= 0
+
+    if ok(r):
+        return int(r)
+    if isinstance(r, (list, tuple)) and len(r) > 0 and all(ok(v) for v in r):
+        return [int(v) for v in r]
+    raise ValueError(f"r={r!r}: expected an int >= 0 or a non-empty list of ints >= 0 (one per layer)")
+
+
+# ------------------------------------------------------------------------------- matching and merging (pure)
+@dataclass
+class Matching:
+    """One bipartite soft matching: indices into set A (even tokens) and set B (odd tokens), each (B, ·)."""
+
+    r: int
+    unmerged: torch.Tensor  # A tokens that stay, in output order
+    src: torch.Tensor  # A tokens merged away
+    dst: torch.Tensor  # their B partners
+
+
+def bipartite_matching(metric: torch.Tensor, r: int, protect_first: bool = True) -> Matching | None:
+    """Match ``metric`` (B, N, D) tokens as ToMe does; None when nothing is merged (``r`` clamped to
+    ``(N - protected) // 2``)."""
+    n = metric.shape[1]
+    r = min(r, (n - int(protect_first)) // 2)
+    if r <= 0:
+        return None
+    with torch.no_grad():
+        unit = metric / metric.norm(dim=-1, keepdim=True)
+        sim = unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)
+        if protect_first:
+            sim[:, 0, :] = float("-inf")
+        best, partner = sim.max(dim=-1)
+        order = best.argsort(dim=-1, descending=True)
+        src, rest = order[:, :r], order[:, r:]
+        if protect_first:
+            rest = rest.sort(dim=-1).values  # keeps [CLS] first
+        return Matching(r, rest, src, partner.gather(1, src))
+
+
+def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def merge_tokens(x: torch.Tensor, m: Matching, reduce: str = "sum") -> torch.Tensor:
+    """Apply matching ``m`` to ``x`` (B, N, C): unmerged A tokens, then B tokens with their sources reduced in."""
+    a, b = x[:, ::2], x[:, 1::2]
+    moved = _take(a, m.src)
+    b = b.scatter_reduce(1, m.dst[..., None].expand(-1, -1, x.shape[-1]), moved, reduce=reduce)
+    return torch.cat([_take(a, m.unmerged), b], 1)
+
+
+def survivors(x: torch.Tensor, m: Matching) -> torch.Tensor:
+    """The identity of each output token (its B or unmerged-A token), for per-token labels ``x`` (B, N, ...)."""
+    flat = x if x.dim() == 3 else x[..., None]
+    out = torch.cat([_take(flat[:, ::2], m.unmerged), flat[:, 1::2]], 1)
+    return out if x.dim() == 3 else out[..., 0]
+
+
+def merge_weighted(x: torch.Tensor, size: torch.Tensor | None, m: Matching) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted average merge; ``size`` (B, N, 1) (None = all ones). Returns (tokens, new sizes)."""
+    if size is None:
+        size = x.new_ones(*x.shape[:2], 1)
+    total = merge_tokens(x * size, m, "sum")
+    size = merge_tokens(size, m, "sum")
+    return total / size, size
+
+
+# -------------------------------------------------------------------------------------------- per-call state
+@dataclass
+class _State:
+    size: torch.Tensor | None = None  # (B, N, 1)
+    origin: torch.Tensor | None = None  # (B, N) original index of each token's surviving identity
+    source: torch.Tensor | None = None  # (B, N, N0) if trace_source
+    keys: torch.Tensor | None = None
+    counts: list[int] = field(default_factory=list)  # tokens after each layer
+    origins: list[torch.Tensor] = field(default_factory=list)  # origin after each layer
+    n0: int = 0
+
+
+def _tower_flops(n: int, width: int, inter: int) -> float:
+    return float(2 * n * width * 4 * width + 2 * n * 2 * width * inter + 4 * n * n * width)
+
+
+class ToMeAdapter:
+    """Patch the encoder layers of a CLIP-style tower with ToMe (instance ``forward`` overrides; ``remove``
+    restores them). ``model`` is a HF ``CLIPVisionModel``, an open_clip ``VisionTransformer`` or ``CLIP``."""
+
+    def __init__(self, model: torch.nn.Module, pruner: TokenPruner):
+        if not isinstance(pruner, ToMe):
+            raise ValueError(f"pruner={pruner!r}: ToMeAdapter needs a ToMe pruner")
+        self.model, self.pruner = model, pruner
+        self.kind, self.encoder, self.layers = _locate(model)
+        self.schedule = pruner.schedule(len(self.layers))
+        self.state: _State | None = None
+        self.last_report: PruneReport | None = None
+        self.handles: list = []
+        self.patched: list[torch.nn.Module] = []
+        self.handles.append(self.encoder.register_forward_pre_hook(self._start, with_kwargs=True))
+        self.handles.append(self.encoder.register_forward_hook(self._finish))
+        for idx, layer in enumerate(self.layers):
+            if self.kind == "hf":
+                self.handles.append(layer.self_attn.k_proj.register_forward_hook(self._keep_keys))
+                layer.forward = types.MethodType(_hf_forward(self, idx, type(layer).forward), layer)
+            else:
+                layer.forward = types.MethodType(_oc_forward(self, idx, type(layer).forward), layer)
+            self.patched.append(layer)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        for layer in self.patched:
+            del layer.forward
+        self.handles.clear()
+        self.patched.clear()
+        self.state = None
+
+    # ---------------------------------------------------------------------------------------------- hooks
+    def _start(self, module, args, kwargs) -> None:
+        x = args[0] if args else kwargs.get("inputs_embeds", kwargs.get("x"))
+        self.state = _State()
+        if x is not None and x.dim() == 3:
+            if self.kind == "oc" and not self.encoder.batch_first:
+                raise ValueError("model: open_clip transformer with batch_first=False is not supported")
+            b, n = x.shape[:2]
+            self.state.n0 = n
+            self.state.origin = torch.arange(n, device=x.device).expand(b, n)
+            if self.pruner.trace_source:
+                self.state.source = torch.eye(n, device=x.device, dtype=x.dtype).expand(b, n, n)
+
+    def _finish(self, module, args, output) -> None:
+        st, self.state = self.state, None
+        if st is None or not st.counts:
+            return
+        b = st.origin.shape[0]
+        n0 = st.n0
+        width = self.layers[0].mlp[0].in_features if self.kind == "oc" else self.layers[0].mlp.fc1.in_features
+        inter = self.layers[0].mlp[0].out_features if self.kind == "oc" else self.layers[0].mlp.fc1.out_features
+        ins = [n0] + st.counts[:-1]
+        saved = 1.0 - sum(_tower_flops(n, width, inter) for n in ins) / (len(ins) * _tower_flops(n0, width, inter))
+        kept = [[(st.origin[i, 1:] - 1)] for i in range(b)]
+        extra = {"tokens_per_layer": st.counts, "size": st.size, "origins": st.origins, "flops_scope": "vision tower"}
+        if st.source is not None:
+            extra["source"] = st.source
+        self.last_report = PruneReport(
+            method="tome",
+            visual_tokens=[n0 - 1] * b,
+            visual_tokens_kept=[st.counts[-1] - 1] * b,
+            visual_tokens_layer_avg=[sum(n - 1 for n in ins) / len(ins)] * b,
+            flops_saved=[saved] * b,
+            kept_indices=kept,
+            extra=extra,
+        )
+
+    def _keep_keys(self, module, args, output) -> None:
+        if self.state is not None:
+            self.state.keys = output
+
+    # ------------------------------------------------------------------------------------------ layer body
+    def bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """Proportional-attention mask (B, 1, 1, N) = log(size) per key, or None."""
+        st = self.state
+        if not self.pruner.prop_attn or st is None or st.size is None:
+            return None
+        return st.size.log()[:, None, None, :, 0].to(dtype)
+
+    def after_attention(self, idx: int, x: torch.Tensor, keys: torch.Tensor, heads: int) -> torch.Tensor:
+        """Merge ``x`` (the layer's state after the attention residual) with the keys' head mean as metric."""
+        st = self.state
+        metric = keys.view(*keys.shape[:2], heads, -1).mean(2)
+        m = bipartite_matching(metric, self.schedule[idx], protect_first=True)
+        if m is not None:
+            if st.source is not None:
+                st.source = merge_tokens(st.source, m, "amax")
+            st.origin = survivors(st.origin, m)
+            x, st.size = merge_weighted(x, st.size, m)
+        st.counts.append(x.shape[1])
+        st.origins.append(st.origin)
+        return x
+
+    def untouched(self, idx: int) -> bool:
+        """True when layer ``idx`` can run unpatched (no merge, no sizes yet)."""
+        st = self.state
+        return st is None or (st.size is None and self.schedule[idx] == 0)
+
+
+def _hf_forward(adapter: ToMeAdapter, idx: int, orig):
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        if adapter.untouched(idx):
+            out = orig(self, hidden_states, attention_mask, **kwargs)
+            if adapter.state is not None:
+                adapter.state.counts.append(out.shape[1])
+                adapter.state.origins.append(adapter.state.origin)
+            return out
+        bias = adapter.bias(hidden_states.dtype)
+        mask = attention_mask if bias is None else (bias if attention_mask is None else attention_mask + bias)
+        attn_out, _ = self.self_attn(hidden_states=self.layer_norm1(hidden_states), attention_mask=mask, **kwargs)
+        x = hidden_states + attn_out
+        x = adapter.after_attention(idx, x, adapter.state.keys, self.self_attn.num_heads)
+        return x + self.mlp(self.layer_norm2(x))
+
+    return forward
+
+
+def _oc_forward(adapter: ToMeAdapter, idx: int, orig):
+    def forward(self, q_x, k_x=None, v_x=None, attn_mask=None):
+        if adapter.untouched(idx) or k_x is not None or v_x is not None:
+            out = orig(self, q_x, k_x, v_x, attn_mask)
+            if adapter.state is not None:
+                adapter.state.counts.append(out.shape[1])
+                adapter.state.origins.append(adapter.state.origin)
+            return out
+        if attn_mask is not None:
+            raise ValueError("attn_mask: ToMe on an open_clip tower with an attention mask is not supported")
+        mha = self.attn
+        bsz, n, c = q_x.shape
+        heads = mha.num_heads
+        q, k, v = F.linear(self.ln_1(q_x), mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
+        split = lambda t: t.view(bsz, n, heads, -1).transpose(1, 2)  # noqa: E731
+        o = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=adapter.bias(q_x.dtype))
+        x = q_x + self.ls_1(mha.out_proj(o.transpose(1, 2).reshape(bsz, n, c)))
+        x = adapter.after_attention(idx, x, k, heads)
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
+
+    return forward
+
+
+def _locate(model: torch.nn.Module) -> tuple[str, torch.nn.Module, torch.nn.ModuleList]:
+    """(kind, encoder module, layers) of a supported tower; ValueError naming ``model`` otherwise."""
+    names = {cls.__name__ for cls in type(model).__mro__}
+    if "CLIP" in names and hasattr(model, "visual") and type(model).__module__.startswith("open_clip"):
+        model = model.visual
+        names = {cls.__name__ for cls in type(model).__mro__}
+    if "VisionTransformer" in names and type(model).__module__.startswith("open_clip"):
+        blocks = model.transformer.resblocks
+        for blk in blocks:
+            mha = getattr(blk, "attn", None)
+            if type(blk).__name__ != "ResidualAttentionBlock" or not isinstance(mha, torch.nn.MultiheadAttention):
+                raise ValueError(f"model={type(model).__name__}: only default open_clip ResidualAttentionBlocks "
+                                 f"(nn.MultiheadAttention) are supported, got {type(blk).__name__}")
+            if not mha._qkv_same_embed_dim or not mha.batch_first:
+                raise ValueError(f"model={type(model).__name__}: needs batch_first packed-qkv attention")
+        if getattr(model, "attn_pool", None) is not None:
+            raise ValueError(f"model={type(model).__name__}: attentional pooling towers are not supported")
+        return "oc", model.transformer, blocks
+    vm = getattr(model, "vision_model", model)
+    layers = getattr(getattr(vm, "encoder", None), "layers", None)
+    if layers is not None and len(layers) and all(type(x).__name__ == "CLIPEncoderLayer" for x in layers):
+        impl = getattr(vm.config, "_attn_implementation", "sdpa")
+        if impl not in ("sdpa", "eager", None):
+            raise ValueError(f"model={type(model).__name__}: attn_implementation={impl!r} takes no additive mask; "
+                             "use 'sdpa' or 'eager'")
+        return "hf", vm.encoder, layers
+    raise ValueError(f"model={type(model).__name__}: ToMe supports HF CLIPVisionModel, open_clip VisionTransformer / "
+                     "CLIP, and LlavaForConditionalGeneration with a CLIP tower")
+
+
+# -------------------------------------------------------------------------------------------- LLaVA + ToMe
+def llava_adapter(model: torch.nn.Module, pruner: ToMe, timing: bool = False):
+    """ToMe in the CLIP tower of a HF ``LlavaForConditionalGeneration``: the projector's merged tokens fill the
+    first slots of each image's placeholder span; the unused slots are removed before the language model."""
+    from visattn.tokenprune.hf_llava import LlavaAdapter
+
+    class ToMeLlavaAdapter(LlavaAdapter):
+        def _validate(self) -> None:
+            if self.is_next:
+                raise ValueError(f"model={type(self.model).__name__}: ToMe on LLaVA-NeXT is not supported")
+            cfg = self.model.config
+            if cfg.vision_feature_select_strategy != "default" or not isinstance(cfg.vision_feature_layer, int):
+                raise ValueError("model: ToMe needs vision_feature_select_strategy='default' and one feature layer")
+            n_vis = len(self._vision_layers())
+            hs_index = cfg.vision_feature_layer % (n_vis + 1)
+            if hs_index == 0:
+                raise ValueError("model: vision_feature_layer selects the embeddings; nothing is merged")
+            self.feature_layer = hs_index - 1
+            self.tome = ToMeAdapter(self.core.vision_tower, self.pruner)
+
+        def _install(self) -> None:
+            super()._install()
+            self.handles.append(self.core.vision_tower.register_forward_pre_hook(self._vision_start))
+            proj = self.core.multi_modal_projector
+            self.handles.append(proj.register_forward_pre_hook(self._tome_proj_pre))
+            self.handles.append(proj.register_forward_hook(self._proj_post))
+
+        def _tome_proj_pre(self, module, args):
+            vis = self.vision
+            rep = self.tome.last_report
+            if vis is None or rep is None:
+                return None
+            cfg = self.core.vision_tower.config
+            vis.count = (cfg.image_size // cfg.patch_size) ** 2
+            origin = rep.extra["origins"][self.feature_layer]
+            vis.kept = list(origin[:, 1:] - 1)
+            return None
+
+        def remove(self) -> None:
+            super().remove()
+            self.tome.remove()
+
+    return ToMeLlavaAdapter(model, pruner, timing=timing)
+
+
+def _register() -> None:
+    from visattn.tokenprune.api import register
+
+    register("tome", ToMe, "token-merging")
+
+
+_register()
