@@ -274,10 +274,67 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def profile(p: Problem) -> str:
+    """Per-kernel GPU time of the engine on one problem (torch.profiler), to see which pass costs what."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    sets = _inputs(p)
+    from visattn import kernels
+
+    run = _rotating(sets, lambda s: kernels.na(s[0], s[1], s[2], p.kernel, (1,) * len(p.spatial),
+                                               p.stride or (1,) * len(p.spatial), (False,) * len(p.spatial),
+                                               s[3], p.head_dim ** -0.5, None, None)
+                    if not p.window else kernels.window(s[0], s[1], s[2], p.kernel, p.shift, s[3],
+                                                        p.head_dim ** -0.5), p.backward)
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            run()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=8)
+
+
+TUNE_VOLUMES = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3),
+                (128, 128, 8, 2), (64, 128, 4, 3)]
+
+
+def tune(names: list[str]) -> list[dict]:
+    """Time each problem under several tile volumes (visattn.kernels.tiles table entries), print a table."""
+    from visattn.kernels import tiles
+
+    found = []
+    for p in PROBLEMS:
+        if p.name not in names:
+            continue
+        sets = _inputs(p)
+        d_class = 64 if p.head_dim <= 64 else 128
+        key = ("bwd" if p.backward else "fwd", "16" if p.dtype != "float32" else "32", d_class)
+        original = tiles._VOLUMES[key]
+        volumes = TUNE_VOLUMES if not p.backward else [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2),
+                                                       (128, 64, 8, 2), (64, 64, 8, 2), (64, 128, 8, 2)]
+        for vol in volumes:
+            tiles._VOLUMES[key] = vol
+            tiles.choose_tiles.cache_clear()
+            try:
+                ms = _ours(p, sets)
+            except Exception as err:  # e.g. out of shared memory for this volume
+                ms = f"n/a ({type(err).__name__})"
+            found.append(dict(problem=p.name, key=list(key), volume=list(vol), ms=ms))
+            print(f"tune {p.name:<16} {str(vol):<18} {ms if isinstance(ms, str) else f'{ms:.4f} ms'}", flush=True)
+        tiles._VOLUMES[key] = original
+        tiles.choose_tiles.cache_clear()
+    return found
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", default="", help="comma-separated problem names (default: all)")
     parser.add_argument("--no-peers", action="store_true", help="time the Triton engine only")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/attn-<date>.json)")
+    parser.add_argument("--profile", default="", help="print per-kernel GPU time of the engine on these problems")
+    parser.add_argument("--tune", default="", help="time these problems under several tile volumes")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,21 +349,29 @@ def main(argv: list[str] | None = None) -> int:
     ceilings = measure_ceilings()
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"matmul {ceilings['matmul_tflops']:.0f} TFLOP/s  copy {ceilings['copy_gbs']:.0f} GB/s", flush=True)
+    for name in filter(None, args.profile.split(",")):
+        print(f"profile {name}\n" + profile(next(p for p in PROBLEMS if p.name == name)), flush=True)
+    if args.tune:
+        found = tune(args.tune.split(","))
+        with open((args.out or "tune.json").replace(".json", "-tune.json"), "w") as fh:
+            json.dump(dict(device=torch.cuda.get_device_name(), triton=triton.__version__, results=found), fh)
+        if not args.only:
+            return 0
     wanted = [n for n in args.only.split(",") if n]
+    date = time.strftime("%Y-%m-%d")
+    out = args.out or os.path.join("benchmarks", "results", f"attn-{date}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     rows = []
-    for p in PROBLEMS:
+    for p in sorted(PROBLEMS, key=lambda p: wanted.index(p.name) if p.name in wanted else len(wanted)):
         if wanted and p.name not in wanted:
             continue
         rows.append(run_problem(p, ceilings, peers=not args.no_peers))
         print(format_table(rows[-1:]).splitlines()[-1], flush=True)
         torch.cuda.empty_cache()
+        with open(out, "w") as fh:  # rewritten after every row, so a run cut short still leaves its results
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                           date=date, ceilings=ceilings, rows=rows), fh, indent=1)
     print(format_table(rows))
-    date = time.strftime("%Y-%m-%d")
-    out = args.out or os.path.join("benchmarks", "results", f"attn-{date}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                       date=date, ceilings=ceilings, rows=rows), fh, indent=1)
     print(f"wrote {out}")
     return 0
 

@@ -25,7 +25,7 @@ import torch
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 1e-2}
 BF16_ABS = 5e-2
 MAX_TOKENS = 1 << 16
-WORK_BUDGET = 1 << 26  # B * heads * tokens * keys-per-query, keeps the reference fast
+WORK_BUDGET = 1 << 24  # B * heads * tokens * keys-per-query, keeps the reference fast
 
 
 def _lengths_for(rank: int, rng: random.Random) -> list[int]:
@@ -146,8 +146,12 @@ def run_problem(p: dict, device: str = "cuda") -> dict:
             torch.cuda.synchronize()
     except Exception as err:  # a failure to compile or launch is a failed problem, with its message
         return dict(p, ok=False, error="".join(traceback.format_exception_only(type(err), err))[-600:])
-    ref = _call(reference, p, *unpack(ref_inputs), scale)
-    ref_grads = torch.autograd.grad(ref, ref_inputs, grad.to(ref_dtype))
+    try:
+        ref = _call(reference, p, *unpack(ref_inputs), scale)
+        ref_grads = torch.autograd.grad(ref, ref_inputs, grad.to(ref_dtype))
+    except torch.OutOfMemoryError:  # the oracle, not the kernel, ran out of memory: not a verdict
+        torch.cuda.empty_cache()
+        return dict(p, ok=True, skipped="reference out of memory")
     errors, ok = {}, True
     for name, a, b in zip(names, (out, *grads), (ref, *ref_grads)):
         rel, absmax = _error(a, b)
@@ -160,7 +164,14 @@ def run_problem(p: dict, device: str = "cuda") -> dict:
 def _worker(args):
     problems, device_index = args
     torch.cuda.set_device(device_index)
-    return [run_problem(p) for p in problems]
+    results = []
+    for p in problems:
+        try:
+            results.append(run_problem(p))
+        except Exception as err:  # record and go on: one bad problem must not end the sweep
+            results.append(dict(p, ok=False, error=f"{type(err).__name__}: {str(err)[:400]}"))
+        torch.cuda.empty_cache()
+    return results
 
 
 def _summarise(results: list[dict]) -> str:
@@ -182,7 +193,7 @@ def _summarise(results: list[dict]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-rank", type=int, default=1000, help="random problems per spatial rank")
     parser.add_argument("--out", default=None, help="JSON log path")
-    parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--time-limit", type=float, default=540.0, help="stop handing out work after this many s")
 
@@ -216,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in fails[:15]:
         print("FAIL", {k: r[k] for k in r if k not in ("seed",)})
     print(_summarise(results))
-    print(f"total run {len(results)} failed {len(fails)} in {time.time() - start:.0f}s")
+    skipped = sum(1 for r in results if r.get("skipped"))
+    print(f"total run {len(results)} failed {len(fails)} (reference out of memory, not judged: {skipped}) "
+          f"in {time.time() - start:.0f}s")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as fh:

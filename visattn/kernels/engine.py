@@ -11,7 +11,7 @@ import triton.language as tl
 
 from visattn.kernels.patterns import in_interval, key_interval, split_tile, unflatten
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit

@@ -102,7 +102,7 @@ def query_ranges(ka, kb, group_len, kernel, stride, shift, CAUSAL: tl.constexpr,
 
 
 @triton.jit
-def unflatten(r, S1: tl.constexpr, S2: tl.constexpr):
+def unflatten(r, S1, S2):
     """Row-major index inside a (S0, S1, S2) box -> its three coordinates."""
     return r // (S1 * S2), (r // S2) % S1, r % S2
 

@@ -74,16 +74,20 @@ def choose_tiles(pass_name: str, window: bool, extents: Triple, spans: Triple, d
         block_m, block_n, warps, stages = _VOLUMES[(volumes, "16" if dtype_bits == 16 else "32", d_class)]
     # the dK/dV pass owns the key tile and walks query tiles: the same cost with the roles swapped.
     own_volume, other_volume = (block_n, block_m) if pass_name == "dkv" else (block_m, block_n)
+    # Neighborhoods keep the table's volume (fewer, larger tiles reload fewer halo keys per row); windows may
+    # shrink it (down to 16 rows, tl.dot's minimum) so that a 7x7 window is not padded to 128 rows.
+    own_volumes = [v for v in (own_volume, own_volume // 2, own_volume // 4) if v >= 16 and (window or v == own_volume)]
     best, best_cost = None, float("inf")
-    for own, other in itertools.product(_boxes(own_volume), _boxes(other_volume)):
-        visited, useful = 1.0, 1.0
-        for i in range(3):
-            v, u = _dim_cost(own[i], other[i], extents[i], spans[i], window)
-            visited *= v
-            useful *= u
-        cost = visited / useful
-        if cost < best_cost - 1e-9:
-            best, best_cost = (own, other), cost
+    for volume in own_volumes:
+        for own, other in itertools.product(_boxes(volume), _boxes(other_volume)):
+            visited, useful = 1.0, 1.0
+            for i in range(3):
+                v, u = _dim_cost(own[i], other[i], extents[i], spans[i], window)
+                visited *= v
+                useful *= u
+            cost = volume * visited / useful  # work per useful row, whole tiles counted
+            if cost < best_cost * (1 - 1e-3):
+                best, best_cost = (own, other), cost
     own, other = best
     m, n = (other, own) if pass_name == "dkv" else (own, other)
     return Tiles(m, n, warps, stages)

@@ -1,0 +1,155 @@
+"""The fused neighborhood / window engine (forward and every gradient) under TRITON_INTERPRET=1 vs the dense
+float64 oracle of tests/oracle.py.
+
+Triton picks interpreter or compiler when a kernel module is imported, so the cases run in two child processes
+(one per CI core) with TRITON_INTERPRET=1; the rest of the test session stays on its normal path.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+# name, op, spatial, heads, head_dim, params, rpb, extra keys, dtype, layout
+CASES = [
+    ("1d-odd", "na", (21,), 2, 16, dict(kernel=(5,), dilation=(1,), stride=(1,), causal=(False,)), True, 0, "float32", "fused"),
+    ("1d-even-dil-causal", "na", (20,), 2, 16, dict(kernel=(4,), dilation=(2,), stride=(1,), causal=(True,)), True, 0, "float32", "plain"),
+    ("1d-stride-extra", "na", (19,), 1, 24, dict(kernel=(6,), dilation=(1,), stride=(4,), causal=(False,)), False, 3, "float32", "permuted"),
+    ("1d-fp16-blocked", "na", (32,), 2, 32, dict(kernel=(8,), dilation=(1,), stride=(8,), causal=(False,)), False, 0, "float16", "fused"),
+    ("2d-mixed", "na", (9, 11), 2, 16, dict(kernel=(3, 4), dilation=(2, 1), stride=(1, 2), causal=(False, True)), False, 0, "float32", "fused"),
+    ("2d-rpb-dilated", "na", (9, 11), 1, 16, dict(kernel=(3, 5), dilation=(1, 2), stride=(1, 1), causal=(False, False)), True, 0, "float32", "permuted"),
+    ("2d-rpb-causal", "na", (8, 10), 2, 16, dict(kernel=(4, 3), dilation=(1, 1), stride=(1, 1), causal=(True, True)), True, 0, "float32", "plain"),
+    ("2d-blocked-extra", "na", (10, 10), 1, 16, dict(kernel=(5, 5), dilation=(1, 1), stride=(5, 5), causal=(False, False)), False, 4, "float32", "fused"),
+    ("2d-fp16-rpb-extra", "na", (12, 12), 2, 16, dict(kernel=(7, 7), dilation=(1, 1), stride=(1, 1), causal=(False, False)), True, 2, "float16", "fused"),
+    ("3d-mixed", "na", (5, 6, 7), 1, 16, dict(kernel=(3, 3, 3), dilation=(1, 2, 1), stride=(1, 1, 2), causal=(True, False, False)), False, 0, "float32", "fused"),
+    ("3d-rpb", "na", (4, 5, 6), 1, 16, dict(kernel=(2, 3, 4), dilation=(1, 1, 1), stride=(1, 1, 1), causal=(False, False, True)), True, 0, "float32", "plain"),
+    ("window-2d", "window", (8, 12), 2, 16, dict(window=(4, 6), shift=(0, 0)), True, 0, "float32", "fused"),
+    ("window-2d-shifted", "window", (14, 14), 1, 16, dict(window=(7, 7), shift=(3, 3)), True, 0, "float32", "permuted"),
+    ("window-2d-fp16", "window", (8, 8), 2, 32, dict(window=(4, 4), shift=(2, 1)), True, 0, "float16", "fused"),
+    ("window-3d-shifted", "window", (4, 6, 6), 1, 16, dict(window=(2, 3, 3), shift=(1, 1, 2)), True, 0, "float32", "plain"),
+]
+# bfloat16 runs on the GPU only (tests/gpu, visattn.bench.check): the interpreter's bf16 tl.dot is wrong
+# (triton 3.9: errors ~1e10 on a plain 16x16 product).
+TOL = {"float32": 1e-5, "float16": 3e-3}
+
+
+def _make(case, gen):
+    import torch
+
+    name, op, spatial, heads, d, params, use_rpb, extra, dtype, layout = case
+    dt = getattr(torch, dtype)
+    B = 2
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dt)
+
+    if layout == "fused":  # views of one fused qkv tensor, read in place
+        q, k, v = rand(B, *spatial, 3, heads, d).unbind(-3)
+    elif layout == "permuted":  # [B, heads, *spatial, D] storage seen heads-last
+        perm = (0, *range(2, 2 + len(spatial)), 1, 2 + len(spatial))
+        q, k, v = (rand(B, heads, *spatial, d).permute(*perm) for _ in range(3))
+    else:
+        q, k, v = (rand(B, *spatial, heads, d) for _ in range(3))
+    sizes = params.get("kernel") or params["window"]
+    rpb = rand(heads, *[2 * s - 1 for s in sizes]) if use_rpb else None
+    ek = rand(B, extra, heads, d) if extra else None
+    ev = rand(B, extra, heads, d) if extra else None
+    return q, k, v, rpb, ek, ev, rand(B, *spatial, heads, d)
+
+
+def run_cases() -> dict:
+    """Child-process body: every case's relative errors for out, dq, dk, dv (and drpb, d extra k/v)."""
+    import torch
+
+    import oracle
+    from visattn import kernels
+    from visattn.kernels import ops
+
+    ops.POISON = True  # NaN-filled outputs: an element the kernels never write fails the comparison
+    results = {}
+    for i, case in enumerate(CASES):
+        name, op, spatial, heads, d, params = case[:6]
+        q, k, v, rpb, ek, ev, grad = _make(case, torch.Generator().manual_seed(i))
+        scale = d ** -0.5
+        present = [t for t in (q, k, v, rpb, ek, ev) if t is not None]
+        ours_in = [t.detach().requires_grad_(True) for t in present]
+        ref_in = [t.detach().double().requires_grad_(True) for t in present]
+
+        def call(module_na, module_window, ts, backend):
+            it = iter(ts)
+            q_, k_, v_, r_, ek_, ev_ = (next(it) if t is not None else None for t in (q, k, v, rpb, ek, ev))
+            if op == "window":
+                if backend:
+                    return module_window(q_, k_, v_, params["window"], params["shift"], r_, scale)
+                return module_window(q_, k_, v_, params["window"], params["shift"], rpb=r_, scale=scale)
+            p = (params["kernel"], params["dilation"], params["stride"], params["causal"])
+            if backend:
+                assert kernels.na_why_not(q_, k_, v_, *p, r_, ek_, ev_) is None
+                return module_na(q_, k_, v_, *p, r_, scale, ek_, ev_)
+            return module_na(q_, k_, v_, *p, rpb=r_, scale=scale, additional_keys=ek_, additional_values=ev_)
+
+        out = call(kernels.na, kernels.window, ours_in, True)
+        ref = call(oracle.na_oracle, oracle.window_oracle, ref_in, False)
+        grads = torch.autograd.grad(out, ours_in, grad)
+        ref_grads = torch.autograd.grad(ref, ref_in, grad.double())
+        errs = {}
+        labels = ["out", "dq", "dk", "dv"] + ["drpb"] * (rpb is not None) + ["dek", "dev"] * (ek is not None)
+        for label, a, b in zip(labels, (out, *grads), (ref, *ref_grads)):
+            diff = (a.double() - b).norm() / b.norm()
+            errs[label] = float(diff) if torch.isfinite(a).all() else float("inf")
+        results[name] = errs
+    return results
+
+
+def _run_children() -> dict:
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]))
+    children = [subprocess.Popen([sys.executable, __file__, str(part)], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for part in (0, 1)]
+    merged = {}
+    for child in children:
+        stdout, stderr = child.communicate(timeout=600)
+        assert child.returncode == 0, stderr[-3000:]
+        merged.update(json.loads(stdout.strip().splitlines()[-1]))
+    return merged
+
+
+@pytest.fixture(scope="module")
+def interpreted_results():
+    pytest.importorskip("triton")
+    return _run_children()
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_engine_matches_oracle(case, interpreted_results):
+    errs = interpreted_results[case[0]]
+    tol = TOL[case[8]]
+    assert {"out", "dq", "dk", "dv"} <= set(errs)
+    bad = {k: v for k, v in errs.items() if not v < tol}
+    assert not bad, f"{case[0]}: relative errors above {tol}: {bad}"
+
+
+def test_why_not_without_gpu_or_interpreter():
+    """On CPU without the interpreter the backend declines with a reason instead of raising."""
+    import torch
+
+    from visattn import kernels
+
+    q = torch.randn(1, 8, 8, 1, 16)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("this session runs the interpreter")
+    reason = kernels.na_why_not(q, q, q, (3, 3), (1, 1), (1, 1), (False, False), None, None, None)
+    assert reason is not None and "TRITON_INTERPRET" in reason
+    assert "head_dim" in kernels.window_why_not(*(torch.randn(1, 4, 4, 1, 300),) * 3, (2, 2), (0, 0), None)
+    assert "dtype" in kernels.window_why_not(*(torch.randn(1, 4, 4, 1, 8, dtype=torch.float64),) * 3, (2, 2),
+                                             (0, 0), None)
+
+
+if __name__ == "__main__":  # child process: run every other case starting at argv[1], print JSON
+    part = int(sys.argv[1])
+    CASES = CASES[part::2]
+    print(json.dumps(run_cases()))
