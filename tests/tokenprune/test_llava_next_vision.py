@@ -84,9 +84,3 @@ def test_next_vision_batch_rows_equal_single_runs(setup, name):
         assert rep1.kept_indices[0][0].tolist() == rep.kept_indices[i][0].tolist()
         for a, b in zip(out.logits, one.logits):
             torch.testing.assert_close(a[i], b[0], atol=2e-4, rtol=1e-4)
-
-
-def test_next_visionzip_refused(setup):
-    with pytest.raises(NotImplementedError, match="LLaVA-NeXT"):
-        tp.apply(setup[0], tp.VisionZip(dominant=4, contextual=2))
-    tp.remove(setup[0])

@@ -93,3 +93,49 @@ def llm_reference_logits(
         out = layer(h, attention_mask=mask, position_embeddings=(cos, sin), position_ids=pos)
         h = out[0] if isinstance(out, tuple) else out
     return eager_model.lm_head(lm.norm(h))
+
+
+def mrope_positions(ids: list[int], image_token: int, grids: list[tuple[int, int, int]], merge: int = 2) -> torch.Tensor:
+    """Qwen2-VL M-RoPE position ids (3, L) of one unpadded prompt, by a plain loop over its tokens.
+
+    Text: all three axes = the running position; an image run of merged (t, h/merge, w/merge) tokens starting at
+    position ``p``: (p + t_i, p + row, p + col) in raster order; after a run, text resumes at max(ids so far) + 1.
+    """
+    out, nxt, i, img = [], 0, 0, 0
+    while i < len(ids):
+        if ids[i] != image_token:
+            out.append((nxt, nxt, nxt))
+            nxt, i = nxt + 1, i + 1
+            continue
+        t, h, w = grids[img]
+        for ti in range(t):
+            for r in range(h // merge):
+                for c in range(w // merge):
+                    out.append((nxt + ti, nxt + r, nxt + c))
+        i += t * (h // merge) * (w // merge)
+        img += 1
+        nxt = max(max(p) for p in out) + 1
+    return torch.tensor(out).T
+
+
+def mrope_reference_logits(
+    eager_model, embeds: torch.Tensor, pos3: torch.Tensor, stages: list[tuple[int, list[int]]], reindex: bool
+) -> torch.Tensor:
+    """Logits of one unpadded sequence ``embeds`` (1, L, D) with M-RoPE positions ``pos3`` (3, L), layer by layer
+    with explicit causal masks; ``stages`` as in :func:`llm_reference_logits` (positions gathered unless
+    ``reindex``, then 0..n-1 on all three axes from that layer on)."""
+    lm = eager_model.model.language_model
+    h, pos, reindexed = embeds, pos3[:, None], False
+    for idx, layer in enumerate(lm.layers):
+        for layer_at, keep in stages:
+            if layer_at == idx:
+                keep_t = torch.tensor(keep)
+                h, pos, reindexed = h[:, keep_t], pos[:, :, keep_t], reindex
+        if reindexed:
+            pos = torch.arange(h.shape[1])[None, None].expand(3, 1, -1)
+        n = h.shape[1]
+        mask = torch.full((n, n), torch.finfo(h.dtype).min).triu(1)[None, None]
+        cos, sin = lm.rotary_emb(h, pos)
+        out = layer(h, attention_mask=mask, position_embeddings=(cos, sin), position_ids=None)
+        h = out[0] if isinstance(out, tuple) else out
+    return eager_model.lm_head(lm.norm(h))

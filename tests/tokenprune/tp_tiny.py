@@ -66,3 +66,45 @@ def batch(prompts: list[list[int]], side: str = "left") -> tuple[torch.Tensor, t
 
 def pixels(n: int, size: int = 56, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+QWEN_IMAGE, QWEN_VSTART, QWEN_VEND = 4, 6, 7
+
+
+def tiny_qwen2vl(attn: str = "sdpa", seed: int = 0, layers: int = 4, v25: bool = False):
+    """Tiny random Qwen2-VL (or Qwen2.5-VL) with 4-px patches, 2x2 merge and M-RoPE sections (2, 3, 3)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                bos_token_id=1, eos_token_id=2, num_key_value_heads=2, vocab_size=96, max_position_embeddings=512, pad_token_id=PAD,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    vision = dict(depth=2, num_heads=4, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    if v25:
+        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64, fullatt_block_indexes=[1],
+                      window_size=16)
+        cfg_cls, cls = tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration
+    else:
+        vision.update(embed_dim=32, hidden_size=64, mlp_ratio=2)
+        cfg_cls, cls = tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration
+    cfg = cfg_cls(text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE, video_token_id=5,
+                  vision_start_token_id=QWEN_VSTART, vision_end_token_id=QWEN_VEND, bos_token_id=1, eos_token_id=2)
+    model = cls._from_config(cfg, attn_implementation=attn)
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD
+    return model.eval()
+
+
+def qwen_prompt(prefix: int, n_image: int, suffix: int, seed: int) -> list[int]:
+    """Text, <vision_start>, ``n_image`` image tokens, <vision_end>, text."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda n: (torch.randint(10, 90, (n,), generator=g)).tolist()  # noqa: E731
+    return rand(prefix) + [QWEN_VSTART] + [QWEN_IMAGE] * n_image + [QWEN_VEND] + rand(suffix)
+
+
+def qwen_pixels(grids: list[tuple[int, int, int]], seed: int = 0) -> torch.Tensor:
+    """Flattened patches (sum t*h*w, 3*2*4*4) for ``image_grid_thw`` rows ``grids``."""
+    n = sum(t * h * w for t, h, w in grids)
+    return torch.randn(n, 3 * 2 * 4 * 4, generator=torch.Generator().manual_seed(seed))

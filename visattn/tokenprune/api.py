@@ -64,6 +64,12 @@ register("uniform", Uniform)
 
 def _adapter_for(model: torch.nn.Module, pruner: TokenPruner, timing: bool):
     names = {cls.__name__ for cls in type(model).__mro__}
+    from visattn.tokenprune.hf_qwen2vl import QWEN_VL_CLASSES, QwenVLAdapter
+
+    if names & QWEN_VL_CLASSES:
+        if type(pruner).__name__ == "ToMe":
+            raise NotImplementedError("ToMe on Qwen2-VL is not supported (no CLIP-style vision tower)")
+        return QwenVLAdapter(model, pruner, timing=timing)
     if type(pruner).__name__ == "ToMe":
         from visattn.tokenprune import tome
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from visattn.tokenprune.layout import Compaction, attention_mask_4d, compact, image_spans, positions_from_valid
-from visattn.tokenprune.methods import LLMPruner, TokenPruner, VisionPruner
+from visattn.tokenprune.layout import select_per_image as _select_per_image
+from visattn.tokenprune.methods import LLMPruner, TokenPruner, VisionPruner, VisionZip
 from visattn.tokenprune.report import PruneReport, estimate
 from visattn.tokenprune.scoring import clip_cls_attention, decoder_attention_rows
 
@@ -42,34 +43,6 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor, name: str = "h
 def _last_valid(valid: torch.Tensor) -> torch.Tensor:
     ar = torch.arange(valid.shape[1], device=valid.device)
     return (valid.long() * (ar + 1)).argmax(1)
-
-
-def _select_per_image(image: torch.Tensor, valid: torch.Tensor, lengths: list[int], select) -> tuple:
-    """Run ``select(image_index_or_None, coords)`` on the (row, col) coords of every image's current tokens.
-
-    ``coords`` is (G, c, 2) when all images have ``c`` current tokens and the same original length (one batched
-    call, ``image_index`` None), else (1, c_j, 2) per image. Returns (keep mask with text kept, kept per image).
-    """
-    present = (image >= 0) & valid
-    keep = ~present & valid
-    coords = present.nonzero()
-    ids = image[coords[:, 0], coords[:, 1]]
-    counts = torch.bincount(ids, minlength=len(lengths)).tolist()
-    kept: list[torch.Tensor] = []
-    if len(set(counts)) == 1 and len(set(lengths)) == 1 and counts[0] > 0:
-        grid = coords.view(len(lengths), counts[0], 2)
-        sel = select(0, grid)
-        picked = grid.gather(1, sel[..., None].expand(-1, -1, 2))
-        keep[picked[..., 0].flatten(), picked[..., 1].flatten()] = True
-        return keep, list(sel)
-    start = 0
-    for j, c in enumerate(counts):
-        grid = coords[start : start + c][None]
-        sel = select(j, grid)[0]
-        keep[grid[0, sel, 0], grid[0, sel, 1]] = True
-        kept.append(sel)
-        start += c
-    return keep, kept
 
 
 def _per_sample(spans: list, flat: list) -> list[list[torch.Tensor]]:
@@ -103,7 +76,12 @@ class _Layout:
 
     def apply(self, comp: Compaction, reindex: bool) -> _Layout:
         valid = comp.valid
-        pos = positions_from_valid(valid) if reindex else comp.take(self.pos).masked_fill(~valid, 0)
+        vmask = valid.view(*valid.shape, *([1] * (self.pos.dim() - 2)))  # pos is (B, L) or (B, L, 3) (M-RoPE)
+        if reindex:
+            pos = positions_from_valid(valid)
+            pos = pos[..., None].expand(-1, -1, self.pos.shape[2]) if self.pos.dim() == 3 else pos
+        else:
+            pos = comp.take(self.pos).masked_fill(~vmask, 0)
         return _Layout(valid, pos, comp.take(self.image).masked_fill(~valid, -1), comp.take(self.orig))
 
 
@@ -116,6 +94,7 @@ class _Vision:
     kept: list = field(default_factory=list)
     count: int | None = None
     slots_used: int = 0
+    extra: dict = field(default_factory=dict)  # adapter-specific state (LLaVA-NeXT VisionZip)
 
 
 @dataclass
@@ -194,7 +173,7 @@ class LlavaAdapter:
                 if st.layer >= n_llm:
                     raise ValueError(f"layer={st.layer}: the language model has {n_llm} layers (valid: 1..{n_llm - 1})")
         if isinstance(p, VisionPruner):
-            if self.is_next and not hasattr(p, "patch_scores"):
+            if self.is_next and not (hasattr(p, "patch_scores") or isinstance(p, VisionZip)):
                 raise NotImplementedError(f"{p.name} on LLaVA-NeXT (anyres packing) is not supported: its merged "
                                           "tokens have no place in the packed crop grid")
             if self.model.config.vision_feature_select_strategy != "default":
@@ -238,6 +217,25 @@ class LlavaAdapter:
             handle.remove()
         self.handles.clear()
         self.call = self.bound = None
+
+    # ----------------------------------------------------- position hooks (overridden for M-RoPE models)
+    def _reindex(self) -> bool:
+        return self.pruner.positions == "reindex"
+
+    def _positions_in(self, pos_in: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
+        return positions_from_valid(valid) if pos_in is None else pos_in.expand(valid.shape[0], -1)
+
+    def _lm_position_kwarg(self, pos: torch.Tensor) -> torch.Tensor:
+        return pos
+
+    def _layer_position_kwarg(self, pos: torch.Tensor) -> torch.Tensor | None:
+        return pos
+
+    def _rope(self, hidden: torch.Tensor, pos: torch.Tensor):
+        return self.lm.rotary_emb(hidden, pos)
+
+    def _next_pos(self, lay: _Layout) -> torch.Tensor:
+        return lay.pos.gather(1, _last_valid(lay.valid)[:, None]) + 1
 
     @contextmanager
     def _timed(self):
@@ -334,8 +332,7 @@ class LlavaAdapter:
         if am is not None and am.dim() != 2:
             raise NotImplementedError("tokenprune needs a 2D attention_mask (or none)")
         valid = am.bool() if am is not None else torch.ones(bsz, length, dtype=torch.bool, device=embeds.device)
-        pos_in = kwargs.get("position_ids")
-        pos_in = positions_from_valid(valid) if pos_in is None else pos_in.expand(bsz, -1)
+        pos_in = self._positions_in(kwargs.get("position_ids"), valid)
         call.pos_in, call.lm_len = pos_in, length
         image_id = torch.full((bsz, length), -1, dtype=torch.long, device=embeds.device)
         j = 0
@@ -377,16 +374,16 @@ class LlavaAdapter:
         if bool(keep[valid].all()):
             return args, kwargs
         comp = compact(keep, valid)
-        reindex = self.pruner.positions == "reindex"
-        new = call.layout.apply(comp, reindex)
+        reindex = self._reindex()
+        old, new = call.layout, call.layout.apply(comp, reindex)
         call.layout = new
         kwargs["inputs_embeds"] = comp.take(embeds)
         kwargs["attention_mask"] = new.valid.to(am.dtype if am is not None else torch.long)
-        kwargs["position_ids"] = new.pos
+        kwargs["position_ids"] = self._lm_position_kwarg(new.pos)
         if kwargs.get("cache_position") is not None:
             kwargs["cache_position"] = torch.arange(new.valid.shape[1], device=embeds.device)
         self.bound.lm_valid = new.valid
-        self.bound.lm_next_pos = new.pos.gather(1, _last_valid(new.valid)[:, None]) + 1
+        self.bound.lm_next_pos = self._next_pos(new if reindex else old)
         return args, kwargs
 
     def _translate_decode(self, kwargs: dict) -> None:
@@ -468,19 +465,19 @@ class LlavaAdapter:
             with self._timed():
                 lay, hidden, comp, order = self._recycle(lay, hidden, keep, scores)
             comp = compact(keep, lay.valid, order) if comp is None else comp
-            lay = lay.apply(comp, self.pruner.positions == "reindex")
+            lay = lay.apply(comp, self._reindex())
             call.layout = lay
             hidden = comp.take(hidden)
             impl = self.text_config._attn_implementation
-            cos, sin = self.lm.rotary_emb(hidden, lay.pos)
+            cos, sin = self._rope(hidden, lay.pos)
             call.substitute = {
                 "attention_mask": attention_mask_4d(lay.valid, hidden.shape[1], impl, hidden.dtype),
                 "position_embeddings": (cos, sin),
-                "position_ids": lay.pos,
+                "position_ids": self._layer_position_kwarg(lay.pos),
                 "cache_position": torch.arange(hidden.shape[1], device=hidden.device),
             }
             self._substitute(kwargs, call.substitute)
-            next_pos = lay.pos.gather(1, _last_valid(lay.valid)[:, None]) + 1
+            next_pos = self._next_pos(lay)
             self.bound.stages.append((idx, lay.valid, next_pos))
             call.stage_kept.append(_kept_now(call.spans, lay))
             call.per_layer[-1] = ((lay.valid).sum(1).tolist(), ((lay.image >= 0) & lay.valid).sum(1).tolist())
@@ -528,7 +525,8 @@ class LlavaAdapter:
                 ext_key[b, e] = anchor * (n_extra + 1) + 1 + e
         key = torch.arange(length, device=hidden.device)[None].expand(bsz, -1) * (n_extra + 1)
         valid = torch.cat([lay.valid, ext_valid], 1)
-        new = _Layout(valid, torch.cat([lay.pos, torch.zeros_like(ext_key)], 1), torch.cat([lay.image, ext_image], 1),
+        ext_pos = lay.pos.new_zeros(bsz, n_extra, *lay.pos.shape[2:])
+        new = _Layout(valid, torch.cat([lay.pos, ext_pos], 1), torch.cat([lay.image, ext_image], 1),
                       torch.cat([lay.orig, torch.full_like(ext_key, -1)], 1))
         keep = torch.cat([keep, ext_valid], 1)
         comp = compact(keep, valid, torch.cat([key, ext_key], 1))
@@ -550,8 +548,8 @@ class LlavaAdapter:
         impl = self.text_config._attn_implementation
         sub = {"attention_mask": attention_mask_4d(kv_valid, q, impl, hidden.dtype)}
         pos = next_pos + (extra - q) + torch.arange(q, device=hidden.device)[None]
-        if self.pruner.positions == "reindex":
-            sub["position_embeddings"] = self.lm.rotary_emb(hidden, pos)
+        if self._reindex():
+            sub["position_embeddings"] = self._rope(hidden, pos)
             sub["position_ids"] = pos
         sub["cache_position"] = valid.shape[1] + (extra - q) + torch.arange(q, device=hidden.device)
         self._substitute(kwargs, sub)

@@ -1,8 +1,12 @@
-"""LLaVA-NeXT (anyres) support of the vision-stage methods whose output is a subset of the patches (FasterVLM,
-VTC-CLS): the [CLS] scores of every crop are packed exactly like the features (HF's own ``pack_image_features``
-run on the scores: base crop, unpadded crop grid, newline tokens), then every image keeps its newline tokens and
-the top ``resolve_budget(keep, P)`` of its ``P`` packed patch tokens (base + unpadded grid; newlines excluded
-from candidates and from the budget).
+"""LLaVA-NeXT (anyres) support of the vision-stage methods.
+
+* FasterVLM, VTC-CLS (output = a subset of the patches): the [CLS] scores of every crop are packed exactly like
+  the features (HF's own ``pack_image_features`` run on the scores: base crop, unpadded crop grid, newline
+  tokens), then every image keeps its newline tokens and the top ``resolve_budget(keep, P)`` of its ``P`` packed
+  patch tokens (base + unpadded grid; newlines excluded from candidates and from the budget).
+* VisionZip: every crop is reduced on its own ([CLS] + dominant + contextual tokens, projected), then laid out
+  as the official VisionZip LLaVA-NeXT code does (see :func:`visionzip_layout`); the tokens fill the first slots
+  of the image's placeholder span and the unused slots are removed before the language model.
 """
 
 from __future__ import annotations
@@ -28,21 +32,101 @@ def packed_kept(pruner, scores: list[torch.Tensor], pack, image_sizes, strategy:
     return kept
 
 
+def visionzip_layout(
+    tokens: torch.Tensor, dominant: torch.Tensor, grid: tuple[int, int], side: int, newline: torch.Tensor | None
+) -> torch.Tensor:
+    """Official VisionZip LLaVA-NeXT sequence of one image from its per-crop tokens.
+
+    ``tokens`` (crops, 1 + d + c, D): per crop [CLS], ``d`` dominant tokens (ascending patch index), ``c``
+    contextual tokens; ``dominant`` (crops, d) their patch indices; ``grid`` = (rows, cols) of the crop grid;
+    ``side`` patches per crop side. Layout: base crop's tokens as they are; then the grid crops' dominant tokens
+    in raster order of the whole (rows·side) × (cols·side) patch grid (not unpadded, no newline tokens); then
+    the grid crops' [CLS] tokens (crop order); then their contextual tokens (crop order). One crop only: its
+    tokens + the newline token (as HF / LLaVA do for a single crop).
+    """
+    if tokens.shape[0] == 1:
+        extra = [] if newline is None else [newline[None].to(tokens)]
+        return torch.cat([tokens[0], *extra])
+    rows, cols = grid
+    d = dominant.shape[1]
+    crop = torch.arange(tokens.shape[0] - 1, device=tokens.device)[:, None]
+    dom = dominant[1:]
+    big_row = (crop // cols) * side + dom // side
+    big_col = (crop % cols) * side + dom % side
+    order = (big_row * cols * side + big_col).flatten().argsort()
+    grid_dom = tokens[1:, 1 : 1 + d].flatten(0, 1)[order]
+    return torch.cat([tokens[0], grid_dom, tokens[1:, 0], tokens[1:, 1 + d :].flatten(0, 1)])
+
+
+def _visionzip_pack(adapter, vis, image_features: list, image_sizes, packed: list) -> list[torch.Tensor]:
+    """Replace every image's packed features by its VisionZip tokens (first slots, zeros after)."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    pruner, core = adapter.pruner, adapter.core
+    patches = vis.extra.pop("patches")
+    n_patches = patches.shape[1]
+    if pruner.output_count(n_patches) >= n_patches:
+        return packed
+    tokens, dom, _ = pruner.reduce(patches, vis.cls_hidden, vis.captures)
+    vis.extra["projecting"] = True
+    try:
+        tokens = core.multi_modal_projector(tokens.to(patches.dtype))
+    finally:
+        vis.extra["projecting"] = False
+    vcfg = core.config.vision_config
+    side = vcfg.image_size // vcfg.patch_size
+    counts = [f.shape[0] for f in image_features]
+    out, slots, kept = [], [], []
+    for i, (t, d) in enumerate(zip(tokens.split(counts), dom.split(counts))):
+        grid = get_anyres_image_grid_shape(image_sizes[i], core.config.image_grid_pinpoints, vcfg.image_size)
+        seq = visionzip_layout(t, d, tuple(int(g) for g in grid), side, core.image_newline)
+        if seq.shape[0] > packed[i].shape[0]:
+            raise ValueError(f"dominant={pruner.dominant}, contextual={pruner.contextual}: image {i} would get "
+                             f"{seq.shape[0]} tokens but has only {packed[i].shape[0]} placeholder tokens")
+        full = packed[i].new_zeros(packed[i].shape)
+        full[: seq.shape[0]] = seq.to(full.dtype)
+        out.append(full)
+        slots.append(torch.arange(seq.shape[0], device=full.device))
+        kept.append(d)
+    vis.count, vis.kept, vis.extra["report_kept"] = n_patches, slots, kept
+    return out
+
+
+def _install_visionzip_hooks(adapter) -> None:
+    """Capture the feature layer's [CLS] hidden state and the projector's input (the crops' patch features)."""
+    layers = adapter._vision_layers()
+    adapter.handles.append(layers[adapter.feature_layer].register_forward_hook(adapter._vision_feature_post))
+
+    def stash(module, args):
+        vis = adapter.vision
+        if vis is not None and vis.captures and not vis.extra.get("projecting"):
+            vis.extra["patches"] = args[0]
+
+    adapter.handles.append(adapter.core.multi_modal_projector.register_forward_pre_hook(stash))
+
+
 def install_pack_wrapper(adapter) -> None:
     """Wrap the instance's ``pack_image_features`` to compute the kept packed indices of every image."""
     core = adapter.core
     original = core.pack_image_features
+    is_zip = not hasattr(adapter.pruner, "patch_scores")
+    if is_zip:
+        _install_visionzip_hooks(adapter)
 
     def wrapped(image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
         out = original(image_features, image_sizes, vision_feature_select_strategy, image_newline=image_newline)
         vis = adapter.vision
         if vis is not None and vis.captures:
             with adapter._timed():
-                scores = adapter.pruner.patch_scores(vis.captures)
-                counts = [f.shape[0] for f in image_features]
-                vis.kept = packed_kept(adapter.pruner, list(scores.split(counts)), original, image_sizes,
-                                       vision_feature_select_strategy)
-            vis.count, vis.captures = -1, {}
+                if is_zip:
+                    out = (_visionzip_pack(adapter, vis, image_features, image_sizes, out[0]), out[1])
+                else:
+                    scores = adapter.pruner.patch_scores(vis.captures)
+                    counts = [f.shape[0] for f in image_features]
+                    vis.kept = packed_kept(adapter.pruner, list(scores.split(counts)), original, image_sizes,
+                                           vision_feature_select_strategy)
+                    vis.count = -1
+            vis.captures = {}
         return out
 
     core.pack_image_features = wrapped
@@ -60,8 +144,13 @@ class _Restore:
 
 
 def next_keep(image_id: torch.Tensor, spans: list, vis) -> tuple[torch.Tensor, list]:
-    """LM-input keep mask (text + kept packed tokens) and kept indices per sample / image."""
+    """LM-input keep mask (text + kept packed tokens) and kept indices per sample / image.
+
+    Reported indices: packed positions (FasterVLM, VTC-CLS) or, for VisionZip, the (crops, dominant - 1) patch
+    indices of every crop's dominant tokens (row 0 = base crop).
+    """
     keep, kept, j = image_id < 0, [], 0
+    report = vis.extra.get("report_kept")
     for b, row in enumerate(spans):
         kept_row = []
         for s, e in row:
@@ -69,7 +158,7 @@ def next_keep(image_id: torch.Tensor, spans: list, vis) -> tuple[torch.Tensor, l
             if vis.count is not None and int(idx.max()) >= e - s:
                 raise RuntimeError("tokenprune: LLaVA-NeXT packing does not match the image placeholders")
             keep[b, s + idx] = True
-            kept_row.append(idx)
+            kept_row.append(report[j] if report is not None else idx)
             j += 1
         kept.append(kept_row)
     return keep, kept

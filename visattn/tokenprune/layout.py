@@ -104,3 +104,31 @@ def image_spans(image_mask: torch.Tensor, tokens_per_image: int | None = None) -
                 row_spans.append((s, e))
         spans.append(row_spans)
     return spans
+
+
+def select_per_image(image: torch.Tensor, valid: torch.Tensor, lengths: list[int], select) -> tuple:
+    """Run ``select(image_index_or_None, coords)`` on the (row, col) coords of every image's current tokens.
+
+    ``coords`` is (G, c, 2) when all images have ``c`` current tokens and the same original length (one batched
+    call, ``image_index`` None), else (1, c_j, 2) per image. Returns (keep mask with text kept, kept per image).
+    """
+    present = (image >= 0) & valid
+    keep = ~present & valid
+    coords = present.nonzero()
+    ids = image[coords[:, 0], coords[:, 1]]
+    counts = torch.bincount(ids, minlength=len(lengths)).tolist()
+    kept: list[torch.Tensor] = []
+    if len(set(counts)) == 1 and len(set(lengths)) == 1 and counts[0] > 0:
+        grid = coords.view(len(lengths), counts[0], 2)
+        sel = select(0, grid)
+        picked = grid.gather(1, sel[..., None].expand(-1, -1, 2))
+        keep[picked[..., 0].flatten(), picked[..., 1].flatten()] = True
+        return keep, list(sel)
+    start = 0
+    for j, c in enumerate(counts):
+        grid = coords[start : start + c][None]
+        sel = select(j, grid)[0]
+        keep[grid[0, sel, 0], grid[0, sel, 1]] = True
+        kept.append(sel)
+        start += c
+    return keep, kept
