@@ -10,7 +10,13 @@ from visattn.tokenprune.scoring import open_clip_cls_attention
 
 from tp_oracles import divprune_loop, topk_sorted
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only; scoped to each test (a module-level switch would leak into every later test file)."""
+    with torch.no_grad():
+        yield
 
 
 def oc_tower(seed=0, layers=3, **kw):

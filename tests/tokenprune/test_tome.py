@@ -14,7 +14,13 @@ from visattn.tokenprune.tome import bipartite_matching, merge_tokens, merge_weig
 from test_open_clip import images
 from test_open_clip import oc_tower as open_clip_tower
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only; scoped to each test (a module-level switch would leak into every later test file)."""
+    with torch.no_grad():
+        yield
 
 
 # ------------------------------------------------------------------------------------------- loop oracles
