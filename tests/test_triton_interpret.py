@@ -103,6 +103,40 @@ def run_cases() -> dict:
     return results
 
 
+def run_compile_check() -> dict:
+    """torch.compile(fullgraph=True) of a module calling the op: forward + backward, two calls, no recompile."""
+    import torch
+
+    from visattn import kernels
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(16, 3 * 16)
+            self.rpb = torch.nn.Parameter(torch.randn(1, 5, 5))
+
+        def forward(self, x):  # x: [B, H, W, C]; q, k, v are strided views of the fused projection
+            q, k, v = self.qkv(x).unflatten(-1, (3, 1, 16)).unbind(-3)
+            return kernels.na(q, k, v, (3, 3), (1, 1), (1, 1), (False, False), self.rpb, 0.25, None, None)
+
+    torch._dynamo.reset()
+    torch._dynamo.config.error_on_recompile = True
+    block = Block()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    errors = []
+    for seed in (0, 1):
+        x = torch.randn(2, 6, 7, 16, generator=torch.Generator().manual_seed(seed))
+        out = compiled(x)
+        out.square().sum().backward()
+        got = block.rpb.grad.clone()
+        block.zero_grad()
+        eager = block(x)
+        eager.square().sum().backward()
+        errors.append(float((out - eager).abs().max()) + float((got - block.rpb.grad).abs().max()))
+        block.zero_grad()
+    return {"compile": {"max_abs_diff": max(errors)}}
+
+
 def _run_children() -> dict:
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, TRITON_INTERPRET="1",
@@ -133,6 +167,12 @@ def test_engine_matches_oracle(case, interpreted_results):
     assert not bad, f"{case[0]}: relative errors above {tol}: {bad}"
 
 
+@pytest.mark.interpret
+def test_torch_compile_fullgraph_no_recompile(interpreted_results):
+    """Compiled (fullgraph, second call must not recompile: error_on_recompile) equals eager, grads included."""
+    assert interpreted_results["compile"]["max_abs_diff"] < 1e-5
+
+
 def test_why_not_without_gpu_or_interpreter():
     """On CPU without the interpreter the backend declines with a reason instead of raising."""
     import torch
@@ -152,4 +192,7 @@ def test_why_not_without_gpu_or_interpreter():
 if __name__ == "__main__":  # child process: run every other case starting at argv[1], print JSON
     part = int(sys.argv[1])
     CASES = CASES[part::2]
-    print(json.dumps(run_cases()))
+    results = run_cases()
+    if part == 1:
+        results.update(run_compile_check())
+    print(json.dumps(results))

@@ -233,7 +233,7 @@ def _swin_timm(p: Problem, sets) -> float:
     return bench(_rotating(sets, call, p.backward))
 
 
-def run_problem(p: Problem, ceilings: dict, peers: bool = True) -> dict:
+def run_problem(p: Problem, ceilings: dict, peers: bool = True, skip_slow_peers: bool = False) -> dict:
     from torch.nn.attention import SDPBackend
 
     sets = _inputs(p)
@@ -251,8 +251,11 @@ def run_problem(p: Problem, ceilings: dict, peers: bool = True) -> dict:
                       "flex": lambda: _flex(p, sets[:2])}
         if p.window:
             candidates = {"timm_roll_sdpa": lambda: _swin_timm(p, sets), **candidates}
-        elif "natten" not in p.extra.get("skip", ()):
+        else:
             candidates["natten_flex"] = lambda: _natten(p, sets[:2])
+        if skip_slow_peers and math.prod(p.spatial) > 32768:  # compile + autotune of these takes minutes
+            candidates.pop("flex", None)
+            candidates.pop("natten_flex", None)
         for name, fn in candidates.items():
             try:
                 row["peers"][name] = fn()
@@ -297,12 +300,12 @@ def profile(p: Problem) -> str:
     return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=8)
 
 
-TUNE_VOLUMES = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3),
-                (128, 128, 8, 2), (64, 128, 4, 3)]
+TUNE_FWD = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (32, 32, 4, 3), (128, 32, 4, 3)]
+TUNE_BWD = [(64, 64, 4, 2), (32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2)]
 
 
 def tune(names: list[str]) -> list[dict]:
-    """Time each problem under several tile volumes (visattn.kernels.tiles table entries), print a table."""
+    """Time each problem under several tile volumes; keep the best one in the table for the rest of this run."""
     from visattn.kernels import tiles
 
     found = []
@@ -310,22 +313,24 @@ def tune(names: list[str]) -> list[dict]:
         if p.name not in names:
             continue
         sets = _inputs(p)
-        d_class = 64 if p.head_dim <= 64 else 128
-        key = ("bwd" if p.backward else "fwd", "16" if p.dtype != "float32" else "32", d_class)
-        original = tiles._VOLUMES[key]
-        volumes = TUNE_VOLUMES if not p.backward else [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2),
-                                                       (128, 64, 8, 2), (64, 64, 8, 2), (64, 128, 8, 2)]
-        for vol in volumes:
+        rank = len(p.spatial)
+        kernel3 = (1,) * (3 - rank) + tuple(p.kernel)
+        bits = 16 if p.dtype != "float32" else 32
+        key = tiles.volume_key("dq" if p.backward else "fwd", p.window, kernel3, bits, p.head_dim)
+        best = (float("inf"), tiles._VOLUMES[key])
+        for vol in TUNE_BWD if p.backward else TUNE_FWD:
             tiles._VOLUMES[key] = vol
             tiles.choose_tiles.cache_clear()
             try:
                 ms = _ours(p, sets)
+                best = min(best, (ms, vol))
             except Exception as err:  # e.g. out of shared memory for this volume
                 ms = f"n/a ({type(err).__name__})"
             found.append(dict(problem=p.name, key=list(key), volume=list(vol), ms=ms))
             print(f"tune {p.name:<16} {str(vol):<18} {ms if isinstance(ms, str) else f'{ms:.4f} ms'}", flush=True)
-        tiles._VOLUMES[key] = original
+        tiles._VOLUMES[key] = best[1]
         tiles.choose_tiles.cache_clear()
+        print(f"tune {p.name:<16} best {best[1]} for {key}", flush=True)
     return found
 
 
@@ -335,6 +340,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/attn-<date>.json)")
     parser.add_argument("--profile", default="", help="print per-kernel GPU time of the engine on these problems")
     parser.add_argument("--tune", default="", help="time these problems under several tile volumes")
+    parser.add_argument("--skip-slow-peers", action="store_true", help="no Flex/NATTEN peers above 32768 tokens")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device: bench-attn needs a GPU")
         return 2
     import triton
+
+    from visattn.kernels import tiles
 
     ceilings = measure_ceilings()
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
@@ -365,12 +373,13 @@ def main(argv: list[str] | None = None) -> int:
     for p in sorted(PROBLEMS, key=lambda p: wanted.index(p.name) if p.name in wanted else len(wanted)):
         if wanted and p.name not in wanted:
             continue
-        rows.append(run_problem(p, ceilings, peers=not args.no_peers))
+        rows.append(run_problem(p, ceilings, peers=not args.no_peers, skip_slow_peers=args.skip_slow_peers))
         print(format_table(rows[-1:]).splitlines()[-1], flush=True)
         torch.cuda.empty_cache()
         with open(out, "w") as fh:  # rewritten after every row, so a run cut short still leaves its results
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                           date=date, ceilings=ceilings, rows=rows), fh, indent=1)
+                           date=date, ceilings=ceilings, tile_volumes={str(k): v for k, v in tiles._VOLUMES.items()},
+                           rows=rows), fh, indent=1)
     print(format_table(rows))
     print(f"wrote {out}")
     return 0

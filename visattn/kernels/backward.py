@@ -7,11 +7,11 @@ search over the pattern's monotone key intervals. Extra (global) keys get their 
 import triton
 import triton.language as tl
 
-from visattn.kernels.engine import LOG2E, _query_dim, _row_offsets, _rpb_offsets
+from visattn.kernels.engine import _PATTERN_ARGS, LOG2E, _query_dim, _row_offsets, _rpb_offsets
 from visattn.kernels.patterns import in_interval, in_interval_t, key_interval, query_ranges, split_tile, unflatten
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PATTERN_ARGS + ["N_EXTRA"])
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DRPB, RPB, EK, EV,
     q_sb, q_s0, q_s1, q_s2, q_sh, q_sd, k_sb, k_s0, k_s1, k_s2, k_sh, k_sd,
@@ -123,7 +123,7 @@ def _key_dim(t, c, L, dil, n_tiles, ks, st, sh, M: tl.constexpr, N: tl.constexpr
     return g, group_len, kj, valid, q_lo, q_hi, n_query_tiles, inner_lo, inner_hi
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PATTERN_ARGS)
 def _bwd_dkv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, RPB,
     q_sb, q_s0, q_s1, q_s2, q_sh, q_sd, k_sb, k_s0, k_s1, k_s2, k_sh, k_sd,

@@ -12,6 +12,9 @@ import triton.language as tl
 from visattn.kernels.patterns import in_interval, key_interval, split_tile, unflatten
 
 LOG2E = tl.constexpr(1.4426950408889634)
+# Pattern integers change from call to call; letting Triton specialise them (value 1, multiple of 16) would compile
+# a new kernel for most new shapes. Strides stay specialised: unit and aligned strides make the loads wide.
+_PATTERN_ARGS = ["H", "L0", "L1", "L2", "DL0", "DL1", "DL2", "NT0", "NT1", "NT2", "KS0", "KS1", "KS2", "ST0", "ST1", "ST2", "SH0", "SH1", "SH2", "HEAD_D", "HEAD_DV"]
 
 
 @triton.jit
@@ -44,7 +47,7 @@ def _query_dim(t, r, L, dil, n_tiles, ks, st, sh, M: tl.constexpr, N: tl.constex
     return g, group_len, qi, valid, start, end, ka, n_key_tiles, common_lo, common_hi
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PATTERN_ARGS + ["N_EXTRA"])
 def _fwd_kernel(
     Q, K, V, O, LSE, RPB, EK, EV,
     q_sb, q_s0, q_s1, q_s2, q_sh, q_sd, k_sb, k_s0, k_s1, k_s2, k_sh, k_sd,

@@ -66,12 +66,9 @@ def _tiles_per_group(pat: Pattern, lengths, box) -> list[int]:
 
 def _tiles(pass_name: str, pat: Pattern, lengths, q: Tensor, head_dim: int):
     extents = tuple(math.ceil(lengths[i] / pat.dilation[i]) for i in range(3))
-    if pat.window:
-        spans = tuple(pat.kernel)
-    else:
-        spans = tuple(pat.kernel[i] + pat.stride[i] - 1 for i in range(3))
     bits = 16 if q.dtype in (torch.float16, torch.bfloat16) else 32
-    return choose_tiles(pass_name, pat.window, extents, spans, bits, head_dim, INTERPRETED)
+    return choose_tiles(pass_name, pat.window, extents, tuple(pat.kernel), tuple(pat.stride), bits, head_dim,
+                        INTERPRETED)
 
 
 def _pattern_args(pat: Pattern, lengths, n_tiles):

@@ -23,21 +23,25 @@ class Tiles(NamedTuple):
     stages: int
 
 
-# (pass, dtype class, head-dim class) -> (BLOCK_M, BLOCK_N, num_warps, num_stages). Measured on H100 (docs/PERF.md).
+# (pass, dtype bits, head-dim class, kernel class) -> (BLOCK_M, BLOCK_N, num_warps, num_stages), measured on an
+# H100 (docs/PERF.md). "small" kernels (<= 81 keys per query, e.g. NAT's 7x7) are bound by the elementwise work
+# on visited keys (exp, masks), so they prefer smaller query tiles whose halo is a smaller share.
 _VOLUMES = {
-    ("fwd", "16", 64): (128, 64, 4, 3),
-    ("fwd", "16", 128): (128, 64, 8, 3),
-    ("fwd", "16", 256): (64, 32, 8, 2),
-    ("fwd", "32", 64): (64, 32, 4, 2),
-    ("fwd", "32", 128): (64, 32, 4, 2),
-    ("fwd", "32", 256): (32, 16, 4, 1),
-    ("bwd", "16", 64): (64, 64, 4, 2),
-    ("bwd", "16", 128): (64, 64, 8, 2),
-    ("bwd", "16", 256): (32, 32, 8, 1),
-    ("bwd", "32", 64): (32, 32, 4, 2),
-    ("bwd", "32", 128): (32, 32, 4, 2),
-    ("bwd", "32", 256): (16, 16, 4, 1),
+    ("fwd", 16, 64, "large"): (128, 64, 4, 3),
+    ("fwd", 16, 128, "large"): (128, 128, 8, 3),
+    ("fwd", 16, 256, "large"): (64, 32, 8, 2),
+    ("fwd", 16, 64, "small"): (64, 32, 4, 3),
+    ("fwd", 16, 128, "small"): (64, 64, 4, 3),
+    ("fwd", 16, 256, "small"): (64, 32, 8, 2),
+    ("bwd", 16, 64, "large"): (64, 64, 4, 2),
+    ("bwd", 16, 128, "large"): (64, 64, 8, 2),
+    ("bwd", 16, 256, "large"): (32, 32, 8, 1),
+    ("bwd", 16, 64, "small"): (64, 64, 4, 2),
+    ("bwd", 16, 128, "small"): (64, 64, 8, 2),
+    ("bwd", 16, 256, "small"): (32, 32, 8, 1),
 }
+for _key, _vol in list(_VOLUMES.items()):  # float32: half the rows (registers), ieee dots
+    _VOLUMES[(_key[0], 32) + _key[2:]] = (max(16, _vol[0] // 2), max(16, _vol[1] // 2), 4, min(_vol[3], 2))
 _INTERPRETER_VOLUMES = {"fwd": (64, 32, 4, 1), "bwd": (64, 64, 4, 1)}
 
 
@@ -52,26 +56,34 @@ def _boxes(volume: int) -> list[Triple]:
     return [(1 << a, 1 << b, 1 << (e - a - b)) for a in range(e + 1) for b in range(e + 1 - a)]
 
 
-def _dim_cost(own: int, other: int, extent: int, span: int, window: bool) -> tuple[float, float]:
+def _dim_cost(own: int, other: int, extent: int, kernel: int, stride: int, window: bool) -> tuple[float, float]:
     """(rows of the other tile visited, useful rows of own tile) along one dimension."""
-    if window:  # own tiles are cut inside windows of size `span`; the other side covers the whole window
-        per_window = math.ceil(span / own)
-        return math.ceil(span / other) * other, span / per_window
-    reach = min(own + span - 1, extent)
-    return math.ceil(reach / other) * other, min(own, extent)
+    if window:  # own tiles are cut inside windows; the other side covers the whole window
+        per_window = math.ceil(kernel / own)
+        return math.ceil(kernel / other) * other, kernel / per_window
+    if own % stride == 0 or stride % own == 0:  # tiles aligned with stride groups: leads step by `stride`
+        reach = kernel + max(own - stride, 0)
+    else:
+        reach = kernel + own + stride - 2
+    return math.ceil(min(reach, extent) / other) * other, min(own, extent)
 
 
 @functools.lru_cache(maxsize=512)
-def choose_tiles(pass_name: str, window: bool, extents: Triple, spans: Triple, dtype_bits: int, head_dim: int,
-                 interpret: bool) -> Tiles:
-    """Tiles for one pass ('fwd', 'dq' or 'dkv'). extents: group lengths; spans: how far one row reaches
-    (kernel + stride - 1 for neighborhoods, the window for windows)."""
-    volumes = "fwd" if pass_name == "fwd" else "bwd"
+def volume_key(pass_name: str, window: bool, kernel: Triple, dtype_bits: int, head_dim: int) -> tuple:
+    """The _VOLUMES entry a problem uses."""
+    d_class = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    k_class = "small" if window or math.prod(kernel) <= 81 else "large"
+    return ("fwd" if pass_name == "fwd" else "bwd", 16 if dtype_bits == 16 else 32, d_class, k_class)
+
+
+@functools.lru_cache(maxsize=512)
+def choose_tiles(pass_name: str, window: bool, extents: Triple, kernel: Triple, stride: Triple, dtype_bits: int,
+                 head_dim: int, interpret: bool) -> Tiles:
+    """Tiles for one pass ('fwd', 'dq' or 'dkv'). extents: dilation-group lengths; kernel: kernel or window."""
     if interpret:
-        block_m, block_n, warps, stages = _INTERPRETER_VOLUMES[volumes]
+        block_m, block_n, warps, stages = _INTERPRETER_VOLUMES["fwd" if pass_name == "fwd" else "bwd"]
     else:
-        d_class = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
-        block_m, block_n, warps, stages = _VOLUMES[(volumes, "16" if dtype_bits == 16 else "32", d_class)]
+        block_m, block_n, warps, stages = _VOLUMES[volume_key(pass_name, window, kernel, dtype_bits, head_dim)]
     # the dK/dV pass owns the key tile and walks query tiles: the same cost with the roles swapped.
     own_volume, other_volume = (block_n, block_m) if pass_name == "dkv" else (block_m, block_n)
     # Neighborhoods keep the table's volume (fewer, larger tiles reload fewer halo keys per row); windows may
@@ -82,7 +94,7 @@ def choose_tiles(pass_name: str, window: bool, extents: Triple, spans: Triple, d
         for own, other in itertools.product(_boxes(volume), _boxes(other_volume)):
             visited, useful = 1.0, 1.0
             for i in range(3):
-                v, u = _dim_cost(own[i], other[i], extents[i], spans[i], window)
+                v, u = _dim_cost(own[i], other[i], extents[i], kernel[i], stride[i], window)
                 visited *= v
                 useful *= u
             cost = volume * visited / useful  # work per useful row, whole tiles counted
