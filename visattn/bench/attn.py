@@ -138,6 +138,37 @@ def _ours(p: Problem, sets):
     return bench(_rotating(sets, call, p.backward))
 
 
+def _graphed(p: Problem, sets) -> float:
+    """The engine replayed from a CUDA graph: GPU time without Python/launch overhead (same inputs each replay)."""
+    from visattn import kernels
+
+    s = sets[0]
+    rank = len(p.spatial)
+    scale = p.head_dim ** -0.5
+
+    def step():
+        if p.window:
+            out = kernels.window(s[0], s[1], s[2], p.kernel, p.shift, s[3], scale)
+        else:
+            out = kernels.na(s[0], s[1], s[2], p.kernel, (1,) * rank, p.stride or (1,) * rank, (False,) * rank,
+                             s[3], scale, None, None)
+        if p.backward:
+            out.backward(grad)
+        return out
+
+    grad = torch.randn(*s[0].shape[:-1], p.head_dim, device="cuda", dtype=s[0].dtype)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return bench(graph.replay)
+
+
 def _to_bhnd(t):
     return t.flatten(1, -3).transpose(1, 2).detach().contiguous().requires_grad_(t.requires_grad)
 
@@ -244,6 +275,10 @@ def run_problem(p: Problem, ceilings: dict, peers: bool = True, skip_slow_peers:
     row.update(tflops=row["flops"] / row["ms"] / 1e9, floor_ms=max(t_math, t_mem),
                floor_kind="memory" if t_mem >= t_math else "matmul")
     row["pct_of_floor"] = 100.0 * row["floor_ms"] / row["ms"]
+    try:
+        row["graph_ms"] = _graphed(p, sets)
+    except Exception as err:  # capture can fail where a peer library is involved; the eager time still stands
+        row["graph_ms"] = f"n/a ({type(err).__name__}: {str(err)[:80]})"
     row["peers"] = {}
     if peers:
         candidates = {"sdpa_cudnn": lambda: _sdpa(p, sets[:2], SDPBackend.CUDNN_ATTENTION),
@@ -253,7 +288,7 @@ def run_problem(p: Problem, ceilings: dict, peers: bool = True, skip_slow_peers:
             candidates = {"timm_roll_sdpa": lambda: _swin_timm(p, sets), **candidates}
         else:
             candidates["natten_flex"] = lambda: _natten(p, sets[:2])
-        if skip_slow_peers and math.prod(p.spatial) > 32768:  # compile + autotune of these takes minutes
+        if skip_slow_peers and (math.prod(p.spatial) > 32768 or p.backward):  # compile + autotune takes minutes
             candidates.pop("flex", None)
             candidates.pop("natten_flex", None)
         for name, fn in candidates.items():
@@ -266,13 +301,16 @@ def run_problem(p: Problem, ceilings: dict, peers: bool = True, skip_slow_peers:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'problem':<16}{'ms':>9}{'TFLOP/s':>9}{'floor ms':>10}{'%floor':>8}  peers (ms; speed-up of ours)"
+    head = (f"{'problem':<16}{'ms':>9}{'graph ms':>9}{'TFLOP/s':>9}{'floor ms':>10}{'%floor':>8}"
+            "  peers (ms; speed-up of ours)")
     lines = [head]
     for r in rows:
+        graph = r.get("graph_ms")
+        graph = f"{graph:9.3f}" if isinstance(graph, float) else f"{'n/a':>9}"
         peers = []
         for name, t in r["peers"].items():
             peers.append(f"{name} {t:.3f} ({t / r['ms']:.1f}x)" if isinstance(t, float) else f"{name} n/a")
-        lines.append(f"{r['name']:<16}{r['ms']:>9.3f}{r['tflops']:>9.1f}{r['floor_ms']:>10.3f}"
+        lines.append(f"{r['name']:<16}{r['ms']:>9.3f}{graph}{r['tflops']:>9.1f}{r['floor_ms']:>10.3f}"
                      f"{r['pct_of_floor']:>7.0f}%  " + "; ".join(peers))
     return "\n".join(lines)
 
@@ -340,7 +378,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/attn-<date>.json)")
     parser.add_argument("--profile", default="", help="print per-kernel GPU time of the engine on these problems")
     parser.add_argument("--tune", default="", help="time these problems under several tile volumes")
-    parser.add_argument("--skip-slow-peers", action="store_true", help="no Flex/NATTEN peers above 32768 tokens")
+    parser.add_argument("--skip-slow-peers", action="store_true",
+                        help="no Flex/NATTEN peers above 32768 tokens or with backward (their compile takes minutes)")
 
 
 def main(argv: list[str] | None = None) -> int:

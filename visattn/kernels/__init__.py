@@ -1,8 +1,8 @@
 """Triton backend for neighborhood (NA/DiNA/GNA) and (shifted) window attention.
 
 The dispatcher in ``visattn.functional`` validates and normalises arguments, asks ``*_why_not`` whether this
-backend can run the call, then calls ``na`` / ``window``. Importing this package does not import Triton; the
-engine is loaded on first use so ``*_why_not`` stays cheap and never raises.
+backend can run the call, then calls ``na`` / ``window``. Importing this package imports Triton if it can (and
+records why not otherwise), so ``*_why_not`` stays cheap, never raises, and compiled graphs trace no imports.
 """
 
 from __future__ import annotations
@@ -16,20 +16,17 @@ from torch import Tensor
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 _MAX_LENGTH = 65536  # the backward's binary searches run 17 steps
-_engine_error: Optional[str] = None
-_ops = None
+# Imported here, not on first call: torch.compile(fullgraph=True) must never trace a first-time import.
+try:
+    from visattn.kernels import ops as _ops
+
+    _engine_error: Optional[str] = None
+except Exception as _err:  # triton missing or broken: *_why_not reports it, never raises
+    _ops = None
+    _engine_error = f"triton not importable ({type(_err).__name__}: {_err})"
 
 
 def _load_ops():
-    """Import the engine once; remember why it failed if it did."""
-    global _ops, _engine_error
-    if _ops is None and _engine_error is None:
-        try:
-            from visattn.kernels import ops
-
-            _ops = ops
-        except Exception as err:  # triton missing or broken: report, never raise from *_why_not
-            _engine_error = f"triton not importable ({type(err).__name__}: {err})"
     return _ops
 
 
