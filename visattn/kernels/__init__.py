@@ -36,6 +36,8 @@ def _max_offset(t: Tensor) -> int:
 
 
 def _common_why_not(tensors: list[Optional[Tensor]], q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return "no CUDA tensor and TRITON_INTERPRET is not set"
     if q.dtype not in _SUPPORTED_DTYPES:
         return f"dtype {q.dtype} is not supported by the triton kernels (float16, bfloat16, float32)"
     if q.shape[-1] > _MAX_HEAD_DIM or v.shape[-1] > _MAX_HEAD_DIM:
@@ -46,8 +48,6 @@ def _common_why_not(tensors: list[Optional[Tensor]], q: Tensor, k: Tensor, v: Te
         return f"a spatial dimension is longer than {_MAX_LENGTH}"
     if any(t is not None and _max_offset(t) >= 2**31 for t in tensors):
         return "a tensor is too large for 32-bit offsets within one batch item"
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return "no CUDA tensor and TRITON_INTERPRET is not set"
     ops = _load_ops()
     if ops is None:
         return _engine_error

@@ -24,8 +24,8 @@ class Tiles(NamedTuple):
 
 
 # (pass, dtype bits, head-dim class, kernel class) -> (BLOCK_M, BLOCK_N, num_warps, num_stages), measured on an
-# H100 (docs/PERF.md). "small" kernels (<= 81 keys per query, e.g. NAT's 7x7) are bound by the elementwise work
-# on visited keys (exp, masks), so they prefer smaller query tiles whose halo is a smaller share.
+# H100 (docs/PERF.md, benchmarks/results/attn-tune-*.json). "small" kernels (<= 81 keys per query, NAT's 7x7) are
+# bound by the elementwise work on visited keys (exp, masks); windows (Swin 7x7) ran 3x faster with 32-key tiles.
 _VOLUMES = {
     ("fwd", 16, 64, "large"): (128, 64, 4, 3),
     ("fwd", 16, 128, "large"): (128, 128, 8, 3),
@@ -33,6 +33,12 @@ _VOLUMES = {
     ("fwd", 16, 64, "small"): (128, 64, 4, 3),
     ("fwd", 16, 128, "small"): (64, 64, 4, 3),
     ("fwd", 16, 256, "small"): (64, 32, 8, 2),
+    ("fwd", 16, 64, "window"): (128, 32, 4, 3),
+    ("fwd", 16, 128, "window"): (64, 32, 4, 3),
+    ("fwd", 16, 256, "window"): (64, 32, 8, 2),
+    ("bwd", 16, 64, "window"): (64, 32, 4, 2),
+    ("bwd", 16, 128, "window"): (64, 32, 8, 2),
+    ("bwd", 16, 256, "window"): (32, 32, 8, 1),
     ("bwd", 16, 64, "large"): (64, 64, 4, 2),
     ("bwd", 16, 128, "large"): (64, 64, 8, 2),
     ("bwd", 16, 256, "large"): (32, 32, 8, 1),
@@ -72,7 +78,7 @@ def _dim_cost(own: int, other: int, extent: int, kernel: int, stride: int, windo
 def volume_key(pass_name: str, window: bool, kernel: Triple, dtype_bits: int, head_dim: int) -> tuple:
     """The _VOLUMES entry a problem uses."""
     d_class = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
-    k_class = "small" if window or math.prod(kernel) <= 81 else "large"
+    k_class = "window" if window else "small" if math.prod(kernel) <= 81 else "large"
     return ("fwd" if pass_name == "fwd" else "bwd", 16 if dtype_bits == 16 else 32, d_class, k_class)
 
 
