@@ -41,35 +41,41 @@ def _lengths_for(rank: int, rng: random.Random) -> list[int]:
     return lengths
 
 
-def draw_problem(rank: int, rng: random.Random, index: int) -> dict:
-    """One random problem description (plain data, so it can go to a worker and into the JSON log)."""
+def draw_flags(rank: int, rng: random.Random) -> dict:
+    """The compile-relevant part of a problem: op, dtype, head dim, layout, rpb / extra KV / causal flags."""
     is_window = rank >= 2 and rng.random() < 0.3
     dtype = rng.choice(["float32", "float16", "bfloat16"])
-    head_dim = rng.choice([16, 32, 64, 128, 24, 80] if dtype != "float32" else [16, 32, 64, 24])
+    flags = dict(op="window" if is_window else "na", dtype=dtype, layout=rng.choice(["contiguous", "fused_qkv", "permuted"]),
+                 head_dim=rng.choice([16, 32, 64, 128, 24, 80] if dtype != "float32" else [16, 32, 64, 24]),
+                 rpb=rng.random() < 0.4)
+    if not is_window:
+        flags.update(causal=[rng.random() < 0.25 for _ in range(rank)], extra=rng.choice([0, 0, 1, 5, 17]))
+    return flags
+
+
+def draw_problem(rank: int, rng: random.Random, index: int, flags: dict | None = None) -> dict:
+    """One random problem description (plain data, so it can go to a worker and into the JSON log).
+    ``flags`` (from draw_flags) fixes the compile-relevant part; the geometry is always drawn fresh."""
+    flags = dict(flags or draw_flags(rank, rng))
     heads = rng.choice([1, 2, 3, 4])
-    layout = rng.choice(["contiguous", "fused_qkv", "permuted"])
     lengths = _lengths_for(rank, rng)
-    p = dict(index=index, rank=rank, op="window" if is_window else "na", dtype=dtype, head_dim=head_dim,
-             heads=heads, layout=layout, seed=rng.randrange(1 << 30))
-    if is_window:
+    p = dict(index=index, rank=rank, heads=heads, seed=rng.randrange(1 << 30), **flags)
+    if p["op"] == "window":
         window = [rng.choice([w for w in range(1, min(L, 16) + 1) if L % w == 0] or [1]) for L in lengths]
         window = [w if rng.random() < 0.8 else 1 for w in window]
         lengths = [max(L // w, 1) * w for L, w in zip(lengths, window)]
-        p.update(lengths=lengths, window=window, shift=[rng.randrange(w) if rng.random() < 0.6 else 0 for w in window],
-                 rpb=rng.random() < 0.5)
+        p.update(lengths=lengths, window=window, shift=[rng.randrange(w) if rng.random() < 0.6 else 0 for w in window])
         keys = math.prod(window)
     else:
-        kernel, dilation, stride, causal = [], [], [], []
+        kernel, dilation, stride = [], [], []
         for L in lengths:
             k = rng.randint(1, max(1, min(L, 24 if rank == 1 else 13 if rank == 2 else 7)))
             d = rng.randint(1, max(1, L // k)) if rng.random() < 0.3 else 1
             kernel.append(k)
             dilation.append(min(d, 4))
-            stride.append(rng.randint(1, k) if rng.random() < 0.3 else 1)
-            causal.append(rng.random() < 0.25)
-        use_rpb = all(s == 1 for s in stride) and rng.random() < 0.4
-        p.update(lengths=lengths, kernel=kernel, dilation=dilation, stride=stride, causal=causal, rpb=use_rpb,
-                 extra=rng.choice([0, 0, 0, 1, 5, 17]))
+            # rpb with stride > 1 is invalid (SEMANTICS.md): rpb problems keep stride 1
+            stride.append(rng.randint(1, k) if rng.random() < 0.3 and not p["rpb"] else 1)
+        p.update(lengths=lengths, kernel=kernel, dilation=dilation, stride=stride)
         keys = math.prod(kernel) + p["extra"]
     tokens = math.prod(p["lengths"])
     p["batch"] = max(1, min(4, WORK_BUDGET // max(1, heads * tokens * keys * 8)))
@@ -166,6 +172,13 @@ def run_problem(p: dict, device: str = "cuda") -> dict:
     return dict(p, ok=ok, errors=errors)
 
 
+def _variant(p: dict) -> tuple:
+    """What selects a compiled kernel (roughly): pattern flags, dtype, padded head dim, layout (stride alignment)."""
+    padded = max(16, 1 << (p["head_dim"] - 1).bit_length())
+    return (p["op"], p["rank"], p["dtype"], padded, p["rpb"], bool(p.get("extra")), tuple(p.get("causal", ())),
+            p["layout"])
+
+
 def _worker(args):
     problems, device_index = args
     torch.cuda.set_device(device_index)
@@ -198,8 +211,9 @@ def _summarise(results: list[dict]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-rank", type=int, default=1000, help="random problems per spatial rank")
     parser.add_argument("--out", default=None, help="JSON log path")
+    parser.add_argument("--variants", type=int, default=40, help="flag combinations per rank (compile variants)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="problem seed (default: from the clock; logged)")
     parser.add_argument("--time-limit", type=float, default=540.0, help="stop handing out work after this many s")
 
 
@@ -210,10 +224,19 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: the sweep needs a GPU")
         return 2
-    rng = random.Random(args.seed)
-    problems = [draw_problem(rank, rng, i) for rank in (1, 2, 3) for i in range(args.per_rank)]
-    rng.shuffle(problems)
-    chunks = [problems[i:i + 10] for i in range(0, len(problems), 10)]
+    seed = int(time.time()) if args.seed is None else args.seed
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    # A pool of flag combinations per rank (each compiled once per tile shape), geometry fresh for every problem.
+    pools = {rank: [draw_flags(rank, rng) for _ in range(args.variants)] for rank in (1, 2, 3)}
+    problems = [draw_problem(rank, rng, i, rng.choice(pools[rank])) for rank in (1, 2, 3) for i in range(args.per_rank)]
+    # Chunks of problems that share a compiled-kernel variant: a worker compiles it once and reuses it (compiling
+    # dominates the sweep); chunk order is shuffled so a time limit still cuts across all kinds of problems.
+    by_variant = {}
+    for p in problems:
+        by_variant.setdefault(_variant(p), []).append(p)
+    chunks = [group[i:i + 10] for group in by_variant.values() for i in range(0, len(group), 10)]
+    rng.shuffle(chunks)
     start = time.time()
     results = []
     import multiprocessing as mp
@@ -238,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as fh:
-            json.dump(dict(torch=torch.__version__, triton=_triton_version(), device=torch.cuda.get_device_name(),
+            json.dump(dict(seed=seed, torch=torch.__version__, triton=_triton_version(), device=torch.cuda.get_device_name(),
                            date=time.strftime("%Y-%m-%d"), results=results), fh)
     return 0 if not fails and results else 1
 

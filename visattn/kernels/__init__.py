@@ -44,6 +44,8 @@ def _common_why_not(tensors: list[Optional[Tensor]], q: Tensor, k: Tensor, v: Te
         return f"head_dim {max(q.shape[-1], v.shape[-1])} > {_MAX_HEAD_DIM}"
     if k.shape[-2] != q.shape[-2] or v.shape[-2] != q.shape[-2]:
         return "grouped-query attention (fewer kv heads) is not supported by the triton kernels"
+    if q.shape[0] * q.shape[-2] > 65535:  # batch*heads is the launch grid's second axis
+        return f"batch*heads = {q.shape[0] * q.shape[-2]} > 65535"
     if any(length > _MAX_LENGTH for length in q.shape[1:-2]):
         return f"a spatial dimension is longer than {_MAX_LENGTH}"
     if any(t is not None and _max_offset(t) >= 2**31 for t in tensors):
