@@ -45,7 +45,8 @@ def draw_flags(rank: int, rng: random.Random) -> dict:
     """The compile-relevant part of a problem: op, dtype, head dim, layout, rpb / extra KV / causal flags."""
     is_window = rank >= 2 and rng.random() < 0.3
     dtype = rng.choice(["float32", "float16", "bfloat16"])
-    flags = dict(op="window" if is_window else "na", dtype=dtype, layout=rng.choice(["contiguous", "fused_qkv", "permuted"]),
+    layout = rng.choice(["contiguous", "fused_qkv", "permuted"])
+    flags = dict(op="window" if is_window else "na", dtype=dtype, layout=layout,
                  head_dim=rng.choice([16, 32, 64, 128, 24, 80] if dtype != "float32" else [16, 32, 64, 24]),
                  rpb=rng.random() < 0.4)
     if not is_window:
@@ -132,7 +133,7 @@ def run_problem(p: dict, device: str = "cuda") -> dict:
     tensors = _make_inputs(p, device)
     q, k, v, rpb, ek, ev, grad = tensors
     scale = p["head_dim"] ** -0.5
-    names = ["out", "dq", "dk", "dv"] + (["drpb"] if rpb is not None else []) + (["dek", "dev"] if ek is not None else [])
+    names = ["out", "dq", "dk", "dv"] + ["drpb"] * (rpb is not None) + ["dek", "dev"] * (ek is not None)
     why = (kernels.window_why_not(q, k, v, p.get("window"), p.get("shift"), rpb) if p["op"] == "window" else
            kernels.na_why_not(q, k, v, p["kernel"], p["dilation"], p["stride"], p["causal"], rpb, ek, ev))
     if why is not None:
@@ -199,7 +200,8 @@ def _summarise(results: list[dict]) -> str:
         groups[(r["rank"], r["op"], r["dtype"])].append(r)
     for key in sorted(groups):
         rs = groups[key]
-        worst = [max((r.get("errors", {}).get(n, (0.0,))[0] for r in rs), default=0.0) for n in ("out", "dq", "dk", "dv")]
+        worst = [max((r.get("errors", {}).get(n, (0.0,))[0] for r in rs), default=0.0)
+                 for n in ("out", "dq", "dk", "dv")]
         lines.append(f"{key[0]:>4} {key[1]:>6} {key[2]:>9} {len(rs):>5} {sum(not r['ok'] for r in rs):>6} "
                      + " ".join(f"{w:9.1e}" for w in worst))
     per_rank = Counter(r["rank"] for r in results)
@@ -261,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as fh:
-            json.dump(dict(seed=seed, torch=torch.__version__, triton=_triton_version(), device=torch.cuda.get_device_name(),
+            json.dump(dict(seed=seed, torch=torch.__version__, triton=_triton_version(),
+                           device=torch.cuda.get_device_name(),
                            date=time.strftime("%Y-%m-%d"), results=results), fh)
     return 0 if not fails and results else 1
 

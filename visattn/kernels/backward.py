@@ -35,9 +35,12 @@ def _bwd_dq_kernel(
     t0, t1, t2 = unflatten(pid, DL1 * NT1, DL2 * NT2)
     r0, r1, r2 = unflatten(tl.arange(0, BLOCK_M), M1, M2)
     c0, c1, c2 = unflatten(tl.arange(0, BLOCK_N), N1, N2)
-    g0, G0, qi0, qv0, st0, en0, ka0, nk0, cl0, ch0 = _query_dim(t0, r0, L0, DL0, NT0, KS0, ST0, SH0, M0, N0, CAUSAL0, WINDOW)
-    g1, G1, qi1, qv1, st1, en1, ka1, nk1, cl1, ch1 = _query_dim(t1, r1, L1, DL1, NT1, KS1, ST1, SH1, M1, N1, CAUSAL1, WINDOW)
-    g2, G2, qi2, qv2, st2, en2, ka2, nk2, cl2, ch2 = _query_dim(t2, r2, L2, DL2, NT2, KS2, ST2, SH2, M2, N2, CAUSAL2, WINDOW)
+    g0, G0, qi0, qv0, st0, en0, ka0, nk0, cl0, ch0 = _query_dim(
+        t0, r0, L0, DL0, NT0, KS0, ST0, SH0, M0, N0, CAUSAL0, WINDOW)
+    g1, G1, qi1, qv1, st1, en1, ka1, nk1, cl1, ch1 = _query_dim(
+        t1, r1, L1, DL1, NT1, KS1, ST1, SH1, M1, N1, CAUSAL1, WINDOW)
+    g2, G2, qi2, qv2, st2, en2, ka2, nk2, cl2, ch2 = _query_dim(
+        t2, r2, L2, DL2, NT2, KS2, ST2, SH2, M2, N2, CAUSAL2, WINDOW)
     q_valid = qv0 & qv1 & qv2
     d_cols = tl.arange(0, BLOCK_D)
     dv_cols = tl.arange(0, BLOCK_DV)
@@ -147,9 +150,12 @@ def _bwd_dkv_kernel(
     t0, t1, t2 = unflatten(pid, DL1 * NT1, DL2 * NT2)
     r0, r1, r2 = unflatten(tl.arange(0, BLOCK_M), M1, M2)
     c0, c1, c2 = unflatten(tl.arange(0, BLOCK_N), N1, N2)
-    g0, G0, kj0, kv0, ql0, qh0, nq0, il0, ih0 = _key_dim(t0, c0, L0, DL0, NT0, KS0, ST0, SH0, M0, N0, CAUSAL0, WINDOW, STEPS)
-    g1, G1, kj1, kv1, ql1, qh1, nq1, il1, ih1 = _key_dim(t1, c1, L1, DL1, NT1, KS1, ST1, SH1, M1, N1, CAUSAL1, WINDOW, STEPS)
-    g2, G2, kj2, kv2, ql2, qh2, nq2, il2, ih2 = _key_dim(t2, c2, L2, DL2, NT2, KS2, ST2, SH2, M2, N2, CAUSAL2, WINDOW, STEPS)
+    g0, G0, kj0, kv0, ql0, qh0, nq0, il0, ih0 = _key_dim(
+        t0, c0, L0, DL0, NT0, KS0, ST0, SH0, M0, N0, CAUSAL0, WINDOW, STEPS)
+    g1, G1, kj1, kv1, ql1, qh1, nq1, il1, ih1 = _key_dim(
+        t1, c1, L1, DL1, NT1, KS1, ST1, SH1, M1, N1, CAUSAL1, WINDOW, STEPS)
+    g2, G2, kj2, kv2, ql2, qh2, nq2, il2, ih2 = _key_dim(
+        t2, c2, L2, DL2, NT2, KS2, ST2, SH2, M2, N2, CAUSAL2, WINDOW, STEPS)
     k_valid = kv0 & kv1 & kv2
     d_cols = tl.arange(0, BLOCK_D)
     dv_cols = tl.arange(0, BLOCK_DV)
@@ -253,7 +259,7 @@ def _bwd_extra_dkv_kernel(
         dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
         dsT = pT * (tl.dot(v, tl.trans(do), input_precision=DOT_PREC) - delta[None, :])
         dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
-    tl.store(DEK + ((b * N_EXTRA + e) * H + h)[:, None] * HEAD_D + d_cols[None, :], (dk * sm_scale).to(DEK.dtype.element_ty),
-             mask=e_in[:, None] & (d_cols[None, :] < HEAD_D))
+    tl.store(DEK + ((b * N_EXTRA + e) * H + h)[:, None] * HEAD_D + d_cols[None, :],
+             (dk * sm_scale).to(DEK.dtype.element_ty), mask=e_in[:, None] & (d_cols[None, :] < HEAD_D))
     tl.store(DEV + ((b * N_EXTRA + e) * H + h)[:, None] * HEAD_DV + dv_cols[None, :], dv.to(DEV.dtype.element_ty),
              mask=e_in[:, None] & (dv_cols[None, :] < HEAD_DV))

@@ -15,7 +15,8 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # Pattern integers change from call to call; letting Triton specialise them (value 1, multiple of 16) would compile
 # a new kernel for most new shapes. Strides and head dims stay specialised: unit/aligned strides and a head-dim
 # bound divisible by 16 (mask constant over 16 columns) are what let Triton emit wide vector loads.
-_PATTERN_ARGS = ["H", "L0", "L1", "L2", "DL0", "DL1", "DL2", "NT0", "NT1", "NT2", "KS0", "KS1", "KS2", "ST0", "ST1", "ST2", "SH0", "SH1", "SH2"]
+_PATTERN_ARGS = ["H", "L0", "L1", "L2", "DL0", "DL1", "DL2", "NT0", "NT1", "NT2", "KS0", "KS1", "KS2",
+                 "ST0", "ST1", "ST2", "SH0", "SH1", "SH2"]
 
 
 @triton.jit
@@ -71,9 +72,12 @@ def _fwd_kernel(
     t0, t1, t2 = unflatten(pid, DL1 * NT1, DL2 * NT2)
     r0, r1, r2 = unflatten(tl.arange(0, BLOCK_M), M1, M2)
     c0, c1, c2 = unflatten(tl.arange(0, BLOCK_N), N1, N2)
-    g0, G0, qi0, qv0, st0, en0, ka0, nk0, cl0, ch0 = _query_dim(t0, r0, L0, DL0, NT0, KS0, ST0, SH0, M0, N0, CAUSAL0, WINDOW)
-    g1, G1, qi1, qv1, st1, en1, ka1, nk1, cl1, ch1 = _query_dim(t1, r1, L1, DL1, NT1, KS1, ST1, SH1, M1, N1, CAUSAL1, WINDOW)
-    g2, G2, qi2, qv2, st2, en2, ka2, nk2, cl2, ch2 = _query_dim(t2, r2, L2, DL2, NT2, KS2, ST2, SH2, M2, N2, CAUSAL2, WINDOW)
+    g0, G0, qi0, qv0, st0, en0, ka0, nk0, cl0, ch0 = _query_dim(
+        t0, r0, L0, DL0, NT0, KS0, ST0, SH0, M0, N0, CAUSAL0, WINDOW)
+    g1, G1, qi1, qv1, st1, en1, ka1, nk1, cl1, ch1 = _query_dim(
+        t1, r1, L1, DL1, NT1, KS1, ST1, SH1, M1, N1, CAUSAL1, WINDOW)
+    g2, G2, qi2, qv2, st2, en2, ka2, nk2, cl2, ch2 = _query_dim(
+        t2, r2, L2, DL2, NT2, KS2, ST2, SH2, M2, N2, CAUSAL2, WINDOW)
     q_valid = qv0 & qv1 & qv2
     dq_cols = tl.arange(0, BLOCK_D)
     dv_cols = tl.arange(0, BLOCK_DV)
