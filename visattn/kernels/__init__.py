@@ -1,4 +1,4 @@
-"""Triton backend for neighborhood (NA/DiNA/GNA) and (shifted) window attention.
+"""Triton backend for neighborhood (NA/DiNA/GNA), (shifted) window and bi-level routing attention.
 
 The dispatcher in ``visattn.functional`` validates and normalises arguments, asks ``*_why_not`` whether this
 backend can run the call, then calls ``na`` / ``window``. Importing this package imports Triton if it can (and
@@ -103,4 +103,23 @@ def window(q: Tensor, k: Tensor, v: Tensor, window_size: tuple, shift: tuple, rp
     return out
 
 
-__all__ = ["na", "na_why_not", "window", "window_why_not"]
+def bilevel_routing_why_not(q, k, v, regions, topk) -> Optional[str]:
+    """None when the routed-attention kernels (``routing.py``) can run this call, else a short reason."""
+    try:
+        reason = _common_why_not([q, k, v], q, k, v)
+        if reason is None and q.shape[1] * q.shape[2] // (regions[0] * regions[1]) > 4096:
+            reason = "regions of more than 4096 tokens"  # the dK/dV pass loops over whole query regions
+        return reason
+    except Exception as err:
+        return f"triton capability check failed ({type(err).__name__}: {err})"
+
+
+def bilevel_routing(q: Tensor, k: Tensor, v: Tensor, regions: tuple, topk: int, scale: float,
+                    return_routing: bool = False):
+    """Fused bi-level routing attention: routed regions read in place, no key/value gather."""
+    from visattn.kernels.routing import bilevel_routing as fused
+
+    return fused(q, k, v, tuple(regions), int(topk), float(scale), return_routing=return_routing)
+
+
+__all__ = ["bilevel_routing", "bilevel_routing_why_not", "na", "na_why_not", "window", "window_why_not"]
