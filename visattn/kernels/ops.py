@@ -64,11 +64,11 @@ def _tiles_per_group(pat: Pattern, lengths, box) -> list[int]:
     return out
 
 
-def _tiles(pass_name: str, pat: Pattern, lengths, q: Tensor, head_dim: int):
+def _tiles(pass_name: str, pat: Pattern, lengths, q: Tensor, head_dim: int, bias: bool = False):
     extents = tuple(math.ceil(lengths[i] / pat.dilation[i]) for i in range(3))
     bits = 16 if q.dtype in (torch.float16, torch.bfloat16) else 32
     return choose_tiles(pass_name, pat.window, extents, tuple(pat.kernel), tuple(pat.stride), bits, head_dim,
-                        INTERPRETED)
+                        INTERPRETED, bias)
 
 
 def _pattern_args(pat: Pattern, lengths, n_tiles):
@@ -106,7 +106,7 @@ def forward(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float) -> tuple
     lse = _new(q.shape[:-1], q, torch.float32)
     o3, l3 = _view3(out, rank), _view3(lse, rank)
     lengths = (L0, L1, L2)
-    tiles = _tiles("fwd", pat, lengths, q, max(D, Dv))
+    tiles = _tiles("fwd", pat, lengths, q, max(D, Dv), bias=rpb is not None)
     n_tiles = _tiles_per_group(pat, lengths, tiles.m)
     rpb_t, r_st = _optional(None if rpb is None else _rpb3(rpb, rank), q, 4)
     ek, ek_st = _optional(extra_k, q, 4)

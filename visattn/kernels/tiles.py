@@ -48,6 +48,9 @@ _VOLUMES = {
 }
 for _key, _vol in list(_VOLUMES.items()):  # float32: half the rows (registers), ieee dots
     _VOLUMES[(_key[0], 32) + _key[2:]] = (max(16, _vol[0] // 2), max(16, _vol[1] // 2), 4, min(_vol[3], 2))
+# A fused bias streams a [BLOCK_M, BLOCK_N] tile per key tile through the pipeline too: the 128x128x3-stage
+# forward then needs 256 KiB of shared memory (H100: 227 KiB; seen in the GPU sweep), so halve its key tile.
+_BIAS_VOLUMES = {("fwd", 16, 128, "large"): (128, 64, 8, 3)}
 _INTERPRETER_VOLUMES = {"fwd": (64, 32, 4, 1), "bwd": (64, 64, 4, 1)}
 
 
@@ -84,12 +87,14 @@ def volume_key(pass_name: str, window: bool, kernel: Triple, dtype_bits: int, he
 
 @functools.lru_cache(maxsize=512)
 def choose_tiles(pass_name: str, window: bool, extents: Triple, kernel: Triple, stride: Triple, dtype_bits: int,
-                 head_dim: int, interpret: bool) -> Tiles:
-    """Tiles for one pass ('fwd', 'dq' or 'dkv'). extents: dilation-group lengths; kernel: kernel or window."""
+                 head_dim: int, interpret: bool, bias: bool = False) -> Tiles:
+    """Tiles for one pass ('fwd', 'dq' or 'dkv'). extents: dilation-group lengths; kernel: kernel or window;
+    bias: an rpb table is fused (it costs shared memory per pipeline stage)."""
     if interpret:
         block_m, block_n, warps, stages = _INTERPRETER_VOLUMES["fwd" if pass_name == "fwd" else "bwd"]
     else:
-        block_m, block_n, warps, stages = _VOLUMES[volume_key(pass_name, window, kernel, dtype_bits, head_dim)]
+        key = volume_key(pass_name, window, kernel, dtype_bits, head_dim)
+        block_m, block_n, warps, stages = (_BIAS_VOLUMES if bias and key in _BIAS_VOLUMES else _VOLUMES)[key]
     # the dK/dV pass owns the key tile and walks query tiles: the same cost with the roles swapped.
     own_volume, other_volume = (block_n, block_m) if pass_name == "dkv" else (block_m, block_n)
     # Neighborhoods keep the table's volume (fewer, larger tiles reload fewer halo keys per row); windows may
