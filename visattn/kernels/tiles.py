@@ -48,9 +48,15 @@ _VOLUMES = {
 }
 for _key, _vol in list(_VOLUMES.items()):  # float32: half the rows (registers), ieee dots
     _VOLUMES[(_key[0], 32) + _key[2:]] = (max(16, _vol[0] // 2), max(16, _vol[1] // 2), 4, min(_vol[3], 2))
-# A fused bias streams a [BLOCK_M, BLOCK_N] tile per key tile through the pipeline too: the 128x128x3-stage
-# forward then needs 256 KiB of shared memory (H100: 227 KiB; seen in the GPU sweep), so halve its key tile.
-_BIAS_VOLUMES = {("fwd", 16, 128, "large"): (128, 64, 8, 3)}
+# A fused bias adds a gathered [BLOCK_M, BLOCK_N] tile per key tile. The 128x128x3-stage forward then needs 256 KiB
+# of shared memory (H100: 227 KiB; seen in the GPU sweep), and the small-kernel 128x64 forward ran 20x slower than
+# without the bias (NAT-T s1 at B256: 16.1 ms vs 0.65; 64x32x2 stages: 0.81 ms; docs/PERF.md), so bias runs get
+# smaller tiles.
+_BIAS_VOLUMES = {
+    ("fwd", 16, 128, "large"): (128, 64, 8, 3),
+    ("fwd", 16, 64, "small"): (64, 32, 4, 2),
+    ("fwd", 16, 128, "small"): (64, 32, 4, 2),
+}
 _INTERPRETER_VOLUMES = {"fwd": (64, 32, 4, 1), "bwd": (64, 64, 4, 1)}
 
 
