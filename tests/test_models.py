@@ -168,7 +168,8 @@ SMALL = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), kernel_s
 @pytest.fixture
 def hf_dinat(monkeypatch):
     """transformers' Dinat modeling module running on the NATTEN-0.17-formula ops above."""
-    import natten.functional
+    natten = pytest.importorskip("natten", reason="transformers' Dinat imports natten (pip install natten)")
+    importlib.import_module("natten.functional")
 
     monkeypatch.setattr(natten.functional, "natten2dqkrpb", natten2dqkrpb, raising=False)
     monkeypatch.setattr(natten.functional, "natten2dav", natten2dav, raising=False)
