@@ -53,16 +53,34 @@ def _per_sample(spans: list, flat: list) -> list[list[torch.Tensor]]:
     return out
 
 
-def _kept_now(spans: list, lay: "_Layout") -> list[list[torch.Tensor]]:
-    """Per sample, per image: original indices (within the image) still present in layout ``lay``."""
-    kept, j = [], 0
-    for b, row in enumerate(spans):
-        kept_row = []
-        for s, _ in row:
-            kept_row.append(lay.orig[b][(lay.image[b] == j) & lay.valid[b] & (lay.orig[b] >= 0)] - s)
-            j += 1
-        kept.append(kept_row)
-    return kept
+def _kept_now(spans: list, lay: "_Layout", start: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Per sample, per image: original indices (within the image) still present in layout ``lay``.
+
+    ``start`` (images,) holds every image's first index in the LM input. Two host syncs for the whole batch.
+    """
+    sel = (lay.image >= 0) & lay.valid & (lay.orig >= 0)
+    rows, cols = sel.nonzero().unbind(1)
+    ids = lay.image[rows, cols]
+    order = torch.sort(ids, stable=True).indices  # images are contiguous and ordered; stays a no-op reorder
+    ids, orig = ids[order], lay.orig[rows, cols][order]
+    counts = torch.bincount(ids, minlength=start.shape[0]).tolist()
+    return _per_sample(spans, list((orig - start[ids]).split(counts)))
+
+
+def _image_starts(image_id: torch.Tensor, n_images: int) -> torch.Tensor:
+    """First LM-input index (n_images,) of every image of the (B, L) ``image_id`` map (-1 = text); no sync."""
+    length = image_id.shape[1]
+    pos = torch.arange(length, device=image_id.device).expand_as(image_id)
+    out = torch.full((n_images + 1,), length, dtype=torch.long, device=image_id.device)
+    return out.scatter_reduce_(0, (image_id + 1).flatten(), pos.flatten(), "amin")[1:]
+
+
+def _snapshot(call: "_Call", lay: "_Layout") -> int:
+    """Index of ``lay``'s (2, B) token / visual-token counts in ``call.snaps`` (added once per layout, no sync)."""
+    if call.snap_layout is not lay:
+        call.snaps.append(torch.stack([lay.valid.sum(1), ((lay.image >= 0) & lay.valid).sum(1)]))
+        call.snap_layout = lay
+    return len(call.snaps) - 1
 
 
 @dataclass
@@ -117,6 +135,10 @@ class _Call:
     stage_kept: list = field(default_factory=list)
     stage_selected: list = field(default_factory=list)
     raters: torch.Tensor | None = None
+    rater_width: int | None = None
+    image_start: torch.Tensor | None = None
+    snaps: list = field(default_factory=list)  # (2, B) token / visual-token counts per distinct layout
+    snap_layout: object = None
 
 
 @dataclass
@@ -342,6 +364,7 @@ class LlavaAdapter:
                 j += 1
         orig = torch.arange(length, device=embeds.device).expand(bsz, -1)
         call.layout = _Layout(valid, pos_in, image_id, orig)
+        call.image_start = _image_starts(image_id, j)
         self.bound = _Bound(cache=cache, lm_len=length)
         if self.pruner.stage == "llm":
             if hasattr(self.pruner, "raters"):
@@ -444,7 +467,7 @@ class LlavaAdapter:
         if call.substitute is not None:
             self._substitute(kwargs, call.substitute)
         lay = call.layout
-        call.per_layer.append(((lay.valid).sum(1).tolist(), ((lay.image >= 0) & lay.valid).sum(1).tolist()))
+        call.per_layer.append(_snapshot(call, lay))
         for stage_index, st in enumerate(stages):  # in order: an earlier stage's drop precedes a later scoring
             if st.score_layer == idx:
                 with self._timed():
@@ -457,13 +480,15 @@ class LlavaAdapter:
                 continue
             with self._timed():
                 scores = call.scores[stage_index]
+                n_now: list[int] = []
                 keep, sel = _select_per_image(lay.image, lay.valid, call.image_lengths, lambda g, x: self.pruner.select(
-                    stage_index, scores[x[..., 0], x[..., 1]], call.image_lengths[g]))
+                    stage_index, scores[x[..., 0], x[..., 1]], call.image_lengths[g]), n_now)
             call.stage_selected.append(_per_sample(call.spans, [x for x in sel]))
-            if bool(keep[lay.valid].all()):
+            if bool((keep | ~lay.valid).all()):
                 continue
             with self._timed():
-                lay, hidden, comp, order = self._recycle(lay, hidden, keep, scores)
+                removed = [n - x.shape[-1] for n, x in zip(n_now, sel)]
+                lay, hidden, comp, order = self._recycle(call, lay, hidden, keep, scores, removed)
             comp = compact(keep, lay.valid, order) if comp is None else comp
             lay = lay.apply(comp, self._reindex())
             call.layout = lay
@@ -479,8 +504,8 @@ class LlavaAdapter:
             self._substitute(kwargs, call.substitute)
             next_pos = self._next_pos(lay)
             self.bound.stages.append((idx, lay.valid, next_pos))
-            call.stage_kept.append(_kept_now(call.spans, lay))
-            call.per_layer[-1] = ((lay.valid).sum(1).tolist(), ((lay.image >= 0) & lay.valid).sum(1).tolist())
+            call.stage_kept.append(_kept_now(call.spans, lay, call.image_start))
+            call.per_layer[-1] = _snapshot(call, lay)
         return _with_hidden(args, kwargs, hidden)
 
     def _score_rows(self, call: _Call, lay: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -490,7 +515,9 @@ class LlavaAdapter:
             return last, torch.ones_like(last, dtype=torch.bool)
         now = call.raters.gather(1, lay.orig.clamp(min=0)) & (lay.orig >= 0) & lay.valid
         counts = now.sum(1)
-        width = max(int(counts.max()), 1)
+        if call.rater_width is None:  # raters are text tokens: never dropped, so one sync per call
+            call.rater_width = max(int(counts.max()), 1)
+        width = call.rater_width
         order = torch.sort((~now).to(torch.int8), dim=1, stable=True).indices[:, :width]
         ok = torch.arange(width, device=now.device)[None] < counts[:, None]
         none = counts == 0  # no rater (no text after the image): fall back to the last token
@@ -498,32 +525,60 @@ class LlavaAdapter:
         rows = torch.where(ok & ~none[:, None], order, last)
         return rows, ok
 
-    def _recycle(self, lay: _Layout, hidden: torch.Tensor, keep: torch.Tensor, scores: torch.Tensor):
-        """Append recycled tokens (pruner.recycled) after each image's kept tokens; extends the layout."""
-        if not getattr(self.pruner, "recycle", False):
-            return lay, hidden, None, None
-        present = (lay.image >= 0) & lay.valid
-        deleted = present & ~keep
-        extras: list[list[tuple[int, int, torch.Tensor]]] = [[] for _ in range(hidden.shape[0])]
-        for b in range(hidden.shape[0]):
-            for j in lay.image[b][deleted[b]].unique().tolist():
-                gone = (deleted[b] & (lay.image[b] == j)).nonzero()[:, 0]
-                tokens = self.pruner.recycled(hidden[b, gone], scores[b, gone])
-                anchor = int(((lay.image[b] == j) & keep[b]).nonzero()[-1, 0])
-                extras[b] += [(anchor, j, t) for t in tokens]
-        n_extra = max(len(e) for e in extras)
-        if n_extra == 0:
+    def _recycle(self, call: _Call, lay: _Layout, hidden: torch.Tensor, keep: torch.Tensor, scores: torch.Tensor,
+                 removed: list[int]):
+        """Append recycled tokens (pruner.recycled) after each image's kept tokens; extends the layout.
+
+        ``removed[j]``: deleted tokens of image ``j`` (host ints). Images with the same count are recycled in one
+        batched call; the only host-device transfer is one upload of the (host-known) slot indices.
+        """
+        pruner = self.pruner
+        if not getattr(pruner, "recycle", False) or not any(removed):
             return lay, hidden, None, None
         bsz, length = lay.valid.shape
-        ext = hidden.new_zeros(bsz, n_extra, hidden.shape[-1])
-        ext_valid = torch.zeros(bsz, n_extra, dtype=torch.bool, device=hidden.device)
-        ext_image = torch.full((bsz, n_extra), -1, dtype=torch.long, device=hidden.device)
-        ext_key = torch.zeros(bsz, n_extra, dtype=torch.long, device=hidden.device)
-        for b, row in enumerate(extras):
-            for e, (anchor, j, t) in enumerate(row):
-                ext[b, e], ext_valid[b, e], ext_image[b, e] = t, True, j
-                ext_key[b, e] = anchor * (n_extra + 1) + 1 + e
-        key = torch.arange(length, device=hidden.device)[None].expand(bsz, -1) * (n_extra + 1)
+        dev, n_img = hidden.device, len(removed)
+        row_of = [b for b, row in enumerate(call.spans) for _ in row]
+        made = [pruner.recycled_count(m) for m in removed]
+        slot, used = [], [0] * bsz  # slot of image j's first recycled token in its row's extension
+        for j, c in enumerate(made):
+            slot.append(used[row_of[j]])
+            used[row_of[j]] += c
+        n_extra = max(used)
+        if n_extra == 0:
+            return lay, hidden, None, None
+        start = [sum(removed[:j]) for j in range(n_img)]
+        groups: dict[int, list[int]] = {}
+        for j, m in enumerate(removed):
+            if m:
+                groups.setdefault(m, []).append(j)
+        # one upload: per group its images, their first deleted token in the sorted order and their first slot
+        meta = [v for js in groups.values() for v in (*js, *(start[j] for j in js),
+                                                      *(row_of[j] * n_extra + slot[j] for j in js))]
+        meta = torch.tensor(meta, dtype=torch.long).to(dev, non_blocking=True)
+        present = (lay.image >= 0) & lay.valid
+        ar = torch.arange(length, device=dev).expand(bsz, -1)
+        flat_ids = torch.where(present & ~keep, lay.image, n_img).flatten()
+        order = torch.sort(flat_ids, stable=True).indices  # deleted tokens by image, then position
+        kept_pos = torch.where(present & keep, ar, -1).flatten()
+        anchor = torch.full((n_img + 1,), -1, dtype=torch.long, device=dev).scatter_reduce_(
+            0, torch.where(present & keep, lay.image, n_img).flatten(), kept_pos, "amax")
+        ext = hidden.new_zeros(bsz * n_extra, hidden.shape[-1])
+        ext_image = torch.full((bsz * n_extra,), -1, dtype=torch.long, device=dev)
+        ext_key = torch.zeros(bsz * n_extra, dtype=torch.long, device=dev)
+        flat_h, flat_s, off = hidden.flatten(0, 1), scores.flatten(), 0
+        for m, js in groups.items():
+            g, c = len(js), pruner.recycled_count(m)
+            img, first, dest0 = meta[off : off + g], meta[off + g : off + 2 * g], meta[off + 2 * g : off + 3 * g]
+            off += 3 * g
+            src = order[first[:, None] + torch.arange(m, device=dev)]
+            tokens = pruner.recycled(flat_h[src], flat_s[src])
+            dest = (dest0[:, None] + torch.arange(c, device=dev)).flatten()
+            ext[dest] = tokens.flatten(0, 1).to(ext.dtype)
+            ext_image[dest] = img.repeat_interleave(c)
+            ext_key[dest] = anchor[img].repeat_interleave(c) * (n_extra + 1) + 1 + dest % n_extra
+        ext, ext_image, ext_key = ext.view(bsz, n_extra, -1), ext_image.view(bsz, -1), ext_key.view(bsz, -1)
+        ext_valid = ext_image >= 0
+        key = ar * (n_extra + 1)
         valid = torch.cat([lay.valid, ext_valid], 1)
         ext_pos = lay.pos.new_zeros(bsz, n_extra, *lay.pos.shape[2:])
         new = _Layout(valid, torch.cat([lay.pos, ext_pos], 1), torch.cat([lay.image, ext_image], 1),
@@ -561,12 +616,12 @@ class LlavaAdapter:
         visual = [sum(e - s for s, e in row) for row in call.spans]
         extra = {}
         if self.pruner.stage == "llm":
-            kept = _kept_now(call.spans, lay)
+            kept = _kept_now(call.spans, lay, call.image_start)
             extra["stage_kept"] = call.stage_kept
             extra["stage_selected"] = call.stage_selected
-            per_layer = call.per_layer
-            tokens = [[pl[0][b] for pl in per_layer] for b in range(bsz)]
-            vis = [[pl[1][b] for pl in per_layer] for b in range(bsz)]
+            snaps = torch.stack(call.snaps).tolist() if call.snaps else []  # one sync for all layers
+            tokens = [[snaps[i][0][b] for i in call.per_layer] for b in range(bsz)]
+            vis = [[snaps[i][1][b] for i in call.per_layer] for b in range(bsz)]
         else:
             kept = call.kept or [[] for _ in range(bsz)]
             n_layers = len(self.layers)

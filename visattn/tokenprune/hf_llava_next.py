@@ -76,9 +76,10 @@ def _visionzip_pack(adapter, vis, image_features: list, image_sizes, packed: lis
     vcfg = core.config.vision_config
     side = vcfg.image_size // vcfg.patch_size
     counts = [f.shape[0] for f in image_features]
+    sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes  # one sync, not per image
     out, slots, kept = [], [], []
     for i, (t, d) in enumerate(zip(tokens.split(counts), dom.split(counts))):
-        grid = get_anyres_image_grid_shape(image_sizes[i], core.config.image_grid_pinpoints, vcfg.image_size)
+        grid = get_anyres_image_grid_shape(sizes[i], core.config.image_grid_pinpoints, vcfg.image_size)
         seq = visionzip_layout(t, d, tuple(int(g) for g in grid), side, core.image_newline)
         if seq.shape[0] > packed[i].shape[0]:
             raise ValueError(f"dominant={pruner.dominant}, contextual={pruner.contextual}: image {i} would get "
@@ -151,14 +152,17 @@ def next_keep(image_id: torch.Tensor, spans: list, vis) -> tuple[torch.Tensor, l
     """
     keep, kept, j = image_id < 0, [], 0
     report = vis.extra.get("report_kept")
+    over = []  # per image: largest kept index minus the span length (checked with one host sync)
     for b, row in enumerate(spans):
         kept_row = []
         for s, e in row:
             idx = vis.kept[j] if vis.count is not None else torch.arange(e - s, device=image_id.device)
-            if vis.count is not None and int(idx.max()) >= e - s:
-                raise RuntimeError("tokenprune: LLaVA-NeXT packing does not match the image placeholders")
-            keep[b, s + idx] = True
+            if vis.count is not None:
+                over.append(idx.max() - (e - s))
+            keep[b, s + idx.clamp(max=e - s - 1)] = True
             kept_row.append(report[j] if report is not None else idx)
             j += 1
         kept.append(kept_row)
+    if over and bool(torch.stack(over).max() >= 0):
+        raise RuntimeError("tokenprune: LLaVA-NeXT packing does not match the image placeholders")
     return keep, kept

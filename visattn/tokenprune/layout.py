@@ -40,14 +40,15 @@ def compact(keep: torch.Tensor, valid: torch.Tensor, order_key: torch.Tensor | N
     """
     sel = keep & valid
     counts = sel.sum(1)
-    new_len = max(int(counts.max()), 1)
+    new_len, right = torch.stack([counts.max(), (~valid[:, -1]).any().long()]).tolist()  # one host sync
+    new_len = max(new_len, 1)
     if order_key is None:
         order = torch.sort((~sel).to(torch.int8), dim=1, stable=True).indices[:, :new_len]
     else:
-        big = int(order_key.max()) + 1
-        order = torch.sort(order_key.masked_fill(~sel, big), dim=1, stable=True).indices[:, :new_len]
+        big = order_key.max() + 1
+        order = torch.sort(torch.where(sel, order_key, big), dim=1, stable=True).indices[:, :new_len]
     ar = torch.arange(new_len, device=keep.device)
-    if is_right_padded(valid):
+    if right:
         new_valid = ar[None, :] < counts[:, None]
         return Compaction(order, new_valid)
     shift = (new_len - counts)[:, None]
@@ -106,17 +107,21 @@ def image_spans(image_mask: torch.Tensor, tokens_per_image: int | None = None) -
     return spans
 
 
-def select_per_image(image: torch.Tensor, valid: torch.Tensor, lengths: list[int], select) -> tuple:
+def select_per_image(image: torch.Tensor, valid: torch.Tensor, lengths: list[int], select,
+                     counts_out: list | None = None) -> tuple:
     """Run ``select(image_index_or_None, coords)`` on the (row, col) coords of every image's current tokens.
 
     ``coords`` is (G, c, 2) when all images have ``c`` current tokens and the same original length (one batched
-    call, ``image_index`` None), else (1, c_j, 2) per image. Returns (keep mask with text kept, kept per image).
+    call, ``image_index`` None), else (1, c_j, 2) per image. Returns (keep mask with text kept, kept per image);
+    ``counts_out`` (a list), if given, receives every image's current token count. Two host syncs.
     """
     present = (image >= 0) & valid
     keep = ~present & valid
     coords = present.nonzero()
     ids = image[coords[:, 0], coords[:, 1]]
     counts = torch.bincount(ids, minlength=len(lengths)).tolist()
+    if counts_out is not None:
+        counts_out.extend(counts)
     kept: list[torch.Tensor] = []
     if len(set(counts)) == 1 and len(set(lengths)) == 1 and counts[0] > 0:
         grid = coords.view(len(lengths), counts[0], 2)

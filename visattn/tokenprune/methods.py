@@ -156,7 +156,7 @@ class VisionZip(VisionPruner):
         rest_mask.scatter_(1, dom, False)
         n_rest = n_patches - n_dom
         if n_rest > 0:
-            rest = rest_mask.nonzero()[:, 1].view(patches.shape[0], n_rest)
+            rest = torch.sort((~rest_mask).to(torch.int8), dim=1, stable=True).indices[:, :n_rest]  # no sync
             metric = keys[:, 1:].mean(2)
             hid = patches.gather(1, rest[..., None].expand(-1, -1, patches.shape[-1]))
             met = metric.gather(1, rest[..., None].expand(-1, -1, metric.shape[-1]))

@@ -59,13 +59,17 @@ def contextual_merge(
     c = min(num_contextual, m)
     step = max(1, m // c)
     targets = torch.arange(0, m, step, device=hidden.device)[:c]
-    is_target = torch.zeros(m, dtype=torch.bool, device=hidden.device)
-    is_target[targets] = True
+    r = torch.arange(m - c, device=hidden.device)  # non-targets in order, by index arithmetic (no mask / sync)
+    if step > 1:
+        inside = c * (step - 1)
+        others = torch.where(r < inside, (r // (step - 1)) * step + 1 + r % (step - 1), r + c)
+    else:
+        others = r + c
     metric = metric / metric.norm(dim=-1, keepdim=True)
-    sim = torch.bmm(metric[:, ~is_target], metric[:, targets].transpose(1, 2))
+    sim = torch.bmm(metric[:, others], metric[:, targets].transpose(1, 2))
     assign = sim.argmax(dim=-1)
     one_hot = torch.zeros(bsz, m - c, c, dtype=hidden.dtype, device=hidden.device)
     one_hot.scatter_(2, assign[..., None], 1)
     counts = one_hot.sum(1).clamp(min=1)[..., None]
-    merged = torch.bmm(one_hot.transpose(1, 2), hidden[:, ~is_target]) / counts
+    merged = torch.bmm(one_hot.transpose(1, 2), hidden[:, others]) / counts
     return hidden[:, targets] + merged, targets, assign

@@ -28,25 +28,29 @@ OFFICIAL_DEPTH = 32
 
 
 def dpc_knn_merge(x: torch.Tensor, clusters: int) -> torch.Tensor:
-    """DPC-KNN clustering of ``x`` (M, C) into ``clusters`` groups; returns the group means (clusters, C).
+    """DPC-KNN clustering of ``x`` (M, C) or a batch (G, M, C) into ``clusters`` groups; returns the group means
+    (clusters, C) or (G, clusters, C). Every batch item is clustered on its own (no host sync).
 
     Density from the ``clusters`` nearest distances (self included), parent distance to the nearest denser
     token (the maximum distance for the densest), centres = top ``clusters`` of density x parent distance, every
     token joins its nearest centre, a centre joins itself. Ties are broken by index (the official code adds
     1e-6 uniform noise to the density instead). Means divide by ``count + 1e-6`` as the official code.
     """
-    m, c = x.shape
-    xf = x.float()
-    dist = torch.cdist(xf[None], xf[None])[0] / c**0.5
+    single = x.dim() == 2
+    xb = x[None] if single else x
+    g, m, c = xb.shape
+    xf = xb.float()
+    dist = torch.cdist(xf, xf) / c**0.5
     density = (-(dist.topk(clusters, dim=-1, largest=False).values ** 2).mean(-1)).exp()
-    denser = density[None, :] > density[:, None]
-    parent = torch.where(denser, dist, dist.max()).min(-1).values
-    centres = (parent * density).topk(clusters).indices
-    assign = dist[centres].argmin(0)
-    assign[centres] = torch.arange(clusters, device=x.device)
-    sums = torch.zeros(clusters, c, dtype=torch.float32, device=x.device).index_add_(0, assign, xf)
-    counts = torch.bincount(assign, minlength=clusters).float()[:, None] + 1e-6
-    return (sums / counts).to(x.dtype)
+    denser = density[:, None, :] > density[:, :, None]
+    parent = torch.where(denser, dist, dist.amax((1, 2), keepdim=True)).min(-1).values
+    centres = (parent * density).topk(clusters, dim=-1).indices
+    assign = dist.gather(1, centres[..., None].expand(-1, -1, m)).argmin(1)
+    assign.scatter_(1, centres, torch.arange(clusters, device=x.device).expand(g, -1))
+    sums = xf.new_zeros(g, clusters, c).scatter_add_(1, assign[..., None].expand(-1, -1, c), xf)
+    counts = xf.new_zeros(g, clusters).scatter_add_(1, assign, xf.new_ones(g, m))[..., None] + 1e-6
+    out = (sums / counts).to(x.dtype)
+    return out[0] if single else out
 
 
 class SparseVLM(LLMPruner):
@@ -116,21 +120,30 @@ class SparseVLM(LLMPruner):
     # ------------------------------------------------------------------------------------------ scoring
     @staticmethod
     def raters(embeds: torch.Tensor, valid: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """Rater mask (B, L): text tokens after the first image whose relevance exceeds the mean."""
+        """Rater mask (B, L): text tokens after the first image whose relevance exceeds the mean.
+
+        Batched over samples (visual / text tokens gathered into padded tensors); one host sync per call.
+        """
         out = torch.zeros_like(valid)
         ar = torch.arange(valid.shape[1], device=valid.device)
-        for b in range(valid.shape[0]):
-            vis = (image[b] >= 0) & valid[b]
-            if not bool(vis.any()):
-                continue
-            first = int(vis.nonzero()[0])
-            text = valid[b] & (image[b] < 0) & (ar > first)
-            if not bool(text.any()):
-                continue
-            rel = (embeds[b, vis].float() @ embeds[b, text].float().T).softmax(-1).mean(0)
-            idx = text.nonzero()[:, 0]
-            out[b, idx[rel > rel.mean()]] = True
-        return out
+        vis = (image >= 0) & valid
+        first = torch.where(vis, ar, valid.shape[1]).amin(1, keepdim=True)
+        text = valid & (image < 0) & (ar > first)
+        n_vis, n_text = vis.sum(1), text.sum(1)
+        v_max, t_max = torch.stack([n_vis.max(), n_text.max()]).tolist()
+        if v_max == 0 or t_max == 0:
+            return out
+        v_idx = torch.sort((~vis).to(torch.int8), dim=1, stable=True).indices[:, :v_max]
+        t_idx = torch.sort((~text).to(torch.int8), dim=1, stable=True).indices[:, :t_max]
+        v_ok = ar[None, :v_max] < n_vis[:, None]
+        t_ok = ar[None, :t_max] < n_text[:, None]
+        ev = embeds.gather(1, v_idx[..., None].expand(-1, -1, embeds.shape[-1])).float()
+        et = embeds.gather(1, t_idx[..., None].expand(-1, -1, embeds.shape[-1])).float()
+        probs = (ev @ et.transpose(1, 2)).masked_fill(~t_ok[:, None], float("-inf")).softmax(-1)
+        rel = torch.where(v_ok[..., None], probs, 0.0).sum(1) / n_vis.clamp(min=1)[:, None]
+        mean = torch.where(t_ok, rel, 0.0).sum(1, keepdim=True) / n_text.clamp(min=1)[:, None]
+        pick = (rel > mean) & t_ok & (n_vis > 0)[:, None]
+        return out.scatter(1, t_idx, pick)
 
     def select(self, stage_index: int, scores: torch.Tensor, num_original: int) -> torch.Tensor:
         n = scores.shape[-1]
@@ -138,13 +151,19 @@ class SparseVLM(LLMPruner):
         k = max(1, min(k, n - 1))
         return scores.topk(k, dim=-1).indices.sort(dim=-1).values
 
+    def recycled_count(self, m: int) -> int:
+        """Recycled tokens made from ``m`` deleted ones (0 when recycling is off or nothing was deleted)."""
+        return int((int(m * 0.3) + 1) / 10) + 1 if self.recycle and m > 0 else 0
+
     def recycled(self, hidden: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """Recycled tokens (c, C) from the deleted tokens' hidden states (m, C) and scores (m,)."""
-        m = hidden.shape[0]
+        """Recycled tokens (c, C) from the deleted tokens' hidden states (m, C) and scores (m,); a leading batch
+        dim (G, m, C) / (G, m) recycles G images with the same ``m`` at once."""
+        m = hidden.shape[-2]
         if not self.recycle or m == 0:
-            return hidden[:0]
-        top = scores.topk(int(m * 0.3) + 1).indices
-        return dpc_knn_merge(hidden[top], int((int(m * 0.3) + 1) / 10) + 1)
+            return hidden[..., :0, :]
+        top = scores.topk(int(m * 0.3) + 1, dim=-1).indices
+        picked = hidden.gather(-2, top[..., None].expand(*top.shape, hidden.shape[-1]))
+        return dpc_knn_merge(picked, self.recycled_count(m))
 
 
 def _register() -> None:
