@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from visattn.tokenprune.hf_llava import LlavaAdapter, _Call, _Layout
+from visattn.tokenprune.hf_llava import LlavaAdapter, _Call
+from visattn.tokenprune.layout import TokenLayout as _Layout
 from visattn.tokenprune.layout import image_spans, positions_from_valid
 from visattn.tokenprune.methods import FastV, LLMPruner, PyramidDrop, TokenPruner
 

@@ -137,3 +137,23 @@ def select_per_image(image: torch.Tensor, valid: torch.Tensor, lengths: list[int
         kept.append(sel)
         start += c
     return keep, kept
+
+
+@dataclass
+class TokenLayout:
+    """Current LLM-side layout of a prefill: which original token sits where."""
+
+    valid: torch.Tensor  # (B, L) bool
+    pos: torch.Tensor  # (B, L) long position ids
+    image: torch.Tensor  # (B, L) long: image index within the batch, -1 for text
+    orig: torch.Tensor  # (B, L) long: index in the LM input (-1 for merged / recycled tokens)
+
+    def apply(self, comp: Compaction, reindex: bool) -> TokenLayout:
+        valid = comp.valid
+        vmask = valid.view(*valid.shape, *([1] * (self.pos.dim() - 2)))  # pos is (B, L) or (B, L, 3) (M-RoPE)
+        if reindex:
+            pos = positions_from_valid(valid)
+            pos = pos[..., None].expand(-1, -1, self.pos.shape[2]) if self.pos.dim() == 3 else pos
+        else:
+            pos = comp.take(self.pos).masked_fill(~vmask, 0)
+        return TokenLayout(valid, pos, comp.take(self.image).masked_fill(~valid, -1), comp.take(self.orig))
