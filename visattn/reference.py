@@ -193,7 +193,6 @@ def agent(
     """Agent attention: agents attend the keys, then queries attend the agents' summaries."""
     batch, *spatial, heads, dim = q.shape
     ct = _compute_dtype(q.dtype)
-    n = math.prod(spatial)
     as_bhnd = lambda t: t.reshape(batch, -1, heads, t.shape[-1]).transpose(1, 2).to(ct)
     qh, kh, vh, ah = as_bhnd(q), as_bhnd(k), as_bhnd(v), as_bhnd(agents)
     agent_logits = (ah @ kh.transpose(-1, -2)) * scale  # [B, H, A, N]
