@@ -214,7 +214,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-rank", type=int, default=1000, help="random problems per spatial rank")
     parser.add_argument("--out", default=None, help="JSON log path")
     parser.add_argument("--variants", type=int, default=40, help="flag combinations per rank (compile variants)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    # compiling kernel variants dominates the sweep and is CPU-bound: one worker per core (the H100 lease has 16)
+    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=None, help="problem seed (default: from the clock; logged)")
     parser.add_argument("--time-limit", type=float, default=540.0, help="stop handing out work after this many s")
 
