@@ -23,6 +23,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from visattn.bench.timing import device_ceilings
+
 
 @dataclass
 class Problem:
@@ -64,17 +66,6 @@ def bench(fn: Callable[[], object], quick: bool = False) -> float:
     import triton
 
     return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, return_mode="median")
-
-
-def measure_ceilings() -> dict:
-    """Matmul rate (bf16 8192^3, random data) and copy rate (bytes read + written) measured now."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    t_mm = bench(lambda: a @ b)
-    src = torch.randn(1 << 28, device="cuda", dtype=torch.float32)  # 1 GiB
-    dst = torch.empty_like(src)
-    t_cp = bench(lambda: dst.copy_(src))
-    return dict(matmul_tflops=2 * 8192 ** 3 / t_mm / 1e9, copy_gbs=2 * src.numel() * 4 / t_cp / 1e6)
 
 
 def _flops(p: Problem) -> float:
@@ -393,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from visattn.kernels import tiles
 
-    ceilings = measure_ceilings()
+    ceilings = device_ceilings()
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"matmul {ceilings['matmul_tflops']:.0f} TFLOP/s  copy {ceilings['copy_gbs']:.0f} GB/s", flush=True)
     for name in filter(None, args.profile.split(",")):

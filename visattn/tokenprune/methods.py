@@ -167,28 +167,29 @@ class VisionZip(VisionPruner):
 
 
 # -------------------------------------------------------------------------------------------- embedding stage
-class DivPrune(TokenPruner):
-    """DivPrune: greedy max–min cosine diversity on the projected visual tokens of each image."""
+class EmbeddingPruner(TokenPruner):
+    """Selects ``keep`` tokens per image from the projected visual tokens (before the LLM)."""
 
-    name = "divprune"
     stage = "embedding"
 
     def __init__(self, keep: Budget = 0.25):
         self.keep = check_budget(keep, "keep")
+
+
+class DivPrune(EmbeddingPruner):
+    """DivPrune: greedy max–min cosine diversity on the projected visual tokens of each image."""
+
+    name = "divprune"
 
     def select(self, embeddings: torch.Tensor) -> torch.Tensor:
         """``embeddings`` (G, N, D) of G images → kept indices (G, k)."""
         return maxmin_diversity(embeddings, resolve_budget(self.keep, embeddings.shape[-2]))
 
 
-class Uniform(TokenPruner):
+class Uniform(EmbeddingPruner):
     """Baseline without scores: ``keep`` evenly spaced visual tokens per image (scoring-overhead reference)."""
 
     name = "uniform"
-    stage = "embedding"
-
-    def __init__(self, keep: Budget = 0.25):
-        self.keep = check_budget(keep, "keep")
 
     def select(self, embeddings: torch.Tensor) -> torch.Tensor:
         n = embeddings.shape[-2]
