@@ -41,14 +41,18 @@ def _lengths_for(rank: int, rng: random.Random) -> list[int]:
     return lengths
 
 
-def draw_flags(rank: int, rng: random.Random) -> dict:
-    """The compile-relevant part of a problem: op, dtype, head dim, layout, rpb / extra KV / causal flags."""
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def draw_flags(rank: int, rng: random.Random, dtypes: tuple = DTYPES, rpb: str = "any") -> dict:
+    """The compile-relevant part of a problem: op, dtype, head dim, layout, rpb / extra KV / causal flags.
+    ``dtypes`` / ``rpb`` ('any', 'on', 'off') narrow the draw, e.g. to re-check one code path after a fix."""
     is_window = rank >= 2 and rng.random() < 0.3
-    dtype = rng.choice(["float32", "float16", "bfloat16"])
+    dtype = rng.choice(list(dtypes))
     layout = rng.choice(["contiguous", "fused_qkv", "permuted"])
     flags = dict(op="window" if is_window else "na", dtype=dtype, layout=layout,
                  head_dim=rng.choice([16, 32, 64, 128, 24, 80] if dtype != "float32" else [16, 32, 64, 24]),
-                 rpb=rng.random() < 0.4)
+                 rpb=rng.random() < 0.4 if rpb == "any" else rpb == "on")
     if not is_window:
         flags.update(causal=[rng.random() < 0.25 for _ in range(rank)], extra=rng.choice([0, 0, 1, 5, 17]))
     return flags
@@ -146,6 +150,7 @@ def run_problem(p: dict, device: str = "cuda") -> dict:
         it = iter(ts)
         return [next(it) if t is not None else None for t in (q, k, v, rpb, ek, ev)]
 
+    started = time.perf_counter()
     try:
         out = _call(kernels, p, *unpack(inputs), scale)
         grads = torch.autograd.grad(out, inputs, grad)
@@ -153,6 +158,7 @@ def run_problem(p: dict, device: str = "cuda") -> dict:
             torch.cuda.synchronize()
     except Exception as err:  # a failure to compile or launch is a failed problem, with its message
         return dict(p, ok=False, error="".join(traceback.format_exception_only(type(err), err))[-600:])
+    kernel_s = time.perf_counter() - started  # compiles included: what the sweep's throughput is bound by
     try:
         ref = _call(reference, p, *unpack(ref_inputs), scale)
         ref_grads = torch.autograd.grad(ref, ref_inputs, grad.to(ref_dtype))
@@ -167,10 +173,14 @@ def run_problem(p: dict, device: str = "cuda") -> dict:
         # an absolute floor too: with one key per query dq, dk and drpb are exactly 0 (softmax of one logit), and
         # rounding noise (summed over the whole map for drpb) makes `rel` meaningless there.
         exact_zero = b.double().norm().item() <= 1e-6 * grad_norm and absmax < 1e-3
+        if exact_zero:  # judged by the absolute floor; a relative error of ~0/0 would only clutter the summary
+            errors[name] = (0.0, absmax)
         good = (rel < TOLERANCE[p["dtype"]] or exact_zero
                 or absmax < (BF16_ABS if p["dtype"] == "bfloat16" else TOLERANCE[p["dtype"]]))
         ok = ok and good
-    return dict(p, ok=ok, errors=errors)
+    if q.is_cuda:
+        torch.cuda.synchronize()
+    return dict(p, ok=ok, errors=errors, kernel_s=kernel_s, reference_s=time.perf_counter() - started - kernel_s)
 
 
 def _variant(p: dict) -> tuple:
@@ -218,6 +228,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=None, help="problem seed (default: from the clock; logged)")
     parser.add_argument("--time-limit", type=float, default=540.0, help="stop handing out work after this many s")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma list of dtypes to draw from")
+    parser.add_argument("--rpb", choices=["any", "on", "off"], default="any", help="relative-position bias draw")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,7 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"seed {seed}")
     rng = random.Random(seed)
     # A pool of flag combinations per rank (each compiled once per tile shape), geometry fresh for every problem.
-    pools = {rank: [draw_flags(rank, rng) for _ in range(args.variants)] for rank in (1, 2, 3)}
+    dtypes = tuple(d for d in args.dtypes.split(",") if d)
+    if not dtypes or set(dtypes) - set(DTYPES):
+        parser.error(f"--dtypes={args.dtypes!r}: choose from {','.join(DTYPES)}")
+    pools = {rank: [draw_flags(rank, rng, dtypes, args.rpb) for _ in range(args.variants)] for rank in (1, 2, 3)}
     problems = [draw_problem(rank, rng, i, rng.choice(pools[rank])) for rank in (1, 2, 3) for i in range(args.per_rank)]
     # Chunks of problems that share a compiled-kernel variant: a worker compiles it once and reuses it (compiling
     # dominates the sweep); chunk order is shuffled so a time limit still cuts across all kinds of problems.
@@ -259,12 +274,16 @@ def main(argv: list[str] | None = None) -> int:
         print("FAIL", {k: r[k] for k in r if k not in ("seed",)})
     print(_summarise(results))
     skipped = sum(1 for r in results if r.get("skipped"))
+    timed = [r for r in results if "kernel_s" in r]
+    if timed:
+        print(f"time in problems: kernels (compiles included) {sum(r['kernel_s'] for r in timed):.0f}s, "
+              f"reference {sum(r['reference_s'] for r in timed):.0f}s, over {args.workers} workers")
     print(f"total run {len(results)} failed {len(fails)} (reference out of memory, not judged: {skipped}) "
           f"in {time.time() - start:.0f}s")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as fh:
-            json.dump(dict(seed=seed, torch=torch.__version__, triton=_triton_version(),
+            json.dump(dict(seed=seed, argv=sys.argv[1:] if argv is None else argv, torch=torch.__version__, triton=_triton_version(),
                            device=torch.cuda.get_device_name(),
                            date=time.strftime("%Y-%m-%d"), results=results), fh)
     return 0 if not fails and results else 1

@@ -11,6 +11,7 @@ peak memory, scoring time (CUDA events around the scorer) and its share of the p
 from __future__ import annotations
 
 import argparse
+import gc
 import datetime as _dt
 import json
 import statistics
@@ -128,6 +129,23 @@ def _lm_timer(model):
     return times, handles
 
 
+def _repeat(clock, fn, iters: int, after=None, min_seconds: float = 1.0, max_iters: int = 25) -> list[float]:
+    """At least ``iters`` timings, more (up to ``max_iters``) until ``min_seconds`` are spent: batch-1 prefills are
+    host-bound and vary by tens of percent between calls, so short configs get more samples for their median.
+    The garbage collector is paused while timing (a collection inside one sample is host noise, not pruning)."""
+    gc.collect()
+    gc.disable()
+    try:
+        times: list[float] = []
+        while len(times) < iters or (sum(times) < min_seconds * 1e3 and len(times) < max_iters):
+            times.append(clock(fn))
+            if after is not None:
+                after()
+        return times
+    finally:
+        gc.enable()
+
+
 def measure(model, inputs: dict, method, iters: int, decode_tokens: int, device: str) -> dict:
     from visattn import tokenprune as tp
 
@@ -140,9 +158,11 @@ def measure(model, inputs: dict, method, iters: int, decode_tokens: int, device:
             prefill = lambda: model(**inputs, use_cache=True, logits_to_keep=1)  # noqa: E731
             clock(prefill)
             lm_times.clear()
-            ttft = [clock(prefill) for _ in range(iters)]
+            scorings: list[float] = []
+            read_scoring = None if method is None else lambda: scorings.append(tp.last_report(model).scoring_ms)
+            ttft = _repeat(clock, prefill, iters, read_scoring)
             report = tp.last_report(model) if method is not None else None
-            scoring = report.scoring_ms if report is not None else 0.0
+            scoring = statistics.median(scorings) if scorings else 0.0
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             gen = lambda n: model.generate(**inputs, max_new_tokens=n,  # noqa: E731
@@ -283,10 +303,10 @@ def markdown(result: dict) -> str:
         "## Token pruning (visattn.tokenprune)\n\n"
         f"Measured {result['date']} on {result['device']}, torch {result['torch']}, transformers "
         f"{result['transformers']}, {result['dtype']}, SDPA, random weights (LLaVA-1.5-7B architecture; the NeXT "
-        "shape feeds 5 crops = 2880 visual tokens). TTFT = vision tower + scoring + LLM prefill (median of "
+        "shape feeds 5 crops = 2880 visual tokens). TTFT = vision tower + scoring + LLM prefill (median of at least "
         f"{result['iters']}); decode over {result['decode_tokens']} tokens via `generate()`. `TTFT ×` is the "
         "speed-up over the unpruned model at the same shape and batch; `scoring %` is scoring time over the "
-        "pruned TTFT. Command: `python -m visattn.bench.prune`.\n\n" + table(result["configs"]) + "\n"
+        "pruned TTFT (both medians over the same calls). Command: `python -m visattn.bench.prune`.\n\n" + table(result["configs"]) + "\n"
     )
 
 

@@ -87,9 +87,10 @@ def na(q: Tensor, k: Tensor, v: Tensor, kernel_size: tuple, dilation: tuple, str
     """Fused neighborhood attention (forward and backward in Triton), ``[B, *spatial, heads, D_v]``."""
     ops = _load_ops()
     rank = q.dim() - 3
-    out, _ = ops.local_attention_fwd(q, k, v, rpb, additional_keys, additional_values, False,
-                                     list(kernel_size), list(dilation), list(stride),
-                                     [bool(c) for c in is_causal], [0] * rank, float(scale))
+    out, _, _ = ops.local_attention_fwd(q, k, v, rpb, additional_keys, additional_values, False,
+                                        list(kernel_size), list(dilation), list(stride),
+                                        [bool(c) for c in is_causal], [0] * rank, float(scale),
+                                        ops.wants_fp32_out(q, rpb))
     return out
 
 
@@ -98,8 +99,9 @@ def window(q: Tensor, k: Tensor, v: Tensor, window_size: tuple, shift: tuple, rp
     """Fused (shifted) window attention, ``[B, *spatial, heads, D_v]``."""
     ops = _load_ops()
     rank = q.dim() - 3
-    out, _ = ops.local_attention_fwd(q, k, v, rpb, None, None, True, list(window_size), [1] * rank, [1] * rank,
-                                     [False] * rank, list(shift), float(scale))
+    out, _, _ = ops.local_attention_fwd(q, k, v, rpb, None, None, True, list(window_size), [1] * rank,
+                                        [1] * rank, [False] * rank, list(shift), float(scale),
+                                        ops.wants_fp32_out(q, rpb))
     return out
 
 

@@ -3,7 +3,8 @@
 
 How a prefill (a forward that carries ``pixel_values``) is pruned:
 
-* ``vision`` methods: pre-hooks on the vision encoder layers recompute the [CLS] attention row; a pre-hook on the
+* ``vision`` methods: pre-hooks on the vision encoder layers recompute the [CLS] attention row (``fused_capture``
+  methods: store the layer input, all layers scored at once before the projector); a pre-hook on the
   projector replaces the patch features with the ``k`` kept/merged ones, a post-hook writes the ``k`` projected
   tokens into the first ``k`` placeholder slots of each image (so HF's placeholder check holds); a pre-hook on the
   language model then removes the unused slots from ``inputs_embeds`` / ``attention_mask`` / ``position_ids``.
@@ -28,7 +29,7 @@ from visattn.tokenprune.layout import select_per_image as _select_per_image
 from visattn.tokenprune.recycle import append_recycled
 from visattn.tokenprune.methods import LLMPruner, TokenPruner, VisionPruner, VisionZip
 from visattn.tokenprune.report import PruneReport, estimate
-from visattn.tokenprune.scoring import clip_cls_attention, decoder_attention_rows
+from visattn.tokenprune.scoring import clip_cls_attention, cls_attention_captures, decoder_attention_rows
 
 
 def _hidden_arg(args: tuple, kwargs: dict, name: str = "hidden_states") -> torch.Tensor:
@@ -158,6 +159,7 @@ class LlavaAdapter:
         self.decoding = False
         self.last_report: PruneReport | None = None
         self.handles: list = []
+        self._cls_cache: dict = {}  # stacked q/k weights of fused [CLS] scoring
         self._validate()
         self._install()
 
@@ -282,7 +284,9 @@ class LlavaAdapter:
 
     def _make_vision_pre(self, idx: int):
         def hook(module, args, kwargs):
-            if self.vision is not None:
+            if self.vision is not None and self.pruner.fused_capture:
+                self.vision.captures[idx] = _hidden_arg(args, kwargs)  # no ops: scored in _captures
+            elif self.vision is not None:
                 with self._timed():
                     self.vision.captures[idx] = clip_cls_attention(module, _hidden_arg(args, kwargs))
             return None
@@ -294,6 +298,12 @@ class LlavaAdapter:
             out = output[0] if isinstance(output, tuple) else output
             self.vision.cls_hidden = out[:, 0]
 
+    def _captures(self, vis: _Vision) -> dict:
+        """``{idx: (probs, keys)}``; a fused pruner's raw layer inputs are scored here, in one batched call."""
+        if not self.pruner.fused_capture:
+            return vis.captures
+        return cls_attention_captures(self._vision_layers(), vis.captures, self._cls_cache)
+
     def _proj_pre(self, module, args):
         vis = self.vision
         if vis is None or not vis.captures:
@@ -304,7 +314,7 @@ class LlavaAdapter:
             vis.captures = {}
             return None
         with self._timed():
-            tokens, kept, info = self.pruner.reduce(patches, vis.cls_hidden, vis.captures)
+            tokens, kept, info = self.pruner.reduce(patches, vis.cls_hidden, self._captures(vis))
         vis.count, vis.kept, vis.captures = patches.shape[1], list(kept), {}
         return (tokens.to(patches.dtype), *args[1:])
 

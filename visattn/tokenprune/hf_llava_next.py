@@ -122,7 +122,7 @@ def install_pack_wrapper(adapter) -> None:
                 if is_zip:
                     out = (_visionzip_pack(adapter, vis, image_features, image_sizes, out[0]), out[1])
                 else:
-                    scores = adapter.pruner.patch_scores(vis.captures)
+                    scores = adapter.pruner.patch_scores(adapter._captures(vis))
                     counts = [f.shape[0] for f in image_features]
                     vis.kept = packed_kept(adapter.pruner, list(scores.split(counts)), original, image_sizes,
                                            vision_feature_select_strategy)

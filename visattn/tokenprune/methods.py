@@ -56,6 +56,9 @@ class VisionPruner(TokenPruner):
 
     stage = "vision"
     needs_cls_hidden = False
+    # True: the layer hooks only store each captured layer's input; the adapter turns them into
+    # ``{idx: (probs, None)}`` with one batched call (scoring.cls_attention_captures) before ``reduce``.
+    fused_capture = False
 
     def capture_layers(self, num_layers: int) -> list[int]:
         raise NotImplementedError
@@ -106,6 +109,7 @@ class VTCCLS(FasterVLM):
     """VTC-CLS: [CLS]→patch attention, heads averaged, summed over layers ``start_layer .. last-1`` (exclusive)."""
 
     name = "vtc-cls"
+    fused_capture = True  # many layers, no keys needed: score them all in one batched call
 
     def __init__(self, keep: Budget = 0.25, start_layer: int = 12, end_layer: int = -1):
         self.keep = check_budget(keep, "keep")
@@ -122,7 +126,8 @@ class VTCCLS(FasterVLM):
         return list(range(start, end))
 
     def patch_scores(self, captures: dict) -> torch.Tensor:
-        return sum(probs.mean(1)[:, 1:] for probs, _ in captures.values())
+        probs = torch.stack([p for p, _ in captures.values()])  # (L, B, H, S)
+        return probs.mean(2)[..., 1:].sum(0)
 
 
 class VisionZip(VisionPruner):

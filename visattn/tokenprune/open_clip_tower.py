@@ -9,7 +9,9 @@ spatial order, ready for a LLaVA-style projector.
 >>> tp.last_report(visual).kept_indices      # per image, the kept patch indices
 
 Scores are exact [CLS] rows recomputed from each scored block's own ``in_proj`` weights
-(:func:`visattn.tokenprune.scoring.open_clip_cls_attention`); the block itself runs unchanged.
+(:func:`visattn.tokenprune.scoring.open_clip_cls_attention`; for ``fused_capture`` methods such as VTC-CLS the
+block inputs are only stored and all blocks are scored at once by
+:func:`visattn.tokenprune.scoring.clip_cls_attention_layers`); the blocks themselves run unchanged.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 from visattn.tokenprune.methods import TokenPruner, VisionPruner
 from visattn.tokenprune.report import PruneReport
-from visattn.tokenprune.scoring import open_clip_cls_attention
+from visattn.tokenprune.scoring import cls_attention_captures, open_clip_cls_attention
 
 
 class OpenClipTowerAdapter:
@@ -41,6 +43,7 @@ class OpenClipTowerAdapter:
         self.model, self.pruner, self.timing = model, pruner, timing
         self.blocks = model.transformer.resblocks
         self.captures: dict = {}
+        self._cls_cache: dict = {}  # stacked q/k weights of fused [CLS] scoring
         self.hidden: torch.Tensor | None = None
         self.events: list = []
         self.last_report: PruneReport | None = None
@@ -62,6 +65,9 @@ class OpenClipTowerAdapter:
 
     def _make_pre(self, idx: int):
         def hook(module, args):
+            if self.pruner.fused_capture:  # no ops: scored in _tower_post, all blocks at once
+                self.captures[idx] = args[0]
+                return
             start = self._timed_start()
             self.captures[idx] = open_clip_cls_attention(module, args[0])
             if start is not None:
@@ -84,6 +90,8 @@ class OpenClipTowerAdapter:
             if k >= p:
                 kept_t, idx = tokens, torch.arange(p, device=tokens.device).expand(n, p)
             else:
+                if self.pruner.fused_capture:
+                    captures = cls_attention_captures(self.blocks, captures, self._cls_cache)
                 kept_t, idx, _ = self.pruner.reduce(tokens, cls_hidden, captures)
         else:
             idx = self.pruner.select(tokens)

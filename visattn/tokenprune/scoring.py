@@ -6,6 +6,9 @@ softmax over the full (masked) row per head, in float32. The model's own attenti
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -100,3 +103,140 @@ def open_clip_cls_attention(block: torch.nn.Module, hidden: torch.Tensor) -> tup
     k = _head_view(F.linear(x, w[dim : 2 * dim], None if b is None else b[dim : 2 * dim]), head_dim)
     probs = row_softmax(_head_view(q, head_dim), k, None, head_dim**-0.5)[:, :, 0]
     return probs, k.transpose(1, 2)
+
+
+# --------------------------------------------------------------------------- [CLS] rows of many layers at once
+@dataclass(frozen=True)
+class _ClsWeights:
+    """q/k weights of L layers, stacked, with the norm's affine and the attention scale folded in."""
+
+    eps: tuple[float, ...]
+    heads: int
+    wq: torch.Tensor  # (L, H*D, C): scale * Wq * gamma (per input channel)
+    bq: torch.Tensor  # (L, H*D, 1): scale * (Wq @ beta + bq)
+    wk_t: torch.Tensor  # (L*H, C, D): (Wk * gamma) per head, transposed
+
+
+def _cls_spec(layer: torch.nn.Module) -> tuple[torch.nn.Module, tuple, int, float]:
+    """(pre-attention norm, raw q/k parameters, heads, scale) of an HF CLIP/SigLIP layer or open_clip block.
+
+    The raw parameters are ``(q_weight, q_bias, k_weight)`` (HF) or ``(in_proj_weight, in_proj_bias)``
+    (open_clip, packed q,k,v); they also key the weight cache, so no slicing happens here.
+    """
+    if hasattr(layer, "layer_norm1") and hasattr(layer, "self_attn"):
+        attn = layer.self_attn
+        head_dim = attn.head_dim
+        wq = attn.q_proj.weight
+        heads = getattr(attn, "num_heads", None) or wq.shape[0] // head_dim
+        scale = getattr(attn, "scale", getattr(attn, "scaling", head_dim**-0.5))
+        return layer.layer_norm1, (wq, attn.q_proj.bias, attn.k_proj.weight), int(heads), float(scale)
+    mha = getattr(layer, "attn", None)
+    if not isinstance(mha, torch.nn.MultiheadAttention) or not hasattr(layer, "ln_1"):
+        raise ValueError(f"layer={type(layer).__name__}: expected an HF CLIP/SigLIP encoder layer or an open_clip "
+                         "ResidualAttentionBlock (custom blocks with qk-norm / scaled-cosine attention are "
+                         "not supported)")
+    if not mha._qkv_same_embed_dim or not mha.batch_first:
+        raise ValueError(f"layer={type(layer).__name__}: needs batch_first attention with a packed in_proj_weight")
+    head_dim = mha.embed_dim // mha.num_heads
+    return layer.ln_1, (mha.in_proj_weight, mha.in_proj_bias), mha.num_heads, head_dim**-0.5
+
+
+def _tensor_key(t: torch.Tensor | None) -> tuple:
+    if t is None:
+        return ()
+    version = -1 if t.is_inference() else t._version  # in-place updates (load_state_dict, copy_) bump it
+    return t.data_ptr(), version, t.dtype, t.device, tuple(t.shape)
+
+
+def _build_weights(specs: list, dtype: torch.dtype, device: torch.device) -> _ClsWeights:
+    """Stack and fold the q/k weights of all layers (runs once per cache key)."""
+    wqs, bqs, wks = [], [], []
+    heads = specs[0][2]
+    for norm, raw, _, scale in specs:
+        c = norm.normalized_shape[-1]
+        if len(raw) == 2:  # open_clip: packed in_proj (q, k, v)
+            wq, bq, wk = raw[0][:c], None if raw[1] is None else raw[1][:c], raw[0][c : 2 * c]
+        else:
+            wq, bq, wk = raw
+        wq, wk = wq.to(device, dtype), wk.to(device, dtype)
+        bq = torch.zeros(wq.shape[0], device=device, dtype=dtype) if bq is None else bq.to(device, dtype)
+        if norm.bias is not None:
+            bq = bq + wq @ norm.bias.to(device, dtype)
+        if norm.weight is not None:
+            gamma = norm.weight.to(device, dtype)
+            wq, wk = wq * gamma, wk * gamma
+        wqs.append(wq * scale)
+        bqs.append(bq * scale)
+        wks.append(wk)
+    wk = torch.stack(wks)  # (L, H*D, C)
+    n_layers, hd, c = wk.shape
+    wk_t = wk.view(n_layers * heads, hd // heads, c).transpose(1, 2)
+    eps = tuple(float(s[0].eps) for s in specs)
+    return _ClsWeights(eps, heads, torch.stack(wqs), torch.stack(bqs)[..., None], wk_t)
+
+
+def _cls_weights(layers: list, dtype: torch.dtype, device: torch.device, cache: dict | None) -> _ClsWeights | None:
+    """Folded weights of ``layers`` (from ``cache`` when its key still matches), or None where the batched path
+    does not apply (a norm that is not a LayerNorm over the last dim, or layers with different head counts)."""
+    specs = [_cls_spec(layer) for layer in layers]
+    if any(not isinstance(s[0], torch.nn.LayerNorm) or len(s[0].normalized_shape) != 1 for s in specs):
+        return None
+    if len({s[2] for s in specs}) != 1:
+        return None
+    if cache is None:
+        return _build_weights(specs, dtype, device)
+    key = (dtype, device, tuple(map(id, layers)),
+           tuple((_tensor_key(n.weight), _tensor_key(n.bias), n.eps, *map(_tensor_key, raw), h, sc)
+                 for n, raw, h, sc in specs))
+    if cache.get("key") != key:
+        with torch.no_grad():
+            cache["weights"] = _build_weights(specs, dtype, device)
+        cache["key"] = key
+    return cache["weights"]
+
+
+def clip_cls_attention_layers(
+    layers: Sequence[torch.nn.Module], hiddens: Sequence[torch.Tensor], cache: dict | None = None
+) -> torch.Tensor:
+    """[CLS]-row attention probabilities (L, B, H, S) of L encoder layers given their inputs ``hiddens``
+    (L × (B, S, C)), with a constant number of batched ops (independent of L).
+
+    ``layers`` are HF CLIP/SigLIP-style encoder layers (``layer_norm1``, ``self_attn.{q,k}_proj``) or open_clip
+    ``ResidualAttentionBlock``s (``ln_1``, packed ``attn.in_proj_weight``); same result as
+    :func:`clip_cls_attention` / :func:`open_clip_cls_attention` per layer, computed in float32 (or float64).
+
+    No key projection is materialised: logit ``s`` of head ``h`` is ``scale * q_h · k_{h,s}`` with
+    ``k_{h,s} = Wk_h (gamma * xhat_s + beta) + bk_h``. The part ``q_h · (Wk_h beta + bk_h)`` is the same for
+    every key ``s``, so it shifts the whole softmax row by a constant and cancels: the key bias (and the norm's
+    beta on the key side) can be dropped. What is left is ``xhat_s · u_h`` with
+    ``u_h = scale * (Wk_h * gamma)^T q_h`` (C values per head), so one ``(S, C) @ (C, H)`` product per layer
+    replaces the (S, C) @ (C, C) key projection. ``xhat`` is the affine-free layer norm of the input.
+
+    ``cache`` (optional, owned by the caller): keeps the stacked, folded float32 q/k weights (about
+    ``2 * L * C * C`` floats) between calls; rebuilt when a parameter changes (pointer, version, dtype, device).
+    """
+    layers, hiddens = list(layers), list(hiddens)
+    dtype = torch.float64 if hiddens[0].dtype == torch.float64 else torch.float32
+    w = _cls_weights(layers, dtype, hiddens[0].device, cache)
+    if w is None or len({h.device for h in hiddens}) > 1:  # not batchable: per-layer scores
+        single = clip_cls_attention if hasattr(layers[0], "layer_norm1") else open_clip_cls_attention
+        return torch.stack([single(layer, h)[0] for layer, h in zip(layers, hiddens)])
+    x = torch.stack(hiddens).to(dtype)  # (L, B, S, C)
+    n_layers, bsz, _, c = x.shape
+    if len(set(w.eps)) == 1:
+        x = F.layer_norm(x, (c,), eps=w.eps[0])
+    else:
+        x = torch.stack([F.layer_norm(xi, (c,), eps=e) for xi, e in zip(x, w.eps)])
+    q = torch.baddbmm(w.bq, w.wq, x[:, :, 0].transpose(1, 2))  # (L, H*D, B), scale folded in
+    u = torch.bmm(w.wk_t, q.view(n_layers * w.heads, -1, bsz))  # (L*H, C, B)
+    u = u.view(n_layers, w.heads, c, bsz).permute(0, 3, 1, 2)  # (L, B, H, C)
+    logits = torch.matmul(u, x.transpose(-1, -2))  # (L, B, H, S)
+    return torch.softmax(logits, dim=-1)
+
+
+def cls_attention_captures(layers: Sequence[torch.nn.Module], hiddens: dict, cache: dict | None = None) -> dict:
+    """``{idx: layer input}`` (raw captures of fused pruners) → ``{idx: (probs (B, H, S), None)}`` in one batched
+    call (:func:`clip_cls_attention_layers`)."""
+    idx = list(hiddens)
+    probs = clip_cls_attention_layers([layers[i] for i in idx], [hiddens[i] for i in idx], cache)
+    return dict(zip(idx, ((p, None) for p in probs.unbind(0))))
