@@ -326,15 +326,17 @@ def table(rows: list[dict]) -> str:
 
 
 def markdown(result: dict) -> str:
+    rounds = result.get("rounds", 1)
+    repeats = f"; the median of {rounds} interleaved rounds of the grid" if rounds > 1 else ""
     return (
         "## Token pruning (visattn.tokenprune)\n\n"
         f"Measured {result['date']} on {result['device']}, torch {result['torch']}, transformers "
         f"{result['transformers']}, {result['dtype']}, SDPA, random weights (LLaVA-1.5-7B architecture; the NeXT "
         "shape feeds 5 crops = 2880 visual tokens). TTFT = vision tower + scoring + LLM prefill (median of at least "
-        f"{result['iters']} calls" + (f"; the median of {result['rounds']} interleaved rounds of the grid"
-                                      if result.get("rounds", 1) > 1 else "") + "); decode over {result['decode_tokens']} tokens via `generate()`. `TTFT ×` is the "
-        "speed-up over the unpruned model at the same shape and batch; `scoring %` is scoring time over the "
-        "pruned TTFT (both medians over the same calls). Command: `python -m visattn.bench.prune`.\n\n" + table(result["configs"]) + "\n"
+        f"{result['iters']} calls{repeats}); decode over {result['decode_tokens']} tokens via `generate()`. "
+        "`TTFT ×` is the speed-up over the unpruned model at the same shape and batch; `scoring %` is scoring time "
+        "over the pruned TTFT (both medians over the same calls). Command: `python -m visattn.bench.prune`.\n\n"
+        + table(result["configs"]) + "\n"
     )
 
 
