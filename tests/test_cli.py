@@ -55,3 +55,19 @@ def test_delegated_commands_forward_their_arguments(name, monkeypatch):
     assert cli.main([name, "--tiny", "--out", "x.json"]) == 0
     assert calls == [["--tiny", "--out", "x.json"]]
     assert name in cli.build_parser().format_help()
+
+
+def test_check_draw_can_be_narrowed_to_one_code_path():
+    """visattn check --dtypes/--rpb: every drawn problem has the asked dtype and bias setting (used to re-check
+    the 16-bit rpb path after a fix), and the default draw still mixes all of them."""
+    import random
+
+    from visattn.bench import check
+
+    rng = random.Random(0)
+    narrow = [check.draw_problem(r, rng, i, check.draw_flags(r, rng, ("bfloat16",), "on"))
+              for r in (1, 2, 3) for i in range(30)]
+    assert {p["dtype"] for p in narrow} == {"bfloat16"} and all(p["rpb"] for p in narrow)
+    assert all(p["stride"] == [1] * p["rank"] for p in narrow if p["op"] == "na")  # rpb excludes stride > 1
+    mixed = [check.draw_flags(2, rng) for _ in range(200)]
+    assert {f["dtype"] for f in mixed} == set(check.DTYPES) and {f["rpb"] for f in mixed} == {True, False}

@@ -21,3 +21,21 @@ def test_bench_prune_tiny_writes_results(tmp_path):
     assert ("llava-1.5", "fastv") in methods and ("llava-next", "fastervlm") in methods
     pruned = [r for r in result["configs"] if r["method"] != "none"]
     assert all(r["llm_visual_tokens"] == 4 * r["images"] for r in pruned)
+
+
+def test_median_rounds_keeps_the_median_round_and_its_baseline():
+    """--rounds: one row per config, the round with the median TTFT, speed-up from the baseline's median round."""
+    from visattn.bench.prune import _median_rounds
+
+    def row(method, ttft, rnd):
+        return dict(shape="llava-1.5", batch=8, method=method, keep_per_image=None if method == "none" else 64,
+                    ttft_ms=ttft, round=rnd, llm_prefill_ms=ttft / 2)
+
+    rows = [row("none", 100.0, 0), row("fastv", 50.0, 0), row("none", 120.0, 1), row("fastv", 20.0, 1),
+            row("none", 90.0, 2), row("fastv", 40.0, 2)]
+    out = {r["method"]: r for r in _median_rounds(rows)}
+    assert out["none"]["ttft_ms"] == 100.0 and out["none"]["round"] == 0
+    assert out["fastv"]["ttft_ms"] == 40.0 and out["fastv"]["round"] == 2
+    assert out["fastv"]["llm_prefill_ms"] == 20.0  # the other columns travel with the chosen round
+    assert out["fastv"]["round_ttft_ms"] == [20.0, 40.0, 50.0]
+    assert out["fastv"]["ttft_speedup"] == 100.0 / 40.0
