@@ -32,7 +32,8 @@ def _tokens(p):
 def test_random_problems_match_reference(rank):
     from visattn.bench import check
 
-    results = [check.run_problem(p) for p in _problems(rank, 25)]
+    # 10 per rank: each problem compiles its own tile variant (~4 s); the device sweep `visattn check` runs 1000s
+    results = [check.run_problem(p) for p in _problems(rank, 10)]
     failed = [r for r in results if not r["ok"]]
     assert not failed, failed[:3]
 
