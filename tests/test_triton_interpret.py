@@ -234,6 +234,34 @@ def test_why_not_reasons(monkeypatch):
                                              (0, 0), None)
 
 
+def test_deterministic_mode_sends_a_trained_bias_to_the_reference(monkeypatch):
+    """torch.use_deterministic_algorithms(True): the fused rpb gradient (float32 atomics) is declined with a reason,
+    so `auto` runs the reference; calls without a trained bias keep the kernels (their dQ/dK/dV have no atomics)."""
+    import torch
+
+    from visattn import functional, kernels
+
+    monkeypatch.setattr(kernels, "_common_why_not", lambda *args: None)  # past the device checks (CPU here)
+    q = torch.randn(1, 6, 6, 2, 8)
+    rpb = torch.zeros(2, 5, 5, requires_grad=True)
+    na_args = ((3, 3), (1, 1), (1, 1), (False, False))
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert "atomics" in kernels.na_why_not(q, q, q, *na_args, rpb, None, None)
+        assert "atomics" in kernels.window_why_not(q, q, q, (3, 3), (0, 0), rpb)
+        assert kernels.na_why_not(q, q, q, *na_args, rpb.detach(), None, None) is None
+        with torch.no_grad():
+            assert kernels.window_why_not(q, q, q, (3, 3), (0, 0), rpb) is None
+        with pytest.raises(ValueError, match="atomics"):
+            functional.na2d(q, q, q, 3, rpb=rpb, backend="triton")
+        functional.na2d(q, q, q, 3, rpb=rpb)
+        assert functional.last_backend() == "reference"
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert kernels.na_why_not(q, q, q, *na_args, rpb, None, None) is None
+
+
 if __name__ == "__main__":  # child process: run every other case starting at argv[1], print JSON
     part = int(sys.argv[1])
     CASES = CASES[part::2]

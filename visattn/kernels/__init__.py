@@ -58,6 +58,16 @@ def _common_why_not(tensors: list[Optional[Tensor]], q: Tensor, k: Tensor, v: Te
     return None
 
 
+def _deterministic_why_not(rpb: Optional[Tensor]) -> Optional[str]:
+    """dQ/dK/dV are atomic-free; only a trained bias's gradient sums tiles with float32 atomics (order-dependent
+    rounding). Under torch.use_deterministic_algorithms(True) such calls go to the reference, whose indexing
+    backward torch then runs deterministically."""
+    if (rpb is not None and rpb.requires_grad and torch.is_grad_enabled()
+            and torch.are_deterministic_algorithms_enabled()):
+        return "deterministic algorithms are on and the fused rpb gradient uses float32 atomics"
+    return None
+
+
 def na_why_not(q, k, v, kernel_size, dilation, stride, is_causal, rpb, additional_keys,
                additional_values) -> Optional[str]:
     """None when the Triton kernels can run this neighborhood-attention call, else a short reason."""
@@ -66,7 +76,8 @@ def na_why_not(q, k, v, kernel_size, dilation, stride, is_causal, rpb, additiona
             return f"rpb dtype {rpb.dtype} is not supported by the triton kernels"
         if additional_keys is not None and additional_keys.shape[-2] != q.shape[-2]:
             return "additional keys with a different number of heads are not supported"
-        return _common_why_not([q, k, v, additional_keys, additional_values], q, k, v)
+        tensors = [q, k, v, additional_keys, additional_values]
+        return _common_why_not(tensors, q, k, v) or _deterministic_why_not(rpb)
     except Exception as err:  # never raise from a capability probe
         return f"triton capability check failed ({type(err).__name__}: {err})"
 
@@ -76,7 +87,7 @@ def window_why_not(q, k, v, window_size, shift, rpb) -> Optional[str]:
     try:
         if rpb is not None and rpb.dtype not in _SUPPORTED_DTYPES:
             return f"rpb dtype {rpb.dtype} is not supported by the triton kernels"
-        return _common_why_not([q, k, v], q, k, v)
+        return _common_why_not([q, k, v], q, k, v) or _deterministic_why_not(rpb)
     except Exception as err:
         return f"triton capability check failed ({type(err).__name__}: {err})"
 
