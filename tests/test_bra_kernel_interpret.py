@@ -6,10 +6,9 @@ TRITON_INTERPRET=1; this keeps the rest of the test session on its normal path.
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from interpreted import run_interpreted
 
 CASES = [
     # B, H, W, heads, D, Dv, regions, topk, dtype, non_contiguous
@@ -56,10 +55,7 @@ def run_cases() -> list[dict]:
 
 @pytest.mark.interpret
 def test_bra_kernels_match_dense_oracle_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = run_interpreted(__file__, timeout=600)
     assert len(results) == len(CASES)
     for res, case in zip(results, CASES):
         tol = TOL[res["dtype"]]

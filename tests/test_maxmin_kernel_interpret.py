@@ -2,10 +2,9 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from interpreted import run_interpreted
 
 CASES = [(1, 7, 3, 5), (3, 50, 12, 16), (2, 130, 40, 8), (1, 64, 64, 4)]  # groups, tokens, picks, feature dim
 
@@ -37,10 +36,7 @@ def run_cases() -> list[bool]:
 
 @pytest.mark.interpret
 def test_maxmin_kernel_matches_greedy_loop():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [True] * len(CASES)
+    assert run_interpreted(__file__, timeout=300) == [True] * len(CASES)
 
 
 if __name__ == "__main__":

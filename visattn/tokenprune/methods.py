@@ -19,6 +19,13 @@ from visattn.tokenprune.selection import contextual_merge, maxmin_diversity, top
 POSITION_POLICIES = ("reindex", "original")
 
 
+def _check_index(value: object, name: str) -> int:
+    """A layer index that may count from the end (negative): any int, bools excluded."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r}: expected an int")
+    return value
+
+
 def _check_positions(value: str) -> str:
     if value not in POSITION_POLICIES:
         raise ValueError(f"positions={value!r}: expected one of {POSITION_POLICIES}")
@@ -86,9 +93,7 @@ class FasterVLM(VisionPruner):
 
     def __init__(self, keep: Budget = 0.25, layer: int = -2):
         self.keep = check_budget(keep, "keep")
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise ValueError(f"layer={layer!r}: expected an int")
-        self.layer = layer
+        self.layer = _check_index(layer, "layer")
 
     def capture_layers(self, num_layers: int) -> list[int]:
         return [_resolve_vision_layer(self.layer, num_layers, "layer")]
@@ -113,10 +118,8 @@ class VTCCLS(FasterVLM):
 
     def __init__(self, keep: Budget = 0.25, start_layer: int = 12, end_layer: int = -1):
         self.keep = check_budget(keep, "keep")
-        for nm, v in (("start_layer", start_layer), ("end_layer", end_layer)):
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"{nm}={v!r}: expected an int")
-        self.start_layer, self.end_layer = start_layer, end_layer
+        self.start_layer = _check_index(start_layer, "start_layer")
+        self.end_layer = _check_index(end_layer, "end_layer")
 
     def capture_layers(self, num_layers: int) -> list[int]:
         start = _resolve_vision_layer(self.start_layer, num_layers, "start_layer")
@@ -140,9 +143,7 @@ class VisionZip(VisionPruner):
     def __init__(self, dominant: int = 54, contextual: int = 10, layer: int = -2):
         self.dominant = check_layer(dominant, "dominant", 2)
         self.contextual = check_layer(contextual, "contextual", 1)
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise ValueError(f"layer={layer!r}: expected an int")
-        self.layer = layer
+        self.layer = _check_index(layer, "layer")
 
     def capture_layers(self, num_layers: int) -> list[int]:
         return [_resolve_vision_layer(self.layer, num_layers, "layer")]

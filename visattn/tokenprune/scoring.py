@@ -73,6 +73,22 @@ def decoder_attention_rows(
     return row_softmax(q, k, allowed, scale)
 
 
+def _hf_scale(attn: torch.nn.Module) -> float:
+    """Softmax scale of an HF attention module (``scale`` in CLIP, ``scaling`` elsewhere)."""
+    return getattr(attn, "scale", getattr(attn, "scaling", attn.head_dim**-0.5))
+
+
+def _open_clip_mha(block: torch.nn.Module, arg: str, expected: str) -> torch.nn.MultiheadAttention:
+    """The packed, batch-first ``nn.MultiheadAttention`` of an open_clip block, or a ValueError naming ``arg``."""
+    mha = getattr(block, "attn", None)
+    if not isinstance(mha, torch.nn.MultiheadAttention) or not hasattr(block, "ln_1"):
+        raise ValueError(f"{arg}={type(block).__name__}: expected {expected} (nn.MultiheadAttention; custom blocks "
+                         "with qk-norm / scaled-cosine attention are not supported)")
+    if not mha._qkv_same_embed_dim or not mha.batch_first:
+        raise ValueError(f"{arg}={type(block).__name__}: needs batch_first attention with a packed in_proj_weight")
+    return mha
+
+
 def clip_cls_attention(layer: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[CLS]-row attention (B, H, S) of an HF CLIP/SigLIP-style encoder layer, plus its keys (B, S, H, D)."""
     attn = layer.self_attn
@@ -81,20 +97,14 @@ def clip_cls_attention(layer: torch.nn.Module, hidden: torch.Tensor) -> tuple[to
     q = _head_view(attn.q_proj(x[:, :1]), head_dim)
     k_flat = attn.k_proj(x)
     k = _head_view(k_flat, head_dim)
-    scale = getattr(attn, "scale", getattr(attn, "scaling", head_dim**-0.5))
-    probs = row_softmax(q, k, None, scale)[:, :, 0]
+    probs = row_softmax(q, k, None, _hf_scale(attn))[:, :, 0]
     return probs, k.transpose(1, 2)
 
 
 def open_clip_cls_attention(block: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Same as :func:`clip_cls_attention` for an open_clip ``ResidualAttentionBlock`` (batch-first input
     ``hidden`` (B, S, C), [CLS] at index 0): q for [CLS] and k for all tokens from ``attn.in_proj_weight``."""
-    mha = getattr(block, "attn", None)
-    if not isinstance(mha, torch.nn.MultiheadAttention) or not hasattr(block, "ln_1"):
-        raise ValueError(f"block={type(block).__name__}: expected an open_clip ResidualAttentionBlock "
-                         "(nn.MultiheadAttention; custom blocks with qk-norm / scaled-cosine attention are not supported)")
-    if not mha._qkv_same_embed_dim or not mha.batch_first:
-        raise ValueError(f"block={type(block).__name__}: needs batch_first attention with a packed in_proj_weight")
+    mha = _open_clip_mha(block, "block", "an open_clip ResidualAttentionBlock")
     x = block.ln_1(hidden)
     dim = x.shape[-1]
     head_dim = dim // mha.num_heads
@@ -125,18 +135,10 @@ def _cls_spec(layer: torch.nn.Module) -> tuple[torch.nn.Module, tuple, int, floa
     """
     if hasattr(layer, "layer_norm1") and hasattr(layer, "self_attn"):
         attn = layer.self_attn
-        head_dim = attn.head_dim
         wq = attn.q_proj.weight
-        heads = getattr(attn, "num_heads", None) or wq.shape[0] // head_dim
-        scale = getattr(attn, "scale", getattr(attn, "scaling", head_dim**-0.5))
-        return layer.layer_norm1, (wq, attn.q_proj.bias, attn.k_proj.weight), int(heads), float(scale)
-    mha = getattr(layer, "attn", None)
-    if not isinstance(mha, torch.nn.MultiheadAttention) or not hasattr(layer, "ln_1"):
-        raise ValueError(f"layer={type(layer).__name__}: expected an HF CLIP/SigLIP encoder layer or an open_clip "
-                         "ResidualAttentionBlock (custom blocks with qk-norm / scaled-cosine attention are "
-                         "not supported)")
-    if not mha._qkv_same_embed_dim or not mha.batch_first:
-        raise ValueError(f"layer={type(layer).__name__}: needs batch_first attention with a packed in_proj_weight")
+        heads = getattr(attn, "num_heads", None) or wq.shape[0] // attn.head_dim
+        return layer.layer_norm1, (wq, attn.q_proj.bias, attn.k_proj.weight), int(heads), float(_hf_scale(attn))
+    mha = _open_clip_mha(layer, "layer", "an HF CLIP/SigLIP encoder layer or an open_clip ResidualAttentionBlock")
     head_dim = mha.embed_dim // mha.num_heads
     return layer.ln_1, (mha.in_proj_weight, mha.in_proj_bias), mha.num_heads, head_dim**-0.5
 
