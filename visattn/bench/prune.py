@@ -26,7 +26,8 @@ PREFIX, SUFFIX, IMAGE_TOKEN = 35, 40, 32000
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny random configs on CPU (smoke test)")
     parser.add_argument("--quick", action="store_true", help="reduced grid")
-    parser.add_argument("--methods", default=None, help="comma list (default: all)")
+    parser.add_argument("--methods", default=None, help="comma list (default: all); an LLM-side method with "
+                        "'+eager' (e.g. pdrop+eager) scores with eager ops instead of the fused kernel")
     parser.add_argument("--keeps", default=None, help="comma list of kept tokens per 576-token image")
     parser.add_argument("--batches", default=None, help="comma list of batch sizes for LLaVA-1.5")
     parser.add_argument("--next-batches", default=None, help="comma list of batch sizes for the NeXT shape")
@@ -215,7 +216,7 @@ def grid(args) -> list[tuple[str, int, int, str, int | None]]:
     def block(shape, images, batch, ks, ms):
         out.append((shape, images, batch, "none", None))
         for m in ms:
-            for k in ([None] if m == "pdrop" else ks):
+            for k in ([None] if m.startswith("pdrop") else ks):
                 out.append((shape, images, batch, m, k))
 
     big = lambda b: b >= 32 and not args.tiny  # noqa: E731
@@ -236,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import transformers
 
+    from visattn.tokenprune import scoring
+
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     dtype = torch.float32 if device == "cpu" else torch.float16
     iters = args.iters or (1 if args.tiny else 3)
@@ -251,13 +254,18 @@ def main(argv: list[str] | None = None) -> int:
             continue
         scaled_keep = keep  # tokens kept per image (NeXT shape: per crop, i.e. the same ratio)
         inputs = make_inputs(model, batch, images, device, dtype)
-        pruner = None if method == "none" else pruner_for(method, scaled_keep or 1, per_image, model.config.text_config.num_hidden_layers)
+        base_method, _, variant = method.partition("+")  # "pdrop+eager": LLM-side scores on eager ops (A/B peer)
+        pruner = None if method == "none" else pruner_for(base_method, scaled_keep or 1, per_image,
+                                                          model.config.text_config.num_hidden_layers)
+        scoring.LLM_KERNELS = "eager" if variant == "eager" else "auto"
         try:
             row = measure(model, inputs, pruner, iters, decode_tokens, device)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             skipped.append({"shape": shape, "batch": batch, "method": method, "keep": keep, "reason": "OOM"})
             continue
+        finally:
+            scoring.LLM_KERNELS = "auto"
         row.update(shape=shape, images=images, batch=batch, method=method, keep_per_image=scaled_keep,
                    round=round_index // len(configs))
         if method == "none":

@@ -29,7 +29,8 @@ from visattn.tokenprune.layout import select_per_image as _select_per_image
 from visattn.tokenprune.recycle import append_recycled
 from visattn.tokenprune.methods import LLMPruner, TokenPruner, VisionPruner, VisionZip
 from visattn.tokenprune.report import PruneReport, estimate
-from visattn.tokenprune.scoring import clip_cls_attention, cls_attention_captures, decoder_attention_rows
+from visattn.tokenprune import scoring
+from visattn.tokenprune.scoring import clip_cls_attention, cls_attention_captures, decoder_row_scores
 
 
 def _hidden_arg(args: tuple, kwargs: dict, name: str = "hidden_states") -> torch.Tensor:
@@ -70,6 +71,27 @@ def _kept_now(spans: list, lay: "_Layout", start: torch.Tensor) -> list[list[tor
     return _per_sample(spans, list((orig - start[ids]).split(counts)))
 
 
+def _rater_rows(raters: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, W) indices of the rater tokens of mask ``raters`` and which are real; a row without raters scores with
+    its last valid token. One host sync (the width)."""
+    counts = raters.sum(1)
+    width = max(int(counts.max()), 1)
+    order = torch.sort((~raters).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    ok = torch.arange(width, device=raters.device)[None] < counts[:, None]
+    none = counts == 0
+    ok[:, 0] |= none
+    return torch.where(ok & ~none[:, None], order, _last_valid(valid)[:, None]), ok
+
+
+def _moved_rows(rows: torch.Tensor, comp, old_len: int) -> torch.Tensor:
+    """Indices ``rows`` (B, R) of kept tokens, mapped through compaction ``comp`` to the new layout."""
+    slot = torch.arange(comp.gather.shape[1], device=rows.device).expand_as(comp.gather)
+    new_index = torch.full((rows.shape[0], old_len), -1, dtype=torch.long, device=rows.device)
+    # padding slots repeat some old index: "amax" with -1 for them keeps the real slot
+    new_index.scatter_reduce_(1, comp.gather, torch.where(comp.valid, slot, -1), "amax")
+    return new_index.gather(1, rows)
+
+
 def _image_starts(image_id: torch.Tensor, n_images: int) -> torch.Tensor:
     """First LM-input index (n_images,) of every image of the (B, L) ``image_id`` map (-1 = text); no sync."""
     length = image_id.shape[1]
@@ -78,12 +100,11 @@ def _image_starts(image_id: torch.Tensor, n_images: int) -> torch.Tensor:
     return out.scatter_reduce_(0, (image_id + 1).flatten(), pos.flatten(), "amin")[1:]
 
 
-def _snapshot(call: "_Call", lay: "_Layout") -> int:
-    """Index of ``lay``'s (2, B) token / visual-token counts in ``call.snaps`` (added once per layout, no sync)."""
-    if call.snap_layout is not lay:
-        call.snaps.append(torch.stack([lay.valid.sum(1), ((lay.image >= 0) & lay.valid).sum(1)]))
-        call.snap_layout = lay
-    return len(call.snaps) - 1
+def _layout_index(call: "_Call", lay: "_Layout") -> int:
+    """Index of ``lay`` in ``call.layouts`` (appended once per distinct layout; counted only for the report)."""
+    if not call.layouts or call.layouts[-1] is not lay:
+        call.layouts.append(lay)
+    return len(call.layouts) - 1
 
 
 @dataclass
@@ -115,13 +136,17 @@ class _Call:
     pos_in: torch.Tensor | None = None
     lm_len: int = 0
     image_lengths: list = field(default_factory=list)
-    stage_kept: list = field(default_factory=list)
+    stage_layouts: list = field(default_factory=list)  # layout after each drop (kept indices, for the report)
     stage_selected: list = field(default_factory=list)
-    raters: torch.Tensor | None = None
-    rater_width: int | None = None
+    score_rows: torch.Tensor | None = None  # (B, R) current indices of the raters (SparseVLM); None: last token
+    score_ok: torch.Tensor | None = None  # (B, R) which of them are real
     image_start: torch.Tensor | None = None
-    snaps: list = field(default_factory=list)  # (2, B) token / visual-token counts per distinct layout
-    snap_layout: object = None
+    layouts: list = field(default_factory=list)  # distinct layouts the decoder layers saw (per_layer indexes it)
+    # host-side bookkeeping of LLM-stage drops (no device readback per stage): current tokens per image and per
+    # row, and the padding side
+    image_counts: list = field(default_factory=list)
+    row_tokens: list = field(default_factory=list)
+    right_padded: bool = False
 
 
 @dataclass
@@ -157,7 +182,8 @@ class LlavaAdapter:
         self.events: list = []
         self.bound: _Bound | None = None
         self.decoding = False
-        self.last_report: PruneReport | None = None
+        self._last_report: PruneReport | None = None
+        self._pending: tuple | None = None  # (call, scoring events) of the last prefill, reported on first access
         self.handles: list = []
         self._cls_cache: dict = {}  # stacked q/k weights of fused [CLS] scoring
         self._validate()
@@ -217,6 +243,16 @@ class LlavaAdapter:
         if isinstance(self.pruner, LLMPruner):
             for idx, layer in enumerate(self.layers):
                 h.append(layer.register_forward_pre_hook(self._make_layer_pre(idx), with_kwargs=True))
+
+    @property
+    def last_report(self) -> PruneReport | None:
+        """Report of the last pruned prefill; built on first access, so its bookkeeping stays out of the prefill."""
+        if self._pending is not None:
+            call, events = self._pending
+            self._pending = None
+            self._last_report = self._report(call)
+            self._last_report._scoring_events = events
+        return self._last_report
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -359,8 +395,12 @@ class LlavaAdapter:
         call.image_start = _image_starts(image_id, j)
         self.bound = _Bound(cache=cache, lm_len=length)
         if self.pruner.stage == "llm":
+            stats = torch.cat([valid.sum(1), (~valid[:, -1]).any().long()[None]]).tolist()  # one sync per call
+            call.row_tokens, call.right_padded = stats[:-1], bool(stats[-1])
+            call.image_counts = list(call.image_lengths)
             if hasattr(self.pruner, "raters"):
-                call.raters = self.pruner.raters(embeds, valid, image_id)
+                with self._timed():
+                    call.score_rows, call.score_ok = _rater_rows(self.pruner.raters(embeds, valid, image_id), valid)
             return args, kwargs
         vis, self.vision = self.vision, None
         if self.pruner.stage == "vision" and vis is None:
@@ -382,8 +422,8 @@ class LlavaAdapter:
                 kept.append(kept_row)
         else:
             with self._timed():
-                keep, sel = _select_per_image(image_id, valid, call.image_lengths, lambda g, x: self.pruner.select(
-                    embeds[x[..., 0], x[..., 1]]))
+                keep, sel, _ = _select_per_image(image_id, valid, call.image_lengths, call.image_lengths,
+                                              lambda g, x: self.pruner.select(embeds.flatten(0, 1)[x]))
             kept = _per_sample(call.spans, sel)
         call.kept = kept
         if bool(keep[valid].all()):
@@ -429,7 +469,7 @@ class LlavaAdapter:
                 self.bound.cache = cache
                 if cache is None:
                     self.bound = None
-            self.last_report = self._report(call)
+            self._pending, self.events = (call, self.events), []
         self.call = None
         self.decoding = False
         return None
@@ -459,36 +499,42 @@ class LlavaAdapter:
         if call.substitute is not None:
             self._substitute(kwargs, call.substitute)
         lay = call.layout
-        call.per_layer.append(_snapshot(call, lay))
+        call.per_layer.append(_layout_index(call, lay))
         for stage_index, st in enumerate(stages):  # in order: an earlier stage's drop precedes a later scoring
             if st.score_layer == idx:
                 with self._timed():
                     cos, sin = kwargs["position_embeddings"]
                     rows, row_ok = self._score_rows(call, lay)
-                    probs = decoder_attention_rows(module, hidden, rows, cos, sin, lay.valid).mean(1)
-                    w = row_ok.to(probs.dtype)[..., None]
-                    call.scores[stage_index] = (probs * w).sum(1) / w.sum(1)
+                    call.scores[stage_index] = decoder_row_scores(module, hidden, rows, row_ok, cos, sin, lay.valid)
             if st.layer != idx:
                 continue
             with self._timed():
-                scores = call.scores[stage_index]
-                n_now: list[int] = []
-                keep, sel = _select_per_image(lay.image, lay.valid, call.image_lengths, lambda g, x: self.pruner.select(
-                    stage_index, scores[x[..., 0], x[..., 1]], call.image_lengths[g]), n_now)
-            call.stage_selected.append(_per_sample(call.spans, [x for x in sel]))
-            if bool((keep | ~lay.valid).all()):
+                keep, sel, last_kept = self._select_stage(call, lay, stage_index)
+            call.stage_selected.append(_per_sample(call.spans, list(sel)))
+            removed = [n - x.shape[-1] for n, x in zip(call.image_counts, sel)]
+            if not any(removed):
                 continue
+            made = [self.pruner.recycled_count(m) if hasattr(self.pruner, "recycled_count") else 0 for m in removed]
+            row_of = [b for b, row in enumerate(call.spans) for _ in row]
+            for j, (m, c) in enumerate(zip(removed, made)):
+                call.row_tokens[row_of[j]] += c - m
+            call.image_counts = [x.shape[-1] + c for x, c in zip(sel, made)]
+            new_len = max(max(call.row_tokens), 1)
             with self._timed():
-                removed = [n - x.shape[-1] for n, x in zip(n_now, sel)]
-                lay, hidden, comp, order = append_recycled(self.pruner, call.spans, lay, hidden, keep, scores, removed)
-            comp = compact(keep, lay.valid, order) if comp is None else comp
+                lay, hidden, comp, order = append_recycled(self.pruner, call.spans, lay, hidden, keep,
+                                                           call.scores[stage_index], removed, last_kept,
+                                                           new_len, call.right_padded)
+            comp = compact(keep, lay.valid, order, new_len, call.right_padded) if comp is None else comp
+            if call.score_rows is not None:  # raters are text: never dropped, only moved
+                call.score_rows = _moved_rows(call.score_rows, comp, lay.valid.shape[1])
             lay = lay.apply(comp, self._reindex())
             call.layout = lay
             hidden = comp.take(hidden)
             impl = self.text_config._attn_implementation
             cos, sin = self._rope(hidden, lay.pos)
             call.substitute = {
-                "attention_mask": attention_mask_4d(lay.valid, hidden.shape[1], impl, hidden.dtype),
+                "attention_mask": attention_mask_4d(lay.valid, hidden.shape[1], impl, hidden.dtype,
+                                                    all_valid=min(call.row_tokens) == new_len),
                 "position_embeddings": (cos, sin),
                 "position_ids": self._layer_position_kwarg(lay.pos),
                 "cache_position": torch.arange(hidden.shape[1], device=hidden.device),
@@ -496,26 +542,42 @@ class LlavaAdapter:
             self._substitute(kwargs, call.substitute)
             next_pos = self._next_pos(lay)
             self.bound.stages.append((idx, lay.valid, next_pos))
-            call.stage_kept.append(_kept_now(call.spans, lay, call.image_start))
-            call.per_layer[-1] = _snapshot(call, lay)
+            call.stage_layouts.append(lay)
+            call.per_layer[-1] = _layout_index(call, lay)
         return _with_hidden(args, kwargs, hidden)
 
+    def _select_stage(self, call: _Call, lay: _Layout, stage_index: int) -> tuple:
+        """(keep mask, kept indices per image, last kept flat index per image) of one LLM-stage drop: one Triton
+        launch on CUDA (ties to the earlier token), else the per-image ``pruner.select`` on eager ops."""
+        scores = call.scores[stage_index]
+        if scoring.LLM_KERNELS != "eager":
+            from visattn.kernels import select
+
+            why = select.why_not(scores)
+            if why is None:
+                ks = [self.pruner.stage_keep(stage_index, n, n0) for n, n0 in zip(call.image_counts,
+                                                                                   call.image_lengths)]
+                keep, sel, last = select.topk_per_image(scores, lay.image, lay.valid, ks,
+                                                        [len(row) for row in call.spans])
+                return keep, (list(sel) if len(set(ks)) == 1 else [sel[j, :k] for j, k in enumerate(ks)]), last
+            if scoring.LLM_KERNELS == "triton":
+                raise ValueError(f"LLM_KERNELS='triton': the top-k kernel cannot run: {why}")
+        flat = scores.flatten()
+        return _select_per_image(lay.image, lay.valid, call.image_counts, call.image_lengths,
+                                 lambda g, x: self.pruner.select(stage_index, flat[x], call.image_lengths[g]))
+
     def _score_rows(self, call: _Call, lay: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
-        """Query rows (B, R) for the scores and which are real: the raters if any, else the last valid token."""
-        last = _last_valid(lay.valid)[:, None]
-        if call.raters is None:
-            return last, torch.ones_like(last, dtype=torch.bool)
-        now = call.raters.gather(1, lay.orig.clamp(min=0)) & (lay.orig >= 0) & lay.valid
-        counts = now.sum(1)
-        if call.rater_width is None:  # raters are text tokens: never dropped, so one sync per call
-            call.rater_width = max(int(counts.max()), 1)
-        width = call.rater_width
-        order = torch.sort((~now).to(torch.int8), dim=1, stable=True).indices[:, :width]
-        ok = torch.arange(width, device=now.device)[None] < counts[:, None]
-        none = counts == 0  # no rater (no text after the image): fall back to the last token
-        ok[:, 0] |= none
-        rows = torch.where(ok & ~none[:, None], order, last)
-        return rows, ok
+        """Query rows (B, R) for the scores and which are real: the raters if any, else the last valid token
+        (known on the host: the last column, or each right-padded row's length - 1)."""
+        if call.score_rows is not None:
+            return call.score_rows, call.score_ok
+        bsz, length = lay.valid.shape
+        dev = lay.valid.device
+        if call.right_padded:
+            last = torch.tensor([[n - 1] for n in call.row_tokens], device=dev)
+        else:
+            last = torch.full((bsz, 1), length - 1, device=dev)
+        return last, torch.ones(bsz, 1, dtype=torch.bool, device=dev)
 
     def _layer_decode(self, idx, args, kwargs):
         bound = self.bound
@@ -541,15 +603,17 @@ class LlavaAdapter:
 
     # ---------------------------------------------------------------------------------------------- report
     def _report(self, call: _Call) -> PruneReport:
+        """Build the report of ``call`` (device readbacks happen here, after the prefill)."""
         lay = call.layout
         bsz = lay.valid.shape[0]
         visual = [sum(e - s for s, e in row) for row in call.spans]
         extra = {}
         if self.pruner.stage == "llm":
             kept = _kept_now(call.spans, lay, call.image_start)
-            extra["stage_kept"] = call.stage_kept
+            extra["stage_kept"] = [_kept_now(call.spans, x, call.image_start) for x in call.stage_layouts]
             extra["stage_selected"] = call.stage_selected
-            snaps = torch.stack(call.snaps).tolist() if call.snaps else []  # one sync for all layers
+            snaps = torch.stack([torch.stack([x.valid.sum(1), ((x.image >= 0) & x.valid).sum(1)])
+                                 for x in call.layouts]).tolist() if call.layouts else []  # one sync
             tokens = [[snaps[i][0][b] for i in call.per_layer] for b in range(bsz)]
             vis = [[snaps[i][1][b] for i in call.per_layer] for b in range(bsz)]
         else:
@@ -569,5 +633,4 @@ class LlavaAdapter:
             kept_indices=kept,
             extra=extra,
         )
-        rep._scoring_events, self.events = self.events, []
         return rep

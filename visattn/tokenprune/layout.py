@@ -33,14 +33,18 @@ def is_right_padded(valid: torch.Tensor) -> bool:
     return bool((~valid[:, -1]).any())
 
 
-def compact(keep: torch.Tensor, valid: torch.Tensor, order_key: torch.Tensor | None = None) -> Compaction:
+def compact(keep: torch.Tensor, valid: torch.Tensor, order_key: torch.Tensor | None = None,
+            new_len: int | None = None, right: bool | None = None) -> Compaction:
     """Pack the tokens with ``keep & valid`` of every row, preserving order and padding side.
 
     ``order_key`` (B, L) long, optional: kept tokens are ordered by it (ties by index) instead of by index.
+    ``new_len`` (the largest row's kept count) and ``right`` (right padding), when the caller knows them on the
+    host, save the one device readback.
     """
     sel = keep & valid
     counts = sel.sum(1)
-    new_len, right = torch.stack([counts.max(), (~valid[:, -1]).any().long()]).tolist()  # one host sync
+    if new_len is None or right is None:
+        new_len, right = torch.stack([counts.max(), (~valid[:, -1]).any().long()]).tolist()  # one host sync
     new_len = max(new_len, 1)
     if order_key is None:
         order = torch.sort((~sel).to(torch.int8), dim=1, stable=True).indices[:, :new_len]
@@ -64,17 +68,20 @@ def positions_from_valid(valid: torch.Tensor) -> torch.Tensor:
 
 
 def attention_mask_4d(
-    kv_valid: torch.Tensor, q_len: int, impl: str, dtype: torch.dtype
+    kv_valid: torch.Tensor, q_len: int, impl: str, dtype: torch.dtype, all_valid: bool | None = None
 ) -> torch.Tensor | None:
     """Causal + padding mask for the last ``q_len`` queries over ``kv_valid`` (B, Lk) keys.
 
     Returns a bool mask (True = attend) for SDPA-like implementations, an additive float mask for ``eager``,
-    the 2D key mask for flash attention, or ``None`` when SDPA can use its causal kernel.
+    the 2D key mask for flash attention, or ``None`` when SDPA can use its causal kernel. ``all_valid``: whether
+    every key is valid, if the caller knows (else read from the device).
     """
     bsz, kv_len = kv_valid.shape
+    if all_valid is None:
+        all_valid = bool(kv_valid.all())
     if impl.startswith("flash"):
-        return None if bool(kv_valid.all()) else kv_valid.long()
-    if impl != "eager" and bool(kv_valid.all()) and q_len in (1, kv_len):
+        return None if all_valid else kv_valid.long()
+    if impl != "eager" and all_valid and q_len in (1, kv_len):
         return None
     q_abs = torch.arange(kv_len - q_len, kv_len, device=kv_valid.device)
     k_abs = torch.arange(kv_len, device=kv_valid.device)
@@ -107,36 +114,37 @@ def image_spans(image_mask: torch.Tensor, tokens_per_image: int | None = None) -
     return spans
 
 
-def select_per_image(image: torch.Tensor, valid: torch.Tensor, lengths: list[int], select,
-                     counts_out: list | None = None) -> tuple:
-    """Run ``select(image_index_or_None, coords)`` on the (row, col) coords of every image's current tokens.
+def select_per_image(image: torch.Tensor, valid: torch.Tensor, counts: list[int], lengths: list[int],
+                     select) -> tuple:
+    """Run ``select(image_index_or_0, flat)`` on the flat (row * L + col) indices of every image's current tokens.
 
-    ``coords`` is (G, c, 2) when all images have ``c`` current tokens and the same original length (one batched
-    call, ``image_index`` None), else (1, c_j, 2) per image. Returns (keep mask with text kept, kept per image);
-    ``counts_out`` (a list), if given, receives every image's current token count. Two host syncs.
+    ``counts`` (host ints the caller tracks) holds every image's current token count, so no device readback is
+    needed: a stable sort by image id groups the tokens. ``flat`` is (G, c) when all images have ``c`` current
+    tokens and the same original length (one batched call), else (1, c_j) per image. Returns (keep mask with
+    text kept, kept per image, flat index of every image's last kept token).
     """
     present = (image >= 0) & valid
     keep = ~present & valid
-    coords = present.nonzero()
-    ids = image[coords[:, 0], coords[:, 1]]
-    counts = torch.bincount(ids, minlength=len(lengths)).tolist()
-    if counts_out is not None:
-        counts_out.extend(counts)
-    kept: list[torch.Tensor] = []
+    flat_image = torch.where(present, image, len(counts)).flatten()
+    flat = torch.sort(flat_image, stable=True).indices[: sum(counts)]  # by image, then position
+    flat_keep = keep.view(-1)
     if len(set(counts)) == 1 and len(set(lengths)) == 1 and counts[0] > 0:
-        grid = coords.view(len(lengths), counts[0], 2)
+        grid = flat.view(len(counts), counts[0])
         sel = select(0, grid)
-        picked = grid.gather(1, sel[..., None].expand(-1, -1, 2))
-        keep[picked[..., 0].flatten(), picked[..., 1].flatten()] = True
-        return keep, list(sel)
+        picked = grid.gather(1, sel)
+        flat_keep[picked.flatten()] = True
+        return keep, list(sel), picked[:, -1]
+    kept, last = [], []
     start = 0
     for j, c in enumerate(counts):
-        grid = coords[start : start + c][None]
+        grid = flat[start : start + c][None]
         sel = select(j, grid)[0]
-        keep[grid[0, sel, 0], grid[0, sel, 1]] = True
+        picked = grid[0, sel]
+        flat_keep[picked] = True
         kept.append(sel)
+        last.append(picked[-1:])
         start += c
-    return keep, kept
+    return keep, kept, torch.cat(last)
 
 
 @dataclass

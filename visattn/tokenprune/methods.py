@@ -213,9 +213,14 @@ class LLMPruner(TokenPruner):
     def stages(self) -> list[LLMStage]:
         raise NotImplementedError
 
+    def stage_keep(self, stage_index: int, n_current: int, num_original: int) -> int:
+        """How many of an image's ``n_current`` tokens stage ``stage_index`` keeps (``num_original`` before any
+        drop): the top-scoring ones."""
+        return min(resolve_budget(self.stages()[stage_index].budget, num_original), n_current)
+
     def select(self, stage_index: int, scores: torch.Tensor, num_original: int) -> torch.Tensor:
-        """Kept indices within one image's current tokens given their ``scores``."""
-        return topk_in_order(scores, resolve_budget(self.stages()[stage_index].budget, num_original))
+        """Kept indices within one image's current tokens given their ``scores`` (..., n), ascending."""
+        return topk_in_order(scores, self.stage_keep(stage_index, scores.shape[-1], num_original))
 
 
 class FastV(LLMPruner):
@@ -259,9 +264,8 @@ class PyramidDrop(LLMPruner):
     def stages(self) -> list[LLMStage]:
         return [LLMStage(layer, ratio, layer) for layer, ratio in zip(self.layers, self.ratios)]
 
-    def select(self, stage_index, scores, num_original):
-        k = max(1, int(self.ratios[stage_index] * num_original))  # PDrop truncates: int(N * ratio)
-        return topk_in_order(scores, k)
+    def stage_keep(self, stage_index: int, n_current: int, num_original: int) -> int:
+        return min(max(1, int(self.ratios[stage_index] * num_original)), n_current)  # PDrop truncates: int(N * r)
 
 
 @dataclass

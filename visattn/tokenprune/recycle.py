@@ -8,16 +8,19 @@ from visattn.tokenprune.layout import TokenLayout, compact
 
 
 def append_recycled(pruner, spans: list, lay: TokenLayout, hidden: torch.Tensor, keep: torch.Tensor,
-                    scores: torch.Tensor, removed: list[int]):
+                    scores: torch.Tensor, removed: list[int], last_kept: torch.Tensor, new_len: int | None = None,
+                    right: bool | None = None):
     """Append recycled tokens (pruner.recycled) after each image's kept tokens; extends the layout.
 
-    ``removed[j]``: deleted tokens of image ``j`` (host ints). Images with the same count are recycled in one
-    batched call; the only host-device transfer is one upload of the (host-known) slot indices.
+    ``removed[j]``: deleted tokens of image ``j`` (host ints); ``last_kept`` (images,): flat (row * L + col) index
+    of every image's last kept token; ``new_len`` / ``right``: see :func:`compact`. Images with the same count are
+    recycled in one batched call. Everything but the token values is known on the host, so all index plans go up
+    in one upload and no device value is read back.
     """
     if not getattr(pruner, "recycle", False) or not any(removed):
         return lay, hidden, None, None
     bsz, length = lay.valid.shape
-    dev, n_img = hidden.device, len(removed)
+    dev, n_img, width = hidden.device, len(removed), hidden.shape[-1]
     row_of = [b for b, row in enumerate(spans) for _ in row]
     made = [pruner.recycled_count(m) for m in removed]
     slot, used = [], [0] * bsz  # slot of image j's first recycled token in its row's extension
@@ -27,43 +30,46 @@ def append_recycled(pruner, spans: list, lay: TokenLayout, hidden: torch.Tensor,
     n_extra = max(used)
     if n_extra == 0:
         return lay, hidden, None, None
-    start = [sum(removed[:j]) for j in range(n_img)]
     groups: dict[int, list[int]] = {}
     for j, m in enumerate(removed):
         if m:
             groups.setdefault(m, []).append(j)
-    # one upload: per group its images, their first deleted token in the sorted order and their first slot
-    meta = [v for js in groups.values() for v in (*js, *(start[j] for j in js),
-                                                  *(row_of[j] * n_extra + slot[j] for j in js))]
-    meta = torch.tensor(meta, dtype=torch.long).to(dev, non_blocking=True)
-    present = (lay.image >= 0) & lay.valid
-    ar = torch.arange(length, device=dev).expand(bsz, -1)
-    flat_ids = torch.where(present & ~keep, lay.image, n_img).flatten()
-    order = torch.sort(flat_ids, stable=True).indices  # deleted tokens by image, then position
-    kept_pos = torch.where(present & keep, ar, -1).flatten()
-    anchor = torch.full((n_img + 1,), -1, dtype=torch.long, device=dev).scatter_reduce_(
-        0, torch.where(present & keep, lay.image, n_img).flatten(), kept_pos, "amax")
-    ext = hidden.new_zeros(bsz * n_extra, hidden.shape[-1])
-    ext_image = torch.full((bsz * n_extra,), -1, dtype=torch.long, device=dev)
-    ext_key = torch.zeros(bsz * n_extra, dtype=torch.long, device=dev)
-    flat_h, flat_s, off = hidden.flatten(0, 1), scores.flatten(), 0
+    # host plan: the deleted tokens of each group's images (positions in the by-image order), then for every
+    # extension slot (B * n_extra) its row in the recycled tokens (stacked group by group; -1 = padding slot),
+    # its image and its slot within the row
+    first = [sum(removed[:j]) for j in range(n_img)]
+    src_plan, produced, row_in_out = [], 0, {}
     for m, js in groups.items():
-        g, c = len(js), pruner.recycled_count(m)
-        img, first, dest0 = meta[off : off + g], meta[off + g : off + 2 * g], meta[off + 2 * g : off + 3 * g]
-        off += 3 * g
-        src = order[first[:, None] + torch.arange(m, device=dev)]
-        tokens = pruner.recycled(flat_h[src], flat_s[src])
-        dest = (dest0[:, None] + torch.arange(c, device=dev)).flatten()
-        ext[dest] = tokens.flatten(0, 1).to(ext.dtype)
-        ext_image[dest] = img.repeat_interleave(c)
-        ext_key[dest] = anchor[img].repeat_interleave(c) * (n_extra + 1) + 1 + dest % n_extra
-    ext, ext_image, ext_key = ext.view(bsz, n_extra, -1), ext_image.view(bsz, -1), ext_key.view(bsz, -1)
+        src_plan += [first[j] + i for j in js for i in range(m)]
+        for j in js:
+            row_in_out[j] = produced
+            produced += made[j]
+    ext_src, ext_img, ext_slot = [produced] * (bsz * n_extra), [n_img] * (bsz * n_extra), [0] * (bsz * n_extra)
+    for j, c in enumerate(made):
+        for i in range(c):
+            at = row_of[j] * n_extra + slot[j] + i
+            ext_src[at], ext_img[at], ext_slot[at] = row_in_out[j] + i, j, slot[j] + i
+    plan = torch.tensor(src_plan + ext_src + ext_img + ext_slot, dtype=torch.long).to(dev, non_blocking=True)
+    src_all, ext_src_t, ext_img_t, ext_slot_t = plan.split([len(src_plan)] + [bsz * n_extra] * 3)
+    present = (lay.image >= 0) & lay.valid
+    order = torch.sort(torch.where(present & ~keep, lay.image, n_img).flatten(), stable=True).indices
+    flat_h, flat_s = hidden.flatten(0, 1), scores.flatten()
+    out, at = [], 0
+    for m, js in groups.items():
+        src = order[src_all[at : at + len(js) * m]].view(len(js), m)
+        at += len(js) * m
+        out.append(pruner.recycled(flat_h[src], flat_s[src]).flatten(0, 1).to(hidden.dtype))
+    out.append(hidden.new_zeros(1, width))  # the padding slots' source
+    ext = torch.cat(out)[ext_src_t].view(bsz, n_extra, width)
+    anchor = torch.cat([last_kept % length, last_kept.new_full((1,), -1)])[ext_img_t]
+    ext_image = torch.where(ext_img_t < n_img, ext_img_t, -1).view(bsz, n_extra)
+    ext_key = (anchor * (n_extra + 1) + 1 + ext_slot_t).view(bsz, n_extra)
     ext_valid = ext_image >= 0
-    key = ar * (n_extra + 1)
+    key = torch.arange(length, device=dev).expand(bsz, -1) * (n_extra + 1)
     valid = torch.cat([lay.valid, ext_valid], 1)
     ext_pos = lay.pos.new_zeros(bsz, n_extra, *lay.pos.shape[2:])
     new = TokenLayout(valid, torch.cat([lay.pos, ext_pos], 1), torch.cat([lay.image, ext_image], 1),
-                  torch.cat([lay.orig, torch.full_like(ext_key, -1)], 1))
+                      torch.cat([lay.orig, torch.full_like(ext_key, -1)], 1))
     keep = torch.cat([keep, ext_valid], 1)
-    comp = compact(keep, valid, torch.cat([key, ext_key], 1))
+    comp = compact(keep, valid, torch.cat([key, ext_key], 1), new_len, right)
     return new, torch.cat([hidden, ext], 1), comp, None

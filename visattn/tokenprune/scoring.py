@@ -42,6 +42,32 @@ def _head_view(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.view(*x.shape[:2], -1, head_dim).transpose(1, 2)
 
 
+#: HF norms whose forward is ``weight * (x * rsqrt(mean(x²) + eps)).to(dtype)`` computed in float32
+_LLAMA_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen2VLRMSNorm", "Qwen2_5_VLRMSNorm",
+                    "Qwen3RMSNorm"}
+
+
+def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` for a Llama-style RMSNorm in 2 ops (fused normalisation, then the weight, rounded as HF
+    rounds); any other norm module is called as is."""
+    if type(norm).__name__ in _LLAMA_RMS_NORMS:
+        return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon).to(x.dtype)
+    return norm(x)
+
+
+def _decoder_qk(layer: torch.nn.Module, hidden: torch.Tensor, rows: torch.Tensor):
+    """Raw (un-roped) query projections (B, R, H, D) of ``rows`` and keys (B, S, Hkv, D) of a Llama-family layer."""
+    attn = layer.self_attn
+    head_dim = attn.head_dim
+    x = _rms_norm(layer.input_layernorm, hidden)
+    x_rows = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
+    q = attn.q_proj(x_rows).unflatten(-1, (-1, head_dim))
+    k = attn.k_proj(x).unflatten(-1, (-1, head_dim))
+    if getattr(attn, "q_norm", None) is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return q, k, getattr(attn, "scaling", head_dim**-0.5)
+
+
 def decoder_attention_rows(
     layer: torch.nn.Module,
     hidden: torch.Tensor,
@@ -55,22 +81,53 @@ def decoder_attention_rows(
     Works for Llama-family layers (``input_layernorm``, ``self_attn.{q,k}_proj``, optional ``q_norm``/``k_norm``).
     Keys are restricted to ``key_valid`` (B, S) and causally to positions ``<=`` the query row.
     """
-    attn = layer.self_attn
-    head_dim = attn.head_dim
-    x = layer.input_layernorm(hidden)
-    x_rows = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
-    q = _head_view(attn.q_proj(x_rows), head_dim)
-    k = _head_view(attn.k_proj(x), head_dim)
-    if getattr(attn, "q_norm", None) is not None:
-        q, k = attn.q_norm(q.transpose(1, 2)).transpose(1, 2), attn.k_norm(k.transpose(1, 2)).transpose(1, 2)
-    cos_r = cos.expand(hidden.shape[0], -1, -1).gather(1, rows[..., None].expand(-1, -1, cos.shape[-1]))
-    sin_r = sin.expand(hidden.shape[0], -1, -1).gather(1, rows[..., None].expand(-1, -1, sin.shape[-1]))
-    q = apply_rope(q, cos_r, sin_r)
-    k = apply_rope(k, cos.expand(hidden.shape[0], -1, -1), sin.expand(hidden.shape[0], -1, -1))
-    ar = torch.arange(hidden.shape[1], device=hidden.device)
+    q, k, scale = _decoder_qk(layer, hidden, rows)
+    return _eager_rows(q, k, cos, sin, rows, key_valid, scale)
+
+
+def _eager_rows(q, k, cos, sin, rows, key_valid, scale) -> torch.Tensor:
+    bsz = q.shape[0]
+    cos, sin = cos.expand(bsz, -1, -1), sin.expand(bsz, -1, -1)
+    cos_r = cos.gather(1, rows[..., None].expand(-1, -1, cos.shape[-1]))
+    sin_r = sin.gather(1, rows[..., None].expand(-1, -1, sin.shape[-1]))
+    q = apply_rope(q.transpose(1, 2), cos_r, sin_r)
+    k = apply_rope(k.transpose(1, 2), cos, sin)
+    ar = torch.arange(k.shape[2], device=k.device)
     allowed = key_valid[:, None, :] & (ar[None, None, :] <= rows[..., None])
-    scale = getattr(attn, "scaling", head_dim**-0.5)
     return row_softmax(q, k, allowed, scale)
+
+
+#: Backend of the LLM-stage scoring and per-image top-k (FastV, PyramidDrop, SparseVLM): "auto" (the fused
+#: Triton kernels on CUDA when they can run, else eager ops), "eager", or "triton" (raise if they cannot run).
+LLM_KERNELS = "auto"
+
+
+def decoder_row_scores(
+    layer: torch.nn.Module,
+    hidden: torch.Tensor,
+    rows: torch.Tensor,
+    row_ok: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    key_valid: torch.Tensor,
+) -> torch.Tensor:
+    """How much the ``row_ok`` query ``rows`` (B, R) of decoder ``layer`` attend to each key: the attention
+    probabilities averaged over heads and over those rows, (B, S) float32 (same masking as
+    :func:`decoder_attention_rows`). On CUDA one fused Triton launch (``visattn.kernels.rowscore``) does the RoPE,
+    logits, softmax and averaging; elsewhere the eager ops run."""
+    q, k, scale = _decoder_qk(layer, hidden, rows)
+    backend = LLM_KERNELS
+    if backend != "eager":
+        from visattn.kernels import rowscore
+
+        why = rowscore.why_not(q, k, cos)
+        if why is None:
+            return rowscore.row_scores(q, k, cos, sin, rows, row_ok, key_valid, scale)
+        if backend == "triton":
+            raise ValueError(f"LLM_KERNELS='triton': the row-score kernel cannot run: {why}")
+    probs = _eager_rows(q, k, cos, sin, rows, key_valid, scale).mean(1)
+    w = row_ok.to(probs.dtype)[..., None]
+    return (probs * w).sum(1) / w.sum(1).clamp(min=1)
 
 
 def _hf_scale(attn: torch.nn.Module) -> float:

@@ -145,11 +145,8 @@ class SparseVLM(LLMPruner):
         pick = (rel > mean) & t_ok & (n_vis > 0)[:, None]
         return out.scatter(1, t_idx, pick)
 
-    def select(self, stage_index: int, scores: torch.Tensor, num_original: int) -> torch.Tensor:
-        n = scores.shape[-1]
-        k = resolve_budget(self.counts[stage_index], num_original)
-        k = max(1, min(k, n - 1))
-        return scores.topk(k, dim=-1).indices.sort(dim=-1).values
+    def stage_keep(self, stage_index: int, n_current: int, num_original: int) -> int:
+        return max(1, min(resolve_budget(self.counts[stage_index], num_original), n_current - 1))
 
     def recycled_count(self, m: int) -> int:
         """Recycled tokens made from ``m`` deleted ones (0 when recycling is off or nothing was deleted)."""

@@ -1,0 +1,60 @@
+"""Where the host time of LLM-side pruning goes: wall time (CUDA-synchronised) of each adapter step during one
+pruned prefill of the ``bench-prune`` LLaVA-1.5-7B-shaped model. Diagnostic only (the syncs it adds slow the
+prefill down); run on the GPU: ``python benchmarks/profile_prune.py sparsevlm 1``."""
+
+from __future__ import annotations
+
+import collections
+import functools
+import statistics
+import sys
+import time
+
+import torch
+
+from visattn import tokenprune as tp
+from visattn.bench import prune as bench
+from visattn.tokenprune import hf_llava, recycle, sparsevlm
+
+TIMES: dict = collections.defaultdict(list)
+
+
+def timed(owner, name: str, label: str) -> None:
+    fn = getattr(owner, name)
+
+    @functools.wraps(fn)
+    def inner(*args, **kwargs):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        torch.cuda.synchronize()
+        TIMES[label].append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    setattr(owner, name, staticmethod(inner) if isinstance(vars(owner).get(name), staticmethod) else inner)
+
+
+def main(method: str, batch: int, images: int = 1) -> None:
+    model = bench.build_model(False, "cuda", torch.float16)
+    inputs = bench.make_inputs(model, batch, images, "cuda", torch.float16)
+    pruner = bench.pruner_for(method, 64, 576)
+    for owner, name in [(hf_llava, "decoder_row_scores"), (hf_llava.LlavaAdapter, "_select_stage"),
+                        (hf_llava, "append_recycled"), (hf_llava, "compact"), (hf_llava, "attention_mask_4d"),
+                        (hf_llava, "_rater_rows"), (hf_llava, "_moved_rows"), (sparsevlm.SparseVLM, "raters"),
+                        (recycle, "compact"), (sparsevlm, "dpc_knn_merge"), (hf_llava.LlavaAdapter, "_rope"),
+                        (hf_llava.LlavaAdapter, "_layer_prefill"), (hf_llava.LlavaAdapter, "_lm_pre")]:
+        timed(owner, name, f"{getattr(owner, '__name__', owner)}.{name}")
+    tp.apply(model, pruner)
+    with torch.no_grad():
+        for i in range(6):
+            if i == 2:
+                TIMES.clear()
+            model(**inputs, use_cache=True, logits_to_keep=1)
+    calls = 4
+    print(f"{method} b={batch} images={images}: per prefill (ms, mean over {calls} calls, synchronised)")
+    for label, ts in sorted(TIMES.items(), key=lambda kv: -sum(kv[1])):
+        print(f"  {label:40s} {sum(ts) / calls:8.3f}  ({len(ts) // calls} calls per prefill)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 1)
