@@ -21,7 +21,7 @@ for step in "$@"; do
     bench-attn) python3 -m visattn.cli bench-attn ;;
     bench-bra) python3 -m visattn.cli bench-bra ;;
     bench-prune) python3 -m visattn.cli bench-prune ;;
-    bench-rowscore) python3 -m visattn.cli bench-rowscore ;;
+    bench-prune-kernels) python3 -m visattn.cli bench-prune-kernels ;;
     *) echo "unknown step $step"; false ;;
   esac 2>&1 | tee "$LOGS/$step.log"
   rc=${PIPESTATUS[0]}; echo "===== $step exit $rc"; [ "$rc" = 0 ] || status=1

@@ -58,7 +58,7 @@ DELEGATED = {
     "bench-attn": ("visattn.bench.attn", "kernel benchmarks: time, TFLOP/s, floor, peers"),
     "bench-bra": ("visattn.bench.bra", "bi-level routing: fused kernel vs BiFormer's gather, time and memory"),
     "bench-prune": ("visattn.bench.prune", "token-pruning benchmarks on LLaVA-shaped models"),
-    "bench-rowscore": ("visattn.bench.rowscore", "LLM-side pruning scores: fused row-score kernel vs eager ops"),
+    "bench-prune-kernels": ("visattn.bench.prune_kernels", "LLM-stage pruning kernels (row scores, top-k) vs eager"),
 }
 
 

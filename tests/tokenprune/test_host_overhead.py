@@ -18,11 +18,11 @@ from visattn import tokenprune as tp  # noqa: E402
 SIZES = torch.tensor([[56, 112], [112, 56]])
 # method, shape, factory, (syncs b=1, syncs b=2), (ops b=1, ops b=2)
 CASES = [
-    ("sparsevlm", "1.5", lambda: tp.SparseVLM(layers=[1, 3, 5], counts=[8, 5, 3]), (8, 12), (850, 910)),
+    ("sparsevlm", "1.5", lambda: tp.SparseVLM(layers=[1, 3, 5], counts=[8, 5, 3]), (6, 10), (810, 870)),
     ("pdrop", "1.5", lambda: tp.PyramidDrop(layers=[2, 4, 6], ratios=[0.5, 0.25, 0.125]), (6, 10), (490, 550)),
     ("vtc-cls", "1.5", lambda: tp.VTCCLS(keep=4, start_layer=0, end_layer=-1), (8, 12), (120, 140)),
     ("visionzip", "1.5", lambda: tp.VisionZip(dominant=4, contextual=2), (8, 12), (175, 200)),
-    ("sparsevlm", "next", lambda: tp.SparseVLM(layers=[1, 3, 5], counts=[8, 5, 3]), (8, 12), (850, 990)),
+    ("sparsevlm", "next", lambda: tp.SparseVLM(layers=[1, 3, 5], counts=[8, 5, 3]), (6, 10), (810, 950)),
     ("vtc-cls", "next", lambda: tp.VTCCLS(keep=8, start_layer=0, end_layer=-1), (15, 25), (170, 240)),
     ("visionzip", "next", lambda: tp.VisionZip(dominant=4, contextual=2), (12, 18), (245, 315)),
 ]

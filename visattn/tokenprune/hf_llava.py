@@ -71,16 +71,41 @@ def _kept_now(spans: list, lay: "_Layout", start: torch.Tensor) -> list[list[tor
     return _per_sample(spans, list((orig - start[ids]).split(counts)))
 
 
-def _rater_rows(raters: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, W) indices of the rater tokens of mask ``raters`` and which are real; a row without raters scores with
-    its last valid token. One host sync (the width)."""
-    counts = raters.sum(1)
-    width = max(int(counts.max()), 1)
-    order = torch.sort((~raters).to(torch.int8), dim=1, stable=True).indices[:, :width]
-    ok = torch.arange(width, device=raters.device)[None] < counts[:, None]
-    none = counts == 0
+def _rater_candidates(spans: list, row_tokens: list[int], right: bool, length: int) -> tuple[list, int, int]:
+    """Per row, the LM-input indices of the text tokens after its first image (host lists: the gaps after each
+    image up to the next one or the row's end), and the column range [lo, hi) that holds every image."""
+    cands = []
+    for row, n in zip(spans, row_tokens):
+        end = n if right else length
+        cand: list[int] = []
+        for i, (_, e) in enumerate(row):
+            cand += range(e, row[i + 1][0] if i + 1 < len(row) else end)
+        cands.append(cand)
+    lo = min((row[0][0] for row in spans if row), default=0)
+    hi = max((row[-1][1] for row in spans if row), default=0)
+    return cands, lo, hi
+
+
+def _rater_rows(embeds, image, valid, cands, lo, hi, last: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseVLM's query rows (B, T): every text candidate, real where it is a rater (unused slots hold the row's
+    last valid token ``last[b]``, which also scores a row without raters). No host sync: the candidates are
+    known on the host."""
+    from visattn.tokenprune.sparsevlm import SparseVLM
+
+    width = max(max((len(c) for c in cands), default=0), 1)
+    flat = [p for c, z in zip(cands, last) for p in c + [z] * (width - len(c))] + [len(c) for c in cands] + last
+    plan = torch.tensor(flat, dtype=torch.long).to(embeds.device, non_blocking=True)
+    bsz = len(cands)
+    t_idx, counts, last_t = plan[: bsz * width].view(bsz, width), plan[bsz * width : -bsz], plan[-bsz:]
+    t_ok = torch.arange(width, device=embeds.device)[None] < counts[:, None]
+    if hi > lo:
+        ok = SparseVLM.rater_scores(embeds[:, lo:hi], ((image >= 0) & valid)[:, lo:hi], t_idx, t_ok, embeds)
+    else:
+        ok = torch.zeros_like(t_ok)
+    none = ~ok.any(1)
     ok[:, 0] |= none
-    return torch.where(ok & ~none[:, None], order, _last_valid(valid)[:, None]), ok
+    t_idx[:, 0] = torch.where(none, last_t, t_idx[:, 0])
+    return t_idx, ok
 
 
 def _moved_rows(rows: torch.Tensor, comp, old_len: int) -> torch.Tensor:
@@ -400,7 +425,9 @@ class LlavaAdapter:
             call.image_counts = list(call.image_lengths)
             if hasattr(self.pruner, "raters"):
                 with self._timed():
-                    call.score_rows, call.score_ok = _rater_rows(self.pruner.raters(embeds, valid, image_id), valid)
+                    cands, lo, hi = _rater_candidates(call.spans, call.row_tokens, call.right_padded, length)
+                    last = [n - 1 for n in call.row_tokens] if call.right_padded else [length - 1] * bsz
+                    call.score_rows, call.score_ok = _rater_rows(embeds, image_id, valid, cands, lo, hi, last)
             return args, kwargs
         vis, self.vision = self.vision, None
         if self.pruner.stage == "vision" and vis is None:

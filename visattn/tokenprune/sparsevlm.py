@@ -122,35 +122,52 @@ class SparseVLM(LLMPruner):
     def raters(embeds: torch.Tensor, valid: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """Rater mask (B, L): text tokens after the first image whose relevance exceeds the mean.
 
-        Batched over samples (visual / text tokens gathered into padded tensors); one host sync per call.
+        Batched over samples (visual / text tokens gathered into padded tensors); one host sync per call (the
+        widths). The LLaVA adapter calls :meth:`rater_scores` with host-built candidates instead.
         """
         out = torch.zeros_like(valid)
         ar = torch.arange(valid.shape[1], device=valid.device)
         vis = (image >= 0) & valid
         first = torch.where(vis, ar, valid.shape[1]).amin(1, keepdim=True)
         text = valid & (image < 0) & (ar > first)
-        n_vis, n_text = vis.sum(1), text.sum(1)
-        v_max, t_max = torch.stack([n_vis.max(), n_text.max()]).tolist()
-        if v_max == 0 or t_max == 0:
+        n_text = text.sum(1)
+        t_max = int(n_text.max())
+        if t_max == 0:
             return out
-        v_idx = torch.sort((~vis).to(torch.int8), dim=1, stable=True).indices[:, :v_max]
         t_idx = torch.sort((~text).to(torch.int8), dim=1, stable=True).indices[:, :t_max]
-        v_ok = ar[None, :v_max] < n_vis[:, None]
         t_ok = ar[None, :t_max] < n_text[:, None]
-        ev = embeds.gather(1, v_idx[..., None].expand(-1, -1, embeds.shape[-1])).float()
-        et = embeds.gather(1, t_idx[..., None].expand(-1, -1, embeds.shape[-1])).float()
-        probs = (ev @ et.transpose(1, 2)).masked_fill(~t_ok[:, None], float("-inf")).softmax(-1)
-        rel = torch.where(v_ok[..., None], probs, 0.0).sum(1) / n_vis.clamp(min=1)[:, None]
-        mean = torch.where(t_ok, rel, 0.0).sum(1, keepdim=True) / n_text.clamp(min=1)[:, None]
-        pick = (rel > mean) & t_ok & (n_vis > 0)[:, None]
-        return out.scatter(1, t_idx, pick)
+        return out.scatter(1, t_idx, SparseVLM.rater_scores(embeds, vis, t_idx, t_ok))
+
+    @staticmethod
+    def rater_scores(embeds: torch.Tensor, visual: torch.Tensor, t_idx: torch.Tensor, t_ok: torch.Tensor,
+                     text_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Which candidate text tokens ``t_idx`` (B, T) (real where ``t_ok``) are raters, (B, T) bool.
+
+        ``visual`` (B, S) marks the visual tokens of ``embeds`` (B, S, C); ``t_idx`` indexes ``text_embeds``
+        (default ``embeds``), so a column slice of ``embeds`` / ``visual`` holding every image saves work.
+        Relevance of text ``t`` = mean over visual ``v`` of ``softmax_t(v · t)`` over the real candidates;
+        raters exceed the mean relevance of the sample's candidates.
+        """
+        src = embeds if text_embeds is None else text_embeds
+        et = src.gather(1, t_idx[..., None].expand(-1, -1, src.shape[-1]))
+        probs = (embeds.float() @ et.float().transpose(1, 2)).masked_fill(~t_ok[:, None], float("-inf")).softmax(-1)
+        n_vis = visual.sum(1, keepdim=True)
+        rel = (probs * visual[..., None]).sum(1) / n_vis.clamp(min=1)
+        n_text = t_ok.sum(1, keepdim=True)
+        mean = torch.where(t_ok, rel, 0.0).sum(1, keepdim=True) / n_text.clamp(min=1)
+        return (rel > mean) & t_ok & (n_vis > 0)
 
     def stage_keep(self, stage_index: int, n_current: int, num_original: int) -> int:
         return max(1, min(resolve_budget(self.counts[stage_index], num_original), n_current - 1))
 
+    @staticmethod
+    def recycle_pick(m: int) -> int:
+        """Deleted tokens (the best-scoring) that recycling clusters, of ``m``."""
+        return int(m * 0.3) + 1
+
     def recycled_count(self, m: int) -> int:
         """Recycled tokens made from ``m`` deleted ones (0 when recycling is off or nothing was deleted)."""
-        return int((int(m * 0.3) + 1) / 10) + 1 if self.recycle and m > 0 else 0
+        return int(self.recycle_pick(m) / 10) + 1 if self.recycle and m > 0 else 0
 
     def recycled(self, hidden: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Recycled tokens (c, C) from the deleted tokens' hidden states (m, C) and scores (m,); a leading batch
@@ -158,7 +175,7 @@ class SparseVLM(LLMPruner):
         m = hidden.shape[-2]
         if not self.recycle or m == 0:
             return hidden[..., :0, :]
-        top = scores.topk(int(m * 0.3) + 1, dim=-1).indices
+        top = scores.topk(self.recycle_pick(m), dim=-1).indices
         picked = hidden.gather(-2, top[..., None].expand(*top.shape, hidden.shape[-1]))
         return dpc_knn_merge(picked, self.recycled_count(m))
 
