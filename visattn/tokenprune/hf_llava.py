@@ -547,10 +547,9 @@ class LlavaAdapter:
                 call.row_tokens[row_of[j]] += c - m
             call.image_counts = [x.shape[-1] + c for x, c in zip(sel, made)]
             new_len = max(max(call.row_tokens), 1)
-            with self._timed():
-                lay, hidden, comp, order = append_recycled(self.pruner, call.spans, lay, hidden, keep,
-                                                           call.scores[stage_index], removed, last_kept,
-                                                           new_len, call.right_padded)
+            lay, hidden, comp, order = append_recycled(self.pruner, call.spans, lay, hidden, keep,
+                                                       call.scores[stage_index], removed, last_kept, new_len,
+                                                       call.right_padded, timed=self._timed)
             comp = compact(keep, lay.valid, order, new_len, call.right_padded) if comp is None else comp
             if call.score_rows is not None:  # raters are text: never dropped, only moved
                 call.score_rows = _moved_rows(call.score_rows, comp, lay.valid.shape[1])

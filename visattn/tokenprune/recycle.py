@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from visattn.tokenprune.layout import TokenLayout, compact
@@ -9,13 +11,14 @@ from visattn.tokenprune.layout import TokenLayout, compact
 
 def append_recycled(pruner, spans: list, lay: TokenLayout, hidden: torch.Tensor, keep: torch.Tensor,
                     scores: torch.Tensor, removed: list[int], last_kept: torch.Tensor, new_len: int | None = None,
-                    right: bool | None = None):
+                    right: bool | None = None, timed=nullcontext):
     """Append recycled tokens (pruner.recycled) after each image's kept tokens; extends the layout.
 
     ``removed[j]``: deleted tokens of image ``j`` (host ints); ``last_kept`` (images,): flat (row * L + col) index
     of every image's last kept token; ``new_len`` / ``right``: see :func:`compact`. Images with the same count are
     recycled in one batched call. Everything but the token values is known on the host, so all index plans go up
-    in one upload and no device value is read back.
+    in one upload and no device value is read back. ``timed()`` wraps the making of the tokens (the method's own
+    work; placing them is layout bookkeeping, as every method's compaction).
     """
     if not getattr(pruner, "recycle", False) or not any(removed):
         return lay, hidden, None, None
@@ -45,15 +48,17 @@ def append_recycled(pruner, spans: list, lay: TokenLayout, hidden: torch.Tensor,
                 ext_src[row_of[j] * n_extra + slot[j] + i] = made_before[j] + i
         plan = torch.tensor(ext_img + ext_slot + ext_src, dtype=torch.long).to(dev, non_blocking=True)
         ext_img_t, ext_slot_t, ext_src_t = plan.split(bsz * n_extra)
-        out = recycle_tokens(hidden, scores, lay.image, lay.valid, keep, row_of,
-                             [pruner.recycle_pick(m) if m else 0 for m in removed], made)
+        with timed():
+            out = recycle_tokens(hidden, scores, lay.image, lay.valid, keep, row_of,
+                                 [pruner.recycle_pick(m) if m else 0 for m in removed], made)
         if n_img == bsz and len(set(made)) == 1:  # one image per row, as many tokens each: already in place
             ext = out.view(bsz, n_extra, width)
         else:
             ext = torch.cat([out, out.new_zeros(1, width)])[ext_src_t].view(bsz, n_extra, width)
     else:
-        ext, ext_img_t, ext_slot_t = _recycle_eager(pruner, lay, hidden, keep, scores, removed, made, row_of,
-                                                    slot, n_extra, ext_img, ext_slot)
+        with timed():
+            ext, ext_img_t, ext_slot_t = _recycle_eager(pruner, lay, hidden, keep, scores, removed, made, row_of,
+                                                        slot, n_extra, ext_img, ext_slot)
     anchor = torch.cat([last_kept % length, last_kept.new_full((1,), -1)])[ext_img_t]
     ext_image = torch.where(ext_img_t < n_img, ext_img_t, -1).view(bsz, n_extra)
     ext_key = (anchor * (n_extra + 1) + 1 + ext_slot_t).view(bsz, n_extra)
