@@ -29,6 +29,7 @@ CASES = [  # batch, images per row, tokens per image, kept per image, width, dty
     (1, 5, 576, 30, 4096, torch.float16),
     (2, 2, 300, 120, 1024, torch.bfloat16),
     (3, 1, 100, 99, 256, torch.float32),
+    (1, 1, 850, 2, 512, torch.float16),  # 255 picks, 26 clusters: the kernel's largest tiles
 ]
 
 

@@ -99,6 +99,8 @@ def why_not(q: Tensor, k: Tensor, cos: Tensor) -> str | None:
         return "not a CUDA tensor"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype:
         return f"dtype {q.dtype}/{k.dtype}: needs matching float16/bfloat16/float32"
+    if cos.dim() != 3:
+        return f"rotary tables of shape {tuple(cos.shape)}: needs (batch or 1, tokens, head_dim)"
     if q.shape[-1] % 2 or q.shape[-1] > 256 or cos.shape[-1] != q.shape[-1]:
         return f"head_dim {q.shape[-1]} with rotary dim {cos.shape[-1]}: needs an even head_dim <= 256, full RoPE"
     if q.shape[1] > MAX_ROWS:
