@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import statistics
 import sys
 import time
 
@@ -14,6 +13,7 @@ import torch
 
 from visattn import tokenprune as tp
 from visattn.bench import prune as bench
+from visattn.kernels import recycle as recycle_kernel
 from visattn.tokenprune import hf_llava, recycle, sparsevlm
 
 TIMES: dict = collections.defaultdict(list)
@@ -40,8 +40,8 @@ def main(method: str, batch: int, images: int = 1) -> None:
     pruner = bench.pruner_for(method, 64, 576)
     for owner, name in [(hf_llava, "decoder_row_scores"), (hf_llava.LlavaAdapter, "_select_stage"),
                         (hf_llava, "append_recycled"), (hf_llava, "compact"), (hf_llava, "attention_mask_4d"),
-                        (hf_llava, "_rater_rows"), (hf_llava, "_moved_rows"), (sparsevlm.SparseVLM, "raters"),
-                        (recycle, "compact"), (sparsevlm, "dpc_knn_merge"), (hf_llava.LlavaAdapter, "_rope"),
+                        (hf_llava, "rater_rows"), (hf_llava, "moved_rows"), (sparsevlm.SparseVLM, "rater_scores"),
+                        (recycle, "compact"), (sparsevlm, "dpc_knn_merge"), (recycle_kernel, "recycle_tokens"), (hf_llava.LlavaAdapter, "_rope"),
                         (hf_llava.LlavaAdapter, "_layer_prefill"), (hf_llava.LlavaAdapter, "_lm_pre")]:
         timed(owner, name, f"{getattr(owner, '__name__', owner)}.{name}")
     tp.apply(model, pruner)

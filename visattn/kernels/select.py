@@ -99,6 +99,8 @@ def topk_per_image(scores: Tensor, image: Tensor, valid: Tensor, ks: list[int], 
         keep = torch.empty(bsz, length, dtype=torch.bool, device=scores.device)
     sel = torch.empty(n_images, max(ks, default=1), dtype=torch.long, device=scores.device)
     last = torch.empty(n_images, dtype=torch.long, device=scores.device)
+    if n_images == 0:
+        return keep, sel, last
     block = triton.next_power_of_2(length)
     _topk_images_kernel[(n_images,)](scores.contiguous(), image.contiguous(), valid.contiguous().view(torch.int8),
                                      plan, keep.view(torch.int8), sel, last, length, n_images, sel.stride(0),

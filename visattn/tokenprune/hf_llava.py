@@ -30,6 +30,8 @@ from visattn.tokenprune.recycle import append_recycled
 from visattn.tokenprune.methods import LLMPruner, TokenPruner, VisionPruner, VisionZip
 from visattn.tokenprune.report import PruneReport, estimate
 from visattn.tokenprune import scoring
+from visattn.tokenprune.bookkeeping import (image_starts, kept_now, last_valid, layout_index, moved_rows,
+                                            per_sample, rater_candidates, rater_rows)
 from visattn.tokenprune.scoring import clip_cls_attention, cls_attention_captures, decoder_row_scores
 
 
@@ -42,94 +44,6 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor, name: str = "h
         return (hidden, *args[1:]), kwargs
     kwargs[name] = hidden
     return args, kwargs
-
-
-def _last_valid(valid: torch.Tensor) -> torch.Tensor:
-    ar = torch.arange(valid.shape[1], device=valid.device)
-    return (valid.long() * (ar + 1)).argmax(1)
-
-
-def _per_sample(spans: list, flat: list) -> list[list[torch.Tensor]]:
-    out, j = [], 0
-    for row in spans:
-        out.append(flat[j : j + len(row)])
-        j += len(row)
-    return out
-
-
-def _kept_now(spans: list, lay: "_Layout", start: torch.Tensor) -> list[list[torch.Tensor]]:
-    """Per sample, per image: original indices (within the image) still present in layout ``lay``.
-
-    ``start`` (images,) holds every image's first index in the LM input. Two host syncs for the whole batch.
-    """
-    sel = (lay.image >= 0) & lay.valid & (lay.orig >= 0)
-    rows, cols = sel.nonzero().unbind(1)
-    ids = lay.image[rows, cols]
-    order = torch.sort(ids, stable=True).indices  # images are contiguous and ordered; stays a no-op reorder
-    ids, orig = ids[order], lay.orig[rows, cols][order]
-    counts = torch.bincount(ids, minlength=start.shape[0]).tolist()
-    return _per_sample(spans, list((orig - start[ids]).split(counts)))
-
-
-def _rater_candidates(spans: list, row_tokens: list[int], right: bool, length: int) -> tuple[list, int, int]:
-    """Per row, the LM-input indices of the text tokens after its first image (host lists: the gaps after each
-    image up to the next one or the row's end), and the column range [lo, hi) that holds every image."""
-    cands = []
-    for row, n in zip(spans, row_tokens):
-        end = n if right else length
-        cand: list[int] = []
-        for i, (_, e) in enumerate(row):
-            cand += range(e, row[i + 1][0] if i + 1 < len(row) else end)
-        cands.append(cand)
-    lo = min((row[0][0] for row in spans if row), default=0)
-    hi = max((row[-1][1] for row in spans if row), default=0)
-    return cands, lo, hi
-
-
-def _rater_rows(embeds, image, valid, cands, lo, hi, last: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """SparseVLM's query rows (B, T): every text candidate, real where it is a rater (unused slots hold the row's
-    last valid token ``last[b]``, which also scores a row without raters). No host sync: the candidates are
-    known on the host."""
-    from visattn.tokenprune.sparsevlm import SparseVLM
-
-    width = max(max((len(c) for c in cands), default=0), 1)
-    flat = [p for c, z in zip(cands, last) for p in c + [z] * (width - len(c))] + [len(c) for c in cands] + last
-    plan = torch.tensor(flat, dtype=torch.long).to(embeds.device, non_blocking=True)
-    bsz = len(cands)
-    t_idx, counts, last_t = plan[: bsz * width].view(bsz, width), plan[bsz * width : -bsz], plan[-bsz:]
-    t_ok = torch.arange(width, device=embeds.device)[None] < counts[:, None]
-    if hi > lo:
-        ok = SparseVLM.rater_scores(embeds[:, lo:hi], ((image >= 0) & valid)[:, lo:hi], t_idx, t_ok, embeds)
-    else:
-        ok = torch.zeros_like(t_ok)
-    none = ~ok.any(1)
-    ok[:, 0] |= none
-    t_idx[:, 0] = torch.where(none, last_t, t_idx[:, 0])
-    return t_idx, ok
-
-
-def _moved_rows(rows: torch.Tensor, comp, old_len: int) -> torch.Tensor:
-    """Indices ``rows`` (B, R) of kept tokens, mapped through compaction ``comp`` to the new layout."""
-    slot = torch.arange(comp.gather.shape[1], device=rows.device).expand_as(comp.gather)
-    new_index = torch.full((rows.shape[0], old_len), -1, dtype=torch.long, device=rows.device)
-    # padding slots repeat some old index: "amax" with -1 for them keeps the real slot
-    new_index.scatter_reduce_(1, comp.gather, torch.where(comp.valid, slot, -1), "amax")
-    return new_index.gather(1, rows)
-
-
-def _image_starts(image_id: torch.Tensor, n_images: int) -> torch.Tensor:
-    """First LM-input index (n_images,) of every image of the (B, L) ``image_id`` map (-1 = text); no sync."""
-    length = image_id.shape[1]
-    pos = torch.arange(length, device=image_id.device).expand_as(image_id)
-    out = torch.full((n_images + 1,), length, dtype=torch.long, device=image_id.device)
-    return out.scatter_reduce_(0, (image_id + 1).flatten(), pos.flatten(), "amin")[1:]
-
-
-def _layout_index(call: "_Call", lay: "_Layout") -> int:
-    """Index of ``lay`` in ``call.layouts`` (appended once per distinct layout; counted only for the report)."""
-    if not call.layouts or call.layouts[-1] is not lay:
-        call.layouts.append(lay)
-    return len(call.layouts) - 1
 
 
 @dataclass
@@ -302,7 +216,7 @@ class LlavaAdapter:
         return self.lm.rotary_emb(hidden, pos)
 
     def _next_pos(self, lay: _Layout) -> torch.Tensor:
-        return lay.pos.gather(1, _last_valid(lay.valid)[:, None]) + 1
+        return lay.pos.gather(1, last_valid(lay.valid)[:, None]) + 1
 
     @contextmanager
     def _timed(self):
@@ -417,7 +331,7 @@ class LlavaAdapter:
                 j += 1
         orig = torch.arange(length, device=embeds.device).expand(bsz, -1)
         call.layout = _Layout(valid, pos_in, image_id, orig)
-        call.image_start = _image_starts(image_id, j)
+        call.image_start = image_starts(image_id, j)
         self.bound = _Bound(cache=cache, lm_len=length)
         if self.pruner.stage == "llm":
             stats = torch.cat([valid.sum(1), (~valid[:, -1]).any().long()[None]]).tolist()  # one sync per call
@@ -425,9 +339,9 @@ class LlavaAdapter:
             call.image_counts = list(call.image_lengths)
             if hasattr(self.pruner, "raters"):
                 with self._timed():
-                    cands, lo, hi = _rater_candidates(call.spans, call.row_tokens, call.right_padded, length)
+                    cands, lo, hi = rater_candidates(call.spans, call.row_tokens, call.right_padded, length)
                     last = [n - 1 for n in call.row_tokens] if call.right_padded else [length - 1] * bsz
-                    call.score_rows, call.score_ok = _rater_rows(embeds, image_id, valid, cands, lo, hi, last)
+                    call.score_rows, call.score_ok = rater_rows(embeds, image_id, valid, cands, lo, hi, last)
             return args, kwargs
         vis, self.vision = self.vision, None
         if self.pruner.stage == "vision" and vis is None:
@@ -451,7 +365,7 @@ class LlavaAdapter:
             with self._timed():
                 keep, sel, _ = _select_per_image(image_id, valid, call.image_lengths, call.image_lengths,
                                               lambda g, x: self.pruner.select(embeds.flatten(0, 1)[x]))
-            kept = _per_sample(call.spans, sel)
+            kept = per_sample(call.spans, sel)
         call.kept = kept
         if bool(keep[valid].all()):
             return args, kwargs
@@ -526,7 +440,7 @@ class LlavaAdapter:
         if call.substitute is not None:
             self._substitute(kwargs, call.substitute)
         lay = call.layout
-        call.per_layer.append(_layout_index(call, lay))
+        call.per_layer.append(layout_index(call, lay))
         for stage_index, st in enumerate(stages):  # in order: an earlier stage's drop precedes a later scoring
             if st.score_layer == idx:
                 with self._timed():
@@ -537,7 +451,7 @@ class LlavaAdapter:
                 continue
             with self._timed():
                 keep, sel, last_kept = self._select_stage(call, lay, stage_index)
-            call.stage_selected.append(_per_sample(call.spans, list(sel)))
+            call.stage_selected.append(per_sample(call.spans, list(sel)))
             removed = [n - x.shape[-1] for n, x in zip(call.image_counts, sel)]
             if not any(removed):
                 continue
@@ -552,7 +466,7 @@ class LlavaAdapter:
                                                        call.right_padded, timed=self._timed)
             comp = compact(keep, lay.valid, order, new_len, call.right_padded) if comp is None else comp
             if call.score_rows is not None:  # raters are text: never dropped, only moved
-                call.score_rows = _moved_rows(call.score_rows, comp, lay.valid.shape[1])
+                call.score_rows = moved_rows(call.score_rows, comp, lay.valid.shape[1])
             lay = lay.apply(comp, self._reindex())
             call.layout = lay
             hidden = comp.take(hidden)
@@ -569,7 +483,7 @@ class LlavaAdapter:
             next_pos = self._next_pos(lay)
             self.bound.stages.append((idx, lay.valid, next_pos))
             call.stage_layouts.append(lay)
-            call.per_layer[-1] = _layout_index(call, lay)
+            call.per_layer[-1] = layout_index(call, lay)
         return _with_hidden(args, kwargs, hidden)
 
     def _select_stage(self, call: _Call, lay: _Layout, stage_index: int) -> tuple:
@@ -635,8 +549,8 @@ class LlavaAdapter:
         visual = [sum(e - s for s, e in row) for row in call.spans]
         extra = {}
         if self.pruner.stage == "llm":
-            kept = _kept_now(call.spans, lay, call.image_start)
-            extra["stage_kept"] = [_kept_now(call.spans, x, call.image_start) for x in call.stage_layouts]
+            kept = kept_now(call.spans, lay, call.image_start)
+            extra["stage_kept"] = [kept_now(call.spans, x, call.image_start) for x in call.stage_layouts]
             extra["stage_selected"] = call.stage_selected
             snaps = torch.stack([torch.stack([x.valid.sum(1), ((x.image >= 0) & x.valid).sum(1)])
                                  for x in call.layouts]).tolist() if call.layouts else []  # one sync
