@@ -1,7 +1,8 @@
-"""LLM-side methods select the same tokens and produce the same logits whether their scores come from the fused
-Triton row-score kernel or the eager ops (which the CPU tests check against ``output_attentions``): on CUDA, and
-on CPU under TRITON_INTERPRET=1."""
+"""LLM-side methods select the same tokens and produce the same logits whether their scores, top-k and recycling
+run on the fused Triton kernels or on the eager ops (which the CPU tests check against ``output_attentions``), on
+LLaVA and on Qwen2-VL (M-RoPE): on CUDA, and on CPU under TRITON_INTERPRET=1."""
 
+import inspect
 import json
 import os
 import sys
@@ -14,7 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
 from interpreted import run_interpreted  # noqa: E402
-from tp_tiny import batch, pixels, prompt, tiny_llava  # noqa: E402
+from tp_tiny import QWEN_IMAGE, batch, pixels, prompt, qwen_pixels, qwen_prompt, tiny_llava, tiny_qwen2vl  # noqa: E402
 
 from visattn import tokenprune as tp  # noqa: E402
 from visattn.tokenprune import scoring  # noqa: E402
@@ -26,11 +27,29 @@ METHODS = {
 }
 
 
-def compare(name: str, device: str) -> dict:
-    """Run ``name`` with each backend on a left-padded batch of three; return what differs."""
-    model = tiny_llava("sdpa").to(device)
-    ids, mask = batch([prompt(3, 16, 9, 0), prompt(6, 16, 12, 1), prompt(2, 16, 7, 2)])
-    inputs = dict(input_ids=ids.to(device), attention_mask=mask.to(device), pixel_values=pixels(3, seed=7).to(device))
+CASES = [("llava", name) for name in METHODS] + [("qwen2-vl", "fastv"), ("qwen2-vl", "pdrop")]
+
+
+def _model_and_inputs(kind: str, device: str):
+    """A tiny random model and a left-padded batch with images of the same (LLaVA) or different (Qwen) sizes."""
+    if kind == "llava":
+        ids, mask = batch([prompt(3, 16, 9, 0), prompt(6, 16, 12, 1), prompt(2, 16, 7, 2)])
+        return tiny_llava("sdpa"), dict(input_ids=ids, attention_mask=mask, pixel_values=pixels(3, seed=7))
+    grids = [(1, 4, 6), (1, 6, 8)]
+    ids, mask = batch([qwen_prompt(3, 6, 4, 1), qwen_prompt(5, 12, 2, 2)])
+    model = tiny_qwen2vl("sdpa")
+    kw = dict(input_ids=ids, attention_mask=mask, pixel_values=qwen_pixels(grids, seed=3),
+              image_grid_thw=torch.tensor(grids))
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        kw["mm_token_type_ids"] = (ids == QWEN_IMAGE).int()
+    return model, kw
+
+
+def compare(kind: str, name: str, device: str) -> dict:
+    """Run ``name`` with each backend on a left-padded batch; return what differs."""
+    model, inputs = _model_and_inputs(kind, device)
+    model = model.to(device)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
     results = {}
     for backend in ("triton", "eager"):
         scoring.LLM_KERNELS = backend
@@ -46,7 +65,7 @@ def compare(name: str, device: str) -> dict:
             tp.remove(model)
             scoring.LLM_KERNELS = "auto"
     (lt, st, qt), (le, se, qe) = results["triton"], results["eager"]
-    return {"name": name, "selections_equal": st == se, "sequences_equal": qt == qe, "stages": len(st),
+    return {"kind": kind, "name": name, "selections_equal": st == se, "sequences_equal": qt == qe, "stages": len(st),
             "logit_err": float((lt - le).abs().max())}
 
 
@@ -56,17 +75,19 @@ def _check(res: dict) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", list(METHODS))
-def test_kernel_and_eager_scores_agree_on_cuda(name):
-    _check(compare(name, "cuda"))
+@pytest.mark.parametrize("kind,name", CASES, ids=[f"{k}-{n}" for k, n in CASES])
+def test_kernel_and_eager_scores_agree_on_cuda(kind, name):
+    _check(compare(kind, name, "cuda"))
 
 
 @pytest.mark.interpret
 def test_kernel_and_eager_scores_agree_interpreted():
-    for res in run_interpreted(__file__, timeout=600):
+    results = run_interpreted(__file__, timeout=600)
+    assert len(results) == len(CASES)
+    for res in results:
         _check(res)
 
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    print(json.dumps([compare(name, "cpu") for name in METHODS]))
+    print(json.dumps([compare(kind, name, "cpu") for kind, name in CASES]))
