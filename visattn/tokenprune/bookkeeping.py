@@ -51,12 +51,10 @@ def rater_candidates(spans: list, row_tokens: list[int], right: bool, length: in
     return cands, lo, hi
 
 
-def rater_rows(embeds, image, valid, cands, lo, hi, last: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """SparseVLM's query rows (B, T): every text candidate, real where it is a rater (unused slots hold the row's
-    last valid token ``last[b]``, which also scores a row without raters). No host sync: the candidates are
-    known on the host."""
-    from visattn.tokenprune.sparsevlm import SparseVLM
-
+def rater_rows(rater_scores, embeds, image, valid, cands, lo, hi, last: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseVLM's query rows (B, T): every text candidate, real where ``rater_scores`` (``SparseVLM.rater_scores``)
+    calls it a rater (unused slots hold the row's last valid token ``last[b]``, which also scores a row without
+    raters). No host sync: the candidates are known on the host."""
     width = max(max((len(c) for c in cands), default=0), 1)
     flat = [p for c, z in zip(cands, last) for p in c + [z] * (width - len(c))] + [len(c) for c in cands] + last
     plan = torch.tensor(flat, dtype=torch.long).to(embeds.device, non_blocking=True)
@@ -64,7 +62,7 @@ def rater_rows(embeds, image, valid, cands, lo, hi, last: list[int]) -> tuple[to
     t_idx, counts, last_t = plan[: bsz * width].view(bsz, width), plan[bsz * width : -bsz], plan[-bsz:]
     t_ok = torch.arange(width, device=embeds.device)[None] < counts[:, None]
     if hi > lo:
-        ok = SparseVLM.rater_scores(embeds[:, lo:hi], ((image >= 0) & valid)[:, lo:hi], t_idx, t_ok, embeds)
+        ok = rater_scores(embeds[:, lo:hi], ((image >= 0) & valid)[:, lo:hi], t_idx, t_ok, embeds)
     else:
         ok = torch.zeros_like(t_ok)
     none = ~ok.any(1)

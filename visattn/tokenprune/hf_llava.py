@@ -88,6 +88,11 @@ class _Call:
     right_padded: bool = False
 
 
+def _last_columns(call: _Call, length: int) -> list[int]:
+    """Every row's last valid column in a layout of ``length`` (host: right padding ends at the row's length)."""
+    return [n - 1 for n in call.row_tokens] if call.right_padded else [length - 1] * len(call.row_tokens)
+
+
 @dataclass
 class _Bound:
     """What decode steps on the prefill's KV cache need."""
@@ -337,11 +342,11 @@ class LlavaAdapter:
             stats = torch.cat([valid.sum(1), (~valid[:, -1]).any().long()[None]]).tolist()  # one sync per call
             call.row_tokens, call.right_padded = stats[:-1], bool(stats[-1])
             call.image_counts = list(call.image_lengths)
-            if hasattr(self.pruner, "raters"):
+            if hasattr(self.pruner, "rater_scores"):
                 with self._timed():
                     cands, lo, hi = rater_candidates(call.spans, call.row_tokens, call.right_padded, length)
-                    last = [n - 1 for n in call.row_tokens] if call.right_padded else [length - 1] * bsz
-                    call.score_rows, call.score_ok = rater_rows(embeds, image_id, valid, cands, lo, hi, last)
+                    call.score_rows, call.score_ok = rater_rows(self.pruner.rater_scores, embeds, image_id, valid,
+                                                                cands, lo, hi, _last_columns(call, length))
             return args, kwargs
         vis, self.vision = self.vision, None
         if self.pruner.stage == "vision" and vis is None:
@@ -461,9 +466,9 @@ class LlavaAdapter:
                 call.row_tokens[row_of[j]] += c - m
             call.image_counts = [x.shape[-1] + c for x, c in zip(sel, made)]
             new_len = max(max(call.row_tokens), 1)
-            lay, hidden, comp, order = append_recycled(self.pruner, call.spans, lay, hidden, keep,
-                                                       call.scores[stage_index], removed, last_kept, new_len,
-                                                       call.right_padded, timed=self._timed)
+            lay, hidden, comp, order = append_recycled(self.pruner, row_of, lay, hidden, keep,
+                                                       call.scores[stage_index], removed, made, last_kept,
+                                                       new_len, call.right_padded, timed=self._timed)
             comp = compact(keep, lay.valid, order, new_len, call.right_padded) if comp is None else comp
             if call.score_rows is not None:  # raters are text: never dropped, only moved
                 call.score_rows = moved_rows(call.score_rows, comp, lay.valid.shape[1])
@@ -489,19 +494,13 @@ class LlavaAdapter:
     def _select_stage(self, call: _Call, lay: _Layout, stage_index: int) -> tuple:
         """(keep mask, kept indices per image, last kept flat index per image) of one LLM-stage drop: one Triton
         launch on CUDA (ties to the earlier token), else the per-image ``pruner.select`` on eager ops."""
-        scores = call.scores[stage_index]
-        if scoring.LLM_KERNELS != "eager":
-            from visattn.kernels import select
+        from visattn.kernels import select
 
-            why = select.why_not(scores)
-            if why is None:
-                ks = [self.pruner.stage_keep(stage_index, n, n0) for n, n0 in zip(call.image_counts,
-                                                                                   call.image_lengths)]
-                keep, sel, last = select.topk_per_image(scores, lay.image, lay.valid, ks,
-                                                        [len(row) for row in call.spans])
-                return keep, (list(sel) if len(set(ks)) == 1 else [sel[j, :k] for j, k in enumerate(ks)]), last
-            if scoring.LLM_KERNELS == "triton":
-                raise ValueError(f"LLM_KERNELS='triton': the top-k kernel cannot run: {why}")
+        scores = call.scores[stage_index]
+        if scoring.llm_kernel_runs("top-k", lambda: select.why_not(scores)):
+            ks = [self.pruner.stage_keep(stage_index, n, n0) for n, n0 in zip(call.image_counts, call.image_lengths)]
+            keep, sel, last = select.topk_per_image(scores, lay.image, lay.valid, ks, [len(row) for row in call.spans])
+            return keep, (list(sel) if len(set(ks)) == 1 else [sel[j, :k] for j, k in enumerate(ks)]), last
         flat = scores.flatten()
         return _select_per_image(lay.image, lay.valid, call.image_counts, call.image_lengths,
                                  lambda g, x: self.pruner.select(stage_index, flat[x], call.image_lengths[g]))
@@ -512,12 +511,8 @@ class LlavaAdapter:
         if call.score_rows is not None:
             return call.score_rows, call.score_ok
         bsz, length = lay.valid.shape
-        dev = lay.valid.device
-        if call.right_padded:
-            last = torch.tensor([[n - 1] for n in call.row_tokens], device=dev)
-        else:
-            last = torch.full((bsz, 1), length - 1, device=dev)
-        return last, torch.ones(bsz, 1, dtype=torch.bool, device=dev)
+        last = torch.tensor(_last_columns(call, length), device=lay.valid.device)[:, None]
+        return last, torch.ones(bsz, 1, dtype=torch.bool, device=lay.valid.device)
 
     def _layer_decode(self, idx, args, kwargs):
         bound = self.bound

@@ -102,6 +102,17 @@ def _eager_rows(q, k, cos, sin, rows, key_valid, scale) -> torch.Tensor:
 LLM_KERNELS = "auto"
 
 
+def llm_kernel_runs(name: str, why_not) -> bool:
+    """Whether the LLM-stage kernel ``name`` runs, per :data:`LLM_KERNELS`; ``why_not()`` gives its reason not to
+    (None: it can). Under "triton" a reason is a ValueError naming the kernel."""
+    if LLM_KERNELS == "eager":
+        return False
+    why = why_not()
+    if why is not None and LLM_KERNELS == "triton":
+        raise ValueError(f"LLM_KERNELS='triton': the {name} kernel cannot run: {why}")
+    return why is None
+
+
 def decoder_row_scores(
     layer: torch.nn.Module,
     hidden: torch.Tensor,
@@ -115,16 +126,11 @@ def decoder_row_scores(
     probabilities averaged over heads and over those rows, (B, S) float32 (same masking as
     :func:`decoder_attention_rows`). On CUDA one fused Triton launch (``visattn.kernels.rowscore``) does the RoPE,
     logits, softmax and averaging; elsewhere the eager ops run."""
-    q, k, scale = _decoder_qk(layer, hidden, rows)
-    backend = LLM_KERNELS
-    if backend != "eager":
-        from visattn.kernels import rowscore
+    from visattn.kernels import rowscore
 
-        why = rowscore.why_not(q, k, cos)
-        if why is None:
-            return rowscore.row_scores(q, k, cos, sin, rows, row_ok, key_valid, scale)
-        if backend == "triton":
-            raise ValueError(f"LLM_KERNELS='triton': the row-score kernel cannot run: {why}")
+    q, k, scale = _decoder_qk(layer, hidden, rows)
+    if llm_kernel_runs("row-score", lambda: rowscore.why_not(q, k, cos)):
+        return rowscore.row_scores(q, k, cos, sin, rows, row_ok, key_valid, scale)
     probs = _eager_rows(q, k, cos, sin, rows, key_valid, scale).mean(1)
     w = row_ok.to(probs.dtype)[..., None]
     return (probs * w).sum(1) / w.sum(1).clamp(min=1)

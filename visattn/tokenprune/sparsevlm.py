@@ -119,26 +119,6 @@ class SparseVLM(LLMPruner):
 
     # ------------------------------------------------------------------------------------------ scoring
     @staticmethod
-    def raters(embeds: torch.Tensor, valid: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """Rater mask (B, L): text tokens after the first image whose relevance exceeds the mean.
-
-        Batched over samples (visual / text tokens gathered into padded tensors); one host sync per call (the
-        widths). The LLaVA adapter calls :meth:`rater_scores` with host-built candidates instead.
-        """
-        out = torch.zeros_like(valid)
-        ar = torch.arange(valid.shape[1], device=valid.device)
-        vis = (image >= 0) & valid
-        first = torch.where(vis, ar, valid.shape[1]).amin(1, keepdim=True)
-        text = valid & (image < 0) & (ar > first)
-        n_text = text.sum(1)
-        t_max = int(n_text.max())
-        if t_max == 0:
-            return out
-        t_idx = torch.sort((~text).to(torch.int8), dim=1, stable=True).indices[:, :t_max]
-        t_ok = ar[None, :t_max] < n_text[:, None]
-        return out.scatter(1, t_idx, SparseVLM.rater_scores(embeds, vis, t_idx, t_ok))
-
-    @staticmethod
     def rater_scores(embeds: torch.Tensor, visual: torch.Tensor, t_idx: torch.Tensor, t_ok: torch.Tensor,
                      text_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Which candidate text tokens ``t_idx`` (B, T) (real where ``t_ok``) are raters, (B, T) bool.
