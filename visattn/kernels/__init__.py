@@ -8,7 +8,6 @@ records why not otherwise), so ``*_why_not`` stays cheap, never raises, and comp
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -20,7 +19,7 @@ _MAX_LENGTH = 65536  # the backward's binary searches run 17 steps
 try:
     from visattn.kernels import ops as _ops
 
-    _engine_error: Optional[str] = None
+    _engine_error: str | None = None
 except Exception as _err:  # triton missing or broken: *_why_not reports it, never raises
     _ops = None
     _engine_error = f"triton not importable ({type(_err).__name__}: {_err})"
@@ -32,10 +31,10 @@ def _load_ops():
 
 def _max_offset(t: Tensor) -> int:
     """Largest element offset inside one batch item (the kernels index those with int32)."""
-    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True))
 
 
-def _common_why_not(tensors: list[Optional[Tensor]], q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
+def _common_why_not(tensors: list[Tensor | None], q: Tensor, k: Tensor, v: Tensor) -> str | None:
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         return "no CUDA tensor and TRITON_INTERPRET is not set"
     if q.dtype not in _SUPPORTED_DTYPES:
@@ -58,18 +57,8 @@ def _common_why_not(tensors: list[Optional[Tensor]], q: Tensor, k: Tensor, v: Te
     return None
 
 
-def _deterministic_why_not(rpb: Optional[Tensor]) -> Optional[str]:
-    """dQ/dK/dV are atomic-free; only a trained bias's gradient sums tiles with float32 atomics (order-dependent
-    rounding). Under torch.use_deterministic_algorithms(True) such calls go to the reference, whose indexing
-    backward torch then runs deterministically."""
-    if (rpb is not None and rpb.requires_grad and torch.is_grad_enabled()
-            and torch.are_deterministic_algorithms_enabled()):
-        return "deterministic algorithms are on and the fused rpb gradient uses float32 atomics"
-    return None
-
-
 def na_why_not(q, k, v, kernel_size, dilation, stride, is_causal, rpb, additional_keys,
-               additional_values) -> Optional[str]:
+               additional_values) -> str | None:
     """None when the Triton kernels can run this neighborhood-attention call, else a short reason."""
     try:
         if rpb is not None and rpb.dtype not in _SUPPORTED_DTYPES:
@@ -77,46 +66,39 @@ def na_why_not(q, k, v, kernel_size, dilation, stride, is_causal, rpb, additiona
         if additional_keys is not None and additional_keys.shape[-2] != q.shape[-2]:
             return "additional keys with a different number of heads are not supported"
         tensors = [q, k, v, additional_keys, additional_values]
-        return _common_why_not(tensors, q, k, v) or _deterministic_why_not(rpb)
+        return _common_why_not(tensors, q, k, v)
     except Exception as err:  # never raise from a capability probe
         return f"triton capability check failed ({type(err).__name__}: {err})"
 
 
-def window_why_not(q, k, v, window_size, shift, rpb) -> Optional[str]:
+def window_why_not(q, k, v, window_size, shift, rpb) -> str | None:
     """None when the Triton kernels can run this window-attention call, else a short reason."""
     try:
         if rpb is not None and rpb.dtype not in _SUPPORTED_DTYPES:
             return f"rpb dtype {rpb.dtype} is not supported by the triton kernels"
-        return _common_why_not([q, k, v], q, k, v) or _deterministic_why_not(rpb)
+        return _common_why_not([q, k, v], q, k, v)
     except Exception as err:
         return f"triton capability check failed ({type(err).__name__}: {err})"
 
 
 def na(q: Tensor, k: Tensor, v: Tensor, kernel_size: tuple, dilation: tuple, stride: tuple, is_causal: tuple,
-       rpb: Optional[Tensor], scale: float, additional_keys: Optional[Tensor],
-       additional_values: Optional[Tensor]) -> Tensor:
-    """Fused neighborhood attention (forward and backward in Triton), ``[B, *spatial, heads, D_v]``."""
-    ops = _load_ops()
-    rank = q.dim() - 3
-    out, _, _ = ops.local_attention_fwd(q, k, v, rpb, additional_keys, additional_values, False,
-                                        list(kernel_size), list(dilation), list(stride),
-                                        [bool(c) for c in is_causal], [0] * rank, float(scale),
-                                        ops.wants_fp32_out(q, rpb))
-    return out
+       rpb: Tensor | None, scale: float, additional_keys: Tensor | None,
+       additional_values: Tensor | None, return_lse: bool = False):
+    """Fused neighborhood attention (forward and backward in Triton), ``[B, *spatial, heads, D_v]``; with
+    ``return_lse`` also the natural-log LSE ``[B, *spatial, heads]`` (float32), whose gradient is propagated."""
+    return _load_ops().local_attention(q, k, v, rpb, additional_keys, additional_values, False, kernel_size,
+                                       dilation, stride, is_causal, (0,) * (q.dim() - 3), scale, return_lse)
 
 
-def window(q: Tensor, k: Tensor, v: Tensor, window_size: tuple, shift: tuple, rpb: Optional[Tensor],
+def window(q: Tensor, k: Tensor, v: Tensor, window_size: tuple, shift: tuple, rpb: Tensor | None,
            scale: float) -> Tensor:
     """Fused (shifted) window attention, ``[B, *spatial, heads, D_v]``."""
-    ops = _load_ops()
     rank = q.dim() - 3
-    out, _, _ = ops.local_attention_fwd(q, k, v, rpb, None, None, True, list(window_size), [1] * rank,
-                                        [1] * rank, [False] * rank, list(shift), float(scale),
-                                        ops.wants_fp32_out(q, rpb))
-    return out
+    return _load_ops().local_attention(q, k, v, rpb, None, None, True, window_size, (1,) * rank, (1,) * rank,
+                                       (False,) * rank, shift, scale)
 
 
-def bilevel_routing_why_not(q, k, v, regions, topk) -> Optional[str]:
+def bilevel_routing_why_not(q, k, v, regions, topk) -> str | None:
     """None when the routed-attention kernels (``routing.py``) can run this call, else a short reason."""
     try:
         reason = _common_why_not([q, k, v], q, k, v)

@@ -1,19 +1,21 @@
 """The backward of the engine, FA2-style: probabilities are recomputed from the saved log2-LSE and
-``delta = rowsum(dO * O)``. The dQ pass walks the same key tiles as the forward (and reduces the rpb gradient
-with atomics); the dK/dV pass owns a key tile and walks the query tiles whose windows reach it, found by binary
-search over the pattern's monotone key intervals. Extra (global) keys get their own dK/dV pass over all queries.
+``delta = rowsum(dO * O)``. The dQ pass walks the same key tiles as the forward; with a trained rpb it also writes
+each pair's dS into a per-query neighbour buffer ``[B, H, positions, prod(kernel)]`` (every pair exactly once, no
+atomics), which the host reduces into the table deterministically (``ops._reduce_rpb_grad``). The dK/dV pass owns
+a key tile and walks the query tiles whose windows reach it, read from a per-shape table (``tables.py``). Extra
+(global) keys get their own dK/dV pass over all queries.
 """
 
 import triton
 import triton.language as tl
 
 from visattn.kernels.engine import _PATTERN_ARGS, LOG2E, _query_dim, _row_offsets, _rpb_offsets
-from visattn.kernels.patterns import in_interval, in_interval_t, key_interval, query_ranges, split_tile, unflatten
+from visattn.kernels.patterns import in_interval, in_interval_t, key_interval, split_tile, unflatten
 
 
 @triton.jit(do_not_specialize=_PATTERN_ARGS + ["N_EXTRA"])
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DRPB, RPB, EK, EV,
+    Q, K, V, DO, LSE, DELTA, DQ, DSN, RPB, EK, EV,
     q_sb, q_s0, q_s1, q_s2, q_sh, q_sd, k_sb, k_s0, k_s1, k_s2, k_sh, k_sd,
     v_sb, v_s0, v_s1, v_s2, v_sh, v_sd, do_sb, do_s0, do_s1, do_s2, do_sh, do_sd,
     dq_sb, dq_s0, dq_s1, dq_s2, dq_sh, l_sb, l_s0, l_s1, l_s2,
@@ -25,7 +27,7 @@ def _bwd_dq_kernel(
     CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, WINDOW: tl.constexpr,
     HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """dQ (and the rpb gradient) for one query tile, over the forward's key tiles."""
+    """dQ for one query tile over the forward's key tiles; with a bias, also each pair's dS into ``DSN``."""
     BLOCK_M: tl.constexpr = M0 * M1 * M2
     BLOCK_N: tl.constexpr = N0 * N1 * N2
     pid = tl.program_id(0)
@@ -57,6 +59,9 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = K + b * k_sb + h * k_sh
     v_base = V + b * v_sb + h * v_sh
+    if HAS_RPB:  # row starts of this program's queries in the dS buffer [B, H, L0*L1*L2, KS0*KS1*KS2]
+        positions = ((qi0 * DL0 + g0) * L1 + (qi1 * DL1 + g1)) * L2 + (qi2 * DL2 + g2)
+        dsn_rows = DSN + ((b * H + h) * (L0 * L1 * L2) + positions) * (KS0 * KS1 * KS2)
     for t in range(0, nk0 * nk1 * nk2):
         a0, a1, a2 = t // (nk1 * nk2), (t // nk2) % nk1, t % nk2
         kj0 = ka0 + a0 * N0 + c0
@@ -88,9 +93,10 @@ def _bwd_dq_kernel(
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, vT, input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
-        if HAS_RPB:
-            # the rpb table is tiny and shared by every tile: float32 atomics (order-dependent rounding only).
-            tl.atomic_add(DRPB + h * r_sh + offs, ds, mask=pair)
+        if HAS_RPB:  # neighbour index (key - window start) per dimension: each pair lands in its own slot
+            nbr = (((kj0[None, :] - st0[:, None]) * KS1 + (kj1[None, :] - st1[:, None])) * KS2
+                   + (kj2[None, :] - st2[:, None]))
+            tl.store(dsn_rows[:, None] + nbr, ds, mask=pair)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
     if HAS_EXTRA:
@@ -113,32 +119,36 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
-def _key_dim(t, c, L, dil, n_tiles, ks, st, sh, M: tl.constexpr, N: tl.constexpr,
-             CAUSAL: tl.constexpr, WINDOW: tl.constexpr, STEPS: tl.constexpr):
-    """One dimension of a key tile: its rows, and the queries that reach it (all of it: the inner range)."""
+def _key_dim(t, c, L, dil, n_tiles, ks, sh, qr, M: tl.constexpr, N: tl.constexpr, WINDOW: tl.constexpr):
+    """One dimension of a key tile: its rows, and the queries that reach it (all of it: the inner range), read
+    from the host-built table row ``qr`` = (q_lo, q_hi, inner_lo, inner_hi) of tile ``t``."""
     g, group_len, first, lo, hi = split_tile(t, L, dil, n_tiles, ks, sh, N, WINDOW)
     kj = first + c
     valid = (kj >= lo) & (kj < hi)
     ka = tl.maximum(first, lo)
     kb = tl.minimum(first + N, hi) - 1
-    q_lo, q_hi, inner_lo, inner_hi = query_ranges(ka, kb, group_len, ks, st, sh, CAUSAL, WINDOW, STEPS)
+    row = qr + t * 4
+    q_lo = tl.load(row)
+    q_hi = tl.load(row + 1)
+    inner_lo = tl.load(row + 2)
+    inner_hi = tl.load(row + 3)
     n_query_tiles = tl.where((kb >= ka) & (q_hi >= q_lo), (q_hi - q_lo + M) // M, 0)
     return g, group_len, kj, valid, q_lo, q_hi, n_query_tiles, inner_lo, inner_hi
 
 
-@triton.jit(do_not_specialize=_PATTERN_ARGS)
+@triton.jit(do_not_specialize=_PATTERN_ARGS + ["QR_T"])
 def _bwd_dkv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, RPB,
+    Q, K, V, DO, LSE, DELTA, DK, DV, RPB, QR,
     q_sb, q_s0, q_s1, q_s2, q_sh, q_sd, k_sb, k_s0, k_s1, k_s2, k_sh, k_sd,
     v_sb, v_s0, v_s1, v_s2, v_sh, v_sd, do_sb, do_s0, do_s1, do_s2, do_sh, do_sd,
     dk_sb, dk_s0, dk_s1, dk_s2, dk_sh, dv_sb, dv_s0, dv_s1, dv_s2, dv_sh, l_sb, l_s0, l_s1, l_s2,
     r_sh, r_s0, r_s1, r_s2,
     H, L0, L1, L2, DL0, DL1, DL2, NT0, NT1, NT2, KS0, KS1, KS2, ST0, ST1, ST2, SH0, SH1, SH2,
-    qk_scale, sm_scale, HEAD_D, HEAD_DV,
+    QR_T, qk_scale, sm_scale, HEAD_D, HEAD_DV,
     M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, WINDOW: tl.constexpr,
-    HAS_RPB: tl.constexpr, DOT_PREC: tl.constexpr, STEPS: tl.constexpr,
+    HAS_RPB: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """dK, dV for one key tile (N0 x N1 x N2), over the query tiles (M0 x M1 x M2) that attend it."""
     BLOCK_M: tl.constexpr = M0 * M1 * M2
@@ -150,12 +160,11 @@ def _bwd_dkv_kernel(
     t0, t1, t2 = unflatten(pid, DL1 * NT1, DL2 * NT2)
     r0, r1, r2 = unflatten(tl.arange(0, BLOCK_M), M1, M2)
     c0, c1, c2 = unflatten(tl.arange(0, BLOCK_N), N1, N2)
-    g0, G0, kj0, kv0, ql0, qh0, nq0, il0, ih0 = _key_dim(
-        t0, c0, L0, DL0, NT0, KS0, ST0, SH0, M0, N0, CAUSAL0, WINDOW, STEPS)
-    g1, G1, kj1, kv1, ql1, qh1, nq1, il1, ih1 = _key_dim(
-        t1, c1, L1, DL1, NT1, KS1, ST1, SH1, M1, N1, CAUSAL1, WINDOW, STEPS)
-    g2, G2, kj2, kv2, ql2, qh2, nq2, il2, ih2 = _key_dim(
-        t2, c2, L2, DL2, NT2, KS2, ST2, SH2, M2, N2, CAUSAL2, WINDOW, STEPS)
+    g0, G0, kj0, kv0, ql0, qh0, nq0, il0, ih0 = _key_dim(t0, c0, L0, DL0, NT0, KS0, SH0, QR, M0, N0, WINDOW)
+    g1, G1, kj1, kv1, ql1, qh1, nq1, il1, ih1 = _key_dim(t1, c1, L1, DL1, NT1, KS1, SH1, QR + QR_T * 4, M1, N1,
+                                                         WINDOW)
+    g2, G2, kj2, kv2, ql2, qh2, nq2, il2, ih2 = _key_dim(t2, c2, L2, DL2, NT2, KS2, SH2, QR + QR_T * 8, M2, N2,
+                                                         WINDOW)
     k_valid = kv0 & kv1 & kv2
     d_cols = tl.arange(0, BLOCK_D)
     dv_cols = tl.arange(0, BLOCK_DV)

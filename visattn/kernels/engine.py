@@ -14,9 +14,12 @@ from visattn.kernels.patterns import in_interval, key_interval, split_tile, unfl
 LOG2E = tl.constexpr(1.4426950408889634)
 # Pattern integers change from call to call; letting Triton specialise them (value 1, multiple of 16) would compile
 # a new kernel for most new shapes. Strides and head dims stay specialised: unit/aligned strides and a head-dim
-# bound divisible by 16 (mask constant over 16 columns) are what let Triton emit wide vector loads.
-_PATTERN_ARGS = ["H", "L0", "L1", "L2", "DL0", "DL1", "DL2", "NT0", "NT1", "NT2", "KS0", "KS1", "KS2",
-                 "ST0", "ST1", "ST2", "SH0", "SH1", "SH2"]
+# bound divisible by 16 (mask constant over 16 columns) are what let Triton emit wide vector loads. The
+# neighbourhood strides ST* stay specialised too: stride 1 (nearly every call) folds the per-row integer division
+# in ``na_interval`` away, which the dK/dV pass evaluates on every query tile it visits.
+# Dimension 0 is the padding dimension of 1-D/2-D problems (length, dilation, tiles and kernel all 1): left
+# specialisable, its index arithmetic folds away there.
+_PATTERN_ARGS = ["H", "L1", "L2", "DL1", "DL2", "NT1", "NT2", "KS1", "KS2", "SH0", "SH1", "SH2"]
 
 
 @triton.jit
@@ -51,7 +54,7 @@ def _query_dim(t, r, L, dil, n_tiles, ks, st, sh, M: tl.constexpr, N: tl.constex
 
 @triton.jit(do_not_specialize=_PATTERN_ARGS + ["N_EXTRA"])
 def _fwd_kernel(
-    Q, K, V, O, LSE, RPB, EK, EV,
+    Q, K, V, OUT, LSE, RPB, EK, EV,
     q_sb, q_s0, q_s1, q_s2, q_sh, q_sd, k_sb, k_s0, k_s1, k_s2, k_sh, k_sd,
     v_sb, v_s0, v_s1, v_s2, v_sh, v_sd, o_sb, o_s0, o_s1, o_s2, o_sh, l_sb, l_s0, l_s1, l_s2,
     r_sh, r_s0, r_s1, r_s2, ek_sb, ek_sn, ek_sh, ek_sd, ev_sb, ev_sn, ev_sh, ev_sd,
@@ -135,8 +138,8 @@ def _fwd_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     o_rows = _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, o_s0, o_s1, o_s2)
-    tl.store(O + b * o_sb + h * o_sh + o_rows[:, None] + dv_cols[None, :],
-             out.to(O.dtype.element_ty), mask=q_valid[:, None] & (dv_cols[None, :] < HEAD_DV))
+    tl.store(OUT + b * o_sb + h * o_sh + o_rows[:, None] + dv_cols[None, :],
+             out.to(OUT.dtype.element_ty), mask=q_valid[:, None] & (dv_cols[None, :] < HEAD_DV))
     l_rows = _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, l_s0, l_s1, l_s2)
     tl.store(LSE + b * l_sb + h + l_rows, m_i + tl.log2(l_safe), mask=q_valid)
 
@@ -154,12 +157,12 @@ def _online_update(s, v, m_i, l_i, acc, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _delta_kernel(O, DO, DELTA, n_rows, HEAD_DV, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _delta_kernel(OUT, DO, DELTA, n_rows, HEAD_DV, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
     """delta = rowsum(dO * O) in float32 over contiguous [rows, Dv] tensors."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_DV)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < HEAD_DV)
     offs = rows.to(tl.int64)[:, None] * HEAD_DV + cols[None, :]
-    o = tl.load(O + offs, mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(OUT + offs, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + rows, tl.sum(o * do, 1), mask=rows < n_rows)

@@ -6,15 +6,17 @@ view: strided inputs such as ``qkv.unbind(-3)`` are read in place). Pattern argu
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from visattn.kernels.backward import _bwd_dkv_kernel, _bwd_dq_kernel, _bwd_extra_dkv_kernel
 from visattn.kernels.engine import _delta_kernel, _fwd_kernel
+from visattn.kernels.tables import query_range_table, rpb_offset_maps
 from visattn.kernels.tiles import choose_tiles, padded_head_dim
 
 # Triton decides interpreter vs compiler when a kernel is decorated, i.e. when this module is imported.
@@ -22,6 +24,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Test hook (visattn.bench.check): fill outputs with NaN before launching, so an unwritten element fails a check.
 POISON = False
 _LOG2E = 1.4426950408889634
+_LN2_RATIO = 1.0 / _LOG2E  # ln 2: natural-log LSE = log2-LSE * ln 2
 
 
 class Pattern(NamedTuple):
@@ -91,13 +94,13 @@ def _new(shape, like: Tensor, dtype=None) -> Tensor:
     return torch.empty(shape, device=like.device, dtype=dtype)
 
 
-def _optional(t: Optional[Tensor], like: Tensor, n_strides: int):
+def _optional(t: Tensor | None, like: Tensor, n_strides: int):
     """A tensor and its strides, or a dummy pointer with zero strides."""
     return (like, (0,) * n_strides) if t is None else (t, t.stride())
 
 
 def forward(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
-            out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+            out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """Run the forward kernel; returns the output (contiguous, ``out_dtype`` or q's) and the log2-LSE
     ``[B, *spatial, heads]``."""
     rank = q.dim() - 3
@@ -126,8 +129,31 @@ def forward(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
     return out, lse
 
 
-def backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, scale: float):
-    """dq, dk, dv, drpb (float32 or None), d extra_k, d extra_v (or None)."""
+# The rpb gradient's dS buffer is float32 [B, H, positions, prod(kernel)]; batches whose buffer would exceed this
+# run the dQ pass in batch chunks (NAT-T stage 1 at batch 256 needs 315 MB: one chunk).
+_DSN_BYTES = 1 << 30
+
+
+def _reduce_rpb_grad(dsn: Tensor, pat: Pattern, lengths, heads: int, maps) -> Tensor:
+    """drpb [H, 2K0-1, 2K1-1, 2K2-1] from the dS buffer: sum over batch, then over the positions sharing an offset
+    class per dimension, one dimension at a time as a matmul with its one-hot map (deterministic, no atomics)."""
+    x_len, y_len, z_len = lengths
+    k0, k1, k2 = pat.kernel
+    w0, w1, w2 = maps
+    s = dsn.sum(0).view(heads, x_len, y_len, z_len, k0, k1, k2)
+    s = s.permute(0, 2, 3, 5, 6, 1, 4).reshape(-1, x_len * k0) @ w0.view(x_len * k0, -1)  # [H,Y,Z,B,C,R]
+    s = s.view(heads, y_len, z_len, k1, k2, -1).permute(0, 2, 4, 5, 1, 3).reshape(-1, y_len * k1)
+    s = s @ w1.view(y_len * k1, -1)  # [H,Z,C,R,S]
+    s = s.view(heads, z_len, k2, 2 * k0 - 1, 2 * k1 - 1).permute(0, 3, 4, 1, 2).reshape(-1, z_len * k2)
+    return (s @ w2.view(z_len * k2, -1)).view(heads, 2 * k0 - 1, 2 * k1 - 1, 2 * k2 - 1)
+
+
+def backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, scale: float,
+             grad_lse: Tensor | None = None):
+    """dq, dk, dv, drpb (float32 or None), d extra_k, d extra_v (or None).
+
+    ``grad_lse``: the gradient of the log2-LSE output, when it was used. ``lse = log2(sum exp2(s))`` adds
+    ``p * g / ln 2`` to each natural-log score's gradient, i.e. it shifts delta by ``-g / ln 2`` row by row."""
     rank = q.dim() - 3
     grad_out = grad_out.contiguous()
     q3, k3, v3, do3, l3 = (_view3(t, rank) for t in (q, k, v, grad_out, lse))
@@ -138,38 +164,58 @@ def backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, s
     n_rows = lse.numel()
     _delta_kernel[(triton_cdiv(n_rows, 64),)](out, grad_out, delta, n_rows, Dv, BLOCK_R=64,
                                                 BLOCK_DV=padded_head_dim(Dv))
+    if grad_lse is not None:
+        delta.sub_(grad_lse.float(), alpha=1.0 / _LN2_RATIO)
     dq, dk, dv = _new(q.shape, q), _new(k.shape, k), _new(v.shape, v)
     dq3, dk3, dv3 = (_view3(t, rank) for t in (dq, dk, dv))
     rpb3 = None if rpb is None else _rpb3(rpb, rank)
-    drpb = None if rpb is None else torch.zeros(rpb.shape, device=rpb.device, dtype=torch.float32)
     rpb_t, r_st = _optional(rpb3, q, 4)
-    drpb_t = q if drpb is None else drpb
     ek, ek_st = _optional(extra_k, q, 4)
     ev, ev_st = _optional(extra_v, q, 4)
     n_extra = 0 if extra_k is None else extra_k.shape[1]
     d_max = max(D, Dv)
+    delta3 = _view3(delta, rank)
 
     tiles = _tiles("dq", pat, lengths, q, d_max)
     n_tiles = _tiles_per_group(pat, lengths, tiles.m)
-    grid = (math.prod(pat.dilation[i] * n_tiles[i] for i in range(3)), B * H)
-    _bwd_dq_kernel[grid](
-        q3, k3, v3, do3, l3, delta, dq3, drpb_t, rpb_t, ek, ev,
-        *q3.stride(), *k3.stride(), *v3.stride(), *do3.stride(), *dq3.stride()[:5], *l3.stride()[:4],
-        *r_st, *ek_st, *ev_st,
-        H, *_pattern_args(pat, lengths, n_tiles), n_extra, scale * _LOG2E, scale, D, Dv,
-        HAS_RPB=rpb is not None, HAS_EXTRA=extra_k is not None,
-        **_pattern_constexprs(pat, tiles, D, Dv, q.dtype),
-    )
+    n_programs = math.prod(pat.dilation[i] * n_tiles[i] for i in range(3))
+    neighbours = math.prod(pat.kernel)
+    chunk = B
+    drpb = None
+    if rpb is not None:
+        chunk = max(1, min(B, _DSN_BYTES // (H * L0 * L1 * L2 * neighbours * 4)))
+        maps = rpb_offset_maps(pat, lengths, q.device)
+        # windows (partial at borders) and causal rows have fewer than prod(kernel) neighbours: zero their slots.
+        alloc = torch.zeros if (pat.window or any(pat.causal)) else torch.empty
+    for b0 in range(0, B, chunk):
+        nb = min(chunk, B - b0)
+        part = slice(b0, b0 + nb)
+        dsn = q if rpb is None else alloc((nb, H, L0 * L1 * L2, neighbours), device=q.device, dtype=torch.float32)
+        _bwd_dq_kernel[(n_programs, nb * H)](
+            q3[part], k3[part], v3[part], do3[part], l3[part], delta3[part], dq3[part], dsn, rpb_t,
+            ek[part], ev[part],
+            *q3.stride(), *k3.stride(), *v3.stride(), *do3.stride(), *dq3.stride()[:5], *l3.stride()[:4],
+            *r_st, *ek_st, *ev_st,
+            H, *_pattern_args(pat, lengths, n_tiles), n_extra, scale * _LOG2E, scale, D, Dv,
+            HAS_RPB=rpb is not None, HAS_EXTRA=extra_k is not None,
+            **_pattern_constexprs(pat, tiles, D, Dv, q.dtype),
+        )
+        if rpb is not None:
+            part_grad = _reduce_rpb_grad(dsn, pat, lengths, H, maps)
+            drpb = part_grad if drpb is None else drpb + part_grad
+    if drpb is not None:
+        drpb = drpb.reshape(rpb.shape)
+
     tiles = _tiles("dkv", pat, lengths, q, d_max)
     n_tiles = _tiles_per_group(pat, lengths, tiles.n)
+    table = query_range_table(pat, lengths, n_tiles, tiles.n, q.device)
     grid = (math.prod(pat.dilation[i] * n_tiles[i] for i in range(3)), B * H)
     _bwd_dkv_kernel[grid](
-        q3, k3, v3, do3, l3, delta, dk3, dv3, rpb_t,
+        q3, k3, v3, do3, l3, delta, dk3, dv3, rpb_t, table,
         *q3.stride(), *k3.stride(), *v3.stride(), *do3.stride(), *dk3.stride()[:5], *dv3.stride()[:5],
         *l3.stride()[:4], *r_st,
-        H, *_pattern_args(pat, lengths, n_tiles), scale * _LOG2E, scale, D, Dv,
-        HAS_RPB=rpb is not None, STEPS=_search_steps(lengths, pat.dilation),
-        **_pattern_constexprs(pat, tiles, D, Dv, q.dtype),
+        H, *_pattern_args(pat, lengths, n_tiles), table.shape[1], scale * _LOG2E, scale, D, Dv,
+        HAS_RPB=rpb is not None, **_pattern_constexprs(pat, tiles, D, Dv, q.dtype),
     )
     dek = dev = None
     if extra_k is not None:
@@ -186,14 +232,6 @@ def backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, s
     return dq, dk, dv, drpb, dek, dev
 
 
-def _search_steps(lengths, dilation) -> int:
-    """Binary-search steps for the dK/dV pass: exact need under the interpreter (slow per step), and one fixed
-    value on the GPU, where the steps are cheap and one value means fewer compiled variants."""
-    if not INTERPRETED:
-        return 17
-    return max(math.ceil(L / d).bit_length() for L, d in zip(lengths, dilation)) + 1
-
-
 def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
@@ -205,7 +243,7 @@ def triton_cdiv(a: int, b: int) -> int:
 _EMPTY = (0,)
 
 
-def wants_fp32_out(q: Tensor, rpb: Optional[Tensor]) -> bool:
+def wants_fp32_out(q: Tensor, rpb: Tensor | None) -> bool:
     """Keep a float32 copy of the output for the backward's delta = rowsum(dO * O)?
 
     FA2 takes delta from the stored 16-bit output. Its rounding error is independent per row, and the bias gradient
@@ -216,8 +254,8 @@ def wants_fp32_out(q: Tensor, rpb: Optional[Tensor]) -> bool:
 
 
 @torch.library.custom_op("visattn::local_attention_fwd", mutates_args=())
-def local_attention_fwd(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], extra_k: Optional[Tensor],
-                        extra_v: Optional[Tensor], window: bool, kernel: list[int], dilation: list[int],
+def local_attention_fwd(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, extra_k: Tensor | None,
+                        extra_v: Tensor | None, window: bool, kernel: list[int], dilation: list[int],
                         stride: list[int], causal: list[bool], shift: list[int], scale: float,
                         fp32_out: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(output, log2-LSE, the output in float32 when ``fp32_out`` else an empty tensor)."""
@@ -237,11 +275,12 @@ def _(q, k, v, rpb, extra_k, extra_v, window, kernel, dilation, stride, causal, 
 
 @torch.library.custom_op("visattn::local_attention_bwd", mutates_args=())
 def local_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                        rpb: Optional[Tensor], extra_k: Optional[Tensor], extra_v: Optional[Tensor], window: bool,
+                        rpb: Tensor | None, extra_k: Tensor | None, extra_v: Tensor | None, window: bool,
                         kernel: list[int], dilation: list[int], stride: list[int], causal: list[bool],
-                        shift: list[int], scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                        shift: list[int], scale: float, grad_lse: Tensor | None = None
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     pat = make_pattern(q.dim() - 3, window, kernel, dilation, stride, causal, shift)
-    dq, dk, dv, drpb, dek, dev = backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat, scale)
+    dq, dk, dv, drpb, dek, dev = backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat, scale, grad_lse)
     # custom ops cannot return None: absent gradients travel as empty tensors.
     drpb = q.new_empty(_EMPTY) if drpb is None else drpb.to(rpb.dtype)
     dek = q.new_empty(_EMPTY) if dek is None else dek
@@ -250,7 +289,8 @@ def local_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: 
 
 
 @local_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, window, kernel, dilation, stride, causal, shift, scale):
+def _(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, window, kernel, dilation, stride, causal, shift, scale,
+      grad_lse=None):
     def like(t):
         return q.new_empty(_EMPTY) if t is None else t.new_empty(t.shape)
 
@@ -268,9 +308,58 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse, grad_out32):
     q, k, v, out, lse, rpb, extra_k, extra_v = ctx.saved_tensors
     dq, dk, dv, drpb, dek, dev = local_attention_bwd(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v,
-                                                     *ctx.pattern)
+                                                     *ctx.pattern, grad_lse=grad_lse)
     return (dq, dk, dv, None if rpb is None else drpb, None if extra_k is None else dek,
             None if extra_v is None else dev) + (None,) * 8
 
 
 local_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _LocalAttention(torch.autograd.Function):
+    """The same forward/backward as the custom op, for eager mode: ``torch.library`` dispatch (schema checks,
+    default filling, alias checks, redispatch) cost about as much host time per call as the kernels' GPU time at
+    NAT-T's 7x7 stage, so eager calls skip it; traced calls use the op (``local_attention``). Outputs: the
+    attention output and the log2-LSE (both differentiable)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float, fp32_out: bool):
+        out, lse = forward(q, k, v, rpb, extra_k, extra_v, pat, scale, torch.float32 if fp32_out else None)
+        ctx.save_for_backward(q, k, v, out, lse, rpb, extra_k, extra_v)
+        ctx.pattern, ctx.scale = pat, scale
+        ctx.set_materialize_grads(False)  # an unused LSE costs nothing in the backward
+        return (out.to(q.dtype) if fp32_out else out), lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, rpb, extra_k, extra_v = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros(*q.shape[:-1], v.shape[-1], device=q.device, dtype=q.dtype)
+        dq, dk, dv, drpb, dek, dev = backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, ctx.pattern,
+                                              ctx.scale, grad_lse)
+        if drpb is not None:
+            drpb = drpb.to(rpb.dtype)
+        return dq, dk, dv, drpb, dek, dev, None, None, None
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_pattern(rank, window, kernel, dilation, stride, causal, shift) -> Pattern:
+    return make_pattern(rank, window, kernel, dilation, stride, causal, shift)
+
+
+def local_attention(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, extra_k: Tensor | None,
+                    extra_v: Tensor | None, window: bool, kernel: tuple, dilation: tuple, stride: tuple,
+                    causal: tuple, shift: tuple, scale: float, return_lse: bool = False):
+    """The engine for one call: the registered custom op while ``torch.compile`` traces (opaque to Inductor, with
+    its fake and autograd), the equivalent ``autograd.Function`` in eager mode. With ``return_lse`` also the
+    natural-log LSE ``[B, *spatial, heads]`` (float32), differentiable."""
+    fp32_out = wants_fp32_out(q, rpb)
+    if torch.compiler.is_compiling():
+        out, lse2, _ = local_attention_fwd(q, k, v, rpb, extra_k, extra_v, window, list(kernel), list(dilation),
+                                           list(stride), [bool(c) for c in causal], list(shift), float(scale),
+                                           fp32_out)
+    else:
+        pat = _cached_pattern(q.dim() - 3, window, tuple(kernel), tuple(dilation), tuple(stride),
+                              tuple(bool(c) for c in causal), tuple(shift))
+        out, lse2 = _LocalAttention.apply(q, k, v, rpb, extra_k, extra_v, pat, float(scale), fp32_out)
+    return (out, lse2 * _LN2_RATIO) if return_lse else out

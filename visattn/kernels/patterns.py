@@ -6,8 +6,10 @@ spatial dimensions of 1-D rules, and in every case the keys a query sees along o
 The engine only needs three things from a pattern, all written here as small ``@triton.jit`` functions:
 
 * ``key_interval``: the interval of one query (vectorised over a tile's rows);
-* ``tile_span``: where a query/key tile starts and which of its rows are real (windows align tiles to windows);
-* ``query_ranges``: the queries whose intervals meet a key range (binary search, valid by monotonicity).
+* ``split_tile``: where a query/key tile starts and which of its rows are real (windows align tiles to windows).
+
+``tables.py`` mirrors these rules on the host for what is cheaper to compute once per shape than per program
+(the dK/dV pass's query ranges, the rpb gradient's offset maps).
 """
 
 import triton
@@ -72,33 +74,6 @@ def split_tile(t, length, dilation, n_tiles, kernel, shift, TILE: tl.constexpr, 
         lo = first * 0
         hi = group_len + first * 0
     return group, group_len, first, lo, hi
-
-
-@triton.jit
-def query_ranges(ka, kb, group_len, kernel, stride, shift, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                 STEPS: tl.constexpr):
-    """Queries whose interval meets the key range [ka, kb] (``lo..hi``), and those whose interval holds all of it
-    (``inner_lo..inner_hi``); inclusive, empty when lo > hi.
-
-    Four binary searches run as one 4-lane vector: lanes 0/2 count {qi : end(qi) < x} for x = ka / kb, lanes 1/3
-    count {qi : start(qi) <= x} for x = kb / ka. Both sets are prefixes because start() and end() never decrease.
-    """
-    lane = tl.arange(0, 4)
-    x = tl.where((lane == 0) | (lane == 3), ka, kb)
-    counts_end = (lane % 2) == 0
-    lo = lane * 0
-    hi = lo + group_len
-    for _ in range(STEPS):
-        mid = (lo + hi) // 2
-        start, end = key_interval(mid, group_len, kernel, stride, shift, CAUSAL, WINDOW)
-        right = tl.where(counts_end, end < x, start <= x)
-        active = lo < hi
-        lo, hi = tl.where(active & right, mid + 1, lo), tl.where(active & (right == 0), mid, hi)
-    q_lo = tl.sum(tl.where(lane == 0, lo, 0), 0)
-    q_hi = tl.sum(tl.where(lane == 1, lo, 0), 0) - 1
-    inner_lo = tl.sum(tl.where(lane == 2, lo, 0), 0)
-    inner_hi = tl.sum(tl.where(lane == 3, lo, 0), 0) - 1
-    return q_lo, q_hi, inner_lo, inner_hi
 
 
 @triton.jit

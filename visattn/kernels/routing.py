@@ -57,7 +57,7 @@ def _program_tile(TILES, HEADS, PER_REGION, SW, RH, RW, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _bra_fwd_kernel(Q, K, V, O, LSE, IDX, s_b, s_y, s_x, s_h, s_d, v_b, v_y, v_x, v_h, v_d,
+def _bra_fwd_kernel(Q, K, V, OUT, LSE, IDX, s_b, s_y, s_x, s_h, s_d, v_b, v_y, v_x, v_h, v_d,
                     o_b, o_y, o_x, o_h, idx_b, idx_r,
                     HEADS, HP, W, SW, RH, RW, PER_REGION, N_KEYS, Q_TILES, qk_scale, HEAD_D, HEAD_DV,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -83,8 +83,8 @@ def _bra_fwd_kernel(Q, K, V, O, LSE, IDX, s_b, s_y, s_x, s_h, s_d, v_b, v_y, v_x
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
-    out = O + b.to(tl.int64) * o_b + h * o_h + qy[:, None] * o_y + qx[:, None] * o_x + dv[None, :]
-    tl.store(out, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < HEAD_DV))
+    out = OUT + b.to(tl.int64) * o_b + h * o_h + qy[:, None] * o_y + qx[:, None] * o_x + dv[None, :]
+    tl.store(out, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < HEAD_DV))
     tl.store(LSE + _stat_offsets(b, h, HEADS, HP, W, qy, qx), m_i + tl.log2(l_i), mask=row_ok)
 
 
@@ -165,8 +165,7 @@ def _blocks(per_region: int, head_d: int, head_dv: int, dtype: torch.dtype):
     """Tile sizes: a region's tokens (at least 16 rows for tl.dot), at most 64x64; head dims padded to pow2 >= 16."""
     block_m = min(64, max(16, triton.next_power_of_2(per_region)))
     block_n = 64 if dtype != torch.float32 else 32
-    pad = lambda x: max(16, triton.next_power_of_2(x))
-    return block_m, block_n, pad(head_d), pad(head_dv)
+    return block_m, block_n, max(16, triton.next_power_of_2(head_d)), max(16, triton.next_power_of_2(head_dv))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -231,7 +230,8 @@ def bra_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     topk = routing.shape[-1]
     grad_out = grad_out.contiguous()
     delta = (grad_out.float() * out.float()).sum(-1).permute(0, 3, 1, 2).contiguous()  # [B, heads, H, W]
-    dq, dk = torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     block_m, block_n, block_d, block_dv = _blocks(per_region, q.shape[-1], v.shape[-1], q.dtype)
     common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,

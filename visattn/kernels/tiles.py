@@ -30,7 +30,7 @@ _VOLUMES = {
     ("fwd", 16, 64, "large"): (128, 64, 4, 3),
     ("fwd", 16, 128, "large"): (128, 128, 8, 3),
     ("fwd", 16, 256, "large"): (64, 32, 8, 2),
-    ("fwd", 16, 64, "small"): (128, 64, 4, 3),
+    ("fwd", 16, 64, "small"): (64, 64, 4, 2),
     ("fwd", 16, 128, "small"): (64, 64, 4, 3),
     ("fwd", 16, 256, "small"): (64, 32, 8, 2),
     ("fwd", 16, 64, "window"): (128, 32, 4, 3),
@@ -45,6 +45,11 @@ _VOLUMES = {
     ("bwd", 16, 64, "small"): (64, 32, 4, 2),
     ("bwd", 16, 128, "small"): (64, 64, 8, 2),
     ("bwd", 16, 256, "small"): (32, 32, 8, 1),
+    # dK/dV owns the key tile (BLOCK_N) and walks query tiles (BLOCK_M): on H200 at NAT-T stage 1/3 (head_dim 32)
+    # 32 queries x 64 keys ran the pass in 1.01 / 0.26 ms against 2.10 / 0.43 ms with the dQ pass's 64 x 32
+    # (benchmarks/results/engine-h200-2026-11-30-run2.json).
+    ("dkv", 16, 64, "small"): (32, 64, 4, 2),
+    ("dkv", 16, 64, "window"): (32, 64, 4, 2),
 }
 for _key, _vol in list(_VOLUMES.items()):  # float32: half the rows (registers), ieee dots
     _VOLUMES[(_key[0], 32) + _key[2:]] = (max(16, _vol[0] // 2), max(16, _vol[1] // 2), 4, min(_vol[3], 2))
@@ -88,7 +93,10 @@ def volume_key(pass_name: str, window: bool, kernel: Triple, dtype_bits: int, he
     """The _VOLUMES entry a problem uses."""
     d_class = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
     k_class = "window" if window else "small" if math.prod(kernel) <= 81 else "large"
-    return ("fwd" if pass_name == "fwd" else "bwd", 16 if dtype_bits == 16 else 32, d_class, k_class)
+    bits = 16 if dtype_bits == 16 else 32
+    if pass_name == "dkv" and ("dkv", bits, d_class, k_class) in _VOLUMES:
+        return ("dkv", bits, d_class, k_class)
+    return ("fwd" if pass_name == "fwd" else "bwd", bits, d_class, k_class)
 
 
 @functools.lru_cache(maxsize=512)

@@ -1,0 +1,156 @@
+"""Dense-with-mask schedule: a local-attention call on a small map as ONE scaled-dot-product-attention call.
+
+When a query's window covers a large share of the map (NAT/Swin's 14x14 and 7x7 stages), visiting the whole map
+with an additive mask costs no more than the neighbour-by-neighbour reference and runs on PyTorch's fused SDPA
+kernels (CPU and CUDA). The mask is exact: ``-inf`` outside each query's window (the same per-dimension rules as the
+engine, ``kernels/tables.py``), plus the relative-position bias gathered from the table inside it, so results equal
+the reference up to rounding; gradients reach q, k, v and the table through SDPA and the gather.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from visattn.kernels.tables import interval
+
+# Use the schedule when the map has at most this many tokens and each query sees at least this share of it.
+MAX_TOKENS = 1024
+MIN_COVERAGE = 0.2
+
+_CACHE: dict = {}
+
+
+def coverage(spatial: tuple[int, ...], kernel: tuple[int, ...], dilation: tuple[int, ...]) -> float:
+    """The share of the map one query's window covers (dilation counts: a dilated window spans its group)."""
+    return math.prod(k * d for k, d in zip(kernel, dilation, strict=True)) / math.prod(spatial)
+
+
+def worth_it(spatial: tuple[int, ...], kernel: tuple[int, ...], dilation: tuple[int, ...], extra: bool) -> bool:
+    """Whether a call should run as one masked SDPA call (small map, large window, no extra global tokens)."""
+    return (not extra and math.prod(spatial) <= MAX_TOKENS
+            and coverage(spatial, kernel, dilation) >= MIN_COVERAGE)
+
+
+def _dim_tables(length: int, kernel: int, dilation: int, stride: int, causal: bool, window: bool, shift: int):
+    """[L, L] bool mask and [L, L] long table offset (key - query + kernel - 1, clamped) along one dimension."""
+    mask = torch.zeros(length, length, dtype=torch.bool)
+    for p in range(length):
+        group = p % dilation
+        group_len = (length - group + dilation - 1) // dilation
+        start, end = interval(p // dilation, group_len, kernel, stride, shift, causal, window)
+        mask[p, group + start * dilation: group + end * dilation + 1: dilation] = True
+    pos = torch.arange(length)
+    offset = (pos[None, :] // dilation - pos[:, None] // dilation + kernel - 1).clamp(0, 2 * kernel - 2)
+    return mask, offset
+
+
+def _masks(spatial, kernel, dilation, stride, causal, window, shift, device):
+    key = (tuple(spatial), tuple(kernel), tuple(dilation), tuple(stride), tuple(causal), window, tuple(shift),
+           str(device))
+    hit = _CACHE.get(key)
+    if hit is None:
+        mask, index = torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, 1, dtype=torch.long)
+        for i, length in enumerate(spatial):
+            m, o = _dim_tables(length, kernel[i], dilation[i], stride[i], causal[i], window, shift[i])
+            n = mask.shape[0]
+            mask = (mask[:, None, :, None] & m[None, :, None, :]).reshape(n * length, n * length)
+            index = (index[:, None, :, None] * (2 * kernel[i] - 1) + o[None, :, None, :]).reshape(n * length, -1)
+        hit = (mask.to(device), index.to(device))
+        if len(_CACHE) > 64:
+            _CACHE.clear()
+        _CACHE[key] = hit
+    return hit
+
+
+def local_attention(q: Tensor, k: Tensor, v: Tensor, kernel: tuple[int, ...], dilation: tuple[int, ...],
+                    stride: tuple[int, ...], causal: tuple[bool, ...], rpb: Tensor | None, scale: float,
+                    window: bool = False, shift: tuple[int, ...] | None = None) -> Tensor:
+    """Neighborhood (``window=False``) or (shifted) window attention on ``[B, *spatial, heads, D]`` as one SDPA
+    call with an additive ``[heads, N, N]`` mask; arguments already validated and normalised by the caller."""
+    batch, *spatial, heads, _ = q.shape
+    rank = len(spatial)
+    shift = shift if shift is not None else (0,) * rank
+    mask, index = _masks(spatial, kernel, dilation, stride, causal, window, shift, q.device)
+    if rpb is None:
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))[None]
+    else:
+        gathered = rpb.reshape(heads, -1)[:, index]  # [heads, N, N]; its backward sums into the table
+        bias = gathered.to(q.dtype).masked_fill(~mask, float("-inf"))
+
+    def as_bhnd(t: Tensor) -> Tensor:
+        return t.reshape(batch, -1, heads, t.shape[-1]).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(as_bhnd(q), as_bhnd(k), as_bhnd(v), attn_mask=bias[None], scale=scale)
+    return out.transpose(1, 2).reshape(batch, *spatial, heads, v.shape[-1])
+
+
+def _window_tables(window: tuple[int, ...], spatial: tuple[int, ...], shift: tuple[int, ...], device):
+    """For the rolled-and-partitioned layout: [nW, n, n] bool (pairs in the same original window) and [n, n] long
+    table offsets inside a window (n = prod(window))."""
+    key = ("window", window, spatial, shift, str(device))
+    hit = _CACHE.get(key)
+    if hit is None:
+        region_masks = []  # per dim: [windows along dim, w, w] same-region mask
+        offsets = torch.zeros(1, 1, dtype=torch.long)
+        for length, w, t in zip(spatial, window, shift, strict=True):
+            rolled = torch.arange(length)
+            # after rolling by -t, the last window holds the tail [L-w+t, L) and the head [0, t) of the original
+            region = torch.where(rolled < length - w, 0, torch.where(rolled < length - t, 1, 2)).view(-1, w)
+            region_masks.append(region[:, :, None] == region[:, None, :])
+            local = torch.arange(w)
+            o = local[None, :] - local[:, None] + w - 1
+            n = offsets.shape[0]
+            offsets = (offsets[:, None, :, None] * (2 * w - 1) + o[None, :, None, :]).reshape(n * w, n * w)
+        mask = torch.ones(1, 1, 1, dtype=torch.bool)
+        for m in region_masks:  # outer product over dims: windows and in-window positions row-major
+            nw, n = mask.shape[0], mask.shape[1]
+            mask = (mask[:, None, :, None, :, None] & m[None, :, None, :, None, :]).reshape(
+                nw * m.shape[0], n * m.shape[1], n * m.shape[1])
+        hit = (mask.to(device), offsets.to(device))
+        _CACHE[key] = hit
+    return hit
+
+
+def window_partition_attention(q: Tensor, k: Tensor, v: Tensor, window: tuple[int, ...], shift: tuple[int, ...],
+                               rpb: Tensor | None, scale: float) -> Tensor:
+    """(Shifted) window attention as timm's Swin computes it: roll by ``-shift``, partition into windows, one
+    batched SDPA call with a per-window mask for the windows that hold wrapped pieces, un-partition, roll back.
+    Exactly visattn's semantics (the wrapped pieces are the partial border windows); the CPU path of ``auto``."""
+    batch, *spatial, heads, dim = q.shape
+    rank = len(spatial)
+    spatial, window, shift = tuple(spatial), tuple(window), tuple(shift)
+    mask, offsets = _window_tables(window, spatial, shift, q.device)
+    dims = tuple(range(1, rank + 1))
+    grid = [length // w for length, w in zip(spatial, window, strict=True)]
+    n = math.prod(window)
+
+    def partition(t: Tensor) -> Tensor:  # [B, *spatial, H, D] -> [B, nW, H, n, D]
+        if any(shift):
+            t = torch.roll(t, shifts=tuple(-s for s in shift), dims=dims)
+        shape = [batch]
+        for g, w in zip(grid, window, strict=True):
+            shape += [g, w]
+        t = t.reshape(*shape, heads, t.shape[-1])
+        order = [0, *range(1, 2 * rank, 2), 2 * rank + 1, *range(2, 2 * rank + 1, 2), 2 * rank + 2]
+        return t.permute(*order).reshape(batch, math.prod(grid), heads, n, t.shape[-1])
+
+    bias = torch.zeros(mask.shape[0], 1, n, n, dtype=q.dtype, device=q.device)
+    if rpb is not None:
+        bias = bias + rpb.reshape(heads, -1)[:, offsets].to(q.dtype)[None]  # [1, H, n, n] -> [nW, H, n, n]
+    bias = bias.masked_fill(~mask[:, None], float("-inf"))
+    out = F.scaled_dot_product_attention(partition(q), partition(k), partition(v), attn_mask=bias, scale=scale)
+    # [B, nW, H, n, Dv] -> [B, *spatial, H, Dv]
+    dv = out.shape[-1]
+    out = out.reshape(batch, *grid, heads, *window, dv)
+    order = [0]
+    for i in range(rank):
+        order += [1 + i, 2 + rank + i]
+    order += [1 + rank, 2 + 2 * rank]
+    out = out.permute(*order).reshape(batch, *spatial, heads, dv)
+    if any(shift):
+        out = torch.roll(out, shifts=shift, dims=dims)
+    return out

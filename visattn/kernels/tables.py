@@ -1,0 +1,121 @@
+"""Host-side mirrors of the pattern rules (``patterns.py``), computed once per problem shape and cached.
+
+* ``query_range_table``: for every key tile of the dK/dV pass, the queries whose windows reach it (``q_lo..q_hi``)
+  and those whose windows hold all of it (``inner_lo..inner_hi``). The kernel used to find them with four binary
+  searches per dimension and program (51 dependent steps), which cost more than the tile work itself on small maps.
+* ``rpb_offset_maps``: for the atomic-free rpb gradient, the one-hot map from (query position, neighbour index) to
+  the bias-table offset ``key - query + kernel - 1`` along each dimension.
+
+Both must agree exactly with the ``@triton.jit`` rules in ``patterns.py``; the interpreter tests compare the fused
+backward (which uses them) against the float64 reference, so a mismatch fails there.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import math
+
+import torch
+
+
+def interval(q: int, group_len: int, kernel: int, stride: int, shift: int, causal: bool, window: bool):
+    """Inclusive key interval of group coordinate ``q`` along one dimension (``patterns.key_interval``)."""
+    if window:
+        origin = ((q - shift + kernel) // kernel - 1) * kernel + shift
+        return max(origin, 0), min(origin + kernel - 1, group_len - 1)
+    if causal:
+        lead = min((q // stride) * stride + stride - 1, group_len - 1)
+        return max(lead - kernel + 1, 0), q
+    lead = min((q // stride) * stride + stride // 2, group_len - 1)
+    left = kernel // 2
+    right = kernel - 1 - left
+    centre = min(max(lead, left), group_len - 1 - right)
+    return centre - left, centre + right
+
+
+def tile_span(t: int, length: int, dilation: int, n_tiles: int, kernel: int, shift: int, tile: int, window: bool):
+    """(group, group length, first coordinate, lo, hi) of tile ``t`` along one dimension (``patterns.split_tile``)."""
+    group, index = divmod(t, n_tiles)
+    group_len = (length - group + dilation - 1) // dilation
+    if window:
+        per_window = (kernel + tile - 1) // tile
+        u = index // per_window - (shift + kernel - 1) // kernel
+        origin = u * kernel + shift
+        return group, group_len, origin + (index % per_window) * tile, max(origin, 0), min(origin + kernel, group_len)
+    return group, group_len, index * tile, 0, group_len
+
+
+@functools.lru_cache(maxsize=256)
+def _dim_ranges(length: int, dilation: int, n_tiles: int, kernel: int, stride: int, shift: int, causal: bool,
+                window: bool, tile: int) -> tuple:
+    """Rows ``(q_lo, q_hi, inner_lo, inner_hi)`` for the ``dilation * n_tiles`` key tiles of one dimension."""
+    rows = []
+    bounds = {}  # group length -> (starts, ends); at most two distinct lengths across dilation groups
+    for t in range(dilation * n_tiles):
+        _, group_len, first, lo, hi = tile_span(t, length, dilation, n_tiles, kernel, shift, tile, window)
+        ka, kb = max(first, lo), min(first + tile, hi) - 1
+        if kb < ka:
+            rows.append((0, -1, 0, -1))
+            continue
+        if group_len not in bounds:
+            pairs = [interval(q, group_len, kernel, stride, shift, causal, window) for q in range(group_len)]
+            bounds[group_len] = ([p[0] for p in pairs], [p[1] for p in pairs])
+        starts, ends = bounds[group_len]
+        rows.append((bisect.bisect_left(ends, ka), bisect.bisect_right(starts, kb) - 1,
+                     bisect.bisect_left(ends, kb), bisect.bisect_right(starts, ka) - 1))
+    return tuple(rows)
+
+
+_DEVICE_TABLES: dict = {}
+
+
+def query_range_table(pattern, lengths, n_tiles, tile_box, device: torch.device) -> torch.Tensor:
+    """int32 ``[3, T, 4]`` (T = the most key tiles of any dimension) on ``device``, cached per problem shape."""
+    key = (pattern, tuple(lengths), tuple(n_tiles), tuple(tile_box), str(device))
+    table = _DEVICE_TABLES.get(key)
+    if table is None:
+        per_dim = [_dim_ranges(lengths[i], pattern.dilation[i], n_tiles[i], pattern.kernel[i], pattern.stride[i],
+                               pattern.shift[i], pattern.causal[i], pattern.window, tile_box[i]) for i in range(3)]
+        width = max(len(rows) for rows in per_dim)
+        padded = [list(rows) + [(0, -1, 0, -1)] * (width - len(rows)) for rows in per_dim]
+        table = torch.tensor(padded, dtype=torch.int32).to(device)
+        _remember(key, table)
+    return table
+
+
+def _remember(key, value) -> None:
+    if len(_DEVICE_TABLES) > 512:  # bounded: the shapes one process sees are few
+        _DEVICE_TABLES.clear()
+    _DEVICE_TABLES[key] = value
+
+
+@functools.lru_cache(maxsize=256)
+def _offset_map(length: int, dilation: int, kernel: int, stride: int, shift: int, causal: bool,
+                window: bool) -> torch.Tensor:
+    """float32 ``[length, kernel, 2*kernel - 1]``: one where neighbour j of position p sits at table offset r."""
+    out = torch.zeros(length, kernel, 2 * kernel - 1)
+    for p in range(length):
+        group = p % dilation
+        q = p // dilation
+        group_len = (length - group + dilation - 1) // dilation
+        start, end = interval(q, group_len, kernel, stride, shift, causal, window)
+        for j in range(end - start + 1):
+            out[p, j, start + j - q + kernel - 1] = 1.0
+    return out
+
+
+def rpb_offset_maps(pattern, lengths, device: torch.device) -> list[torch.Tensor]:
+    """The three per-dimension ``_offset_map`` tensors of a problem, on ``device`` (cached there)."""
+    key = ("rpb", pattern, tuple(lengths), str(device))
+    maps = _DEVICE_TABLES.get(key)
+    if maps is None:
+        maps = [_offset_map(lengths[i], pattern.dilation[i], pattern.kernel[i], pattern.stride[i],
+                            pattern.shift[i], pattern.causal[i], pattern.window).to(device) for i in range(3)]
+        _remember(key, maps)
+    return maps
+
+
+def neighbours(pattern) -> int:
+    """Neighbour slots per query in the rpb-gradient buffer: the product of the kernel (or window) sizes."""
+    return math.prod(pattern.kernel)
