@@ -13,8 +13,8 @@ import torch
 
 from visattn import tokenprune as tp
 from visattn.bench import prune as bench
-from visattn.kernels import recycle as recycle_kernel
-from visattn.tokenprune import hf_llava, recycle, sparsevlm
+from visattn.tokenprune import hf_base, recycle, sparsevlm
+from visattn.tokenprune import kernels as prune_kernels
 
 TIMES: dict = collections.defaultdict(list)
 
@@ -38,11 +38,12 @@ def main(method: str, batch: int, images: int = 1) -> None:
     model = bench.build_model(False, "cuda", torch.float16)
     inputs = bench.make_inputs(model, batch, images, "cuda", torch.float16)
     pruner = bench.pruner_for(method, 64, 576)
-    for owner, name in [(hf_llava, "decoder_row_scores"), (hf_llava.LlavaAdapter, "_select_stage"),
-                        (hf_llava, "append_recycled"), (hf_llava, "compact"), (hf_llava, "attention_mask_4d"),
-                        (hf_llava, "rater_rows"), (hf_llava, "moved_rows"), (sparsevlm.SparseVLM, "rater_scores"),
-                        (recycle, "compact"), (sparsevlm, "dpc_knn_merge"), (recycle_kernel, "recycle_tokens"), (hf_llava.LlavaAdapter, "_rope"),
-                        (hf_llava.LlavaAdapter, "_layer_prefill"), (hf_llava.LlavaAdapter, "_lm_pre")]:
+    adapter = hf_base.HFVisionLanguageAdapter
+    for owner, name in [(hf_base, "decoder_row_scores"), (adapter, "_select_stage"),
+                        (hf_base, "append_recycled"), (hf_base, "compact"), (hf_base, "attention_mask_4d"),
+                        (hf_base, "rater_rows"), (hf_base, "moved_rows"), (sparsevlm.SparseVLM, "rater_scores"),
+                        (recycle, "compact"), (sparsevlm, "dpc_knn_merge"), (prune_kernels, "recycle_tokens"),
+                        (adapter, "_rope"), (adapter, "_layer_prefill"), (adapter, "_lm_pre")]:
         timed(owner, name, f"{getattr(owner, '__name__', owner)}.{name}")
     tp.apply(model, pruner)
     with torch.no_grad():

@@ -15,7 +15,7 @@ def test_bench_prune_tiny_writes_results(tmp_path):
 
     assert main(["--tiny", "--methods", "fastervlm,fastv", "--batches", "2", "--out-dir", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("prune-*-tiny.json")
-    result = json.loads(path.read_text())
+    result = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     assert {"device", "torch", "transformers", "date", "configs"} <= set(result)
     methods = {(r["shape"], r["method"]) for r in result["configs"]}
     assert ("llava-1.5", "fastv") in methods and ("llava-next", "fastervlm") in methods
@@ -39,3 +39,13 @@ def test_median_rounds_keeps_the_median_round_and_its_baseline():
     assert out["fastv"]["llm_prefill_ms"] == 20.0  # the other columns travel with the chosen round
     assert out["fastv"]["round_ttft_ms"] == [20.0, 40.0, 50.0]
     assert out["fastv"]["ttft_speedup"] == 100.0 / 40.0
+
+
+def test_results_are_written_as_strict_json():
+    """A measurement that did not happen (NaN: no CUDA peak memory, no baseline) is written as null, never NaN."""
+    from visattn.bench.prune import strict_json
+
+    row = {"peak_gib": float("nan"), "ttft_speedup": float("inf"), "ttft_ms": 12.5, "rounds": [float("nan"), 1.0]}
+    text = json.dumps(strict_json({"configs": [row]}), allow_nan=False)
+    assert json.loads(text) == {"configs": [{"peak_gib": None, "ttft_speedup": None, "ttft_ms": 12.5,
+                                             "rounds": [None, 1.0]}]}

@@ -15,7 +15,6 @@ from visattn.tokenprune.scoring import (  # noqa: E402
     open_clip_cls_attention,
 )
 
-
 # HF eager attention takes its softmax in float32 (even for a float64 model): float32-level agreement
 EAGER = dict(atol=1e-7, rtol=1e-6)
 
@@ -139,9 +138,9 @@ def test_open_clip_blocks_match_single_block_and_eager():
     probs = clip_cls_attention_layers(list(blocks), seen, cache={})
     assert probs.shape == (3, 2, 2, 17)
     eager = []
-    for block, x in zip(blocks, seen):  # the block's own nn.MultiheadAttention, per-head weights
+    for block, x in zip(blocks, seen, strict=False):  # the block's own nn.MultiheadAttention, per-head weights
         h = block.ln_1(x)
         eager.append(block.attn(h, h, h, need_weights=True, average_attn_weights=False)[1][:, :, 0])
     torch.testing.assert_close(probs, torch.stack(eager), atol=1e-12, rtol=1e-10)  # float64 throughout
-    single = torch.stack([open_clip_cls_attention(b, x)[0] for b, x in zip(blocks, seen)])
+    single = torch.stack([open_clip_cls_attention(b, x)[0] for b, x in zip(blocks, seen, strict=False)])
     torch.testing.assert_close(probs.float(), single, atol=1e-6, rtol=1e-5)

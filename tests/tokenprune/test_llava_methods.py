@@ -136,7 +136,7 @@ def _reference_sequence(name, eager, ids_row, px_row, report_row, stage_kept_row
     if name in ("fastv", "pdrop"):
         current = list(range(seq.shape[1]))
         layer_list = [2] if name == "fastv" else [1, 2, 3]
-        for layer, kept in zip(layer_list, stage_kept_row):
+        for layer, kept in zip(layer_list, stage_kept_row, strict=False):
             keep_orig = {s + int(k) for k in kept[0]}
             keep_idx = [j for j, o in enumerate(current) if not s <= o < s + N_IMG or o in keep_orig]
             current = [current[j] for j in keep_idx]
@@ -157,7 +157,8 @@ def test_generate_with_cache_matches_layerwise_reference(models, name):
         stage_kept = [sk[i] for sk in report.extra.get("stage_kept", [])]
         if name == "fastv":
             stage_kept = [report.kept_indices[i]]
-        seq, stages = _reference_sequence(name, eager, row, px[i : i + 1], report.kept_indices[i], stage_kept, gen[i][:-1])
+        seq, stages = _reference_sequence(name, eager, row, px[i : i + 1], report.kept_indices[i], stage_kept,
+                                          gen[i][:-1])
         with torch.no_grad():
             ref = llm_reference_logits(eager, seq, stages, reindex=name != "fastv")
         torch.testing.assert_close(logits[i], ref[0, -steps:], atol=2e-4, rtol=1e-4)
@@ -172,7 +173,7 @@ def test_batch_rows_equal_single_runs(models, name):
         row = ids[i][mask[i].bool()][None]
         one, rep1 = _generate(model, METHODS[name](), row, torch.ones_like(row), px[i : i + 1])
         assert [k.tolist() for k in rep1.kept_indices[0]] == [k.tolist() for k in report.kept_indices[i]]
-        for a, b in zip(out.logits, one.logits):
+        for a, b in zip(out.logits, one.logits, strict=False):
             torch.testing.assert_close(a[i], b[0], atol=2e-4, rtol=1e-4)
 
 
@@ -205,17 +206,26 @@ FULL_BUDGET = {
 }
 
 
-@pytest.mark.parametrize("name", list(FULL_BUDGET))
-def test_full_budget_is_identity(models, name):
+@pytest.fixture(scope="module")
+def unpruned(models):
+    """The stock model's generate() logits and forward logits on the test batch (computed once)."""
     model, _ = models
     ids, mask, px = _inputs()
     with torch.no_grad():
         ref = model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=3,
                              do_sample=False, output_logits=True, return_dict_in_generate=True)
         base = model(input_ids=ids, attention_mask=mask, pixel_values=px).logits
+    return ref.logits, base
+
+
+@pytest.mark.parametrize("name", list(FULL_BUDGET))
+def test_full_budget_is_identity(models, unpruned, name):
+    model, _ = models
+    ids, mask, px = _inputs()
+    ref_logits, base = unpruned
     out, report = _generate(model, FULL_BUDGET[name](), ids, mask, px)
     assert report.visual_tokens_kept == [N_IMG, N_IMG]
-    for a, b in zip(out.logits, ref.logits):
+    for a, b in zip(out.logits, ref_logits, strict=False):
         torch.testing.assert_close(a, b)
     tp.apply(model, FULL_BUDGET[name]())
     try:

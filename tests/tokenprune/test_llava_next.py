@@ -57,7 +57,7 @@ def assert_rows_equal_single_runs(model, make, ids, mask, px):
         row = ids[i][mask[i].bool()][None]
         one, rep1 = _gen(model, make(), row, torch.ones_like(row), px[i : i + 1], SIZES[i : i + 1])
         assert rep1.kept_indices[0][0].tolist() == rep.kept_indices[i][0].tolist()
-        for a, b in zip(out.logits, one.logits):
+        for a, b in zip(out.logits, one.logits, strict=False):
             torch.testing.assert_close(a[i], b[0], atol=2e-4, rtol=1e-4)
     return rep
 
@@ -82,5 +82,5 @@ def test_next_full_budget_identity(setup):
     model, _, px, ids, mask, _ = setup
     base, _ = _gen(model, None, ids, mask, px, SIZES)
     out, _ = _gen(model, tp.FastV(layer=2, keep=1.0), ids, mask, px, SIZES)
-    for a, b in zip(out.logits, base.logits):
+    for a, b in zip(out.logits, base.logits, strict=False):
         torch.testing.assert_close(a, b)

@@ -9,8 +9,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from tp_oracles import llm_reference_logits, topk_sorted, visionzip_tokens  # noqa: E402
 from test_llava_next import SIZES, _gen, assert_rows_equal_single_runs  # noqa: E402
+from tp_oracles import llm_reference_logits, topk_sorted, visionzip_tokens  # noqa: E402
 from tp_tiny import as_eager, batch, prompt, tiny_llava  # noqa: E402
 
 from visattn import tokenprune as tp  # noqa: E402
@@ -89,6 +89,6 @@ def test_next_visionzip_batch_rows_equal_single_runs_and_full_budget(setup):
     assert rep.visual_tokens_kept == [3 * (DOM + CTX)] * 2
     base, _ = _gen(model, None, ids, mask, px, SIZES)
     full, _ = _gen(model, tp.VisionZip(dominant=16, contextual=1), ids, mask, px, SIZES)
-    for a, b in zip(full.logits, base.logits):
+    for a, b in zip(full.logits, base.logits, strict=False):
         torch.testing.assert_close(a, b)
 

@@ -30,7 +30,7 @@ METHODS = {
 @pytest.fixture(scope="module", params=["qwen2-vl", "qwen2.5-vl"])
 def setup(request):
     model = tiny_qwen2vl("sdpa", v25=request.param == "qwen2.5-vl")
-    prompts = [qwen_prompt(p, n, s, seed) for (p, s, seed), n in zip(ROWS, N_TOK)]
+    prompts = [qwen_prompt(p, n, s, seed) for (p, s, seed), n in zip(ROWS, N_TOK, strict=False)]
     return model, as_eager(model), prompts, qwen_pixels(GRIDS, seed=3)
 
 
@@ -119,7 +119,7 @@ def test_generate_with_cache_matches_mrope_reference(setup, name):
         stages, current = [], list(range(seq.shape[0]))
         layers = [1, 2, 3] if name == "pdrop" else [2]
         stage_kept = [sk[i][0] for sk in rep.extra["stage_kept"]] if name == "pdrop" else [rep.kept_indices[i][0]]
-        for layer, kept in zip(layers, stage_kept):
+        for layer, kept in zip(layers, stage_kept, strict=False):
             kept = {s + int(k) for k in kept}
             keep = [j for j, o in enumerate(current) if not s <= o < s + n or o in kept]
             current = [current[j] for j in keep]
@@ -139,7 +139,7 @@ def test_batch_rows_equal_single_runs(setup, name):
     for i, row in enumerate(prompts):
         one, rep1 = _gen(model, METHODS[name](), _kwargs(model, [row], _pixels_of(px, i), GRIDS[i : i + 1]))
         assert rep1.kept_indices[0][0].tolist() == rep.kept_indices[i][0].tolist()
-        for a, b in zip(out.logits, one.logits):
+        for a, b in zip(out.logits, one.logits, strict=False):
             torch.testing.assert_close(a[i], b[0], atol=2e-4, rtol=1e-4)
 
 
@@ -149,7 +149,7 @@ def test_full_budget_is_identity_and_unsupported_refused(setup):
     base, _ = _gen(model, None, kw)
     for pruner in (tp.FastV(layer=2, keep=12), tp.DivPrune(keep=1.0)):
         out, _ = _gen(model, pruner, kw)
-        for a, b in zip(out.logits, base.logits):
+        for a, b in zip(out.logits, base.logits, strict=False):
             torch.testing.assert_close(a, b)
     for pruner in (tp.FasterVLM(keep=3), tp.VisionZip(dominant=3, contextual=1), tp.SparseVLM(keep=3),
                    tp.ToMe(r=2)):

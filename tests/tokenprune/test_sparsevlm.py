@@ -54,7 +54,7 @@ def _raters(embeds: torch.Tensor, s: int, n_prompt: int) -> list[int]:
                  for v in range(s, s + N_IMG)]
         rel.append(float(sum(per_v) / N_IMG))
     mean = sum(rel) / len(rel)
-    return [t for t, r in zip(text, rel) if r > mean]
+    return [t for t, r in zip(text, rel, strict=False) if r > mean]
 
 
 def _dpc_knn_loops(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -151,7 +151,7 @@ def test_batch_rows_equal_single_runs(setup):
         row = ids[i][mask[i].bool()][None]
         one, rep1 = _generate(model, make(), row, torch.ones_like(row), px[i : i + 1])
         assert [k.tolist() for k in rep1.kept_indices[0]] == [k.tolist() for k in rep.kept_indices[i]]
-        for a, b in zip(out.logits, one.logits):
+        for a, b in zip(out.logits, one.logits, strict=False):
             torch.testing.assert_close(a[i], b[0], atol=2e-4, rtol=1e-4)
 
 

@@ -7,13 +7,11 @@ import math
 
 import pytest
 import torch
-
-from visattn import tokenprune as tp
-from visattn.tokenprune.tome import bipartite_matching, merge_tokens, merge_weighted
-
 from test_open_clip import images
 from test_open_clip import oc_tower as open_clip_tower
 
+from visattn import tokenprune as tp
+from visattn.tokenprune.tome import bipartite_matching, merge_tokens, merge_weighted
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +51,7 @@ def merge_loop(x, metric, size, sources, r):
         tot[j] = tot[j] + x[a] * size[a]
         sz[j] = sz[j] + size[a]
         src[j] |= sources[a]
-    new_x = [x[a_ids[i]] for i in rest] + [t / s for t, s in zip(tot, sz)]
+    new_x = [x[a_ids[i]] for i in rest] + [t / s for t, s in zip(tot, sz, strict=False)]
     new_size = [size[a_ids[i]] for i in rest] + sz
     new_src = [set(sources[a_ids[i]]) for i in rest] + src
     return new_x, new_size, new_src
@@ -120,10 +118,10 @@ def hf_oracle(model, px, schedule, prop=True):
     """Per-layer outputs of a ToMe'd HF CLIP tower for one image (1, 3, H, W)."""
     x = model.pre_layrnorm(model.embeddings(px))[0]
     size, sources, outs = [1.0] * x.shape[0], [{i} for i in range(x.shape[0])], []
-    for layer, r in zip(model.encoder.layers, schedule):
+    for layer, r in zip(model.encoder.layers, schedule, strict=False):
         at = layer.self_attn
         x, size, sources = eager_layer(
-            x, size, sources, r, layer.layer_norm1, lambda h: (at.q_proj(h), at.k_proj(h), at.v_proj(h)),
+            x, size, sources, r, layer.layer_norm1, lambda h, at=at: (at.q_proj(h), at.k_proj(h), at.v_proj(h)),
             at.out_proj, layer.layer_norm2, layer.mlp, at.num_heads, prop)
         outs.append(x)
     return outs, size, sources
@@ -132,7 +130,7 @@ def hf_oracle(model, px, schedule, prop=True):
 def oc_oracle(visual, px, schedule, prop=True):
     x = visual._embeds(px)[0]
     size, sources, outs = [1.0] * x.shape[0], [{i} for i in range(x.shape[0])], []
-    for blk, r in zip(visual.transformer.resblocks, schedule):
+    for blk, r in zip(visual.transformer.resblocks, schedule, strict=False):
         mha = blk.attn
         qkv = lambda h: torch.nn.functional.linear(h, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1)  # noqa
         x, size, sources = eager_layer(x, size, sources, r, blk.ln_1, qkv, mha.out_proj, blk.ln_2, blk.mlp,
@@ -172,7 +170,7 @@ def test_open_clip_layers_equal_eager_oracle(prop):
         h.remove()
     for b in range(2):
         ref, _, _ = oc_oracle(visual, px[b : b + 1], [3, 3, 3], prop)
-        for got, want in zip(seen, ref):
+        for got, want in zip(seen, ref, strict=False):
             torch.testing.assert_close(got[b], want)
         final = visual.ln_post(ref[-1])
         torch.testing.assert_close(tokens[b], final[1:])
@@ -186,14 +184,14 @@ def test_r_zero_is_identical_and_remove_restores():
     tp.apply(model, "tome", r=0)
     tp.apply(visual, "tome", r=0)
     assert torch.equal(model(px).last_hidden_state, ref_hf)
-    assert all(torch.equal(a, b) for a, b in zip(visual(px), ref_oc))
+    assert all(torch.equal(a, b) for a, b in zip(visual(px), ref_oc, strict=False))
     tp.apply(model, "tome", r=4)
     tp.apply(visual, "tome", r=4)
     assert model(px).last_hidden_state.shape[1] < ref_hf.shape[1]
     tp.remove(model)
     tp.remove(visual)
     assert torch.equal(model(px).last_hidden_state, ref_hf)
-    assert all(torch.equal(a, b) for a, b in zip(visual(px), ref_oc))
+    assert all(torch.equal(a, b) for a, b in zip(visual(px), ref_oc, strict=False))
 
 
 def test_batch_rows_equal_single_runs():

@@ -70,6 +70,15 @@ def _wrap(fn, counter: OpCounter):
     return inner
 
 
+def _off(fn, counter: OpCounter):
+    @functools.wraps(fn)
+    def inner(*args, **kwargs):
+        with counter.off():
+            return fn(*args, **kwargs)
+
+    return inner
+
+
 @contextmanager
 def count_adapter(model: torch.nn.Module):
     """Count the ops / syncs of the tokenprune hooks attached to ``model`` (``tp.apply`` first)."""
@@ -96,8 +105,15 @@ def count_adapter(model: torch.nn.Module):
             with counter.off():
                 return stock(self, *a, **k)
 
-        setattr(cls, "pack_image_features", stock_off)
-    tolist, cpu, item = torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.item
+        cls.pack_image_features = stock_off
+    # HF modules the hooks call (rotary tables for re-positioned tokens, the projector of LLaVA-NeXT VisionZip)
+    # are model work whose op count changes between transformers releases: not counted
+    lm = getattr(adapter, "lm", None)
+    model_work = [m for m in (getattr(lm, "rotary_emb", None), getattr(core, "multi_modal_projector", None))
+                  if m is not None]
+    for module in model_work:
+        module.forward = _off(module.forward, counter)
+    tolist, cpu = torch.Tensor.tolist, torch.Tensor.cpu
 
     def sync_patch(name, fn):
         def inner(self, *a, **k):
@@ -119,7 +135,9 @@ def count_adapter(model: torch.nn.Module):
         if pack is not None:
             core.pack_image_features = pack
         if stock is not None:
-            setattr(cls, "pack_image_features", stock)
+            cls.pack_image_features = stock
+        for module in model_work:
+            del module.forward
 
 
 def counts(model, pruner, **inputs) -> tuple[int, int, Counter, Counter]:

@@ -95,7 +95,8 @@ def llm_reference_logits(
     return eager_model.lm_head(lm.norm(h))
 
 
-def mrope_positions(ids: list[int], image_token: int, grids: list[tuple[int, int, int]], merge: int = 2) -> torch.Tensor:
+def mrope_positions(ids: list[int], image_token: int, grids: list[tuple[int, int, int]],
+                    merge: int = 2) -> torch.Tensor:
     """Qwen2-VL M-RoPE position ids (3, L) of one unpadded prompt, by a plain loop over its tokens.
 
     Text: all three axes = the running position; an image run of merged (t, h/merge, w/merge) tokens starting at

@@ -21,14 +21,16 @@ def tiny_llava(attn: str = "sdpa", seed: int = 0, layers: int = 4, image_size: i
         image_size=image_size, patch_size=14,
     )
     if next_:
-        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration as cls
+        from transformers import LlavaNextConfig
+        from transformers import LlavaNextForConditionalGeneration as cls
 
         cfg = LlavaNextConfig(
             vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
             image_grid_pinpoints=[[image_size, image_size * 2], [image_size * 2, image_size]],
         )
     else:
-        from transformers import LlavaConfig, LlavaForConditionalGeneration as cls
+        from transformers import LlavaConfig
+        from transformers import LlavaForConditionalGeneration as cls
 
         cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN)
     cfg._attn_implementation = attn
@@ -77,7 +79,8 @@ def tiny_qwen2vl(attn: str = "sdpa", seed: int = 0, layers: int = 4, v25: bool =
 
     torch.manual_seed(seed)
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                bos_token_id=1, eos_token_id=2, num_key_value_heads=2, vocab_size=96, max_position_embeddings=512, pad_token_id=PAD,
+                bos_token_id=1, eos_token_id=2, num_key_value_heads=2, vocab_size=96, max_position_embeddings=512,
+                pad_token_id=PAD,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
     vision = dict(depth=2, num_heads=4, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
     if v25:

@@ -11,9 +11,10 @@ peak memory, scoring time (CUDA events around the scorer) and its share of the p
 from __future__ import annotations
 
 import argparse
-import gc
 import datetime as _dt
+import gc
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -186,7 +187,8 @@ def measure(model, inputs: dict, method, iters: int, decode_tokens: int, device:
     decode_ms = t_gen - t_first if t_gen > t_first else float("nan")
     row = {
         "prompt_tokens": length, "ttft_ms": t, "llm_prefill_ms": llm, "ttft_min_ms": min(ttft), "samples": len(ttft),
-        "llm_prefill_min_ms": min(lm_times[: len(ttft)]) if lm_times else float("nan"), "prefill_tok_s": bsz * length / t * 1e3,
+        "llm_prefill_min_ms": min(lm_times[: len(ttft)]) if lm_times else float("nan"),
+        "prefill_tok_s": bsz * length / t * 1e3,
         "decode_tok_s": bsz * (decode_tokens - 1) / decode_ms * 1e3, "peak_gib": peak, "scoring_ms": scoring,
         "scoring_pct": 100.0 * scoring / t,
     }
@@ -237,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import transformers
 
-    from visattn.tokenprune import scoring
+    from visattn import backends
+    from visattn.tokenprune.kernels import FAMILY
 
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     dtype = torch.float32 if device == "cpu" else torch.float16
@@ -257,15 +260,15 @@ def main(argv: list[str] | None = None) -> int:
         base_method, _, variant = method.partition("+")  # "pdrop+eager": LLM-side scores on eager ops (A/B peer)
         pruner = None if method == "none" else pruner_for(base_method, scaled_keep or 1, per_image,
                                                           model.config.text_config.num_hidden_layers)
-        scoring.LLM_KERNELS = "eager" if variant == "eager" else "auto"
+        # "+eager": the pruning kernels' reference backend (eager ops) for this config only
+        backend = "reference" if variant == "eager" else backends.get_backend(FAMILY)
         try:
-            row = measure(model, inputs, pruner, iters, decode_tokens, device)
+            with backends.use_backend(backend, family=FAMILY):
+                row = measure(model, inputs, pruner, iters, decode_tokens, device)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             skipped.append({"shape": shape, "batch": batch, "method": method, "keep": keep, "reason": "OOM"})
             continue
-        finally:
-            scoring.LLM_KERNELS = "auto"
         row.update(shape=shape, images=images, batch=batch, method=method, keep_per_image=scaled_keep,
                    round=round_index // len(configs))
         if method == "none":
@@ -287,13 +290,25 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = "-tiny" if args.tiny else ""
     path = out_dir / f"prune-{_dt.date.today().isoformat()}{tag}.json"
-    path.write_text(json.dumps(result, indent=1))
+    path.write_text(json.dumps(strict_json(result), indent=1, allow_nan=False))
     if args.doc and not args.tiny:
         Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
         Path(args.doc).write_text(markdown(result))
     print(f"\nwrote {path}" + ("" if args.tiny or not args.doc else f" and {args.doc}"))
     print(table(rows))
     return 0
+
+
+def strict_json(value):
+    """``value`` with every non-finite float (a measurement that did not happen: NaN) replaced by None, so the
+    result file is strict JSON (``null``), never ``NaN``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def _median_rounds(rows: list[dict]) -> list[dict]:

@@ -1,14 +1,14 @@
 """``visattn bench-prune-kernels``: the LLM-stage pruning kernels vs the eager ops they replace.
 
-* ``rowscore`` (visattn.kernels.rowscore): the scoring calls of the ``bench-prune`` workloads on the LLaVA-1.5-7B
-  text model (32 heads, head dim 128, fp16): FastV / PyramidDrop (one query row) at batch 1 and 8 and on the
-  2,955-token NeXT shape, and SparseVLM's text raters (16 rows). Floor: raw keys and rotary tables read once.
+* ``rowscore`` (visattn.tokenprune.kernels.rowscore): the scoring calls of the ``bench-prune`` workloads on the
+  LLaVA-1.5-7B text model (32 heads, head dim 128, fp16): FastV / PyramidDrop (one query row) at batch 1 and 8 and
+  on the 2,955-token NeXT shape, and SparseVLM's text raters (16 rows). Floor: raw keys and rotary tables read once.
   Error: against a float64 computation.
-* ``select`` (visattn.kernels.select): the per-image top-k of a PyramidDrop stage (keep 288 of 576) at the same
-  shapes. Floor: scores, image ids and mask read once, keep mask written. Error: kept-token mismatches.
-* ``recycle`` (visattn.kernels.recycle): SparseVLM's first-stage recycling with 64 kept tokens (66 of 576 kept:
-  the best 154 deleted tokens clustered into 16) per image, LLaVA-1.5 b8 and NeXT b1 (5 images). Peer: the eager
-  gather + DPC-KNN (batched over images). Floor: the picked hidden states read once and the Gram FLOPs.
+* ``select`` (visattn.tokenprune.kernels.select): the per-image top-k of a PyramidDrop stage (keep 288 of 576) at
+  the same shapes. Floor: scores, image ids and mask read once, keep mask written. Error: kept-token mismatches.
+* ``recycle`` (visattn.tokenprune.kernels.recycle): SparseVLM's first-stage recycling with 64 kept tokens (66 of
+  576 kept: the best 154 deleted tokens clustered into 16) per image, LLaVA-1.5 b8 and NeXT b1 (5 images). Peer:
+  the eager gather + DPC-KNN (batched over images). Floor: the picked hidden states read once and the Gram FLOPs.
 
 Per row and peer: GPU time (CUDA-event median) and host wall time of one synchronised call (what a launch-bound
 prefill pays).
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Optional
 
 import torch
 
@@ -70,7 +69,7 @@ def _host_ms(fn, iters: int = 50) -> float:
 
 
 def run_problem(problem, dtype, ceilings) -> dict:
-    from visattn.kernels.rowscore import row_scores
+    from visattn.tokenprune.kernels.rowscore import row_scores
 
     name, batch, rows, keys = problem
     args = _inputs(batch, rows, keys, dtype)
@@ -81,14 +80,15 @@ def run_problem(problem, dtype, ceilings) -> dict:
            "floor_ms": floor_ms(4.0 * batch * rows * keys * HEADS * HEAD_DIM, nbytes, ceilings)}
     for peer, fn in {"visattn": row_scores, "eager": _eager}.items():
         out = fn(*args)
-        row[peer] = {"gpu_ms": median_ms(lambda: fn(*args), iters=50), "host_ms": _host_ms(lambda: fn(*args)),
+        row[peer] = {"gpu_ms": median_ms(lambda fn=fn: fn(*args), iters=50),
+                     "host_ms": _host_ms(lambda fn=fn: fn(*args)),
                      "rel_err": float((out.double() - want).abs().max() / want.abs().max())}
     return row
 
 
 def run_select(problem, ceilings) -> dict:
     """PyramidDrop's first stage (288 of 576 per image, 5 images per row for the NeXT shape): kernel vs eager."""
-    from visattn.kernels.select import topk_per_image
+    from visattn.tokenprune.kernels.select import topk_per_image
     from visattn.tokenprune.layout import select_per_image
     from visattn.tokenprune.selection import topk_in_order
 
@@ -118,7 +118,7 @@ def run_select(problem, ceilings) -> dict:
 
 
 def run_recycle(problem, ceilings) -> dict:
-    from visattn.kernels.recycle import recycle_tokens
+    from visattn.tokenprune.kernels.recycle import recycle_tokens
     from visattn.tokenprune.sparsevlm import SparseVLM
 
     name, batch, _, keys = problem
@@ -158,7 +158,7 @@ def run_recycle(problem, ceilings) -> dict:
     return row
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="visattn bench-prune-kernels", description=__doc__)
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     parser.add_argument("--out", default=None)

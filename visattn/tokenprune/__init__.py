@@ -13,8 +13,8 @@ from visattn.tokenprune.api import REGISTRY, apply, available, create, last_repo
 from visattn.tokenprune.methods import (
     VTCCLS,
     DivPrune,
-    FastV,
     FasterVLM,
+    FastV,
     LLMPruner,
     PyramidDrop,
     TokenPruner,
@@ -22,6 +22,7 @@ from visattn.tokenprune.methods import (
     VisionPruner,
     VisionZip,
 )
+from visattn.tokenprune.registry import register_method
 from visattn.tokenprune.report import PruneReport
 from visattn.tokenprune.sparsevlm import SparseVLM
 from visattn.tokenprune.tome import ToMe
@@ -46,5 +47,6 @@ __all__ = [
     "create",
     "last_report",
     "register",
+    "register_method",
     "remove",
 ]

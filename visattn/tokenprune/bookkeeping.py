@@ -40,7 +40,7 @@ def rater_candidates(spans: list, row_tokens: list[int], right: bool, length: in
     """Per row, the LM-input indices of the text tokens after its first image (host lists: the gaps after each
     image up to the next one or the row's end), and the column range [lo, hi) that holds every image."""
     cands = []
-    for row, n in zip(spans, row_tokens):
+    for row, n in zip(spans, row_tokens, strict=False):
         end = n if right else length
         cand: list[int] = []
         for i, (_, e) in enumerate(row):
@@ -56,7 +56,8 @@ def rater_rows(rater_scores, embeds, image, valid, cands, lo, hi, last: list[int
     calls it a rater (unused slots hold the row's last valid token ``last[b]``, which also scores a row without
     raters). No host sync: the candidates are known on the host."""
     width = max(max((len(c) for c in cands), default=0), 1)
-    flat = [p for c, z in zip(cands, last) for p in c + [z] * (width - len(c))] + [len(c) for c in cands] + last
+    padded = [p for c, z in zip(cands, last, strict=True) for p in c + [z] * (width - len(c))]
+    flat = padded + [len(c) for c in cands] + last
     plan = torch.tensor(flat, dtype=torch.long).to(embeds.device, non_blocking=True)
     bsz = len(cands)
     t_idx, counts, last_t = plan[: bsz * width].view(bsz, width), plan[bsz * width : -bsz], plan[-bsz:]

@@ -58,6 +58,6 @@ def check_layer_in_range(value: int, num_layers: int, name: str, allow_negative:
 def check_increasing(values: Sequence[int], name: str) -> list[int]:
     """Validate a strictly increasing list of non-negative ints."""
     out = [check_layer(v, name, 0) for v in values]
-    if not out or any(b <= a for a, b in zip(out, out[1:])):
+    if not out or any(b <= a for a, b in zip(out, out[1:], strict=False)):
         raise ValueError(f"{name}={list(values)!r}: expected a non-empty, strictly increasing list")
     return out

@@ -1,4 +1,6 @@
-"""LLaVA-NeXT (anyres) support of the vision-stage methods.
+"""Adapter for unmodified Hugging Face LLaVA-NeXT (anyres) models: :class:`LlavaNextAdapter`.
+
+LLM- and embedding-stage methods work as on LLaVA-1.5 (:mod:`visattn.tokenprune.hf_base`); the vision-stage ones:
 
 * FasterVLM, VTC-CLS (output = a subset of the patches): the [CLS] scores of every crop are packed exactly like
   the features (HF's own ``pack_image_features`` run on the scores: base crop, unpadded crop grid, newline
@@ -14,7 +16,10 @@ from __future__ import annotations
 import torch
 
 from visattn.tokenprune.budget import resolve_budget
+from visattn.tokenprune.hf_llava import LlavaAdapter
+from visattn.tokenprune.methods import VisionPruner, VisionZip
 from visattn.tokenprune.selection import topk_in_order
+from visattn.tokenprune.state import Spans, VisionPass
 
 
 def packed_kept(pruner, scores: list[torch.Tensor], pack, image_sizes, strategy: str) -> list[torch.Tensor]:
@@ -63,22 +68,22 @@ def _visionzip_pack(adapter, vis, image_features: list, image_sizes, packed: lis
     from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
     pruner, core = adapter.pruner, adapter.core
-    patches = vis.extra.pop("patches")
+    patches, vis.patches = vis.patches, None
     n_patches = patches.shape[1]
     if pruner.output_count(n_patches) >= n_patches:
         return packed
     tokens, dom, _ = pruner.reduce(patches, vis.cls_hidden, vis.captures)
-    vis.extra["projecting"] = True
+    vis.projecting = True
     try:
         tokens = core.multi_modal_projector(tokens.to(patches.dtype))
     finally:
-        vis.extra["projecting"] = False
+        vis.projecting = False
     vcfg = core.config.vision_config
     side = vcfg.image_size // vcfg.patch_size
     counts = [f.shape[0] for f in image_features]
     sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes  # one sync, not per image
     out, slots, kept = [], [], []
-    for i, (t, d) in enumerate(zip(tokens.split(counts), dom.split(counts))):
+    for i, (t, d) in enumerate(zip(tokens.split(counts), dom.split(counts), strict=False)):
         grid = get_anyres_image_grid_shape(sizes[i], core.config.image_grid_pinpoints, vcfg.image_size)
         seq = visionzip_layout(t, d, tuple(int(g) for g in grid), side, core.image_newline)
         if seq.shape[0] > packed[i].shape[0]:
@@ -89,7 +94,7 @@ def _visionzip_pack(adapter, vis, image_features: list, image_sizes, packed: lis
         out.append(full)
         slots.append(torch.arange(seq.shape[0], device=full.device))
         kept.append(d)
-    vis.count, vis.kept, vis.extra["report_kept"] = n_patches, slots, kept
+    vis.count, vis.kept, vis.report_kept = n_patches, slots, kept
     return out
 
 
@@ -100,8 +105,8 @@ def _install_visionzip_hooks(adapter) -> None:
 
     def stash(module, args):
         vis = adapter.vision
-        if vis is not None and vis.captures and not vis.extra.get("projecting"):
-            vis.extra["patches"] = args[0]
+        if vis is not None and vis.captures and not vis.projecting:
+            vis.patches = args[0]
 
     adapter.handles.append(adapter.core.multi_modal_projector.register_forward_pre_hook(stash))
 
@@ -144,14 +149,14 @@ class _Restore:
         self.core.__dict__.pop("pack_image_features", None)
 
 
-def next_keep(image_id: torch.Tensor, spans: list, vis) -> tuple[torch.Tensor, list]:
+def next_keep(image_id: torch.Tensor, spans: Spans, vis: VisionPass) -> tuple[torch.Tensor, list]:
     """LM-input keep mask (text + kept packed tokens) and kept indices per sample / image.
 
     Reported indices: packed positions (FasterVLM, VTC-CLS) or, for VisionZip, the (crops, dominant - 1) patch
     indices of every crop's dominant tokens (row 0 = base crop).
     """
     keep, kept, j = image_id < 0, [], 0
-    report = vis.extra.get("report_kept")
+    report = vis.report_kept
     over = []  # per image: largest kept index minus the span length (checked with one host sync)
     for b, row in enumerate(spans):
         kept_row = []
@@ -166,3 +171,21 @@ def next_keep(image_id: torch.Tensor, spans: list, vis) -> tuple[torch.Tensor, l
     if over and bool(torch.stack(over).max() >= 0):
         raise RuntimeError("tokenprune: LLaVA-NeXT packing does not match the image placeholders")
     return keep, kept
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    """Attach a :class:`~visattn.tokenprune.methods.TokenPruner` to a HF LLaVA-NeXT model with hooks."""
+
+    def _tokens_per_image(self) -> int | None:
+        return None  # anyres: every image has its own number of placeholder tokens
+
+    def _validate_vision(self, pruner: VisionPruner) -> None:
+        if not (hasattr(pruner, "patch_scores") or isinstance(pruner, VisionZip)):
+            raise NotImplementedError(f"{pruner.name} on LLaVA-NeXT (anyres packing) is not supported: its merged "
+                                      "tokens have no place in the packed crop grid")
+
+    def _install_vision_output(self) -> None:
+        install_pack_wrapper(self)
+
+    def _vision_keep(self, image_id: torch.Tensor, spans: Spans, vis: VisionPass) -> tuple[torch.Tensor, list]:
+        return next_keep(image_id, spans, vis)

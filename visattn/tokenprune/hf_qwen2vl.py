@@ -1,5 +1,6 @@
 """Adapter for unmodified Hugging Face Qwen2-VL / Qwen2.5-VL (``Qwen2VLForConditionalGeneration``,
-``Qwen2_5_VLForConditionalGeneration``), forward hooks only, on top of :class:`LlavaAdapter`.
+``Qwen2_5_VLForConditionalGeneration``), forward hooks only, a sibling of the LLaVA adapters on
+:class:`~visattn.tokenprune.hf_base.HFVisionLanguageAdapter`.
 
 Qwen2-VL feeds the LLM 3-D M-RoPE position ids (temporal, height, width) computed by the model from
 ``image_grid_thw`` (``get_rope_index``; 2×2 merged patches per visual token); decode steps continue at
@@ -24,17 +25,14 @@ from __future__ import annotations
 
 import torch
 
-from visattn.tokenprune.hf_llava import LlavaAdapter, _Call
+from visattn.tokenprune.hf_base import HFVisionLanguageAdapter
 from visattn.tokenprune.layout import TokenLayout as _Layout
 from visattn.tokenprune.layout import image_spans, positions_from_valid
 from visattn.tokenprune.methods import FastV, LLMPruner, PyramidDrop, TokenPruner
-
-QWEN_VL_CLASSES = {
-    "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen2VLModel", "Qwen2_5_VLModel",
-}
+from visattn.tokenprune.state import PrefillState
 
 
-class QwenVLAdapter(LlavaAdapter):
+class QwenVLAdapter(HFVisionLanguageAdapter):
     """Attach FastV / PyramidDrop / DivPrune / Uniform to a HF Qwen2-VL or Qwen2.5-VL model."""
 
     def __init__(self, model: torch.nn.Module, pruner: TokenPruner, timing: bool = False):
@@ -45,7 +43,6 @@ class QwenVLAdapter(LlavaAdapter):
             raise NotImplementedError(f"{pruner.name} on Qwen2-VL is not supported (recycled tokens have no M-RoPE "
                                       "position)")
         super().__init__(model, pruner, timing)
-        self.is_next = False
 
     # -------------------------------------------------------------------------------------- positions
     def _reindex(self) -> bool:
@@ -87,6 +84,6 @@ class QwenVLAdapter(LlavaAdapter):
             raise NotImplementedError("tokenprune needs input_ids (not inputs_embeds) to locate image tokens")
         image_mask = input_ids == self.image_token_id
         spans = image_spans(image_mask, None)
-        self.call = _Call(image_mask=image_mask, spans=spans)
-        self.call.image_lengths = [e - s for row in spans for s, e in row]
+        lengths = [e - s for row in spans for s, e in row]
+        self.call = PrefillState(image_mask=image_mask, spans=spans, image_lengths=lengths)
         return None

@@ -105,7 +105,7 @@ def image_spans(image_mask: torch.Tensor, tokens_per_image: int | None = None) -
         starts = (diff == 1).nonzero().flatten().tolist()
         ends = (diff == -1).nonzero().flatten().tolist()
         row_spans = []
-        for s, e in zip(starts, ends):
+        for s, e in zip(starts, ends, strict=False):
             if tokens_per_image and (e - s) % tokens_per_image == 0:
                 row_spans += [(b, b + tokens_per_image) for b in range(s, e, tokens_per_image)]
             else:

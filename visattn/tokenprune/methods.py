@@ -9,11 +9,12 @@ Stages:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from visattn.tokenprune.budget import Budget, check_budget, check_increasing, check_layer, resolve_budget
+from visattn.tokenprune.registry import register_method
 from visattn.tokenprune.selection import contextual_merge, maxmin_diversity, topk_in_order
 
 POSITION_POLICIES = ("reindex", "original")
@@ -86,6 +87,7 @@ def _resolve_vision_layer(layer: int, num_layers: int, name: str) -> int:
     return layer % num_layers
 
 
+@register_method("fastervlm", "faster-vlm")
 class FasterVLM(VisionPruner):
     """[CLS]→patch attention of one vision layer (default ``attentions[-2]``), heads averaged, top-``keep``."""
 
@@ -110,6 +112,7 @@ class FasterVLM(VisionPruner):
         return patches.gather(1, idx[..., None].expand(-1, -1, patches.shape[-1])), idx, {}
 
 
+@register_method("vtc-cls", "vtccls", "vtc_cls")
 class VTCCLS(FasterVLM):
     """VTC-CLS: [CLS]→patch attention, heads averaged, summed over layers ``start_layer .. last-1`` (exclusive)."""
 
@@ -133,6 +136,7 @@ class VTCCLS(FasterVLM):
         return probs.mean(2)[..., 1:].sum(0)
 
 
+@register_method("visionzip", "vision-zip")
 class VisionZip(VisionPruner):
     """VisionZip: ``dominant`` tokens ([CLS] + top [CLS]-attention patches, heads summed) + ``contextual`` tokens
     merged by key similarity, all from vision layer ``layer`` (default -2, as LLaVA's feature layer)."""
@@ -144,6 +148,16 @@ class VisionZip(VisionPruner):
         self.dominant = check_layer(dominant, "dominant", 2)
         self.contextual = check_layer(contextual, "contextual", 1)
         self.layer = _check_index(layer, "layer")
+
+    @classmethod
+    def from_keep(cls, keep: int = 64, **kwargs) -> VisionZip:
+        """``keep`` tokens in total, split as the paper does for 64 / 128 / 192 (``dominant = round(54/64 keep)``)."""
+        if isinstance(keep, float):
+            raise ValueError(f"keep={keep!r}: VisionZip needs a token count (dominant + contextual)")
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 3:
+            raise ValueError(f"keep={keep!r}: VisionZip needs an int >= 3")
+        dominant = max(2, round(keep * 54 / 64))
+        return cls(dominant=dominant, contextual=max(1, keep - dominant), **kwargs)
 
     def capture_layers(self, num_layers: int) -> list[int]:
         return [_resolve_vision_layer(self.layer, num_layers, "layer")]
@@ -182,6 +196,7 @@ class EmbeddingPruner(TokenPruner):
         self.keep = check_budget(keep, "keep")
 
 
+@register_method("divprune", "div-prune")
 class DivPrune(EmbeddingPruner):
     """DivPrune: greedy max–min cosine diversity on the projected visual tokens of each image."""
 
@@ -192,6 +207,7 @@ class DivPrune(EmbeddingPruner):
         return maxmin_diversity(embeddings, resolve_budget(self.keep, embeddings.shape[-2]))
 
 
+@register_method("uniform")
 class Uniform(EmbeddingPruner):
     """Baseline without scores: ``keep`` evenly spaced visual tokens per image (scoring-overhead reference)."""
 
@@ -223,6 +239,7 @@ class LLMPruner(TokenPruner):
         return topk_in_order(scores, self.stage_keep(stage_index, scores.shape[-1], num_original))
 
 
+@register_method("fastv")
 class FastV(LLMPruner):
     """FastV: at layer ``layer`` (K ≥ 1) keep the ``keep`` visual tokens that the last token attends to most in
     layer K-1 (heads averaged); the rest are dropped before layer K. Original positions are kept."""
@@ -238,6 +255,7 @@ class FastV(LLMPruner):
         return [LLMStage(self.layer, self.keep, self.layer - 1)]
 
 
+@register_method("pdrop", "pyramiddrop", "pyramid-drop")
 class PyramidDrop(LLMPruner):
     """PyramidDrop: after each layer in ``layers`` keep ``ratios[i]`` of the image's original visual tokens,
     ranked by the last instruction token's attention computed with that layer's own q/k; positions re-indexed."""
@@ -256,22 +274,13 @@ class PyramidDrop(LLMPruner):
         ratios = [check_budget(float(r), "ratios") for r in ratios]
         if len(ratios) != len(self.layers):
             raise ValueError(f"ratios={ratios!r}: expected {len(self.layers)} values (one per layer)")
-        if any(b > a for a, b in zip(ratios, ratios[1:])):
+        if any(b > a for a, b in zip(ratios, ratios[1:], strict=False)):
             raise ValueError(f"ratios={ratios!r}: ratios must not increase")
         self.ratios = ratios
         self.positions = _check_positions(positions)
 
     def stages(self) -> list[LLMStage]:
-        return [LLMStage(layer, ratio, layer) for layer, ratio in zip(self.layers, self.ratios)]
+        return [LLMStage(layer, ratio, layer) for layer, ratio in zip(self.layers, self.ratios, strict=False)]
 
     def stage_keep(self, stage_index: int, n_current: int, num_original: int) -> int:
         return min(max(1, int(self.ratios[stage_index] * num_original)), n_current)  # PDrop truncates: int(N * r)
-
-
-@dataclass
-class MethodInfo:
-    """Registry entry."""
-
-    cls: type
-    description: str
-    aliases: tuple[str, ...] = field(default_factory=tuple)

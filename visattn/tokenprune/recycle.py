@@ -6,6 +6,7 @@ from contextlib import nullcontext
 
 import torch
 
+from visattn.tokenprune import kernels
 from visattn.tokenprune.layout import TokenLayout, compact
 
 
@@ -46,9 +47,7 @@ def append_recycled(pruner, row_of: list[int], lay: TokenLayout, hidden: torch.T
     src_t, ext_img_t, ext_slot_t, ext_src_t = plan.split([len(src_plan)] + [n_slots] * 3)
     with timed():
         if use_kernel:
-            from visattn.kernels.recycle import recycle_tokens
-
-            out = recycle_tokens(hidden, scores, lay.image, lay.valid, keep, row_of,
+            out = kernels.recycle_tokens(hidden, scores, lay.image, lay.valid, keep, row_of,
                                  [pruner.recycle_pick(m) if m else 0 for m in removed], made)
         else:
             out = _recycle_eager(pruner, lay, hidden, keep, scores, groups, src_t, n_img)
@@ -71,13 +70,10 @@ def append_recycled(pruner, row_of: list[int], lay: TokenLayout, hidden: torch.T
 
 
 def _recycle_kernel_runs(pruner, hidden: torch.Tensor, removed: list[int]) -> bool:
-    from visattn.kernels import recycle as kernel
-    from visattn.tokenprune import scoring
-
     if not hasattr(pruner, "recycle_pick"):
         return False
-    return scoring.llm_kernel_runs("recycling",
-                                   lambda: kernel.why_not(hidden, [pruner.recycle_pick(m) for m in removed if m]))
+    return kernels.runs("tokenprune.recycle",
+                        lambda: kernels.recycle_why_not(hidden, [pruner.recycle_pick(m) for m in removed if m]))
 
 
 def _eager_groups(removed: list[int], made: list[int]) -> tuple[dict, list[int], list[int]]:

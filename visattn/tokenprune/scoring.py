@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from visattn.tokenprune import kernels
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -97,22 +99,6 @@ def _eager_rows(q, k, cos, sin, rows, key_valid, scale) -> torch.Tensor:
     return row_softmax(q, k, allowed, scale)
 
 
-#: Backend of the LLM-stage scoring and per-image top-k (FastV, PyramidDrop, SparseVLM): "auto" (the fused
-#: Triton kernels on CUDA when they can run, else eager ops), "eager", or "triton" (raise if they cannot run).
-LLM_KERNELS = "auto"
-
-
-def llm_kernel_runs(name: str, why_not) -> bool:
-    """Whether the LLM-stage kernel ``name`` runs, per :data:`LLM_KERNELS`; ``why_not()`` gives its reason not to
-    (None: it can). Under "triton" a reason is a ValueError naming the kernel."""
-    if LLM_KERNELS == "eager":
-        return False
-    why = why_not()
-    if why is not None and LLM_KERNELS == "triton":
-        raise ValueError(f"LLM_KERNELS='triton': the {name} kernel cannot run: {why}")
-    return why is None
-
-
 def decoder_row_scores(
     layer: torch.nn.Module,
     hidden: torch.Tensor,
@@ -124,13 +110,12 @@ def decoder_row_scores(
 ) -> torch.Tensor:
     """How much the ``row_ok`` query ``rows`` (B, R) of decoder ``layer`` attend to each key: the attention
     probabilities averaged over heads and over those rows, (B, S) float32 (same masking as
-    :func:`decoder_attention_rows`). On CUDA one fused Triton launch (``visattn.kernels.rowscore``) does the RoPE,
-    logits, softmax and averaging; elsewhere the eager ops run."""
-    from visattn.kernels import rowscore
-
+    :func:`decoder_attention_rows`). Where the ``tokenprune.rowscore`` kernel can run (CUDA, triton importable; see
+    ``visattn.backends``, family "tokenprune") one fused Triton launch does the RoPE, logits, softmax and averaging;
+    elsewhere, or under the "reference" backend, the eager ops run."""
     q, k, scale = _decoder_qk(layer, hidden, rows)
-    if llm_kernel_runs("row-score", lambda: rowscore.why_not(q, k, cos)):
-        return rowscore.row_scores(q, k, cos, sin, rows, row_ok, key_valid, scale)
+    if kernels.runs("tokenprune.rowscore", lambda: kernels.rowscore_why_not(q, k, cos)):
+        return kernels.row_scores(q, k, cos, sin, rows, row_ok, key_valid, scale)
     probs = _eager_rows(q, k, cos, sin, rows, key_valid, scale).mean(1)
     w = row_ok.to(probs.dtype)[..., None]
     return (probs * w).sum(1) / w.sum(1).clamp(min=1)
@@ -285,13 +270,13 @@ def clip_cls_attention_layers(
     w = _cls_weights(layers, dtype, hiddens[0].device, cache)
     if w is None or len({h.device for h in hiddens}) > 1:  # not batchable: per-layer scores
         single = clip_cls_attention if hasattr(layers[0], "layer_norm1") else open_clip_cls_attention
-        return torch.stack([single(layer, h)[0] for layer, h in zip(layers, hiddens)])
+        return torch.stack([single(layer, h)[0] for layer, h in zip(layers, hiddens, strict=False)])
     x = torch.stack(hiddens).to(dtype)  # (L, B, S, C)
     n_layers, bsz, _, c = x.shape
     if len(set(w.eps)) == 1:
         x = F.layer_norm(x, (c,), eps=w.eps[0])
     else:
-        x = torch.stack([F.layer_norm(xi, (c,), eps=e) for xi, e in zip(x, w.eps)])
+        x = torch.stack([F.layer_norm(xi, (c,), eps=e) for xi, e in zip(x, w.eps, strict=False)])
     q = torch.baddbmm(w.bq, w.wq, x[:, :, 0].transpose(1, 2))  # (L, H*D, B), scale folded in
     u = torch.bmm(w.wk_t, q.view(n_layers * w.heads, -1, bsz))  # (L*H, C, B)
     u = u.view(n_layers, w.heads, c, bsz).permute(0, 3, 1, 2)  # (L, B, H, C)
@@ -304,4 +289,4 @@ def cls_attention_captures(layers: Sequence[torch.nn.Module], hiddens: dict, cac
     call (:func:`clip_cls_attention_layers`)."""
     idx = list(hiddens)
     probs = clip_cls_attention_layers([layers[i] for i in idx], [hiddens[i] for i in idx], cache)
-    return dict(zip(idx, ((p, None) for p in probs.unbind(0))))
+    return dict(zip(idx, ((p, None) for p in probs.unbind(0)), strict=False))

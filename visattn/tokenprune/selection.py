@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from visattn.tokenprune import kernels
+
 
 def topk_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest ``scores`` along the last dim, sorted ascending."""
@@ -30,10 +32,8 @@ def maxmin_diversity(features: torch.Tensor, k: int) -> torch.Tensor:
     rows = torch.arange(g, device=f.device)
     nearest = dist.topk(2, dim=1, largest=False).values[:, 1]
     first = nearest.argmax(-1)
-    if f.is_cuda and n <= 16384:
-        from visattn.kernels.maxmin import maxmin_picks  # one launch instead of ~4 per pick
-
-        picked = maxmin_picks(dist, first, k)
+    if kernels.runs("tokenprune.maxmin", lambda: kernels.maxmin_why_not(dist)):
+        picked = kernels.maxmin_picks(dist, first, k)  # one launch instead of ~4 per pick
     else:
         picked = torch.empty(g, k, dtype=torch.long, device=f.device)
         picked[:, 0] = first

@@ -20,6 +20,7 @@ import torch
 
 from visattn.tokenprune.budget import Budget, check_budget, check_increasing, resolve_budget
 from visattn.tokenprune.methods import LLMPruner, LLMStage
+from visattn.tokenprune.registry import register_method
 
 #: official v1.5 schedule: pruning layers and visual tokens kept (of 576) for 192 / 128 / 64 retained tokens
 OFFICIAL_LAYERS = (2, 6, 15)
@@ -53,6 +54,7 @@ def dpc_knn_merge(x: torch.Tensor, clusters: int) -> torch.Tensor:
     return out[0] if single else out
 
 
+@register_method("sparsevlm", "sparse-vlm")
 class SparseVLM(LLMPruner):
     """SparseVLM v1.5: text-rater attention at ``layers`` (official 2, 6, 15), per-layer ``counts``, recycling.
 
@@ -115,7 +117,7 @@ class SparseVLM(LLMPruner):
 
     def stages(self) -> list[LLMStage]:
         layers = self.resolved_layers()
-        return [LLMStage(layer + 1, count, layer) for layer, count in zip(layers, self.counts)]
+        return [LLMStage(layer + 1, count, layer) for layer, count in zip(layers, self.counts, strict=False)]
 
     # ------------------------------------------------------------------------------------------ scoring
     @staticmethod
@@ -158,12 +160,3 @@ class SparseVLM(LLMPruner):
         top = scores.topk(self.recycle_pick(m), dim=-1).indices
         picked = hidden.gather(-2, top[..., None].expand(*top.shape, hidden.shape[-1]))
         return dpc_knn_merge(picked, self.recycled_count(m))
-
-
-def _register() -> None:
-    from visattn.tokenprune.api import register
-
-    register("sparsevlm", SparseVLM, "sparse-vlm")
-
-
-_register()

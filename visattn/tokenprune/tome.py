@@ -1,5 +1,6 @@
 """ToMe (Token Merging, Bolya et al. 2023) inside vision towers: HF ``CLIPVisionModel`` and open_clip
-``VisionTransformer``, standalone or as the vision tower of a HF ``LlavaForConditionalGeneration``.
+``VisionTransformer``, standalone or as the vision tower of a HF ``LlavaForConditionalGeneration``
+(:class:`visattn.tokenprune.hf_llava.ToMeLlavaAdapter`).
 
 In every patched encoder layer, after the attention residual and before the MLP:
 
@@ -24,10 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from visattn.tokenprune.methods import TokenPruner
+from visattn.tokenprune.registry import register_method
 from visattn.tokenprune.report import PruneReport
 
 
 # ------------------------------------------------------------------------------------------------ the method
+@register_method("tome", "token-merging")
 class ToMe(TokenPruner):
     """Merge ``r`` tokens per vision-tower layer.
 
@@ -328,57 +331,3 @@ def _locate(model: torch.nn.Module) -> tuple[str, torch.nn.Module, torch.nn.Modu
         return "hf", vm.encoder, layers
     raise ValueError(f"model={type(model).__name__}: ToMe supports HF CLIPVisionModel, open_clip VisionTransformer / "
                      "CLIP, and LlavaForConditionalGeneration with a CLIP tower")
-
-
-# -------------------------------------------------------------------------------------------- LLaVA + ToMe
-def llava_adapter(model: torch.nn.Module, pruner: ToMe, timing: bool = False):
-    """ToMe in the CLIP tower of a HF ``LlavaForConditionalGeneration``: the projector's merged tokens fill the
-    first slots of each image's placeholder span; the unused slots are removed before the language model."""
-    from visattn.tokenprune.hf_llava import LlavaAdapter
-
-    class ToMeLlavaAdapter(LlavaAdapter):
-        def _validate(self) -> None:
-            if self.is_next:
-                raise ValueError(f"model={type(self.model).__name__}: ToMe on LLaVA-NeXT is not supported")
-            cfg = self.model.config
-            if cfg.vision_feature_select_strategy != "default" or not isinstance(cfg.vision_feature_layer, int):
-                raise ValueError("model: ToMe needs vision_feature_select_strategy='default' and one feature layer")
-            n_vis = len(self._vision_layers())
-            hs_index = cfg.vision_feature_layer % (n_vis + 1)
-            if hs_index == 0:
-                raise ValueError("model: vision_feature_layer selects the embeddings; nothing is merged")
-            self.feature_layer = hs_index - 1
-            self.tome = ToMeAdapter(self.core.vision_tower, self.pruner)
-
-        def _install(self) -> None:
-            super()._install()
-            self.handles.append(self.core.vision_tower.register_forward_pre_hook(self._vision_start))
-            proj = self.core.multi_modal_projector
-            self.handles.append(proj.register_forward_pre_hook(self._tome_proj_pre))
-            self.handles.append(proj.register_forward_hook(self._proj_post))
-
-        def _tome_proj_pre(self, module, args):
-            vis = self.vision
-            rep = self.tome.last_report
-            if vis is None or rep is None:
-                return None
-            cfg = self.core.vision_tower.config
-            vis.count = (cfg.image_size // cfg.patch_size) ** 2
-            origin = rep.extra["origins"][self.feature_layer]
-            vis.kept = list(origin[:, 1:] - 1)
-            return None
-
-        def remove(self) -> None:
-            super().remove()
-            self.tome.remove()
-
-    return ToMeLlavaAdapter(model, pruner, timing=timing)
-
-
-def _register() -> None:
-    from visattn.tokenprune.api import register
-
-    register("tome", ToMe, "token-merging")
-
-
-_register()

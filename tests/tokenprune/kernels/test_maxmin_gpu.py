@@ -8,7 +8,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.parametrize("groups,tokens,picks", [(8, 576, 64), (1, 2880, 320), (4, 576, 192), (2, 17, 17)])
 def test_kernel_equals_loop(groups, tokens, picks):
-    from visattn.kernels.maxmin import maxmin_picks
+    from visattn.tokenprune.kernels.maxmin import maxmin_picks
 
     f = torch.randn(groups, tokens, 64, device="cuda")
     f = f / f.norm(dim=-1, keepdim=True)

@@ -63,9 +63,9 @@ def _random(n):
     for _ in range(n):
         pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=g))]  # noqa: E731
         kv = pick([1, 2, 4])
-        out.append((pick([1, 2, 5]), pick([1, 2, 9, 33, 128]), kv * pick([1, 2, 3]), kv, pick([16, 32, 64, 80, 96, 128]),
-                    int(torch.randint(2, 1500, (1,), generator=g)), pick([torch.float16, torch.bfloat16, torch.float32]),
-                    pick([True, False]), pick([True, False])))
+        out.append((pick([1, 2, 5]), pick([1, 2, 9, 33, 128]), kv * pick([1, 2, 3]), kv,
+                    pick([16, 32, 64, 80, 96, 128]), int(torch.randint(2, 1500, (1,), generator=g)),
+                    pick([torch.float16, torch.bfloat16, torch.float32]), pick([True, False]), pick([True, False])))
     return out
 
 
@@ -74,7 +74,8 @@ TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 @pytest.mark.parametrize("case", FIXED + _random(30), ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
 def test_kernel_matches_float64(case):
-    from visattn.kernels.rowscore import row_scores, why_not
+    from visattn.tokenprune.kernels import rowscore_why_not as why_not
+    from visattn.tokenprune.kernels.rowscore import row_scores
 
     args = _problem(sum(map(ord, str(case))), *case)
     assert why_not(args[0], args[1], args[2]) is None
@@ -89,6 +90,7 @@ def test_kernel_matches_float64(case):
 def test_llama_layer_scores_match_eager(dtype):
     """Through a real (random) HF Llama decoder layer and its rotary embedding: Triton == eager ops."""
     transformers = pytest.importorskip("transformers")
+    from visattn import backends
     from visattn.tokenprune import scoring
 
     cfg = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=1,
@@ -102,13 +104,9 @@ def test_llama_layer_scores_match_eager(dtype):
     rows = torch.tensor([[299, 250], [299, 100], [299, 299]], device="cuda")
     row_ok = torch.tensor([[True, True], [True, False], [True, True]], device="cuda")
     got = {}
-    for backend in ("triton", "eager"):
-        scoring.LLM_KERNELS = backend
-        try:
-            with torch.no_grad():
-                got[backend] = scoring.decoder_row_scores(model.layers[0], hidden, rows, row_ok, cos, sin, valid)
-        finally:
-            scoring.LLM_KERNELS = "auto"
-    err = float((got["triton"] - got["eager"]).abs().max() / got["eager"].abs().max())
+    for backend in ("triton", "reference"):
+        with backends.use_backend(backend, family="tokenprune"), torch.no_grad():
+            got[backend] = scoring.decoder_row_scores(model.layers[0], hidden, rows, row_ok, cos, sin, valid)
+    err = float((got["triton"] - got["reference"]).abs().max() / got["reference"].abs().max())
     assert err < (5e-3 if dtype == torch.float16 else 3e-2), err
     assert (got["triton"][1, :20] == 0).all()

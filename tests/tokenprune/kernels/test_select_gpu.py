@@ -32,7 +32,7 @@ CASES = [  # images per row, tokens per image, text before / after, k per image 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 def test_topk_per_image_matches_stable_sort(case):
-    from visattn.kernels.select import topk_per_image
+    from visattn.tokenprune.kernels.select import topk_per_image
 
     per_row, n_tok, before, after, k, ties = case
     g = torch.Generator(device="cuda").manual_seed(sum(per_row) * n_tok + k)

@@ -35,7 +35,7 @@ CASES = [  # batch, images per row, tokens per image, kept per image, width, dty
 
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 def test_recycle_kernel_matches_float64_oracle(case):
-    from visattn.kernels.recycle import recycle_tokens
+    from visattn.tokenprune.kernels.recycle import recycle_tokens
     from visattn.tokenprune.sparsevlm import SparseVLM
 
     bsz, per_row, n_tok, n_keep, width, dtype = case

@@ -1,0 +1,60 @@
+"""Which adapter attaches a pruner to a model: a table keyed by the HF ``config.model_type`` (as Liger keys its
+integrations), plus open_clip towers, which have no config. Adapter modules are imported on first use."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from visattn.tokenprune.methods import TokenPruner
+from visattn.tokenprune.tome import ToMe, ToMeAdapter
+
+AdapterFactory = Callable[[torch.nn.Module, TokenPruner, bool], object]
+
+
+def _llava(model: torch.nn.Module, pruner: TokenPruner, timing: bool):
+    from visattn.tokenprune.hf_llava import LlavaAdapter, ToMeLlavaAdapter
+
+    return (ToMeLlavaAdapter if isinstance(pruner, ToMe) else LlavaAdapter)(model, pruner, timing=timing)
+
+
+def _llava_next(model: torch.nn.Module, pruner: TokenPruner, timing: bool):
+    from visattn.tokenprune.hf_llava_next import LlavaNextAdapter
+
+    if isinstance(pruner, ToMe):
+        raise ValueError(f"model={type(model).__name__}: ToMe on LLaVA-NeXT is not supported")
+    return LlavaNextAdapter(model, pruner, timing=timing)
+
+
+def _qwen_vl(model: torch.nn.Module, pruner: TokenPruner, timing: bool):
+    from visattn.tokenprune.hf_qwen2vl import QwenVLAdapter
+
+    if isinstance(pruner, ToMe):
+        raise NotImplementedError("ToMe on Qwen2-VL is not supported (no CLIP-style vision tower)")
+    return QwenVLAdapter(model, pruner, timing=timing)
+
+
+#: HF ``config.model_type`` -> adapter factory ``(model, pruner, timing) -> adapter``
+HF_ADAPTERS: dict[str, AdapterFactory] = {
+    "llava": _llava,
+    "llava_next": _llava_next,
+    "qwen2_vl": _qwen_vl,
+    "qwen2_5_vl": _qwen_vl,
+}
+
+
+def adapter_for(model: torch.nn.Module, pruner: TokenPruner, timing: bool):
+    """Build the adapter that attaches ``pruner`` to ``model`` (NotImplementedError naming the model otherwise)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in HF_ADAPTERS:
+        return HF_ADAPTERS[model_type](model, pruner, timing)
+    if isinstance(pruner, ToMe):  # HF CLIPVisionModel, open_clip VisionTransformer / CLIP (ValueError otherwise)
+        return ToMeAdapter(model, pruner)
+    if type(model).__module__.startswith("open_clip"):
+        from visattn.tokenprune.open_clip_tower import OpenClipTowerAdapter
+
+        return OpenClipTowerAdapter(model, pruner, timing=timing)
+    raise NotImplementedError(f"no tokenprune adapter for {type(model).__name__} (model_type={model_type!r}; "
+                              f"supported: {', '.join(sorted(HF_ADAPTERS))}, open_clip towers; ToMe also on "
+                              "CLIP vision towers)")
