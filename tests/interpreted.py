@@ -10,9 +10,19 @@ import os
 import subprocess
 import sys
 
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+
+
+def child_env(**extra: str) -> dict:
+    """The environment of a child process: the repository's visattn and the shared test helpers importable
+    (visattn need not be installed), plus ``extra``."""
+    paths = [REPO, TESTS, os.path.join(TESTS, "tokenprune"), os.environ.get("PYTHONPATH", "")]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p), **extra)
+
 
 def run_interpreted(path: str, timeout: float) -> object:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, path], env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, path], env=child_env(TRITON_INTERPRET="1"), capture_output=True,
+                          text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

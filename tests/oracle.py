@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -107,17 +107,18 @@ def na_rpb_bias(shape, kernel, dilation, rpb: torch.Tensor) -> torch.Tensor:
                 ks.append(b)
                 idx.append(offs)
     if qs:
-        gathered = rpb[(slice(None),) + tuple(torch.tensor(col) for col in zip(*idx))]  # [heads, P]
+        gathered = rpb[(slice(None),) + tuple(torch.tensor(col) for col in zip(*idx, strict=False))]  # [heads, P]
         bias[:, torch.tensor(qs), torch.tensor(ks)] = gathered
     return bias
 
 
-def dense_attention(q, k, v, mask=None, bias=None, scale=None, extra_k=None, extra_v=None):
+def dense_attention(q, k, v, mask=None, bias=None, scale=None, extra_k=None, extra_v=None, return_lse=False):
     """Dense masked attention in float64.
 
     q: [B, N, H, D], k: [B, M, H, D], v: [B, M, H, Dv]; mask: bool [N, M] or [B, N, M] (or [B, H, N, M]);
     bias: [H, N, M] or [B, H, N, M]; extra_k/extra_v: [B, E, H, D] extra unmasked, unbiased keys.
-    Returns [B, N, H, Dv] float64.
+    Returns [B, N, H, Dv] float64; with ``return_lse`` also the natural-log log-sum-exp of every query's logits
+    (masked keys excluded, extra keys included), [B, N, H].
     """
     q, k, v = (t.to(torch.float64) for t in (q, k, v))
     if scale is None:
@@ -137,7 +138,10 @@ def dense_attention(q, k, v, mask=None, bias=None, scale=None, extra_k=None, ext
         logits = torch.cat([logits, torch.einsum("bnhd,behd->bhne", q, ek) * scale], dim=-1)
         values = torch.cat([v, ev], dim=1)
     probs = torch.softmax(logits, dim=-1)
-    return torch.einsum("bhnm,bmhd->bnhd", probs, values)
+    out = torch.einsum("bhnm,bmhd->bnhd", probs, values)
+    if return_lse:
+        return out, torch.logsumexp(logits, dim=-1).transpose(1, 2)
+    return out
 
 
 def _flatten_spatial(t, n_spatial):
@@ -145,18 +149,23 @@ def _flatten_spatial(t, n_spatial):
     return t.reshape(B, -1, *t.shape[1 + n_spatial:])
 
 
-def na_oracle(q, k, v, kernel_size, dilation=1, stride=1, is_causal=False, rpb=None, scale=None,
-              additional_keys=None, additional_values=None):
-    """Neighborhood attention, dense float64. Same signature as visattn.na{1,2,3}d (no backend)."""
+def na_oracle(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, additional_keys=None,
+              additional_values=None, *, rpb=None, return_lse=False):
+    """Neighborhood attention, dense float64, with NATTEN 0.21's argument order (stride before dilation) plus the
+    keyword-only ``rpb``. With ``return_lse`` returns ``(out, lse)``, lse ``[B, *spatial, heads]``."""
     n = q.dim() - 3
     shape = tuple(q.shape[1:1 + n])
     mask = na_mask(shape, kernel_size, dilation, stride, is_causal)
     bias = na_rpb_bias(shape, kernel_size, dilation, rpb.to(torch.float64)) if rpb is not None else None
-    out = dense_attention(
+    result = dense_attention(
         _flatten_spatial(q, n), _flatten_spatial(k, n), _flatten_spatial(v, n), mask=mask, bias=bias,
-        scale=scale, extra_k=additional_keys, extra_v=additional_values,
+        scale=scale, extra_k=additional_keys, extra_v=additional_values, return_lse=return_lse,
     )
-    return out.reshape(q.shape[0], *shape, *out.shape[2:])
+    out, lse = result if return_lse else (result, None)
+    out = out.reshape(q.shape[0], *shape, *out.shape[2:])
+    if return_lse:
+        return out, lse.reshape(q.shape[0], *shape, lse.shape[-1])
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -314,7 +323,7 @@ def assert_fwd_bwd_match(run_impl, run_oracle, leaves, *, gen, atol=1e-10, rtol=
     cot = torch.randn(out.shape, generator=gen, dtype=torch.float64)
     got = torch.autograd.grad(out, leaves, cot.to(out.dtype), allow_unused=True)
     want = torch.autograd.grad(expected, leaves, cot, allow_unused=True)
-    for idx, (g, w) in enumerate(zip(got, want)):
+    for idx, (g, w) in enumerate(zip(got, want, strict=False)):
         assert w is not None, f"{what}: oracle gives no gradient for leaf {idx}"
         assert g is not None, f"{what}: implementation gives no gradient for leaf {idx}"
         torch.testing.assert_close(g.to(torch.float64), w, atol=atol, rtol=rtol,

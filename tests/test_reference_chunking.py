@@ -28,7 +28,7 @@ def test_chunked_equals_unchunked_forward_and_grads(monkeypatch):
     grads_chunked = torch.autograd.grad(chunked.square().sum(), inputs2)
 
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-12)
-    for a, b in zip(grads_chunked, grads_whole):
+    for a, b in zip(grads_chunked, grads_whole, strict=False):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 

@@ -1,7 +1,8 @@
 """visattn: fast attention for vision and multimodal models.
 
-Heads-last functional API (``[B, *spatial, heads, head_dim]``), exact reference semantics (docs/SEMANTICS.md)
-and Triton kernels behind one dispatcher.
+Heads-last functional API (``[B, *spatial, heads, head_dim]``): ``na1d``/``na2d``/``na3d`` with NATTEN 0.21's
+signatures, ``window_attention``, ``agent_attention`` and ``bilevel_routing_attention``; exact reference semantics
+(docs/SEMANTICS.md) and Triton kernels behind one dispatcher. Importing visattn registers its timm models.
 """
 
 from visattn.functional import (
@@ -10,6 +11,7 @@ from visattn.functional import (
     na1d,
     na2d,
     na3d,
+    which_backend,
     window_attention,
 )
 
@@ -21,6 +23,7 @@ __all__ = [
     "na1d",
     "na2d",
     "na3d",
+    "which_backend",
     "window_attention",
     "__version__",
 ]

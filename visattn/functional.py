@@ -1,55 +1,144 @@
-"""Public functional API: argument normalisation, validation and backend choice.
+"""Public functional API: argument checks, normalisation and backend choice for every attention op.
 
-This is the only public entry to the kernels. Every check happens here, before any compute, and every error names
-the offending argument and its value. Semantics: docs/SEMANTICS.md.
+This module is the only public entry to the kernels and the one home of argument checks (``visattn.nn`` calls the
+same checkers at construction). Every check runs before any compute and every error names the offending argument
+and its value. Semantics: docs/SEMANTICS.md; NATTEN migration: docs/NATTEN.md.
+
+``na1d`` / ``na2d`` / ``na3d`` have NATTEN 0.21's signatures (names and positional order), so NATTEN code runs with
+the import swapped; visattn's own additions (``rpb``) are keyword-only. The other ops follow the same conventions
+(heads-last tensors named ``query``/``key``/``value``, ``scale=None``, ``backend=None`` meaning automatic choice).
+
+Dispatch is compile-safe: no Python state is written on the call path, so ``torch.compile(fullgraph=True)`` traces a
+public op without graph breaks. ``which_backend`` answers which backend a call would use without running it.
 """
 
 from __future__ import annotations
 
-import logging
+import inspect
 import math
 import numbers
-from contextvars import ContextVar
-from typing import Optional, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from visattn import reference
+from visattn import backends, dense_schedule, reference
 
-logger = logging.getLogger("visattn")
+try:  # imported once here: a compiled graph must never trace a first-time import
+    from visattn import kernels as _kernels
 
-IntOrTuple = Union[int, Sequence[int]]
-BoolOrTuple = Union[bool, Sequence[bool]]
+    _KERNELS_ERROR: str | None = None
+except Exception as _err:  # a broken install: every op still runs its reference path
+    _kernels = None
+    _KERNELS_ERROR = f"visattn.kernels could not be imported ({type(_err).__name__}: {_err})"
 
-BACKENDS = ("auto", "reference", "triton", "sdpa")
+IntOrTuple = int | Sequence[int]
+BoolOrTuple = bool | Sequence[bool]
+
+FAMILY = "attention"
+BACKENDS = ("auto", "reference", "triton")  # every op; agent_attention also takes "sdpa"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_LAST_BACKEND: ContextVar[Optional[str]] = ContextVar("visattn_last_backend", default=None)
+# NATTEN's attention() performance arguments, the keys ``attention_kwargs`` may hold (all ignored here).
+_NATTEN_ATTENTION_KWARGS = frozenset({
+    "backend", "q_tile_size", "kv_tile_size", "backward_q_tile_size", "backward_kv_tile_size", "backward_kv_splits",
+    "backward_use_pt_reduction", "run_persistent_kernel", "kernel_schedule", "torch_compile",
+})
+_NATTEN_BACKENDS = ("cutlass-fna", "hopper-fna", "blackwell-fna", "flex-fna")
 
 
-def last_backend() -> Optional[str]:
-    """The backend the most recent op call in this context ran on (diagnostics: smoke tables, tests)."""
-    return _LAST_BACKEND.get()
+# ================================================================================================ argument checks
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-# ----------------------------------------------------------------------------------------------- normalisation
-def _as_tuple(value, rank: int, name: str, kind=int) -> tuple:
-    """An int (or bool) broadcast to ``rank`` entries, or a tuple/list of exactly ``rank`` of them."""
+def int_tuple(value, rank: int, name: str, minimum: int = 1, default: int | None = None) -> tuple[int, ...]:
+    """``value`` (an int, or a tuple/list of ``rank`` ints) as a ``rank``-tuple of ints ``>= minimum``.
+
+    ``None`` means ``default`` when one is given (NATTEN accepts ``stride=None`` / ``dilation=None``). A bool or a
+    float is a ``TypeError``; a wrong length or a value below ``minimum`` is a ``ValueError``.
+    """
+    if value is None and default is not None:
+        value = default
     items = tuple(value) if isinstance(value, (tuple, list)) else (value,) * rank
     if len(items) != rank:
-        raise ValueError(f"{name} must be a single value or a tuple of {rank} values, got {value!r}")
-    for item in items:
-        ok = isinstance(item, (bool, numbers.Integral)) if kind is bool else (
-            isinstance(item, numbers.Integral) and not isinstance(item, bool)
-        )
-        if not ok:
-            raise TypeError(f"{name} must contain {kind.__name__}s, got {value!r}")
-    return tuple(kind(item) for item in items)
+        raise ValueError(f"{name} must be an int or a tuple of {rank} ints, got {value!r}")
+    if not all(_is_int(item) for item in items):
+        raise TypeError(f"{name} must be an int or a tuple of {rank} ints, got {value!r}")
+    if any(item < minimum for item in items):
+        raise ValueError(f"{name} must be >= {minimum} in every dimension, got {value!r}")
+    return tuple(int(item) for item in items)
 
 
-def _positive(values: tuple, name: str) -> None:
-    if any(x < 1 for x in values):
-        raise ValueError(f"{name} must be positive, got {values}")
+def bool_tuple(value, rank: int, name: str) -> tuple[bool, ...]:
+    """A bool, or a tuple/list of ``rank`` bools, as a ``rank``-tuple; ``None`` means False (as in NATTEN)."""
+    if value is None:
+        value = False
+    items = tuple(value) if isinstance(value, (tuple, list)) else (value,) * rank
+    if len(items) != rank:
+        raise ValueError(f"{name} must be a bool or a tuple of {rank} bools, got {value!r}")
+    if not all(isinstance(item, bool) for item in items):
+        raise TypeError(f"{name} must be a bool or a tuple of {rank} bools, got {value!r}")
+    return items
+
+
+def positive_int(value, name: str) -> int:
+    """A positive int (bools and floats are ``TypeError``, ``< 1`` is ``ValueError``)."""
+    if not _is_int(value):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def non_negative_int(value, name: str) -> int:
+    if not _is_int(value):
+        raise TypeError(f"{name} must be a non-negative int, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
+def check_flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def check_scale(scale, head_dim: int, name: str = "scale") -> float:
+    """The softmax scale: ``head_dim ** -0.5`` for None, else a finite number > 0 (0, negatives, nan, inf refused:
+    NATTEN's ``scale or default`` would silently turn 0 into the default)."""
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{name} must be a finite positive number or None, got {scale!r}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{name} must be a finite positive number or None, got {scale!r}")
+    return float(scale)
+
+
+def dropout_rate(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1), got {value!r}")
+    if not 0 <= value < 1:
+        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+    return float(value)
+
+
+def heads_divide(dim: int, num_heads: int, dim_name: str = "embed_dim") -> int:
+    """Validated ``dim // num_heads``."""
+    positive_int(dim, dim_name)
+    positive_int(num_heads, "num_heads")
+    if dim % num_heads:
+        raise ValueError(f"num_heads={num_heads} must divide {dim_name}={dim}")
+    return dim // num_heads
+
+
+def check_backend(backend, op: str = "", allow_sdpa: bool = False) -> str:
+    """A per-call backend name; None means "auto". NATTEN's backend names get a message saying what to pass."""
+    if isinstance(backend, str) and backend in _NATTEN_BACKENDS:
+        raise ValueError(f"backend={backend!r} is a NATTEN backend name; visattn's are None/'auto' (the fused Triton "
+                         f"kernel where it can run, else the exact reference), 'reference' and 'triton'")
+    return backends.check_backend_name(backend, extra=("sdpa",) if allow_sdpa else ())
 
 
 def _check_tensor(t, name: str) -> None:
@@ -59,285 +148,537 @@ def _check_tensor(t, name: str) -> None:
         raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
 
 
-def _check_like(t: Tensor, ref: Tensor, name: str, ref_name: str = "q") -> None:
+def _check_like(t: Tensor, ref: Tensor, name: str, ref_name: str = "query") -> None:
     if t.dtype != ref.dtype:
         raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
-def _check_qkv(q, k, v, ranks: Sequence[int], op: str) -> int:
-    """Common q/k/v checks; returns the spatial rank."""
-    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+def _check_qkv(query, key, value, ranks: Sequence[int], op: str) -> int:
+    """Common query/key/value checks; returns the spatial rank."""
+    for t, name in ((query, "query"), (key, "key"), (value, "value")):
         _check_tensor(t, name)
-    rank = q.dim() - 3
+    rank = query.dim() - 3
     if rank not in ranks:
         want = " or ".join(str(r + 3) for r in ranks)
-        raise ValueError(f"{op}: q must have {want} dims [B, *spatial, heads, head_dim], got shape {tuple(q.shape)}")
-    for t, name in ((k, "k"), (v, "v")):
-        _check_like(t, q, name)
-    if k.shape != q.shape:
-        raise ValueError(f"{op}: k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape[:-1] != q.shape[:-1]:
-        raise ValueError(f"{op}: v must match q in all but head_dim: q {tuple(q.shape)}, v {tuple(v.shape)}")
-    if any(s == 0 for s in q.shape) or v.shape[-1] == 0:
-        raise ValueError(f"{op}: q and v must not have empty dimensions, got q {tuple(q.shape)}, v {tuple(v.shape)}")
+        raise ValueError(f"{op}: query must have {want} dims [B, *spatial, heads, head_dim], got shape "
+                         f"{tuple(query.shape)}")
+    for t, name in ((key, "key"), (value, "value")):
+        _check_like(t, query, name)
+    if key.shape != query.shape:
+        raise ValueError(f"{op}: key must have query's shape {tuple(query.shape)}, got {tuple(key.shape)} "
+                         f"(grouped-query attention is not supported)")
+    if value.shape[:-1] != query.shape[:-1]:
+        raise ValueError(f"{op}: value must match query in all but head_dim: query {tuple(query.shape)}, value "
+                         f"{tuple(value.shape)}")
+    if any(s == 0 for s in query.shape) or value.shape[-1] == 0:
+        raise ValueError(f"{op}: query and value must not have empty dimensions, got query {tuple(query.shape)}, "
+                         f"value {tuple(value.shape)}")
     return rank
 
 
-def _check_scale(scale, head_dim: int) -> float:
-    if scale is None:
-        return head_dim**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite real number or None, got {scale!r}")
-    return float(scale)
-
-
-def _check_rpb(rpb, q: Tensor, sizes: tuple, name: str = "rpb") -> None:
+def _check_rpb(rpb, query: Tensor, sizes: tuple, op: str) -> None:
     if rpb is None:
         return
-    _check_tensor(rpb, name)
-    if rpb.device != q.device:
-        raise ValueError(f"{name} is on {rpb.device} but q is on {q.device}")
-    want = (q.shape[-2], *(2 * s - 1 for s in sizes))
+    _check_tensor(rpb, "rpb")
+    if rpb.device != query.device:
+        raise ValueError(f"{op}: rpb is on {rpb.device} but query is on {query.device}")
+    want = (query.shape[-2], *(2 * s - 1 for s in sizes))
     if tuple(rpb.shape) != want:
-        raise ValueError(f"{name} must have shape [heads, 2k-1, ...] = {want}, got {tuple(rpb.shape)}")
+        raise ValueError(f"{op}: rpb must have shape [heads, 2k-1, ...] = {list(want)}, got {tuple(rpb.shape)}")
 
 
-def _check_backend(backend) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
-
-
-# ----------------------------------------------------------------------------------------------- dispatch
-def _triton_why_not(op: str, *args) -> Optional[str]:
-    """Why the Triton engine cannot run this call (None when it can)."""
-    try:
-        from visattn import kernels
-    except Exception as err:  # triton missing or broken: a reason, not a crash
-        return f"visattn.kernels could not be imported ({type(err).__name__}: {err})"
-    why_not = getattr(kernels, f"{op}_why_not", None)
-    if why_not is None:
-        return f"no Triton kernel for {op} yet"
-    return why_not(*args)
-
-
-def _choose(op: str, backend: str, q: Tensor, triton_args: tuple, extra: Sequence[str] = ()) -> str:
-    """Resolve ``backend`` to a runnable one; a forced backend that cannot run raises and says why."""
-    chosen = _resolve(op, backend, q, triton_args, extra)
-    _LAST_BACKEND.set(chosen)
-    return chosen
-
-
-def _resolve(op: str, backend: str, q: Tensor, triton_args: tuple, extra: Sequence[str]) -> str:
-    if backend == "reference":
-        return backend
-    if backend == "sdpa" and "sdpa" not in extra:
-        raise ValueError(f"backend='sdpa' is not available for {op}; use 'auto', 'reference' or 'triton'")
-    if backend == "sdpa":
-        return backend
-    if backend == "triton":
-        reason = _triton_why_not(op, *triton_args)
-        if reason is not None:
-            raise ValueError(f"backend='triton' cannot run this {op} call: {reason}")
-        return backend
-    # auto: the fused kernel on CUDA when it can run, else the next best.
-    if q.is_cuda:
-        reason = _triton_why_not(op, *triton_args)
-        if reason is None:
-            return "triton"
-        logger.debug("visattn %s: triton backend skipped: %s", op, reason)
-        if "sdpa" in extra:
-            return "sdpa"
-    return "reference"
-
-
-def available_backends(device: str = "cpu") -> dict:
-    """For ``visattn info``: every backend and op, and why it cannot run on ``device`` (None = it can)."""
-    q = torch.empty(1, 8, 8, 1, 16, device=device, dtype=torch.float16 if device != "cpu" else torch.float32)
-    report = {}
-    for op, args in (
-        ("na", (q, q, q, (3, 3), (1, 1), (1, 1), (False, False), None, None, None)),
-        ("window", (q, q, q, (4, 4), (0, 0), None)),
-        ("agent", (q, q, q, q)),
-        ("bilevel_routing", (q, q, q, (2, 2), 1)),
-    ):
-        report[op] = {"reference": None, "triton": _triton_why_not(op, *args)}
-    report["agent"]["sdpa"] = None
-    return report
-
-
-# ----------------------------------------------------------------------------------------------- neighborhood
-def _na(rank, q, k, v, kernel_size, dilation, stride, is_causal, rpb, scale, additional_keys, additional_values,
-        backend):
-    op = f"na{rank}d"
-    backend = _check_backend(backend)
-    _check_qkv(q, k, v, (rank,), op)
-    spatial = tuple(q.shape[1:-2])
-    kernel = _as_tuple(kernel_size, rank, "kernel_size")
-    dil = _as_tuple(dilation, rank, "dilation")
-    strd = _as_tuple(stride, rank, "stride")
-    causal = _as_tuple(is_causal, rank, "is_causal", kind=bool)
-    _positive(kernel, "kernel_size")
-    _positive(dil, "dilation")
-    _positive(strd, "stride")
-    for dim, (length, kk, dd, ss) in enumerate(zip(spatial, kernel, dil, strd)):
-        if kk * dd > length:
-            raise ValueError(
-                f"{op}: kernel_size*dilation must not exceed the input in every dimension; dimension {dim} has "
-                f"kernel_size={kk}, dilation={dd} but length {length} (spatial shape {spatial})"
-            )
-        if ss > kk:
-            raise ValueError(f"{op}: stride must not exceed kernel_size; dimension {dim} has stride={ss} > {kk}")
-    _check_rpb(rpb, q, kernel)
-    if rpb is not None and any(s > 1 for s in strd):
-        raise ValueError(f"{op}: rpb cannot be combined with stride > 1 (stride={strd}): offsets leave the table")
+def _check_extra_kv(additional_keys, additional_values, query: Tensor, value: Tensor, op: str) -> None:
     if (additional_keys is None) != (additional_values is None):
         raise ValueError(f"{op}: additional_keys and additional_values must be given together")
-    if additional_keys is not None:
-        for t, name, dim_last in ((additional_keys, "additional_keys", q.shape[-1]),
-                                  (additional_values, "additional_values", v.shape[-1])):
-            _check_tensor(t, name)
-            _check_like(t, q, name)
-            want = (q.shape[0], t.shape[1] if t.dim() == 4 else -1, q.shape[-2], dim_last)
-            if t.dim() != 4 or tuple(t.shape) != want or t.shape[1] == 0:
-                raise ValueError(f"{op}: {name} must have shape [B, n_extra, heads, head_dim] = "
-                                 f"[{q.shape[0]}, n, {q.shape[-2]}, {dim_last}] with n >= 1, got {tuple(t.shape)}")
-        if additional_keys.shape[1] != additional_values.shape[1]:
-            raise ValueError(f"{op}: additional_keys has {additional_keys.shape[1]} tokens but additional_values "
-                             f"has {additional_values.shape[1]}")
-    scale = _check_scale(scale, q.shape[-1])
-    args = (q, k, v, kernel, dil, strd, causal, rpb)
-    chosen = _choose("na", backend, q, args + (additional_keys, additional_values))
-    impl = reference if chosen == "reference" else _kernels()
-    return impl.na(*args, scale, additional_keys, additional_values)
+    if additional_keys is None:
+        return
+    for t, name, dim_last in ((additional_keys, "additional_keys", query.shape[-1]),
+                              (additional_values, "additional_values", value.shape[-1])):
+        _check_tensor(t, name)
+        _check_like(t, query, name)
+        if t.dim() != 4 or t.shape[0] != query.shape[0] or t.shape[2] != query.shape[-2] or t.shape[3] != dim_last \
+                or t.shape[1] == 0:
+            raise ValueError(f"{op}: {name} must have shape [B, n, heads, head_dim] = [{query.shape[0]}, n, "
+                             f"{query.shape[-2]}, {dim_last}] with n >= 1, got {tuple(t.shape)}")
+    if additional_keys.shape[1] != additional_values.shape[1]:
+        raise ValueError(f"{op}: additional_keys has {additional_keys.shape[1]} tokens but additional_values has "
+                         f"{additional_values.shape[1]}")
 
 
-def _kernels():
-    from visattn import kernels
-
-    return kernels
-
-
-def na1d(q: Tensor, k: Tensor, v: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-         stride: IntOrTuple = 1, is_causal: BoolOrTuple = False, rpb: Optional[Tensor] = None,
-         scale: Optional[float] = None, additional_keys: Optional[Tensor] = None,
-         additional_values: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
-    """1-D neighborhood attention on ``[B, L, heads, head_dim]`` (NATTEN semantics; docs/SEMANTICS.md)."""
-    return _na(1, q, k, v, kernel_size, dilation, stride, is_causal, rpb, scale, additional_keys,
-               additional_values, backend)
-
-
-def na2d(q: Tensor, k: Tensor, v: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-         stride: IntOrTuple = 1, is_causal: BoolOrTuple = False, rpb: Optional[Tensor] = None,
-         scale: Optional[float] = None, additional_keys: Optional[Tensor] = None,
-         additional_values: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
-    """2-D neighborhood attention on ``[B, H, W, heads, head_dim]`` (NATTEN semantics; docs/SEMANTICS.md)."""
-    return _na(2, q, k, v, kernel_size, dilation, stride, is_causal, rpb, scale, additional_keys,
-               additional_values, backend)
-
-
-def na3d(q: Tensor, k: Tensor, v: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-         stride: IntOrTuple = 1, is_causal: BoolOrTuple = False, rpb: Optional[Tensor] = None,
-         scale: Optional[float] = None, additional_keys: Optional[Tensor] = None,
-         additional_values: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
-    """3-D neighborhood attention on ``[B, T, H, W, heads, head_dim]`` (NATTEN semantics; docs/SEMANTICS.md)."""
-    return _na(3, q, k, v, kernel_size, dilation, stride, is_causal, rpb, scale, additional_keys,
-               additional_values, backend)
-
-
-# ----------------------------------------------------------------------------------------------- window
-def window_attention(q: Tensor, k: Tensor, v: Tensor, window_size: IntOrTuple, shift: IntOrTuple = 0,
-                     rpb: Optional[Tensor] = None, scale: Optional[float] = None, backend: str = "auto") -> Tensor:
-    """Swin (2-D) / Video-Swin (3-D) window attention, shifted windows without roll or mask tensors."""
-    backend = _check_backend(backend)
-    rank = _check_qkv(q, k, v, (2, 3), "window_attention")
-    spatial = tuple(q.shape[1:-2])
-    window = _as_tuple(window_size, rank, "window_size")
-    shifts = _as_tuple(shift, rank, "shift")
-    _positive(window, "window_size")
-    for dim, (length, w, t) in enumerate(zip(spatial, window, shifts)):
-        if length % w:
-            raise ValueError(f"window_attention: window_size must divide the input; dimension {dim} has length "
-                             f"{length}, window_size={w} (spatial shape {spatial}); pad the input first")
-        if not 0 <= t < w:
-            raise ValueError(f"window_attention: shift must satisfy 0 <= shift < window_size; dimension {dim} has "
-                             f"shift={t}, window_size={w}")
-    _check_rpb(rpb, q, window)
-    scale = _check_scale(scale, q.shape[-1])
-    args = (q, k, v, window, shifts, rpb)
-    chosen = _choose("window", backend, q, args)
-    impl = reference if chosen == "reference" else _kernels()
-    return impl.window(*args, scale)
-
-
-# ----------------------------------------------------------------------------------------------- agent
-def _agent_sdpa(q, k, v, agents, agent_bias, query_bias, scale):
-    """Agent attention as two fused SDPA calls (biases become additive masks)."""
-    batch, *spatial, heads, _ = q.shape
-    as_bhnd = lambda t: t.reshape(batch, -1, heads, t.shape[-1]).transpose(1, 2)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    bias = lambda b: None if b is None else b.to(q.dtype)
-    agent_values = sdpa(as_bhnd(agents), as_bhnd(k), as_bhnd(v), attn_mask=bias(agent_bias), scale=scale)
-    out = sdpa(as_bhnd(q), as_bhnd(agents), agent_values, attn_mask=bias(query_bias), scale=scale)
-    return out.transpose(1, 2).reshape(batch, *spatial, heads, v.shape[-1])
-
-
-def _check_bias(bias, name: str, q: Tensor, want: tuple) -> None:
+def _check_bias(bias, name: str, query: Tensor, want: tuple) -> None:
     if bias is None:
         return
     _check_tensor(bias, name)
-    if bias.device != q.device:
-        raise ValueError(f"{name} is on {bias.device} but q is on {q.device}")
-    try:
-        ok = bias.dim() <= 4 and torch.broadcast_shapes(bias.shape, want) == want
-    except RuntimeError:
-        ok = False
+    if bias.device != query.device:
+        raise ValueError(f"{name} is on {bias.device} but query is on {query.device}")
+    ok = bias.dim() <= 4 and all(
+        b in (1, w) for b, w in zip(reversed(tuple(bias.shape)), reversed(want), strict=False)
+    )
     if not ok:
         raise ValueError(f"{name} must broadcast to [B, heads, rows, cols] = {list(want)}, got {tuple(bias.shape)}")
 
 
-def agent_attention(q: Tensor, k: Tensor, v: Tensor, agents: Tensor, agent_bias: Optional[Tensor] = None,
-                    query_bias: Optional[Tensor] = None, scale: Optional[float] = None,
-                    backend: str = "auto") -> Tensor:
-    """Agent attention: ``agents`` [B, A, heads, D] attend k/v, then q attends the agents (docs/SEMANTICS.md)."""
-    backend = _check_backend(backend)
-    _check_qkv(q, k, v, (1, 2, 3), "agent_attention")
+def _check_natten_perf_args(rank: int, attention_kwargs, tiles: dict, flags: dict, kernel_schedule) -> None:
+    """NATTEN's performance arguments: type-checked, then ignored (they pick CUTLASS/flex tiles and schedules and
+    never change results; visattn's engine chooses its own tiles)."""
+    if attention_kwargs is not None:
+        if not isinstance(attention_kwargs, Mapping):
+            raise TypeError(f"attention_kwargs must be a dict or None, got {type(attention_kwargs).__name__}")
+        unknown = sorted(set(attention_kwargs) - _NATTEN_ATTENTION_KWARGS)
+        if unknown:
+            raise ValueError(f"attention_kwargs may only hold NATTEN attention() performance arguments "
+                             f"{sorted(_NATTEN_ATTENTION_KWARGS)}, got unknown keys {unknown}")
+    for name, value in tiles.items():
+        if value is not None:
+            int_tuple(value, rank, name)
+    for name, value in flags.items():
+        check_flag(value, name)
+    if kernel_schedule is not None and not isinstance(kernel_schedule, str):
+        raise TypeError(f"kernel_schedule must be a str or None, got {kernel_schedule!r}")
+
+
+# ================================================================================================ backend choice
+def _triton_why_not(op: str, *args) -> str | None:
+    """Why the fused Triton kernel cannot run this call (None when it can)."""
+    if _kernels is None:
+        return _KERNELS_ERROR
+    why_not = getattr(_kernels, f"{op}_why_not", None)
+    if why_not is None:
+        return f"no Triton kernel for {op} attention"
+    return why_not(*args)
+
+
+_RECENT: dict[str, str] = {}
+
+
+def last_backend() -> str | None:
+    """The backend the most recent eager op call ran on ("reference", "triton" or "sdpa"); None before any call.
+
+    Diagnostics only (``visattn smoke``). Calls traced by ``torch.compile`` / ``torch.export`` record nothing, so
+    prefer :func:`which_backend`, which answers for a given call without running it.
+    """
+    return _RECENT.get("backend")
+
+
+def _record(chosen: str) -> str:
+    # Eager calls only: dynamo folds is_compiling() to True, so a compiled graph writes no Python state here.
+    if not torch.compiler.is_compiling():
+        _RECENT["backend"] = chosen
+    return chosen
+
+
+def _choose(op: str, backend: str, query: Tensor, why_not: Callable[[], str | None], cuda_fallback: str = "reference",
+            extra_reason: str | None = None) -> str:
+    """Resolve ``backend`` for one call through the shared policy (``visattn.backends.choose``).
+
+    ``auto`` never sends CPU tensors to the Triton interpreter (that is for tests, which force ``"triton"``), and
+    falls back to ``cuda_fallback`` on CUDA (agent attention's fused SDPA path) or the reference on the CPU.
+    """
+    wanted = backends.resolve(backend, FAMILY)
+
+    def reason() -> str | None:
+        if wanted == "auto" and not query.is_cuda:
+            return "CPU tensors run the exact reference under backend='auto'"
+        return extra_reason or why_not()
+
+    fallback = cuda_fallback if query.is_cuda else "reference"
+    return backends.choose(op, wanted, reason, FAMILY, fallback=fallback)
+
+
+
+def _dense_schedule_allowed(backend: str | None) -> bool:
+    """The CPU fast paths (``dense_schedule``) replace the reference under "auto" in eager mode; a forced
+    "reference" and traced graphs (whose mask tables would be traced too) keep the neighbour-table reference."""
+    return backends.resolve(backend, FAMILY) == "auto" and not torch.compiler.is_compiling()
+
+
+# ================================================================================================ neighborhood
+def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
+        additional_values, attention_kwargs, backend, q_tile_shape, kv_tile_shape, backward_q_tile_shape,
+        backward_kv_tile_shape, backward_kv_splits, backward_use_pt_reduction, run_persistent_kernel,
+        kernel_schedule, torch_compile, return_lse, rpb, dry_run=False):
+    op = f"na{rank}d"
+    backend = check_backend(backend, op)
+    _check_qkv(query, key, value, (rank,), op)
+    spatial = tuple(query.shape[1:-2])
+    kernel = int_tuple(kernel_size, rank, "kernel_size")
+    strd = int_tuple(stride, rank, "stride", default=1)
+    dil = int_tuple(dilation, rank, "dilation", default=1)
+    causal = bool_tuple(is_causal, rank, "is_causal")
+    for dim in range(rank):
+        length, kk, dd, ss = spatial[dim], kernel[dim], dil[dim], strd[dim]
+        if kk * dd > length:
+            raise ValueError(f"{op}: kernel_size*dilation must not exceed the input in every dimension; dimension "
+                             f"{dim} has kernel_size={kk}, dilation={dd} but length {length} (spatial shape "
+                             f"{spatial})")
+        if ss > kk:
+            raise ValueError(f"{op}: stride must not exceed kernel_size; dimension {dim} has stride={ss} > "
+                             f"kernel_size={kk}")
+    _check_rpb(rpb, query, kernel, op)
+    if rpb is not None and any(s > 1 for s in strd):
+        raise ValueError(f"{op}: rpb cannot be combined with stride > 1 (stride={strd}): offsets leave the table")
+    _check_extra_kv(additional_keys, additional_values, query, value, op)
+    scale = check_scale(scale, query.shape[-1])
+    check_flag(return_lse, "return_lse")
+    _check_natten_perf_args(
+        rank, attention_kwargs,
+        {"q_tile_shape": q_tile_shape, "kv_tile_shape": kv_tile_shape, "backward_q_tile_shape": backward_q_tile_shape,
+         "backward_kv_tile_shape": backward_kv_tile_shape, "backward_kv_splits": backward_kv_splits},
+        {"backward_use_pt_reduction": backward_use_pt_reduction, "run_persistent_kernel": run_persistent_kernel,
+         "torch_compile": torch_compile},
+        kernel_schedule,
+    )
+    args = (query, key, value, kernel, dil, strd, causal, rpb)
+    chosen = _choose("na", backend, query, lambda: _triton_why_not("na", *args, additional_keys, additional_values))
+    if dry_run:
+        return chosen
+    _record(chosen)
+    if chosen == "reference":
+        if return_lse:
+            return reference.na(*args, scale, additional_keys, additional_values, return_lse=True)
+        if _dense_schedule_allowed(backend) and dense_schedule.worth_it(
+                spatial, kernel, dil, extra=additional_keys is not None):
+            # small map, large window: one masked SDPA call beats the neighbour-by-neighbour reference (exact too)
+            return dense_schedule.local_attention(query, key, value, kernel, dil, strd, causal, rpb, scale)
+        return reference.na(*args, scale, additional_keys, additional_values)
+    return _kernels.na(*args, scale, additional_keys, additional_values, return_lse=return_lse)
+
+
+_NA_DOC = """{rank}-D neighborhood attention (NA / DiNA / GNA) on heads-last ``[B, {spatial}, heads, head_dim]``.
+
+    NATTEN 0.21's ``natten.na{rank}d``: same parameter names, positional order and semantics (docs/SEMANTICS.md),
+    so ``natten.na{rank}d(q, k, v, 7, 2)`` and ``visattn.na{rank}d(q, k, v, 7, 2)`` both mean kernel 7, stride 2.
+    Every query attends the ``kernel_size`` keys around it (windows clamped inward at the borders), optionally
+    dilated, strided, causal per dimension, plus any additional (global) tokens, in one softmax.
+
+    Args:
+        query: ``[B, {spatial}, heads, head_dim]``, any strides (views of a fused qkv projection are read in place).
+        key: same shape, dtype and device as ``query`` (grouped-query attention is not supported).
+        value: ``[B, {spatial}, heads, head_dim_v]``; ``head_dim_v`` may differ from ``head_dim``.
+        kernel_size: int or {rank}-tuple, the neighborhood size per dimension; ``kernel_size * dilation`` must not
+            exceed the input length in any dimension.
+        stride: int or {rank}-tuple (default 1): groups of ``stride`` queries share the window of their group's
+            centre query (``stride == kernel_size`` is blocked attention); ``1 <= stride <= kernel_size``.
+        dilation: int or {rank}-tuple (default 1): each dimension splits into ``dilation`` interleaved groups that
+            attend only within themselves.
+        is_causal: bool or {rank}-tuple of bools (default False): causal masking per dimension.
+        scale: softmax scale, a finite number > 0; None means ``head_dim ** -0.5``.
+        additional_keys: ``[B, n, heads, head_dim]`` extra tokens every query attends besides its neighborhood
+            (one joint softmax, no bias on them), or None. Given together with ``additional_values``.
+        additional_values: ``[B, n, heads, head_dim_v]`` values of the extra tokens, or None.
+        attention_kwargs: NATTEN's options for its separate attention() call over the extra tokens (backend, tile
+            sizes, ...). Accepted for compatibility and ignored: visattn attends the extra tokens inside the same
+            fused kernel. Keys other than NATTEN's attention() performance arguments raise ``ValueError``.
+        backend: None or "auto" (default): the fused Triton kernel for CUDA tensors where it can run (fp16, bf16,
+            fp32, head_dim <= 256, ...), else the exact PyTorch reference (always on the CPU). "reference"
+            forces the reference; "triton" forces the kernel or raises ``ValueError`` saying why it cannot run.
+            The default for None/"auto" can be changed with ``visattn.backends.set_backend(..., "attention")``.
+            NATTEN's backend names ("cutlass-fna", "flex-fna", ...) raise ``ValueError``.
+        q_tile_shape, kv_tile_shape, backward_q_tile_shape, backward_kv_tile_shape, backward_kv_splits,
+        backward_use_pt_reduction, run_persistent_kernel, kernel_schedule, torch_compile: NATTEN's performance
+            knobs for its CUTLASS/flex kernels. Type-checked, then ignored: they never change results, and
+            visattn's engine picks its own tiles per (rank, dtype, head_dim, kernel, map size).
+        return_lse: also return the log-sum-exp of each query's logits (natural log, NATTEN's layout).
+        rpb: visattn only, keyword-only. Relative positional bias ``[heads, {rpb_shape}]`` (NAT/DiNAT), added to
+            the logit of (query i, key j) at ``rpb[h, kj - qi + kernel_size - 1, ...]`` in dilation-group
+            coordinates; not allowed with stride > 1. Trainable (gradients flow to it).
+
+    Returns:
+        ``[B, {spatial}, heads, head_dim_v]`` in ``query``'s dtype (contiguous); with ``return_lse=True`` a tuple
+        ``(output, lse)`` where ``lse`` is ``[B, {spatial}, heads]`` float32 (float64 for float64 inputs).
+
+    Raises:
+        ValueError / TypeError naming the argument, before any compute, for a bad argument; ValueError saying why
+        for a forced backend that cannot run the call.
+    """
+
+
+def na1d(query: Tensor, key: Tensor, value: Tensor, kernel_size: IntOrTuple, stride: IntOrTuple = 1,
+         dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False, scale: float | None = None,
+         additional_keys: Tensor | None = None, additional_values: Tensor | None = None,
+         attention_kwargs: dict | None = None, backend: str | None = None, q_tile_shape=None, kv_tile_shape=None,
+         backward_q_tile_shape=None, backward_kv_tile_shape=None, backward_kv_splits=None,
+         backward_use_pt_reduction: bool = False, run_persistent_kernel: bool = True, kernel_schedule=None,
+         torch_compile: bool = False, return_lse: bool = False, *, rpb: Tensor | None = None):
+    return _na(1, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
+               additional_values, attention_kwargs, backend, q_tile_shape, kv_tile_shape, backward_q_tile_shape,
+               backward_kv_tile_shape, backward_kv_splits, backward_use_pt_reduction, run_persistent_kernel,
+               kernel_schedule, torch_compile, return_lse, rpb)
+
+
+def na2d(query: Tensor, key: Tensor, value: Tensor, kernel_size: IntOrTuple, stride: IntOrTuple = 1,
+         dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False, scale: float | None = None,
+         additional_keys: Tensor | None = None, additional_values: Tensor | None = None,
+         attention_kwargs: dict | None = None, backend: str | None = None, q_tile_shape=None, kv_tile_shape=None,
+         backward_q_tile_shape=None, backward_kv_tile_shape=None, backward_kv_splits=None,
+         backward_use_pt_reduction: bool = False, run_persistent_kernel: bool = True, kernel_schedule=None,
+         torch_compile: bool = False, return_lse: bool = False, *, rpb: Tensor | None = None):
+    return _na(2, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
+               additional_values, attention_kwargs, backend, q_tile_shape, kv_tile_shape, backward_q_tile_shape,
+               backward_kv_tile_shape, backward_kv_splits, backward_use_pt_reduction, run_persistent_kernel,
+               kernel_schedule, torch_compile, return_lse, rpb)
+
+
+def na3d(query: Tensor, key: Tensor, value: Tensor, kernel_size: IntOrTuple, stride: IntOrTuple = 1,
+         dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False, scale: float | None = None,
+         additional_keys: Tensor | None = None, additional_values: Tensor | None = None,
+         attention_kwargs: dict | None = None, backend: str | None = None, q_tile_shape=None, kv_tile_shape=None,
+         backward_q_tile_shape=None, backward_kv_tile_shape=None, backward_kv_splits=None,
+         backward_use_pt_reduction: bool = False, run_persistent_kernel: bool = True, kernel_schedule=None,
+         torch_compile: bool = False, return_lse: bool = False, *, rpb: Tensor | None = None):
+    return _na(3, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
+               additional_values, attention_kwargs, backend, q_tile_shape, kv_tile_shape, backward_q_tile_shape,
+               backward_kv_tile_shape, backward_kv_splits, backward_use_pt_reduction, run_persistent_kernel,
+               kernel_schedule, torch_compile, return_lse, rpb)
+
+
+na1d.__doc__ = _NA_DOC.format(rank=1, spatial="L", rpb_shape="2k-1")
+na2d.__doc__ = _NA_DOC.format(rank=2, spatial="H, W", rpb_shape="2k0-1, 2k1-1")
+na3d.__doc__ = _NA_DOC.format(rank=3, spatial="T, H, W", rpb_shape="2k0-1, 2k1-1, 2k2-1")
+
+
+# ================================================================================================ window
+def _window(query, key, value, window_size, shift, rpb, scale, backend, dry_run=False):
+    op = "window_attention"
+    backend = check_backend(backend, op)
+    rank = _check_qkv(query, key, value, (2, 3), op)
+    spatial = tuple(query.shape[1:-2])
+    window = int_tuple(window_size, rank, "window_size")
+    shifts = int_tuple(shift, rank, "shift", minimum=0)
+    for dim in range(rank):
+        length, w, t = spatial[dim], window[dim], shifts[dim]
+        if length % w:
+            raise ValueError(f"{op}: window_size must divide the input; dimension {dim} has length {length}, "
+                             f"window_size={w} (spatial shape {spatial}); pad the input first")
+        if t >= w:
+            raise ValueError(f"{op}: shift must satisfy 0 <= shift < window_size; dimension {dim} has shift={t}, "
+                             f"window_size={w}")
+    _check_rpb(rpb, query, window, op)
+    scale = check_scale(scale, query.shape[-1])
+    args = (query, key, value, window, shifts, rpb)
+    chosen = _choose("window", backend, query, lambda: _triton_why_not("window", *args))
+    if dry_run:
+        return chosen
+    _record(chosen)
+    if chosen == "reference" and _dense_schedule_allowed(backend):
+        # timm's formulation (roll, partition, one batched masked SDPA call): as fast as stock Swin on the CPU and
+        # exact; backend="reference" keeps the neighbour-table reference
+        return dense_schedule.window_partition_attention(query, key, value, window, shifts, rpb, scale)
+    impl = reference if chosen == "reference" else _kernels
+    return impl.window(*args, scale)
+
+
+def window_attention(query: Tensor, key: Tensor, value: Tensor, window_size: IntOrTuple, shift: IntOrTuple = 0,
+                     rpb: Tensor | None = None, scale: float | None = None, backend: str | None = None) -> Tensor:
+    """Swin (2-D) / Video-Swin (3-D) window attention, shifted windows without roll, partition or mask tensors.
+
+    Per dimension a position ``x`` belongs to window ``floor((x - shift) / window_size)`` and attends exactly the
+    keys of its own window: numerically Swin's ``roll(-shift)`` + partition + shifted-window mask + ``roll(+shift)``.
+
+    Args:
+        query: ``[B, H, W, heads, head_dim]`` or ``[B, T, H, W, heads, head_dim]``, any strides.
+        key: same shape, dtype and device as ``query``.
+        value: ``[B, *spatial, heads, head_dim_v]``.
+        window_size: int or per-dimension tuple; must divide the input in every dimension (pad first).
+        shift: int or per-dimension tuple, ``0 <= shift < window_size`` (Swin's ``shift_size``).
+        rpb: relative position bias ``[heads, 2w0-1, 2w1-1(, 2w2-1)]`` indexed by key-minus-query offset
+            ``xj - xi + w - 1`` per dimension, or None. Convert Swin's ``relative_position_bias_table`` with
+            :func:`visattn.nn.swin_rpb_to_visattn`.
+        scale: softmax scale, a finite number > 0; None means ``head_dim ** -0.5``.
+        backend: None/"auto" (the fused Triton kernel for CUDA tensors where it can run, else the reference),
+            "reference", or "triton" (raises ``ValueError`` saying why when it cannot run).
+
+    Returns:
+        ``[B, *spatial, heads, head_dim_v]`` in ``query``'s dtype.
+    """
+    return _window(query, key, value, window_size, shift, rpb, scale, backend)
+
+
+# ================================================================================================ agent
+def _agent_sdpa(query, key, value, agents, agent_bias, query_bias, scale):
+    """Agent attention as two fused SDPA calls (biases become additive masks)."""
+    batch, heads = query.shape[0], query.shape[-2]
+    spatial = query.shape[1:-2]
+
+    def as_bhnd(t: Tensor) -> Tensor:
+        return t.reshape(batch, -1, heads, t.shape[-1]).transpose(1, 2)
+
+    def bias(b: Tensor | None) -> Tensor | None:
+        return None if b is None else b.to(query.dtype)
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    agent_values = sdpa(as_bhnd(agents), as_bhnd(key), as_bhnd(value), attn_mask=bias(agent_bias), scale=scale)
+    out = sdpa(as_bhnd(query), as_bhnd(agents), agent_values, attn_mask=bias(query_bias), scale=scale)
+    return out.transpose(1, 2).reshape(batch, *spatial, heads, value.shape[-1])
+
+
+def _agent(query, key, value, agents, agent_bias, query_bias, scale, backend, dry_run=False):
+    op = "agent_attention"
+    backend = check_backend(backend, op, allow_sdpa=True)
+    _check_qkv(query, key, value, (1, 2, 3), op)
     _check_tensor(agents, "agents")
-    _check_like(agents, q, "agents")
-    batch, heads, dim = q.shape[0], q.shape[-2], q.shape[-1]
-    if agents.dim() != 4 or agents.shape[0] != batch or agents.shape[2:] != q.shape[-2:] or agents.shape[1] == 0:
-        raise ValueError(f"agent_attention: agents must have shape [B, n_agents, heads, head_dim] = "
-                         f"[{batch}, A, {heads}, {dim}] with A >= 1, got {tuple(agents.shape)}")
-    n, n_agents = math.prod(q.shape[1:-2]), agents.shape[1]
-    _check_bias(agent_bias, "agent_bias", q, (batch, heads, n_agents, n))
-    _check_bias(query_bias, "query_bias", q, (batch, heads, n, n_agents))
-    scale = _check_scale(scale, dim)
-    chosen = _choose("agent", backend, q, (q, k, v, agents), extra=("sdpa",))
+    _check_like(agents, query, "agents")
+    batch, heads, dim = query.shape[0], query.shape[-2], query.shape[-1]
+    if agents.dim() != 4 or agents.shape[0] != batch or agents.shape[2:] != query.shape[-2:] or agents.shape[1] == 0:
+        raise ValueError(f"{op}: agents must have shape [B, n_agents, heads, head_dim] = [{batch}, A, {heads}, "
+                         f"{dim}] with A >= 1, got {tuple(agents.shape)}")
+    tokens = 1
+    for size in query.shape[1:-2]:
+        tokens *= size
+    n_agents = agents.shape[1]
+    _check_bias(agent_bias, "agent_bias", query, (batch, heads, n_agents, tokens))
+    _check_bias(query_bias, "query_bias", query, (batch, heads, tokens, n_agents))
+    scale = check_scale(scale, dim)
+    if backend == "sdpa":
+        chosen = "sdpa"
+    else:
+        chosen = _choose("agent", backend, query, lambda: _triton_why_not("agent", query, key, value, agents),
+                         cuda_fallback="sdpa")
+    if dry_run:
+        return chosen
+    _record(chosen)
     if chosen == "sdpa":
-        return _agent_sdpa(q, k, v, agents, agent_bias, query_bias, scale)
-    impl = reference if chosen == "reference" else _kernels()
-    return impl.agent(q, k, v, agents, agent_bias, query_bias, scale)
+        return _agent_sdpa(query, key, value, agents, agent_bias, query_bias, scale)
+    impl = reference if chosen == "reference" else _kernels
+    return impl.agent(query, key, value, agents, agent_bias, query_bias, scale)
 
 
-# ----------------------------------------------------------------------------------------------- bi-level routing
-def bilevel_routing_attention(q: Tensor, k: Tensor, v: Tensor, regions: IntOrTuple, topk: int,
-                              scale: Optional[float] = None, backend: str = "auto", return_routing: bool = False):
-    """BiFormer's bi-level routing attention on 2-D maps ``[B, H, W, heads, D]`` (docs/SEMANTICS.md)."""
-    backend = _check_backend(backend)
-    _check_qkv(q, k, v, (2,), "bilevel_routing_attention")
-    grid = _as_tuple(regions, 2, "regions")
-    _positive(grid, "regions")
-    height, width = q.shape[1:3]
+def agent_attention(query: Tensor, key: Tensor, value: Tensor, agents: Tensor, agent_bias: Tensor | None = None,
+                    query_bias: Tensor | None = None, scale: float | None = None,
+                    backend: str | None = None) -> Tensor:
+    """Agent attention (Han et al., ECCV 2024): agents attend the keys, then the queries attend the agents.
+
+    ``agent_values = softmax(scale * agents @ keyᵀ + agent_bias) @ value`` and
+    ``out = softmax(scale * query @ agentsᵀ + query_bias) @ agent_values``; spatial dims are flattened to
+    ``N`` tokens. The paper's depthwise-conv term belongs to the module (:class:`visattn.nn.AgentAttention`).
+
+    Args:
+        query: ``[B, *spatial, heads, head_dim]`` (1, 2 or 3 spatial dims).
+        key: same shape, dtype and device as ``query``.
+        value: ``[B, *spatial, heads, head_dim_v]``.
+        agents: ``[B, A, heads, head_dim]`` agent tokens (Agent-Swin pools them from the queries).
+        agent_bias: additive bias broadcastable to ``[B, heads, A, N]`` (agents -> keys), or None.
+        query_bias: additive bias broadcastable to ``[B, heads, N, A]`` (queries -> agents), or None.
+        scale: softmax scale, a finite number > 0; None means ``head_dim ** -0.5``.
+        backend: None/"auto" (two fused SDPA calls for CUDA tensors, the reference on the CPU), "sdpa",
+            "reference", or "triton" (there is no Triton agent kernel: raises ``ValueError`` saying so).
+
+    Returns:
+        ``[B, *spatial, heads, head_dim_v]`` in ``query``'s dtype.
+    """
+    return _agent(query, key, value, agents, agent_bias, query_bias, scale, backend)
+
+
+# ================================================================================================ bi-level routing
+def _bilevel_routing(query, key, value, regions, topk, scale, backend, return_routing, dry_run=False):
+    op = "bilevel_routing_attention"
+    backend = check_backend(backend, op)
+    _check_qkv(query, key, value, (2,), op)
+    grid = int_tuple(regions, 2, "regions")
+    height, width = query.shape[1], query.shape[2]
     if grid[0] > height or grid[1] > width:
-        raise ValueError(f"bilevel_routing_attention: regions {grid} exceed the map size {(height, width)}")
-    if isinstance(topk, bool) or not isinstance(topk, numbers.Integral):
-        raise TypeError(f"topk must be an int, got {topk!r}")
-    if not 1 <= topk <= grid[0] * grid[1]:
-        raise ValueError(f"bilevel_routing_attention: topk must be in [1, regions] = [1, {grid[0] * grid[1]}], "
-                         f"got topk={topk}")
-    scale = _check_scale(scale, q.shape[-1])
-    chosen = _choose("bilevel_routing", backend, q, (q, k, v, grid, int(topk)))
-    impl = reference if chosen == "reference" else _kernels()
-    return impl.bilevel_routing(q, k, v, grid, int(topk), scale, return_routing=return_routing)
+        raise ValueError(f"{op}: regions {grid} exceed the map size {(height, width)}")
+    topk = positive_int(topk, "topk")
+    if topk > grid[0] * grid[1]:
+        raise ValueError(f"{op}: topk must be in [1, regions] = [1, {grid[0] * grid[1]}], got topk={topk}")
+    scale = check_scale(scale, query.shape[-1])
+    check_flag(return_routing, "return_routing")
+    chosen = _choose("bilevel_routing", backend, query,
+                     lambda: _triton_why_not("bilevel_routing", query, key, value, grid, topk))
+    if dry_run:
+        return chosen
+    _record(chosen)
+    impl = reference if chosen == "reference" else _kernels
+    return impl.bilevel_routing(query, key, value, grid, topk, scale, return_routing=return_routing)
+
+
+def bilevel_routing_attention(query: Tensor, key: Tensor, value: Tensor, regions: IntOrTuple, topk: int,
+                              scale: float | None = None, backend: str | None = None, return_routing: bool = False):
+    """BiFormer's bi-level routing attention on 2-D maps (docs/SEMANTICS.md).
+
+    The map is cut into ``regions`` (zero-padded at the bottom/right when they do not divide it); each query region
+    routes to the ``topk`` regions whose mean key has the largest affinity with its mean query (not
+    differentiated, as in BiFormer), and every query token attends all tokens of those regions in one softmax.
+
+    Args:
+        query: ``[B, H, W, heads, head_dim]``, any strides.
+        key: same shape, dtype and device as ``query``.
+        value: ``[B, H, W, heads, head_dim_v]``.
+        regions: int ``S`` or ``(Sh, Sw)``: the region grid (BiFormer's ``n_win``); at most the map size.
+        topk: routed regions per query region, ``1 <= topk <= Sh * Sw``.
+        scale: softmax scale, a finite number > 0; None means ``head_dim ** -0.5``.
+        backend: None/"auto" (the fused Triton kernels for CUDA tensors where they can run, else the reference),
+            "reference", or "triton" (raises ``ValueError`` saying why when it cannot run).
+        return_routing: also return the routing index ``[B, Sh*Sw, topk]`` (int64, row-major region ids).
+
+    Returns:
+        ``[B, H, W, heads, head_dim_v]`` in ``query``'s dtype, or ``(output, routing)`` with ``return_routing``.
+    """
+    return _bilevel_routing(query, key, value, regions, topk, scale, backend, return_routing)
+
+
+# ================================================================================================ diagnostics
+_DRY_RUNS = {
+    "na1d": (na1d, lambda **a: _na(1, **a, dry_run=True)),
+    "na2d": (na2d, lambda **a: _na(2, **a, dry_run=True)),
+    "na3d": (na3d, lambda **a: _na(3, **a, dry_run=True)),
+    "window_attention": (window_attention, lambda **a: _window(**a, dry_run=True)),
+    "agent_attention": (agent_attention, lambda **a: _agent(**a, dry_run=True)),
+    "bilevel_routing_attention": (bilevel_routing_attention, lambda **a: _bilevel_routing(**a, dry_run=True)),
+}
+
+
+def which_backend(op: str, *args, **kwargs) -> str:
+    """The backend ("reference", "triton" or "sdpa") that ``visattn.<op>(*args, **kwargs)`` would run, without
+    running it. The same checks run, so a bad call raises the same error. A pure function: safe to call anywhere,
+    and the ops themselves record nothing (which keeps them ``torch.compile(fullgraph=True)``-safe).
+
+    Args:
+        op: a public op name: "na1d", "na2d", "na3d", "window_attention", "agent_attention",
+            "bilevel_routing_attention".
+        *args, **kwargs: the op's arguments, exactly as the op takes them.
+    """
+    if op not in _DRY_RUNS:
+        raise ValueError(f"op must be one of {sorted(_DRY_RUNS)}, got {op!r}")
+    public, dry_run = _DRY_RUNS[op]
+    bound = inspect.signature(public).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dry_run(**bound.arguments)
+
+
+def _probe(op: str) -> Callable[[str], str | None]:
+    """``visattn info``'s capability probe of one fused kernel on a device (a small float16 call)."""
+
+    def probe(device: str) -> str | None:
+        if _kernels is None:
+            return _KERNELS_ERROR
+        dtype = torch.float32 if device == "cpu" else torch.float16
+        q = torch.empty(1, 8, 8, 1, 16, device=device, dtype=dtype)
+        args = {
+            "na": (q, q, q, (3, 3), (1, 1), (1, 1), (False, False), None, None, None),
+            "window": (q, q, q, (4, 4), (0, 0), None),
+            "bilevel_routing": (q, q, q, (2, 2), 1),
+        }[op]
+        return _triton_why_not(op, *args)
+
+    return probe
+
+
+for _op, _text in (("na", "neighborhood attention (NA/DiNA/GNA, 1-3 D), fused forward + backward"),
+                   ("window", "(shifted) window attention (Swin / Video Swin), fused forward + backward"),
+                   ("bilevel_routing", "bi-level routing attention (BiFormer), routed regions read in place")):
+    backends.register_kernel(f"attention.{_op}", FAMILY, _probe(_op), _text)
+
+
+def available_backends(device: str = "cpu") -> dict:
+    """For ``visattn info``: every op's backends and why each cannot run on ``device`` (None = it can)."""
+    report = {op: {"reference": None, "triton": _probe(op)(device)} for op in ("na", "window", "bilevel_routing")}
+    report["agent"] = {"reference": None, "sdpa": None, "triton": "no Triton kernel for agent attention (its fused "
+                                                                  "path is backend='sdpa', two SDPA calls)"}
+    return {op: report[op] for op in ("na", "window", "agent", "bilevel_routing")}
+
+
+__all__ = ["agent_attention", "available_backends", "bilevel_routing_attention", "last_backend", "na1d", "na2d",
+           "na3d", "which_backend", "window_attention"]

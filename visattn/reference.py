@@ -10,8 +10,8 @@ Arguments arrive validated and normalised by ``visattn.functional`` (tuples per 
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +79,7 @@ def _chunk_neighbors(tables: Sequence[NeighborTable], spatial: Sequence[int], ro
     n = len(spatial)
     index = valid = None
     offsets = []
-    for d, (table, c) in enumerate(zip(tables, coords)):
+    for d, (table, c) in enumerate(zip(tables, coords, strict=True)):
         shape = [rows.shape[0]] + [1] * n
         shape[1 + d] = table.index.shape[1]
         idx_d = table.index[c].view(shape)
@@ -87,12 +87,16 @@ def _chunk_neighbors(tables: Sequence[NeighborTable], spatial: Sequence[int], ro
         offsets.append(table.offset[c].view(shape))
         index = idx_d if index is None else index * spatial[d] + idx_d
         valid = val_d if valid is None else valid & val_d
-    flat = lambda t: t.expand([rows.shape[0]] + [tb.index.shape[1] for tb in tables]).reshape(rows.shape[0], -1)
+    def flat(t: Tensor) -> Tensor:
+        return t.expand([rows.shape[0]] + [tb.index.shape[1] for tb in tables]).reshape(rows.shape[0], -1)
+
     return flat(index), flat(valid), [flat(o) for o in offsets]
 
 
-def _attend_chunk(q, k, v, index, valid, bias, extra_k, extra_v, scale):
-    """Softmax attention of q [B, C, H, D] over gathered keys k[:, index] (+ extra tokens) in compute precision."""
+def _attend_chunk(q, k, v, index, valid, bias, extra_k, extra_v, scale, with_lse=False):
+    """Softmax attention of q [B, C, H, D] over gathered keys k[:, index] (+ extra tokens) in compute precision.
+
+    With ``with_lse`` also the natural-log log-sum-exp of each query's logits, [B, C, H]."""
     ct = _compute_dtype(q.dtype)
     ks = k[:, index].to(ct)  # [B, C, K, H, D]
     vs = v[:, index].to(ct)
@@ -108,22 +112,33 @@ def _attend_chunk(q, k, v, index, valid, bias, extra_k, extra_v, scale):
     out = torch.einsum("bchk,bckhd->bchd", probs[..., :n_local], vs)
     if extra_k is not None:
         out = out + torch.einsum("bchn,bnhd->bchd", probs[..., n_local:], extra_v.to(ct))
+    if with_lse:
+        return out, torch.logsumexp(logits, dim=-1)
     return out
 
 
-def _local_attention(q, k, v, tables, rpb, scale, extra_k=None, extra_v=None) -> Tensor:
-    """Shared engine of the reference: chunked gather attention over per-dimension neighbor tables."""
+def _local_attention(q, k, v, tables, rpb, scale, extra_k=None, extra_v=None, with_lse=False):
+    """Shared engine of the reference: chunked gather attention over per-dimension neighbor tables.
+
+    Returns the output [B, *spatial, H, Dv] in q's dtype, and with ``with_lse`` also the log-sum-exp
+    [B, *spatial, H] in compute precision (float32, float64 for float64 inputs)."""
     batch, *spatial, heads, dim = q.shape
     dim_v = v.shape[-1]
-    n = math.prod(spatial)
+    n = 1
+    for size in spatial:  # plain loops, not math.prod(<genexpr>): torch.compile traces this function
+        n *= size
+    neighbors = 1
+    for table in tables:
+        neighbors *= table.index.shape[1]
     qf, kf, vf = q.reshape(batch, n, heads, dim), k.reshape(batch, n, heads, dim), v.reshape(batch, n, heads, dim_v)
-    neighbors = math.prod(t.index.shape[1] for t in tables)
     per_query = max(1, batch * neighbors * heads * max(dim, dim_v))
     chunk = max(1, min(n, CHUNK_ELEMENTS // per_query))
-    needs_grad = torch.is_grad_enabled() and any(
+    # Checkpointed chunks keep only the inputs for the backward. torch.export cannot trace the checkpoint higher-order
+    # op, so an exported graph runs the chunks plainly (same values, more activation memory if trained).
+    needs_grad = torch.is_grad_enabled() and not torch.compiler.is_exporting() and any(
         t is not None and t.requires_grad for t in (q, k, v, rpb, extra_k, extra_v)
     )
-    outputs = []
+    outputs, lses = [], []
     for start in range(0, n, chunk):
         rows = torch.arange(start, min(start + chunk, n), device=q.device)
 
@@ -132,16 +147,24 @@ def _local_attention(q, k, v, tables, rpb, scale, extra_k=None, extra_v=None) ->
             bias = None
             if rpb is not None:
                 bias = rpb[(slice(None), *offsets)].permute(1, 0, 2)  # [C, H, K]
-            return _attend_chunk(qc, kf, vf, index, valid, bias, extra_k, extra_v, scale)
+            return _attend_chunk(qc, kf, vf, index, valid, bias, extra_k, extra_v, scale, with_lse)
 
         qc = qf[:, start : start + chunk]
         if needs_grad:
-            out = checkpoint(run, qc, kf, vf, rpb, extra_k, extra_v, use_reentrant=False)
+            result = checkpoint(run, qc, kf, vf, rpb, extra_k, extra_v, use_reentrant=False)
         else:
-            out = run(qc, kf, vf, rpb, extra_k, extra_v)
-        outputs.append(out)
+            result = run(qc, kf, vf, rpb, extra_k, extra_v)
+        if with_lse:
+            outputs.append(result[0])
+            lses.append(result[1])
+        else:
+            outputs.append(result)
     out = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
-    return out.to(q.dtype).reshape(batch, *spatial, heads, dim_v)
+    out = out.to(q.dtype).reshape(batch, *spatial, heads, dim_v)
+    if not with_lse:
+        return out
+    lse = torch.cat(lses, dim=1) if len(lses) > 1 else lses[0]
+    return out, lse.reshape(batch, *spatial, heads)
 
 
 def na(
@@ -152,18 +175,22 @@ def na(
     dilation: tuple[int, ...],
     stride: tuple[int, ...],
     is_causal: tuple[bool, ...],
-    rpb: Optional[Tensor],
+    rpb: Tensor | None,
     scale: float,
-    additional_keys: Optional[Tensor],
-    additional_values: Optional[Tensor],
-) -> Tensor:
-    """Neighborhood attention (NA/DiNA/GNA, 1-3 D) with optional rpb and extra global tokens."""
+    additional_keys: Tensor | None,
+    additional_values: Tensor | None,
+    return_lse: bool = False,
+):
+    """Neighborhood attention (NA/DiNA/GNA, 1-3 D) with optional rpb and extra global tokens.
+
+    With ``return_lse`` returns ``(out, lse)``: the exact natural-log log-sum-exp ``[B, *spatial, heads]`` of each
+    query's logits over its neighborhood and the extra tokens (NATTEN's layout), differentiable."""
     spatial = q.shape[1:-2]
     tables = [
         na_table(length, *params, device=q.device)
-        for length, params in zip(spatial, zip(kernel_size, dilation, stride, is_causal))
+        for length, params in zip(spatial, zip(kernel_size, dilation, stride, is_causal, strict=True), strict=True)
     ]
-    return _local_attention(q, k, v, tables, rpb, scale, additional_keys, additional_values)
+    return _local_attention(q, k, v, tables, rpb, scale, additional_keys, additional_values, with_lse=return_lse)
 
 
 def window(
@@ -172,12 +199,13 @@ def window(
     v: Tensor,
     window_size: tuple[int, ...],
     shift: tuple[int, ...],
-    rpb: Optional[Tensor],
+    rpb: Tensor | None,
     scale: float,
 ) -> Tensor:
     """(Shifted) window attention: each query attends its own, possibly partial, window."""
     spatial = q.shape[1:-2]
-    tables = [window_table(length, w, t, device=q.device) for length, w, t in zip(spatial, window_size, shift)]
+    tables = [window_table(length, w, t, device=q.device)
+              for length, w, t in zip(spatial, window_size, shift, strict=True)]
     return _local_attention(q, k, v, tables, rpb, scale)
 
 
@@ -186,14 +214,17 @@ def agent(
     k: Tensor,
     v: Tensor,
     agents: Tensor,
-    agent_bias: Optional[Tensor],
-    query_bias: Optional[Tensor],
+    agent_bias: Tensor | None,
+    query_bias: Tensor | None,
     scale: float,
 ) -> Tensor:
     """Agent attention: agents attend the keys, then queries attend the agents' summaries."""
     batch, *spatial, heads, dim = q.shape
     ct = _compute_dtype(q.dtype)
-    as_bhnd = lambda t: t.reshape(batch, -1, heads, t.shape[-1]).transpose(1, 2).to(ct)
+
+    def as_bhnd(t: Tensor) -> Tensor:
+        return t.reshape(batch, -1, heads, t.shape[-1]).transpose(1, 2).to(ct)
+
     qh, kh, vh, ah = as_bhnd(q), as_bhnd(k), as_bhnd(v), as_bhnd(agents)
     agent_logits = (ah @ kh.transpose(-1, -2)) * scale  # [B, H, A, N]
     if agent_bias is not None:
@@ -231,6 +262,11 @@ def pad_to_regions(t: Tensor, regions: tuple[int, int]) -> Tensor:
     return F.pad(t, (0, 0, 0, 0, 0, padded_w - t.shape[2], 0, padded_h - t.shape[1]))
 
 
+def _gather_regions(t: Tensor, idx: Tensor) -> Tensor:
+    """``t[b, idx[b]]`` for every batch item: [B, R, tokens, H, D] by [B, C, topk] -> [B, C, topk, tokens, H, D]."""
+    return torch.stack([t[b, idx[b]] for b in range(t.shape[0])])
+
+
 def bilevel_routing(
     q: Tensor,
     k: Tensor,
@@ -259,9 +295,8 @@ def bilevel_routing(
     outs = []
     for start in range(0, n_regions, budget):
         idx = routing[:, start : start + budget]  # [B, C, topk]
-        gather = lambda t: torch.stack([t[b, idx[b]] for b in range(batch)])  # [B, C, topk, tokens, H, D]
-        ks = gather(kr).flatten(2, 3)
-        vs = gather(vr).flatten(2, 3)
+        ks = _gather_regions(kr, idx).flatten(2, 3)
+        vs = _gather_regions(vr, idx).flatten(2, 3)
         logits = torch.einsum("bcthd,bckhd->bchtk", qr[:, start : start + budget], ks) * scale
         outs.append(torch.einsum("bchtk,bckhd->bcthd", torch.softmax(logits, dim=-1), vs))
     out = torch.cat(outs, dim=1).reshape(batch, sh, sw, region_h, region_w, heads, dim_v)

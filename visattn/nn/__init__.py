@@ -1,7 +1,18 @@
-"""nn.Modules over visattn's functional API, heads-last so a fused qkv Linear needs no permute."""
+"""nn.Modules over visattn's functional API, heads-last so a fused qkv Linear needs no permute.
+
+``NeighborhoodAttention1D/2D/3D`` follow NATTEN 0.21's modules; ``WindowAttention``, ``AgentAttention`` and
+``BiLevelRoutingAttention`` follow the official Swin, Agent-Attention and BiFormer modules' argument names.
+"""
 
 from visattn.nn.agent import AgentAttention
-from visattn.nn.neighborhood import NeighborhoodAttention1d, NeighborhoodAttention2d, NeighborhoodAttention3d
+from visattn.nn.neighborhood import (
+    NeighborhoodAttention1D,
+    NeighborhoodAttention1d,
+    NeighborhoodAttention2D,
+    NeighborhoodAttention2d,
+    NeighborhoodAttention3D,
+    NeighborhoodAttention3d,
+)
 from visattn.nn.positional import swin_rpb_to_visattn, visattn_rpb_to_swin
 from visattn.nn.routing import BiLevelRoutingAttention
 from visattn.nn.window import WindowAttention
@@ -9,8 +20,11 @@ from visattn.nn.window import WindowAttention
 __all__ = [
     "AgentAttention",
     "BiLevelRoutingAttention",
+    "NeighborhoodAttention1D",
     "NeighborhoodAttention1d",
+    "NeighborhoodAttention2D",
     "NeighborhoodAttention2d",
+    "NeighborhoodAttention3D",
     "NeighborhoodAttention3d",
     "WindowAttention",
     "swin_rpb_to_visattn",

@@ -3,13 +3,13 @@
 Agents are the adaptive average pool of q to ``sqrt(agent_num)``² positions. Agents attend the keys with a
 position bias (``an_bias`` bilinearly resized to the map, plus the separable ``ah_bias + aw_bias``); queries attend
 the agents with the transposed counterparts (``na_bias``, ``ha_bias + wa_bias``); a 3×3 depthwise conv of v is
-added before the output projection. Parameter names follow the official module, so its checkpoints load as is.
+added before the output projection. Argument and parameter names follow the official module
+(LeapLabTHU/Agent-Attention, ``agent_swin.py``), so its checkpoints load as is.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,23 +23,44 @@ _BIAS_GRID = 7  # an_bias / na_bias are stored on a 7×7 grid and resized to the
 
 
 class AgentAttention(nn.Module):
-    """Agent attention over a ``window_size = (H, W)`` map (the whole feature map in Agent-Swin)."""
+    """Agent attention over a ``window_size = (H, W)`` map (the whole feature map in Agent-Swin).
 
-    def __init__(self, dim: int, num_heads: int, window_size: _args.IntOrTuple, agent_num: int = 49,
-                 qkv_bias: bool = True, qk_scale: Optional[float] = None, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, backend: str = "auto"):
+    Same arguments, order and parameters as the official ``AgentAttention(dim, window_size, num_heads,
+    qkv_bias=True, qk_scale=None, attn_drop=0.0, proj_drop=0.0, shift_size=0, agent_num=49)``; ``backend`` is
+    keyword-only. Differences: ``forward`` also takes the map as ``[B, H, W, C]``; a given ``qk_scale`` is used (the
+    official module ignores it and always uses ``head_dim ** -0.5``); ``attn_drop`` must be 0.
+
+    Args:
+        dim: channels ``C``.
+        window_size: int or ``(H, W)``, the map size the position biases are tied to.
+        num_heads: attention heads; must divide ``dim``.
+        qkv_bias: bias on the fused qkv Linear (default True).
+        qk_scale: softmax scale, a finite number > 0; None means ``head_dim ** -0.5``.
+        attn_drop: must be 0: the fused path never materialises attention probabilities.
+        proj_drop: dropout rate after the output projection, in [0, 1).
+        shift_size: a non-negative int, accepted for the official signature and unused, as there: the module
+            attends the whole ``window_size`` map (a surrounding block would do any shifting).
+        agent_num: number of agent tokens, a perfect square (agents are a pooled square grid); default 49.
+        backend: keyword-only, None/"auto", "sdpa", "reference" (see :func:`visattn.agent_attention`).
+    """
+
+    def __init__(self, dim: int, window_size: _args.IntOrTuple, num_heads: int, qkv_bias: bool = True,
+                 qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0, shift_size: int = 0,
+                 agent_num: int = 49, *, backend: str | None = None):
         super().__init__()
         self.dim = _args.positive_int(dim, "dim")
         self.num_heads = _args.positive_int(num_heads, "num_heads")
-        self.head_dim = _args.heads_divide(dim, num_heads)
+        self.head_dim = _args.heads_divide(dim, num_heads, "dim")
         self.window_size = _args.int_tuple(window_size, 2, "window_size")
+        self.shift_size = _args.non_negative_int(shift_size, "shift_size")
         self.agent_num = _args.positive_int(agent_num, "agent_num")
         pool = math.isqrt(self.agent_num)
         if pool * pool != self.agent_num:
             raise ValueError(f"agent_num must be a perfect square (agents are a pooled square grid), got {agent_num}")
+        _args.check_flag(qkv_bias, "qkv_bias")
         _args.no_attn_drop(attn_drop)
-        self.backend = _args.backend_name(backend)
-        self.scale = _args.scale_or_default(qk_scale, self.head_dim)
+        self.backend = _args.check_backend(backend, "AgentAttention", allow_sdpa=True)
+        self.scale = _args.check_scale(qk_scale, self.head_dim, "qk_scale")
         height, width = self.window_size
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -58,18 +79,36 @@ class AgentAttention(nn.Module):
     def biases(self) -> tuple[Tensor, Tensor]:
         """(agent_bias ``[1, heads, A, N]``, query_bias ``[1, heads, N, A]``) for the configured map."""
         heads, agents = self.num_heads, self.agent_num
-        resize = lambda t: F.interpolate(t, size=self.window_size, mode="bilinear").reshape(1, heads, agents, -1)
+
+        def resize(t: Tensor) -> Tensor:
+            return F.interpolate(t, size=self.window_size, mode="bilinear").reshape(1, heads, agents, -1)
+
         agent_bias = resize(self.an_bias) + (self.ah_bias + self.aw_bias).reshape(1, heads, agents, -1)
         separable = (self.ha_bias + self.wa_bias).reshape(1, heads, -1, agents)
         query_bias = resize(self.na_bias).transpose(-1, -2) + separable
         return agent_bias, query_bias
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``x``: ``[B, H, W, dim]``, or the official ``[B, H*W, dim]`` tokens -> the same shape.
+
+        ``mask`` exists for the official signature and must be None (the official module ignores it; refusing it
+        here keeps a shifted-window mask from being dropped silently).
+        """
+        if mask is not None:
+            raise ValueError("AgentAttention: mask must be None (agent attention attends the whole map; a "
+                             "shifted-window mask cannot apply)")
+        height, width = self.window_size
+        tokens_in = isinstance(x, Tensor) and x.dim() == 3
+        if tokens_in:
+            if x.shape[1] != height * width or x.shape[-1] != self.dim:
+                raise ValueError(f"AgentAttention: token input x must have shape [B, {height * width}, {self.dim}] "
+                                 f"for window_size {self.window_size}, got {tuple(x.shape)}")
+            x = x.reshape(x.shape[0], height, width, self.dim)
         _args.check_input(x, 2, self.dim, "AgentAttention")
         if tuple(x.shape[1:3]) != self.window_size:
             raise ValueError(f"AgentAttention: x's spatial size {tuple(x.shape[1:3])} must equal window_size "
                              f"{self.window_size} (the position biases are tied to it)")
-        batch, height, width, _ = x.shape
+        batch = x.shape[0]
         qkv = self.qkv(x).view(batch, height, width, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(-3)
         pooled = self.pool(q.reshape(batch, height, width, self.dim).permute(0, 3, 1, 2))  # [B, C, p, p]
@@ -79,7 +118,8 @@ class AgentAttention(nn.Module):
                                          scale=self.scale, backend=self.backend)
         v_map = v.reshape(batch, height, width, self.dim).permute(0, 3, 1, 2)
         out = out.reshape(batch, height, width, self.dim) + self.dwc(v_map).permute(0, 2, 3, 1)
-        return self.proj_drop(self.proj(out))
+        out = self.proj_drop(self.proj(out))
+        return out.reshape(batch, height * width, self.dim) if tokens_in else out
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, agent_num={self.agent_num}"
+        return f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, agent_num={self.agent_num}"

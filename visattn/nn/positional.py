@@ -15,18 +15,18 @@ already, so NAT tables load unchanged and no conversion function is needed.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 from torch import Tensor
 
 from visattn.nn import _args
 
 
-def _window(window_size: Union[int, Sequence[int]], rank: int) -> tuple:
+def _window(window_size: int | Sequence[int], rank: int) -> tuple:
     return _args.int_tuple(window_size, rank, "window_size")
 
 
-def swin_rpb_to_visattn(table: Tensor, window_size: Union[int, Sequence[int]]) -> Tensor:
+def swin_rpb_to_visattn(table: Tensor, window_size: int | Sequence[int]) -> Tensor:
     """Swin's ``[(2w0-1)(2w1-1)(...), heads]`` table -> visattn's ``[heads, 2w0-1, 2w1-1(, ...)]`` (a copy).
 
     An int ``window_size`` means a square 2-D window; pass a 3-tuple for Video Swin tables.
@@ -40,7 +40,7 @@ def swin_rpb_to_visattn(table: Tensor, window_size: Union[int, Sequence[int]]) -
     return table.reshape(*sizes, table.shape[1]).permute(rank, *range(rank)).flip(offsets).contiguous()
 
 
-def visattn_rpb_to_swin(rpb: Tensor, window_size: Union[int, Sequence[int]]) -> Tensor:
+def visattn_rpb_to_swin(rpb: Tensor, window_size: int | Sequence[int]) -> Tensor:
     """visattn's ``[heads, 2w0-1, 2w1-1(, ...)]`` table -> Swin's ``[(2w0-1)(2w1-1)(...), heads]`` (a copy)."""
     rank = rpb.dim() - 1
     sizes = tuple(2 * w - 1 for w in _window(window_size, rank))

@@ -1,8 +1,6 @@
-"""BiFormer's bi-level routing attention module (``ops/bra_legacy.py`` defaults) on ``[B, H, W, C]``."""
+"""BiFormer's bi-level routing attention module (``ops/bra_legacy.py`` of rayleizhu/BiFormer) on ``[B, H, W, C]``."""
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -11,40 +9,98 @@ from visattn import functional
 from visattn.nn import _args
 
 
+class _QKVLinear(nn.Module):
+    """BiFormer's ``QKVLinear``: one Linear ``dim -> 2*qk_dim + dim`` named ``qkv`` (state-dict key ``qkv.qkv``)."""
+
+    def __init__(self, dim: int, qk_dim: int, bias: bool = True):
+        super().__init__()
+        self.dim, self.qk_dim = dim, qk_dim
+        self.qkv = nn.Linear(dim, 2 * qk_dim + dim, bias=bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.qkv(x).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
+
+
 class BiLevelRoutingAttention(nn.Module):
     """Bi-level routing attention with BiFormer's LEPE (depthwise conv on v) and output projection ``wo``.
 
-    ``qkv`` is one Linear ``dim -> 2*qk_dim + dim`` (q, k, v in that order; BiFormer's ``qkv.qkv``), the scale is
-    ``qk_dim ** -0.5`` (not per head, as in BiFormer), routing is non-differentiable top-k over region means with
-    identity kv downsampling. With ``auto_pad`` the input is zero-padded at the bottom/right to a multiple of
-    ``n_win`` *before* the projection (padded tokens carry the projection bias, as in BiFormer) and the output is
-    cropped back; without it the map must divide.
+    Same arguments, order, defaults and parameter names (``qkv.qkv``, ``lepe``, ``wo``) as BiFormer's
+    ``BiLevelRoutingAttention``, so its checkpoints load as is; ``qkv_bias`` and ``backend`` are keyword-only
+    additions. The scale is ``qk_scale`` or ``qk_dim ** -0.5`` (not per head, as in BiFormer); routing is
+    non-differentiable top-k over region means with identity kv downsampling (BiFormer's configuration); the
+    options BiFormer leaves experimental (kv downsampling, learned or differentiable routing) raise ``ValueError``.
+
+    Args:
+        dim: channels ``C``.
+        num_heads: attention heads; must divide ``dim`` and ``qk_dim``.
+        n_win: regions per side (``n_win ** 2`` regions).
+        qk_dim: channels of q and k (default ``dim``).
+        qk_scale: softmax scale, a finite number > 0; None means ``qk_dim ** -0.5``.
+        kv_per_win, kv_downsample_ratio, kv_downsample_kernel: kv-downsampling sizes; ignored with
+            ``kv_downsample_mode="identity"``, as in BiFormer.
+        kv_downsample_mode: only "identity" (no kv downsampling; BiFormer's models use it).
+        topk: routed regions per query region, ``1 <= topk <= n_win ** 2``.
+        param_attention: "qkvo" (output projection ``wo``) or "qkv" (no output projection).
+        param_routing, diff_routing, soft_routing: must be False (learned / differentiable / soft routing are not
+            supported by the fused kernel).
+        side_dwconv: LEPE depthwise-conv kernel size, odd, or 0 for none (default 3).
+        auto_pad: zero-pad the input at the bottom/right to a multiple of ``n_win`` *before* the projection (padded
+            tokens carry the projection bias, as in BiFormer) and crop the output; without it the map must divide.
+        qkv_bias: keyword-only, bias on the qkv Linear (BiFormer: always True).
+        backend: keyword-only, None/"auto", "reference" or "triton" (see :func:`visattn.bilevel_routing_attention`).
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, n_win: int = 7, qk_dim: Optional[int] = None,
-                 qk_scale: Optional[float] = None, topk: int = 4, side_dwconv: int = 5, auto_pad: bool = True,
-                 qkv_bias: bool = True, backend: str = "auto"):
+    def __init__(self, dim: int, num_heads: int = 8, n_win: int = 7, qk_dim: int | None = None,
+                 qk_scale: float | None = None, kv_per_win: int = 4, kv_downsample_ratio: int = 4,
+                 kv_downsample_kernel: int | None = None, kv_downsample_mode: str = "identity", topk: int = 4,
+                 param_attention: str = "qkvo", param_routing: bool = False, diff_routing: bool = False,
+                 soft_routing: bool = False, side_dwconv: int = 3, auto_pad: bool = False, *, qkv_bias: bool = True,
+                 backend: str | None = None):
         super().__init__()
         self.dim = _args.positive_int(dim, "dim")
         self.num_heads = _args.positive_int(num_heads, "num_heads")
-        self.qk_dim = dim if qk_dim is None else _args.positive_int(qk_dim, "qk_dim")
+        self.qk_dim = self.dim if qk_dim is None else _args.positive_int(qk_dim, "qk_dim")
         _args.heads_divide(self.qk_dim, num_heads, "qk_dim")
-        _args.heads_divide(dim, num_heads)
+        _args.heads_divide(dim, num_heads, "dim")
         self.n_win = _args.positive_int(n_win, "n_win")
         self.topk = _args.positive_int(topk, "topk")
         if self.topk > self.n_win**2:
             raise ValueError(f"topk must be <= n_win**2 = {self.n_win ** 2}, got {topk}")
-        if side_dwconv < 0 or side_dwconv % 2 == 0 and side_dwconv != 0:
+        self.scale = _args.check_scale(qk_scale, self.qk_dim, "qk_scale")
+        if kv_downsample_mode != "identity":
+            raise ValueError(f"kv_downsample_mode must be 'identity' (the fused kernel reads routed regions in "
+                             f"place, without kv downsampling), got {kv_downsample_mode!r}")
+        _args.positive_int(kv_per_win, "kv_per_win")
+        _args.positive_int(kv_downsample_ratio, "kv_downsample_ratio")
+        if kv_downsample_kernel is not None:
+            _args.positive_int(kv_downsample_kernel, "kv_downsample_kernel")
+        if param_attention not in ("qkvo", "qkv"):
+            raise ValueError(f"param_attention must be 'qkvo' or 'qkv', got {param_attention!r}")
+        for name, flag in (("param_routing", param_routing), ("diff_routing", diff_routing),
+                           ("soft_routing", soft_routing)):
+            if _args.check_flag(flag, name):
+                raise ValueError(f"{name}=True is not supported: routing is non-differentiable top-k over region "
+                                 f"means, as in BiFormer's models")
+        side_dwconv = _args.non_negative_int(side_dwconv, "side_dwconv")
+        if side_dwconv % 2 == 0 and side_dwconv != 0:
             raise ValueError(f"side_dwconv must be 0 (off) or an odd kernel size, got {side_dwconv!r}")
-        self.backend = _args.backend_name(backend)
-        self.auto_pad = bool(auto_pad)
-        self.scale = _args.scale_or_default(qk_scale, self.qk_dim)
-        self.qkv = nn.Linear(dim, 2 * self.qk_dim + dim, bias=qkv_bias)
-        self.wo = nn.Linear(dim, dim)
+        self.auto_pad = _args.check_flag(auto_pad, "auto_pad")
+        _args.check_flag(qkv_bias, "qkv_bias")
+        self.backend = _args.check_backend(backend, "BiLevelRoutingAttention")
+        self.param_attention = param_attention
+        self.qkv = _QKVLinear(self.dim, self.qk_dim, bias=qkv_bias)
+        self.wo = nn.Linear(dim, dim) if param_attention == "qkvo" else nn.Identity()
         self.lepe = (nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
                      if side_dwconv > 0 else None)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, ret_attn_mask: bool = False) -> Tensor:
+        """``x``: ``[B, H, W, dim]`` -> ``[B, H, W, dim]``.
+
+        ``ret_attn_mask`` exists for BiFormer's signature and must be False: the fused kernel never forms the
+        attention weights BiFormer would return.
+        """
+        if ret_attn_mask:
+            raise ValueError("ret_attn_mask=True is not supported: the attention weights are never materialised")
         _args.check_input(x, 2, self.dim, "BiLevelRoutingAttention")
         batch, height, width, _ = x.shape
         pad_h, pad_w = -height % self.n_win, -width % self.n_win
@@ -54,7 +110,7 @@ class BiLevelRoutingAttention(nn.Module):
                                  f"n_win={self.n_win} when auto_pad=False")
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         ph, pw = height + pad_h, width + pad_w
-        q, k, v = self.qkv(x).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
+        q, k, v = self.qkv(x)
         heads = self.num_heads
         out = functional.bilevel_routing_attention(
             q.unflatten(-1, (heads, -1)), k.unflatten(-1, (heads, -1)), v.unflatten(-1, (heads, -1)),

@@ -2,28 +2,44 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visattn import functional
 from visattn.nn import _args
+from visattn.nn.positional import swin_rpb_to_visattn
 
 
 class WindowAttention(nn.Module):
-    """Window attention with optional shift and relative position bias.
+    """Window attention with optional shift and relative position bias, over a whole feature map.
 
-    ``window_size``/``shift`` are an int (2-D) or a 2-/3-tuple (3-D for Video Swin). Inputs whose spatial size is
-    not a multiple of the window are zero-padded at the end before the qkv projection (as timm's Swin does) and
-    the output is cropped back. Shifted windows are taken on the padded map. ``rpb`` is visattn's
-    ``[heads, 2w0-1, 2w1-1(, 2w2-1)]`` key-minus-query table; load a Swin table with
-    :func:`visattn.nn.swin_rpb_to_visattn`.
+    The arguments follow the official Swin ``WindowAttention(dim, window_size, num_heads, qkv_bias=True,
+    qk_scale=None, attn_drop=0.0, proj_drop=0.0)``; the shift (Swin's block-level ``shift_size``) and visattn's
+    options are keyword-only. Unlike Swin's module, ``forward`` takes the whole map, not partitioned windows: the
+    shifted windows are a mask pattern inside the kernel (no roll, partition or mask tensors). Inputs whose spatial
+    size is not a multiple of the window are zero-padded at the end before the qkv projection (as timm's Swin does)
+    and the output is cropped back; shifted windows are taken on the padded map.
+
+    Parameters: ``qkv``, ``proj`` and ``rpb`` ``[heads, 2w0-1, 2w1-1(, 2w2-1)]`` (key-minus-query offsets). A Swin
+    state dict loads directly: its ``relative_position_bias_table`` is converted to ``rpb`` on load (see
+    :func:`visattn.nn.swin_rpb_to_visattn`) and its ``relative_position_index`` buffer is dropped.
+
+    Args:
+        dim: channels ``C``.
+        window_size: int (a square 2-D window) or a 2-/3-tuple (3-D for Video Swin).
+        num_heads: attention heads; must divide ``dim``.
+        qkv_bias: bias on the fused qkv Linear (default True).
+        qk_scale: softmax scale, a finite number > 0; None means ``head_dim ** -0.5``.
+        attn_drop: must be 0: the fused kernels never materialise attention probabilities.
+        proj_drop: dropout rate after the output projection, in [0, 1).
+        shift_size: keyword-only, int or per-dimension tuple, ``0 <= shift_size < window_size`` (SW-MSA).
+        rel_pos_bias: keyword-only, learn the ``rpb`` table (default True, as Swin).
+        backend: keyword-only, None/"auto", "reference" or "triton" (see :func:`visattn.window_attention`).
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: _args.IntOrTuple, shift: _args.IntOrTuple = 0,
-                 rel_pos_bias: bool = True, qkv_bias: bool = True, qk_scale: Optional[float] = None,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, backend: str = "auto"):
+    def __init__(self, dim: int, window_size: _args.IntOrTuple, num_heads: int, qkv_bias: bool = True,
+                 qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0, *,
+                 shift_size: _args.IntOrTuple = 0, rel_pos_bias: bool = True, backend: str | None = None):
         super().__init__()
         rank = len(window_size) if isinstance(window_size, (tuple, list)) else 2
         if rank not in (2, 3):
@@ -31,37 +47,50 @@ class WindowAttention(nn.Module):
         self.rank = rank
         self.dim = _args.positive_int(dim, "dim")
         self.num_heads = _args.positive_int(num_heads, "num_heads")
-        self.head_dim = _args.heads_divide(dim, num_heads)
+        self.head_dim = _args.heads_divide(dim, num_heads, "dim")
         self.window_size = _args.int_tuple(window_size, rank, "window_size")
-        self.shift = _args.int_tuple(shift, rank, "shift", minimum=0)
-        if any(t >= w for t, w in zip(self.shift, self.window_size)):
-            raise ValueError(f"shift {self.shift} must be smaller than window_size {self.window_size}")
+        self.shift_size = _args.int_tuple(shift_size, rank, "shift_size", minimum=0)
+        if any(t >= w for t, w in zip(self.shift_size, self.window_size, strict=True)):
+            raise ValueError(f"shift_size {self.shift_size} must be smaller than window_size {self.window_size}")
+        _args.check_flag(qkv_bias, "qkv_bias")
+        _args.check_flag(rel_pos_bias, "rel_pos_bias")
         _args.no_attn_drop(attn_drop)
-        self.backend = _args.backend_name(backend)
-        self.scale = _args.scale_or_default(qk_scale, self.head_dim)
+        self.backend = _args.check_backend(backend, "WindowAttention")
+        self.scale = _args.check_scale(qk_scale, self.head_dim, "qk_scale")
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.rpb = _args.rel_pos_table(rel_pos_bias, num_heads, self.window_size)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(_args.dropout_rate(proj_drop, "proj_drop"))
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x``: ``[B, H, W, dim]`` (or ``[B, T, H, W, dim]``) -> the same shape."""
         _args.check_input(x, self.rank, self.dim, "WindowAttention")
         spatial = tuple(x.shape[1:-1])
-        padded = tuple(-(-n // w) * w for n, w in zip(spatial, self.window_size))
+        padded = tuple(-(-n // w) * w for n, w in zip(spatial, self.window_size, strict=True))
         if padded != spatial:
             pads = []
-            for n, p in reversed(list(zip(spatial, padded))):
+            for n, p in reversed(list(zip(spatial, padded, strict=True))):
                 pads += [0, p - n]
             x = F.pad(x, [0, 0] + pads)
         qkv = self.qkv(x).view(x.shape[0], *padded, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(-3)
-        out = functional.window_attention(q, k, v, self.window_size, self.shift, rpb=self.rpb, scale=self.scale,
-                                          backend=self.backend)
+        out = functional.window_attention(q, k, v, self.window_size, self.shift_size, rpb=self.rpb,
+                                          scale=self.scale, backend=self.backend)
         out = self.proj_drop(self.proj(out.reshape(*x.shape[:-1], self.dim)))
         if padded != spatial:
             out = out[(slice(None), *(slice(0, n) for n in spatial))]
         return out
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A Swin checkpoint: its query-minus-key table becomes this module's key-minus-query rpb.
+        table = prefix + "relative_position_bias_table"
+        if table in state_dict and prefix + "rpb" not in state_dict and self.rpb is not None:
+            state_dict[prefix + "rpb"] = swin_rpb_to_visattn(state_dict.pop(table), self.window_size)
+            state_dict.pop(prefix + "relative_position_index", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, shift={self.shift}, "
-                f"rel_pos_bias={self.rpb is not None}")
+        return (f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, "
+                f"shift_size={self.shift_size}, rel_pos_bias={self.rpb is not None}")

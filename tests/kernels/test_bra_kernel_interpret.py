@@ -1,0 +1,73 @@
+"""The Triton bi-level routing kernels (fwd, dQ, dK/dV) under TRITON_INTERPRET=1 vs the dense float64 oracle.
+
+Triton picks interpreter or compiler when a kernel module is imported, so the cases run in a child process with
+TRITON_INTERPRET=1; this keeps the rest of the test session on its normal path.
+"""
+
+import json
+import os
+
+import pytest
+from interpreted import run_interpreted
+
+CASES = [
+    # B, H, W, heads, D, Dv, regions, topk, dtype, non_contiguous
+    (2, 8, 8, 2, 16, 16, (2, 2), 2, "float32", True),
+    (1, 6, 9, 2, 8, 12, (3, 3), 4, "float32", True),
+    (1, 7, 5, 1, 16, 16, (2, 2), 3, "float32", False),  # padded: 7x5 on a 2x2 grid
+    (1, 4, 12, 1, 24, 24, (1, 3), 3, "float32", False),  # topk = all regions, head dim padded 24 -> 32
+    (1, 8, 8, 2, 16, 16, (4, 2), 3, "float16", True),
+    (1, 8, 8, 1, 32, 32, (2, 2), 1, "float16", False),
+]
+# bfloat16 runs on the GPU only (tests/kernels/test_bra_kernel_gpu.py): the interpreter's bf16 tl.dot is wrong
+# (triton 3.9: errors ~1e10).
+TOL = {"float32": 1e-5, "float16": 3e-3}
+
+
+def run_cases() -> list[dict]:
+    import torch
+
+    from visattn.bench import dense
+    from visattn.kernels.routing import bilevel_routing
+
+    results = []
+    for i, (b, h, w, heads, d, dv, regions, topk, dtype, strided) in enumerate(CASES):
+        gen = torch.Generator().manual_seed(i)
+        dt = getattr(torch, dtype)
+        if strided:  # views of one fused qkv tensor
+            qkv = torch.randn(b, h, w, 3, heads, max(d, dv), generator=gen).to(dt)
+            q, k, v = qkv[..., 0, :, :d], qkv[..., 1, :, :d], qkv[..., 2, :, :dv]
+        else:
+            q, k = (torch.randn(b, h, w, heads, d, generator=gen).to(dt) for _ in range(2))
+            v = torch.randn(b, h, w, heads, dv, generator=gen).to(dt)
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        grad = torch.randn(b, h, w, heads, dv, generator=gen)
+        out, routing = bilevel_routing(q, k, v, regions, topk, d**-0.5, return_routing=True)
+        grads = torch.autograd.grad(out, (q, k, v), grad.to(dt))
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref = dense.bilevel_routing(q64, k64, v64, regions, topk)
+        ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
+        def err(a, r):
+            return float((a.double() - r).abs().max() / max(1.0, float(r.abs().max())))
+        results.append({"case": i, "dtype": dtype, "fwd": err(out, ref),
+                        "grads": [err(g, r) for g, r in zip(grads, ref_grads, strict=False)],
+                        "nan": bool(torch.isnan(out).any()), "routing_shape": list(routing.shape)})
+    return results
+
+
+@pytest.mark.interpret
+def test_bra_kernels_match_dense_oracle_under_interpreter():
+    results = run_interpreted(__file__, timeout=600)
+    assert len(results) == len(CASES)
+    for res, case in zip(results, CASES, strict=False):
+        tol = TOL[res["dtype"]]
+        assert not res["nan"], res
+        assert res["fwd"] < tol, res
+        assert max(res["grads"]) < 4 * tol, res
+        n_regions = case[6][0] * case[6][1]
+        assert res["routing_shape"] == [case[0], n_regions, case[7]]
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    print(json.dumps(run_cases()))
