@@ -1,35 +1,56 @@
-"""Where a timm model's forward spends its GPU time (torch.profiler), and which attention backends it used."""
+"""Where a timm model's forward spends its GPU time (torch.profiler), and which attention backends it chose.
 
-import sys
+``python benchmarks/profile_model.py [MODEL] [BATCH] [--dtype fp16|bf16]``; MODEL may carry ``@visattn`` (timm's
+Swin on visattn windows), as in ``visattn bench``.
+"""
 
-import timm
+from __future__ import annotations
+
+import argparse
+
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import visattn
 from visattn import functional
-
-name, batch = (sys.argv[1], int(sys.argv[2])) if len(sys.argv) > 2 else ("nat_tiny", 256)
-model = timm.create_model(name).cuda().half().eval()
-x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.half)
-seen = set()
-original = functional._choose
+from visattn.bench.common import DTYPES, parse_dtype
+from visattn.bench.models import ModelSpec, Settings, create_model, parse_spec
 
 
-def spy(op, backend, q, *args, **kwargs):
-    chosen = original(op, backend, q, *args, **kwargs)
-    seen.add((op, chosen, tuple(q.shape), str(q.dtype)))
-    return chosen
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", default="nat_tiny")
+    parser.add_argument("batch", nargs="?", type=int, default=256)
+    parser.add_argument("--dtype", default="fp16", choices=list(DTYPES))
+    args = parser.parse_args()
+    dtype = parse_dtype(args.dtype, "--dtype")
+    spec: ModelSpec = parse_spec(args.model)
+    settings = Settings(device="cuda", batch_size=args.batch, num_warm_iter=3, num_bench_iter=1, amp_dtype=None,
+                        model_dtype=dtype, precision=str(dtype))
+    model, input_size = create_model(spec, settings)
+    x = torch.randn(args.batch, *input_size, device="cuda", dtype=dtype)
+    seen = set()
+    original = functional._choose
+
+    def spy(op, backend, query, *rest, **kwargs):  # records (op, chosen backend, shape, dtype) per call site
+        chosen = original(op, backend, query, *rest, **kwargs)
+        seen.add((op, chosen, tuple(query.shape), str(query.dtype)))
+        return chosen
+
+    functional._choose = spy
+    try:
+        with torch.no_grad():
+            for _ in range(3):
+                model.eval()(x)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+                model(x)
+                torch.cuda.synchronize()
+    finally:
+        functional._choose = original
+    for item in sorted(seen):
+        print(item)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
 
 
-functional._choose = spy
-with torch.no_grad():
-    for _ in range(3):
-        model(x)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        model(x)
-        torch.cuda.synchronize()
-for item in sorted(seen):
-    print(item)
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+if __name__ == "__main__":
+    main()

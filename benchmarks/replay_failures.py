@@ -1,15 +1,29 @@
-"""Re-run the problems a GPU sweep log marked as failed (after a fix), with visattn.bench.check's own judge."""
+"""Re-run the problems a GPU sweep log marked as failed (after a fix), with visattn.bench.check's own judge.
+
+``python benchmarks/replay_failures.py CHECK_LOG.json``
+"""
+
+from __future__ import annotations
 
 import json
 import sys
 
 from visattn.bench.check import run_problem
 
-log = json.load(open(sys.argv[1]))
-problems = [r for r in (log.get("results") or log.get("problems") or []) if not r.get("ok", True)]
-fixed = 0
-for p in problems:
-    res = run_problem({k: v for k, v in p.items() if k not in ("ok", "error", "errors")})
-    fixed += bool(res.get("ok"))
-    print(res.get("ok"), res.get("error", "")[:120], {k: p[k] for k in ("rank", "dtype", "head_dim", "kernel", "lengths")})
-print(f"replayed {len(problems)} failed problems: {fixed} now pass")
+
+def main(path: str) -> int:
+    with open(path) as fh:
+        log = json.load(fh)
+    problems = [r for r in (log.get("results") or log.get("problems") or []) if not r.get("ok", True)]
+    fixed = 0
+    for p in problems:
+        res = run_problem({k: v for k, v in p.items() if k not in ("ok", "error", "errors")})
+        fixed += bool(res.get("ok"))
+        shown = {k: p.get(k) for k in ("rank", "dtype", "head_dim", "kernel", "lengths")}
+        print(res.get("ok"), res.get("error", "")[:120], shown)
+    print(f"replayed {len(problems)} failed problems: {fixed} now pass")
+    return 0 if fixed == len(problems) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,4 +1,7 @@
-"""The ``visattn`` command: info, smoke, check, bench, bench-attn, bench-prune."""
+"""The ``visattn`` command: one table of sub-commands, each a module with ``add_arguments(parser)`` and ``run(args)``.
+
+A command's module is imported only when that command runs (``visattn info`` never imports the benchmarks).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,35 @@ import argparse
 import importlib
 import platform
 import sys
-from typing import Optional
+from dataclasses import dataclass
 
 
+@dataclass(frozen=True)
+class Command:
+    """A row of the command table: the module that implements it (``add_arguments`` + ``run``) and its help."""
+
+    name: str
+    module: str
+    help: str
+
+
+COMMANDS = (
+    Command("info", "visattn.cli", "versions, device, and which backends and kernels can run here (and why not)"),
+    Command("smoke", "visattn.cli", "run every attention op on a real photo against the dense oracle"),
+    Command("check", "visattn.bench.check", "GPU correctness sweep of the Triton kernels against the reference"),
+    Command("bench", "visattn.bench.models",
+            "images/sec of any timm model, inference and train step, with timm benchmark.py's flags"),
+    Command("bench-attn", "visattn.bench.attn", "kernel benchmarks from a YAML suite: time, TFLOP/s, floor, peers"),
+    Command("bench-bra", "visattn.bench.bra", "bi-level routing: fused kernel vs BiFormer's gather, time and memory"),
+    Command("bench-prune", "visattn.bench.prune", "token-pruning benchmarks on LLaVA-shaped models"),
+    Command("bench-prune-kernels", "visattn.bench.prune_kernels",
+            "LLM-stage pruning kernels (row scores, top-k, recycling) vs eager"),
+    Command("report", "visattn.bench.report", "regenerate docs/PERF.md (and PRUNE_PERF.md) from result files"),
+)
+_BY_NAME = {c.name: c for c in COMMANDS}
+
+
+# ----------------------------------------------------------------------------------------------- info
 def _version(module: str) -> str:
     try:
         return getattr(importlib.import_module(module), "__version__", "installed")
@@ -16,32 +45,59 @@ def _version(module: str) -> str:
         return f"not available ({type(err).__name__})"
 
 
-def cmd_info(args: argparse.Namespace) -> int:
+def _info_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="report for this device (default: cuda when available)")
+
+
+def _info(args: argparse.Namespace) -> int:
     import torch
 
     import visattn
-    from visattn.functional import available_backends
+    from visattn import backends
 
     print(f"visattn       {visattn.__version__}")
     print(f"python        {platform.python_version()} ({platform.machine()})")
-    for name in ("torch", "triton", "timm", "open_clip", "transformers", "natten"):
+    for name in ("torch", "triton", "timm", "open_clip", "transformers", "diffusers", "natten"):
         print(f"{name:13s} {_version(name)}")
     cuda = torch.cuda.is_available()
     print(f"CUDA          {torch.version.cuda or 'none'} (available: {cuda})")
-    device = "cuda" if cuda else "cpu"
-    if cuda:
-        props = torch.cuda.get_device_properties(0)
+    device = args.device or ("cuda" if cuda else "cpu")
+    if device.startswith("cuda") and cuda:
+        props = torch.cuda.get_device_properties(torch.device(device))
         print(f"device        {props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB")
     else:
-        print("device        cpu")
-    print(f"\nbackends on {device} (why not, where one cannot run):")
-    for op, backends in available_backends(device).items():
-        for backend, why_not in backends.items():
-            print(f"  {op:16s} {backend:10s} {'ok' if why_not is None else 'no: ' + why_not}")
+        print(f"device        {device}")
+    print(f"default backend: {backends.get_backend()} "
+          f"(attention: {backends.get_backend('attention')}, tokenprune: {backends.get_backend('tokenprune')})")
+    functional = importlib.import_module("visattn.functional")
+    if hasattr(functional, "available_backends"):
+        print(f"\nbackends per op on {device} (why not, where one cannot run):")
+        for op, choices in functional.available_backends(device).items():
+            for backend, why_not in choices.items():
+                print(f"  {op:16s} {backend:10s} {'ok' if why_not is None else 'no: ' + why_not}")
+    importlib.import_module("visattn.tokenprune.kernels")  # registers the pruning kernels with the policy
+    kernels = backends.list_kernels(device)
+    print(f"\nfused kernels on {device}, by family (why not, where one cannot run):")
+    if not kernels:
+        print("  (none registered)")
+    for family in backends.FAMILIES:
+        entries = [(entry, why) for entry, why in kernels if entry.family == family]
+        if entries:
+            print(f"  {family}:")
+        for entry, why in entries:
+            status = "ok" if why is None else "no: " + why
+            print(f"    {entry.name:24s} {status}" + (f"  ({entry.description})" if entry.description else ""))
     return 0
 
 
-def cmd_smoke(args: argparse.Namespace) -> int:
+# ----------------------------------------------------------------------------------------------- smoke
+def _smoke_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    parser.add_argument("--no-models", action="store_true", help="attention ops only (skip the timm model rows)")
+
+
+def _smoke(args: argparse.Namespace) -> int:
     from visattn.bench.smoke import format_table, run_smoke
 
     rows = run_smoke(args.device, args.dtype, models=not args.no_models)
@@ -51,39 +107,47 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-# Sub-commands implemented by ``module.main(argv)`` with their own parsers, imported only when used.
-DELEGATED = {
-    "bench": ("visattn.bench.models", "images/sec of timm models: visattn's attention vs the stock path"),
-    "check": ("visattn.bench.check", "GPU correctness sweep of the Triton kernels against the reference"),
-    "bench-attn": ("visattn.bench.attn", "kernel benchmarks: time, TFLOP/s, floor, peers"),
-    "bench-bra": ("visattn.bench.bra", "bi-level routing: fused kernel vs BiFormer's gather, time and memory"),
-    "bench-prune": ("visattn.bench.prune", "token-pruning benchmarks on LLaVA-shaped models"),
-    "bench-prune-kernels": ("visattn.bench.prune_kernels", "LLM-stage pruning kernels (row scores, top-k) vs eager"),
-}
+_LOCAL = {"info": (_info_arguments, _info), "smoke": (_smoke_arguments, _smoke)}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="visattn", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, device, and which backends can run here (and why not)").set_defaults(
-        func=cmd_info
-    )
-    smoke = sub.add_parser("smoke", help="run every attention op on a real photo against the dense oracle")
-    smoke.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    smoke.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    smoke.add_argument("--no-models", action="store_true", help="attention ops only (skip the timm model rows)")
-    smoke.set_defaults(func=cmd_smoke)
-    for name, (_, text) in DELEGATED.items():
-        sub.add_parser(name, help=f"{text} (see `visattn {name} --help`)", add_help=False)
+# ----------------------------------------------------------------------------------------------- the table
+def _implementation(command: Command):
+    """(add_arguments, run) of a command, or (None, main) for a module that only has ``main(argv)`` so far."""
+    if command.name in _LOCAL:
+        return _LOCAL[command.name]
+    module = importlib.import_module(command.module)
+    if hasattr(module, "add_arguments") and hasattr(module, "run"):
+        return module.add_arguments, module.run
+    return None, module.main  # thin wrapper: the module parses its own argv (bench-prune*, until they move over)
+
+
+def build_parser(load: str | None = None) -> argparse.ArgumentParser:
+    """The ``visattn`` parser. Only command ``load`` gets its real arguments (importing its module); the rest are
+    listed with their help, so ``visattn --help`` stays fast."""
+    parser = argparse.ArgumentParser(prog="visattn", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        if command.name != load:
+            sub.add_parser(command.name, help=command.help, add_help=False)
+            continue
+        add_arguments, run = _implementation(command)
+        child = sub.add_parser(command.name, help=command.help, description=command.help)
+        if add_arguments is not None:
+            add_arguments(child)
+        child.set_defaults(func=run)
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in DELEGATED:
-        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    name = argv[0] if argv else None
+    command = _BY_NAME.get(name)
+    if command is not None:
+        add_arguments, run = _implementation(command)
+        if add_arguments is None:  # a main(argv) module: hand it the rest of the line untouched
+            return int(run(argv[1:]) or 0)
+    args = build_parser(load=name if command else None).parse_args(argv)
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

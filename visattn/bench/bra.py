@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
-from visattn.bench.timing import device_ceilings, floor_ms, median_ms, save_result
+from visattn.bench.common import device_ceilings, floor_ms, median_ms, parse_dtype, require_cuda, save_result
 
 # (name, batch, map size, channels, heads, regions per side, topk) — BiFormer-T stages 1-3 at 224².
 PROBLEMS = [
@@ -39,7 +39,8 @@ def biformer_gather(q, k, v, regions: int, topk: int, scale: float, use_sdpa: bo
     qr, kr, vr = by_region(q), by_region(k), by_region(v)
     n_regions, tokens = qr.shape[1], qr.shape[2]
     index = routing.view(batch, n_regions, topk, 1, 1).expand(-1, -1, -1, tokens, kr.shape[-1])
-    gathered = lambda t: torch.gather(t[:, None].expand(-1, n_regions, -1, -1, -1), 2, index)
+    def gathered(t):
+        return torch.gather(t[:, None].expand(-1, n_regions, -1, -1, -1), 2, index)
     k_sel = gathered(kr).reshape(batch * n_regions, topk * tokens, heads, dim).transpose(1, 2)
     v_sel = gathered(vr).reshape(batch * n_regions, topk * tokens, heads, dim).transpose(1, 2)
     q_sel = qr.reshape(batch * n_regions, tokens, heads, dim).transpose(1, 2)
@@ -104,14 +105,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="visattn bench-bra", description=__doc__)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="visattn bench-bra", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("visattn bench-bra needs a CUDA GPU")
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    missing = require_cuda("bench-bra")
+    if missing:
+        print(missing)
         return 2
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = parse_dtype(args.dtype, "--dtype")
     ceilings = device_ceilings()
     rows = [run_problem(p, dtype, ceilings) for p in PROBLEMS]
     for row in rows:

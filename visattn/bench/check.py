@@ -11,7 +11,6 @@ poisoned with NaN before each launch. Work is spread over worker processes so Tr
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -68,7 +67,7 @@ def draw_problem(rank: int, rng: random.Random, index: int, flags: dict | None =
     if p["op"] == "window":
         window = [rng.choice([w for w in range(1, min(L, 16) + 1) if L % w == 0] or [1]) for L in lengths]
         window = [w if rng.random() < 0.8 else 1 for w in window]
-        lengths = [max(L // w, 1) * w for L, w in zip(lengths, window)]
+        lengths = [max(L // w, 1) * w for L, w in zip(lengths, window, strict=True)]
         p.update(lengths=lengths, window=window, shift=[rng.randrange(w) if rng.random() < 0.6 else 0 for w in window])
         keys = math.prod(window)
     else:
@@ -167,7 +166,7 @@ def run_problem(p: dict, device: str = "cuda") -> dict:
         return dict(p, ok=True, skipped="reference out of memory")
     errors, ok = {}, True
     grad_norm = grad.double().norm().item()
-    for name, a, b in zip(names, (out, *grads), (ref, *ref_grads)):
+    for name, a, b in zip(names, (out, *grads), (ref, *ref_grads), strict=True):
         rel, absmax = _error(a, b)
         errors[name] = (rel, absmax)
         # an absolute floor too: with one key per query dq, dk and drpb are exactly 0 (softmax of one logit), and
@@ -233,19 +232,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="visattn check", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA device: the sweep needs a GPU")
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The sweep; exit 0 when every problem passed, 1 on any failure, 2 without a GPU or with bad arguments."""
+    from visattn.bench.common import require_cuda, write_json
+
+    dtypes = tuple(d for d in args.dtypes.split(",") if d)
+    if not dtypes or set(dtypes) - set(DTYPES):
+        print(f"visattn check: --dtypes={args.dtypes!r}: choose from {','.join(DTYPES)}", file=sys.stderr)
+        return 2
+    missing = require_cuda("check")
+    if missing:
+        print(missing)
         return 2
     seed = int(time.time()) if args.seed is None else args.seed
     print(f"seed {seed}")
     rng = random.Random(seed)
     # A pool of flag combinations per rank (each compiled once per tile shape), geometry fresh for every problem.
-    dtypes = tuple(d for d in args.dtypes.split(",") if d)
-    if not dtypes or set(dtypes) - set(DTYPES):
-        parser.error(f"--dtypes={args.dtypes!r}: choose from {','.join(DTYPES)}")
     pools = {rank: [draw_flags(rank, rng, dtypes, args.rpb) for _ in range(args.variants)] for rank in (1, 2, 3)}
     problems = [draw_problem(rank, rng, i, rng.choice(pools[rank])) for rank in (1, 2, 3) for i in range(args.per_rank)]
     # Chunks of problems that share a compiled-kernel variant: a worker compiles it once and reuses it (compiling
@@ -281,21 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total run {len(results)} failed {len(fails)} (reference out of memory, not judged: {skipped}) "
           f"in {time.time() - start:.0f}s")
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(dict(seed=seed, argv=sys.argv[1:] if argv is None else argv, torch=torch.__version__, triton=_triton_version(),
-                           device=torch.cuda.get_device_name(),
-                           date=time.strftime("%Y-%m-%d"), results=results), fh)
+        from visattn.bench.common import environment
+
+        write_json(args.out, dict(bench="check", **environment(), seed=seed, results=results))
     return 0 if not fails and results else 1
-
-
-def _triton_version() -> str:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return "absent"
 
 
 if __name__ == "__main__":

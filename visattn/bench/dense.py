@@ -6,7 +6,7 @@ reference's neighbor tables), used by ``visattn smoke`` as its oracle. Float64, 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -46,16 +46,17 @@ def _outer_and(masks: Sequence[Tensor]) -> Tensor:
 def _rel_bias(rpb: Tensor, spatial: Sequence[int], divisors: Sequence[int], sizes: Sequence[int]) -> Tensor:
     """[heads, N, N] bias ``rpb[h, (kj - qi) + s - 1, ...]`` with coordinates divided by ``divisors``."""
     grids = torch.meshgrid(*[torch.arange(n) for n in spatial], indexing="ij")
-    coords = [g.reshape(-1) // d for g, d in zip(grids, divisors)]
-    offs = [(c[None, :] - c[:, None] + s - 1).clamp(0, 2 * s - 2) for c, s in zip(coords, sizes)]
+    coords = [g.reshape(-1) // d for g, d in zip(grids, divisors, strict=False)]
+    offs = [(c[None, :] - c[:, None] + s - 1).clamp(0, 2 * s - 2) for c, s in zip(coords, sizes, strict=False)]
     return rpb[(slice(None), *offs)]
 
 
-def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, bias: Optional[Tensor], scale: float,
-                    extra_k: Optional[Tensor] = None, extra_v: Optional[Tensor] = None) -> Tensor:
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, bias: Tensor | None, scale: float,
+                    extra_k: Tensor | None = None, extra_v: Tensor | None = None) -> Tensor:
     """Float64 masked softmax attention over flattened tokens; q,k,v [B, *sp, H, D], mask [N, N]."""
     batch, heads = q.shape[0], q.shape[-2]
-    flat = lambda t: t.double().reshape(batch, -1, heads, t.shape[-1]).transpose(1, 2)
+    def flat(t):
+        return t.double().reshape(batch, -1, heads, t.shape[-1]).transpose(1, 2)
     logits = flat(q) @ flat(k).transpose(-1, -2) * scale
     if bias is not None:
         logits = logits + bias.double()
@@ -71,7 +72,7 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, bias: Optiona
 def na(q, k, v, kernel_size, dilation, stride, is_causal, rpb=None, scale=None, extra_k=None, extra_v=None):
     spatial = q.shape[1:-2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    mask = _outer_and([na_mask_1d(*a) for a in zip(spatial, kernel_size, dilation, stride, is_causal)])
+    mask = _outer_and([na_mask_1d(*a) for a in zip(spatial, kernel_size, dilation, stride, is_causal, strict=False)])
     bias = None if rpb is None else _rel_bias(rpb, spatial, dilation, kernel_size)
     return dense_attention(q, k, v, mask, bias, scale, extra_k, extra_v)
 
@@ -79,7 +80,7 @@ def na(q, k, v, kernel_size, dilation, stride, is_causal, rpb=None, scale=None, 
 def window(q, k, v, window_size, shift, rpb=None, scale=None):
     spatial = q.shape[1:-2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    mask = _outer_and([window_mask_1d(*a) for a in zip(spatial, window_size, shift)])
+    mask = _outer_and([window_mask_1d(*a) for a in zip(spatial, window_size, shift, strict=False)])
     bias = None if rpb is None else _rel_bias(rpb, spatial, [1] * len(spatial), window_size)
     return dense_attention(q, k, v, mask, bias, scale)
 
@@ -87,7 +88,8 @@ def window(q, k, v, window_size, shift, rpb=None, scale=None):
 def agent(q, k, v, agents, agent_bias=None, query_bias=None, scale=None):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     batch, heads = q.shape[0], q.shape[-2]
-    flat = lambda t: t.double().reshape(batch, -1, heads, t.shape[-1]).transpose(1, 2)
+    def flat(t):
+        return t.double().reshape(batch, -1, heads, t.shape[-1]).transpose(1, 2)
     a_logits = flat(agents) @ flat(k).transpose(-1, -2) * scale + (0 if agent_bias is None else agent_bias.double())
     summary = torch.softmax(a_logits, -1) @ flat(v)
     q_logits = flat(q) @ flat(agents).transpose(-1, -2) * scale + (0 if query_bias is None else query_bias.double())
@@ -101,14 +103,16 @@ def bilevel_routing(q, k, v, regions, topk, scale=None):
     batch, height, width = q.shape[:3]
     sh, sw = regions
     ph, pw = -(-height // sh) * sh, -(-width // sw) * sw
-    pad = lambda t: torch.nn.functional.pad(t.double(), (0, 0, 0, 0, 0, pw - width, 0, ph - height))
+    def pad(t):
+        return torch.nn.functional.pad(t.double(), (0, 0, 0, 0, 0, pw - width, 0, ph - height))
     qp, kp, vp = pad(q), pad(k), pad(v)
     rh, rw = ph // sh, pw // sw
     rows, cols = torch.meshgrid(torch.arange(ph), torch.arange(pw), indexing="ij")
     region_of = ((rows // rh) * sw + cols // rw).reshape(-1)  # [N]
     n_regions = sh * sw
     onehot = torch.nn.functional.one_hot(region_of, n_regions).double()  # [N, R]
-    means = lambda t: (onehot.T @ t.reshape(batch, ph * pw, -1)) / onehot.sum(0)[:, None]
+    def means(t):
+        return (onehot.T @ t.reshape(batch, ph * pw, -1)) / onehot.sum(0)[:, None]
     affinity = means(qp) @ means(kp).transpose(-1, -2)  # [B, R, R]
     routed = torch.zeros(batch, n_regions, n_regions, dtype=torch.bool)
     routed.scatter_(2, affinity.topk(topk, dim=-1).indices, True)

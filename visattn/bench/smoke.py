@@ -7,9 +7,9 @@ q/k/v for 1-D (rows of patches as a sequence), 2-D (the patch grid) and 3-D (fou
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -48,7 +48,8 @@ def load_photo() -> Tensor:
 def patch_tokens(photo: Tensor) -> Tensor:
     """[H/4, W/4, 48] patch vectors, normalised per channel."""
     h, w, c = photo.shape
-    grid = photo.view(h // PATCH, PATCH, w // PATCH, PATCH, c).permute(0, 2, 1, 3, 4).reshape(h // PATCH, w // PATCH, -1)
+    grid = photo.view(h // PATCH, PATCH, w // PATCH, PATCH, c).permute(0, 2, 1, 3, 4)
+    grid = grid.reshape(h // PATCH, w // PATCH, -1)
     return (grid - grid.mean((0, 1))) / (grid.std((0, 1)) + 1e-6)
 
 
@@ -60,10 +61,11 @@ def project(x: Tensor, seed: int, device, dtype) -> tuple[Tensor, Tensor, Tensor
     return qkv.unbind(-3)  # strided views, as a fused qkv Linear gives them
 
 
-def _time(fn: Callable[[], Tensor], device) -> tuple[Tensor, float]:
-    out = fn()  # warm-up (compilation, autotune cache)
+def _time(fn: Callable[[], Tensor], device, repeats: int = 3) -> tuple[Tensor, float]:
+    """Median of ``repeats`` timed runs after one warm-up run (compilation, autotune cache)."""
+    out = fn()
     times = []
-    for _ in range(3):
+    for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -71,13 +73,15 @@ def _time(fn: Callable[[], Tensor], device) -> tuple[Tensor, float]:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
-    return out, sorted(times)[1]
+    return out, sorted(times)[len(times) // 2]
 
 
 def cases(tokens2d: Tensor, device, dtype):
     """(op name, q shape, callable running visattn, callable running the oracle) for each smoke case."""
     gen = torch.Generator().manual_seed(7)
-    rand = lambda *shape: (torch.randn(*shape, generator=gen) * 0.5).to(device=device, dtype=dtype)
+    def rand(*shape):
+        return (torch.randn(*shape, generator=gen) * 0.5).to(device=device, dtype=dtype)
+
     q2, k2, v2 = project(tokens2d, 0, device, dtype)
     q1, k1, v1 = project(tokens2d.reshape(-1, tokens2d.shape[-1])[:288], 1, device, dtype)
     frames = torch.stack([tokens2d[i : i + 20, i : i + 20] for i in range(4)])
@@ -86,7 +90,9 @@ def cases(tokens2d: Tensor, device, dtype):
     extra_k, extra_v = rand(1, 3, HEADS, HEAD_DIM), rand(1, 3, HEADS, HEAD_DIM)
     agents = rand(1, 16, HEADS, HEAD_DIM)
     agent_bias, query_bias = rand(1, HEADS, 16, 576), rand(1, HEADS, 576, 16)
-    f64 = lambda *ts: [None if t is None else t.double().cpu() for t in ts]
+    def f64(*ts):
+        return [None if t is None else t.double().cpu() for t in ts]
+
     yield ("na1d causal k=15", q1, lambda: visattn.na1d(q1, k1, v1, 15, is_causal=True),
            lambda: dense.na(*f64(q1, k1, v1), (15,), (1,), (1,), (True,)))
     yield ("na2d k=7 rpb", q2, lambda: visattn.na2d(q2, k2, v2, 7, rpb=rpb7),
@@ -115,7 +121,7 @@ def cases(tokens2d: Tensor, device, dtype):
 
 
 def run_smoke(device: str | None = None, dtype: str = "auto", models: bool = True) -> list[Row]:
-    """Every op on the photo vs the dense oracle, then (``models``) whole timm NAT/DiNAT models vs float64."""
+    """Every op on the photo vs the dense oracle, then (``models``) every registered model family through timm."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = {"auto": torch.float16 if dev.type == "cuda" else torch.float32, "fp32": torch.float32,
           "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
@@ -134,43 +140,86 @@ def run_smoke(device: str | None = None, dtype: str = "auto", models: bool = Tru
     return rows
 
 
-def model_rows(device, dtype) -> list[Row]:
-    """``nat_mini`` and ``dinat_mini`` (random init, seed 0, no download) through timm on the photo at 224².
+# One row per registered family: (row label, timm name, create kwargs, input side). Random init (seed 0), so nothing
+# is downloaded; small inputs keep the CPU run short (the families run at any size their configs allow).
+MODEL_CASES = (
+    ("timm nat_mini", "nat_mini", {}, 224),
+    ("timm dinat_mini", "dinat_mini", {}, 224),
+    ("timm biformer_tiny", "biformer_tiny", {}, 112),
+    ("timm agent_swin_t", "agent_swin_t", {"img_size": 96}, 96),
+    ("timm swin_tiny (patch_swin)", "swin_tiny_patch4_window7_224", {"img_size": 96}, 96),
+)
+TOP5: dict[str, list[tuple[int, str]]] = {}  # row label -> top-5 (class index, ImageNet name), for format_table
 
-    Oracle: a float64 copy of the same model with every neighborhood-attention layer forced to
-    ``backend="reference"``; the error is the max abs difference of the logits (float64 reference vs the
-    ``device``/``dtype`` run on the automatically chosen backend).
+
+def _photo_batch(size: int) -> Tensor:
+    import torch.nn.functional as F
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    image = F.interpolate(load_photo().permute(2, 0, 1)[None], size=(size, size), mode="bicubic", align_corners=False)
+    mean, std = (torch.tensor(stat).view(1, 3, 1, 1) for stat in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    return (image.clamp(0, 1) - mean) / std
+
+
+def _force_reference(model: torch.nn.Module) -> None:
+    """Every visattn attention module of ``model`` on the exact reference backend (the oracle copy)."""
+    for module in model.modules():
+        if isinstance(getattr(module, "backend", None), str):
+            module.backend = "reference"
+
+
+def _top5(logits: Tensor) -> list[tuple[int, str]]:
+    try:
+        from timm.data import ImageNetInfo
+
+        names = ImageNetInfo()
+        name = names.index_to_description
+    except Exception:  # older timm: indices only
+        name = lambda i: ""  # noqa: E731
+    return [(int(i), name(int(i))) for i in logits[0].float().topk(5).indices]
+
+
+def model_rows(device, dtype) -> list[Row]:
+    """Every registered family created by name through timm (random init, seed 0, no download) on the photo.
+
+    Oracle: a float64 copy of the same model with every visattn attention module forced to ``backend="reference"``
+    (for ``patch_swin``: timm's own, unpatched Swin in float64); the error is the max abs difference of the logits.
+    Each row also checks the logits are finite; the top-5 classes are printed under the table.
     """
     import copy
 
     import timm
-    import torch.nn.functional as F
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    from visattn.nn.neighborhood import _NeighborhoodAttention
+    from visattn.models.swin_patch import patch_swin
 
     dev, dt = torch.device(device), dtype
     # Logits are O(1). Measured on an H100 with the reference NA path (rest of the model in dt, cuDNN TF32 convs):
     # fp32 2.4e-4, fp16 5.3e-4, bf16 4.8e-3; the bounds leave 4x/20x/10x for the attention kernels.
     tolerance = {torch.float32: 1e-3, torch.float64: 1e-9, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dt]
-    image = F.interpolate(load_photo().permute(2, 0, 1)[None], size=(224, 224), mode="bicubic", align_corners=False)
-    mean, std = (torch.tensor(stat).view(1, 3, 1, 1) for stat in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
-    image = (image.clamp(0, 1) - mean) / std
     rows = []
     with torch.no_grad():
-        for name in ("nat_mini", "dinat_mini"):
+        for label, name, kwargs, size in MODEL_CASES:
             torch.manual_seed(0)
-            model = timm.create_model(name, pretrained=False).eval()
+            model = timm.create_model(name, pretrained=False, **kwargs).eval()
             oracle = copy.deepcopy(model).double()
-            for layer in oracle.modules():
-                if isinstance(layer, _NeighborhoodAttention):
-                    layer.backend = "reference"
+            _force_reference(oracle)
+            if name.startswith("swin_"):
+                model = patch_swin(model)
+            image = _photo_batch(size)
             model = model.to(device=dev, dtype=dt)
             x = image.to(device=dev, dtype=dt)
-            out, ms = _time(lambda: model(x), dev)
+            if dev.type == "cuda":  # warm-up + median of 3 (kernels compile on first use)
+                out, ms = _time(lambda model=model, x=x: model(x), dev)
+            else:  # one run: whole models on a 2-core CPU dominate the smoke's time
+                start = time.perf_counter()
+                out = model(x)
+                ms = (time.perf_counter() - start) * 1e3
             backend = last_backend()
             err = dense.max_abs_error(out, oracle(image.double()))
-            rows.append(Row(f"timm {name} fwd", "x".join(str(s) for s in x.shape), backend, err, tolerance, ms))
+            if not bool(torch.isfinite(out).all()):
+                err = float("inf")
+            TOP5[label] = _top5(out)
+            rows.append(Row(f"{label} fwd", "x".join(str(s) for s in x.shape), backend, err, tolerance, ms))
     return rows
 
 
@@ -179,4 +228,10 @@ def format_table(rows: list[Row]) -> str:
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r.op:34s} {r.shape:14s} {r.backend:10s} {r.error:9.2e} {r.ms:8.2f}  {'yes' if r.ok else 'NO'}")
+    shown = [r.op[: -len(" fwd")] for r in rows if r.op.endswith(" fwd") and r.op[: -len(" fwd")] in TOP5]
+    if shown:
+        lines.append("")
+        lines.append("top-5 classes on the photo (random init, so the classes mean nothing; the logits are finite):")
+        for label in shown:
+            lines.append(f"  {label:30s} " + ", ".join(f"{i} {n.split(',')[0]}".strip() for i, n in TOP5[label]))
     return "\n".join(lines)

@@ -1,0 +1,73 @@
+"""`visattn report` regenerates the performance page from result files (keeping the hand-written preamble), and
+`--plot` writes real PNGs; both from the fixture results in tests/bench/fixtures."""
+
+import json
+import shutil
+from pathlib import Path
+
+from visattn import cli
+from visattn.bench import plots, report
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _results(tmp_path: Path) -> Path:
+    folder = tmp_path / "results"
+    folder.mkdir()
+    shutil.copy(FIXTURES / "attn-fixture-run4.json", folder / "attn-h100-2026-11-22-run4.json")
+    shutil.copy(FIXTURES / "models-fixture.json", folder / "models-h100-2026-11-22-run3.json")
+    # an older run of one problem with a different time: the page must show the later run's number
+    older = json.loads((FIXTURES / "attn-fixture-run4.json").read_text())
+    older["rows"] = [dict(older["rows"][0], ms=9.999)]
+    (folder / "attn-h100-2026-11-22-run2.json").write_text(json.dumps(older))
+    (folder / "broken.json").write_text("{not json")
+    return folder
+
+
+def test_report_regenerates_the_page_from_results(tmp_path, capsys):
+    folder = _results(tmp_path)
+    preamble = tmp_path / "preamble.md"
+    preamble.write_text("# Performance\n\nHand-written words that must survive regeneration.\n")
+    out = tmp_path / "PERF.md"
+    assert cli.main(["report", "--results", str(folder), "--preamble", str(preamble), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert page.startswith(report.GENERATED_NOTE)
+    assert "Hand-written words that must survive regeneration." in page
+    attn_rows = json.loads((FIXTURES / "attn-fixture-run4.json").read_text())["rows"]
+    first = attn_rows[0]
+    line = next(line for line in page.splitlines() if line.startswith(f"| {first['name']} |"))
+    assert f"{first['ms']:.3g}" in line and "9.999" not in page  # run 4 wins over run 2
+    assert "attn-h100-2026-11-22-run4.json" in line
+    for row in attn_rows:
+        assert f"| {row['name']} |" in page
+    models_rows = json.loads((FIXTURES / "models-fixture.json").read_text())["rows"]
+    for row in models_rows:
+        assert f"| {row['model']} |" in page
+    assert "error: infer: OutOfMemoryError" in page
+    assert "| 11092 |" in page  # swin on visattn, img/s as recorded
+    assert "broken.json" in capsys.readouterr().err  # an unreadable file is named, not silently dropped
+
+
+def test_result_files_are_ordered_by_date_then_run(tmp_path):
+    folder = _results(tmp_path)
+    names = [path.name for path, _, _ in report.load_results(folder)]
+    assert names.index("attn-h100-2026-11-22-run2.json") < names.index("attn-h100-2026-11-22-run4.json")
+    kinds = {path.name: kind for path, kind, _ in report.load_results(folder)}
+    assert kinds["models-h100-2026-11-22-run3.json"] == "models" and kinds["attn-h100-2026-11-22-run4.json"] == "attn"
+
+
+def _is_png(path: Path) -> bool:
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_plots_from_fixture_results(tmp_path):
+    attn_result = json.loads((FIXTURES / "attn-fixture-run4.json").read_text())
+    written = plots.plot_result(attn_result, tmp_path)
+    assert [p.name for p in written] == ["speedup_over_sdpa.png", "pct_of_floor.png"]
+    assert all(_is_png(p) for p in written)
+    models_result = json.loads((FIXTURES / "models-fixture.json").read_text())
+    written = plots.plot_result(models_result, tmp_path)
+    assert [p.name for p in written] == ["models_img_s.png"] and _is_png(written[0])
+    row = attn_result["rows"][0]
+    name, ms = plots.dense_sdpa_ms(row)
+    assert ms == min(row["peers"]["sdpa_cudnn"], row["peers"]["sdpa_flash"]) and name.startswith("sdpa_")
