@@ -1,0 +1,320 @@
+"""Training-free processor swaps on tiny randomly initialised diffusers models (float64, CPU).
+
+Oracles: the stock model (a kernel covering the whole grid must reproduce it) and the stock processor handed an
+explicit dense boolean mask built by tests/oracle.py from NATTEN's rules (a smaller kernel, GNA stride, dilation,
+text tokens as global keys). AgentSD is checked against a float64 einsum written here from the method's formula.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from oracle import na_mask  # noqa: E402
+
+from visattn.diffusion import (  # noqa: E402
+    AgentSDAttnProcessor,
+    FluxNeighborhoodAttnProcessor,
+    WanNeighborhoodAttnProcessor,
+    patch,
+    unpatch,
+)
+
+
+def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.3)
+    return model.double().eval()
+
+
+def joint_mask(grid, text_tokens, text_first, **na) -> torch.Tensor:
+    """[L, L] bool: image queries see their NA window plus all text; text queries see everything."""
+    image = math.prod(grid)
+    full = torch.ones(image + text_tokens, image + text_tokens, dtype=torch.bool)
+    sl = slice(text_tokens, None) if text_first else slice(0, image)
+    full[sl, sl] = na_mask(grid, **na)
+    return full
+
+
+class MaskedStock:
+    """The stock processor with an extra dense mask ANDed into (or used as) its attention mask: the oracle."""
+
+    def __init__(self, stock, mask: torch.Tensor):
+        self.stock, self.mask = stock, mask
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        mask = self.mask[None, None]
+        if attention_mask is not None:
+            mask = mask & attention_mask  # [B, 1, 1, L] key padding
+        return self.stock(attn, hidden_states, encoder_hidden_states, mask, image_rotary_emb)
+
+
+def run(model, inputs):
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+# ------------------------------------------------------------------------------------------------------- FLUX
+@pytest.fixture(scope="module")
+def flux():
+    from diffusers import FluxTransformer2DModel
+
+    model = randomize(FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4)), 0)
+    gen = torch.Generator().manual_seed(1)
+    height, width, text = 5, 7, 3
+    ids = torch.zeros(height, width, 3, dtype=torch.float64)
+    ids[..., 1] = torch.arange(height, dtype=torch.float64)[:, None]
+    ids[..., 2] = torch.arange(width, dtype=torch.float64)[None, :]
+    inputs = dict(hidden_states=torch.randn(2, height * width, 4, generator=gen, dtype=torch.float64),
+                  encoder_hidden_states=torch.randn(2, text, 16, generator=gen, dtype=torch.float64),
+                  pooled_projections=torch.randn(2, 8, generator=gen, dtype=torch.float64),
+                  timestep=torch.tensor([0.3, 0.7], dtype=torch.float64), img_ids=ids.reshape(-1, 3),
+                  txt_ids=torch.zeros(text, 3, dtype=torch.float64))
+    return model, inputs, (height, width), text
+
+
+def test_flux_full_kernel_equals_stock_and_unpatch_restores(flux):
+    model, inputs, grid, _ = flux
+    stock = run(model, inputs)
+    before = dict(model.attn_processors)
+    patch(model, kernel_size=99)  # clamped to the 5x7 grid: dense attention
+    try:
+        torch.testing.assert_close(run(model, inputs), stock, atol=1e-11, rtol=1e-9)
+    finally:
+        unpatch(model)
+    assert all(model.attn_processors[name] is proc for name, proc in before.items())
+    assert torch.equal(run(model, inputs), stock)
+
+
+@pytest.mark.parametrize("na", [dict(kernel_size=(3, 5)), dict(kernel_size=(4, 4), stride=(2, 2)),
+                                dict(kernel_size=(2, 3), dilation=(2, 2))], ids=["na", "gna", "dilated"])
+def test_flux_small_kernel_equals_masked_oracle(flux, na):
+    model, inputs, grid, text = flux
+    full = {"dilation": 1, "stride": 1, "is_causal": False, **na}
+    mask = joint_mask(grid, text, True, kernel=full["kernel_size"], dilation=full["dilation"],
+                      stride=full["stride"], causal=False)
+    stock = {name: proc for name, proc in model.attn_processors.items()}
+    model.set_attn_processor({name: MaskedStock(proc, mask) for name, proc in stock.items()})
+    try:
+        oracle = run(model, inputs)
+    finally:
+        model.set_attn_processor(dict(stock))
+    patch(model, **na)
+    try:
+        torch.testing.assert_close(run(model, inputs), oracle, atol=1e-11, rtol=1e-9)
+    finally:
+        unpatch(model)
+
+
+def test_flux_refusals(flux):
+    model, inputs, _, _ = flux
+    with pytest.raises(ValueError, match="kernel_size"):
+        patch(model)
+    patch(model, kernel_size=3)
+    try:
+        with pytest.raises(ValueError, match="already patched"):
+            patch(model, kernel_size=3)
+        bad = dict(inputs, img_ids=inputs["img_ids"].flip(0))
+        with pytest.raises(ValueError, match="row-major"):
+            run(model, bad)
+    finally:
+        unpatch(model)
+    with pytest.raises(ValueError, match="not patched"):
+        unpatch(model)
+    with pytest.raises(ValueError, match="does not know Linear"):
+        patch(torch.nn.Linear(2, 2), kernel_size=3)
+    wan_processor = WanNeighborhoodAttnProcessor(kernel_size=3, grid=(1, 5, 7))
+    with pytest.raises(TypeError, match="WanAttention"):
+        wan_processor(model.transformer_blocks[0].attn, torch.zeros(1, 35, 16))
+
+
+def test_refuses_untested_diffusers(monkeypatch):
+    monkeypatch.setattr(diffusers, "__version__", "0.44.0")
+    with pytest.raises(ValueError, match="0.44.0"):
+        FluxNeighborhoodAttnProcessor(kernel_size=3)
+
+
+# ------------------------------------------------------------------------------------------------ HunyuanVideo
+@pytest.fixture(scope="module")
+def hunyuan():
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    model = randomize(HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=16,
+        pooled_projection_dim=8, rope_axes_dim=(2, 2, 4), guidance_embeds=False), 2)
+    gen = torch.Generator().manual_seed(3)
+    text = 4
+    text_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])  # the second prompt is padded
+    inputs = dict(hidden_states=torch.randn(2, 4, 3, 4, 5, generator=gen, dtype=torch.float64),
+                  timestep=torch.tensor([300, 700]),
+                  encoder_hidden_states=torch.randn(2, text, 16, generator=gen, dtype=torch.float64),
+                  encoder_attention_mask=text_mask,
+                  pooled_projections=torch.randn(2, 8, generator=gen, dtype=torch.float64))
+    return model, inputs, (3, 4, 5), text
+
+
+def test_hunyuan_full_kernel_equals_stock(hunyuan):
+    model, inputs, grid, _ = hunyuan
+    stock = run(model, inputs)
+    patch(model, kernel_size=grid)
+    try:
+        torch.testing.assert_close(run(model, inputs), stock, atol=1e-11, rtol=1e-9)
+    finally:
+        unpatch(model)
+    assert torch.equal(run(model, inputs), stock)
+
+
+def test_hunyuan_small_kernel_padded_text_equals_masked_oracle(hunyuan):
+    model, inputs, grid, text = hunyuan
+    na = dict(kernel_size=(3, 3, 3), stride=(1, 2, 1))
+    mask = joint_mask(grid, text, False, kernel=na["kernel_size"], stride=na["stride"])
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    stock = [block.attn.processor for block in blocks]
+    for block, proc in zip(blocks, stock, strict=False):
+        block.attn.set_processor(MaskedStock(proc, mask))
+    try:
+        oracle = run(model, inputs)
+    finally:
+        for block, proc in zip(blocks, stock, strict=False):
+            block.attn.set_processor(proc)
+    patch(model, **na)
+    try:
+        torch.testing.assert_close(run(model, inputs), oracle, atol=1e-11, rtol=1e-9)
+    finally:
+        unpatch(model)
+
+
+# --------------------------------------------------------------------------------------------------------- Wan
+@pytest.fixture(scope="module")
+def wan():
+    from diffusers import WanTransformer3DModel
+
+    model = randomize(WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32), 4)
+    gen = torch.Generator().manual_seed(5)
+    inputs = dict(hidden_states=torch.randn(1, 4, 3, 10, 14, generator=gen, dtype=torch.float64),
+                  timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 5, 16, generator=gen, dtype=torch.float64))
+    return model, inputs, (3, 5, 7)
+
+
+def test_wan_full_and_small_kernel(wan):
+    model, inputs, grid = wan
+    stock = run(model, inputs)
+    patch(model, kernel_size=grid)
+    try:
+        torch.testing.assert_close(run(model, inputs), stock, atol=1e-11, rtol=1e-9)
+    finally:
+        unpatch(model)
+    na = dict(kernel_size=(2, 3, 5), is_causal=(True, False, False))
+    mask = na_mask(grid, na["kernel_size"], causal=na["is_causal"])
+    originals = [block.attn1.processor for block in model.blocks]
+    for block, proc in zip(model.blocks, originals, strict=False):
+        block.attn1.set_processor(MaskedStock(proc, mask))
+    try:
+        oracle = run(model, inputs)
+    finally:
+        for block, proc in zip(model.blocks, originals, strict=False):
+            block.attn1.set_processor(proc)
+    patch(model, **na)
+    try:
+        torch.testing.assert_close(run(model, inputs), oracle, atol=1e-11, rtol=1e-9)
+    finally:
+        unpatch(model)
+    assert torch.equal(run(model, inputs), stock)
+
+
+# ---------------------------------------------------------------------------------------------- UNet / AgentSD
+def agentsd_oracle(attn, hidden, grid, agent_grid, k_scale2, k_shortcut):
+    """AgentSD's formula in float64 with explicit adaptive-average-pool bins (floor/ceil cell edges)."""
+    batch, tokens, _ = hidden.shape
+    heads = attn.heads
+    q, k, v = (proj(hidden).view(batch, tokens, heads, -1).double() for proj in (attn.to_q, attn.to_k, attn.to_v))
+    height, width = grid
+    q_map = q.view(batch, height, width, heads, -1)
+    agents = []
+    for i in range(agent_grid[0]):
+        r0, r1 = (i * height) // agent_grid[0], -(-((i + 1) * height) // agent_grid[0])
+        for j in range(agent_grid[1]):
+            c0, c1 = (j * width) // agent_grid[1], -(-((j + 1) * width) // agent_grid[1])
+            agents.append(q_map[:, r0:r1, c0:c1].mean(dim=(1, 2)))
+    agents = torch.stack(agents, dim=1)  # [B, A, heads, D]
+    scale = attn.scale
+    first = torch.softmax(torch.einsum("bahd,bnhd->bhan", agents, k) * scale, dim=-1)
+    agent_values = torch.einsum("bhan,bnhd->bahd", first, v)
+    second = torch.softmax(torch.einsum("bnhd,bahd->bhna", q, agents) * scale**k_scale2, dim=-1)
+    out = torch.einsum("bhna,bahd->bnhd", second, agent_values) + k_shortcut * v
+    return attn.to_out[0](out.reshape(batch, tokens, -1))
+
+
+def test_unet_agentsd_equals_formula_and_unpatch_restores():
+    from diffusers import UNet2DConditionModel
+
+    model = randomize(UNet2DConditionModel(
+        sample_size=10, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, layers_per_block=1, attention_head_dim=8, norm_num_groups=8), 6)
+    gen = torch.Generator().manual_seed(7)
+    inputs = dict(sample=torch.randn(1, 4, 10, 14, generator=gen, dtype=torch.float64), timestep=torch.tensor([10]),
+                  encoder_hidden_states=torch.randn(1, 3, 16, generator=gen, dtype=torch.float64))
+    stock = run(model, inputs)
+    before = dict(model.attn_processors)
+    captured = []
+
+    def capture(module, args, kwargs, output):
+        captured.append((module, args[0] if args else kwargs["hidden_states"], output))
+
+    self_attn = [m.attn1 for m in model.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert self_attn
+    handles = [attn.register_forward_hook(capture, with_kwargs=True) for attn in self_attn]
+    patch(model, agent_grid=(2, 3), k_scale2=0.3, k_shortcut=0.075, max_downsample=1)
+    try:
+        patched = run(model, inputs)
+    finally:
+        unpatch(model)
+        for handle in handles:
+            handle.remove()
+    assert not torch.allclose(patched, stock)  # agent attention is an approximation: the swap took effect
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    # 3 self-attentions at the full 10x14 map (agent attention), 1 in the mid block at 5x7 (dense: max_downsample=1)
+    assert sorted(hidden.shape[1] for _, hidden, _ in captured) == [35, 140, 140, 140]
+    for attn, hidden, output in captured:
+        with torch.no_grad():
+            if hidden.shape[1] == 140:
+                want = agentsd_oracle(attn, hidden, (10, 14), (2, 3), 0.3, 0.075)
+            else:
+                want = AttnProcessor2_0()(attn, hidden)
+        torch.testing.assert_close(output, want, atol=1e-11, rtol=1e-9)
+    assert all(model.attn_processors[name] is proc for name, proc in before.items())
+    assert torch.equal(run(model, inputs), stock)
+    with pytest.raises(ValueError, match="agent_grid"):
+        AgentSDAttnProcessor(agent_grid=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grid, na", [((64, 64), dict(kernel_size=(21, 21))),
+                                      ((64, 64), dict(kernel_size=(32, 32), stride=(16, 16))),
+                                      ((6, 16, 20), dict(kernel_size=(3, 7, 7)))], ids=["na2d", "gna2d", "na3d"])
+def test_joint_attention_triton_matches_reference_on_cuda(grid, na):
+    """FLUX-style joint attention (512 text tokens first) in bf16: the Triton path against the exact reference."""
+    from visattn.diffusion import joint_neighborhood_attention
+    from visattn.diffusion.processors import _kernel_args
+
+    torch.manual_seed(0)
+    shape = (1, 512 + math.prod(grid), 8, 128)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    args = _kernel_args(grid, na["kernel_size"], 1, na.get("stride", 1), False)
+    fused = joint_neighborhood_attention(q, k, v, grid, 512, True, args, backend="triton").float()
+    reference = joint_neighborhood_attention(q, k, v, grid, 512, True, args, backend="reference").float()
+    torch.testing.assert_close(fused, reference, atol=2e-2, rtol=2e-2)
