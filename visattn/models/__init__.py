@@ -1,5 +1,5 @@
 """timm model families over visattn attention; importing this registers them with timm."""
 
-from visattn.models import nat
+from visattn.models import agent, biformer, nat
 
-__all__ = ["nat"]
+__all__ = ["agent", "biformer", "nat"]

@@ -13,18 +13,19 @@ those, and the original SHI-Labs ``.pth`` layout, to this module's names (docs/M
 from __future__ import annotations
 
 import re
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import Tensor, nn
 
-from visattn.nn import NeighborhoodAttention2d
+from visattn import functional
+from visattn.models import _helpers
 
-__all__ = ["NAT", "checkpoint_filter_fn"]
+__all__ = ["NAT", "NeighborhoodAttention", "checkpoint_filter_fn"]
 
 
 class ConvTokenizer(nn.Module):
@@ -54,6 +55,44 @@ class ConvDownsampler(nn.Module):
         return self.norm(self.reduction(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
+class NeighborhoodAttention(nn.Module):
+    """2-D neighborhood attention with a relative-position bias on ``[B, H, W, C]`` (NATTEN's names: ``qkv``,
+    ``rpb`` ``[heads, 2k-1, 2k-1]``, ``proj``), calling :func:`visattn.functional.na2d`.
+
+    Args:
+        dim: channels C; num_heads: heads (must divide C); kernel_size / dilation: the neighborhood;
+        qkv_bias: bias on the fused qkv Linear; qk_scale: logit scale (default head_dim**-0.5);
+        proj_drop: dropout after the output projection; backend: "auto" | "reference" | "triton".
+    """
+
+    def __init__(self, dim: int, num_heads: int, kernel_size: int = 7, dilation: int = 1, qkv_bias: bool = True,
+                 qk_scale: float | None = None, proj_drop: float = 0.0, backend: str = "auto"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide dim={dim}")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.kernel_size, self.dilation = int(kernel_size), int(dilation)
+        self.scale = qk_scale if qk_scale is not None else self.head_dim**-0.5
+        self.backend = backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
+        trunc_normal_(self.rpb, std=0.02, a=-2.0, b=2.0)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, height, width, channels = x.shape
+        qkv = self.qkv(x).view(batch, height, width, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(3)  # strided views of the fused projection
+        # everything after kernel_size by keyword: the positional order follows NATTEN and may change
+        out = functional.na2d(q, k, v, self.kernel_size, dilation=self.dilation, rpb=self.rpb, scale=self.scale,
+                              backend=self.backend)
+        return self.proj_drop(self.proj(out.reshape(batch, height, width, channels)))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, kernel_size={self.kernel_size}, dilation={self.dilation}"
+
+
 class NATLayer(nn.Module):
     """Pre-norm transformer layer with 2-D neighborhood attention (+rpb) and an MLP.
 
@@ -62,22 +101,18 @@ class NATLayer(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, kernel_size: int = 7, dilation: int = 1, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, qk_scale: Optional[float] = None, proj_drop: float = 0.0,
-                 drop_path: float = 0.0, layer_scale: Optional[float] = None, norm_layer=nn.LayerNorm,
-                 act_layer=nn.GELU):
+                 qkv_bias: bool = True, qk_scale: float | None = None, proj_drop: float = 0.0,
+                 drop_path: float = 0.0, layer_scale: float | None = None, norm_layer=nn.LayerNorm,
+                 act_layer=nn.GELU, backend: str = "auto"):
         super().__init__()
         self.window = kernel_size * dilation
         self.norm1 = norm_layer(dim)
-        self.attn = NeighborhoodAttention2d(dim, num_heads, kernel_size, dilation=dilation, rel_pos_bias=True,
-                                            qkv_bias=qkv_bias, qk_scale=qk_scale, proj_drop=proj_drop)
+        self.attn = NeighborhoodAttention(dim, num_heads, kernel_size, dilation=dilation, qkv_bias=qkv_bias,
+                                          qk_scale=qk_scale, proj_drop=proj_drop, backend=backend)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        if layer_scale:
-            self.gamma1 = nn.Parameter(layer_scale * torch.ones(dim))
-            self.gamma2 = nn.Parameter(layer_scale * torch.ones(dim))
-        else:
-            self.gamma1 = self.gamma2 = None
+        self.gamma1, self.gamma2 = _helpers.layer_scales(dim, layer_scale)
 
     def _attention(self, x: Tensor) -> Tensor:
         height, width = x.shape[1:3]
@@ -109,110 +144,68 @@ class NATStage(nn.Module):
         ])
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
+        return _helpers.run_blocks(self.blocks, self.downsample(x), self.grad_checkpointing)
 
 
-class NAT(nn.Module):
-    """Neighborhood Attention Transformer; with ``dilations`` it is DiNAT."""
+class NAT(_helpers.StagedBackbone):
+    """Neighborhood Attention Transformer; with ``dilations`` it is DiNAT.
+
+    Args:
+        num_classes: classifier outputs (0: no head, pooled features); in_chans: image channels;
+        global_pool: '', 'avg', 'max', 'avgmax' or 'catavgmax' (timm's Swin options);
+        embed_dim: stage-1 channels (doubling per stage); depths / num_heads: per stage;
+        kernel_size: neighborhood size; dilations: one list per stage with one dilation per layer (DiNAT);
+        mlp_ratio, qkv_bias, qk_scale, drop_rate (head), pos_drop_rate, proj_drop_rate, drop_path_rate,
+        layer_scale (init of gamma1/gamma2, None: off), norm_layer;
+        img_size: nominal input size (NAT runs at any size >= 32; recorded for timm's pretrained cfg);
+        backend: attention backend for every layer ("auto" | "reference" | "triton").
+    """
+
+    _stem_name, _stages_name = "patch_embed", "levels"  # the checkpoints' names
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, global_pool: str = "avg", embed_dim: int = 64,
                  depths: Sequence[int] = (3, 4, 6, 5), num_heads: Sequence[int] = (2, 4, 8, 16),
-                 kernel_size: int = 7, dilations: Optional[Sequence[Sequence[int]]] = None, mlp_ratio: float = 3.0,
-                 qkv_bias: bool = True, qk_scale: Optional[float] = None, drop_rate: float = 0.0,
+                 kernel_size: int = 7, dilations: Sequence[Sequence[int]] | None = None, mlp_ratio: float = 3.0,
+                 qkv_bias: bool = True, qk_scale: float | None = None, drop_rate: float = 0.0,
                  pos_drop_rate: float = 0.0, proj_drop_rate: float = 0.0, drop_path_rate: float = 0.2,
-                 layer_scale: Optional[float] = None, norm_layer=nn.LayerNorm, **kwargs):
+                 layer_scale: float | None = None, norm_layer=nn.LayerNorm, img_size=224, backend: str = "auto",
+                 **kwargs):
         super().__init__()
         if kwargs:
             raise ValueError(f"NAT got unexpected arguments: {sorted(kwargs)}")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        self.global_pool = _helpers.check_pool_type(global_pool)
         if len(num_heads) != len(depths):
             raise ValueError(f"num_heads {tuple(num_heads)} must have one entry per stage of depths {tuple(depths)}")
         if dilations is None:
             dilations = [[1] * d for d in depths]
-        if len(dilations) != len(depths) or any(len(dl) != d for dl, d in zip(dilations, depths)):
+        if len(dilations) != len(depths) or any(len(dl) != d for dl, d in zip(dilations, depths, strict=True)):
             raise ValueError(f"dilations must give one value per layer of depths {tuple(depths)}, got {dilations!r}")
+        self.img_size = _helpers.to_2tuple_int(img_size, "img_size")
         self.num_classes = num_classes
-        self.global_pool = global_pool
         self.output_fmt = "NHWC"
         self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (len(depths) - 1))
         self.patch_embed = ConvTokenizer(in_chans, embed_dim, norm_layer)
         self.pos_drop = nn.Dropout(pos_drop_rate)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = _helpers.drop_path_schedule(depths, drop_path_rate)  # no tensor ops: builds on the meta device
         stages, self.feature_info, in_dim = [], [], embed_dim
         for i, depth in enumerate(depths):
             dim = int(embed_dim * 2**i)
             stages.append(NATStage(
-                in_dim, dim, depth, num_heads[i], kernel_size, dilations[i],
-                rates[sum(depths[:i]):sum(depths[:i + 1])], norm_layer, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                qk_scale=qk_scale, proj_drop=proj_drop_rate, layer_scale=layer_scale,
+                in_dim, dim, depth, num_heads[i], kernel_size, dilations[i], rates[i], norm_layer,
+                mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, proj_drop=proj_drop_rate,
+                layer_scale=layer_scale, backend=backend,
             ))
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2**i, module=f"levels.{i}"))
             in_dim = dim
         self.levels = nn.Sequential(*stages)
-        self.norm = norm_layer(self.num_features)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        self._init_head(norm_layer(self.num_features), drop_rate)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         return {name for name, _ in self.named_parameters() if name.endswith(".rpb")}
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(
-            stem=r"^patch_embed",
-            blocks=r"^levels\.(\d+)" if coarse else [
-                (r"^levels\.(\d+)\.downsample", (0,)),
-                (r"^levels\.(\d+)\.blocks\.(\d+)", None),
-                (r"^norm", (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.levels:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Images ``[B, C, H, W]`` -> normalised final NHWC map ``[B, H/32, W/32, num_features]``."""
-        x = self.pos_drop(self.patch_embed(x))
-        return self.norm(self.levels(x))
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+    def _embed(self, x: Tensor) -> Tensor:
+        return self.pos_drop(self.patch_embed(x))
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -266,50 +259,69 @@ def _from_transformers(state_dict: dict) -> dict:
     return out
 
 
-def checkpoint_filter_fn(state_dict: dict, model: NAT) -> dict:
-    """Map a transformers (``NatForImageClassification``/``DinatForImageClassification``, ``*Model``,
-    ``*Backbone``) or original SHI-Labs NAT/DiNAT state dict to this module's names."""
-    for wrapper in ("state_dict", "model", "state_dict_ema"):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-            break
-    hf_style = any(k.startswith(("nat.", "dinat.", "embeddings.", "encoder.")) for k in state_dict)
-    if hf_style:
+def checkpoint_filter_fn(state_dict, model: NAT | None = None) -> dict:
+    """Map a NAT/DiNAT checkpoint to this module's names.
+
+    Accepts transformers (``NatForImageClassification``/``DinatForImageClassification``, ``*Model``,
+    ``*Backbone``) and original SHI-Labs state dicts, optionally wrapped (``{"model": ...}``); a state dict already
+    in visattn's layout (downsamplers under ``levels.{1..3}``) is returned unchanged, so checkpoints saved from
+    these models reload through ``pretrained_cfg_overlay=dict(file=...)``. Raises TypeError for ``None``, a bare
+    tensor or non-string keys.
+    """
+    state_dict = _helpers.unwrap_state_dict(state_dict, "NAT/DiNAT")
+    if any(k.startswith(("nat.", "dinat.", "embeddings.", "encoder.")) for k in state_dict):
         return _from_transformers(state_dict)
-    return {_shift_downsample(k): v for k, v in state_dict.items()}
+    # The SHI-Labs layout ends stage i with its downsampler (levels.0.downsample exists); ours opens stage i+1
+    # with it (levels.0 never has one). Shift only the former: shifting our own layout again broke reloading.
+    if any(k.startswith("levels.0.downsample.") for k in state_dict):
+        return {_shift_downsample(k): v for k, v in state_dict.items()}
+    return state_dict
 
 
 # ----------------------------------------------------------------------------------------------- registry
 def _create_nat(variant: str, pretrained: bool = False, **kwargs) -> NAT:
-    default_out = tuple(range(len(kwargs.get("depths", (3, 4, 6, 5)))))
-    out_indices = kwargs.pop("out_indices", default_out)
-    return build_model_with_cfg(
-        NAT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices), **kwargs,
-    )
+    feature_cfg = _helpers.feature_cfg(kwargs, (3, 4, 6, 5))
+    output_fmt = kwargs.pop("output_fmt", None)
+    if output_fmt is not None:
+        if not kwargs.get("features_only", False):
+            raise ValueError("output_fmt= applies to features_only=True models (NAT's own maps are NHWC)")
+        feature_cfg["output_fmt"] = _helpers.check_output_fmt(output_fmt)
+        # hooked stage outputs are NHWC; NCHW maps come from forward_intermediates (the 'getter' wrapper)
+        if feature_cfg["output_fmt"] == "NCHW":
+            kwargs.setdefault("feature_cls", "getter")
+    return build_model_with_cfg(NAT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=feature_cfg, **kwargs)
 
 
-def _cfg(hf_hub_id: str = "", **kwargs) -> dict:
+def _cfg(hf_hub_id: str = "", paper: str = "nat", **kwargs) -> dict:
+    papers = {"nat": ("arXiv:2204.07143", "https://github.com/SHI-Labs/Neighborhood-Attention-Transformer"),
+              "dinat": ("arXiv:2209.15001", "https://github.com/SHI-Labs/Neighborhood-Attention-Transformer")}
+    paper_id, origin = papers[paper]
     cfg = dict(
         hf_hub_id=hf_hub_id, num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
         interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-        first_conv="patch_embed.proj.0", classifier="head", license="mit",
+        first_conv="patch_embed.proj.0", classifier="head", license="mit", paper_ids=paper_id, origin_url=origin,
     )
     return dict(cfg, **kwargs)
 
 
+_DINAT_URL = "https://shi-labs.com/projects/dinat/checkpoints/imagenet1k/"
 default_cfgs = generate_default_cfgs({
     "nat_mini.in1k": _cfg("shi-labs/nat-mini-in1k-224"),
     "nat_tiny.in1k": _cfg("shi-labs/nat-tiny-in1k-224"),
     "nat_small.in1k": _cfg("shi-labs/nat-small-in1k-224"),
     "nat_base.in1k": _cfg("shi-labs/nat-base-in1k-224"),
-    "dinat_mini.in1k": _cfg("shi-labs/dinat-mini-in1k-224"),
-    "dinat_tiny.in1k": _cfg("shi-labs/dinat-tiny-in1k-224"),
-    "dinat_small.in1k": _cfg("shi-labs/dinat-small-in1k-224"),
-    "dinat_base.in1k": _cfg("shi-labs/dinat-base-in1k-224"),
-    "dinat_large.in22k_ft_in1k": _cfg("shi-labs/dinat-large-in22k-in1k-224"),
-    "dinat_large_384.in22k_ft_in1k": _cfg("shi-labs/dinat-large-in22k-in1k-384", input_size=(3, 384, 384),
+    "dinat_mini.in1k": _cfg("shi-labs/dinat-mini-in1k-224", "dinat"),
+    "dinat_tiny.in1k": _cfg("shi-labs/dinat-tiny-in1k-224", "dinat"),
+    "dinat_small.in1k": _cfg("shi-labs/dinat-small-in1k-224", "dinat"),
+    "dinat_base.in1k": _cfg("shi-labs/dinat-base-in1k-224", "dinat"),
+    "dinat_large.in22k_ft_in1k": _cfg("shi-labs/dinat-large-in22k-in1k-224", "dinat"),
+    "dinat_large_384.in22k_ft_in1k": _cfg("shi-labs/dinat-large-in22k-in1k-384", "dinat", input_size=(3, 384, 384),
                                           pool_size=(12, 12), crop_pct=1.0),
+    # SHI-Labs' dinat_large_384_11x11 (classification/dinat.py): kernel 11, dilations 8/4/2/1 at 384
+    "dinat_large_11x11.in22k_ft_in1k_384": _cfg("shi-labs/dinat-large-11x11-in22k-in1k-384", "dinat",
+                                                url=_DINAT_URL + "dinat_large_in22k_in1k_384_11x11.pth",
+                                                input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
 })
 
 _MINI = dict(depths=(3, 4, 6, 5), num_heads=(2, 4, 8, 16), embed_dim=64, mlp_ratio=3.0, drop_path_rate=0.2)
@@ -322,11 +334,12 @@ _LARGE = dict(depths=(3, 4, 18, 5), num_heads=(6, 12, 24, 48), embed_dim=192, ml
 
 def _dinat_dilations(depths: Sequence[int], first: tuple = (8, 4, 2, 1)) -> list:
     """DiNAT's schedule: layers alternate dilation 1 and the stage's dilation (1-based even layers dilated)."""
-    return [[1 if j % 2 == 0 else d for j in range(depth)] for depth, d in zip(depths, first)]
+    return [[1 if j % 2 == 0 else d for j in range(depth)] for depth, d in zip(depths, first, strict=False)]
 
 
-def _build(variant: str, pretrained: bool, cfg: dict, dilated: bool, kwargs: dict, first=(8, 4, 2, 1)) -> NAT:
-    args = {**cfg, "kernel_size": 7, **kwargs}
+def _build(variant: str, pretrained: bool, cfg: dict, dilated: bool, kwargs: dict, first=(8, 4, 2, 1),
+           kernel_size: int = 7) -> NAT:
+    args = {**cfg, "kernel_size": kernel_size, **kwargs}
     if dilated:
         args.setdefault("dilations", _dinat_dilations(args["depths"], first))
     return _create_nat(variant, pretrained, **args)
@@ -334,50 +347,65 @@ def _build(variant: str, pretrained: bool, cfg: dict, dilated: bool, kwargs: dic
 
 @register_model
 def nat_mini(pretrained: bool = False, **kwargs) -> NAT:
+    """NAT-Mini (20M): depths 3-4-6-5, 64 channels, kernel 7."""
     return _build("nat_mini", pretrained, _MINI, False, kwargs)
 
 
 @register_model
 def nat_tiny(pretrained: bool = False, **kwargs) -> NAT:
+    """NAT-Tiny (28M): depths 3-4-18-5, 64 channels, kernel 7."""
     return _build("nat_tiny", pretrained, _TINY, False, kwargs)
 
 
 @register_model
 def nat_small(pretrained: bool = False, **kwargs) -> NAT:
+    """NAT-Small (51M): depths 3-4-18-5, 96 channels, layer scale 1e-5."""
     return _build("nat_small", pretrained, dict(_SMALL, layer_scale=1e-5), False, kwargs)
 
 
 @register_model
 def nat_base(pretrained: bool = False, **kwargs) -> NAT:
+    """NAT-Base (90M): depths 3-4-18-5, 128 channels, layer scale 1e-5."""
     return _build("nat_base", pretrained, _BASE, False, kwargs)
 
 
 @register_model
 def dinat_mini(pretrained: bool = False, **kwargs) -> NAT:
+    """DiNAT-Mini (20M): NAT-Mini with dilations 8/4/2/1 on every other layer."""
     return _build("dinat_mini", pretrained, _MINI, True, kwargs)
 
 
 @register_model
 def dinat_tiny(pretrained: bool = False, **kwargs) -> NAT:
+    """DiNAT-Tiny (28M): NAT-Tiny with dilations 8/4/2/1 on every other layer."""
     return _build("dinat_tiny", pretrained, _TINY, True, kwargs)
 
 
 @register_model
 def dinat_small(pretrained: bool = False, **kwargs) -> NAT:
-    return _build("dinat_small", pretrained, _SMALL, True, kwargs)  # no layer scale, unlike nat_small
+    """DiNAT-Small (51M): 96 channels, dilations 8/4/2/1, no layer scale (unlike NAT-Small)."""
+    return _build("dinat_small", pretrained, _SMALL, True, kwargs)
 
 
 @register_model
 def dinat_base(pretrained: bool = False, **kwargs) -> NAT:
+    """DiNAT-Base (90M): 128 channels, dilations 8/4/2/1, layer scale 1e-5."""
     return _build("dinat_base", pretrained, _BASE, True, kwargs)
 
 
 @register_model
 def dinat_large(pretrained: bool = False, **kwargs) -> NAT:
+    """DiNAT-Large (200M): 192 channels, dilations 8/4/2/1, ImageNet-22K pretrained."""
     return _build("dinat_large", pretrained, _LARGE, True, kwargs)
 
 
 @register_model
 def dinat_large_384(pretrained: bool = False, **kwargs) -> NAT:
-    """DiNAT-L at 384²: dilations (13, 6, 3, 1) so stage windows still span the larger maps."""
+    """DiNAT-Large at 384²: dilations 13/6/3/1 so stage windows still span the larger maps."""
     return _build("dinat_large_384", pretrained, _LARGE, True, kwargs, first=(13, 6, 3, 1))
+
+
+@register_model
+def dinat_large_11x11(pretrained: bool = False, **kwargs) -> NAT:
+    """DiNAT-Large with 11×11 neighborhoods (dilations 8/4/2/1), released fine-tuned at 384²."""
+    return _build("dinat_large_11x11", pretrained, _LARGE, True, kwargs, kernel_size=11)

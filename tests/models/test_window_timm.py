@@ -5,9 +5,9 @@ import itertools
 
 import pytest
 import torch
+from oracle import as_tuple, assert_fwd_bwd_match, dense_attention, window_oracle
 
 import visattn
-from oracle import as_tuple, assert_fwd_bwd_match, dense_attention, window_oracle
 
 swin = pytest.importorskip("timm.models.swin_transformer")
 
@@ -70,7 +70,7 @@ def test_window_attention_matches_timm_swin(dim, res, heads, window, shift, fuse
     params = [x.requires_grad_(True)] + list(block.attn.parameters())
     g_timm = torch.autograd.grad(block._attn(x), params, cot)
     g_ours = torch.autograd.grad(visattn_attn_branch(block, x), params, cot)
-    for a, b in zip(g_ours, g_timm):
+    for a, b in zip(g_ours, g_timm, strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
 

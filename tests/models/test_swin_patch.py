@@ -58,3 +58,47 @@ def test_patch_does_not_touch_state_dict_and_is_idempotent():
 def test_patch_rejects_models_without_swin_blocks():
     with pytest.raises(ValueError, match="SwinTransformerBlock"):
         patch_swin(torch.nn.Linear(2, 2))
+
+
+def _randomise_position_params(model):
+    for name, p in model.named_parameters():  # O(1) biases / scales so a wrong layout or scale cannot hide
+        if any(s in name for s in ("relative_position_bias_table", "logit_scale", "cpb_mlp", "q_bias", "v_bias")):
+            torch.nn.init.normal_(p, std=0.5)
+    return model
+
+
+@pytest.mark.parametrize("name,img_size,window", [
+    ("swin_tiny_patch4_window7_224", 64, 7),    # stage maps 16, 8, 4, 2: 16 and 8 are not multiples of 7 (padding)
+    ("swinv2_tiny_window8_256", 64, 6),         # SwinV2: cosine attention + continuous position bias, padded
+    ("swinv2_tiny_window8_256", 96, 4),         # SwinV2, window divides every map
+])
+def test_every_block_accelerated_and_equal_to_timm(name, img_size, window, monkeypatch):
+    """Maps the window does not divide (swin_tiny at 256 has 64 = 9*7 + 1) and SwinV2 run on visattn and match
+    stock timm in float64, values and gradients."""
+    import visattn
+    from visattn.models.swin_patch import patched_block_count
+
+    calls = []
+    real = visattn.window_attention
+    monkeypatch.setattr(visattn, "window_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=img_size, window_size=window, embed_dim=16, depths=(2, 2, 2, 2),
+                              num_heads=(1, 2, 2, 4), num_classes=5).double().eval()
+    _randomise_position_params(model)
+    x = torch.randn(2, 3, img_size, img_size, dtype=torch.float64)
+    want, want_grads = _forward_and_grads(model, x)
+    patch_swin(model)
+    assert patched_block_count(model) == (8, 8)
+    got, got_grads = _forward_and_grads(model, x)
+    assert len(calls) == 8
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    for key in want_grads:
+        torch.testing.assert_close(got_grads[key], want_grads[key], rtol=1e-7, atol=1e-9, msg=key)
+
+
+def test_attention_dropout_in_training_warns_and_uses_timm():
+    model = SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=8, depths=(2,), num_heads=(2,),
+                            attn_drop_rate=0.1, num_classes=3)
+    patch_swin(model).train()
+    with pytest.warns(UserWarning, match="attn_drop"):
+        model(torch.randn(1, 3, 32, 32))

@@ -1,0 +1,288 @@
+"""Engine profile at the stage shapes of visattn's own models (NAT-T, DiNAT-T, Swin-T), batch 256, bf16.
+
+For each stage: the fused engine's forward and forward+backward (rpb on / off), the time of each kernel
+(torch.profiler, one step), and dense SDPA over the same tokens (cuDNN and flash) measured in the same process.
+``--tiles`` also times alternative tile volumes for the forward, dQ and dK/dV passes. Each step is bounded by
+``--max-seconds`` so a long run still writes its JSON.
+
+    python benchmarks/engine_profile.py --out /tmp/out/engine.json [--tiles] [--stages nat_s1,swin_s3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# Load visattn.kernels without running visattn/__init__ (models, nn, ...): this script times the engine alone.
+_ROOT = Path(__file__).resolve().parents[1]
+if "visattn" not in sys.modules:
+    import types
+
+    _pkg = types.ModuleType("visattn")
+    _pkg.__path__ = [str(_ROOT / "visattn")]
+    sys.modules["visattn"] = _pkg
+
+from visattn import kernels  # noqa: E402
+from visattn.bench import common  # noqa: E402  (imports only torch)
+from visattn.kernels import tiles as tiles_mod  # noqa: E402
+
+# name: (spatial, heads, kernel, dilation, window, shift); head_dim 32 everywhere (NAT-T, DiNAT-T, Swin-T)
+STAGES = {
+    "nat_s1": ((56, 56), 2, 7, 1, False, 0),
+    "nat_s2": ((28, 28), 4, 7, 1, False, 0),
+    "nat_s3": ((14, 14), 8, 7, 1, False, 0),
+    "nat_s4": ((7, 7), 16, 7, 1, False, 0),
+    "dinat_s1": ((56, 56), 2, 7, 8, False, 0),
+    "dinat_s2": ((28, 28), 4, 7, 4, False, 0),
+    "dinat_s3": ((14, 14), 8, 7, 2, False, 0),
+    "swin_s1": ((56, 56), 3, 7, 1, True, 0),
+    "swin_s1_shift": ((56, 56), 3, 7, 1, True, 3),
+    "swin_s2_shift": ((28, 28), 6, 7, 1, True, 3),
+    "swin_s3_shift": ((14, 14), 12, 7, 1, True, 3),
+    "swin_s4": ((7, 7), 24, 7, 1, True, 0),
+}
+
+
+# the engine rows time with 3 warm-up calls (visattn.bench.common's default is 5)
+median_ms = functools.partial(common.median_ms, warmup=3)
+
+
+def make_inputs(batch, spatial, heads, dim, rpb, kernel, requires_grad):
+    qkv = torch.randn(batch, *spatial, 3, heads, dim, device="cuda", dtype=torch.bfloat16)
+    qkv.requires_grad_(requires_grad)
+    q, k, v = qkv.unbind(-3)
+    table = None
+    if rpb:
+        table = (torch.randn(heads, *(2 * kernel - 1 for _ in spatial), device="cuda", dtype=torch.bfloat16) * 0.1)
+        table.requires_grad_(requires_grad)
+    return qkv, q, k, v, table
+
+
+def run_engine(q, k, v, table, spatial, kernel, dil, window, shift):
+    rank = len(spatial)
+    if window:
+        return kernels.window(q, k, v, (kernel,) * rank, (shift,) * rank, table, q.shape[-1] ** -0.5)
+    return kernels.na(q, k, v, (kernel,) * rank, (dil,) * rank, (1,) * rank, (False,) * rank, table,
+                      q.shape[-1] ** -0.5, None, None)
+
+
+def engine_calls(q, k, v, table, grad, stage):
+    """(forward without autograd, forward + backward) closures for one stage's inputs."""
+    spatial, _, kernel, dil, window, shift = stage
+
+    def fwd():
+        with torch.no_grad():
+            return run_engine(q, k, v, table, spatial, kernel, dil, window, shift)
+
+    def fwd_bwd():
+        run_engine(q, k, v, table, spatial, kernel, dil, window, shift).backward(grad)
+
+    return fwd, fwd_bwd
+
+
+def kernel_breakdown(fn):
+    """GPU time per kernel name (ms) over one call of fn, via torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out = {}
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if t > 0 and getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            out[evt.key[:60]] = round(t / 1000, 4)
+    top = dict(sorted(out.items(), key=lambda kv: -kv[1])[:8])
+    # totals: all GPU kernels, and visattn's attention kernels (engine + routing + the rpb reduction's matmuls
+    # are not separable, so only the Triton kernels of the engine count here)
+    top["_total_gpu_ms"] = round(sum(out.values()), 3)
+    top["_attention_kernels_ms"] = round(sum(v for k, v in out.items()
+                                             if k.startswith(("_fwd_kernel", "_bwd_", "_delta_kernel"))), 3)
+    return top
+
+
+def stage_rows(name, batch, iters, deadline):
+    spatial, heads, kernel, dil, window, shift = STAGES[name]
+    rows = []
+    n = math.prod(spatial)
+    for rpb in (False, True):
+        if time.time() > deadline:
+            break
+        qkv, q, k, v, table = make_inputs(batch, spatial, heads, 32, rpb, kernel, True)
+        grad = torch.randn(batch, *spatial, heads, 32, device="cuda", dtype=torch.bfloat16)
+        fwd, fwd_bwd = engine_calls(q, k, v, table, grad, STAGES[name])
+
+        t0 = time.time()
+        row = {"stage": name, "rpb": rpb, "fwd_ms": median_ms(fwd, iters), "fwd_bwd_ms": median_ms(fwd_bwd, iters)}
+        row["bwd_over_fwd"] = (row["fwd_bwd_ms"] - row["fwd_ms"]) / row["fwd_ms"]
+        row["kernels_fwd_bwd"] = kernel_breakdown(fwd_bwd)
+        row["seconds"] = round(time.time() - t0, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    # dense SDPA over the same tokens
+    x = torch.randn(batch, heads, n, 3 * 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dq, dk, dv = x.split(32, -1)
+    g = torch.randn(batch, heads, n, 32, device="cuda", dtype=torch.bfloat16)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for label, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                def dfwd():
+                    with torch.no_grad():
+                        return F.scaled_dot_product_attention(dq, dk, dv)
+
+                def dfb():
+                    F.scaled_dot_product_attention(dq, dk, dv).backward(g)
+
+                row = {"stage": name, "dense": label, "fwd_ms": median_ms(dfwd, iters),
+                       "fwd_bwd_ms": median_ms(dfb, iters)}
+        except Exception as err:  # a backend that cannot run this shape is recorded, not fatal
+            row = {"stage": name, "dense": label, "error": f"{type(err).__name__}: {err}"[:200]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+TILE_VARIANTS = {
+    # pass key -> list of (BLOCK_M, BLOCK_N, warps, stages)
+    ("dkv", 16, 64, "small"): [(32, 64, 4, 2), (32, 64, 4, 3), (32, 64, 2, 2), (16, 64, 4, 2), (32, 128, 4, 2),
+                               (32, 128, 8, 2), (64, 128, 8, 2), (32, 32, 4, 2)],
+    ("bwd", 16, 64, "small"): [(64, 32, 4, 2), (64, 32, 4, 3), (64, 32, 2, 2), (64, 64, 4, 2), (32, 32, 4, 2)],
+}
+
+
+def tile_sweep(stage_names, batch, iters, deadline):
+    rows = []
+    for name in stage_names:
+        spatial, heads, kernel, dil, window, shift = STAGES[name]
+        for key, variants in TILE_VARIANTS.items():
+            saved = tiles_mod._VOLUMES[key]
+            for vol in variants:
+                if time.time() > deadline:
+                    return rows
+                tiles_mod._VOLUMES[key] = vol
+                tiles_mod.choose_tiles.cache_clear()
+                try:
+                    qkv, q, k, v, table = make_inputs(batch, spatial, heads, 32, False, kernel, True)
+                    grad = torch.randn(batch, *spatial, heads, 32, device="cuda", dtype=torch.bfloat16)
+                    fwd, fwd_bwd = engine_calls(q, k, v, table, grad, STAGES[name])
+
+                    row = {"stage": name, "table_key": list(key), "volume": list(vol),
+                           "fwd_ms": median_ms(fwd, iters), "fwd_bwd_ms": median_ms(fwd_bwd, iters)}
+                    if key[0] == "bwd":
+                        row["kernels"] = kernel_breakdown(fwd_bwd)
+                except Exception as err:
+                    row = {"stage": name, "table_key": list(key), "volume": list(vol),
+                           "error": f"{type(err).__name__}: {err}"[:300]}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            tiles_mod._VOLUMES[key] = saved
+            tiles_mod.choose_tiles.cache_clear()
+    return rows
+
+
+def model_rows(names, batch, iters, deadline):
+    """Whole-model images/s: inference (eager) and an SGD train step, bf16 autocast, channels-last."""
+    import timm
+
+    if not hasattr(sys.modules["visattn"], "__file__"):  # replace the engine-only stub by the real package
+        del sys.modules["visattn"]
+    import visattn  # noqa: F401  (registers nat_* / dinat_*)
+    from visattn.models.swin_patch import patch_swin
+
+    rows = []
+    for name in names:
+        if time.time() > deadline:
+            break
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = name.split("@")[0]
+        model = timm.create_model(base, num_classes=1000).cuda().to(memory_format=torch.channels_last)
+        if name.endswith("@visattn"):
+            model = patch_swin(model)
+        x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
+        target = torch.randint(0, 1000, (batch,), device="cuda")
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def infer(model=model, x=x):
+            with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+                return model(x)
+
+        def train(model=model, x=x, target=target, opt=opt):
+            with torch.autocast("cuda", torch.bfloat16):
+                loss = F.cross_entropy(model(x), target)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        model.eval()
+        inf_ms = median_ms(infer, iters, warmup=3)
+        model.train()
+        train_ms = median_ms(train, iters, warmup=3)
+        row = {"model": name, "batch": batch, "infer_ms": inf_ms, "infer_img_s": batch / inf_ms * 1e3,
+               "train_ms": train_ms, "train_img_s": batch / train_ms * 1e3,
+               "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+               "train_kernels": kernel_breakdown(train)}
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "train_kernels"}), flush=True)
+        del model, opt
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--tiles", action="store_true")
+    parser.add_argument("--tile-stages", default="nat_s1,nat_s3")
+    parser.add_argument("--max-seconds", type=float, default=400)
+    parser.add_argument("--models", default="", help="comma list of timm names (name@visattn: Swin on visattn)")
+    args = parser.parse_args()
+    import triton
+
+    deadline = time.time() + args.max_seconds
+    result = {"bench": "engine-profile", "date": datetime.date.today().isoformat(),
+              "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "batch": args.batch, "dtype": "bfloat16", "head_dim": 32, "rows": [], "tile_rows": []}
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for name in filter(None, args.stages.split(",")):
+        if time.time() > deadline:
+            result["truncated"] = True
+            break
+        result["rows"] += stage_rows(name, args.batch, args.iters, deadline)
+        path.write_text(json.dumps(result, indent=1))
+    if args.tiles:
+        result["tile_rows"] = tile_sweep(args.tile_stages.split(","), args.batch, args.iters, deadline)
+        path.write_text(json.dumps(result, indent=1))
+    if args.models:
+        result["model_rows"] = model_rows(args.models.split(","), args.batch, args.iters, deadline + 240)
+    path.write_text(json.dumps(result, indent=1))
+    # short table last
+    print(f"\n{'stage':16s} {'rpb':5s} {'fwd':>8s} {'fwd+bwd':>8s} {'bwd/fwd':>7s}")
+    for r in result["rows"]:
+        if "dense" in r:
+            print(f"{r['stage']:16s} {r['dense']:5s} {r.get('fwd_ms', float('nan')):8.3f} "
+                  f"{r.get('fwd_bwd_ms', float('nan')):8.3f}")
+        else:
+            print(f"{r['stage']:16s} {str(r['rpb']):5s} {r['fwd_ms']:8.3f} {r['fwd_bwd_ms']:8.3f} "
+                  f"{r['bwd_over_fwd']:7.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
