@@ -71,3 +71,25 @@ def test_plots_from_fixture_results(tmp_path):
     row = attn_result["rows"][0]
     name, ms = plots.dense_sdpa_ms(row)
     assert ms == min(row["peers"]["sdpa_cudnn"], row["peers"]["sdpa_flash"]) and name.startswith("sdpa_")
+
+
+def test_engine_backbones_and_diffusion_sections_from_the_h200_files():
+    """The device-script sections render from the committed result files, with the ratios their rows imply."""
+    import json
+    from pathlib import Path
+
+    from visattn.bench import report
+
+    results = report.load_results(Path(__file__).resolve().parents[2] / "benchmarks" / "results")
+    engine = report.engine_section(results)
+    run3 = json.loads((Path(__file__).resolve().parents[2] / "benchmarks/results/engine-h200-2026-11-30-run3.json")
+                      .read_text())
+    ours = next(r for r in run3["rows"] if r["stage"] == "nat_s1" and r.get("rpb") is False and "dense" not in r)
+    dense = next(r for r in run3["rows"] if r["stage"] == "nat_s1" and r.get("dense") == "cudnn")
+    row = next(line for line in engine.splitlines() if line.startswith("| nat_s1 | no |"))
+    assert row.rstrip(" |").endswith(report._cell(dense["fwd_bwd_ms"] / ours["fwd_bwd_ms"]))
+    assert "engine-h200-2026-11-30-run3.json" in engine
+    backbones = report.backbones_section(results)
+    assert "official-style gather BRA" in backbones and "| biformer_tiny |" in backbones
+    diffusion = report.diffusion_section(results)
+    assert "121 frames at 512×768" in diffusion and diffusion.count("\n| ") >= 5

@@ -204,12 +204,18 @@ def check_section(results) -> str:
             + table(["file", "device", "problems", "by rank", "failed"], body))
 
 
+def _latest_file(results, kind: str, field: str) -> tuple[Path, dict] | None:
+    """The newest result file of ``kind`` whose ``field`` is non-empty (files are ordered oldest first)."""
+    found = [(path, data) for path, k, data in results if k == kind and data.get(field)]
+    return found[-1] if found else None
+
+
 def engine_section(results) -> str:
     """``benchmarks/engine_profile.py``: the engine at the stage shapes of NAT-T / DiNAT-T / Swin-T (latest file)."""
-    latest = [(path, data) for path, kind, data in results if kind == "engine-profile" and data.get("rows")]
-    if not latest:
+    latest = _latest_file(results, "engine-profile", "rows")
+    if latest is None:
         return ""
-    path, data = latest[-1]
+    path, data = latest
     dense = {r["stage"]: r for r in data["rows"] if r.get("dense") == "cudnn"}
     body = []
     for r in data["rows"]:
@@ -240,10 +246,10 @@ def engine_section(results) -> str:
 
 def backbones_section(results) -> str:
     """``benchmarks/bench_backbones.py``: the model families against timm's, and the official-style peers."""
-    latest = [(path, data) for path, kind, data in results if kind == "backbones" and data.get("rows")]
-    if not latest:
+    latest = _latest_file(results, "backbones", "rows")
+    if latest is None:
         return ""
-    path, data = latest[-1]
+    path, data = latest
     body = [[r.get("model"), r.get("variant"), r.get("mode"), r.get("batch"), _ms(r.get("ms")),
              _ms(r.get("img_per_s")), _ms(r.get("peak_gib"))] for r in data["rows"]]
     text = (f"## Backbones (`benchmarks/bench_backbones.py`, {path.name})\n\n{data.get('device')}, bf16 autocast, "
@@ -258,10 +264,10 @@ def backbones_section(results) -> str:
 
 def diffusion_section(results) -> str:
     """``benchmarks/bench_diffusion.py --mode ltx2``: LTX-2.5 decode and its NA stages against their floors."""
-    latest = [(path, data) for path, kind, data in results if kind == "diffusion" and data.get("ltx2")]
-    if not latest:
+    latest = _latest_file(results, "diffusion", "ltx2")
+    if latest is None:
         return ""
-    path, data = latest[-1]
+    path, data = latest
     ltx = data["ltx2"]
     body = [["×".join(map(str, st.get("grid", []))), st.get("heads"), "×".join(map(str, st.get("kernel", []))),
              _ms(st.get("isolated_ms")), _ms(st.get("floor_ms")), _ms(st.get("x_floor")), _ms(st.get("flex_ms")),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import bisect
 import functools
-import math
 
 import torch
 
@@ -114,8 +113,3 @@ def rpb_offset_maps(pattern, lengths, device: torch.device) -> list[torch.Tensor
                             pattern.shift[i], pattern.causal[i], pattern.window).to(device) for i in range(3)]
         _remember(key, maps)
     return maps
-
-
-def neighbours(pattern) -> int:
-    """Neighbour slots per query in the rpb-gradient buffer: the product of the kernel (or window) sizes."""
-    return math.prod(pattern.kernel)
