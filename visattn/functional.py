@@ -269,8 +269,8 @@ def _record(chosen: str) -> str:
     return chosen
 
 
-def _choose(op: str, backend: str, query: Tensor, why_not: Callable[[], str | None], cuda_fallback: str = "reference",
-            extra_reason: str | None = None) -> str:
+def _choose(op: str, backend: str, query: Tensor, why_not: Callable[[], str | None],
+            cuda_fallback: str = "reference") -> str:
     """Resolve ``backend`` for one call through the shared policy (``visattn.backends.choose``).
 
     ``auto`` never sends CPU tensors to the Triton interpreter (that is for tests, which force ``"triton"``), and
@@ -281,11 +281,10 @@ def _choose(op: str, backend: str, query: Tensor, why_not: Callable[[], str | No
     def reason() -> str | None:
         if wanted == "auto" and not query.is_cuda:
             return "CPU tensors run the exact reference under backend='auto'"
-        return extra_reason or why_not()
+        return why_not()
 
     fallback = cuda_fallback if query.is_cuda else "reference"
     return backends.choose(op, wanted, reason, FAMILY, fallback=fallback)
-
 
 
 def _dense_schedule_allowed(backend: str | None) -> bool:

@@ -60,6 +60,27 @@ def run(model, inputs):
         return model(**inputs, return_dict=False)[0]
 
 
+def masked_oracle(model, inputs, attentions, mask):
+    """The model's output with each attention module's stock processor given ``mask`` (restored afterwards)."""
+    stock = [attention.processor for attention in attentions]
+    for attention, proc in zip(attentions, stock, strict=True):
+        attention.set_processor(MaskedStock(proc, mask))
+    try:
+        return run(model, inputs)
+    finally:
+        for attention, proc in zip(attentions, stock, strict=True):
+            attention.set_processor(proc)
+
+
+def assert_patched_equals(model, inputs, expected, **na):
+    """``patch(model, **na)`` reproduces ``expected``; the model is unpatched afterwards whatever happens."""
+    patch(model, **na)
+    try:
+        torch.testing.assert_close(run(model, inputs), expected, atol=1e-11, rtol=1e-9)
+    finally:
+        unpatch(model)
+
+
 # ------------------------------------------------------------------------------------------------------- FLUX
 @pytest.fixture(scope="module")
 def flux():
@@ -85,11 +106,7 @@ def test_flux_full_kernel_equals_stock_and_unpatch_restores(flux):
     model, inputs, grid, _ = flux
     stock = run(model, inputs)
     before = dict(model.attn_processors)
-    patch(model, kernel_size=99)  # clamped to the 5x7 grid: dense attention
-    try:
-        torch.testing.assert_close(run(model, inputs), stock, atol=1e-11, rtol=1e-9)
-    finally:
-        unpatch(model)
+    assert_patched_equals(model, inputs, stock, kernel_size=99)  # clamped to the 5x7 grid: dense attention
     assert all(model.attn_processors[name] is proc for name, proc in before.items())
     assert torch.equal(run(model, inputs), stock)
 
@@ -101,17 +118,9 @@ def test_flux_small_kernel_equals_masked_oracle(flux, na):
     full = {"dilation": 1, "stride": 1, "is_causal": False, **na}
     mask = joint_mask(grid, text, True, kernel=full["kernel_size"], dilation=full["dilation"],
                       stride=full["stride"], causal=False)
-    stock = {name: proc for name, proc in model.attn_processors.items()}
-    model.set_attn_processor({name: MaskedStock(proc, mask) for name, proc in stock.items()})
-    try:
-        oracle = run(model, inputs)
-    finally:
-        model.set_attn_processor(dict(stock))
-    patch(model, **na)
-    try:
-        torch.testing.assert_close(run(model, inputs), oracle, atol=1e-11, rtol=1e-9)
-    finally:
-        unpatch(model)
+    attentions = [block.attn for block in (*model.transformer_blocks, *model.single_transformer_blocks)]
+    assert len(attentions) == len(model.attn_processors)  # the oracle masks every attention the model has
+    assert_patched_equals(model, inputs, masked_oracle(model, inputs, attentions, mask), **na)
 
 
 def test_flux_refusals(flux):
@@ -165,11 +174,7 @@ def hunyuan():
 def test_hunyuan_full_kernel_equals_stock(hunyuan):
     model, inputs, grid, _ = hunyuan
     stock = run(model, inputs)
-    patch(model, kernel_size=grid)
-    try:
-        torch.testing.assert_close(run(model, inputs), stock, atol=1e-11, rtol=1e-9)
-    finally:
-        unpatch(model)
+    assert_patched_equals(model, inputs, stock, kernel_size=grid)
     assert torch.equal(run(model, inputs), stock)
 
 
@@ -177,20 +182,8 @@ def test_hunyuan_small_kernel_padded_text_equals_masked_oracle(hunyuan):
     model, inputs, grid, text = hunyuan
     na = dict(kernel_size=(3, 3, 3), stride=(1, 2, 1))
     mask = joint_mask(grid, text, False, kernel=na["kernel_size"], stride=na["stride"])
-    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
-    stock = [block.attn.processor for block in blocks]
-    for block, proc in zip(blocks, stock, strict=False):
-        block.attn.set_processor(MaskedStock(proc, mask))
-    try:
-        oracle = run(model, inputs)
-    finally:
-        for block, proc in zip(blocks, stock, strict=False):
-            block.attn.set_processor(proc)
-    patch(model, **na)
-    try:
-        torch.testing.assert_close(run(model, inputs), oracle, atol=1e-11, rtol=1e-9)
-    finally:
-        unpatch(model)
+    attentions = [block.attn for block in (*model.transformer_blocks, *model.single_transformer_blocks)]
+    assert_patched_equals(model, inputs, masked_oracle(model, inputs, attentions, mask), **na)
 
 
 # --------------------------------------------------------------------------------------------------------- Wan
@@ -211,26 +204,11 @@ def wan():
 def test_wan_full_and_small_kernel(wan):
     model, inputs, grid = wan
     stock = run(model, inputs)
-    patch(model, kernel_size=grid)
-    try:
-        torch.testing.assert_close(run(model, inputs), stock, atol=1e-11, rtol=1e-9)
-    finally:
-        unpatch(model)
+    assert_patched_equals(model, inputs, stock, kernel_size=grid)
     na = dict(kernel_size=(2, 3, 5), is_causal=(True, False, False))
     mask = na_mask(grid, na["kernel_size"], causal=na["is_causal"])
-    originals = [block.attn1.processor for block in model.blocks]
-    for block, proc in zip(model.blocks, originals, strict=False):
-        block.attn1.set_processor(MaskedStock(proc, mask))
-    try:
-        oracle = run(model, inputs)
-    finally:
-        for block, proc in zip(model.blocks, originals, strict=False):
-            block.attn1.set_processor(proc)
-    patch(model, **na)
-    try:
-        torch.testing.assert_close(run(model, inputs), oracle, atol=1e-11, rtol=1e-9)
-    finally:
-        unpatch(model)
+    oracle = masked_oracle(model, inputs, [block.attn1 for block in model.blocks], mask)
+    assert_patched_equals(model, inputs, oracle, **na)
     assert torch.equal(run(model, inputs), stock)
 
 
