@@ -53,17 +53,23 @@ def _masks(spatial, kernel, dilation, stride, causal, window, shift, device):
            str(device))
     hit = _CACHE.get(key)
     if hit is None:
-        mask, index = torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, 1, dtype=torch.long)
-        for i, length in enumerate(spatial):
-            m, o = _dim_tables(length, kernel[i], dilation[i], stride[i], causal[i], window, shift[i])
-            n = mask.shape[0]
-            mask = (mask[:, None, :, None] & m[None, :, None, :]).reshape(n * length, n * length)
-            index = (index[:, None, :, None] * (2 * kernel[i] - 1) + o[None, :, None, :]).reshape(n * length, -1)
-        hit = (mask.to(device), index.to(device))
+        with torch.inference_mode(False):  # cached for later calls: never an inference tensor (autograd saves it)
+            hit = _build_masks(spatial, kernel, dilation, stride, causal, window, shift, device)
         if len(_CACHE) > 64:
             _CACHE.clear()
         _CACHE[key] = hit
     return hit
+
+
+def _build_masks(spatial, kernel, dilation, stride, causal, window, shift, device):
+    """[N, N] bool allowed pairs and [N, N] long rpb-table offsets, as outer products of the per-dimension tables."""
+    mask, index = torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, 1, dtype=torch.long)
+    for i, length in enumerate(spatial):
+        m, o = _dim_tables(length, kernel[i], dilation[i], stride[i], causal[i], window, shift[i])
+        n = mask.shape[0]
+        mask = (mask[:, None, :, None] & m[None, :, None, :]).reshape(n * length, n * length)
+        index = (index[:, None, :, None] * (2 * kernel[i] - 1) + o[None, :, None, :]).reshape(n * length, -1)
+    return mask.to(device), index.to(device)
 
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, kernel: tuple[int, ...], dilation: tuple[int, ...],
@@ -94,25 +100,31 @@ def _window_tables(window: tuple[int, ...], spatial: tuple[int, ...], shift: tup
     key = ("window", window, spatial, shift, str(device))
     hit = _CACHE.get(key)
     if hit is None:
-        region_masks = []  # per dim: [windows along dim, w, w] same-region mask
-        offsets = torch.zeros(1, 1, dtype=torch.long)
-        for length, w, t in zip(spatial, window, shift, strict=True):
-            rolled = torch.arange(length)
-            # after rolling by -t, the last window holds the tail [L-w+t, L) and the head [0, t) of the original
-            region = torch.where(rolled < length - w, 0, torch.where(rolled < length - t, 1, 2)).view(-1, w)
-            region_masks.append(region[:, :, None] == region[:, None, :])
-            local = torch.arange(w)
-            o = local[None, :] - local[:, None] + w - 1
-            n = offsets.shape[0]
-            offsets = (offsets[:, None, :, None] * (2 * w - 1) + o[None, :, None, :]).reshape(n * w, n * w)
-        mask = torch.ones(1, 1, 1, dtype=torch.bool)
-        for m in region_masks:  # outer product over dims: windows and in-window positions row-major
-            nw, n = mask.shape[0], mask.shape[1]
-            mask = (mask[:, None, :, None, :, None] & m[None, :, None, :, None, :]).reshape(
-                nw * m.shape[0], n * m.shape[1], n * m.shape[1])
-        hit = (mask.to(device), offsets.to(device))
+        with torch.inference_mode(False):  # cached: never an inference tensor
+            hit = _build_window_tables(window, spatial, shift, device)
         _CACHE[key] = hit
     return hit
+
+
+def _build_window_tables(window, spatial, shift, device):
+    """[nW, n, n] same-original-window mask and [n, n] rpb offsets of the rolled-and-partitioned layout."""
+    region_masks = []  # per dim: [windows along dim, w, w] same-region mask
+    offsets = torch.zeros(1, 1, dtype=torch.long)
+    for length, w, t in zip(spatial, window, shift, strict=True):
+        rolled = torch.arange(length)
+        # after rolling by -t, the last window holds the tail [L-w+t, L) and the head [0, t) of the original
+        region = torch.where(rolled < length - w, 0, torch.where(rolled < length - t, 1, 2)).view(-1, w)
+        region_masks.append(region[:, :, None] == region[:, None, :])
+        local = torch.arange(w)
+        o = local[None, :] - local[:, None] + w - 1
+        n = offsets.shape[0]
+        offsets = (offsets[:, None, :, None] * (2 * w - 1) + o[None, :, None, :]).reshape(n * w, n * w)
+    mask = torch.ones(1, 1, 1, dtype=torch.bool)
+    for m in region_masks:  # outer product over dims: windows and in-window positions row-major
+        nw, n = mask.shape[0], mask.shape[1]
+        mask = (mask[:, None, :, None, :, None] & m[None, :, None, :, None, :]).reshape(
+            nw * m.shape[0], n * m.shape[1], n * m.shape[1])
+    return mask.to(device), offsets.to(device)
 
 
 def window_partition_attention(q: Tensor, k: Tensor, v: Tensor, window: tuple[int, ...], shift: tuple[int, ...],
@@ -154,3 +166,43 @@ def window_partition_attention(q: Tensor, k: Tensor, v: Tensor, window: tuple[in
     if any(shift):
         out = torch.roll(out, shifts=shift, dims=dims)
     return out
+
+
+def routed_gather_attention(q: Tensor, k: Tensor, v: Tensor, regions: tuple[int, int], topk: int,
+                            scale: float) -> Tensor:
+    """Bi-level routing attention as BiFormer computes it: route exactly as the reference does, gather the routed
+    regions' keys/values (a ``topk``-times copy, in region chunks bounded like the reference's), then one SDPA call
+    per chunk over (batch, region) rows. Same result as ``reference.bilevel_routing`` up to rounding; the CPU path
+    of ``auto`` (SDPA's CPU kernel beats the reference's einsums: benchmarks/cpu_backbones.py)."""
+    from visattn.reference import CHUNK_ELEMENTS, pad_to_regions, region_grid, route_regions
+
+    batch, height, width, heads, dim = q.shape
+    dim_v = v.shape[-1]
+    padded_h, padded_w, region_h, region_w = region_grid(height, width, regions)
+    if (padded_h, padded_w) != (height, width):
+        q, k, v = (pad_to_regions(t, regions) for t in (q, k, v))
+    sh, sw = regions
+    n_regions, tokens = sh * sw, region_h * region_w
+    routing = route_regions(q, k, regions, topk)  # [B, R, topk]
+
+    def by_region(t: Tensor) -> Tensor:  # [B, Hp, Wp, heads, D] -> [B, R, tokens, heads, D]
+        t = t.reshape(batch, sh, region_h, sw, region_w, heads, t.shape[-1]).permute(0, 1, 3, 2, 4, 5, 6)
+        return t.reshape(batch, n_regions, tokens, heads, t.shape[-1])
+
+    qr = by_region(q)
+    kr, vr = (by_region(t).reshape(batch * n_regions, tokens, heads, t.shape[-1]) for t in (k, v))
+    rows = max(1, CHUNK_ELEMENTS // max(1, batch * topk * tokens * heads * max(dim, dim_v)))
+    outs = []
+    for start in range(0, n_regions, rows):
+        idx = routing[:, start:start + rows]  # [B, C, topk]
+        chunk = idx.shape[1]
+        flat = (idx + torch.arange(batch, device=idx.device)[:, None, None] * n_regions).reshape(-1)
+        keys, values = (t.index_select(0, flat).reshape(batch * chunk, topk * tokens, heads, t.shape[-1])
+                        for t in (kr, vr))
+        query = qr[:, start:start + chunk].reshape(batch * chunk, tokens, heads, dim)
+        out = F.scaled_dot_product_attention(query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                             scale=scale)  # [B*C, heads, tokens, Dv]
+        outs.append(out.transpose(1, 2).reshape(batch, chunk, tokens, heads, dim_v))
+    out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+    out = out.reshape(batch, sh, sw, region_h, region_w, heads, dim_v).permute(0, 1, 3, 2, 4, 5, 6)
+    return out.reshape(batch, padded_h, padded_w, heads, dim_v)[:, :height, :width].contiguous()

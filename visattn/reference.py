@@ -249,8 +249,8 @@ def route_regions(q: Tensor, k: Tensor, regions: tuple[int, int], topk: int) -> 
     sh, sw = regions
 
     def region_means(t: Tensor) -> Tensor:
-        t = t.detach().to(_compute_dtype(t.dtype)).reshape(batch, sh, height // sh, sw, width // sw, -1)
-        return t.mean(dim=(2, 4)).reshape(batch, sh * sw, -1)
+        t = t.detach().reshape(batch, sh, height // sh, sw, width // sw, -1)
+        return t.mean(dim=(2, 4), dtype=_compute_dtype(t.dtype)).reshape(batch, sh * sw, -1)  # no fp32 copy
 
     affinity = region_means(q) @ region_means(k).transpose(-1, -2)
     return torch.topk(affinity, k=topk, dim=-1).indices

@@ -28,7 +28,18 @@ def run_cases() -> list[dict]:
     import torch
 
     from visattn.bench import dense
-    from visattn.kernels.routing import bilevel_routing
+    from visattn.kernels.routing import bilevel_routing, inverse_routing
+
+    inverse_ok = []  # the inverse-routing kernel vs a brute force: which query regions route to each key region
+    for batch, n_regions, topk in ((2, 49, 1), (2, 49, 16), (1, 9, 9), (1, 49, 49)):
+        gen = torch.Generator().manual_seed(n_regions * topk)
+        idx = torch.stack([torch.stack([torch.randperm(n_regions, generator=gen)[:topk] for _ in range(n_regions)])
+                           for _ in range(batch)]).to(torch.int32)
+        table, counts = inverse_routing(idx, n_regions)
+        want = [[[q for q in range(n_regions) if r in idx[bi, q].tolist()] for r in range(n_regions)]
+                for bi in range(batch)]
+        inverse_ok.append(all(table[bi, r, :counts[bi, r]].tolist() == want[bi][r]
+                              for bi in range(batch) for r in range(n_regions)))
 
     results = []
     for i, (b, h, w, heads, d, dv, regions, topk, dtype, strided) in enumerate(CASES):
@@ -49,9 +60,20 @@ def run_cases() -> list[dict]:
         ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
         def err(a, r):
             return float((a.double() - r).abs().max() / max(1.0, float(r.abs().max())))
-        results.append({"case": i, "dtype": dtype, "fwd": err(out, ref),
-                        "grads": [err(g, r) for g, r in zip(grads, ref_grads, strict=False)],
-                        "nan": bool(torch.isnan(out).any()), "routing_shape": list(routing.shape)})
+        result = {"case": i, "dtype": dtype, "fwd": err(out, ref),
+                  "grads": [err(g, r) for g, r in zip(grads, ref_grads, strict=False)],
+                  "nan": bool(torch.isnan(out).any()), "routing_shape": list(routing.shape)}
+        if i == 0:  # traced (aot_eager, fullgraph): the custom ops' fake and autograd registrations
+            weight = grad.to(dt)
+
+            def loss(q_, k_, v_, regions=regions, topk=topk, d=d, weight=weight):
+                return (bilevel_routing(q_, k_, v_, regions, topk, d**-0.5) * weight).sum()
+
+            leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            traced = torch.autograd.grad(torch.compile(loss, backend="aot_eager", fullgraph=True)(*leaves), leaves)
+            result["traced_err"] = max(float((a - b).abs().max()) for a, b in zip(traced, grads, strict=True))
+        results.append(result)
+    results[0]["inverse_ok"] = inverse_ok
     return results
 
 
@@ -65,6 +87,9 @@ def test_bra_kernels_match_dense_oracle_under_interpreter():
         assert res["fwd"] < tol, res
         assert max(res["grads"]) < 4 * tol, res
         n_regions = case[6][0] * case[6][1]
+        if res["case"] == 0:
+            assert res["traced_err"] < 1e-6, res
+            assert res["inverse_ok"] == [True] * 4, res
         assert res["routing_shape"] == [case[0], n_regions, case[7]]
 
 

@@ -335,3 +335,21 @@ CONSTRUCTOR_ERRORS = [
 def test_constructor_rejects_bad_argument_naming_it(cls, kwargs, exc, name):
     with pytest.raises(exc, match=name):
         cls(**kwargs)
+
+
+@pytest.mark.parametrize("height,width,pool", [(56, 56, 3), (28, 28, 4), (5, 9, 3), (3, 3, 4), (7, 7, 7)])
+def test_pool_agents_is_adaptive_avg_pool(height, width, pool):
+    """The GEMM pooling of q equals nn.AdaptiveAvgPool2d (uneven and overlapping bins, maps smaller than the grid),
+    on a strided view of a fused qkv tensor, with a gradient."""
+    from visattn.nn.agent import pool_agents
+
+    qkv = torch.randn(2, height, width, 3, 2, 4, dtype=torch.float64, requires_grad=True)
+    q = qkv[..., 0, :, :]
+    got = pool_agents(q, pool)
+    want = F.adaptive_avg_pool2d(q.reshape(2, height, width, 8).permute(0, 3, 1, 2), pool)
+    want = want.flatten(2).transpose(1, 2).reshape(2, pool * pool, 2, 4)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    grad = torch.randn_like(got)
+    (g_got,) = torch.autograd.grad(got, qkv, grad)
+    (g_want,) = torch.autograd.grad(want, qkv, grad)
+    torch.testing.assert_close(g_got, g_want, rtol=0, atol=1e-12)

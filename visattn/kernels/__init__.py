@@ -1,4 +1,4 @@
-"""Triton backend for neighborhood (NA/DiNA/GNA), (shifted) window and bi-level routing attention.
+"""Triton backend for neighborhood (NA/DiNA/GNA), (shifted) window, agent and bi-level routing attention.
 
 The dispatcher in ``visattn.functional`` validates and normalises arguments, asks ``*_why_not`` whether this
 backend can run the call, then calls ``na`` / ``window``. Importing this package imports Triton if it can (and
@@ -17,11 +17,13 @@ _MAX_HEAD_DIM = 256
 _MAX_LENGTH = 65536  # the backward's binary searches run 17 steps
 # Imported here, not on first call: torch.compile(fullgraph=True) must never trace a first-time import.
 try:
+    from visattn.kernels import agent_attn as _agent_kernels
     from visattn.kernels import ops as _ops
+    from visattn.kernels import routing as _routing_kernels
 
     _engine_error: str | None = None
 except Exception as _err:  # triton missing or broken: *_why_not reports it, never raises
-    _ops = None
+    _ops = _agent_kernels = _routing_kernels = None
     _engine_error = f"triton not importable ({type(_err).__name__}: {_err})"
 
 
@@ -98,6 +100,36 @@ def window(q: Tensor, k: Tensor, v: Tensor, window_size: tuple, shift: tuple, rp
                                        (False,) * rank, shift, scale)
 
 
+def _pow2_at_least_16(n: int) -> int:
+    return max(16, 1 << (max(1, n) - 1).bit_length())
+
+
+def agent_why_not(q, k, v, agents) -> str | None:
+    """None when the fused agent kernels (``agent_attn.py``) can run this call, else a short reason."""
+    try:
+        max_agents = 256  # agent_attn.MAX_AGENTS (that module needs triton): stage B holds a row's agents in one tile
+        if agents.shape[1] > max_agents:
+            return f"{agents.shape[1]} agents > {max_agents} (stage B holds every agent of a row in one tile)"
+        tile = _pow2_at_least_16(agents.shape[1]) * _pow2_at_least_16(max(q.shape[-1], v.shape[-1]))
+        if tile > 16384:  # on the H200 larger agent tiles exceed shared memory (tests/kernels/*agent*_gpu.py)
+            return (f"{agents.shape[1]} agents with head_dim {max(q.shape[-1], v.shape[-1])}: the padded agent tile "
+                    f"({tile} elements) exceeds 128x128")
+        tokens = 1
+        for size in q.shape[1:-2]:
+            tokens *= size
+        if tokens >= 2**31 // max(1, agents.shape[1]):
+            return "tokens * agents does not fit 32-bit offsets (bias gradients)"
+        return _common_why_not([q, k, v, agents], q, k, v)
+    except Exception as err:
+        return f"triton capability check failed ({type(err).__name__}: {err})"
+
+
+def agent(q: Tensor, k: Tensor, v: Tensor, agents: Tensor, agent_bias: Tensor | None, query_bias: Tensor | None,
+          scale: float) -> Tensor:
+    """Fused agent attention (both softmax stages, forward and backward in Triton), ``[B, *spatial, heads, D_v]``."""
+    return _agent_kernels.agent_attention(q, k, v, agents, agent_bias, query_bias, scale)
+
+
 def bilevel_routing_why_not(q, k, v, regions, topk) -> str | None:
     """None when the routed-attention kernels (``routing.py``) can run this call, else a short reason."""
     try:
@@ -112,9 +144,9 @@ def bilevel_routing_why_not(q, k, v, regions, topk) -> str | None:
 def bilevel_routing(q: Tensor, k: Tensor, v: Tensor, regions: tuple, topk: int, scale: float,
                     return_routing: bool = False):
     """Fused bi-level routing attention: routed regions read in place, no key/value gather."""
-    from visattn.kernels.routing import bilevel_routing as fused
+    return _routing_kernels.bilevel_routing(q, k, v, tuple(regions), int(topk), float(scale),
+                                            return_routing=return_routing)
 
-    return fused(q, k, v, tuple(regions), int(topk), float(scale), return_routing=return_routing)
 
-
-__all__ = ["bilevel_routing", "bilevel_routing_why_not", "na", "na_why_not", "window", "window_why_not"]
+__all__ = ["agent", "agent_why_not", "bilevel_routing", "bilevel_routing_why_not", "na", "na_why_not", "window",
+           "window_why_not"]

@@ -16,6 +16,10 @@ import triton.language as tl
 from torch import Tensor
 
 _LOG2E = 1.4426950408889634
+# Launch options per kernel, from benchmarks/tune_small_kernels.py on the H200 at BiFormer-T's stages (bf16):
+# 2 warps suit the small routed tiles (fwd 3.7 -> 2.5 ms, dK/dV 11.8 -> 7.8 ms depth-weighted per image batch).
+LAUNCH: dict[str, dict[str, int]] = {"fwd": dict(num_warps=2, num_stages=2), "dq": dict(num_warps=4, num_stages=2),
+                                     "dkv": dict(num_warps=2, num_stages=2)}
 
 
 @triton.jit
@@ -89,12 +93,13 @@ def _bra_fwd_kernel(Q, K, V, OUT, LSE, IDX, s_b, s_y, s_x, s_h, s_d, v_b, v_y, v
 
 
 @triton.jit
-def _bra_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IDX, s_b, s_y, s_x, s_h, s_d, v_b, v_y, v_x, v_h, v_d,
-                   g_b, g_y, g_x, g_h, gq_b, gq_y, gq_x, gq_h, idx_b, idx_r,
+def _bra_dq_kernel(Q, K, V, OUT, DO, DQ, LSE, DELTA, IDX, s_b, s_y, s_x, s_h, s_d, v_b, v_y, v_x, v_h, v_d,
+                   o_b, o_y, o_x, o_h, g_b, g_y, g_x, g_h, gq_b, gq_y, gq_x, gq_h, idx_b, idx_r,
                    HEADS, HP, W, SW, RH, RW, PER_REGION, N_KEYS, Q_TILES, qk_scale, scale, HEAD_D, HEAD_DV,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    DOT_PREC: tl.constexpr):
-    """dQ of one query tile: recompute P from the saved LSE over the routed keys; dS = P * (dP - delta)."""
+    """dQ of one query tile: recompute P from the saved LSE over the routed keys; dS = P * (dP - delta), with
+    delta = rowsum(dO * O) computed here and stored for the dK/dV pass."""
     region, b, h, qy, qx, row_ok = _program_tile(Q_TILES, HEADS, PER_REGION, SW, RH, RW, BLOCK_M)
     d, dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     qk_head = b.to(tl.int64) * s_b + h * s_h
@@ -104,7 +109,9 @@ def _bra_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IDX, s_b, s_y, s_x, s_h, s_d, v_
     do = _load_rows(DO + g_head, qy, qx, g_y, g_x, 1, row_ok, dv, HEAD_DV)
     stats = _stat_offsets(b, h, HEADS, HP, W, qy, qx)
     lse = tl.load(LSE + stats, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
+    o = _load_rows(OUT + b.to(tl.int64) * o_b + h * o_h, qy, qx, o_y, o_x, 1, row_ok, dv, HEAD_DV)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + stats, delta, mask=row_ok)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for c0 in range(0, N_KEYS, BLOCK_N):
         ky, kx, col_ok = _routed_keys(IDX, b * idx_b + region * idx_r, c0, N_KEYS, PER_REGION, SW, RH, RW, BLOCK_N)
@@ -125,7 +132,8 @@ def _bra_dkv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, INV, INV_COUNT, s_b, s_y, s
                     HEADS, HP, W, SW, RH, RW, PER_REGION, N_REGIONS, K_TILES, qk_scale, scale, HEAD_D, HEAD_DV,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     DOT_PREC: tl.constexpr):
-    """dK, dV of one key tile: walk the query regions routed to this key region (the inverse table)."""
+    """dK, dV of one key tile: walk the tokens of the query regions routed to this key region (the inverse
+    table), BLOCK_M (source region, token) rows at a time."""
     region, b, h, ky, kx, col_ok = _program_tile(K_TILES, HEADS, PER_REGION, SW, RH, RW, BLOCK_N)
     d, dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     qk_head = b.to(tl.int64) * s_b + h * s_h
@@ -136,24 +144,25 @@ def _bra_dkv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, INV, INV_COUNT, s_b, s_y, s
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dvacc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     inv_base = (b * N_REGIONS + region).to(tl.int64) * N_REGIONS
-    n_sources = tl.load(INV_COUNT + b * N_REGIONS + region)
-    for i in range(0, n_sources):
-        q_region = tl.load(INV + inv_base + i)
-        for r0 in range(0, PER_REGION, BLOCK_M):
-            rows = r0 + tl.arange(0, BLOCK_M)
-            row_ok = rows < PER_REGION
-            qy, qx = _region_token(q_region, rows, SW, RH, RW)
-            q = _load_rows(Q + qk_head, qy, qx, s_y, s_x, s_d, row_ok, d, HEAD_D)
-            do = _load_rows(DO + g_head, qy, qx, g_y, g_x, 1, row_ok, dv, HEAD_DV)
-            stats = _stat_offsets(b, h, HEADS, HP, W, qy, qx)
-            lse = tl.load(LSE + stats, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
-            sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [keys, queries]
-            pT = tl.where(col_ok[:, None] & row_ok[None, :], tl.math.exp2(sT - lse[None, :]), 0.0)
-            dvacc += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
-            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            dsT = pT * (dpT - delta[None, :])
-            dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
+    n_rows = tl.load(INV_COUNT + b * N_REGIONS + region) * PER_REGION
+    # Rows are the flattened (source region, token) list, as the forward flattens its keys: small regions fill
+    # the tile with several source regions instead of padding each one to BLOCK_M.
+    for r0 in range(0, n_rows, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_rows
+        q_region = tl.load(INV + inv_base + rows // PER_REGION, mask=row_ok, other=0)
+        qy, qx = _region_token(q_region, rows % PER_REGION, SW, RH, RW)
+        q = _load_rows(Q + qk_head, qy, qx, s_y, s_x, s_d, row_ok, d, HEAD_D)
+        do = _load_rows(DO + g_head, qy, qx, g_y, g_x, 1, row_ok, dv, HEAD_DV)
+        stats = _stat_offsets(b, h, HEADS, HP, W, qy, qx)
+        lse = tl.load(LSE + stats, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
+        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [keys, queries]
+        pT = tl.where(col_ok[:, None] & row_ok[None, :], tl.math.exp2(sT - lse[None, :]), 0.0)
+        dvacc += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
     tl.store(DK + b.to(tl.int64) * gk_b + h * gk_h + ky[:, None] * gk_y + kx[:, None] * gk_x + d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & (d[None, :] < HEAD_D))
     tl.store(DV + b.to(tl.int64) * gv_b + h * gv_h + ky[:, None] * gv_y + kx[:, None] * gv_x + dv[None, :],
@@ -182,9 +191,8 @@ def _grid_args(q: Tensor, regions: tuple[int, int]):
     return batch, heads, hp, wp, rh, rw, rh * rw
 
 
-@torch.library.custom_op("visattn::bra_fwd", mutates_args=())
-def bra_forward(q: Tensor, k: Tensor, v: Tensor, routing: Tensor, sh: int, sw: int, scale: float
-                ) -> tuple[Tensor, Tensor]:
+def _forward(q: Tensor, k: Tensor, v: Tensor, routing: Tensor, sh: int, sw: int, scale: float
+             ) -> tuple[Tensor, Tensor]:
     """Fused routed attention on region-divisible maps; returns (out, log2-LSE [B, heads, H, W])."""
     batch, heads, hp, wp, rh, rw, per_region = _grid_args(q, (sh, sw))
     topk = routing.shape[-1]
@@ -196,8 +204,15 @@ def bra_forward(q: Tensor, k: Tensor, v: Tensor, routing: Tensor, sh: int, sw: i
         q, k, v, out, lse, routing, *_strides5(q), *_strides5(v), *_strides5(out)[:4],
         routing.stride(0), routing.stride(1), heads, hp, wp, sw, rh, rw, per_region, topk * per_region, q_tiles,
         scale * _LOG2E, q.shape[-1], v.shape[-1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        BLOCK_DV=block_dv, DOT_PREC=_dot_precision(q.dtype))
+        BLOCK_DV=block_dv, DOT_PREC=_dot_precision(q.dtype), **LAUNCH["fwd"])
     return out, lse
+
+
+@torch.library.custom_op("visattn::bra_fwd", mutates_args=())
+def bra_forward(q: Tensor, k: Tensor, v: Tensor, routing: Tensor, sh: int, sw: int, scale: float
+                ) -> tuple[Tensor, Tensor]:
+    """The forward as a custom op (what ``torch.compile`` traces): see ``_forward``."""
+    return _forward(q, k, v, routing, sh, sw, scale)
 
 
 @bra_forward.register_fake
@@ -206,8 +221,41 @@ def _(q, k, v, routing, sh, sw, scale):
     return out, q.new_empty(q.shape[0], q.shape[3], q.shape[1], q.shape[2], dtype=torch.float32)
 
 
+@triton.jit
+def _inverse_routing_kernel(IDX, TABLE, COUNT, N_REGIONS, TOPK, BLOCK: tl.constexpr):
+    """One batch item: for each key region, the query regions that route to it, in increasing order (a masked
+    prefix sum over the flattened [query region, slot] routing list gives each one its slot)."""
+    b = tl.program_id(0).to(tl.int64)
+    entry = tl.arange(0, BLOCK)
+    ok = entry < N_REGIONS * TOPK
+    key_region = tl.load(IDX + b * N_REGIONS * TOPK + entry, mask=ok, other=-1)
+    source = (entry // TOPK).to(tl.int32)
+    for region in range(0, N_REGIONS):
+        hit = key_region == region
+        slot = tl.cumsum(hit.to(tl.int32), 0) - 1
+        tl.store(TABLE + (b * N_REGIONS + region) * N_REGIONS + slot, source, mask=hit)
+        tl.store(COUNT + b * N_REGIONS + region, tl.sum(hit.to(tl.int32), 0))
+
+
+_INVERSE_KERNEL_ENTRIES = 4096  # one program holds a batch item's routing list (49 regions x top-49 fit)
+
+
 def inverse_routing(routing: Tensor, n_regions: int) -> tuple[Tensor, Tensor]:
-    """For each key region, the query regions routed to it: ([B, R, R] padded table, [B, R] counts), int32."""
+    """For each key region, the query regions routed to it: ([B, R, R] table, [B, R] counts), int32. Entries past
+    a region's count are unspecified (the dK/dV pass never reads them). One kernel launch where a batch item's
+    routing list fits one program, else torch ops (a stable sort)."""
+    batch, _, topk = routing.shape
+    if n_regions * topk <= _INVERSE_KERNEL_ENTRIES:
+        table = torch.empty(batch, n_regions, n_regions, dtype=torch.int32, device=routing.device)
+        counts = torch.empty(batch, n_regions, dtype=torch.int32, device=routing.device)
+        _inverse_routing_kernel[(batch,)](routing.contiguous(), table, counts, n_regions, topk,
+                                          BLOCK=triton.next_power_of_2(n_regions * topk))
+        return table, counts
+    return _inverse_routing_torch(routing, n_regions)
+
+
+def _inverse_routing_torch(routing: Tensor, n_regions: int) -> tuple[Tensor, Tensor]:
+    """``inverse_routing`` with torch ops (zero-padded table)."""
     batch, _, topk = routing.shape
     flat = routing.reshape(batch, -1).long()
     order = torch.argsort(flat, dim=1, stable=True)
@@ -223,13 +271,14 @@ def inverse_routing(routing: Tensor, n_regions: int) -> tuple[Tensor, Tensor]:
     return table, counts.to(torch.int32)
 
 
-@torch.library.custom_op("visattn::bra_bwd", mutates_args=())
-def bra_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, routing: Tensor,
-                 sh: int, sw: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_kernels(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                      routing: Tensor, sh: int, sw: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """dQ (which also writes delta = rowsum(dO * O)), then dK/dV over the inverse routing table."""
     batch, heads, hp, wp, rh, rw, per_region = _grid_args(q, (sh, sw))
     topk = routing.shape[-1]
-    grad_out = grad_out.contiguous()
-    delta = (grad_out.float() * out.float()).sum(-1).permute(0, 3, 1, 2).contiguous()  # [B, heads, H, W]
+    grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    out = out if out.stride(-1) == 1 else out.contiguous()
+    delta = torch.empty_like(lse)  # rowsum(dO * O) [B, heads, H, W], written by the dQ pass
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
@@ -238,19 +287,28 @@ def bra_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                   DOT_PREC=_dot_precision(q.dtype))
     q_tiles = triton.cdiv(per_region, block_m)
     _bra_dq_kernel[(sh * sw * q_tiles, batch * heads)](
-        q, k, v, grad_out, dq, lse, delta, routing, *_strides5(q), *_strides5(v), *_strides5(grad_out)[:4],
+        q, k, v, out, grad_out, dq, lse, delta, routing, *_strides5(q), *_strides5(v), *_strides5(out)[:4],
+        *_strides5(grad_out)[:4],
         *_strides5(dq)[:4], routing.stride(0), routing.stride(1), heads, hp, wp, sw, rh, rw, per_region,
-        topk * per_region, q_tiles, scale * _LOG2E, scale, q.shape[-1], v.shape[-1], **common)
+        topk * per_region, q_tiles, scale * _LOG2E, scale, q.shape[-1], v.shape[-1], **common, **LAUNCH["dq"])
     table, counts = inverse_routing(routing, sh * sw)
     # A dK/dV program owns one key region: size its tile to the region, not to the forward's routed-key block.
     block_n = min(64, max(16, triton.next_power_of_2(per_region)))
     common["BLOCK_N"] = block_n
+    common["BLOCK_M"] = 64 if q.dtype != torch.float32 else 32  # rows span several source regions
     k_tiles = triton.cdiv(per_region, block_n)
     _bra_dkv_kernel[(sh * sw * k_tiles, batch * heads)](
         q, k, v, grad_out, dk, dv, lse, delta, table, counts, *_strides5(q), *_strides5(v),
         *_strides5(grad_out)[:4], *_strides5(dk)[:4], *_strides5(dv)[:4], heads, hp, wp, sw, rh, rw, per_region,
-        sh * sw, k_tiles, scale * _LOG2E, scale, q.shape[-1], v.shape[-1], **common)
+        sh * sw, k_tiles, scale * _LOG2E, scale, q.shape[-1], v.shape[-1], **common, **LAUNCH["dkv"])
     return dq, dk, dv
+
+
+@torch.library.custom_op("visattn::bra_bwd", mutates_args=())
+def bra_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, routing: Tensor,
+                 sh: int, sw: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward as a custom op: see ``_backward_kernels``."""
+    return _backward_kernels(grad_out, q, k, v, out, lse, routing, sh, sw, scale)
 
 
 @bra_backward.register_fake
@@ -273,6 +331,24 @@ def _backward(ctx, grad_out, grad_lse):
 bra_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _RoutedAttention(torch.autograd.Function):
+    """The custom op's forward/backward for eager mode, without ``torch.library`` dispatch (see
+    ops._LocalAttention); returns the output only."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, routing, sh: int, sw: int, scale: float):
+        out, lse = _forward(q, k, v, routing, sh, sw, scale)
+        ctx.save_for_backward(q, k, v, out, lse, routing)
+        ctx.grid, ctx.scale = (sh, sw), scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, routing = ctx.saved_tensors
+        dq, dk, dv = _backward_kernels(grad_out, q, k, v, out, lse, routing, *ctx.grid, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
 def bilevel_routing(q: Tensor, k: Tensor, v: Tensor, regions: tuple[int, int], topk: int, scale: float,
                     return_routing: bool = False):
     """Backend entry: pad to the region grid, route exactly as the reference does, run the fused kernel, crop."""
@@ -282,7 +358,11 @@ def bilevel_routing(q: Tensor, k: Tensor, v: Tensor, regions: tuple[int, int], t
     if height % regions[0] or width % regions[1]:
         q, k, v = (pad_to_regions(t, regions) for t in (q, k, v))
     routing = route_regions(q, k, regions, topk)
-    out, _ = bra_forward(q, k, v, routing.to(torch.int32).contiguous(), regions[0], regions[1], scale)
+    table = routing.to(torch.int32).contiguous()
+    if torch.compiler.is_compiling():
+        out = bra_forward(q, k, v, table, regions[0], regions[1], scale)[0]
+    else:
+        out = _RoutedAttention.apply(q, k, v, table, regions[0], regions[1], scale)
     out = out[:, :height, :width]
     out = out if out.is_contiguous() else out.contiguous()
     return (out, routing) if return_routing else out

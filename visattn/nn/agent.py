@@ -20,6 +20,43 @@ from visattn import functional
 from visattn.nn import _args
 
 _BIAS_GRID = 7  # an_bias / na_bias are stored on a 7×7 grid and resized to the map
+_POOL_CACHE: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+def _pool_matrix(height: int, width: int, pool: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Adaptive average pooling of an (height, width) map to (pool, pool) bins as a 0/1 membership matrix
+    ``[pool², height*width]`` (exact in any dtype) and the bins' reciprocal areas ``[pool²]`` (float64).
+    Bins follow ``nn.AdaptiveAvgPool2d``: rows ``floor(i*H/p) .. ceil((i+1)*H/p)`` (neighbouring bins may share one)."""
+    def bins(length: int) -> Tensor:
+        i = torch.arange(pool, device=device)[:, None]
+        pos = torch.arange(length, device=device)[None, :]
+        return ((pos >= (i * length) // pool) & (pos < -((-(i + 1) * length) // pool))).float()  # [pool, length]
+
+    rows, cols = bins(height), bins(width)
+    member = (rows[:, None, :, None] * cols[None, :, None, :]).reshape(pool * pool, height * width)
+    return member, 1.0 / member.double().sum(1)
+
+
+def pool_agents(q: Tensor, pool: int) -> Tensor:
+    """Agent tokens: the adaptive average pool of ``q`` ``[B, H, W, heads, D]`` to ``pool × pool`` positions,
+    ``[B, pool², heads, D]``, as ``nn.AdaptiveAvgPool2d`` computes them.
+
+    One GEMM with a 0/1 membership matrix, then the division by the bin area in float32 (float64 for float64):
+    reads q in place (a strided view of a fused qkv projection is fine) where the NHWC adaptive-pool kernel needs
+    a channels-last copy.
+    """
+    batch, height, width, heads, dim = q.shape
+    key = (height, width, pool, q.device)
+    if torch.compiler.is_compiling():
+        member, inv_area = _pool_matrix(height, width, pool, q.device)
+    else:
+        if key not in _POOL_CACHE:
+            with torch.inference_mode(False):  # cached for later calls: never an inference tensor
+                _POOL_CACHE[key] = _pool_matrix(height, width, pool, q.device)
+        member, inv_area = _POOL_CACHE[key]
+    sums = torch.matmul(member.to(q.dtype), q.reshape(batch, height * width, heads * dim))  # [B, pool², C]
+    compute = torch.promote_types(q.dtype, torch.float32)
+    return (sums.to(compute) * inv_area[:, None].to(compute)).to(q.dtype).reshape(batch, pool * pool, heads, dim)
 
 
 class AgentAttention(nn.Module):
@@ -111,8 +148,7 @@ class AgentAttention(nn.Module):
         batch = x.shape[0]
         qkv = self.qkv(x).view(batch, height, width, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(-3)
-        pooled = self.pool(q.reshape(batch, height, width, self.dim).permute(0, 3, 1, 2))  # [B, C, p, p]
-        agents = pooled.flatten(2).transpose(1, 2).reshape(batch, self.agent_num, self.num_heads, self.head_dim)
+        agents = pool_agents(q, self.pool.output_size[0])  # = self.pool (AdaptiveAvgPool2d) of q, without a copy
         agent_bias, query_bias = self.biases()
         out = functional.agent_attention(q, k, v, agents, agent_bias.to(q.dtype), query_bias.to(q.dtype),
                                          scale=self.scale, backend=self.backend)
