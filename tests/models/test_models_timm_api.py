@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from family_checks import assert_grad_checkpointing_matches, assert_learns_digits
 
 import visattn  # noqa: F401  (registers the models)
 from visattn.models import agent, biformer, nat
@@ -156,20 +157,7 @@ def test_grad_checkpointing_group_matcher_and_no_weight_decay(name):
     """Checkpointed stages give the same outputs and gradients (train mode, batch statistics, no drop path)."""
     model, side = small(name, drop_path_rate=0.0)
     model.train()
-    x = torch.randn(2, 3, side, side)
-
-    def run():
-        model.zero_grad()
-        out = model(x)
-        out.square().sum().backward()
-        return out.detach(), [p.grad.clone() for p in model.parameters()]
-
-    plain, plain_grads = run()
-    model.set_grad_checkpointing(True)
-    ckpt, ckpt_grads = run()  # checkpointed blocks recompute in backward
-    torch.testing.assert_close(ckpt, plain)
-    for a, b in zip(ckpt_grads, plain_grads, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_grad_checkpointing_matches(model, torch.randn(2, 3, side, side))
     from timm.optim import param_groups_layer_decay
 
     groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.75)
@@ -246,43 +234,10 @@ DIGITS = {  # shrunken configs of each family for 32x32 digits (16 -> 8 -> 4 -> 
 }
 
 
-def _digits():
-    datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn ships the digits data set")
-    data = datasets.load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0  # [1797, 1, 8, 8] in [0, 1]
-    images = torch.nn.functional.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
-    images = ((images - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
-    return images, torch.tensor(data.target)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(DIGITS))
 def test_short_training_on_digits_reduces_loss(name):
-    """A real data set (scikit-learn's 8x8 digits, upsampled): 60 Adam steps of a shrunken model of the family
+    """A real data set (scikit-learn's 8x8 digits, upsampled): 60 AdamW steps of a shrunken model of the family
     must cut the held-out cross-entropy clearly below chance (log 10 = 2.30) and reach > 50% accuracy."""
-    images, labels = _digits()
-    gen = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(labels), generator=gen)
-    train, held = order[:1500], order[1500:]
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=10, drop_path_rate=0.0, **DIGITS[name])
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    loss_fn = torch.nn.CrossEntropyLoss()
-
-    def held_out():
-        model.eval()
-        with torch.no_grad():
-            logits = model(images[held])
-        model.train()
-        return loss_fn(logits, labels[held]).item(), (logits.argmax(-1) == labels[held]).float().mean().item()
-
-    before, _ = held_out()
-    for _ in range(60):
-        batch = train[torch.randint(len(train), (64,), generator=gen)]
-        loss = loss_fn(model(images[batch]), labels[batch])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    after, accuracy = held_out()
-    assert after < 0.6 * before and after < 1.5, (before, after)
-    assert accuracy > 0.5, accuracy
+    assert_learns_digits(timm.create_model(name, num_classes=10, drop_path_rate=0.0, **DIGITS[name]))

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from visattn import backends
 from visattn.models.swin_patch import patch_swin, unpatch_swin
 
 timm = pytest.importorskip("timm")
@@ -38,7 +39,8 @@ def test_patched_swin_matches_timm_values_and_grads(monkeypatch):
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     want, want_grads = _forward_and_grads(model, x)
     patch_swin(model)
-    got, got_grads = _forward_and_grads(model, x)
+    with backends.use_backend("reference"):  # on the CPU "auto" keeps timm's path (test below)
+        got, got_grads = _forward_and_grads(model, x)
     assert len(calls) == 4 and any(any(shift) for shift in calls)  # every block went through visattn
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
     assert want_grads.keys() == got_grads.keys()
@@ -89,7 +91,8 @@ def test_every_block_accelerated_and_equal_to_timm(name, img_size, window, monke
     want, want_grads = _forward_and_grads(model, x)
     patch_swin(model)
     assert patched_block_count(model) == (8, 8)
-    got, got_grads = _forward_and_grads(model, x)
+    with backends.use_backend("reference"):
+        got, got_grads = _forward_and_grads(model, x)
     assert len(calls) == 8
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
     for key in want_grads:
@@ -100,5 +103,25 @@ def test_attention_dropout_in_training_warns_and_uses_timm():
     model = SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=8, depths=(2,), num_heads=(2,),
                             attn_drop_rate=0.1, num_classes=3)
     patch_swin(model).train()
-    with pytest.warns(UserWarning, match="attn_drop"):
+    with backends.use_backend("reference"), pytest.warns(UserWarning, match="attn_drop"):
         model(torch.randn(1, 3, 32, 32))
+
+
+def test_cpu_auto_runs_timms_path_and_forced_backend_runs_visattn(monkeypatch):
+    """On CPU tensors under "auto" the patched blocks take timm's own path (faster there); a forced backend runs
+    visattn.window_attention; both equal stock timm."""
+    import visattn
+
+    calls = []
+    real = visattn.window_attention
+    monkeypatch.setattr(visattn, "window_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    model = _tiny_swin()
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+        patch_swin(model)
+        torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+        assert calls == []
+        with backends.use_backend("reference"):
+            torch.testing.assert_close(model(x), want, rtol=1e-9, atol=1e-10)
+        assert len(calls) == 4

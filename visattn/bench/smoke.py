@@ -147,6 +147,8 @@ MODEL_CASES = (
     ("timm dinat_mini", "dinat_mini", {}, 224),
     ("timm biformer_tiny", "biformer_tiny", {}, 112),
     ("timm agent_swin_t", "agent_swin_t", {"img_size": 96}, 96),
+    ("timm agent_pvt_t", "agent_pvt_t", {"img_size": 96}, 96),
+    ("timm agent_deit_t", "agent_deit_t", {"img_size": 96}, 96),
     ("timm swin_tiny (patch_swin)", "swin_tiny_patch4_window7_224", {"img_size": 96}, 96),
 )
 TOP5: dict[str, list[tuple[int, str]]] = {}  # row label -> top-5 (class index, ImageNet name), for format_table
@@ -186,10 +188,12 @@ def model_rows(device, dtype) -> list[Row]:
     (for ``patch_swin``: timm's own, unpatched Swin in float64); the error is the max abs difference of the logits.
     Each row also checks the logits are finite; the top-5 classes are printed under the table.
     """
+    import contextlib
     import copy
 
     import timm
 
+    from visattn import backends
     from visattn.models.swin_patch import patch_swin
 
     dev, dt = torch.device(device), dtype
@@ -208,12 +212,15 @@ def model_rows(device, dtype) -> list[Row]:
             image = _photo_batch(size)
             model = model.to(device=dev, dtype=dt)
             x = image.to(device=dev, dtype=dt)
-            if dev.type == "cuda":  # warm-up + median of 3 (kernels compile on first use)
-                out, ms = _time(lambda model=model, x=x: model(x), dev)
-            else:  # one run: whole models on a 2-core CPU dominate the smoke's time
-                start = time.perf_counter()
-                out = model(x)
-                ms = (time.perf_counter() - start) * 1e3
+            # patch_swin keeps timm's own path for CPU tensors under "auto": force visattn's ops to check them
+            forced = backends.use_backend("reference") if name.startswith("swin_") and dev.type != "cuda" else None
+            with forced or contextlib.nullcontext():
+                if dev.type == "cuda":  # warm-up + median of 3 (kernels compile on first use)
+                    out, ms = _time(lambda model=model, x=x: model(x), dev)
+                else:  # one run: whole models on a 2-core CPU dominate the smoke's time
+                    start = time.perf_counter()
+                    out = model(x)
+                    ms = (time.perf_counter() - start) * 1e3
             backend = last_backend()
             err = dense.max_abs_error(out, oracle(image.double()))
             if not bool(torch.isfinite(out).all()):

@@ -3,11 +3,12 @@ pooling, drop-path schedules, rpb tables."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
@@ -44,6 +45,98 @@ def unwrap_state_dict(state_dict, family: str) -> dict:
     if state_dict and all(k.startswith("module.") for k in state_dict):  # saved from DistributedDataParallel
         return {k[len("module."):]: v for k, v in state_dict.items()}
     return dict(state_dict)
+
+
+AGENT_BIAS_GRID = 7  # an_bias / na_bias live on a 7×7 grid and are resized to the map in forward
+
+
+def agent_pool_side(dim: int, num_heads: int, agent_num: int) -> int:
+    """Check an agent-attention config; the side of the pooled agent grid (agents are a square pool of q)."""
+    if dim % num_heads:
+        raise ValueError(f"num_heads={num_heads} must divide dim={dim}")
+    side = math.isqrt(agent_num) if agent_num >= 1 else 0
+    if side * side != agent_num or agent_num < 1:
+        raise ValueError(f"agent_num must be a perfect square (agents are a pooled grid), got {agent_num}")
+    return side
+
+
+def add_agent_position_biases(module: nn.Module, num_heads: int, agent_num: int, key_size: Sequence[int],
+                              query_size: Sequence[int]) -> None:
+    """The official Agent-Attention position biases as parameters of ``module`` (trunc-normal, std 0.02):
+    ``an_bias`` / ``na_bias`` on the 7×7 grid, ``ah_bias`` / ``aw_bias`` (agents -> keys, sized by ``key_size``),
+    ``ha_bias`` / ``wa_bias`` (queries -> agents, sized by ``query_size``).
+
+    The official separable tensors carry a leading 1 (5-D); they are 4-D here so ``model.to(memory_format=
+    torch.channels_last)``, which refuses 5-D parameters, works (the checkpoint filters squeeze them)."""
+    grid = AGENT_BIAS_GRID
+    shapes = dict(an_bias=(num_heads, agent_num, grid, grid), na_bias=(num_heads, agent_num, grid, grid),
+                  ah_bias=(num_heads, agent_num, key_size[0], 1), aw_bias=(num_heads, agent_num, 1, key_size[1]),
+                  ha_bias=(num_heads, query_size[0], 1, agent_num), wa_bias=(num_heads, 1, query_size[1], agent_num))
+    for name, shape in shapes.items():
+        setattr(module, name, nn.Parameter(trunc_normal_(torch.zeros(shape), std=0.02)))
+
+
+def agent_position_biases(module: nn.Module, key_size: Sequence[int], query_size: Sequence[int]
+                          ) -> tuple[Tensor, Tensor]:
+    """(agent_bias ``[1, heads, A, keys]``, query_bias ``[1, heads, queries, A]``) from the parameters
+    ``add_agent_position_biases`` made: the 7×7 grids bilinearly resized, plus the separable terms."""
+    heads, agents = module.an_bias.shape[:2]
+
+    def resized(bias: Tensor, size: Sequence[int]) -> Tensor:
+        return F.interpolate(bias, size=tuple(size), mode="bilinear").reshape(1, heads, agents, -1)
+
+    agent_bias = resized(module.an_bias, key_size) + (module.ah_bias + module.aw_bias).reshape(1, heads, agents, -1)
+    query_bias = (resized(module.na_bias, query_size).transpose(-1, -2)
+                  + (module.ha_bias + module.wa_bias).reshape(1, heads, -1, agents))
+    return agent_bias, query_bias
+
+
+AGENT_SPATIAL_AXIS = {"ah_bias": 2, "ha_bias": 1, "aw_bias": 3, "wa_bias": 2}  # in the 4-D layout
+
+
+def resize_to_model(state_dict: dict, model: nn.Module, resize_other=None) -> dict:
+    """A checkpoint of another ``img_size`` resized to ``model``: every tensor whose shape differs from the model's
+    (same rank) is resized — the separable agent biases linearly along their spatial axis, anything else by
+    ``resize_other(key, value, wanted_shape)`` (None: left as is). Returns ``state_dict`` itself when every shape
+    already matches."""
+    target = model.state_dict()
+
+    def differs(key, value) -> bool:
+        want = target.get(key)
+        return (want is not None and isinstance(value, Tensor) and value.shape != want.shape
+                and value.dim() == want.dim())
+
+    if not any(differs(k, v) for k, v in state_dict.items()):
+        return state_dict
+    out = {}
+    for key, value in state_dict.items():
+        if differs(key, value):
+            want, name = target[key].shape, key.rsplit(".", 1)[-1]
+            if name in AGENT_SPATIAL_AXIS:
+                axis = AGENT_SPATIAL_AXIS[name]
+                value = resize_axis(value, axis, want[axis])
+            elif resize_other is not None:
+                value = resize_other(key, value, want)
+        out[key] = value
+    return out
+
+
+class PreNormBlock(nn.Module):
+    """``x + drop_path(attn(norm1(x)))``, then ``x + drop_path(mlp(norm2(x)))`` with timm's ``Mlp`` (``fc1`` / GELU /
+    ``fc2``): the block the Agent-Attention families share; each family builds its ``attn`` and passes it in."""
+
+    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, proj_drop: float = 0.0, drop_path: float = 0.0,
+                 norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = attn
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 def drop_path_schedule(depths: Sequence[int], rate: float) -> list[list[float]]:

@@ -23,18 +23,17 @@ import re
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from visattn import functional
 from visattn.models import _helpers
+from visattn.nn.agent import pool_agents
 
 __all__ = ["AgentSwinTransformer", "AgentAttention", "WindowAttention", "checkpoint_filter_fn", "parse_attn_types"]
 
-_BIAS_GRID = 7  # an_bias / na_bias live on a 7×7 grid and are resized to the map in forward
 
 
 class AgentAttention(nn.Module):
@@ -51,40 +50,22 @@ class AgentAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, map_size: Sequence[int], agent_num: int = 49, qkv_bias: bool = True,
                  proj_drop: float = 0.0, backend: str = "auto"):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"num_heads={num_heads} must divide dim={dim}")
-        pool = math.isqrt(agent_num)
-        if pool * pool != agent_num:
-            raise ValueError(f"agent_num must be a perfect square (agents are a pooled grid), got {agent_num}")
+        pool = _helpers.agent_pool_side(dim, num_heads, agent_num)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.map_size = tuple(map_size)
         self.agent_num = agent_num
         self.scale = self.head_dim**-0.5
         self.backend = backend
-        height, width = self.map_size
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.dwc = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
-        self.an_bias = nn.Parameter(torch.zeros(num_heads, agent_num, _BIAS_GRID, _BIAS_GRID))
-        self.na_bias = nn.Parameter(torch.zeros(num_heads, agent_num, _BIAS_GRID, _BIAS_GRID))
-        # The official tensors carry a leading 1 (5-D); kept 4-D here so model.to(memory_format=channels_last),
-        # which refuses 5-D parameters, works. checkpoint_filter_fn squeezes official checkpoints.
-        self.ah_bias = nn.Parameter(torch.zeros(num_heads, agent_num, height, 1))
-        self.aw_bias = nn.Parameter(torch.zeros(num_heads, agent_num, 1, width))
-        self.ha_bias = nn.Parameter(torch.zeros(num_heads, height, 1, agent_num))
-        self.wa_bias = nn.Parameter(torch.zeros(num_heads, 1, width, agent_num))
-        for bias in (self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias):
-            trunc_normal_(bias, std=0.02)
+        _helpers.add_agent_position_biases(self, num_heads, agent_num, self.map_size, self.map_size)
         self.pool = nn.AdaptiveAvgPool2d((pool, pool))
 
     def biases(self) -> tuple[Tensor, Tensor]:
         """(agent_bias ``[1, heads, A, N]``, query_bias ``[1, heads, N, A]``) for ``map_size``."""
-        heads, agents = self.num_heads, self.agent_num
-        grid = lambda t: F.interpolate(t, size=self.map_size, mode="bilinear").reshape(1, heads, agents, -1)  # noqa: E731
-        agent_bias = grid(self.an_bias) + (self.ah_bias + self.aw_bias).reshape(1, heads, agents, -1)
-        query_bias = grid(self.na_bias).transpose(-1, -2) + (self.ha_bias + self.wa_bias).reshape(1, heads, -1, agents)
-        return agent_bias, query_bias
+        return _helpers.agent_position_biases(self, self.map_size, self.map_size)
 
     def forward(self, x: Tensor) -> Tensor:
         batch, height, width, channels = x.shape
@@ -94,8 +75,7 @@ class AgentAttention(nn.Module):
                              f"resized by checkpoint_filter_fn)")
         qkv = self.qkv(x).view(batch, height, width, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(3)
-        pooled = self.pool(q.reshape(batch, height, width, channels).permute(0, 3, 1, 2))  # [B, C, p, p]
-        agents = pooled.flatten(2).transpose(1, 2).reshape(batch, self.agent_num, self.num_heads, self.head_dim)
+        agents = pool_agents(q, self.pool.output_size[0])  # = self.pool (AdaptiveAvgPool2d) of q, without a copy
         agent_bias, query_bias = self.biases()
         out = functional.agent_attention(q, k, v, agents, agent_bias=agent_bias.to(q.dtype),
                                          query_bias=query_bias.to(q.dtype), scale=self.scale, backend=self.backend)
@@ -173,30 +153,22 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x))
 
 
-class AgentSwinBlock(nn.Module):
+class AgentSwinBlock(_helpers.PreNormBlock):
     """Pre-norm block: ``A`` (agent attention over the map) or ``B`` (shifted window attention), then MLP."""
 
     def __init__(self, dim: int, num_heads: int, map_size: Sequence[int], attn_type: str, agent_num: int,
                  window_size: int, shift: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, proj_drop: float = 0.0,
                  drop_path: float = 0.0, norm_layer=nn.LayerNorm, backend: str = "auto"):
-        super().__init__()
-        self.norm1 = norm_layer(dim)
         if attn_type == "A":
-            self.attn = AgentAttention(dim, num_heads, map_size, agent_num, qkv_bias, proj_drop, backend=backend)
+            attn = AgentAttention(dim, num_heads, map_size, agent_num, qkv_bias, proj_drop, backend=backend)
         elif attn_type == "B":
             # official rule: a window as large as the map covers it, unshifted
             window = (min(window_size, map_size[0]), min(window_size, map_size[1]))
             shifts = tuple(0 if min(map_size) <= window_size else shift for _ in range(2))
-            self.attn = WindowAttention(dim, num_heads, window, shifts, qkv_bias, proj_drop, backend=backend)
+            attn = WindowAttention(dim, num_heads, window, shifts, qkv_bias, proj_drop, backend=backend)
         else:
             raise ValueError(f"attn_type must be 'A' (agent) or 'B' (window), got {attn_type!r}")
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        super().__init__(dim, attn, mlp_ratio, proj_drop, drop_path, norm_layer)
 
 
 class AgentSwinStage(nn.Module):
@@ -308,24 +280,12 @@ def _is_official(state_dict: dict) -> bool:
                for k in state_dict)
 
 
-def _resize_to_model(state_dict: dict, model: nn.Module) -> dict:
-    """Resize position biases whose shape differs from ``model``'s (a checkpoint of another img_size): the
-    separable agent biases linearly along their spatial axis, Swin tables bicubically (Swin's recipe)."""
-    target = model.state_dict()
-    out = {}
-    for key, value in state_dict.items():
-        want = target.get(key)
-        if want is not None and isinstance(value, Tensor) and value.shape != want.shape and value.dim() == want.dim():
-            name = key.rsplit(".", 1)[-1]
-            axis = {"ah_bias": 2, "ha_bias": 1, "aw_bias": 3, "wa_bias": 2}.get(name)  # the spatial axis
-            if axis is not None:
-                value = _helpers.resize_axis(value, axis, want.shape[axis])
-            elif name == "relative_position_bias_table":
-                old = math.isqrt(value.shape[0])
-                new = math.isqrt(want.shape[0])
-                value = _helpers.resize_swin_table(value, ((old + 1) // 2,) * 2, ((new + 1) // 2,) * 2)
-        out[key] = value
-    return out
+def _resize_swin_table(key: str, value: Tensor, want: torch.Size) -> Tensor:
+    """Swin tables of another window bicubically (Swin's recipe); the agent biases are resized by the caller."""
+    if key.endswith("relative_position_bias_table"):
+        old, new = math.isqrt(value.shape[0]), math.isqrt(want[0])
+        return _helpers.resize_swin_table(value, ((old + 1) // 2,) * 2, ((new + 1) // 2,) * 2)
+    return value
 
 
 def checkpoint_filter_fn(state_dict, model: AgentSwinTransformer | None = None) -> dict:
@@ -348,11 +308,7 @@ def checkpoint_filter_fn(state_dict, model: AgentSwinTransformer | None = None) 
                 value = value.squeeze(0)  # official [1, heads, ...] -> ours [heads, ...]
             converted[f"layers.{int(match[1]) + 1}.downsample.{match[2]}" if match else key] = value
         state_dict = converted
-    if model is not None:
-        target = model.state_dict()
-        if any(k in target and getattr(v, "shape", None) != target[k].shape for k, v in state_dict.items()):
-            state_dict = _resize_to_model(state_dict, model)
-    return state_dict
+    return state_dict if model is None else _helpers.resize_to_model(state_dict, model, _resize_swin_table)
 
 
 # ----------------------------------------------------------------------------------------------- registry
@@ -361,8 +317,12 @@ def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> Agen
                                 feature_cfg=_helpers.feature_cfg(kwargs, (2, 2, 6, 2)), **kwargs)
 
 
-def _cfg(url: str = "", **kwargs) -> dict:
-    # fixed_input_size: timm then builds at the tag's input size (img_size), which sizes the agent biases
+def agent_cfg(url: str = "", **kwargs) -> dict:
+    """The pretrained config shared by the Agent-Attention families (Swin / PVT / DeiT) with ``kwargs`` on top.
+
+    fixed_input_size: timm then builds at the tag's input size (img_size), which sizes the agent biases (and the
+    PVT / DeiT position embeddings). Evaluation as in agent_transformer/data/build.py: resize to 256/224 of the size,
+    center crop, bicubic."""
     cfg = dict(
         url=url, num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
         interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="patch_embed.proj",
@@ -373,14 +333,14 @@ def _cfg(url: str = "", **kwargs) -> dict:
 
 
 # Released weights (agent_transformer/README.md, TsinghuaCloud links; files hold {"model": state_dict, ...}).
-_TSINGHUA = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
+TSINGHUA_URL = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
 default_cfgs = generate_default_cfgs({
-    "agent_swin_t.in1k": _cfg(_TSINGHUA.format("a2ddc1190c224f768a41")),
-    "agent_swin_s.in1k": _cfg(_TSINGHUA.format("f607172c9fea4d6e99bb")),
-    "agent_swin_s.in1k_288": _cfg(_TSINGHUA.format("09760394e93b4046a25e"), input_size=(3, 288, 288),
+    "agent_swin_t.in1k": agent_cfg(TSINGHUA_URL.format("a2ddc1190c224f768a41")),
+    "agent_swin_s.in1k": agent_cfg(TSINGHUA_URL.format("f607172c9fea4d6e99bb")),
+    "agent_swin_s.in1k_288": agent_cfg(TSINGHUA_URL.format("09760394e93b4046a25e"), input_size=(3, 288, 288),
                                   pool_size=(9, 9), crop_pct=1.0),
-    "agent_swin_b.in1k": _cfg(_TSINGHUA.format("4fcd2d0114bb490483c3")),
-    "agent_swin_b.in1k_384": _cfg(_TSINGHUA.format("bb84ee9058954706a557"), input_size=(3, 384, 384),
+    "agent_swin_b.in1k": agent_cfg(TSINGHUA_URL.format("4fcd2d0114bb490483c3")),
+    "agent_swin_b.in1k_384": agent_cfg(TSINGHUA_URL.format("bb84ee9058954706a557"), input_size=(3, 384, 384),
                                   pool_size=(12, 12), crop_pct=1.0),
 })
 

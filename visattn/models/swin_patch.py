@@ -14,6 +14,7 @@ reach them and checkpoints stay timm's). ``unpatch_swin`` restores timm's path.
   shifted-window regions of the padded map, crop, roll back): the padded map is rolled into visattn's shifted-window
   frame, so such blocks run on visattn too (with two rolls; divisible maps need none).
 - Attention dropout in training needs the probability matrix: such blocks warn once and run timm's own path.
+- CPU tensors under the default backend ("auto") run timm's own path: on the CPU it is the faster formulation.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import visattn
+from visattn import backends
 from visattn.models._helpers import swin_table_to_rpb
 
 logger = logging.getLogger("visattn")
@@ -79,6 +81,11 @@ def _attend(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _window_attn(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Drop-in for ``SwinTransformer(V2)Block._attn`` on [B, H, W, C] input."""
+    if not x.is_cuda and backends.get_backend("attention") == "auto":
+        # On the CPU timm's own path is the faster formulation (it rolls and partitions x once, before the qkv
+        # projection; a q/k/v API must move 3x the channels): benchmarks/cpu_backbones.py. A forced backend
+        # (visattn.backends.use_backend("reference")) runs visattn's ops on the CPU too.
+        return getattr(block, _ORIGINAL)(x)
     if block.training and block.attn.attn_drop.p > 0:
         warnings.warn(f"visattn patch_swin: attn_drop={block.attn.attn_drop.p} in training needs the attention "
                       f"matrix; this block runs timm's own path", stacklevel=2)
