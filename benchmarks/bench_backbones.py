@@ -21,6 +21,7 @@ import datetime
 import json
 import math
 import platform
+import statistics
 import sys
 import time
 import types
@@ -39,7 +40,9 @@ from visattn.functional import last_backend  # noqa: E402
 from visattn.models.agent import AgentAttention  # noqa: E402
 from visattn.models.biformer import BiLevelRoutingAttention  # noqa: E402
 
-NEW_MODELS = ["biformer_tiny", "biformer_small", "biformer_base", "agent_swin_t", "agent_swin_s", "agent_swin_b"]
+NEW_MODELS = ["biformer_tiny", "biformer_small", "biformer_base", "agent_swin_t", "agent_swin_s", "agent_swin_b",
+              "agent_pvt_t", "agent_pvt_s", "agent_pvt_m", "agent_pvt_l",
+              "agent_deit_t", "agent_deit_s", "agent_deit_b"]
 BASELINES = ["swin_tiny_patch4_window7_224", "convnext_tiny"]
 
 
@@ -132,7 +135,9 @@ def gmacs(name: str) -> float | None:
         return None
 
 
-def measure(model: torch.nn.Module, batch: int, mode: str, warmup: int, iters: int) -> dict:
+def make_step(model: torch.nn.Module, batch: int, mode: str):
+    """One inference (no_grad) or train step (forward, cross-entropy, backward, SGD step) of ``model`` on CUDA,
+    bf16 autocast, channels-last inputs and weights, fixed random inputs."""
     device = torch.device("cuda")
     model = model.to(device).to(memory_format=torch.channels_last)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -144,16 +149,21 @@ def measure(model: torch.nn.Module, batch: int, mode: str, warmup: int, iters: i
         def step():
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                 model(x)
-    else:
-        model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+        return step
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = F.cross_entropy(model(x), labels)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def measure(model: torch.nn.Module, batch: int, mode: str, warmup: int, iters: int) -> dict:
+    step = make_step(model, batch, mode)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     ms = median_ms(step, iters=iters, warmup=warmup)
@@ -216,17 +226,33 @@ def run(args) -> dict:
             row("swin_tiny_patch4_window7_224", mode, args.batch, variant="patch_swin (visattn window attention)",
                 build=swin_on_visattn)
 
+    # Same-model comparisons, interleaved (ours, peer, ours, peer, ...) so that drift in host or GPU speed over
+    # the run cannot favour either side; the ratio is of the per-side medians over the rounds.
     comparisons = []
     for name, variant, build, batch in (("biformer_tiny", "official-style gather BRA", biformer_gather,
                                          args.batch_biformer),
                                         ("agent_swin_t", "official eager AgentAttention", agent_eager, args.batch)):
-        ours = next((r for r in rows if r["model"] == name and r["mode"] == "train" and r["variant"] == "default"),
-                    None) or row(name, "train", batch)
-        peer = row(name, "train", batch, variant=variant, build=build)
-        if "ms" in ours and "ms" in peer:
-            comparisons.append(dict(model=name, peer=variant, mode="train",
-                                    speedup=round(peer["ms"] / ours["ms"], 3),
-                                    memory_ratio=round(ours["peak_gib"] / peer["peak_gib"], 3)))
+        if out_of_time():
+            break
+        sides = {"ours": [], "peer": []}
+        try:
+            torch.manual_seed(0)
+            models = {"ours": timm.create_model(name), "peer": build()}
+            for _ in range(args.rounds):
+                for side in ("ours", "peer"):
+                    sides[side].append(measure(models[side], batch, "train", args.warmup, args.iters))
+                    torch.cuda.empty_cache()
+        except Exception as err:  # report and go on
+            comparisons.append(dict(model=name, peer=variant, error=f"{type(err).__name__}: {err}"))
+            continue
+        med = {side: statistics.median(r["ms"] for r in runs) for side, runs in sides.items()}
+        peak = {side: max(r["peak_gib"] for r in runs) for side, runs in sides.items()}
+        entry = dict(model=name, peer=variant, mode="train", batch=batch, rounds=args.rounds,
+                     ours_ms=[r["ms"] for r in sides["ours"]], peer_ms=[r["ms"] for r in sides["peer"]],
+                     ours_peak_gib=peak["ours"], peer_peak_gib=peak["peer"],
+                     speedup=round(med["peer"] / med["ours"], 3), memory_ratio=round(peak["ours"] / peak["peer"], 3))
+        print(json.dumps(entry))
+        comparisons.append(entry)
     return dict(rows=rows, gmacs_224=macs, comparisons=comparisons, seconds=round(time.perf_counter() - start, 1))
 
 
@@ -250,6 +276,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--models", nargs="*", default=None, help="subset of model names (default: all)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each same-model comparison")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_backbones needs a CUDA GPU", file=sys.stderr)
@@ -259,7 +286,7 @@ def main(argv=None) -> int:
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
         settings=dict(dtype="bf16 autocast", memory_format="channels_last", batch=args.batch,
                       batch_biformer=args.batch_biformer, warmup=args.warmup, iters=args.iters, timing="CUDA events, "
-                      "median", max_seconds=args.max_seconds, img_size=224),
+                      "median", max_seconds=args.max_seconds, img_size=224, comparison_rounds=args.rounds),
         **versions(), **run(args),
     )
 

@@ -14,7 +14,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 # The models of the one-invocation comparison: timm's stock models, timm's Swin on visattn windows, visattn's own.
-MODELS="swin_tiny_patch4_window7_224 swin_tiny_patch4_window7_224@visattn convnext_tiny vit_small_patch16_224 nat_tiny dinat_tiny biformer_tiny agent_swin_t"
+MODELS="swin_tiny_patch4_window7_224 swin_tiny_patch4_window7_224@visattn convnext_tiny vit_small_patch16_224 nat_tiny dinat_tiny biformer_tiny agent_swin_t agent_pvt_t agent_deit_t"
 COMMON="--bench both --amp --amp-dtype bfloat16 --channels-last -b 256 --num-warm-iter 3 --num-bench-iter 15 --no-progress"
 status=0
 for step in "$@"; do

@@ -29,6 +29,7 @@ COMMANDS = (
             "images/sec of any timm model, inference and train step, with timm benchmark.py's flags"),
     Command("bench-attn", "visattn.bench.attn", "kernel benchmarks from a YAML suite: time, TFLOP/s, floor, peers"),
     Command("bench-bra", "visattn.bench.bra", "bi-level routing: fused kernel vs BiFormer's gather, time and memory"),
+    Command("bench-agent", "visattn.bench.agent", "agent attention: fused kernels vs two SDPA calls vs official eager"),
     Command("bench-prune", "visattn.bench.prune", "token-pruning benchmarks on LLaVA-shaped models"),
     Command("bench-prune-kernels", "visattn.bench.prune_kernels",
             "LLM-stage pruning kernels (row scores, top-k, recycling) vs eager"),

@@ -65,8 +65,8 @@ def test_smoke_photo_is_real():
 
 def test_every_command_is_listed_and_follows_the_contract():
     help_text = cli.build_parser().format_help()
-    expected = {"info", "smoke", "check", "bench", "bench-attn", "bench-bra", "bench-prune", "bench-prune-kernels",
-                "report"}
+    expected = {"info", "smoke", "check", "bench", "bench-attn", "bench-bra", "bench-agent", "bench-prune",
+                "bench-prune-kernels", "report"}
     assert {c.name for c in cli.COMMANDS} == expected
     for command in cli.COMMANDS:
         assert command.name in help_text

@@ -9,12 +9,10 @@ larger tensor, then matmul-softmax-matmul) and the same gather followed by SDPA.
 from __future__ import annotations
 
 import argparse
-import json
-from collections.abc import Callable
 
 import torch
 
-from visattn.bench.common import device_ceilings, floor_ms, median_ms, parse_dtype, require_cuda, save_result
+from visattn.bench.common import floor_ms, op_ms_and_peak_mib, run_peer_benchmark
 
 # (name, batch, map size, channels, heads, regions per side, topk) — BiFormer-T stages 1-3 at 224².
 PROBLEMS = [
@@ -52,24 +50,6 @@ def biformer_gather(q, k, v, regions: int, topk: int, scale: float, use_sdpa: bo
     return out.reshape(batch, height, width, heads, dim)
 
 
-def _measure(fn: Callable, inputs: list[torch.Tensor], backward: bool) -> tuple[float, float]:
-    """(median ms, peak extra MiB) of fn(*inputs) [+ backward]."""
-    grad = torch.randn_like(fn(*inputs))
-
-    def step():
-        out = fn(*inputs)
-        if backward:
-            torch.autograd.grad(out, inputs, grad)
-
-    ms = median_ms(step, iters=30)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def run_problem(problem, dtype, ceilings) -> dict:
     from visattn.kernels.routing import bilevel_routing
 
@@ -92,8 +72,8 @@ def run_problem(problem, dtype, ceilings) -> dict:
            "fwd_bwd_floor_ms": floor_ms(3.5 * flops, 2.5 * nbytes, ceilings)}
     reference = peers["biformer_gather"](*inputs).float()
     for peer, fn in peers.items():
-        fwd_ms, _ = _measure(fn, inputs, backward=False)
-        both_ms, peak_mib = _measure(fn, inputs, backward=True)
+        fwd_ms, _ = op_ms_and_peak_mib(fn, inputs, backward=False)
+        both_ms, peak_mib = op_ms_and_peak_mib(fn, inputs, backward=True)
         err = float((fn(*inputs).float() - reference).norm() / reference.norm())
         row[peer] = {"fwd_ms": fwd_ms, "fwd_bwd_ms": both_ms, "peak_mib": peak_mib,
                      "fwd_tflops": flops / fwd_ms / 1e9, "rel_err_vs_gather": err}
@@ -112,22 +92,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    missing = require_cuda("bench-bra")
-    if missing:
-        print(missing)
-        return 2
-    dtype = parse_dtype(args.dtype, "--dtype")
-    ceilings = device_ceilings()
-    rows = [run_problem(p, dtype, ceilings) for p in PROBLEMS]
-    for row in rows:
-        print(json.dumps(row))
-    path = save_result("bra", {"ceilings": ceilings, "rows": rows}, args.out)
-    print(f"\nceilings: matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, copy {ceilings['copy_gbs']:.0f} GB/s")
-    print(f"{'problem':20s} {'peer':16s} {'fwd ms':>8s} {'%floor':>7s} {'fwd+bwd':>8s} {'peak MiB':>9s} {'err':>8s}")
-    for row in rows:
-        for peer in ("visattn", "biformer_gather", "gather_sdpa"):
-            r = row[peer]
-            print(f"{row['problem']:20s} {peer:16s} {r['fwd_ms']:8.3f} {100 * row['fwd_floor_ms'] / r['fwd_ms']:6.0f}% "
-                  f"{r['fwd_bwd_ms']:8.3f} {r['peak_mib']:9.0f} {r['rel_err_vs_gather']:8.1e}")
-    print(f"saved {path}")
-    return 0
+    return run_peer_benchmark("bra", PROBLEMS, run_problem, ("visattn", "biformer_gather", "gather_sdpa"),
+                              "rel_err_vs_gather", args.dtype, args.out)

@@ -62,6 +62,50 @@ def median_ms(fn: Callable[[], object], iters: int = 50, warmup: int = 5) -> flo
     return statistics.median(times)
 
 
+def op_ms_and_peak_mib(fn: Callable, inputs: list[torch.Tensor], backward: bool, iters: int = 30
+                       ) -> tuple[float, float]:
+    """(median ms, peak extra MiB) of ``fn(*inputs)``, plus the backward into every input when ``backward``."""
+    grad = torch.randn_like(fn(*inputs))
+
+    def step():
+        out = fn(*inputs)
+        if backward:
+            torch.autograd.grad(out, inputs, grad)
+
+    ms = median_ms(step, iters=iters)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run_peer_benchmark(name: str, problems: list, run_problem: Callable, peers: tuple[str, ...], err_key: str,
+                       dtype_name: str, out: str | None) -> int:
+    """The shared body of the op-vs-peers commands (``bench-bra``, ``bench-agent``): measure every problem with
+    ``run_problem(problem, dtype, ceilings)``, save ``<name>-<date>.json`` (or ``out``) and print a table."""
+    missing = require_cuda(f"bench-{name}")
+    if missing:
+        print(missing)
+        return 2
+    dtype = parse_dtype(dtype_name, "--dtype")
+    ceilings = device_ceilings()
+    rows = [run_problem(p, dtype, ceilings) for p in problems]
+    for row in rows:
+        print(json.dumps(row))
+    path = save_result(name, {"ceilings": ceilings, "rows": rows}, out)
+    print(f"\nceilings: matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, copy {ceilings['copy_gbs']:.0f} GB/s")
+    print(f"{'problem':20s} {'peer':16s} {'fwd ms':>8s} {'%floor':>7s} {'fwd+bwd':>8s} {'peak MiB':>9s} {'err':>8s}")
+    for row in rows:
+        for peer in peers:
+            r = row[peer]
+            print(f"{row['problem']:20s} {peer:16s} {r['fwd_ms']:8.3f} {100 * row['fwd_floor_ms'] / r['fwd_ms']:6.0f}% "
+                  f"{r['fwd_bwd_ms']:8.3f} {r['peak_mib']:9.0f} {r[err_key]:8.1e}")
+    print(f"saved {path}")
+    return 0
+
+
 def _matmul_ms(n: int) -> float:
     a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     return median_ms(lambda: a @ b, iters=20)
@@ -163,4 +207,5 @@ def save_result(name: str, payload: dict, out: str | Path | None = None) -> Path
 
 
 __all__ = ["DTYPES", "default_result_path", "device_ceilings", "dtype_name", "environment", "floor_ms", "median_ms",
-           "parse_dtype", "require_cuda", "save_result", "strict", "write_csv", "write_json"]
+           "op_ms_and_peak_mib", "parse_dtype", "run_peer_benchmark", "require_cuda", "save_result", "strict",
+           "write_csv", "write_json"]

@@ -160,18 +160,30 @@ def models_section(results) -> str:
             "meaningful between rows of the same file.\n\n" + table(header, body))
 
 
-def bra_section(results) -> str:
-    rows = _latest(_rows(results, "bra"), key=lambda r: r.get("problem"))
+def _peer_section(results, kind: str, title: str, peers: tuple[str, ...], err_key: str, err_label: str) -> str:
+    """An op-vs-peers table (``bench-bra``, ``bench-agent``): each problem from the newest file that ran it."""
+    rows = _latest(_rows(results, kind), key=lambda r: r.get("problem"))
     if not rows:
         return ""
     body = []
     for path, _, r in rows:
-        for peer in ("visattn", "biformer_gather", "gather_sdpa"):
+        for peer in peers:
             m = r.get(peer) or {}
             body.append([r.get("problem"), peer, m.get("fwd_ms"), m.get("fwd_bwd_ms"), m.get("peak_mib"),
-                         m.get("rel_err_vs_gather"), path.name])
-    return ("## Bi-level routing (`visattn bench-bra`)\n\n"
-            + table(["problem", "implementation", "fwd ms", "fwd+bwd ms", "peak MiB", "rel err", "file"], body))
+                         m.get(err_key), path.name])
+    return (f"{title}\n\n"
+            + table(["problem", "implementation", "fwd ms", "fwd+bwd ms", "peak MiB", err_label, "file"], body))
+
+
+def bra_section(results) -> str:
+    return _peer_section(results, "bra", "## Bi-level routing (`visattn bench-bra`)",
+                         ("visattn", "biformer_gather", "gather_sdpa"), "rel_err_vs_gather", "rel err")
+
+
+def agent_section(results) -> str:
+    return _peer_section(results, "agent", "## Agent attention (`visattn bench-agent`)\n\nWall time of the eager "
+                         "op (host included), both biases trainable.", ("visattn", "visattn_sdpa", "official_eager"),
+                         "rel_err_vs_float64", "rel err vs float64")
 
 
 def prune_kernels_section(results) -> str:
@@ -245,21 +257,57 @@ def engine_section(results) -> str:
 
 
 def backbones_section(results) -> str:
-    """``benchmarks/bench_backbones.py``: the model families against timm's, and the official-style peers."""
-    latest = _latest_file(results, "backbones", "rows")
-    if latest is None:
+    """``benchmarks/bench_backbones.py``: the model families against timm's, and the official-style peers (each row
+    and comparison from the newest file that measured it)."""
+    rows = _latest(_rows(results, "backbones"), key=lambda r: (r.get("model"), r.get("variant"), r.get("mode")))
+    if not rows:
         return ""
-    path, data = latest
     body = [[r.get("model"), r.get("variant"), r.get("mode"), r.get("batch"), _ms(r.get("ms")),
-             _ms(r.get("img_per_s")), _ms(r.get("peak_gib"))] for r in data["rows"]]
-    text = (f"## Backbones (`benchmarks/bench_backbones.py`, {path.name})\n\n{data.get('device')}, bf16 autocast, "
-            "channels-last.\n\n" + table(["model", "variant", "mode", "batch", "ms", "img/s", "peak GiB"], body))
-    comparisons = data.get("comparisons") or []
+             _ms(r.get("img_per_s")), _ms(r.get("peak_gib")), path.name] for path, _, r in rows if "ms" in r]
+    device = rows[-1][1].get("device")
+    text = (f"## Backbones (`benchmarks/bench_backbones.py`)\n\n{device}, bf16 autocast, channels-last, CUDA-event "
+            "medians; each row from the newest file that measured it.\n\n"
+            + table(["model", "variant", "mode", "batch", "ms", "img/s", "peak GiB", "file"], body))
+    comparisons = _latest(_rows(results, "backbones", "comparisons"), key=lambda c: (c.get("model"), c.get("peer")))
     if comparisons:
-        text += "\n\n" + table(["model", "peer (same model)", "mode", "speed-up over peer", "peak memory / peer"],
-                                [[c.get("model"), c.get("peer"), c.get("mode"), _ms(c.get("speedup")),
-                                  _ms(c.get("memory_ratio"))] for c in comparisons])
+        text += ("\n\nSame model, attention swapped for the official form (train step; newer files interleave the "
+                 "two sides over `rounds` and compare medians):\n\n"
+                 + table(["model", "peer (same model)", "rounds", "ours ms", "peer ms", "speed-up over peer",
+                          "peak memory / peer", "file"],
+                         [[c.get("model"), c.get("peer"), c.get("rounds", 1), _median(c.get("ours_ms")),
+                           _median(c.get("peer_ms")), _ms(c.get("speedup")), _ms(c.get("memory_ratio")), path.name]
+                          for path, _, c in comparisons]))
     return text
+
+
+def _median(values) -> float | None:
+    numbers = sorted(v for v in values or [] if _ms(v) is not None)
+    if not numbers:
+        return None
+    mid = len(numbers) // 2
+    return numbers[mid] if len(numbers) % 2 else (numbers[mid - 1] + numbers[mid]) / 2
+
+
+def profile_section(results) -> str:
+    """``benchmarks/profile_backbones.py``: step time, GPU time per kernel category, and the attention-free floor."""
+    rows = _latest(_rows(results, "profile-backbones"), key=lambda r: (r.get("model"), r.get("form"), r.get("mode")))
+    body = []
+    for path, _, r in rows:
+        if "ms" not in r:
+            continue
+        cats = r.get("by_category") or {}
+        attention = sum(cats.get(c, 0.0) for c in ("visattn triton", "sdpa/flash", "softmax"))
+        body.append([r.get("model"), r.get("form"), r.get("mode"), r.get("batch"), _ms(r.get("ms")),
+                     _ms(r.get("gpu_ms_total")), attention, _ms(cats.get("copy/layout")), _ms(r.get("peak_gib")),
+                     path.name])
+    if not body:
+        return ""
+    return ("## Where the step goes (`benchmarks/profile_backbones.py`)\n\nForm `default` is visattn's attention, "
+            "`official` the official-style form in the same model, `floor` the same model with the attention core "
+            "replaced by its value input (no attention kernel can make the model faster than this). GPU ms: kernel "
+            "time of one profiled step; attention: our Triton kernels + SDPA + softmax kernels.\n\n"
+            + table(["model", "form", "mode", "batch", "step ms", "GPU ms", "attention GPU ms", "copy/layout GPU ms",
+                     "peak GiB", "file"], body))
 
 
 def diffusion_section(results) -> str:
@@ -293,7 +341,8 @@ def index_section(results) -> str:
 
 def render_perf(results, preamble: str) -> str:
     sections = [attn_section(results), engine_section(results), models_section(results),
-                backbones_section(results), diffusion_section(results), bra_section(results),
+                backbones_section(results), profile_section(results), diffusion_section(results),
+                bra_section(results), agent_section(results),
                 prune_kernels_section(results), check_section(results), index_section(results)]
     return "\n\n".join([GENERATED_NOTE, preamble.strip(), *[s for s in sections if s]]) + "\n"
 
