@@ -31,7 +31,7 @@ OPS = {
                            lambda q, r: ("window_attention", (q, q, q, 7, 3, r)), "triton"),
     "agent": (lambda q, a: visattn.agent_attention(q, q, q, a),
               lambda g: [_leaf(g, 2, 12, 12, 2, 32), _leaf(g, 2, 9, 2, 32)],
-              lambda q, a: ("agent_attention", (q, q, q, a)), "sdpa"),
+              lambda q, a: ("agent_attention", (q, q, q, a)), "triton"),
     "routing": (lambda q: visattn.bilevel_routing_attention(q, q, q, 4, 3), lambda g: [_leaf(g, 2, 16, 16, 2, 32)],
                 lambda q: ("bilevel_routing_attention", (q, q, q, 4, 3)), "triton"),
 }

@@ -81,6 +81,17 @@ def run_cases() -> list[dict]:
             traced = torch.compile(loss, backend="aot_eager", fullgraph=True)(*traced_leaves)
             traced_grads = torch.autograd.grad(traced, traced_leaves)
             result["traced_err"] = max(err(a, b) for a, b in zip(traced_grads, grads, strict=True))
+            # fake vs real kernels (shapes, strides, dtypes) of both custom ops, e.g. d(agents)'s layout
+            from visattn.kernels import agent_attn
+
+            flat = [agent_attn._flat(t.detach()) for t in leaves[:3]]
+            op_args = (*flat, leaves[3].detach(), leaves[4].detach(), leaves[5].detach(), scale)
+            out_, av_, lse_ = agent_attn.agent_forward(*op_args)
+            checks = [torch.library.opcheck(agent_attn.agent_forward, op_args, test_utils="test_faketensor"),
+                      torch.library.opcheck(agent_attn.agent_backward,
+                                            (torch.randn(out_.shape, generator=gen), *op_args[:6], av_, lse_, scale,
+                                             True, True), test_utils="test_faketensor")]
+            result["opcheck"] = [all(v == "SUCCESS" for v in c.values()) for c in checks]
         results.append(result)
     return results
 
@@ -96,6 +107,7 @@ def test_agent_kernels_match_float64_oracle_under_interpreter():
         assert res["fwd"] < tol, res
         assert max(res["grads"]) < 4 * tol, res
     assert results[0]["traced_err"] < 1e-6, results[0]
+    assert results[0]["opcheck"] == [True, True], results[0]
 
 
 if __name__ == "__main__":

@@ -269,8 +269,8 @@ def _backward_kernels(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, agents:
         BLOCK_M=t["tokens"], BLOCK_N=t["tokens"], BLOCK_A=t["BLOCK_A"], BLOCK_D=t["BLOCK_D"],
         BLOCK_DV=t["BLOCK_DV"], HAS_AB=agent_bias is not None, HAS_QB=query_bias is not None,
         GRAD_AB=grad_agent_bias, GRAD_QB=grad_query_bias, DOT_PREC=_dot_precision(q.dtype), **LAUNCH["bwd"])
-    d_agents = d_agents[:, :, :n_agents, :head_d].transpose(1, 2)
-    d_agents = d_agents.to(agents.dtype, memory_format=torch.contiguous_format)
+    # contiguous [B, A, heads, D] whatever the dtype (the fake says so; .to() of an unchanged dtype would not copy)
+    d_agents = d_agents[:, :, :n_agents, :head_d].transpose(1, 2).contiguous().to(agents.dtype)
     return dq, dk, dv, d_agents, d_ab, d_qb
 
 
