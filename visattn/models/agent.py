@@ -44,7 +44,7 @@ class AgentAttention(nn.Module):
     Args:
         dim: channels C; num_heads: heads; map_size: (H, W) the separable biases are sized for;
         agent_num: agents (a perfect square: a pooled grid); qkv_bias; proj_drop; backend: "auto" | "reference" |
-        "triton" | "sdpa" ("auto" takes two fused SDPA calls on CUDA).
+        "triton" | "sdpa" ("auto" takes the fused Triton kernels on CUDA).
     """
 
     def __init__(self, dim: int, num_heads: int, map_size: Sequence[int], agent_num: int = 49, qkv_bias: bool = True,

@@ -78,7 +78,7 @@ class AgentAttention(nn.Module):
         shift_size: a non-negative int, accepted for the official signature and unused, as there: the module
             attends the whole ``window_size`` map (a surrounding block would do any shifting).
         agent_num: number of agent tokens, a perfect square (agents are a pooled square grid); default 49.
-        backend: keyword-only, None/"auto", "sdpa", "reference" (see :func:`visattn.agent_attention`).
+        backend: keyword-only, None/"auto", "triton", "sdpa", "reference" (see :func:`visattn.agent_attention`).
     """
 
     def __init__(self, dim: int, window_size: _args.IntOrTuple, num_heads: int, qkv_bias: bool = True,
