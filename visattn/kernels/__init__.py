@@ -12,6 +12,8 @@ import os
 import torch
 from torch import Tensor
 
+from visattn.kernels import tiles
+
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 _MAX_LENGTH = 65536  # the backward's binary searches run 17 steps
@@ -100,20 +102,15 @@ def window(q: Tensor, k: Tensor, v: Tensor, window_size: tuple, shift: tuple, rp
                                        (False,) * rank, shift, scale)
 
 
-def _pow2_at_least_16(n: int) -> int:
-    return max(16, 1 << (max(1, n) - 1).bit_length())
-
-
 def agent_why_not(q, k, v, agents) -> str | None:
     """None when the fused agent kernels (``agent_attn.py``) can run this call, else a short reason."""
     try:
-        max_agents = 256  # agent_attn.MAX_AGENTS (that module needs triton): stage B holds a row's agents in one tile
-        if agents.shape[1] > max_agents:
-            return f"{agents.shape[1]} agents > {max_agents} (stage B holds every agent of a row in one tile)"
-        tile = _pow2_at_least_16(agents.shape[1]) * _pow2_at_least_16(max(q.shape[-1], v.shape[-1]))
-        if tile > 16384:  # on the H200 larger agent tiles exceed shared memory (tests/kernels/*agent*_gpu.py)
+        if agents.shape[1] > tiles.MAX_AGENTS:
+            return f"{agents.shape[1]} agents > {tiles.MAX_AGENTS} (stage B holds every agent of a row in one tile)"
+        blocks = tiles.agent_tiles(agents.shape[1], q.shape[-1], v.shape[-1], q.dtype)
+        if blocks["BLOCK_A"] * blocks["BLOCK_D"] > tiles.MAX_AGENT_TILE:
             return (f"{agents.shape[1]} agents with head_dim {max(q.shape[-1], v.shape[-1])}: the padded agent tile "
-                    f"({tile} elements) exceeds 128x128")
+                    f"({blocks['BLOCK_A'] * blocks['BLOCK_D']} elements) exceeds 128x128")
         tokens = 1
         for size in q.shape[1:-2]:
             tokens *= size

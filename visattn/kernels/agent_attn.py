@@ -18,8 +18,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from visattn.kernels.tiles import agent_tiles, dot_precision
+
 _LOG2E = 1.4426950408889634
-MAX_AGENTS = 256  # stage B holds every agent of a row in one tile (agents x head dim padded <= 128 x 128)
 # Launch options per kernel; benchmarks/tune_small_kernels.py on the H200 found Triton's defaults (4 warps,
 # 3 stages) best at Agent-Swin-T's stages.
 LAUNCH: dict[str, dict[str, int]] = {"values": {}, "output": {}, "bwd": {}}
@@ -168,22 +169,6 @@ def _agent_bwd_kernel(Q, K, V, AG, AB, QB, AV, LSE, DO, DQ, DK, DV, DAG, DAB, DQ
 
 
 # ------------------------------------------------------------------------------------------------ launchers
-def _blocks(n_agents: int, head_d: int, head_dv: int, dtype: torch.dtype) -> dict:
-    """Tiles: agents padded to a power of two >= 16 (tl.dot); both head dims padded to one power of two (on the
-    H200, triton 3.6 gave wrong results for BLOCK_D != BLOCK_DV with >= 64 agents: tests/kernels/*agent*_gpu.py);
-    64 tokens per step (32 in float32), halved when the agent tile alone passes 32 KiB (shared-memory limit)."""
-    block_a = max(16, triton.next_power_of_2(n_agents))
-    block_d = max(16, triton.next_power_of_2(max(head_d, head_dv)))
-    tokens = 64 if dtype != torch.float32 else 32
-    if block_a * block_d * (4 if dtype == torch.float32 else 2) > 32 * 1024:
-        tokens //= 2
-    return dict(BLOCK_A=block_a, BLOCK_D=block_d, BLOCK_DV=block_d, tokens=tokens)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _bias_view(bias: Tensor | None, shape: tuple[int, ...], like: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     """The bias broadcast to ``shape`` (a view: broadcast dims get stride 0) and its 4 strides; a dummy without."""
     if bias is None:
@@ -208,13 +193,13 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, agents: Tensor, agent_bias: Tensor
     ``[B, heads, BLOCK_A, BLOCK_DV]``, log2-LSE of stage A ``[B, heads, BLOCK_A]``)."""
     batch, n, heads, head_d = q.shape
     n_agents, head_dv = agents.shape[1], v.shape[-1]
-    t = _blocks(n_agents, head_d, head_dv, q.dtype)
+    t = agent_tiles(n_agents, head_d, head_dv, q.dtype)
     av = torch.empty(batch, heads, t["BLOCK_A"], t["BLOCK_DV"], device=q.device, dtype=torch.float32)
     lse = torch.empty(batch, heads, t["BLOCK_A"], device=q.device, dtype=torch.float32)
     out = torch.empty(batch, n, heads, head_dv, device=q.device, dtype=q.dtype)
     ab, ab_strides = _bias_view(agent_bias, (batch, heads, n_agents, n), q)
     qb, qb_strides = _bias_view(query_bias, (batch, heads, n, n_agents), q)
-    tiles = dict(BLOCK_A=t["BLOCK_A"], BLOCK_D=t["BLOCK_D"], BLOCK_DV=t["BLOCK_DV"], DOT_PREC=_dot_precision(q.dtype))
+    tiles = dict(BLOCK_A=t["BLOCK_A"], BLOCK_D=t["BLOCK_D"], BLOCK_DV=t["BLOCK_DV"], DOT_PREC=dot_precision(q.dtype))
     _agent_values_kernel[(batch * heads,)](
         k, v, agents, ab, av, lse, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         agents.stride(0), agents.stride(1), agents.stride(2), *ab_strides, heads, n, n_agents, scale * _LOG2E,
@@ -236,7 +221,7 @@ def agent_forward(q: Tensor, k: Tensor, v: Tensor, agents: Tensor, agent_bias: T
 
 @agent_forward.register_fake
 def _(q, k, v, agents, agent_bias, query_bias, scale):
-    t = _blocks(agents.shape[1], q.shape[-1], v.shape[-1], q.dtype)
+    t = agent_tiles(agents.shape[1], q.shape[-1], v.shape[-1], q.dtype)
     batch, n, heads, _ = q.shape
     return (q.new_empty(batch, n, heads, v.shape[-1]),
             q.new_empty(batch, heads, t["BLOCK_A"], t["BLOCK_DV"], dtype=torch.float32),
@@ -250,7 +235,7 @@ def _backward_kernels(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, agents:
     float32); a bias gradient that is not wanted comes back empty."""
     batch, n, heads, head_d = q.shape
     n_agents, head_dv = agents.shape[1], v.shape[-1]
-    t = _blocks(n_agents, head_d, head_dv, q.dtype)
+    t = agent_tiles(n_agents, head_d, head_dv, q.dtype)
     grad_out = _unit_last(grad_out)
     dq = q.new_empty(batch, n, heads, head_d)
     dk = k.new_empty(batch, n, heads, head_d)
@@ -268,7 +253,7 @@ def _backward_kernels(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, agents:
         heads, n, n_agents, scale * _LOG2E, scale, head_d, head_dv,
         BLOCK_M=t["tokens"], BLOCK_N=t["tokens"], BLOCK_A=t["BLOCK_A"], BLOCK_D=t["BLOCK_D"],
         BLOCK_DV=t["BLOCK_DV"], HAS_AB=agent_bias is not None, HAS_QB=query_bias is not None,
-        GRAD_AB=grad_agent_bias, GRAD_QB=grad_query_bias, DOT_PREC=_dot_precision(q.dtype), **LAUNCH["bwd"])
+        GRAD_AB=grad_agent_bias, GRAD_QB=grad_query_bias, DOT_PREC=dot_precision(q.dtype), **LAUNCH["bwd"])
     # contiguous [B, A, heads, D] whatever the dtype (the fake says so; .to() of an unchanged dtype would not copy)
     d_agents = d_agents[:, :, :n_agents, :head_d].transpose(1, 2).contiguous().to(agents.dtype)
     return dq, dk, dv, d_agents, d_ab, d_qb

@@ -17,7 +17,7 @@ from torch import Tensor
 from visattn.kernels.backward import _bwd_dkv_kernel, _bwd_dq_kernel, _bwd_extra_dkv_kernel
 from visattn.kernels.engine import _delta_kernel, _fwd_kernel
 from visattn.kernels.tables import query_range_table, rpb_offset_maps
-from visattn.kernels.tiles import choose_tiles, padded_head_dim
+from visattn.kernels.tiles import choose_tiles, dot_precision, padded_head_dim
 
 # Triton decides interpreter vs compiler when a kernel is decorated, i.e. when this module is imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -83,7 +83,7 @@ def _pattern_constexprs(pat: Pattern, tiles, head_d: int, head_dv: int, dtype) -
         M0=tiles.m[0], M1=tiles.m[1], M2=tiles.m[2], N0=tiles.n[0], N1=tiles.n[1], N2=tiles.n[2],
         BLOCK_D=padded_head_dim(head_d), BLOCK_DV=padded_head_dim(head_dv),
         CAUSAL0=pat.causal[0], CAUSAL1=pat.causal[1], CAUSAL2=pat.causal[2], WINDOW=pat.window,
-        DOT_PREC="ieee" if dtype == torch.float32 else "tf32", num_warps=tiles.warps, num_stages=tiles.stages,
+        DOT_PREC=dot_precision(dtype), num_warps=tiles.warps, num_stages=tiles.stages,
     )
 
 
@@ -226,7 +226,7 @@ def backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, s
             *q3.stride(), *ek_st, *ev_st, *do3.stride(), *l3.stride()[:4],
             H, L1, L2, L0 * L1 * L2, n_extra, scale * _LOG2E, scale, D, Dv,
             BLOCK_M=32 if INTERPRETED else 64, BLOCK_N=block, BLOCK_D=padded_head_dim(D),
-            BLOCK_DV=padded_head_dim(Dv), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+            BLOCK_DV=padded_head_dim(Dv), DOT_PREC=dot_precision(q.dtype),
             num_warps=4, num_stages=1 if INTERPRETED else 2,
         )
     return dq, dk, dv, drpb, dek, dev

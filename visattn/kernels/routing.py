@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from visattn.kernels.tiles import dot_precision, padded_head_dim
+
 _LOG2E = 1.4426950408889634
 # Launch options per kernel, from benchmarks/tune_small_kernels.py on the H200 at BiFormer-T's stages (bf16):
 # 2 warps suit the small routed tiles (fwd 3.7 -> 2.5 ms, dK/dV 11.8 -> 7.8 ms depth-weighted per image batch).
@@ -174,11 +176,7 @@ def _blocks(per_region: int, head_d: int, head_dv: int, dtype: torch.dtype):
     """Tile sizes: a region's tokens (at least 16 rows for tl.dot), at most 64x64; head dims padded to pow2 >= 16."""
     block_m = min(64, max(16, triton.next_power_of_2(per_region)))
     block_n = 64 if dtype != torch.float32 else 32
-    return block_m, block_n, max(16, triton.next_power_of_2(head_d)), max(16, triton.next_power_of_2(head_dv))
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+    return block_m, block_n, padded_head_dim(head_d), padded_head_dim(head_dv)
 
 
 def _strides5(t: Tensor):
@@ -204,7 +202,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, routing: Tensor, sh: int, sw: int,
         q, k, v, out, lse, routing, *_strides5(q), *_strides5(v), *_strides5(out)[:4],
         routing.stride(0), routing.stride(1), heads, hp, wp, sw, rh, rw, per_region, topk * per_region, q_tiles,
         scale * _LOG2E, q.shape[-1], v.shape[-1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        BLOCK_DV=block_dv, DOT_PREC=_dot_precision(q.dtype), **LAUNCH["fwd"])
+        BLOCK_DV=block_dv, DOT_PREC=dot_precision(q.dtype), **LAUNCH["fwd"])
     return out, lse
 
 
@@ -284,23 +282,21 @@ def _backward_kernels(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Te
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     block_m, block_n, block_d, block_dv = _blocks(per_region, q.shape[-1], v.shape[-1], q.dtype)
     common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-                  DOT_PREC=_dot_precision(q.dtype))
+                  DOT_PREC=dot_precision(q.dtype))
     q_tiles = triton.cdiv(per_region, block_m)
     _bra_dq_kernel[(sh * sw * q_tiles, batch * heads)](
         q, k, v, out, grad_out, dq, lse, delta, routing, *_strides5(q), *_strides5(v), *_strides5(out)[:4],
-        *_strides5(grad_out)[:4],
-        *_strides5(dq)[:4], routing.stride(0), routing.stride(1), heads, hp, wp, sw, rh, rw, per_region,
-        topk * per_region, q_tiles, scale * _LOG2E, scale, q.shape[-1], v.shape[-1], **common, **LAUNCH["dq"])
+        *_strides5(grad_out)[:4], *_strides5(dq)[:4], routing.stride(0), routing.stride(1), heads, hp, wp, sw, rh,
+        rw, per_region, topk * per_region, q_tiles, scale * _LOG2E, scale, q.shape[-1], v.shape[-1], **common,
+        **LAUNCH["dq"])
     table, counts = inverse_routing(routing, sh * sw)
-    # A dK/dV program owns one key region: size its tile to the region, not to the forward's routed-key block.
-    block_n = min(64, max(16, triton.next_power_of_2(per_region)))
-    common["BLOCK_N"] = block_n
-    common["BLOCK_M"] = 64 if q.dtype != torch.float32 else 32  # rows span several source regions
-    k_tiles = triton.cdiv(per_region, block_n)
-    _bra_dkv_kernel[(sh * sw * k_tiles, batch * heads)](
+    # A dK/dV program owns a region-sized key tile and walks routed (source region, token) rows: the forward's
+    # two tiles, swapped.
+    common.update(BLOCK_M=block_n, BLOCK_N=block_m)
+    _bra_dkv_kernel[(sh * sw * q_tiles, batch * heads)](
         q, k, v, grad_out, dk, dv, lse, delta, table, counts, *_strides5(q), *_strides5(v),
         *_strides5(grad_out)[:4], *_strides5(dk)[:4], *_strides5(dv)[:4], heads, hp, wp, sw, rh, rw, per_region,
-        sh * sw, k_tiles, scale * _LOG2E, scale, q.shape[-1], v.shape[-1], **common, **LAUNCH["dkv"])
+        sh * sw, q_tiles, scale * _LOG2E, scale, q.shape[-1], v.shape[-1], **common, **LAUNCH["dkv"])
     return dq, dk, dv
 
 

@@ -13,6 +13,8 @@ import itertools
 import math
 from typing import NamedTuple
 
+import torch
+
 Triple = tuple[int, int, int]
 
 
@@ -68,6 +70,29 @@ _INTERPRETER_VOLUMES = {"fwd": (64, 32, 4, 1), "bwd": (64, 64, 4, 1)}
 def padded_head_dim(head_dim: int) -> int:
     """Power-of-two block for the head dimension (tl.dot needs >= 16); extra columns are masked."""
     return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision: exact for float32 inputs; half-precision inputs run on the tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# Agent attention (agent_attn.py): stage B holds every agent of a row in one tile; on the H200 padded agent tiles
+# beyond 128 x 128 (agents x head dim) exceed shared memory (tests/kernels/test_agent_kernel_gpu.py).
+MAX_AGENTS = 256
+MAX_AGENT_TILE = 128 * 128
+
+
+def agent_tiles(n_agents: int, head_d: int, head_dv: int, dtype: torch.dtype) -> dict:
+    """Agent-attention tiles: agents padded to a power of two >= 16 (tl.dot); both head dims padded to one power of
+    two (on the H200, triton 3.6 gave wrong results for BLOCK_D != BLOCK_DV with >= 64 agents); 64 tokens per step
+    (32 in float32), halved when the agent tile alone passes 32 KiB (shared memory)."""
+    block_a = padded_head_dim(n_agents)
+    block_d = padded_head_dim(max(head_d, head_dv))
+    tokens = 64 if dtype != torch.float32 else 32
+    if block_a * block_d * (4 if dtype == torch.float32 else 2) > 32 * 1024:
+        tokens //= 2
+    return dict(BLOCK_A=block_a, BLOCK_D=block_d, BLOCK_DV=block_d, tokens=tokens)
 
 
 def _boxes(volume: int) -> list[Triple]:
