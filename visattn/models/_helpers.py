@@ -13,6 +13,8 @@ from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
+from visattn.nn.agent import BIAS_GRID
+
 POOL_TYPES = ("", "avg", "max", "avgmax", "catavgmax")  # timm's Swin head options (SelectAdaptivePool2d)
 _WRAPPERS = ("state_dict_ema", "model_ema", "state_dict", "model")
 
@@ -47,9 +49,6 @@ def unwrap_state_dict(state_dict, family: str) -> dict:
     return dict(state_dict)
 
 
-AGENT_BIAS_GRID = 7  # an_bias / na_bias live on a 7×7 grid and are resized to the map in forward
-
-
 def agent_pool_side(dim: int, num_heads: int, agent_num: int) -> int:
     """Check an agent-attention config; the side of the pooled agent grid (agents are a square pool of q)."""
     if dim % num_heads:
@@ -68,27 +67,12 @@ def add_agent_position_biases(module: nn.Module, num_heads: int, agent_num: int,
 
     The official separable tensors carry a leading 1 (5-D); they are 4-D here so ``model.to(memory_format=
     torch.channels_last)``, which refuses 5-D parameters, works (the checkpoint filters squeeze them)."""
-    grid = AGENT_BIAS_GRID
+    grid = BIAS_GRID
     shapes = dict(an_bias=(num_heads, agent_num, grid, grid), na_bias=(num_heads, agent_num, grid, grid),
                   ah_bias=(num_heads, agent_num, key_size[0], 1), aw_bias=(num_heads, agent_num, 1, key_size[1]),
                   ha_bias=(num_heads, query_size[0], 1, agent_num), wa_bias=(num_heads, 1, query_size[1], agent_num))
     for name, shape in shapes.items():
         setattr(module, name, nn.Parameter(trunc_normal_(torch.zeros(shape), std=0.02)))
-
-
-def agent_position_biases(module: nn.Module, key_size: Sequence[int], query_size: Sequence[int]
-                          ) -> tuple[Tensor, Tensor]:
-    """(agent_bias ``[1, heads, A, keys]``, query_bias ``[1, heads, queries, A]``) from the parameters
-    ``add_agent_position_biases`` made: the 7×7 grids bilinearly resized, plus the separable terms."""
-    heads, agents = module.an_bias.shape[:2]
-
-    def resized(bias: Tensor, size: Sequence[int]) -> Tensor:
-        return F.interpolate(bias, size=tuple(size), mode="bilinear").reshape(1, heads, agents, -1)
-
-    agent_bias = resized(module.an_bias, key_size) + (module.ah_bias + module.aw_bias).reshape(1, heads, agents, -1)
-    query_bias = (resized(module.na_bias, query_size).transpose(-1, -2)
-                  + (module.ha_bias + module.wa_bias).reshape(1, heads, -1, agents))
-    return agent_bias, query_bias
 
 
 AGENT_SPATIAL_AXIS = {"ah_bias": 2, "ha_bias": 1, "aw_bias": 3, "wa_bias": 2}  # in the 4-D layout

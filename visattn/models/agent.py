@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from visattn import functional
 from visattn.models import _helpers
-from visattn.nn.agent import pool_agents
+from visattn.nn.agent import agent_position_biases, pool_agents
 
 __all__ = ["AgentSwinTransformer", "AgentAttention", "WindowAttention", "checkpoint_filter_fn", "parse_attn_types"]
 
@@ -65,7 +65,7 @@ class AgentAttention(nn.Module):
 
     def biases(self) -> tuple[Tensor, Tensor]:
         """(agent_bias ``[1, heads, A, N]``, query_bias ``[1, heads, N, A]``) for ``map_size``."""
-        return _helpers.agent_position_biases(self, self.map_size, self.map_size)
+        return agent_position_biases(self, self.map_size, self.map_size)
 
     def forward(self, x: Tensor) -> Tensor:
         batch, height, width, channels = x.shape

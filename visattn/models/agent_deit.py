@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from visattn import functional
 from visattn.models import _helpers
 from visattn.models.agent import TSINGHUA_URL, agent_cfg
-from visattn.nn.agent import pool_agents
+from visattn.nn.agent import agent_position_biases, pool_agents
 
 __all__ = ["AgentDeiT", "DeitAgentAttention", "checkpoint_filter_fn"]
 
@@ -70,7 +70,7 @@ class DeitAgentAttention(nn.Module):
 
     def biases(self) -> tuple[Tensor, Tensor]:
         """(agent_bias ``[1, heads, A, 1 + H*W]``, query_bias ``[1, heads, 1 + H*W, A]``), class token first."""
-        patch_keys, patch_queries = _helpers.agent_position_biases(self, self.grid_size, self.grid_size)
+        patch_keys, patch_queries = agent_position_biases(self, self.grid_size, self.grid_size)
         return torch.cat([self.ac_bias, patch_keys], dim=-1), torch.cat([self.ca_bias, patch_queries], dim=-2)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from visattn import functional
 from visattn.models import _helpers
 from visattn.models.agent import TSINGHUA_URL, agent_cfg
-from visattn.nn.agent import pool_agents
+from visattn.nn.agent import agent_position_biases, pool_agents
 
 __all__ = ["AgentPyramidVisionTransformer", "PvtAgentAttention", "SpatialReductionAttention", "checkpoint_filter_fn"]
 
@@ -128,7 +128,7 @@ class PvtAgentAttention(_KeyValueReduction):
 
     def biases(self) -> tuple[Tensor, Tensor]:
         """(agent_bias ``[1, heads, A, kv tokens]``, query_bias ``[1, heads, H*W, A]``)."""
-        return _helpers.agent_position_biases(self, self.kv_size, self.map_size)
+        return agent_position_biases(self, self.kv_size, self.map_size)
 
     def forward(self, x: Tensor) -> Tensor:
         batch, height, width, channels = x.shape

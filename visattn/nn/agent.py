@@ -10,6 +10,7 @@ added before the output projection. Argument and parameter names follow the offi
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from torch.nn.init import trunc_normal_
 from visattn import functional
 from visattn.nn import _args
 
-_BIAS_GRID = 7  # an_bias / na_bias are stored on a 7×7 grid and resized to the map
+BIAS_GRID = 7  # an_bias / na_bias are stored on a 7×7 grid and resized to the map
 _POOL_CACHE: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
@@ -37,6 +38,22 @@ def _pool_matrix(height: int, width: int, pool: int, device: torch.device) -> tu
     return member, 1.0 / member.double().sum(1)
 
 
+def agent_position_biases(module: nn.Module, key_size: Sequence[int], query_size: Sequence[int]
+                          ) -> tuple[Tensor, Tensor]:
+    """(agent_bias ``[1, heads, A, keys]``, query_bias ``[1, heads, queries, A]``) from ``module``'s official
+    Agent-Attention parameters: ``an_bias`` / ``na_bias`` (7×7 grids, bilinearly resized to ``key_size`` /
+    ``query_size``) plus the separable ``ah_bias + aw_bias`` / ``ha_bias + wa_bias`` (4-D or the official 5-D)."""
+    heads, agents = module.an_bias.shape[:2]
+
+    def resized(bias: Tensor, size: Sequence[int]) -> Tensor:
+        return F.interpolate(bias, size=tuple(size), mode="bilinear").reshape(1, heads, agents, -1)
+
+    agent_bias = resized(module.an_bias, key_size) + (module.ah_bias + module.aw_bias).reshape(1, heads, agents, -1)
+    query_bias = (resized(module.na_bias, query_size).transpose(-1, -2)
+                  + (module.ha_bias + module.wa_bias).reshape(1, heads, -1, agents))
+    return agent_bias, query_bias
+
+
 def pool_agents(q: Tensor, pool: int) -> Tensor:
     """Agent tokens: the adaptive average pool of ``q`` ``[B, H, W, heads, D]`` to ``pool × pool`` positions,
     ``[B, pool², heads, D]``, as ``nn.AdaptiveAvgPool2d`` computes them.
@@ -46,17 +63,19 @@ def pool_agents(q: Tensor, pool: int) -> Tensor:
     a channels-last copy.
     """
     batch, height, width, heads, dim = q.shape
-    key = (height, width, pool, q.device)
+    compute = torch.promote_types(q.dtype, torch.float32)
+    key = (height, width, pool, q.device, q.dtype)
     if torch.compiler.is_compiling():
         member, inv_area = _pool_matrix(height, width, pool, q.device)
+        member, inv_area = member.to(q.dtype), inv_area.to(compute)
     else:
         if key not in _POOL_CACHE:
             with torch.inference_mode(False):  # cached for later calls: never an inference tensor
-                _POOL_CACHE[key] = _pool_matrix(height, width, pool, q.device)
+                member, inv_area = _pool_matrix(height, width, pool, q.device)
+                _POOL_CACHE[key] = (member.to(q.dtype), inv_area.to(compute))  # per dtype: no cast per call
         member, inv_area = _POOL_CACHE[key]
-    sums = torch.matmul(member.to(q.dtype), q.reshape(batch, height * width, heads * dim))  # [B, pool², C]
-    compute = torch.promote_types(q.dtype, torch.float32)
-    return (sums.to(compute) * inv_area[:, None].to(compute)).to(q.dtype).reshape(batch, pool * pool, heads, dim)
+    sums = torch.matmul(member, q.reshape(batch, height * width, heads * dim))  # [B, pool², C]
+    return (sums.to(compute) * inv_area[:, None]).to(q.dtype).reshape(batch, pool * pool, heads, dim)
 
 
 class AgentAttention(nn.Module):
@@ -103,8 +122,8 @@ class AgentAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(_args.dropout_rate(proj_drop, "proj_drop"))
         self.dwc = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
-        self.an_bias = nn.Parameter(torch.zeros(num_heads, agent_num, _BIAS_GRID, _BIAS_GRID))
-        self.na_bias = nn.Parameter(torch.zeros(num_heads, agent_num, _BIAS_GRID, _BIAS_GRID))
+        self.an_bias = nn.Parameter(torch.zeros(num_heads, agent_num, BIAS_GRID, BIAS_GRID))
+        self.na_bias = nn.Parameter(torch.zeros(num_heads, agent_num, BIAS_GRID, BIAS_GRID))
         self.ah_bias = nn.Parameter(torch.zeros(1, num_heads, agent_num, height, 1))
         self.aw_bias = nn.Parameter(torch.zeros(1, num_heads, agent_num, 1, width))
         self.ha_bias = nn.Parameter(torch.zeros(1, num_heads, height, 1, agent_num))
@@ -115,15 +134,7 @@ class AgentAttention(nn.Module):
 
     def biases(self) -> tuple[Tensor, Tensor]:
         """(agent_bias ``[1, heads, A, N]``, query_bias ``[1, heads, N, A]``) for the configured map."""
-        heads, agents = self.num_heads, self.agent_num
-
-        def resize(t: Tensor) -> Tensor:
-            return F.interpolate(t, size=self.window_size, mode="bilinear").reshape(1, heads, agents, -1)
-
-        agent_bias = resize(self.an_bias) + (self.ah_bias + self.aw_bias).reshape(1, heads, agents, -1)
-        separable = (self.ha_bias + self.wa_bias).reshape(1, heads, -1, agents)
-        query_bias = resize(self.na_bias).transpose(-1, -2) + separable
-        return agent_bias, query_bias
+        return agent_position_biases(self, self.window_size, self.window_size)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``x``: ``[B, H, W, dim]``, or the official ``[B, H*W, dim]`` tokens -> the same shape.
