@@ -174,23 +174,18 @@ def routed_gather_attention(q: Tensor, k: Tensor, v: Tensor, regions: tuple[int,
     regions' keys/values (a ``topk``-times copy, in region chunks bounded like the reference's), then one SDPA call
     per chunk over (batch, region) rows. Same result as ``reference.bilevel_routing`` up to rounding; the CPU path
     of ``auto`` (SDPA's CPU kernel beats the reference's einsums: benchmarks/cpu_backbones.py)."""
-    from visattn.reference import CHUNK_ELEMENTS, pad_to_regions, region_grid, route_regions
+    from visattn.reference import CHUNK_ELEMENTS, from_regions, pad_to_regions, region_grid, route_regions, to_regions
 
     batch, height, width, heads, dim = q.shape
     dim_v = v.shape[-1]
     padded_h, padded_w, region_h, region_w = region_grid(height, width, regions)
     if (padded_h, padded_w) != (height, width):
         q, k, v = (pad_to_regions(t, regions) for t in (q, k, v))
-    sh, sw = regions
-    n_regions, tokens = sh * sw, region_h * region_w
+    n_regions, tokens = regions[0] * regions[1], region_h * region_w
     routing = route_regions(q, k, regions, topk)  # [B, R, topk]
 
-    def by_region(t: Tensor) -> Tensor:  # [B, Hp, Wp, heads, D] -> [B, R, tokens, heads, D]
-        t = t.reshape(batch, sh, region_h, sw, region_w, heads, t.shape[-1]).permute(0, 1, 3, 2, 4, 5, 6)
-        return t.reshape(batch, n_regions, tokens, heads, t.shape[-1])
-
-    qr = by_region(q)
-    kr, vr = (by_region(t).reshape(batch * n_regions, tokens, heads, t.shape[-1]) for t in (k, v))
+    qr = to_regions(q, regions)
+    kr, vr = (to_regions(t, regions).reshape(batch * n_regions, tokens, heads, t.shape[-1]) for t in (k, v))
     rows = max(1, CHUNK_ELEMENTS // max(1, batch * topk * tokens * heads * max(dim, dim_v)))
     outs = []
     for start in range(0, n_regions, rows):
@@ -203,6 +198,5 @@ def routed_gather_attention(q: Tensor, k: Tensor, v: Tensor, regions: tuple[int,
         out = F.scaled_dot_product_attention(query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
                                              scale=scale)  # [B*C, heads, tokens, Dv]
         outs.append(out.transpose(1, 2).reshape(batch, chunk, tokens, heads, dim_v))
-    out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-    out = out.reshape(batch, sh, sw, region_h, region_w, heads, dim_v).permute(0, 1, 3, 2, 4, 5, 6)
-    return out.reshape(batch, padded_h, padded_w, heads, dim_v)[:, :height, :width].contiguous()
+    out = from_regions(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0], regions, (region_h, region_w))
+    return out[:, :height, :width].contiguous()

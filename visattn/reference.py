@@ -262,6 +262,23 @@ def pad_to_regions(t: Tensor, regions: tuple[int, int]) -> Tensor:
     return F.pad(t, (0, 0, 0, 0, 0, padded_w - t.shape[2], 0, padded_h - t.shape[1]))
 
 
+def to_regions(t: Tensor, regions: tuple[int, int]) -> Tensor:
+    """A region-divisible ``[B, Hp, Wp, heads, D]`` map as ``[B, R, tokens, heads, D]`` (regions and the tokens
+    inside each row-major)."""
+    batch, height, width, heads, dim = t.shape
+    sh, sw = regions
+    t = t.reshape(batch, sh, height // sh, sw, width // sw, heads, dim).permute(0, 1, 3, 2, 4, 5, 6)
+    return t.reshape(batch, sh * sw, (height // sh) * (width // sw), heads, dim)
+
+
+def from_regions(t: Tensor, regions: tuple[int, int], region_size: tuple[int, int]) -> Tensor:
+    """The inverse of ``to_regions``: ``[B, R, tokens, heads, D]`` back to ``[B, Hp, Wp, heads, D]``."""
+    batch, _, _, heads, dim = t.shape
+    (sh, sw), (rh, rw) = regions, region_size
+    t = t.reshape(batch, sh, sw, rh, rw, heads, dim).permute(0, 1, 3, 2, 4, 5, 6)
+    return t.reshape(batch, sh * rh, sw * rw, heads, dim)
+
+
 def _gather_regions(t: Tensor, idx: Tensor) -> Tensor:
     """``t[b, idx[b]]`` for every batch item: [B, R, tokens, H, D] by [B, C, topk] -> [B, C, topk, tokens, H, D]."""
     return torch.stack([t[b, idx[b]] for b in range(t.shape[0])])
@@ -280,17 +297,12 @@ def bilevel_routing(
     batch, height, width, heads, dim = q.shape
     dim_v = v.shape[-1]
     qp, kp, vp = (pad_to_regions(t, regions) for t in (q, k, v))
-    padded_h, padded_w, region_h, region_w = region_grid(height, width, regions)
-    sh, sw = regions
-    n_regions, per_region = sh * sw, region_h * region_w
+    _, _, region_h, region_w = region_grid(height, width, regions)
+    n_regions, per_region = regions[0] * regions[1], region_h * region_w
     routing = route_regions(qp, kp, regions, topk)  # [B, R, topk]
 
-    def by_region(t: Tensor) -> Tensor:  # [B, R, tokens, heads, D]
-        t = t.reshape(batch, sh, region_h, sw, region_w, heads, t.shape[-1]).permute(0, 1, 3, 2, 4, 5, 6)
-        return t.reshape(batch, n_regions, per_region, heads, t.shape[-1])
-
     ct = _compute_dtype(q.dtype)
-    qr, kr, vr = by_region(qp).to(ct), by_region(kp).to(ct), by_region(vp).to(ct)
+    qr, kr, vr = (to_regions(t, regions).to(ct) for t in (qp, kp, vp))
     budget = max(1, CHUNK_ELEMENTS // max(1, batch * topk * per_region * heads * max(dim, dim_v)))
     outs = []
     for start in range(0, n_regions, budget):
@@ -299,7 +311,6 @@ def bilevel_routing(
         vs = _gather_regions(vr, idx).flatten(2, 3)
         logits = torch.einsum("bcthd,bckhd->bchtk", qr[:, start : start + budget], ks) * scale
         outs.append(torch.einsum("bchtk,bckhd->bcthd", torch.softmax(logits, dim=-1), vs))
-    out = torch.cat(outs, dim=1).reshape(batch, sh, sw, region_h, region_w, heads, dim_v)
-    out = out.permute(0, 1, 3, 2, 4, 5, 6).reshape(batch, padded_h, padded_w, heads, dim_v)
+    out = from_regions(torch.cat(outs, dim=1), regions, (region_h, region_w))
     out = out[:, :height, :width].to(q.dtype).contiguous()
     return (out, routing) if return_routing else out
