@@ -1,5 +1,6 @@
 """Autograd extras of the fused engine under TRITON_INTERPRET=1, against the float64 oracle: the atomic-free rpb
-gradient (also when the dS buffer is split into batch chunks, and bitwise repeatable run to run), and the gradient
+gradient (2-D: offset bins summed in registers, bitwise repeatable run to run; 1-D: the per-pair dS buffer, also
+split into batch chunks), and the gradient
 through the returned log-sum-exp, eager and traced (the custom ops' fake and autograd registrations)."""
 
 from __future__ import annotations
@@ -24,21 +25,36 @@ def run_case() -> dict:
     rpb = torch.randn(1, 5, 5, generator=gen)
     grad = torch.randn(2, 6, 7, 1, 16, generator=gen)
 
-    def drpb(chunk_bytes):
+    def drpb(chunk_bytes, q, k, v, rpb, grad, kernel, dilation, causal):
         ops._DSN_BYTES = chunk_bytes
         table = rpb.clone().requires_grad_(True)
-        out = kernels.na(q, k, v, (3, 3), (1, 2), (1, 1), (False, True), table, 0.25, None, None)
+        rank = len(kernel)
+        out = kernels.na(q, k, v, kernel, dilation, (1,) * rank, causal, table, 0.25, None, None)
         return torch.autograd.grad(out, table, grad)[0]
 
-    whole, again, chunked = drpb(1 << 30), drpb(1 << 30), drpb(1)  # chunked: one batch item per dQ launch
-    table64 = rpb.double().requires_grad_(True)
-    ref = oracle.na_oracle(q.double(), k.double(), v.double(), (3, 3), 1, (1, 2), (False, True), scale=0.25,
-                           rpb=table64)
-    want = torch.autograd.grad(ref, table64, grad.double())[0]
-    scale = want.abs().max().item()
-    result = {"err": (whole.double() - want).abs().max().item() / scale,
-              "chunk_err": (chunked.double() - want).abs().max().item() / scale,
-              "repeat_equal": bool(torch.equal(whole, again))}
+    def modes():
+        return {plan.rpb_mode for key, plan in ops._PLANS.items() if key[0] == "bwd"}
+
+    def want(q, k, v, rpb, grad, kernel, dilation, causal):
+        table64 = rpb.double().requires_grad_(True)
+        ref = oracle.na_oracle(q.double(), k.double(), v.double(), kernel, 1, dilation, causal, scale=0.25,
+                               rpb=table64)
+        return torch.autograd.grad(ref, table64, grad.double())[0]
+
+    # 2-D: the dQ pass sums the bias gradient in registers ("bins")
+    case2d = (q, k, v, rpb, grad, (3, 3), (1, 2), (False, True))
+    whole, again = drpb(1 << 30, *case2d), drpb(1 << 30, *case2d)
+    ref2d = want(*case2d)
+    result = {"err": (whole.double() - ref2d).abs().max().item() / ref2d.abs().max().item(),
+              "repeat_equal": bool(torch.equal(whole, again)), "modes_2d": sorted(modes())}
+    # 1-D: the per-pair dS buffer, whole and in batch chunks (one batch item per dQ launch)
+    ops._PLANS.clear()
+    q1, k1, v1, grad1 = (torch.randn(3, 13, 2, 16, generator=gen) for _ in range(4))
+    case1d = (q1, k1, v1, torch.randn(2, 9, generator=gen), grad1, (5,), (2,), (False,))
+    ref1d = want(*case1d)
+    errs = [(drpb(chunk, *case1d).double() - ref1d).abs().max().item() / ref1d.abs().max().item()
+            for chunk in (1 << 30, 1)]
+    result.update(err_1d=errs[0], chunk_err=errs[1], modes_1d=sorted(modes()))
 
     # out and lse both in the loss: dq, dk, dv, drpb against the oracle's
     ops._DSN_BYTES = 1 << 30
@@ -75,7 +91,8 @@ def test_rpb_gradient_chunked_deterministic_and_lse_gradient():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["err"] < 1e-5 and result["chunk_err"] < 1e-5, result
+    assert result["err"] < 1e-5 and result["err_1d"] < 1e-5 and result["chunk_err"] < 1e-5, result
     assert result["repeat_equal"], result
+    assert result["modes_2d"] == ["bins"] and result["modes_1d"] == ["dsn"], result
     assert result["lse_err"] < 1e-5 and result["lse_grad_err"] < 1e-5, result
     assert result["compiled_grad_err"] < 1e-6, result

@@ -15,9 +15,10 @@ from visattn.kernels.patterns import in_interval, in_interval_t, key_interval, s
 
 @triton.jit(do_not_specialize=_PATTERN_ARGS + ["N_EXTRA"])
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DSN, RPB, EK, EV,
+    Q, K, V, DO, OUT, GLSE, LSE, DELTA, DQ, DSN, RPB, EK, EV,
     q_sb, q_s0, q_s1, q_s2, q_sh, q_sd, k_sb, k_s0, k_s1, k_s2, k_sh, k_sd,
     v_sb, v_s0, v_s1, v_s2, v_sh, v_sd, do_sb, do_s0, do_s1, do_s2, do_sh, do_sd,
+    o_sb, o_s0, o_s1, o_s2, o_sh,
     dq_sb, dq_s0, dq_s1, dq_s2, dq_sh, l_sb, l_s0, l_s1, l_s2,
     r_sh, r_s0, r_s1, r_s2, ek_sb, ek_sn, ek_sh, ek_sd, ev_sb, ev_sn, ev_sh, ev_sd,
     H, L0, L1, L2, DL0, DL1, DL2, NT0, NT1, NT2, KS0, KS1, KS2, ST0, ST1, ST2, SH0, SH1, SH2,
@@ -26,8 +27,12 @@ def _bwd_dq_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, WINDOW: tl.constexpr,
     HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, DOT_PREC: tl.constexpr,
+    RPB_BINS: tl.constexpr = False, O1: tl.constexpr = 16, O2: tl.constexpr = 16, HAS_GLSE: tl.constexpr = False,
 ):
-    """dQ for one query tile over the forward's key tiles; with a bias, also each pair's dS into ``DSN``."""
+    """dQ for one query tile over the forward's key tiles, and ``delta = rowsum(dO * O)`` (minus the LSE
+    gradient's share) computed here and stored for the dK/dV pass. With a bias: ``RPB_BINS`` sums each tile's dS
+    into relative-offset bins in registers (``_rpb_bins``) and stores one ``[O1, O2]`` partial per program;
+    otherwise each pair's dS goes to the neighbour buffer ``DSN``."""
     BLOCK_M: tl.constexpr = M0 * M1 * M2
     BLOCK_N: tl.constexpr = N0 * N1 * N2
     pid = tl.program_id(0)
@@ -54,12 +59,22 @@ def _bwd_dq_kernel(
                  mask=q_valid[:, None] & (dv_cols[None, :] < HEAD_DV), other=0.0)
     l_rows = b * l_sb + h + _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, l_s0, l_s1, l_s2)
     lse = tl.load(LSE + l_rows, mask=q_valid, other=0.0)
-    delta = tl.load(DELTA + l_rows, mask=q_valid, other=0.0)
+    o_rows = _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, o_s0, o_s1, o_s2)
+    o = tl.load(OUT + b * o_sb + h * o_sh + o_rows[:, None] + dv_cols[None, :],
+                mask=q_valid[:, None] & (dv_cols[None, :] < HEAD_DV), other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_GLSE:  # lse = log2(sum exp2(s)) adds p * g / ln 2 to each score's gradient: delta shifts by -g / ln 2
+        delta -= tl.load(GLSE + l_rows, mask=q_valid, other=0.0).to(tl.float32) * LOG2E
+    tl.store(DELTA + l_rows, delta, mask=q_valid)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = K + b * k_sb + h * k_sh
     v_base = V + b * v_sb + h * v_sh
-    if HAS_RPB:  # row starts of this program's queries in the dS buffer [B, H, L0*L1*L2, KS0*KS1*KS2]
+    if RPB_BINS:  # first query coordinate of the tile along dimensions 1 and 2 (dimension 0 is the padding one)
+        _, _, q_first1, _, _ = split_tile(t1, L1, DL1, NT1, KS1, SH1, M1, WINDOW)
+        _, _, q_first2, _, _ = split_tile(t2, L2, DL2, NT2, KS2, SH2, M2, WINDOW)
+        bins = tl.zeros([O1, O2], tl.float32)
+    elif HAS_RPB:  # row starts of this program's queries in the dS buffer [B, H, L0*L1*L2, KS0*KS1*KS2]
         positions = ((qi0 * DL0 + g0) * L1 + (qi1 * DL1 + g1)) * L2 + (qi2 * DL2 + g2)
         dsn_rows = DSN + ((b * H + h) * (L0 * L1 * L2) + positions) * (KS0 * KS1 * KS2)
     for t in range(0, nk0 * nk1 * nk2):
@@ -93,7 +108,9 @@ def _bwd_dq_kernel(
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, vT, input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
-        if HAS_RPB:  # neighbour index (key - window start) per dimension: each pair lands in its own slot
+        if RPB_BINS:
+            bins += _rpb_bins(ds, q_first1, q_first2, ka1 + a1 * N1, ka2 + a2 * N2, KS1, KS2, M1, M2, N1, N2, O1, O2)
+        elif HAS_RPB:  # neighbour index (key - window start) per dimension: each pair lands in its own slot
             nbr = (((kj0[None, :] - st0[:, None]) * KS1 + (kj1[None, :] - st1[:, None])) * KS2
                    + (kj2[None, :] - st2[:, None]))
             tl.store(dsn_rows[:, None] + nbr, ds, mask=pair)
@@ -116,6 +133,28 @@ def _bwd_dq_kernel(
     dq_rows = _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, dq_s0, dq_s1, dq_s2)
     tl.store(DQ + b * dq_sb + h * dq_sh + dq_rows[:, None] + d_cols[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=q_valid[:, None] & (d_cols[None, :] < HEAD_D))
+    if RPB_BINS:  # this program's partial bias gradient: [B, H, programs, O1, O2], summed on the host
+        part = DSN + ((b * H + h) * tl.num_programs(0) + pid) * (O1 * O2)
+        tl.store(part + tl.arange(0, O1)[:, None] * O2 + tl.arange(0, O2)[None, :], bins)
+
+
+@triton.jit
+def _rpb_bins(ds, q1, q2, k1, k2, KS1, KS2, M1: tl.constexpr, M2: tl.constexpr, N1: tl.constexpr,
+              N2: tl.constexpr, O1: tl.constexpr, O2: tl.constexpr):
+    """Sum a ``[M1*M2, N1*N2]`` tile of dS (rows: the query box whose first coordinates are (q1, q2), row-major;
+    columns: the key box from (k1, k2)) into bias-offset bins ``[O1, O2]``, bin ``(key - query + kernel - 1)`` per
+    dimension. Regrouped as ``[(query row, key row), (query col, key col)]`` the offset of dimension 1 depends only
+    on the row index and that of dimension 2 only on the column index, so the sum is two one-hot products — no
+    atomics, no per-pair buffer. float32 throughout (``ieee``): bias gradients sum many cancelling terms."""
+    a = tl.reshape(ds, [M1, M2, N1, N2])
+    a = tl.reshape(tl.permute(a, [0, 2, 1, 3]), [M1 * N1, M2 * N2])
+    j = tl.arange(0, M1 * N1)
+    off1 = k1 - q1 + (j % N1) - (j // N1) + KS1 - 1
+    left = tl.where(tl.arange(0, O1)[:, None] == off1[None, :], 1.0, 0.0)
+    i = tl.arange(0, M2 * N2)
+    off2 = k2 - q2 + (i % N2) - (i // N2) + KS2 - 1
+    right = tl.where(off2[:, None] == tl.arange(0, O2)[None, :], 1.0, 0.0)
+    return tl.dot(tl.dot(left, a, input_precision="ieee"), right, input_precision="ieee")
 
 
 @triton.jit

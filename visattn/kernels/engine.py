@@ -154,15 +154,3 @@ def _online_update(s, v, m_i, l_i, acc, DOT_PREC: tl.constexpr):
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return m_new, l_i, acc
-
-
-@triton.jit
-def _delta_kernel(OUT, DO, DELTA, n_rows, HEAD_DV, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """delta = rowsum(dO * O) in float32 over contiguous [rows, Dv] tensors."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_DV)
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < HEAD_DV)
-    offs = rows.to(tl.int64)[:, None] * HEAD_DV + cols[None, :]
-    o = tl.load(OUT + offs, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + rows, tl.sum(o * do, 1), mask=rows < n_rows)

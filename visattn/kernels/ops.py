@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from visattn.kernels.backward import _bwd_dkv_kernel, _bwd_dq_kernel, _bwd_extra_dkv_kernel
-from visattn.kernels.engine import _delta_kernel, _fwd_kernel
+from visattn.kernels.engine import _fwd_kernel
+from visattn.kernels.launch import INTERPRETED, KernelLauncher, LaunchRecord, tensor_key
 from visattn.kernels.tables import query_range_table, rpb_offset_maps
 from visattn.kernels.tiles import choose_tiles, dot_precision, padded_head_dim
 
-# Triton decides interpreter vs compiler when a kernel is decorated, i.e. when this module is imported.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Test hook (visattn.bench.check): fill outputs with NaN before launching, so an unwritten element fails a check.
 POISON = False
 _LOG2E = 1.4426950408889634
@@ -67,11 +65,12 @@ def _tiles_per_group(pat: Pattern, lengths, box) -> list[int]:
     return out
 
 
-def _tiles(pass_name: str, pat: Pattern, lengths, q: Tensor, head_dim: int, bias: bool = False):
+def _tiles(pass_name: str, pat: Pattern, lengths, q: Tensor, head_dim: int, bias: bool = False,
+           bins: bool = False):
     extents = tuple(math.ceil(lengths[i] / pat.dilation[i]) for i in range(3))
     bits = 16 if q.dtype in (torch.float16, torch.bfloat16) else 32
     return choose_tiles(pass_name, pat.window, extents, tuple(pat.kernel), tuple(pat.stride), bits, head_dim,
-                        INTERPRETED, bias)
+                        INTERPRETED, bias, bins)
 
 
 def _pattern_args(pat: Pattern, lengths, n_tiles):
@@ -99,38 +98,75 @@ def _optional(t: Tensor | None, like: Tensor, n_strides: int):
     return (like, (0,) * n_strides) if t is None else (t, t.stride())
 
 
-def forward(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
-            out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-    """Run the forward kernel; returns the output (contiguous, ``out_dtype`` or q's) and the log2-LSE
-    ``[B, *spatial, heads]``."""
+_FWD = KernelLauncher(_fwd_kernel)
+_DQ = KernelLauncher(_bwd_dq_kernel)
+_DKV = KernelLauncher(_bwd_dkv_kernel)
+_PLANS: dict = {}
+
+
+def _remember_plan(key, plan):
+    if len(_PLANS) > 1024:  # bounded: the geometries one process sees are few
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+def _view3_strides(shape, rank: int) -> tuple:
+    """Strides of the canonical 3-D view of a freshly allocated (contiguous) tensor of ``shape``."""
+    return _view3(torch.empty(shape, device="meta"), rank).stride()
+
+
+def _split_options(constexprs: dict) -> tuple[dict, int, int]:
+    constexprs = dict(constexprs)
+    return constexprs, constexprs.pop("num_warps"), constexprs.pop("num_stages")
+
+
+class _ForwardPlan(NamedTuple):
+    launch: LaunchRecord
+    out_shape: tuple
+    lse_shape: tuple
+
+
+def _forward_plan(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float) -> _ForwardPlan:
     rank = q.dim() - 3
     q3, k3, v3 = (_view3(t, rank) for t in (q, k, v))
     B, L0, L1, L2, H, D = q3.shape
     Dv = v3.shape[-1]
-    out = _new((*q.shape[:-1], Dv), q, out_dtype)
-    lse = _new(q.shape[:-1], q, torch.float32)
-    o3, l3 = _view3(out, rank), _view3(lse, rank)
+    out_shape, lse_shape = (*q.shape[:-1], Dv), tuple(q.shape[:-1])
     lengths = (L0, L1, L2)
     tiles = _tiles("fwd", pat, lengths, q, max(D, Dv), bias=rpb is not None)
     n_tiles = _tiles_per_group(pat, lengths, tiles.m)
-    rpb_t, r_st = _optional(None if rpb is None else _rpb3(rpb, rank), q, 4)
-    ek, ek_st = _optional(extra_k, q, 4)
-    ev, ev_st = _optional(extra_v, q, 4)
+    r_st = (0,) * 4 if rpb is None else _rpb3(rpb, rank).stride()
+    ek_st = (0,) * 4 if extra_k is None else extra_k.stride()
+    ev_st = (0,) * 4 if extra_v is None else extra_v.stride()
     grid = (math.prod(pat.dilation[i] * n_tiles[i] for i in range(3)), B * H)
-    _fwd_kernel[grid](
-        q3, k3, v3, o3, l3, rpb_t, ek, ev,
-        *q3.stride(), *k3.stride(), *v3.stride(), *o3.stride()[:5], *l3.stride()[:4],
-        *r_st, *ek_st, *ev_st,
-        H, *_pattern_args(pat, lengths, n_tiles),
-        0 if extra_k is None else extra_k.shape[1], scale * _LOG2E, D, Dv,
-        HAS_RPB=rpb is not None, HAS_EXTRA=extra_k is not None,
-        **_pattern_constexprs(pat, tiles, D, Dv, q.dtype),
-    )
+    scalars = (*q3.stride(), *k3.stride(), *v3.stride(), *_view3_strides(out_shape, rank)[:5],
+               *_view3_strides(lse_shape, rank)[:4], *r_st, *ek_st, *ev_st,
+               H, *_pattern_args(pat, lengths, n_tiles),
+               0 if extra_k is None else extra_k.shape[1], scale * _LOG2E, D, Dv)
+    constexprs, warps, stages = _split_options(_pattern_constexprs(pat, tiles, D, Dv, q.dtype))
+    constexprs.update(HAS_RPB=rpb is not None, HAS_EXTRA=extra_k is not None)
+    return _ForwardPlan(_FWD.record(grid, 8, scalars, constexprs, warps, stages), out_shape, lse_shape)
+
+
+def forward(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
+            out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Run the forward kernel; returns the output (contiguous, ``out_dtype`` or q's) and the log2-LSE
+    ``[B, *spatial, heads]``. Launched from a plan cached per geometry (``launch.py``)."""
+    key = ("fwd", pat, scale, q.device, tensor_key(q), tensor_key(k), tensor_key(v), tensor_key(rpb),
+           tensor_key(extra_k), tensor_key(extra_v))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _remember_plan(key, _forward_plan(q, k, v, rpb, extra_k, extra_v, pat, scale))
+    out = _new(plan.out_shape, q, out_dtype)
+    lse = _new(plan.lse_shape, q, torch.float32)
+    _FWD(plan.launch, (q, k, v, out, lse, q if rpb is None else rpb, q if extra_k is None else extra_k,
+                       q if extra_v is None else extra_v))
     return out, lse
 
 
-# The rpb gradient's dS buffer is float32 [B, H, positions, prod(kernel)]; batches whose buffer would exceed this
-# run the dQ pass in batch chunks (NAT-T stage 1 at batch 256 needs 315 MB: one chunk).
+# The per-pair dS buffer of the rpb gradient (used where the in-register bins cannot: rank 1 and 3) is float32
+# [B, H, positions, prod(kernel)]; batches whose buffer would exceed this run the dQ pass in batch chunks.
 _DSN_BYTES = 1 << 30
 
 
@@ -148,88 +184,138 @@ def _reduce_rpb_grad(dsn: Tensor, pat: Pattern, lengths, heads: int, maps) -> Te
     return (s @ w2.view(z_len * k2, -1)).view(heads, 2 * k0 - 1, 2 * k1 - 1, 2 * k2 - 1)
 
 
-def backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, scale: float,
-             grad_lse: Tensor | None = None):
-    """dq, dk, dv, drpb (float32 or None), d extra_k, d extra_v (or None).
+def _bins(kernel: int) -> int:
+    """Padded number of relative offsets along one dimension (a power of two >= 16, tl.dot's minimum)."""
+    return max(16, 1 << (2 * kernel - 2).bit_length())
 
-    ``grad_lse``: the gradient of the log2-LSE output, when it was used. ``lse = log2(sum exp2(s))`` adds
-    ``p * g / ln 2`` to each natural-log score's gradient, i.e. it shifts delta by ``-g / ln 2`` row by row."""
+
+class _BackwardPlan(NamedTuple):
+    dq: LaunchRecord
+    dkv: LaunchRecord
+    table: Tensor
+    rpb_mode: str  # "none", "bins" (in-register offset bins) or "dsn" (per-pair buffer + host reduction)
+    part_shape: tuple  # bins: [B, H, dQ programs, O1, O2]
+    n_programs: int
+
+
+def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, scale: float,
+                   grad_lse) -> _BackwardPlan:
     rank = q.dim() - 3
-    grad_out = grad_out.contiguous()
-    q3, k3, v3, do3, l3 = (_view3(t, rank) for t in (q, k, v, grad_out, lse))
+    q3, k3, v3, do3, o3, l3 = (_view3(t, rank) for t in (q, k, v, grad_out, out, lse))
     B, L0, L1, L2, H, D = q3.shape
     Dv = v3.shape[-1]
     lengths = (L0, L1, L2)
-    delta = _new(lse.shape, lse)
-    n_rows = lse.numel()
-    _delta_kernel[(triton_cdiv(n_rows, 64),)](out, grad_out, delta, n_rows, Dv, BLOCK_R=64,
-                                                BLOCK_DV=padded_head_dim(Dv))
-    if grad_lse is not None:
-        delta.sub_(grad_lse.float(), alpha=1.0 / _LN2_RATIO)
-    dq, dk, dv = _new(q.shape, q), _new(k.shape, k), _new(v.shape, v)
-    dq3, dk3, dv3 = (_view3(t, rank) for t in (dq, dk, dv))
-    rpb3 = None if rpb is None else _rpb3(rpb, rank)
-    rpb_t, r_st = _optional(rpb3, q, 4)
-    ek, ek_st = _optional(extra_k, q, 4)
-    ev, ev_st = _optional(extra_v, q, 4)
-    n_extra = 0 if extra_k is None else extra_k.shape[1]
     d_max = max(D, Dv)
-    delta3 = _view3(delta, rank)
+    grad_strides = _view3_strides(q.shape, rank)
+    r_st = (0,) * 4 if rpb is None else _rpb3(rpb, rank).stride()
+    ek_st = (0,) * 4 if extra_k is None else extra_k.stride()
+    ev_st = (0,) * 4 if extra_v is None else extra_v.stride()
 
-    tiles = _tiles("dq", pat, lengths, q, d_max)
+    mode = "none"
+    tiles = _tiles("dq", pat, lengths, q, d_max, bins=rpb is not None and rank == 2)
+    if rpb is not None:
+        fits = (tiles.m[0] == tiles.n[0] == 1 and tiles.m[1] * tiles.n[1] >= 16 and tiles.m[2] * tiles.n[2] >= 16)
+        mode = "bins" if rank == 2 and fits else "dsn"
     n_tiles = _tiles_per_group(pat, lengths, tiles.m)
     n_programs = math.prod(pat.dilation[i] * n_tiles[i] for i in range(3))
-    neighbours = math.prod(pat.kernel)
-    chunk = B
-    drpb = None
-    if rpb is not None:
-        chunk = max(1, min(B, _DSN_BYTES // (H * L0 * L1 * L2 * neighbours * 4)))
-        maps = rpb_offset_maps(pat, lengths, q.device)
-        # windows (partial at borders) and causal rows have fewer than prod(kernel) neighbours: zero their slots.
-        alloc = torch.zeros if (pat.window or any(pat.causal)) else torch.empty
-    for b0 in range(0, B, chunk):
-        nb = min(chunk, B - b0)
-        part = slice(b0, b0 + nb)
-        dsn = q if rpb is None else alloc((nb, H, L0 * L1 * L2, neighbours), device=q.device, dtype=torch.float32)
-        _bwd_dq_kernel[(n_programs, nb * H)](
-            q3[part], k3[part], v3[part], do3[part], l3[part], delta3[part], dq3[part], dsn, rpb_t,
-            ek[part], ev[part],
-            *q3.stride(), *k3.stride(), *v3.stride(), *do3.stride(), *dq3.stride()[:5], *l3.stride()[:4],
-            *r_st, *ek_st, *ev_st,
-            H, *_pattern_args(pat, lengths, n_tiles), n_extra, scale * _LOG2E, scale, D, Dv,
-            HAS_RPB=rpb is not None, HAS_EXTRA=extra_k is not None,
-            **_pattern_constexprs(pat, tiles, D, Dv, q.dtype),
-        )
-        if rpb is not None:
-            part_grad = _reduce_rpb_grad(dsn, pat, lengths, H, maps)
-            drpb = part_grad if drpb is None else drpb + part_grad
-    if drpb is not None:
-        drpb = drpb.reshape(rpb.shape)
+    pattern_tail = _pattern_args(pat, lengths, n_tiles)
+    o1, o2 = _bins(pat.kernel[1]), _bins(pat.kernel[2])
+    scalars = (*q3.stride(), *k3.stride(), *v3.stride(), *do3.stride(), *o3.stride()[:5],
+               *_view3_strides(q.shape, rank)[:5], *l3.stride()[:4], *r_st, *ek_st, *ev_st,
+               H, *pattern_tail, 0 if extra_k is None else extra_k.shape[1], scale * _LOG2E, scale, D, Dv)
+    constexprs, warps, stages = _split_options(_pattern_constexprs(pat, tiles, D, Dv, q.dtype))
+    constexprs.update(HAS_RPB=rpb is not None, HAS_EXTRA=extra_k is not None, RPB_BINS=mode == "bins", O1=o1, O2=o2,
+                      HAS_GLSE=grad_lse is not None)
+    dq = _DQ.record((n_programs, B * H), 13, scalars, constexprs, warps, stages)
 
     tiles = _tiles("dkv", pat, lengths, q, d_max)
     n_tiles = _tiles_per_group(pat, lengths, tiles.n)
     table = query_range_table(pat, lengths, n_tiles, tiles.n, q.device)
+    scalars = (*q3.stride(), *k3.stride(), *v3.stride(), *do3.stride(), *grad_strides[:5], *grad_strides[:5],
+               *l3.stride()[:4], *r_st,
+               H, *_pattern_args(pat, lengths, n_tiles), table.shape[1], scale * _LOG2E, scale, D, Dv)
+    constexprs, warps, stages = _split_options(_pattern_constexprs(pat, tiles, D, Dv, q.dtype))
+    constexprs.update(HAS_RPB=rpb is not None)
     grid = (math.prod(pat.dilation[i] * n_tiles[i] for i in range(3)), B * H)
-    _bwd_dkv_kernel[grid](
-        q3, k3, v3, do3, l3, delta, dk3, dv3, rpb_t, table,
-        *q3.stride(), *k3.stride(), *v3.stride(), *do3.stride(), *dk3.stride()[:5], *dv3.stride()[:5],
-        *l3.stride()[:4], *r_st,
-        H, *_pattern_args(pat, lengths, n_tiles), table.shape[1], scale * _LOG2E, scale, D, Dv,
-        HAS_RPB=rpb is not None, **_pattern_constexprs(pat, tiles, D, Dv, q.dtype),
-    )
+    dkv = _DKV.record(grid, 10, scalars, constexprs, warps, stages)
+    return _BackwardPlan(dq, dkv, table, mode, (B, H, n_programs, o1, o2), n_programs)
+
+
+def backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, scale: float,
+             grad_lse: Tensor | None = None):
+    """dq, dk, dv, drpb (float32 or None), d extra_k, d extra_v (or None).
+
+    Two launches (plus one reduction with a trained bias): the dQ pass, which also computes ``delta = rowsum(dO*O)``
+    (shifted by the LSE gradient ``grad_lse`` of the log2-LSE output, when it was used) and stores it, then the
+    dK/dV pass, which reads it. ``grad_out`` may have any strides."""
+    key = ("bwd", pat, scale, q.device, tensor_key(grad_out), tensor_key(q), tensor_key(k), tensor_key(v),
+           tensor_key(out), tensor_key(lse), tensor_key(rpb), tensor_key(extra_k), tensor_key(extra_v),
+           tensor_key(grad_lse))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _remember_plan(key, _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat, scale,
+                                                  grad_lse))
+    dq, dk, dv = _new(q.shape, q), _new(k.shape, k), _new(v.shape, v)
+    delta = _new(lse.shape, lse)
+    glse = lse if grad_lse is None else grad_lse
+    rpb_t = q if rpb is None else rpb
+    ek = q if extra_k is None else extra_k
+    ev = q if extra_v is None else extra_v
+    drpb = None
+    if plan.rpb_mode == "dsn":
+        drpb = _dq_pass_with_dsn(plan, grad_out, q, k, v, out, glse, lse, delta, dq, rpb, ek, ev, pat)
+    else:
+        part = q if plan.rpb_mode == "none" else torch.empty(plan.part_shape, device=q.device, dtype=torch.float32)
+        _DQ(plan.dq, (q, k, v, grad_out, out, glse, lse, delta, dq, part, rpb_t, ek, ev))
+        if plan.rpb_mode == "bins":
+            k1, k2 = pat.kernel[1], pat.kernel[2]
+            drpb = part[:, :, :, : 2 * k1 - 1, : 2 * k2 - 1].sum((0, 2)).reshape(rpb.shape)
+    _DKV(plan.dkv, (q, k, v, grad_out, lse, delta, dk, dv, rpb_t, plan.table))
     dek = dev = None
     if extra_k is not None:
+        rank = q.dim() - 3
+        q3, do3, l3 = (_view3(t, rank) for t in (q, grad_out, lse))
+        B, L0, L1, L2, H, D = q3.shape
+        Dv = v.shape[-1]
+        n_extra = extra_k.shape[1]
         dek, dev = _new(extra_k.shape, extra_k), _new(extra_v.shape, extra_v)
         block = 16 if INTERPRETED else 64
         _bwd_extra_dkv_kernel[(triton_cdiv(n_extra, block), B * H)](
-            q3, ek, ev, do3, l3, delta, dek, dev,
-            *q3.stride(), *ek_st, *ev_st, *do3.stride(), *l3.stride()[:4],
+            q3, extra_k, extra_v, do3, l3, delta, dek, dev,
+            *q3.stride(), *extra_k.stride(), *extra_v.stride(), *do3.stride(), *l3.stride()[:4],
             H, L1, L2, L0 * L1 * L2, n_extra, scale * _LOG2E, scale, D, Dv,
             BLOCK_M=32 if INTERPRETED else 64, BLOCK_N=block, BLOCK_D=padded_head_dim(D),
             BLOCK_DV=padded_head_dim(Dv), DOT_PREC=dot_precision(q.dtype),
             num_warps=4, num_stages=1 if INTERPRETED else 2,
         )
     return dq, dk, dv, drpb, dek, dev
+
+
+def _dq_pass_with_dsn(plan: _BackwardPlan, grad_out, q, k, v, out, glse, lse, delta, dq, rpb, ek, ev,
+                      pat: Pattern) -> Tensor:
+    """The dQ pass for a bias the in-register bins cannot take (rank 1 and 3): each pair's dS into a per-query
+    neighbour buffer, reduced on the host (``_reduce_rpb_grad``); batch chunks bound the buffer. Launched through
+    Triton's normal path (chunk views change pointers)."""
+    rank = q.dim() - 3
+    B, H = q.shape[0], q.shape[-2]
+    lengths = tuple(_view3(q, rank).shape[1:4])
+    neighbours = math.prod(pat.kernel)
+    chunk = max(1, min(B, _DSN_BYTES // (H * math.prod(lengths) * neighbours * 4)))
+    maps = rpb_offset_maps(pat, lengths, q.device)
+    # windows (partial at borders) and causal rows have fewer than prod(kernel) neighbours: zero their slots.
+    alloc = torch.zeros if (pat.window or any(pat.causal)) else torch.empty
+    drpb = None
+    rec = plan.dq
+    for b0 in range(0, B, chunk):
+        nb = min(chunk, B - b0)
+        part = slice(b0, b0 + nb)
+        dsn = alloc((nb, H, math.prod(lengths), neighbours), device=q.device, dtype=torch.float32)
+        tensors = (q[part], k[part], v[part], grad_out[part], out[part], glse[part], lse[part], delta[part], dq[part],
+                   dsn, rpb, ek[part], ev[part])
+        _DQ.kernel[(rec.grid[0], nb * H)](*tensors, *rec.scalars, **rec.constexprs, **rec.options)
+        part_grad = _reduce_rpb_grad(dsn, pat, lengths, H, maps)
+        drpb = part_grad if drpb is None else drpb + part_grad
+    return drpb.reshape(rpb.shape)
 
 
 def triton_cdiv(a: int, b: int) -> int:

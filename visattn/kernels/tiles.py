@@ -113,6 +113,10 @@ def _dim_cost(own: int, other: int, extent: int, kernel: int, stride: int, windo
     return math.ceil(min(reach, extent) / other) * other, min(own, extent)
 
 
+def _binnable(own: Triple, other: Triple) -> bool:
+    return own[0] == other[0] == 1 and own[1] * other[1] >= 16 and own[2] * other[2] >= 16
+
+
 @functools.lru_cache(maxsize=512)
 def volume_key(pass_name: str, window: bool, kernel: Triple, dtype_bits: int, head_dim: int) -> tuple:
     """The _VOLUMES entry a problem uses."""
@@ -126,9 +130,11 @@ def volume_key(pass_name: str, window: bool, kernel: Triple, dtype_bits: int, he
 
 @functools.lru_cache(maxsize=512)
 def choose_tiles(pass_name: str, window: bool, extents: Triple, kernel: Triple, stride: Triple, dtype_bits: int,
-                 head_dim: int, interpret: bool, bias: bool = False) -> Tiles:
+                 head_dim: int, interpret: bool, bias: bool = False, bins: bool = False) -> Tiles:
     """Tiles for one pass ('fwd', 'dq' or 'dkv'). extents: dilation-group lengths; kernel: kernel or window;
-    bias: an rpb table is fused (it costs shared memory per pipeline stage)."""
+    bias: an rpb table is fused (it costs shared memory per pipeline stage); bins: the dQ pass sums the bias
+    gradient in registers (``backward._rpb_bins``), whose one-hot products need boxes flat in dimension 0 with
+    query x key rows >= 16 in dimensions 1 and 2 (when no box qualifies, the unconstrained choice is returned)."""
     if interpret:
         block_m, block_n, warps, stages = _INTERPRETER_VOLUMES["fwd" if pass_name == "fwd" else "bwd"]
     else:
@@ -141,7 +147,10 @@ def choose_tiles(pass_name: str, window: bool, extents: Triple, kernel: Triple, 
     own_volumes = [v for v in (own_volume, own_volume // 2, own_volume // 4) if v >= 16 and (window or v == own_volume)]
     best, best_cost = None, float("inf")
     for volume in own_volumes:
-        for own, other in itertools.product(_boxes(volume), _boxes(other_volume)):
+        pairs = list(itertools.product(_boxes(volume), _boxes(other_volume)))
+        if bins and any(_binnable(own, other) for own, other in pairs):
+            pairs = [(own, other) for own, other in pairs if _binnable(own, other)]
+        for own, other in pairs:
             visited, useful = 1.0, 1.0
             for i in range(3):
                 v, u = _dim_cost(own[i], other[i], extents[i], kernel[i], stride[i], window)
