@@ -44,6 +44,24 @@ def test_step_marks_on_cpu_are_perf_counter_intervals(monkeypatch):
         prune.StepMarks("cpu", 0)
 
 
+@pytest.mark.gpu
+def test_step_marks_on_cuda_are_events_that_time_the_stream():
+    """Two marks around ~0.05 s of GPU spinning (torch.cuda._sleep) and two around none: the event intervals see
+    the spin on the stream, not the microseconds the host took to queue it."""
+    marks = prune.StepMarks("cuda", 2)
+    assert marks.kind == "cuda_events"
+    x = torch.ones(1, device="cuda")
+    torch.cuda.synchronize()
+    khz = getattr(torch.cuda.get_device_properties(0), "clock_rate", 1_500_000)  # SM clock in kHz (older torch: ~)
+    cycles = int(0.05 * khz * 1e3)
+    marks.start()
+    torch.cuda._sleep(cycles)
+    marks(x, x)
+    marks(x, x)
+    spin, nothing = marks.intervals_ms()
+    assert 20.0 < spin < 500.0 and nothing < 1.0
+
+
 class _FakeGenerator:
     """Stands in for a HF model: ``generate`` calls the logits processors once per new token, like HF's loop."""
 
@@ -132,8 +150,8 @@ def _figure(method, median, lo, hi, shape="llava-1.5", batch=8, keep=64):
 
 
 def test_flag_marks_pruned_rows_slower_than_the_baseline_beyond_the_spread():
-    rows = [_figure("none", 110.0, 100.0, 120.0),
-            _figure("fastervlm", 90.0, 85.0, 95.0),     # whole range below the baseline's slowest: flagged
+    rows = [dict(_figure("none", 110.0, 100.0, 120.0), decode_samples_tok_s=[100.0, 110.0, 120.0]),
+            dict(_figure("fastervlm", 90.0, 85.0, 95.0), decode_samples_tok_s=[85.0, 95.0]),  # below: flagged
             _figure("visionzip", 98.0, 90.0, 105.0),    # slower median, but the ranges overlap: not flagged
             _figure("divprune", 300.0, 280.0, 320.0),   # faster
             _figure("fastv", 50.0, 40.0, 60.0, batch=1),  # no unpruned row at batch 1: undecided
@@ -143,6 +161,8 @@ def test_flag_marks_pruned_rows_slower_than_the_baseline_beyond_the_spread():
     assert rows[1]["decode_vs_baseline"] == pytest.approx(90.0 / 110.0)
     assert rows[3]["decode_vs_baseline"] == pytest.approx(300.0 / 110.0)
     assert [(f["method"], f["baseline"]["decode_tok_s_min"]) for f in flagged] == [("fastervlm", 100.0)]
+    assert flagged[0]["decode_flag_chance"] == pytest.approx(0.1)  # 2 of 5 exchangeable calls the slowest: 1/C(5,2)
+    assert rows[2]["decode_flag_chance"] is None  # no per-call samples to count
     text = prune.table([dict(r, shape=r["shape"], ttft_ms=1.0, ttft_speedup=1.0, llm_prefill_ms=1.0,
                              prefill_tok_s=1.0, peak_gib=1.0, scoring_pct=0.0) for r in rows[:3]])
     assert text.count("slower than none") == 1 and "90 [85–95] **slower than none**" in text

@@ -213,7 +213,8 @@ def spread(values: list[float]) -> dict:
 def decode_call(model, inputs: dict, tokens: int, device: str) -> dict:
     """One ``generate()`` of exactly ``tokens`` new tokens per sample, every step marked (see :class:`StepMarks`).
 
-    Returns ``new_tokens`` (counted from the output), ``steps`` (logits-processor calls), ``generate_ttft_ms``
+    Returns ``new_tokens`` and ``new_tokens_per_sample`` (counted from the output, each row up to its first
+    end-of-sequence token if the model has one), ``steps`` (logits-processor calls), ``generate_ttft_ms``
     (``generate()`` call to the first token's logits: set-up + prefill) and ``step_ms`` (one entry per decode step,
     ``tokens - 1`` of them). Raises ``RuntimeError`` when ``generate()`` produced another number of tokens."""
     from transformers import LogitsProcessorList
@@ -454,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     for f in flags:
         print(f"FLAG: {f['shape']} b={f['batch']} {f['method']} keep={f['keep_per_image']} decodes slower than the "
-              f"unpruned model beyond the spread: {_range(f)} vs {_range(f['baseline'])} tok/s")
+              f"unpruned model beyond the spread: {_range(f)} vs {_range(f['baseline'])} tok/s "
+              f"(chance if equal: {_num(f['decode_flag_chance'], '.3g')})")
     return 0
 
 
@@ -515,8 +517,10 @@ def flag_slow_decode(rows: list[dict]) -> list[dict]:
     A pruned model decodes over a shorter KV cache, so it should never be slower. Sets ``decode_vs_baseline``
     (median over median) and ``decode_slower_than_baseline``: True when the pruned row's fastest call is slower than
     the baseline's slowest (the two ranges do not overlap), False when they overlap or the pruned row is faster, None
-    when there is no baseline to compare with (and on the baseline rows). Returns the flagged rows, each with its
-    baseline's figures under ``baseline``."""
+    when there is no baseline to compare with (and on the baseline rows). ``decode_flag_chance``: how often that
+    happens by chance to m pruned and n baseline calls drawn from one distribution, 1 / C(m + n, m) (1/6 for 2 calls
+    each, 1/924 for 2 calls x 3 rounds each; calls of one round share the machine's phase, so read it as a lower
+    bound). Returns the flagged rows, each with its baseline's figures under ``baseline``."""
     base = {(r["shape"], r["batch"]): r for r in rows if r["method"] == "none"}
     flagged = []
     for r in rows:
@@ -524,13 +528,16 @@ def flag_slow_decode(rows: list[dict]) -> list[dict]:
         figures = [x.get(k) for x in (r, b) if x is not None for k in ("decode_tok_s", "decode_tok_s_min",
                                                                          "decode_tok_s_max")]
         if b is None or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in figures):
-            r["decode_vs_baseline"], r["decode_slower_than_baseline"] = float("nan"), None
+            r.update(decode_vs_baseline=float("nan"), decode_slower_than_baseline=None, decode_flag_chance=None)
             continue
         r["decode_vs_baseline"] = r["decode_tok_s"] / b["decode_tok_s"]
         r["decode_slower_than_baseline"] = r["decode_tok_s_max"] < b["decode_tok_s_min"]
+        m, n = len(r.get("decode_samples_tok_s", ())), len(b.get("decode_samples_tok_s", ()))
+        r["decode_flag_chance"] = 1 / math.comb(m + n, m) if m and n else None
         if r["decode_slower_than_baseline"]:
             flagged.append({**{k: r[k] for k in ("shape", "batch", "method", "keep_per_image", "decode_tok_s",
-                                                 "decode_tok_s_min", "decode_tok_s_max", "decode_vs_baseline")},
+                                                 "decode_tok_s_min", "decode_tok_s_max", "decode_vs_baseline",
+                                                 "decode_flag_chance")},
                             "baseline": {k: b[k] for k in ("decode_tok_s", "decode_tok_s_min", "decode_tok_s_max")}})
     return flagged
 
@@ -556,8 +563,9 @@ def _line(r: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
+    ranged = " [min–max]" if any(r.get("decode_tok_s_min") is not None for r in rows) else ""
     head = ("| shape | batch | method | keep/img | LLM visual | TTFT ms | TTFT × | LLM prefill ms | prefill tok/s "
-            "| decode tok/s [min–max] | peak GiB | scoring % | FLOPs saved |")
+            f"| decode tok/s{ranged} | peak GiB | scoring % | FLOPs saved |")
     lines = [head, "|" + "---|" * 13]
     for r in rows:
         decode = _range(r) + (" **slower than none**" if r.get("decode_slower_than_baseline") else "")
