@@ -157,6 +157,11 @@ def _gc_paused():
         gc.enable()
 
 
+def timer_kind(device: str) -> str:
+    """What times decode steps on ``device``: ``"cuda_events"`` on CUDA, else ``"perf_counter"``."""
+    return "cuda_events" if str(device).startswith("cuda") else "perf_counter"
+
+
 class StepMarks:
     """A ``generate()`` logits processor that marks the end of every generation step.
 
@@ -171,8 +176,7 @@ class StepMarks:
         if steps < 1:
             raise ValueError(f"steps={steps}: need at least one generated token")
         self.cuda = str(device).startswith("cuda")
-        self.kind = "cuda_events" if self.cuda else "perf_counter"
-        self.steps = steps
+        self.kind = timer_kind(device)
         self._events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if self.cuda else []
         self.marks: list = []
 
@@ -437,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "transformers": transformers.__version__, "dtype": str(dtype),
         "attn_implementation": "sdpa", "tiny": args.tiny, "iters": iters,
-        "timer": StepMarks(device, 1).kind, "decode_tokens": decode_tokens, "decode_steps": decode_tokens - 1,
+        "timer": timer_kind(device), "decode_tokens": decode_tokens, "decode_steps": decode_tokens - 1,
         "decode_calls": args.decode_calls, "decode_warmup_calls": 1,
         "kv_cache": model.generation_config.cache_implementation or "dynamic",
         "decode_flags": flags, "configs": rows, "skipped": skipped, "wall_s": time.perf_counter() - started,
