@@ -6,16 +6,26 @@ tokens). fp16, ``attn_implementation="sdpa"``. Per configuration: time to first 
 LLM prefill), LLM prefill time alone, prefill tokens/s (prompt tokens before pruning / TTFT), decode tokens/s,
 peak memory, scoring time (CUDA events around the scorer) and its share of the pruned TTFT.
 ``--tiny`` runs tiny configs on the CPU (smoke test).
+
+Decode: ``generate()`` of exactly ``--decode-tokens`` N new tokens (no EOS token, ``min_new_tokens`` =
+``max_new_tokens``), after one untimed warm-up ``generate()`` of the same length. A logits processor marks every
+generation step (a CUDA event on the GPU, ``perf_counter`` on the CPU: ``timer`` in the result); decode time is
+the span from the first token's logits to the N-th, i.e. N - 1 whole decode steps, with no prefill and no
+``generate()`` set-up in it. Per configuration ``--decode-calls`` timed calls per round, rounds interleaved; the
+figure is the median of every timed call with its min and max, and a pruned configuration whose fastest call decodes
+slower than the unpruned model's slowest call at the same shape and batch is flagged (``decode_slower_than_baseline``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import gc
 import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -33,11 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", default=None, help="comma list of batch sizes for LLaVA-1.5")
     parser.add_argument("--next-batches", default=None, help="comma list of batch sizes for the NeXT shape")
     parser.add_argument("--iters", type=int, default=None)
-    parser.add_argument("--decode-tokens", type=int, default=None)
+    parser.add_argument("--decode-tokens", type=int, default=None,
+                        help="new tokens per generate() call, exactly (default 16; tiny: 3); decode = the last N - 1")
+    parser.add_argument("--decode-calls", type=int, default=2,
+                        help="timed generate() calls per configuration and round, after one warm-up call")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the grid, interleaved; report median rounds")
     parser.add_argument("--time-budget", type=float, default=450.0, help="seconds; later configs are skipped")
     parser.add_argument("--out-dir", default="benchmarks/results")
-    parser.add_argument("--doc", default="docs/PRUNE_PERF.md")
+    parser.add_argument("--out", default=None, help="result file (default: <out-dir>/prune-<date>[-tiny].json)")
+    parser.add_argument("--doc", default="docs/PRUNE_PERF.md", help="markdown page to write ('' to skip)")
 
 
 def build_model(tiny: bool, device: str, dtype: torch.dtype):
@@ -132,24 +146,158 @@ def _lm_timer(model):
     return times, handles
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """Collect once, then keep the garbage collector off: a collection inside a timed call is host noise."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def timer_kind(device: str) -> str:
+    """What times decode steps on ``device``: ``"cuda_events"`` on CUDA, else ``"perf_counter"``."""
+    return "cuda_events" if str(device).startswith("cuda") else "perf_counter"
+
+
+class StepMarks:
+    """A ``generate()`` logits processor that marks the end of every generation step.
+
+    ``start()`` marks the moment just before ``generate()`` is called; ``generate()`` then calls the processor once
+    per new token, right after that token's logits are computed, so mark ``i`` (``i >= 1``) ends step ``i`` (step 1 is
+    the prefill). On CUDA a mark is a CUDA event recorded on the current stream (no synchronisation: the recording
+    costs microseconds of host time per step); elsewhere it is ``time.perf_counter()`` (host code is synchronous
+    there). ``kind`` says which: ``"cuda_events"`` or ``"perf_counter"``.
+    """
+
+    def __init__(self, device: str, steps: int):
+        if steps < 1:
+            raise ValueError(f"steps={steps}: need at least one generated token")
+        self.cuda = str(device).startswith("cuda")
+        self.kind = timer_kind(device)
+        self._events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if self.cuda else []
+        self.marks: list = []
+
+    def start(self) -> None:
+        self.marks = []
+        self._mark()
+
+    def _mark(self) -> None:
+        if not self.cuda:
+            self.marks.append(time.perf_counter())
+            return
+        if len(self.marks) >= len(self._events):  # more steps than announced: never reuse a recorded event
+            self._events.append(torch.cuda.Event(enable_timing=True))
+        event = self._events[len(self.marks)]
+        event.record()
+        self.marks.append(event)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._mark()
+        return scores
+
+    def intervals_ms(self) -> list[float]:
+        """Milliseconds between consecutive marks: [start -> first token's logits, then one per decode step]."""
+        if self.cuda and self.marks:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:], strict=False)]
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:], strict=False)]
+
+
+def spread(values: list[float]) -> dict:
+    """``{"median", "min", "max", "n"}`` of ``values`` (NaN entries ignored; all NaN when none is left)."""
+    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not finite:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
+    return {"median": statistics.median(finite), "min": min(finite), "max": max(finite), "n": len(finite)}
+
+
+def decode_call(model, inputs: dict, tokens: int, device: str) -> dict:
+    """One ``generate()`` of exactly ``tokens`` new tokens per sample, every step marked (see :class:`StepMarks`).
+
+    Returns ``new_tokens`` and ``new_tokens_per_sample`` (counted from the output, each row up to its first
+    end-of-sequence token if the model has one), ``steps`` (logits-processor calls), ``generate_ttft_ms``
+    (``generate()`` call to the first token's logits: set-up + prefill) and ``step_ms`` (one entry per decode step,
+    ``tokens - 1`` of them). Raises ``RuntimeError`` when ``generate()`` produced another number of tokens."""
+    from transformers import LogitsProcessorList
+
+    marks = StepMarks(device, tokens)
+    prompt = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        marks.start()
+        out = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                             logits_processor=LogitsProcessorList([marks]))
+    intervals = marks.intervals_ms()
+    per_sample = new_tokens_per_sample(out[:, prompt:], model.generation_config.eos_token_id)
+    if any(n != tokens for n in per_sample) or len(intervals) != tokens:
+        raise RuntimeError(f"generate() made {per_sample} new tokens per sample in {len(intervals)} steps, "
+                           f"asked for {tokens}")
+    return {"new_tokens": tokens, "new_tokens_per_sample": per_sample, "steps": len(intervals),
+            "generate_ttft_ms": intervals[0], "step_ms": intervals[1:]}
+
+
+def new_tokens_per_sample(generated: torch.Tensor, eos_token_id: int | list[int] | None) -> list[int]:
+    """Tokens each row of ``generated`` (B, T: the new tokens only) really generated: up to and including its first
+    end-of-sequence token when ``eos_token_id`` is set (``generate()`` pads a finished row to the batch's length),
+    else all T."""
+    if eos_token_id is None:
+        return [generated.shape[1]] * generated.shape[0]
+    ids = torch.as_tensor(eos_token_id, device=generated.device).reshape(-1)
+    is_eos = torch.isin(generated, ids)
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, generated.shape[1])
+    return first.tolist()
+
+
+def measure_decode(model, inputs: dict, tokens: int, calls: int, device: str) -> dict:
+    """Decode figures of one configuration in one round: one warm-up ``generate()`` (its decode time is kept as
+    ``decode_warmup_ms``: the first call after the allocator was emptied), then ``calls`` timed ones with the garbage
+    collector paused. ``decode_calls_ms``: the N - 1 decode steps of each timed call; ``decode_samples_tok_s``: the
+    same as tokens/s over the batch."""
+    if tokens < 2:
+        raise ValueError(f"decode_tokens={tokens}: need at least 2 (decode = the steps after the first token)")
+    if calls < 1:
+        raise ValueError(f"decode_calls={calls}: need at least one timed call")
+    bsz = inputs["input_ids"].shape[0]
+    warm = decode_call(model, inputs, tokens, device)
+    with _gc_paused():
+        timed = [decode_call(model, inputs, tokens, device) for _ in range(calls)]
+    calls_ms = [sum(c["step_ms"]) for c in timed]
+    steps = [t for c in timed for t in c["step_ms"]]
+    samples = [bsz * (tokens - 1) / ms * 1e3 if ms > 0 else float("nan") for ms in calls_ms]
+    return {
+        "new_tokens": timed[0]["new_tokens"], "new_tokens_per_sample": timed[0]["new_tokens_per_sample"],
+        "decode_warmup_ms": sum(warm["step_ms"]),
+        "decode_calls_ms": calls_ms, "decode_samples_tok_s": samples,
+        "decode_step_ms": statistics.median(steps), "decode_step_max_ms": max(steps),
+        "generate_ttft_ms": statistics.median(c["generate_ttft_ms"] for c in timed),
+        **_decode_figure(samples),
+    }
+
+
+def _decode_figure(samples: list[float]) -> dict:
+    s = spread(samples)
+    return {"decode_tok_s": s["median"], "decode_tok_s_min": s["min"], "decode_tok_s_max": s["max"]}
+
+
 def _repeat(clock, fn, iters: int, after=None, min_seconds: float = 1.0, max_iters: int = 25) -> list[float]:
     """At least ``iters`` timings, more (up to ``max_iters``) until ``min_seconds`` are spent: batch-1 prefills are
     host-bound and vary by tens of percent between calls, so short configs get more samples for their median.
     The garbage collector is paused while timing (a collection inside one sample is host noise, not pruning)."""
-    gc.collect()
-    gc.disable()
-    try:
+    with _gc_paused():
         times: list[float] = []
         while len(times) < iters or (sum(times) < min_seconds * 1e3 and len(times) < max_iters):
             times.append(clock(fn))
             if after is not None:
                 after()
         return times
-    finally:
-        gc.enable()
 
 
-def measure(model, inputs: dict, method, iters: int, decode_tokens: int, device: str) -> dict:
+def measure(model, inputs: dict, method, iters: int, decode_tokens: int, device: str, decode_calls: int = 2,
+            min_seconds: float = 1.0) -> dict:
+    """One configuration, one round: TTFT (prefill calls, CUDA-synchronised wall time), then decode
+    (:func:`measure_decode`) on the same model and inputs, the pruner attached for both."""
     from visattn import tokenprune as tp
 
     clock = _Clock(device)
@@ -166,16 +314,16 @@ def measure(model, inputs: dict, method, iters: int, decode_tokens: int, device:
             lm_times.clear()
             scorings: list[float] = []
             read_scoring = None if method is None else lambda: scorings.append(tp.last_report(model).scoring_ms)
-            ttft = _repeat(clock, prefill, iters, read_scoring)
+            ttft = _repeat(clock, prefill, iters, read_scoring, min_seconds=min_seconds)
             report = tp.last_report(model) if method is not None else None
             scoring = statistics.median(scorings) if scorings else 0.0
-            if device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
-            gen = lambda n: model.generate(**inputs, max_new_tokens=n,  # noqa: E731
-                                           min_new_tokens=n, do_sample=False)
-            t_first = clock(lambda: gen(1))
-            t_gen = clock(lambda: gen(decode_tokens))
-            peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+        for h in handles:  # the LM-prefill timer stays out of generate()
+            h.remove()
+        handles = []
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        decode = measure_decode(model, inputs, decode_tokens, decode_calls, device)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
     finally:
         for h in handles:
             h.remove()
@@ -184,13 +332,11 @@ def measure(model, inputs: dict, method, iters: int, decode_tokens: int, device:
     bsz, length = inputs["input_ids"].shape
     t = statistics.median(ttft)
     llm = statistics.median(lm_times[: len(ttft)]) if lm_times else float("nan")
-    decode_ms = t_gen - t_first if t_gen > t_first else float("nan")
     row = {
         "prompt_tokens": length, "ttft_ms": t, "llm_prefill_ms": llm, "ttft_min_ms": min(ttft), "samples": len(ttft),
         "llm_prefill_min_ms": min(lm_times[: len(ttft)]) if lm_times else float("nan"),
-        "prefill_tok_s": bsz * length / t * 1e3,
-        "decode_tok_s": bsz * (decode_tokens - 1) / decode_ms * 1e3, "peak_gib": peak, "scoring_ms": scoring,
-        "scoring_pct": 100.0 * scoring / t,
+        "prefill_tok_s": bsz * length / t * 1e3, "peak_gib": peak, "scoring_ms": scoring,
+        "scoring_pct": 100.0 * scoring / t, "decode_tokens": decode_tokens, **decode,
     }
     if report is not None:
         row.update(llm_visual_tokens=report.visual_tokens_kept[0], layer_avg_visual=report.visual_tokens_layer_avg[0],
@@ -237,23 +383,33 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="visattn bench-prune", description=__doc__)
     add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.decode_tokens is not None and args.decode_tokens < 2:
+        raise ValueError(f"--decode-tokens={args.decode_tokens}: need at least 2 (decode = the steps after the first)")
+    if args.decode_calls < 1:
+        raise ValueError(f"--decode-calls={args.decode_calls}: need at least one timed call")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds={args.rounds}: need at least one round")
     import transformers
 
     from visattn import backends
+    from visattn.bench.common import environment
     from visattn.tokenprune.kernels import FAMILY
 
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     dtype = torch.float32 if device == "cpu" else torch.float16
     iters = args.iters or (1 if args.tiny else 3)
     decode_tokens = args.decode_tokens or (3 if args.tiny else 16)
+    min_seconds = 0.0 if args.tiny else 1.0
     started = time.perf_counter()
     model = build_model(args.tiny, device, dtype)
+    print(f"{_stamp(started)} model built on {device}", flush=True)
     per_image = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
     rows, skipped, baselines = [], [], {}
     configs = grid(args)
-    for round_index, (shape, images, batch, method, keep) in enumerate(configs * args.rounds):
+    for index, (shape, images, batch, method, keep) in enumerate(configs * args.rounds):
         if time.perf_counter() - started > args.time_budget:
-            skipped.append({"shape": shape, "batch": batch, "method": method, "keep": keep})
+            skipped.append({"shape": shape, "batch": batch, "method": method, "keep": keep,
+                            "round": index // len(configs), "reason": "time budget"})
             continue
         scaled_keep = keep  # tokens kept per image (NeXT shape: per crop, i.e. the same ratio)
         inputs = make_inputs(model, batch, images, device, dtype)
@@ -264,39 +420,52 @@ def main(argv: list[str] | None = None) -> int:
         backend = "reference" if variant == "eager" else backends.get_backend(FAMILY)
         try:
             with backends.use_backend(backend, family=FAMILY):
-                row = measure(model, inputs, pruner, iters, decode_tokens, device)
+                row = measure(model, inputs, pruner, iters, decode_tokens, device, args.decode_calls, min_seconds)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             skipped.append({"shape": shape, "batch": batch, "method": method, "keep": keep, "reason": "OOM"})
             continue
         row.update(shape=shape, images=images, batch=batch, method=method, keep_per_image=scaled_keep,
-                   round=round_index // len(configs))
+                   round=index // len(configs))
         if method == "none":
             baselines[(shape, batch)] = row["ttft_ms"]
         row["ttft_speedup"] = baselines.get((shape, batch), float("nan")) / row["ttft_ms"]
         rows.append(row)
-        print(_line(row), flush=True)
-    if args.rounds > 1:
-        rows = _median_rounds(rows)
+        print(f"{_stamp(started)} r{row['round']} " + _line(row), flush=True)
+    rows = _median_rounds(rows)
+    flags = flag_slow_decode(rows)
     result = {
+        "bench": "prune", **environment(device), "argv": list(argv) if argv is not None else sys.argv[1:],
         "rounds": args.rounds,
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(dtype),
-        "attn_implementation": "sdpa", "tiny": args.tiny, "iters": iters, "decode_tokens": decode_tokens,
-        "configs": rows, "skipped": skipped, "wall_s": time.perf_counter() - started,
+        "transformers": transformers.__version__, "dtype": str(dtype),
+        "attn_implementation": "sdpa", "tiny": args.tiny, "iters": iters,
+        "timer": timer_kind(device), "decode_tokens": decode_tokens, "decode_steps": decode_tokens - 1,
+        "decode_calls": args.decode_calls, "decode_warmup_calls": 1,
+        "kv_cache": model.generation_config.cache_implementation or "dynamic",
+        "decode_flags": flags, "configs": rows, "skipped": skipped, "wall_s": time.perf_counter() - started,
     }
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tag = "-tiny" if args.tiny else ""
-    path = out_dir / f"prune-{_dt.date.today().isoformat()}{tag}.json"
+    if args.out:
+        path = Path(args.out)
+    else:
+        path = Path(args.out_dir) / f"prune-{_dt.date.today().isoformat()}{'-tiny' if args.tiny else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(strict_json(result), indent=1, allow_nan=False))
     if args.doc and not args.tiny:
         Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
         Path(args.doc).write_text(markdown(result))
-    print(f"\nwrote {path}" + ("" if args.tiny or not args.doc else f" and {args.doc}"))
+    print(f"\n{_stamp(started)} wrote {path}" + ("" if args.tiny or not args.doc else f" and {args.doc}"))
     print(table(rows))
+    for f in flags:
+        print(f"FLAG: {f['shape']} b={f['batch']} {f['method']} keep={f['keep_per_image']} decodes slower than the "
+              f"unpruned model beyond the spread: {_range(f)} vs {_range(f['baseline'])} tok/s "
+              f"(chance if equal: {_num(f['decode_flag_chance'], '.3g')})")
     return 0
+
+
+def _stamp(started: float) -> str:
+    return f"[{_dt.datetime.now().strftime('%H:%M:%S')} +{time.perf_counter() - started:6.1f}s]"
 
 
 def strict_json(value):
@@ -311,12 +480,20 @@ def strict_json(value):
     return value
 
 
+def config_key(row: dict) -> tuple:
+    """(shape, batch, method, keep per image): what identifies a configuration across rounds and runs."""
+    return row["shape"], row["batch"], row["method"], row["keep_per_image"]
+
+
 def _median_rounds(rows: list[dict]) -> list[dict]:
     """One row per config: the round with the median TTFT (its other columns kept with it), speed-up over the
-    baseline's median round. Rounds interleave the configs, so slow drifts of the machine hit every method."""
+    baseline's median round. Rounds interleave the configs, so slow drifts of the machine hit every method.
+    Decode is pooled instead: the figure is the median of every timed ``generate()`` call of every round
+    (``decode_tok_s``, with ``decode_tok_s_min`` / ``_max`` over the same calls), ``round_decode_tok_s`` the
+    per-round medians."""
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["shape"], r["batch"], r["method"], r["keep_per_image"]), []).append(r)
+        groups.setdefault(config_key(r), []).append(r)
     out, base = [], {}
     for key, rs in groups.items():
         rs = sorted(rs, key=lambda r: r["ttft_ms"])
@@ -324,28 +501,97 @@ def _median_rounds(rows: list[dict]) -> list[dict]:
         if key[2] == "none":
             base[key[:2]] = row["ttft_ms"]
         row["ttft_speedup"] = base.get(key[:2], float("nan")) / row["ttft_ms"]
+        if all("decode_samples_tok_s" in r for r in rs):
+            rs = sorted(rs, key=lambda r: r["round"])
+            samples = [v for r in rs for v in r["decode_samples_tok_s"]]
+            row.update(_decode_figure(samples), decode_samples_tok_s=samples,
+                       decode_calls_ms=[v for r in rs for v in r["decode_calls_ms"]],
+                       round_decode_tok_s=[spread(r["decode_samples_tok_s"])["median"] for r in rs],
+                       round_decode_warmup_ms=[r["decode_warmup_ms"] for r in rs],
+                       decode_step_ms=statistics.median(r["decode_step_ms"] for r in rs),
+                       decode_step_max_ms=max(r["decode_step_max_ms"] for r in rs),
+                       new_tokens=min(r["new_tokens"] for r in rs))
         out.append(row)
     return out
+
+
+def flag_slow_decode(rows: list[dict]) -> list[dict]:
+    """Compare every pruned row's decode with the unpruned row of the same shape and batch (in place).
+
+    A pruned model decodes over a shorter KV cache, so it should never be slower. Sets ``decode_vs_baseline``
+    (median over median) and ``decode_slower_than_baseline``: True when the pruned row's fastest call is slower than
+    the baseline's slowest (the two ranges do not overlap), False when they overlap or the pruned row is faster, None
+    when there is no baseline to compare with (and on the baseline rows). ``decode_flag_chance``: how often that
+    happens by chance to m pruned and n baseline calls drawn from one distribution, 1 / C(m + n, m) (1/6 for 2 calls
+    each, 1/924 for 2 calls x 3 rounds each; calls of one round share the machine's phase, so read it as a lower
+    bound). Returns the flagged rows, each with its baseline's figures under ``baseline``."""
+    base = {(r["shape"], r["batch"]): r for r in rows if r["method"] == "none"}
+    flagged = []
+    for r in rows:
+        b = base.get((r["shape"], r["batch"])) if r["method"] != "none" else None
+        figures = [x.get(k) for x in (r, b) if x is not None for k in ("decode_tok_s", "decode_tok_s_min",
+                                                                         "decode_tok_s_max")]
+        if b is None or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in figures):
+            r.update(decode_vs_baseline=float("nan"), decode_slower_than_baseline=None, decode_flag_chance=None)
+            continue
+        r["decode_vs_baseline"] = r["decode_tok_s"] / b["decode_tok_s"]
+        r["decode_slower_than_baseline"] = r["decode_tok_s_max"] < b["decode_tok_s_min"]
+        m, n = len(r.get("decode_samples_tok_s", ())), len(b.get("decode_samples_tok_s", ()))
+        r["decode_flag_chance"] = 1 / math.comb(m + n, m) if m and n else None
+        if r["decode_slower_than_baseline"]:
+            flagged.append({**{k: r[k] for k in ("shape", "batch", "method", "keep_per_image", "decode_tok_s",
+                                                 "decode_tok_s_min", "decode_tok_s_max", "decode_vs_baseline",
+                                                 "decode_flag_chance")},
+                            "baseline": {k: b[k] for k in ("decode_tok_s", "decode_tok_s_min", "decode_tok_s_max")}})
+    return flagged
+
+
+def _num(value, fmt: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, fmt)
+
+
+def _range(r: dict, fmt: str = ".0f") -> str:
+    """``median [min–max]`` of a row's decode tokens/s (just the median for results without a spread)."""
+    text = _num(r.get("decode_tok_s"), fmt)
+    if r.get("decode_tok_s_min") is not None and r.get("decode_tok_s_max") is not None:
+        text += f" [{_num(r['decode_tok_s_min'], fmt)}–{_num(r['decode_tok_s_max'], fmt)}]"
+    return text
 
 
 def _line(r: dict) -> str:
     return (f"{r['shape']:10s} b={r['batch']:<3d} {r['method']:10s} keep={str(r['keep_per_image']):5s} "
             f"ttft={r['ttft_ms']:8.1f}ms x{r.get('ttft_speedup', float('nan')):.2f} llm={r['llm_prefill_ms']:8.1f}ms "
-            f"dec={r['decode_tok_s']:8.1f}tok/s score={r['scoring_pct']:.1f}%")
+            f"dec={_range(r, '.1f')}tok/s step={_num(r.get('decode_step_ms'), '.2f')}ms "
+            f"(max {_num(r.get('decode_step_max_ms'), '.1f')}, warm-up call "
+            f"{_num(r.get('decode_warmup_ms'), '.0f')}ms) score={r['scoring_pct']:.1f}%")
 
 
 def table(rows: list[dict]) -> str:
+    ranged = " [min–max]" if any(r.get("decode_tok_s_min") is not None for r in rows) else ""
     head = ("| shape | batch | method | keep/img | LLM visual | TTFT ms | TTFT × | LLM prefill ms | prefill tok/s "
-            "| decode tok/s | peak GiB | scoring % | FLOPs saved |")
+            f"| decode tok/s{ranged} | peak GiB | scoring % | FLOPs saved |")
     lines = [head, "|" + "---|" * 13]
     for r in rows:
+        decode = _range(r) + (" **slower than none**" if r.get("decode_slower_than_baseline") else "")
         lines.append(
             f"| {r['shape']} | {r['batch']} | {r['method']} | {r['keep_per_image'] or '-'} | "
-            f"{r.get('llm_visual_tokens', '-')} | {r['ttft_ms']:.1f} | {r['ttft_speedup']:.2f} | "
-            f"{r['llm_prefill_ms']:.1f} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.0f} | {r['peak_gib']:.1f} | "
-            f"{r['scoring_pct']:.1f} | {r.get('flops_saved', 0.0):.2f} |"
+            f"{r.get('llm_visual_tokens', '-')} | {_num(r['ttft_ms'], '.1f')} | {_num(r.get('ttft_speedup'), '.2f')} | "
+            f"{_num(r['llm_prefill_ms'], '.1f')} | {_num(r['prefill_tok_s'], '.0f')} | {decode} | "
+            f"{_num(r.get('peak_gib'), '.1f')} | {_num(r['scoring_pct'], '.1f')} | "
+            f"{_num(r.get('flops_saved', 0.0), '.2f')} |"
         )
     return "\n".join(lines)
+
+
+def _decode_prose(result: dict) -> str:
+    n = result["decode_tokens"]
+    if "timer" not in result:  # results written before the step-timed decode
+        return f"decode over {n} tokens via `generate()`"
+    flagged = result.get("decode_flags") or []
+    return (f"decode = {n - 1} decode steps of `generate()` with exactly {n} new tokens, timed per step "
+            f"({result['timer']}) after a warm-up call; median [min–max] of {result['decode_calls']} calls × "
+            f"{result.get('rounds', 1)} round(s); **slower than none** marks a pruned row whose fastest call decodes "
+            f"slower than the unpruned row's slowest ({len(flagged)} here)")
 
 
 def markdown(result: dict) -> str:
@@ -356,11 +602,56 @@ def markdown(result: dict) -> str:
         f"Measured {result['date']} on {result['device']}, torch {result['torch']}, transformers "
         f"{result['transformers']}, {result['dtype']}, SDPA, random weights (LLaVA-1.5-7B architecture; the NeXT "
         "shape feeds 5 crops = 2880 visual tokens). TTFT = vision tower + scoring + LLM prefill (median of at least "
-        f"{result['iters']} calls{repeats}); decode over {result['decode_tokens']} tokens via `generate()`. "
+        f"{result['iters']} calls{repeats}); {_decode_prose(result)}. "
         "`TTFT ×` is the speed-up over the unpruned model at the same shape and batch; `scoring %` is scoring time "
         "over the pruned TTFT (both medians over the same calls). Command: `python -m visattn.bench.prune`.\n\n"
         + table(result["configs"]) + "\n"
     )
+
+
+def compare_runs(a: dict, b: dict, tolerance: float = 0.10) -> tuple[list[dict], bool]:
+    """Every decode figure (``decode_tok_s`` of each configuration) of result ``a`` against result ``b``.
+
+    One entry per configuration in either result: ``diff`` = (b - a) / a, ``passed`` when ``|diff| <= tolerance``;
+    a configuration missing from one result or without a figure fails. Returns the entries and whether all passed."""
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance={tolerance}: expected a fraction in [0, 1)")
+    rows_a = {config_key(r): r for r in a["configs"]}
+    rows_b = {config_key(r): r for r in b["configs"]}
+    out = []
+    for key in list(rows_a) + [k for k in rows_b if k not in rows_a]:
+        ra, rb = rows_a.get(key, {}), rows_b.get(key, {})
+        va, vb = ra.get("decode_tok_s"), rb.get("decode_tok_s")
+        ok = all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in (va, vb))
+        diff = (vb - va) / va if ok else None
+        out.append({"config": key, "a": ra, "b": rb, "diff": diff, "passed": ok and abs(diff) <= tolerance})
+    return out, all(e["passed"] for e in out)
+
+
+def comparison_table(entries: list[dict], tolerance: float = 0.10) -> str:
+    """The entries of :func:`compare_runs` as a text table."""
+    lines = [f"{'shape':10s} {'b':>3s} {'method':10s} {'keep':>4s}  {'run A tok/s [min-max]':>24s}  "
+             f"{'run B tok/s [min-max]':>24s}  {'diff':>7s}  verdict (within {tolerance:.0%})"]
+    for e in entries:
+        shape, batch, method, keep = e["config"]
+        flags = "".join(f" {name} slower than none" for name, r in (("A", e["a"]), ("B", e["b"]))
+                        if r.get("decode_slower_than_baseline"))
+        lines.append(f"{shape:10s} {batch:3d} {method:10s} {str(keep or '-'):>4s}  {_range(e['a'], '.1f'):>24s}  "
+                     f"{_range(e['b'], '.1f'):>24s}  {_num(None if e['diff'] is None else 100 * e['diff'], '+6.1f')}%"
+                     f"  {'PASS' if e['passed'] else 'FAIL'}{flags}")
+    return "\n".join(lines)
+
+
+def compare_files(path_a: str, path_b: str, tolerance: float = 0.10) -> int:
+    """Print the decode comparison of two result files; 0 when every figure agrees within ``tolerance``."""
+    a, b = (json.loads(Path(p).read_text()) for p in (path_a, path_b))
+    entries, ok = compare_runs(a, b, tolerance)
+    print(f"A: {path_a} ({a.get('device')}, {a.get('date')}, timer {a.get('timer')})")
+    print(f"B: {path_b} ({b.get('device')}, {b.get('date')}, timer {b.get('timer')})")
+    print(comparison_table(entries, tolerance))
+    passed = sum(e["passed"] for e in entries)
+    print(f"{'PASS' if ok else 'FAIL'}: {passed}/{len(entries)} decode figures within {tolerance:.0%}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
