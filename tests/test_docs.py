@@ -318,3 +318,93 @@ def test_subpackages_are_lazy_attributes():
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
+
+
+# signatures written in the prose: `Name(param, param=default, *, keyword=default)` spans, checked against the code
+DOCUMENTED_CALLABLES = {
+    "NeighborhoodAttention1D/2D/3D": "visattn.nn:NeighborhoodAttention2D",
+    "NeighborhoodAttention2D": "visattn.nn:NeighborhoodAttention2D",
+    "NeighborhoodAttention1d/2d/3d": "visattn.nn:NeighborhoodAttention2d",
+    "NeighborhoodAttention2d": "visattn.nn:NeighborhoodAttention2d",
+    "WindowAttention": "visattn.nn:WindowAttention",
+    "AgentAttention": "visattn.nn:AgentAttention",
+    "BiLevelRoutingAttention": "visattn.nn:BiLevelRoutingAttention",
+    "DiTBlock": "visattn.diffusion:DiTBlock",
+    "HDiTBlock": "visattn.diffusion:HDiTBlock",
+    "sample_euler": "visattn.diffusion:sample_euler",
+    "window_attention": "visattn:window_attention",
+    "agent_attention": "visattn:agent_attention",
+    "bilevel_routing_attention": "visattn:bilevel_routing_attention",
+}
+SPAN = re.compile(r"`(" + "|".join(re.escape(name) for name in DOCUMENTED_CALLABLES) + r")\(([^`]*)\)`")
+
+
+def _resolve(target: str):
+    import importlib
+    import inspect
+
+    module, name = target.split(":")
+    return inspect.signature(getattr(importlib.import_module(module), name))
+
+
+def documented_spans() -> list[tuple[str, str, str]]:
+    """(where, name, argument text) for every backticked ``Name(...)`` span of a DOCUMENTED_CALLABLES name."""
+    spans = []
+    for path in DOC_FILES:
+        text = path.read_text(encoding="utf-8")
+        for match in SPAN.finditer(text):
+            where = f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, match.start()) + 1}"
+            spans.append((where, match.group(1), " ".join(match.group(2).split())))
+    return spans
+
+
+def test_documented_signatures_and_calls_match_the_code():
+    """A span that reads as a signature must equal the code's: names, order, defaults, keyword-only (a trailing
+    ``...`` means more parameters follow: the written ones must be the code's first ones; a bare list of names is
+    the positional order). A span that reads as a call (``NeighborhoodAttention2D(64, 4, 7, 2)``) must bind."""
+    import inspect
+
+    problems, signatures = [], 0
+    for where, name, args in documented_spans():
+        signature = _resolve(DOCUMENTED_CALLABLES[name])
+        partial = args.endswith("...")
+        written = args[:-3].rstrip().rstrip(",") if partial else args
+        try:
+            documented = ast.parse(f"def f({written}): pass").body[0].args
+        except SyntaxError:
+            try:
+                call = ast.parse(f"f({args})", mode="eval").body
+                signature.bind(*[ast.literal_eval(a) for a in call.args],
+                               **{kw.arg: ast.literal_eval(kw.value) for kw in call.keywords})
+            except (SyntaxError, ValueError, TypeError) as error:
+                problems.append(f"{where}: {name}({args}) is neither the code's signature nor a call that binds "
+                                f"to it {signature}: {error}")
+            continue
+        signatures += 1
+        params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        positional = [a.arg for a in documented.posonlyargs + documented.args]
+        keyword_only = [a.arg for a in documented.kwonlyargs]
+        want_positional = [p.name for p in params if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+        want_keyword_only = [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        names_only = not (documented.defaults or documented.kwonlyargs or documented.vararg or documented.kwarg)
+        if partial:
+            ok = positional == want_positional[:len(positional)] and set(keyword_only) <= set(want_keyword_only)
+        else:
+            ok = positional == want_positional and (names_only or keyword_only == want_keyword_only)
+        if not ok:
+            problems.append(f"{where}: {name}({args}) does not match the code's {signature}")
+            continue
+        if names_only:
+            continue
+        defaults = dict(zip(positional[len(positional) - len(documented.defaults):], documented.defaults,
+                            strict=True))
+        defaults.update({a.arg: d for a, d in zip(documented.kwonlyargs, documented.kw_defaults, strict=True) if d})
+        for param in params:
+            if param.name not in positional + keyword_only:
+                continue
+            has_default = param.default is not inspect.Parameter.empty
+            if (param.name in defaults) != has_default or (
+                    has_default and ast.literal_eval(defaults[param.name]) != param.default):
+                problems.append(f"{where}: {name}: the code's default of {param.name} is {param.default!r}")
+    assert signatures >= 7, signatures  # the docs' signatures were found
+    assert not problems, "\n".join(problems)
