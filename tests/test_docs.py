@@ -36,7 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-FENCE = re.compile(r"^(`{3,}|~{3,})(.*)$")
+FENCE = re.compile(r"^( {0,3})(`{3,}|~{3,})(.*)$")
 OFFLINE_HUB_REASON = ("needs offline hub (tests/offline_hub.py: official-layout checkpoints served through timm's "
                       "download path)")
 
@@ -54,7 +54,7 @@ class Block:
 
 
 def fenced_blocks(path: Path) -> list[Block]:
-    """The fenced code blocks of a Markdown file (opening fence at column 0, closed by the same fence)."""
+    """The fenced code blocks of a Markdown file (closed by the same fence; an indented fence's code is dedented)."""
     blocks, lines = [], path.read_text(encoding="utf-8").splitlines()
     i = 0
     while i < len(lines):
@@ -62,11 +62,11 @@ def fenced_blocks(path: Path) -> list[Block]:
         if not match:
             i += 1
             continue
-        fence, lang = match.group(1), match.group(2).strip()
+        indent, fence, lang = len(match.group(1)), match.group(2), match.group(3).strip()
         end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == fence), None)
         if end is None:
             raise AssertionError(f"{path.relative_to(ROOT)}:{i + 1}: unclosed code fence")
-        blocks.append(Block(path, i + 1, lang, "\n".join(lines[i + 1:end]) + "\n"))
+        blocks.append(Block(path, i + 1, lang, "\n".join(line[indent:] for line in lines[i + 1:end]) + "\n"))
         i = end + 1
     return blocks
 
@@ -233,6 +233,7 @@ GIVEN: dict[str, Callable[[], object]] = {
     "text_tokens": _randn(1, 5, 4096),
     "text_mask": lambda: torch.tensor([[True, True, True, False, False]]),
 }
+
 
 def _params():
     params = []
