@@ -16,6 +16,7 @@ from visattn.diffusion import (
     TokenSplit,
     create_dit,
     list_dits,
+    sample_euler,
 )
 
 
@@ -96,10 +97,11 @@ def test_dit_block_identity_at_init_and_full_kernel_is_dense():
 def test_dit_block_cross_attention_and_errors():
     torch.manual_seed(4)
     block = DiTBlock(16, 2, "neighborhood", rank=3, cross_attention_dim=12, kernel_size=3)
-    for param in block.adaLN_modulation.parameters():
-        torch.nn.init.normal_(param, std=0.2)
     x, c = torch.randn(1, 3, 4, 5, 16), torch.randn(1, 16)
     text = torch.randn(1, 6, 12)
+    assert torch.equal(block(x, c, text), x)  # fresh block: identity, cross-attention included (zero output proj)
+    for param in (*block.adaLN_modulation.parameters(), *block.cross_attn.proj.parameters()):
+        torch.nn.init.normal_(param, std=0.2)
     out = block(x, c, text)
     assert out.shape == x.shape
     assert not torch.allclose(out, block(x, c, text + 1))  # the text reaches the latents
@@ -130,8 +132,13 @@ def test_hdit_block_and_token_merge_split():
     x, c = torch.randn(2, 8, 6, 16), torch.randn(2, 24)
     for attention, kwargs in (("neighborhood", dict(kernel_size=3)), ("window", dict(window_size=2)),
                               ("agent", dict(agent_grid=2)), ("dense", {})):
-        block = HDiTBlock(16, 2, 24, attention, **kwargs)
+        block = HDiTBlock(16, 2, attention, cond_dim=24, **kwargs)  # DiTBlock's argument order
         assert torch.equal(block(x, c), x)  # zero-initialised output projections
+    assert HDiTBlock(16, 2, "dense").norm1.linear.in_features == 16  # cond_dim defaults to dim, as DiTBlock's c
+    with pytest.raises(TypeError, match="attention"):
+        HDiTBlock(16, 2, 24, "dense")  # the old (dim, num_heads, cond_dim, attention) order is refused, not misread
+    with pytest.raises(ValueError, match="cond_dim"):
+        HDiTBlock(16, 2, cond_dim=0)
     merge, split = TokenMerge(16, 32), TokenSplit(32, 16)
     merged = merge(x)
     assert merged.shape == (2, 4, 3, 32)
@@ -154,3 +161,36 @@ def test_named_family_sizes_match_the_dit_paper():
     assert {"hdit_s", "hdit_b"} <= set(list_dits())
     with pytest.raises(ValueError, match="unknown model"):
         create_dit("dit_q_2")
+
+
+class _LabelRecorder(torch.nn.Module):
+    """A velocity model that records the labels it is called with (zero velocity)."""
+
+    def __init__(self, num_classes: int | None):
+        super().__init__()
+        if num_classes is not None:
+            self.y_embedder = torch.nn.Module()
+            self.y_embedder.num_classes = num_classes
+        self.labels: list[list[int]] = []
+
+    def forward(self, x, t, y):
+        self.labels.append(y.tolist())
+        return torch.zeros_like(x)
+
+
+def test_sample_euler_guidance_null_class():
+    y = torch.tensor([0, 3])
+    recorder = _LabelRecorder(num_classes=7)
+    sample_euler(recorder, (2, 1, 4, 4), y, steps=2, guidance=2.0)
+    assert recorder.labels == [[0, 3], [7, 7]] * 2  # default null_class: the model's y_embedder.num_classes
+    recorder = _LabelRecorder(num_classes=7)
+    sample_euler(recorder, (2, 1, 4, 4), y, steps=1, guidance=2.0, null_class=5)
+    assert recorder.labels == [[0, 3], [5, 5]]
+    recorder = _LabelRecorder(num_classes=None)
+    sample_euler(recorder, (2, 1, 4, 4), y, steps=1)  # no guidance: no null label needed
+    assert recorder.labels == [[0, 3]]
+    with pytest.raises(ValueError, match="null_class"):
+        sample_euler(recorder, (2, 1, 4, 4), y, steps=1, guidance=2.0)
+    assert recorder.labels == [[0, 3]]  # refused before any model call
+    with pytest.raises(TypeError, match="null_class"):
+        sample_euler(recorder, (2, 1, 4, 4), y, steps=1, guidance=2.0, null_class=1.5)

@@ -123,6 +123,24 @@ def test_flux_small_kernel_equals_masked_oracle(flux, na):
     assert_patched_equals(model, inputs, masked_oracle(model, inputs, attentions, mask), **na)
 
 
+def test_flux_hand_built_processor_with_fixed_grid(flux):
+    """``set_attn_processor(FluxNeighborhoodAttnProcessor(..., grid=...))`` without patch(): the single-stream block's
+    text length comes from the sequence length minus the grid (docs/DIFFUSION.md's hand-built use)."""
+    model, inputs, grid, text = flux
+    mask = joint_mask(grid, text, True, kernel=(3, 5), dilation=1, stride=1, causal=False)
+    attentions = [block.attn for block in (*model.transformer_blocks, *model.single_transformer_blocks)]
+    expected = masked_oracle(model, inputs, attentions, mask)
+    before = dict(model.attn_processors)
+    model.set_attn_processor(FluxNeighborhoodAttnProcessor(kernel_size=(3, 5), grid=grid))
+    try:
+        torch.testing.assert_close(run(model, inputs), expected, atol=1e-11, rtol=1e-9)
+        model.set_attn_processor(FluxNeighborhoodAttnProcessor(kernel_size=3, grid=(9, 9)))  # 81 > 3 + 35 tokens
+        with pytest.raises(ValueError, match="grid"):
+            run(model, inputs)
+    finally:
+        model.set_attn_processor(before)
+
+
 def test_flux_refusals(flux):
     model, inputs, _, _ = flux
     with pytest.raises(ValueError, match="kernel_size"):

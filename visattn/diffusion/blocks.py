@@ -182,7 +182,9 @@ class DiTBlock(nn.Module):
     """DiT block with adaLN-Zero conditioning over a 2-D or 3-D latent grid.
 
     ``x = x + g1 * attn(mod(LN(x), c)); [x = x + xattn(LN(x), text)]; x = x + g2 * mlp(mod(LN(x), c))`` where the
-    shift/scale/gate vectors come from ``Linear(SiLU(c))`` initialised to zero (so a fresh block is the identity).
+    shift/scale/gate vectors come from ``Linear(SiLU(c))`` initialised to zero and the cross-attention's output
+    projection is zero-initialised too (PixArt-α's initialisation), so a fresh block is the identity, with or
+    without ``cross_attention_dim``.
 
     Args:
         dim: channels ``C``.
@@ -205,6 +207,9 @@ class DiTBlock(nn.Module):
                                         backend=backend, **attention_kwargs)
         self.cross_norm = nn.LayerNorm(dim, eps=1e-6) if cross_attention_dim else None
         self.cross_attn = CrossAttention(dim, num_heads, cross_attention_dim) if cross_attention_dim else None
+        if self.cross_attn is not None:  # ungated branch: a zero output projection keeps the fresh block the identity
+            nn.init.zeros_(self.cross_attn.proj.weight)
+            nn.init.zeros_(self.cross_attn.proj.bias)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
@@ -255,20 +260,31 @@ class GEGLU(nn.Module):
 class HDiTBlock(nn.Module):
     """HDiT-style transformer block: AdaRMSNorm -> self-attention (axial RoPE, qk RMSNorm) -> AdaRMSNorm -> GEGLU.
 
+    The arguments are :class:`DiTBlock`'s, in the same order (``dim, num_heads, attention, mlp_ratio, rank,
+    causal_time``, then ``cond_dim`` where DiTBlock has ``cross_attention_dim``, then ``backend``). The attention and
+    feed-forward output projections are zero-initialised, so a fresh block is the identity.
+
     Args:
         dim: channels ``C``.
         num_heads: attention heads (``C / num_heads`` divisible by ``2 * rank`` for the RoPE).
-        cond_dim: width of the conditioning vector ``c``.
         attention: "dense", "neighborhood", "window" or "agent".
         mlp_ratio: GEGLU hidden width / ``C``.
         rank: 2 or 3.
         causal_time: 3-D only.
+        cond_dim: width of the conditioning vector ``c`` (None: ``dim``, as ``DiTBlock``'s ``c``).
         backend: visattn backend (None: default).
         **attention_kwargs: the attention's own arguments.
     """
 
-    def __init__(self, dim: int, num_heads: int, cond_dim: int, attention: str = "dense", mlp_ratio: float = 3.0,
-                 rank: int = 2, causal_time: bool = False, backend: str | None = None, **attention_kwargs):
+    def __init__(self, dim: int, num_heads: int, attention: str = "dense", mlp_ratio: float = 3.0, rank: int = 2,
+                 causal_time: bool = False, cond_dim: int | None = None, backend: str | None = None,
+                 **attention_kwargs):
+        if not isinstance(attention, str):
+            raise TypeError(f"HDiTBlock: attention must be a string (one of {ATTENTIONS}), got {attention!r}; the "
+                            "third positional argument is attention, as in DiTBlock: pass cond_dim= by keyword")
+        cond_dim = dim if cond_dim is None else cond_dim
+        if isinstance(cond_dim, bool) or not isinstance(cond_dim, int) or cond_dim < 1:
+            raise ValueError(f"HDiTBlock: cond_dim must be a positive int, got {cond_dim!r}")
         super().__init__()
         self.norm1 = AdaRMSNorm(dim, cond_dim)
         self.attn = LatentSelfAttention(dim, num_heads, attention, rank=rank, causal_time=causal_time, qk_norm=True,

@@ -152,8 +152,8 @@ class HDiT(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, cond, class_dropout)
         outer = len(widths) - 1
         def make(level, kind, kwargs):
-            return nn.ModuleList([HDiTBlock(widths[level], num_heads[level], cond, kind, mlp_ratio=mlp_ratio,
-                                            backend=backend, **kwargs) for _ in range(depths[level])])
+            return nn.ModuleList([HDiTBlock(widths[level], num_heads[level], kind, mlp_ratio=mlp_ratio,
+                                            cond_dim=cond, backend=backend, **kwargs) for _ in range(depths[level])])
         self.down = nn.ModuleList([make(i, attention, attention_kwargs) for i in range(outer)])
         self.up = nn.ModuleList([make(i, attention, attention_kwargs) for i in range(outer)])
         self.middle = make(outer, middle_attention, {})
@@ -257,10 +257,20 @@ def sample_euler(model: nn.Module, shape: Sequence[int], y: Tensor, steps: int =
         shape: output shape ``[B, C, H, W]``.
         y: class ids ``[B]``.
         steps: Euler steps.
-        guidance: classifier-free guidance scale (1: none); needs ``null_class`` (the "no class" id).
-        null_class: the label embedder's "no class" index (``num_classes``).
+        guidance: classifier-free guidance scale (1: none). Guidance runs the model a second time on the
+            "no class" label ``null_class``.
+        null_class: the "no class" label id for guidance. None: ``model.y_embedder.num_classes`` (the extra
+            label :class:`DiT` and :class:`HDiT` train with ``class_dropout``); a model without a ``y_embedder``
+            must pass it when ``guidance != 1``.
         generator: RNG for the starting noise.
     """
+    if guidance != 1.0 and null_class is None:
+        null_class = getattr(getattr(model, "y_embedder", None), "num_classes", None)
+        if null_class is None:
+            raise ValueError(f"sample_euler: guidance={guidance} needs null_class= (the 'no class' label id; "
+                             f"{type(model).__name__} has no y_embedder.num_classes to default to)")
+    if null_class is not None and (isinstance(null_class, bool) or not isinstance(null_class, int)):
+        raise TypeError(f"sample_euler: null_class must be an int label id, got {null_class!r}")
     model.eval()
     device = y.device
     x = torch.randn(tuple(shape), device=device, generator=generator)
@@ -269,8 +279,6 @@ def sample_euler(model: nn.Module, shape: Sequence[int], y: Tensor, steps: int =
         t = t_now.expand(x.shape[0])
         velocity = model(x, t, y)[:, : x.shape[1]]
         if guidance != 1.0:
-            if null_class is None:
-                raise ValueError("guidance != 1 needs null_class")
             unconditional = model(x, t, torch.full_like(y, null_class))[:, : x.shape[1]]
             velocity = unconditional + guidance * (velocity - unconditional)
         x = x + (t_next - t_now) * velocity

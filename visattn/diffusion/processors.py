@@ -188,7 +188,9 @@ class FluxNeighborhoodAttnProcessor(_GridProcessor):
     Args:
         kernel_size, dilation, stride, is_causal: NA arguments per grid dimension (int or 2-tuple); a kernel longer
             than the grid is clamped to it.
-        grid: fixed ``(H, W)`` token grid; default: read by the model's pre-forward hook from ``img_ids``.
+        grid: fixed ``(H, W)`` token grid; default: read by the model's pre-forward hook from ``img_ids``. With a
+            fixed grid the processor needs no hook: a single-stream block's text length is its sequence length
+            minus ``H * W``, so ``model.set_attn_processor(FluxNeighborhoodAttnProcessor(5, grid=(64, 64)))`` works.
         context: the :class:`LatentGrid` the hook writes (shared by all processors of one model).
         backend: visattn backend (None: default).
     """
@@ -222,14 +224,16 @@ class FluxNeighborhoodAttnProcessor(_GridProcessor):
         if image_rotary_emb is not None:
             query = self._rotary(query, image_rotary_emb, sequence_dim=1)
             key = self._rotary(key, image_rotary_emb, sequence_dim=1)
+        grid = self.grid()
         if encoder_hidden_states is not None:
             text_tokens = encoder_hidden_states.shape[1]
         elif self.context.text_tokens is not None:  # single-stream block: text is already in hidden_states
             text_tokens = self.context.text_tokens
-        else:
-            raise ValueError(f"{self._what}: a single-stream block gets text and image in one sequence; patch the "
-                             "model with visattn.diffusion.patch so the hook records the text length")
-        grid = self.grid()
+        else:  # single-stream block, hand-built processor: the image part is the grid, the text the rest
+            text_tokens = query.shape[1] - math.prod(grid)
+            if text_tokens < 0:
+                raise ValueError(f"{self._what}: the single-stream sequence has {query.shape[1]} tokens, fewer than "
+                                 f"the grid {tuple(grid)} holds; pass the image token grid as grid=")
         out = joint_neighborhood_attention(query, key, value, grid, text_tokens, True, self.na_args(grid),
                                            backend=self.backend)
         out = out.flatten(2, 3).to(query.dtype)
