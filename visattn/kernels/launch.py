@@ -69,11 +69,3 @@ def tensor_key(t: torch.Tensor | None) -> tuple | None:
         return None
     return (t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0)
 
-
-def contiguous_strides(shape: Sequence[int]) -> tuple:
-    """Row-major strides of a freshly allocated tensor of ``shape``."""
-    strides, acc = [], 1
-    for size in reversed(shape):
-        strides.append(acc)
-        acc *= max(1, size)
-    return tuple(reversed(strides))
