@@ -237,16 +237,19 @@ def engine_section(results) -> str:
         fwd, fb = _ms(r.get("fwd_ms")), _ms(r.get("fwd_bwd_ms"))
         dfwd, dfb = _ms(peer.get("fwd_ms")), _ms(peer.get("fwd_bwd_ms"))
         kernels = r.get("kernels_fwd_bwd") or {}
-        gpu = sum(v for k, v in kernels.items() if k.startswith(("_fwd_kernel", "_bwd_", "_delta_kernel")))
-        body.append([r["stage"], r.get("rpb"), fwd, fb, r.get("bwd_over_fwd"), gpu or None, dfwd, dfb,
-                     dfwd / fwd if dfwd and fwd else None, dfb / fb if dfb and fb else None])
-    header = ["stage", "rpb", "fwd ms", "fwd+bwd ms", "bwd/fwd", "engine kernels ms (fwd+bwd)", "cuDNN fwd ms",
-              "cuDNN fwd+bwd ms", "speed-up fwd", "speed-up fwd+bwd"]
+        gpu = kernels.get("_attention_kernels_ms") or sum(
+            v for k, v in kernels.items() if k.startswith(("_fwd_kernel", "_bwd_", "_delta_kernel")))
+        body.append([r["stage"], r.get("rpb"), fwd, fb, r.get("bwd_over_fwd"), gpu or None, r.get("host_us_fwd_bwd"),
+                     dfwd, dfb, peer.get("host_us_fwd_bwd"), dfwd / fwd if dfwd and fwd else None,
+                     dfb / fb if dfb and fb else None])
+    header = ["stage", "rpb", "fwd ms", "fwd+bwd ms", "bwd/fwd", "engine kernels ms (fwd+bwd)", "host µs (fwd+bwd)",
+              "cuDNN fwd ms", "cuDNN fwd+bwd ms", "cuDNN host µs", "speed-up fwd", "speed-up fwd+bwd"]
     text = (f"## The engine at vision stage shapes (`benchmarks/engine_profile.py`, {path.name})\n\n"
             f"{data.get('device')}, batch {data.get('batch')}, {data.get('dtype')}, head_dim {data.get('head_dim')}; "
             "q/k/v are views of one fused qkv tensor; dense = cuDNN SDPA over all tokens of the map, same process. "
             "Wall times (CUDA events around the eager call, host included); the kernels column is their GPU time "
-            "alone (torch.profiler).\n\n" + table(header, body))
+            "alone (torch.profiler); host µs: a CPU timer around back-to-back calls on an idle GPU (empty where the "
+            "file predates it).\n\n" + table(header, body))
     models = data.get("model_rows") or []
     if models:
         text += "\n\n" + table(["model", "infer img/s", "train img/s", "train GPU ms", "attention kernels ms"],
