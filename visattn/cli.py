@@ -94,7 +94,12 @@ def _info(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------- smoke
 def _smoke_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    from visattn.bench.common import short_dtype
+
+    parser.add_argument("--dtype", "--precision", dest="dtype", default="auto", type=short_dtype,
+                        choices=["auto", "fp32", "fp16", "bf16"],
+                        help="data type (default auto: fp16 on CUDA, fp32 on the CPU; float32 / float16 / bfloat16 "
+                             "are accepted too)")
     parser.add_argument("--no-models", action="store_true", help="attention ops only (skip the timm model rows)")
 
 
@@ -112,6 +117,14 @@ _LOCAL = {"info": (_info_arguments, _info), "smoke": (_smoke_arguments, _smoke)}
 
 
 # ----------------------------------------------------------------------------------------------- the table
+def _description(command: Command) -> str:
+    """What ``visattn COMMAND --help`` shows above the flags: the module's user-facing ``DESCRIPTION`` where it
+    has one (never its docstring, which is written for developers), else the command's one-line help."""
+    if command.name in _LOCAL:
+        return command.help
+    return getattr(importlib.import_module(command.module), "DESCRIPTION", command.help)
+
+
 def _implementation(command: Command):
     """(add_arguments, run) of a command, or (None, main) for a module that only has ``main(argv)`` so far."""
     if command.name in _LOCAL:
@@ -132,7 +145,8 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
             sub.add_parser(command.name, help=command.help, add_help=False)
             continue
         add_arguments, run = _implementation(command)
-        child = sub.add_parser(command.name, help=command.help, description=command.help)
+        child = sub.add_parser(command.name, help=command.help, description=_description(command),
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
         if add_arguments is not None:
             add_arguments(child)
         child.set_defaults(func=run)

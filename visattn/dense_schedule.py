@@ -5,6 +5,14 @@ with an additive mask costs no more than the neighbour-by-neighbour reference an
 kernels (CPU and CUDA). The mask is exact: ``-inf`` outside each query's window (the same per-dimension rules as the
 engine, ``kernels/tables.py``), plus the relative-position bias gathered from the table inside it, so results equal
 the reference up to rounding; gradients reach q, k, v and the table through SDPA and the gather.
+
+Two limits of one masked SDPA call, and what this module does about them:
+
+- A masked logit is added after the product, so a NaN or inf in one key or value would reach every query of the
+  call (``-inf + nan`` is nan, ``0 * nan`` is nan). Calls whose keys or values hold a non-finite number run the
+  neighbour-table reference instead, which masks before it multiplies (one ``isfinite`` pass over k and v).
+- PyTorch's fused CPU SDPA kernel has no double backward. float64 calls (``gradgradcheck``) run SDPA's math
+  backend, which has one; for a double backward in lower precision pass ``backend="reference"``.
 """
 
 from __future__ import annotations
@@ -14,8 +22,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from visattn.kernels.tables import interval
+from visattn import reference
+from visattn.kernels.tables import cached, interval, may_cache
 
 # Use the schedule when the map has at most this many tokens and each query sees at least this share of it.
 MAX_TOKENS = 1024
@@ -35,6 +45,22 @@ def worth_it(spatial: tuple[int, ...], kernel: tuple[int, ...], dilation: tuple[
             and coverage(spatial, kernel, dilation) >= MIN_COVERAGE)
 
 
+def all_finite(*tensors: Tensor) -> bool:
+    """Whether every element of ``tensors`` is finite (one reduction each; a host sync on CUDA). Fake or traced
+    tensors hold no data: True (the schedule's shapes are what such a call is after)."""
+    if not may_cache(*tensors):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """SDPA on [B, H, N, D]; float64 on the math backend, the one with a double backward."""
+    if q.dtype == torch.float64:
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
 def _dim_tables(length: int, kernel: int, dilation: int, stride: int, causal: bool, window: bool, shift: int):
     """[L, L] bool mask and [L, L] long table offset (key - query + kernel - 1, clamped) along one dimension."""
     mask = torch.zeros(length, length, dtype=torch.bool)
@@ -48,17 +74,11 @@ def _dim_tables(length: int, kernel: int, dilation: int, stride: int, causal: bo
     return mask, offset
 
 
-def _masks(spatial, kernel, dilation, stride, causal, window, shift, device):
+def _masks(spatial, kernel, dilation, stride, causal, window, shift, q):
     key = (tuple(spatial), tuple(kernel), tuple(dilation), tuple(stride), tuple(causal), window, tuple(shift),
-           str(device))
-    hit = _CACHE.get(key)
-    if hit is None:
-        with torch.inference_mode(False):  # cached for later calls: never an inference tensor (autograd saves it)
-            hit = _build_masks(spatial, kernel, dilation, stride, causal, window, shift, device)
-        if len(_CACHE) > 64:
-            _CACHE.clear()
-        _CACHE[key] = hit
-    return hit
+           str(q.device))
+    return cached(_CACHE, key, lambda: _build_masks(spatial, kernel, dilation, stride, causal, window, shift,
+                                                    q.device), q, limit=64)
 
 
 def _build_masks(spatial, kernel, dilation, stride, causal, window, shift, device):
@@ -80,7 +100,11 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, kernel: tuple[int, ...], di
     batch, *spatial, heads, _ = q.shape
     rank = len(spatial)
     shift = shift if shift is not None else (0,) * rank
-    mask, index = _masks(spatial, kernel, dilation, stride, causal, window, shift, q.device)
+    if not all_finite(k, v):  # masked pairs must not multiply a nan/inf: the reference masks before the product
+        if window:
+            return reference.window(q, k, v, kernel, shift, rpb, scale)
+        return reference.na(q, k, v, kernel, dilation, stride, causal, rpb, scale, None, None)
+    mask, index = _masks(spatial, kernel, dilation, stride, causal, window, shift, q)
     if rpb is None:
         bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))[None]
     else:
@@ -90,20 +114,15 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, kernel: tuple[int, ...], di
     def as_bhnd(t: Tensor) -> Tensor:
         return t.reshape(batch, -1, heads, t.shape[-1]).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(as_bhnd(q), as_bhnd(k), as_bhnd(v), attn_mask=bias[None], scale=scale)
+    out = _sdpa(as_bhnd(q), as_bhnd(k), as_bhnd(v), bias[None], scale)
     return out.transpose(1, 2).reshape(batch, *spatial, heads, v.shape[-1])
 
 
-def _window_tables(window: tuple[int, ...], spatial: tuple[int, ...], shift: tuple[int, ...], device):
+def _window_tables(window: tuple[int, ...], spatial: tuple[int, ...], shift: tuple[int, ...], q: Tensor):
     """For the rolled-and-partitioned layout: [nW, n, n] bool (pairs in the same original window) and [n, n] long
     table offsets inside a window (n = prod(window))."""
-    key = ("window", window, spatial, shift, str(device))
-    hit = _CACHE.get(key)
-    if hit is None:
-        with torch.inference_mode(False):  # cached: never an inference tensor
-            hit = _build_window_tables(window, spatial, shift, device)
-        _CACHE[key] = hit
-    return hit
+    key = ("window", window, spatial, shift, str(q.device))
+    return cached(_CACHE, key, lambda: _build_window_tables(window, spatial, shift, q.device), q, limit=64)
 
 
 def _build_window_tables(window, spatial, shift, device):
@@ -135,7 +154,9 @@ def window_partition_attention(q: Tensor, k: Tensor, v: Tensor, window: tuple[in
     batch, *spatial, heads, dim = q.shape
     rank = len(spatial)
     spatial, window, shift = tuple(spatial), tuple(window), tuple(shift)
-    mask, offsets = _window_tables(window, spatial, shift, q.device)
+    if any(shift) and not all_finite(k, v):  # wrapped pieces share a partition: mask before the product
+        return reference.window(q, k, v, window, shift, rpb, scale)
+    mask, offsets = _window_tables(window, spatial, shift, q)
     dims = tuple(range(1, rank + 1))
     grid = [length // w for length, w in zip(spatial, window, strict=True)]
     n = math.prod(window)
@@ -154,7 +175,7 @@ def window_partition_attention(q: Tensor, k: Tensor, v: Tensor, window: tuple[in
     if rpb is not None:
         bias = bias + rpb.reshape(heads, -1)[:, offsets].to(q.dtype)[None]  # [1, H, n, n] -> [nW, H, n, n]
     bias = bias.masked_fill(~mask[:, None], float("-inf"))
-    out = F.scaled_dot_product_attention(partition(q), partition(k), partition(v), attn_mask=bias, scale=scale)
+    out = _sdpa(partition(q), partition(k), partition(v), bias, scale)
     # [B, nW, H, n, Dv] -> [B, *spatial, H, Dv]
     dv = out.shape[-1]
     out = out.reshape(batch, *grid, heads, *window, dv)
@@ -174,19 +195,18 @@ def routed_gather_attention(q: Tensor, k: Tensor, v: Tensor, regions: tuple[int,
     regions' keys/values (a ``topk``-times copy, in region chunks bounded like the reference's), then one SDPA call
     per chunk over (batch, region) rows. Same result as ``reference.bilevel_routing`` up to rounding; the CPU path
     of ``auto`` (SDPA's CPU kernel beats the reference's einsums: benchmarks/cpu_backbones.py)."""
-    from visattn.reference import CHUNK_ELEMENTS, from_regions, pad_to_regions, region_grid, route_regions, to_regions
-
     batch, height, width, heads, dim = q.shape
     dim_v = v.shape[-1]
-    padded_h, padded_w, region_h, region_w = region_grid(height, width, regions)
+    padded_h, padded_w, region_h, region_w = reference.region_grid(height, width, regions)
     if (padded_h, padded_w) != (height, width):
-        q, k, v = (pad_to_regions(t, regions) for t in (q, k, v))
+        q, k, v = (reference.pad_to_regions(t, regions) for t in (q, k, v))
     n_regions, tokens = regions[0] * regions[1], region_h * region_w
-    routing = route_regions(q, k, regions, topk)  # [B, R, topk]
+    routing = reference.route_regions(q, k, regions, topk)  # [B, R, topk]
 
-    qr = to_regions(q, regions)
-    kr, vr = (to_regions(t, regions).reshape(batch * n_regions, tokens, heads, t.shape[-1]) for t in (k, v))
-    rows = max(1, CHUNK_ELEMENTS // max(1, batch * topk * tokens * heads * max(dim, dim_v)))
+    qr = reference.to_regions(q, regions)
+    kr, vr = (reference.to_regions(t, regions).reshape(batch * n_regions, tokens, heads, t.shape[-1])
+              for t in (k, v))
+    rows = max(1, reference.CHUNK_ELEMENTS // max(1, batch * topk * tokens * heads * max(dim, dim_v)))
     outs = []
     for start in range(0, n_regions, rows):
         idx = routing[:, start:start + rows]  # [B, C, topk]
@@ -195,8 +215,8 @@ def routed_gather_attention(q: Tensor, k: Tensor, v: Tensor, regions: tuple[int,
         keys, values = (t.index_select(0, flat).reshape(batch * chunk, topk * tokens, heads, t.shape[-1])
                         for t in (kr, vr))
         query = qr[:, start:start + chunk].reshape(batch * chunk, tokens, heads, dim)
-        out = F.scaled_dot_product_attention(query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-                                             scale=scale)  # [B*C, heads, tokens, Dv]
+        out = _sdpa(query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), None,
+                    scale)  # [B*C, heads, tokens, Dv]
         outs.append(out.transpose(1, 2).reshape(batch, chunk, tokens, heads, dim_v))
-    out = from_regions(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0], regions, (region_h, region_w))
+    out = reference.from_regions(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0], regions, (region_h, region_w))
     return out[:, :height, :width].contiguous()

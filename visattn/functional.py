@@ -14,10 +14,12 @@ public op without graph breaks. ``which_backend`` answers which backend a call w
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -186,7 +188,47 @@ def _check_rpb(rpb, query: Tensor, sizes: tuple, op: str) -> None:
         raise ValueError(f"{op}: rpb is on {rpb.device} but query is on {query.device}")
     want = (query.shape[-2], *(2 * s - 1 for s in sizes))
     if tuple(rpb.shape) != want:
-        raise ValueError(f"{op}: rpb must have shape [heads, 2k-1, ...] = {list(want)}, got {tuple(rpb.shape)}")
+        raise ValueError(f"{op}: rpb must have shape [heads, 2k-1, ...] = {list(want)}, got {tuple(rpb.shape)}"
+                         + _heads_first_hint(query, rpb.shape[0]))
+
+
+def _heads_first_hint(query: Tensor, heads: int) -> str:
+    """The sentence an error adds when ``query`` looks like NATTEN's old heads-first layout ``[B, heads, *spatial,
+    head_dim]``: its second dimension is the head count another argument shows, its last-but-one is not."""
+    if query.shape[1] == heads and query.shape[-2] != heads:
+        return (f"; query {tuple(query.shape)} looks heads-first ([B, heads, *spatial, head_dim], NATTEN's old "
+                f"na*d_qk/av layout): visattn takes heads-last [B, *spatial, heads, head_dim], e.g. "
+                f"query.movedim(1, -2)")
+    return ""
+
+
+def _extra_heads_first_hint(t: Tensor, name: str, query: Tensor) -> str:
+    """The hint for extra tokens given heads-first (``[B, heads, n, head_dim]``), or for a heads-first query."""
+    heads = query.shape[-2]
+    if t.shape[1] == heads and t.shape[2] != heads:
+        return f"; {name} looks heads-first ([B, heads, n, head_dim]): pass {name}.transpose(1, 2)"
+    return _heads_first_hint(query, t.shape[2])
+
+
+def _compute_dtype(query: Tensor) -> torch.dtype:
+    """The precision logits are accumulated in: float64 for float64 inputs, else float32."""
+    return torch.float64 if query.dtype == torch.float64 else torch.float32
+
+
+def _rpb_in_compute_dtype(rpb: Tensor | None, query: Tensor) -> Tensor | None:
+    """rpb as the logits' precision sees it: a float64 table with float32 q gives what ``rpb.float()`` gives on
+    every backend (the Triton kernels take float16/bfloat16/float32 tables; a float64 one would otherwise send the
+    call to another backend). Differentiable; a no-op where the dtype already matches."""
+    if rpb is None or rpb.dtype in (_compute_dtype(query), query.dtype):
+        return rpb
+    return rpb.to(_compute_dtype(query))
+
+
+def _contiguous(result):
+    """Every op returns contiguous tensors (docs/SEMANTICS.md), whatever the strides of its inputs and the path."""
+    if isinstance(result, tuple):
+        return tuple(t.contiguous() if isinstance(t, Tensor) else t for t in result)
+    return result.contiguous()
 
 
 def _check_extra_kv(additional_keys, additional_values, query: Tensor, value: Tensor, op: str) -> None:
@@ -201,7 +243,8 @@ def _check_extra_kv(additional_keys, additional_values, query: Tensor, value: Te
         if t.dim() != 4 or t.shape[0] != query.shape[0] or t.shape[2] != query.shape[-2] or t.shape[3] != dim_last \
                 or t.shape[1] == 0:
             raise ValueError(f"{op}: {name} must have shape [B, n, heads, head_dim] = [{query.shape[0]}, n, "
-                             f"{query.shape[-2]}, {dim_last}] with n >= 1, got {tuple(t.shape)}")
+                             f"{query.shape[-2]}, {dim_last}] with n >= 1, got {tuple(t.shape)}"
+                             + (_extra_heads_first_hint(t, name, query) if t.dim() == 4 else ""))
     if additional_keys.shape[1] != additional_values.shape[1]:
         raise ValueError(f"{op}: additional_keys has {additional_keys.shape[1]} tokens but additional_values has "
                          f"{additional_values.shape[1]}")
@@ -262,10 +305,27 @@ def last_backend() -> str | None:
     return _RECENT.get("backend")
 
 
+_TRACKERS: list[Counter] = []
+
+
+@contextlib.contextmanager
+def track_backends() -> Iterator[Counter]:
+    """Count the backends eager op calls run on inside the block: ``Counter({"triton": 24, ...})``, empty when no
+    visattn op ran (``visattn bench`` shows it per row). Like :func:`last_backend`, traced calls record nothing."""
+    counts: Counter = Counter()
+    _TRACKERS.append(counts)
+    try:
+        yield counts
+    finally:
+        _TRACKERS.remove(counts)
+
+
 def _record(chosen: str) -> str:
     # Eager calls only: dynamo folds is_compiling() to True, so a compiled graph writes no Python state here.
     if not torch.compiler.is_compiling():
         _RECENT["backend"] = chosen
+        for counts in _TRACKERS:
+            counts[chosen] += 1
     return chosen
 
 
@@ -329,6 +389,7 @@ def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale
          "torch_compile": torch_compile},
         kernel_schedule,
     )
+    rpb = _rpb_in_compute_dtype(rpb, query)
     args = (query, key, value, kernel, dil, strd, causal, rpb)
     chosen = _choose("na", backend, query, lambda: _triton_why_not("na", *args, additional_keys, additional_values))
     if dry_run:
@@ -336,13 +397,14 @@ def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale
     _record(chosen)
     if chosen == "reference":
         if return_lse:
-            return reference.na(*args, scale, additional_keys, additional_values, return_lse=True)
+            return _contiguous(reference.na(*args, scale, additional_keys, additional_values, return_lse=True))
         if _dense_schedule_allowed(backend) and dense_schedule.worth_it(
                 spatial, kernel, dil, extra=additional_keys is not None):
             # small map, large window: one masked SDPA call beats the neighbour-by-neighbour reference (exact too)
-            return dense_schedule.local_attention(query, key, value, kernel, dil, strd, causal, rpb, scale)
-        return reference.na(*args, scale, additional_keys, additional_values)
-    return _kernels.na(*args, scale, additional_keys, additional_values, return_lse=return_lse)
+            return _contiguous(dense_schedule.local_attention(query, key, value, kernel, dil, strd, causal, rpb,
+                                                              scale))
+        return _contiguous(reference.na(*args, scale, additional_keys, additional_values))
+    return _contiguous(_kernels.na(*args, scale, additional_keys, additional_values, return_lse=return_lse))
 
 
 _NA_DOC = """{rank}-D neighborhood attention (NA / DiNA / GNA) on heads-last ``[B, {spatial}, heads, head_dim]``.
@@ -382,7 +444,9 @@ _NA_DOC = """{rank}-D neighborhood attention (NA / DiNA / GNA) on heads-last ``[
         return_lse: also return the log-sum-exp of each query's logits (natural log, NATTEN's layout).
         rpb: visattn only, keyword-only. Relative positional bias ``[heads, {rpb_shape}]`` (NAT/DiNAT), added to
             the logit of (query i, key j) at ``rpb[h, kj - qi + kernel_size - 1, ...]`` in dilation-group
-            coordinates; not allowed with stride > 1. Trainable (gradients flow to it).
+            coordinates; not allowed with stride > 1. Trainable (gradients flow to it). Any float dtype: it is
+            added in the logits' precision (float32; float64 for float64 inputs), so a float64 table gives exactly
+            what ``rpb.float()`` gives.
 
     Returns:
         ``[B, {spatial}, heads, head_dim_v]`` in ``query``'s dtype (contiguous); with ``return_lse=True`` a tuple
@@ -456,6 +520,7 @@ def _window(query, key, value, window_size, shift, rpb, scale, backend, dry_run=
                              f"window_size={w}")
     _check_rpb(rpb, query, window, op)
     scale = check_scale(scale, query.shape[-1])
+    rpb = _rpb_in_compute_dtype(rpb, query)
     args = (query, key, value, window, shifts, rpb)
     chosen = _choose("window", backend, query, lambda: _triton_why_not("window", *args))
     if dry_run:
@@ -464,9 +529,9 @@ def _window(query, key, value, window_size, shift, rpb, scale, backend, dry_run=
     if chosen == "reference" and _dense_schedule_allowed(backend):
         # timm's formulation (roll, partition, one batched masked SDPA call): as fast as stock Swin on the CPU and
         # exact; backend="reference" keeps the neighbour-table reference
-        return dense_schedule.window_partition_attention(query, key, value, window, shifts, rpb, scale)
+        return _contiguous(dense_schedule.window_partition_attention(query, key, value, window, shifts, rpb, scale))
     impl = reference if chosen == "reference" else _kernels
-    return impl.window(*args, scale)
+    return _contiguous(impl.window(*args, scale))
 
 
 def window_attention(query: Tensor, key: Tensor, value: Tensor, window_size: IntOrTuple, shift: IntOrTuple = 0,
@@ -539,9 +604,9 @@ def _agent(query, key, value, agents, agent_bias, query_bias, scale, backend, dr
         return chosen
     _record(chosen)
     if chosen == "sdpa":
-        return _agent_sdpa(query, key, value, agents, agent_bias, query_bias, scale)
+        return _contiguous(_agent_sdpa(query, key, value, agents, agent_bias, query_bias, scale))
     impl = reference if chosen == "reference" else _kernels
-    return impl.agent(query, key, value, agents, agent_bias, query_bias, scale)
+    return _contiguous(impl.agent(query, key, value, agents, agent_bias, query_bias, scale))
 
 
 def agent_attention(query: Tensor, key: Tensor, value: Tensor, agents: Tensor, agent_bias: Tensor | None = None,
@@ -593,9 +658,9 @@ def _bilevel_routing(query, key, value, regions, topk, scale, backend, return_ro
     if chosen == "reference" and _dense_schedule_allowed(backend) and not return_routing:
         # BiFormer's gather formulation on SDPA: faster than the reference's einsums on the CPU, same routing;
         # backend="reference" keeps the reference
-        return dense_schedule.routed_gather_attention(query, key, value, grid, topk, scale)
+        return _contiguous(dense_schedule.routed_gather_attention(query, key, value, grid, topk, scale))
     impl = reference if chosen == "reference" else _kernels
-    return impl.bilevel_routing(query, key, value, grid, topk, scale, return_routing=return_routing)
+    return _contiguous(impl.bilevel_routing(query, key, value, grid, topk, scale, return_routing=return_routing))
 
 
 def bilevel_routing_attention(query: Tensor, key: Tensor, value: Tensor, regions: IntOrTuple, topk: int,
@@ -687,4 +752,4 @@ def available_backends(device: str = "cpu") -> dict:
 
 
 __all__ = ["agent_attention", "available_backends", "bilevel_routing_attention", "last_backend", "na1d", "na2d",
-           "na3d", "which_backend", "window_attention"]
+           "na3d", "track_backends", "which_backend", "window_attention"]

@@ -99,7 +99,9 @@ def _attend_chunk(q, k, v, index, valid, bias, extra_k, extra_v, scale, with_lse
     With ``with_lse`` also the natural-log log-sum-exp of each query's logits, [B, C, H]."""
     ct = _compute_dtype(q.dtype)
     ks = k[:, index].to(ct)  # [B, C, K, H, D]
-    vs = v[:, index].to(ct)
+    # invalid slots hold clamped (real) positions: zero their values, so a nan/inf there cannot reach this query
+    # through 0 * nan (their logits are masked to -inf below, after the product)
+    vs = v[:, index].to(ct).masked_fill(~valid[None, :, :, None, None], 0)
     logits = torch.einsum("bchd,bckhd->bchk", q.to(ct), ks) * scale
     if bias is not None:
         logits = logits + bias.to(ct)

@@ -112,7 +112,8 @@ def test_pdrop_stages_match_eager_bruteforce(models):
                 with torch.no_grad():
                     att = eager(input_ids=row, pixel_values=px[i : i + 1], output_attentions=True).attentions
             finally:
-                tp.remove(eager)
+                if st:
+                    tp.remove(eager)
             scores = att[layers[st]][0, :, -1, s : s + len(kept)].mean(0)
             kept = [kept[j] for j in topk_sorted(scores, int(N_IMG * ratios[st]))]
             assert report.extra["stage_kept"][st][i][0].tolist() == kept

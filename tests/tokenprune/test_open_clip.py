@@ -116,7 +116,7 @@ def test_visionzip_and_divprune_on_open_clip_tower():
         assert rep.kept_indices[b][0].tolist() == dom
         torch.testing.assert_close(tokens[b, 0], final[b, 0])
         torch.testing.assert_close(tokens[b, 1:5], tokens0[b, dom])
-    tp.apply(visual, tp.DivPrune(keep=6))
+    tp.apply(visual, tp.DivPrune(keep=6), replace=True)
     _, tokens = visual(px)
     for b in range(2):
         want = divprune_loop(tokens0[b], 6)
@@ -130,7 +130,7 @@ def test_full_budget_and_remove_are_identical():
     ref = visual(px)
     tp.apply(visual, tp.FasterVLM(keep=16))
     assert all(torch.equal(a, b) for a, b in zip(visual(px), ref, strict=False))
-    tp.apply(visual, tp.FasterVLM(keep=3))
+    tp.apply(visual, tp.FasterVLM(keep=3), replace=True)
     assert visual(px)[1].shape[1] == 3
     tp.remove(visual)
     assert all(torch.equal(a, b) for a, b in zip(visual(px), ref, strict=False))

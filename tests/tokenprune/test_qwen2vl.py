@@ -51,7 +51,8 @@ def _gen(model, pruner, kw, steps=3):
                                  return_dict_in_generate=True)
         return out, tp.last_report(model)
     finally:
-        tp.remove(model)
+        if pruner is not None:
+            tp.remove(model)
 
 
 def _pixels_of(px, i):
@@ -157,7 +158,6 @@ def test_full_budget_is_identity_and_unsupported_refused(setup):
             tp.apply(model, pruner)
     with pytest.raises(ValueError, match="layer=4"):
         tp.apply(model, tp.FastV(layer=4, keep=3))
-    tp.remove(model)
 
 
 @pytest.mark.parametrize("name", ["fastv", "divprune"])

@@ -121,7 +121,8 @@ def test_stage_selection_matches_eager_output_attentions(setup):
                 with torch.no_grad():
                     att = eager(input_ids=row[None], pixel_values=px[i : i + 1], output_attentions=True).attentions
             finally:
-                tp.remove(eager)
+                if st:
+                    tp.remove(eager)
             shift = N_IMG - n_vis
             scores = att[layer][0].mean(0)[[r - shift for r in raters], s : s + n_vis].mean(0)
             k = min(COUNTS[st], n_vis - 1)
@@ -165,4 +166,3 @@ def test_schedule_and_bad_arguments(setup):
         tp.SparseVLM(layers=[2, 1], counts=[4, 2])
     with pytest.raises(ValueError, match="layers"):
         tp.apply(setup[0], tp.SparseVLM(layers=[1, 3], counts=[4, 2]))
-    tp.remove(setup[0])

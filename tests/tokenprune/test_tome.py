@@ -185,8 +185,8 @@ def test_r_zero_is_identical_and_remove_restores():
     tp.apply(visual, "tome", r=0)
     assert torch.equal(model(px).last_hidden_state, ref_hf)
     assert all(torch.equal(a, b) for a, b in zip(visual(px), ref_oc, strict=False))
-    tp.apply(model, "tome", r=4)
-    tp.apply(visual, "tome", r=4)
+    tp.apply(model, "tome", r=4, replace=True)
+    tp.apply(visual, "tome", r=4, replace=True)
     assert model(px).last_hidden_state.shape[1] < ref_hf.shape[1]
     tp.remove(model)
     tp.remove(visual)

@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from visattn.bench.common import floor_ms, op_ms_and_peak_mib, run_peer_benchmark
+from visattn.bench.common import floor_ms, op_ms_and_peak_mib, run_peer_benchmark, short_dtype
 
 # (name, batch, map size, channels, heads, agents) — Agent-Swin-T stages 1-3 at 224².
 PROBLEMS = [
@@ -70,7 +70,8 @@ def run_problem(problem, dtype, ceilings) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    parser.add_argument("--dtype", default="bf16", type=short_dtype, choices=["bf16", "fp16"],
+                        help="data type (float16 / bfloat16 are accepted too)")
     parser.add_argument("--out", default=None)
 
 

@@ -227,7 +227,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=None, help="problem seed (default: from the clock; logged)")
     parser.add_argument("--time-limit", type=float, default=540.0, help="stop handing out work after this many s")
-    parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma list of dtypes to draw from")
+    parser.add_argument("--dtypes", default="fp32,fp16,bf16",
+                        help="comma list of dtypes to draw from (default: fp32,fp16,bf16; float32 etc. accepted too)")
     parser.add_argument("--rpb", choices=["any", "on", "off"], default="any", help="relative-position bias draw")
 
 
@@ -239,11 +240,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """The sweep; exit 0 when every problem passed, 1 on any failure, 2 without a GPU or with bad arguments."""
-    from visattn.bench.common import require_cuda, write_json
+    from visattn.bench.common import dtype_name, parse_dtype, require_cuda, write_json
 
-    dtypes = tuple(d for d in args.dtypes.split(",") if d)
-    if not dtypes or set(dtypes) - set(DTYPES):
-        print(f"visattn check: --dtypes={args.dtypes!r}: choose from {','.join(DTYPES)}", file=sys.stderr)
+    try:  # fp32 / fp16 / bf16 (the spelling of every other command) or the torch names the results use
+        dtypes = tuple(dtype_name(parse_dtype(d, "--dtypes")) for d in args.dtypes.split(",") if d)
+    except ValueError:
+        dtypes = ()
+    if not dtypes:
+        print(f"visattn check: --dtypes={args.dtypes!r}: choose from fp32,fp16,bf16 (or {','.join(DTYPES)})",
+              file=sys.stderr)
         return 2
     missing = require_cuda("check")
     if missing:

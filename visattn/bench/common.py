@@ -33,6 +33,12 @@ def parse_dtype(name: str, argument: str = "dtype") -> torch.dtype:
     return DTYPES[short]
 
 
+def short_dtype(name: str) -> str:
+    """argparse ``type`` of every dtype flag: ``"float16"`` / ``"half"`` -> ``"fp16"``; unknown names come back
+    unchanged for ``choices`` (which lists the documented short spellings) to refuse."""
+    return _LONG_NAMES.get(name, name)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"`` (the spelling result files use)."""
     return str(dtype).removeprefix("torch.")

@@ -35,11 +35,27 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from visattn import backends, functional
 from visattn.bench.common import environment, write_csv, write_json
 
 VISATTN_SUFFIX = "@visattn"
-PRECISIONS = ("float32", "float16", "bfloat16", "amp", "amp_bfloat16")
+PRECISIONS = ("float32", "float16", "bfloat16", "amp", "amp_bfloat16")  # timm's names, kept in result files
+# the documented spelling (visattn's dtype names, as every other command) -> timm's
+_PRECISION_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "amp": "amp", "amp_bf16": "amp_bfloat16"}
+_AMP_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 PHASES = {"both": ["infer", "train"], "inference": ["infer"], "train": ["train"]}
+ATTENTION_BACKENDS = ("auto", "reference", "triton")
+#: what ``visattn bench --help`` shows above the flags
+DESCRIPTION = """\
+Images per second of timm models (visattn's families included), inference and a train step, with timm
+benchmark.py's flags. NAME@visattn runs a timm Swin on visattn's window attention; every row names the attention
+backend that actually ran ("timm" where no visattn op did: a Swin on the CPU runs timm's own, faster path unless
+--backend forces visattn's). "x row1" columns are img/s relative to the first row of the run.
+
+examples:
+  visattn bench -m nat_mini dinat_mini --bench inference
+  visattn bench -m swin_tiny_patch4_window7_224 --visattn-swin --precision bf16
+  visattn bench -m 'agent_*' --device cpu --backend reference -b 2"""
 
 
 # ----------------------------------------------------------------------------------------------- arguments
@@ -57,6 +73,18 @@ class ParseModelKwargs(argparse.Action):
             except (ValueError, SyntaxError):
                 kwargs[key] = value
         setattr(namespace, self.dest, kwargs)
+
+
+def _choice(names: dict, flag: str):
+    """argparse ``type``: the documented names (``names``' keys) or timm's (its values) -> timm's name."""
+    def parse(text: str) -> str:
+        if text in names:
+            return names[text]
+        if text in names.values():
+            return text
+        raise argparse.ArgumentTypeError(f"{flag} {text!r}: choose one of {', '.join(names)}")
+
+    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,8 +114,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--channels-last", action="store_true", help="channels_last memory layout for model and input")
     add("--grad-checkpointing", action="store_true", help="gradient checkpointing through blocks (train)")
     add("--amp", action="store_true", help="autocast mixed precision (overrides --precision)")
-    add("--amp-dtype", default="float16", choices=["float16", "bfloat16"], help="autocast dtype with --amp")
-    add("--precision", default="float32", choices=PRECISIONS, help="numeric precision (default: float32)")
+    add("--amp-dtype", default="float16", type=_choice(_AMP_DTYPES, "--amp-dtype"), metavar="{fp16,bf16}",
+        help="autocast dtype with --amp (default: fp16; timm's float16 / bfloat16 are accepted too)")
+    add("--precision", default="float32", type=_choice(_PRECISION_NAMES, "--precision"),
+        metavar="{fp32,fp16,bf16,amp,amp_bf16}",
+        help="numeric precision; amp / amp_bf16 are fp16 / bf16 autocast (default: fp32; timm's float32, float16, "
+             "bfloat16, amp_bfloat16 are accepted too)")
     add("--fast-norm", action="store_true", help="timm's experimental fast norm layers")
     add("--reparam", action="store_true", help="reparameterize the model (timm.utils.reparameterize_model)")
     add("--model-kwargs", nargs="*", default={}, action=ParseModelKwargs, metavar="K=V",
@@ -117,6 +149,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="skip the models not started within S seconds (they are listed as skipped)")
     ours.add_argument("--scaling-baseline", type=float, nargs=2, default=None, metavar=("INFER", "TRAIN"),
                       help="under torchrun: one-process img/s to compute scaling against, instead of measuring it")
+    ours.add_argument("--backend", default=None, choices=ATTENTION_BACKENDS,
+                      help="force visattn's attention backend for the whole run (default: the configured one, "
+                           "'auto' unless VISATTN_BACKEND says otherwise); 'reference' runs visattn's exact "
+                           "PyTorch ops, also for NAME@visattn on the CPU")
     ours.add_argument("--plot", default=None, metavar="DIR", help="write an img/s-per-model PNG into DIR")
     ours.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
 
@@ -476,9 +512,15 @@ def bench_model(spec: ModelSpec, settings: Settings, bench: str, progress=None, 
             nonlocal input_size
             model, input_size = create_model(spec, settings)
             row.setdefault("param_count", round(sum(p.numel() for p in model.parameters()) / 1e6, 2))
+            if "backend" not in row and _compiled(spec, settings):  # a compiled graph records no backend
+                row["backend"] = probe_backend(model, settings, input_size)
             runner = run_inference if phase == "infer" else run_train
             try:
-                return runner(model, spec, settings, batch, input_size, progress)
+                with functional.track_backends() as seen:
+                    result = runner(model, spec, settings, batch, input_size, progress)
+                if not _compiled(spec, settings):
+                    row[f"{phase}_backend"] = describe_backends(seen)
+                return result
             finally:
                 del model
 
@@ -490,7 +532,36 @@ def bench_model(spec: ModelSpec, settings: Settings, bench: str, progress=None, 
         row.update({f"{phase}_{k}": v for k, v in result.items()})
     if "error" not in row and input_size is not None and "infer" in phases:
         row["infer_gmacs"] = count_gmacs(spec, settings, input_size)
+    _merge_backends(row, phases)
     return row
+
+
+def describe_backends(counts) -> str:
+    """The attention backends a run's visattn ops took, most calls first (``"triton"``, ``"reference"``,
+    ``"triton+reference"``), or ``"timm"`` when no visattn op ran (timm's own attention)."""
+    return "+".join(name for name, _ in counts.most_common()) if counts else "timm"
+
+
+def probe_backend(model: nn.Module, settings: Settings, input_size: tuple) -> str:
+    """The backends one eager batch-1 forward of ``model`` takes (for compiled rows, whose graphs record none)."""
+    x = torch.randn((1, *input_size), device=settings.device, dtype=settings.model_dtype)
+    if settings.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), _autocast(settings), functional.track_backends() as seen:
+        model.eval()(x)
+    return describe_backends(seen)
+
+
+def _compiled(spec: ModelSpec, settings: Settings) -> bool:
+    return bool(spec.compiled or settings.compile_backend)
+
+
+def _merge_backends(row: dict, phases: list[str]) -> None:
+    """One ``backend`` per row: the phases' (they agree unless a phase errored), or both when they differ."""
+    seen = [row.pop(f"{phase}_backend") for phase in phases if f"{phase}_backend" in row]
+    if seen and "backend" not in row:
+        row["backend"] = seen[0] if len(set(seen)) == 1 else " / ".join(f"{p}: {b}" for p, b in zip(phases, seen,
+                                                                                                    strict=False))
 
 
 # ----------------------------------------------------------------------------------------------- distributed
@@ -518,6 +589,8 @@ def bench_model_distributed(spec: ModelSpec, settings: Settings, bench: str, bas
     def measure(phase: str, distributed: bool) -> dict:
         model, input_size = create_model(spec, settings)
         row.setdefault("param_count", round(sum(p.numel() for p in model.parameters()) / 1e6, 2))
+        if "backend" not in row:
+            row["backend"] = probe_backend(model, settings, input_size)
         if phase == "infer":
             return run_inference(model, spec, settings, settings.batch_size, input_size)
         wrap = None
@@ -584,8 +657,8 @@ def format_table(rows: list[dict]) -> str:
         width = spec.split(".")[0].rstrip("dfs%")
         return "-".rjust(int(width) if width.isdigit() else 1)
 
-    head = (f"{'model':44s} {'batch':>5s} {'infer img/s':>12s} {'ms':>8s} {'x first':>7s} {'train img/s':>12s} "
-            f"{'ms':>8s} {'x first':>7s} {'params M':>8s} {'GMACs':>6s} {'peak MiB':>9s}")
+    head = (f"{'model':44s} {'backend':>10s} {'batch':>5s} {'infer img/s':>12s} {'ms':>8s} {'x row1':>7s} "
+            f"{'train img/s':>12s} {'ms':>8s} {'x row1':>7s} {'params M':>8s} {'GMACs':>6s} {'peak MiB':>9s}")
     lines = [head]
     for r in rows:
         if "error" in r:
@@ -593,7 +666,8 @@ def format_table(rows: list[dict]) -> str:
             continue
         peak = max((r.get(k) or 0) for k in ("infer_peak_mem_mib", "train_peak_mem_mib")) or None
         lines.append(
-            f"{r['model']:44s} {num(r.get('infer_batch_size', r.get('train_batch_size')), '5d')} "
+            f"{r['model']:44s} {r.get('backend', '-'):>10s} "
+            f"{num(r.get('infer_batch_size', r.get('train_batch_size')), '5d')} "
             f"{num(r.get('infer_samples_per_sec'), '12.1f')} {num(r.get('infer_step_time'), '8.2f')} "
             f"{num(r.get('infer_ratio_to_first'), '7.2f')} {num(r.get('train_samples_per_sec'), '12.1f')} "
             f"{num(r.get('train_step_time'), '8.2f')} {num(r.get('train_ratio_to_first'), '7.2f')} "
@@ -605,6 +679,12 @@ def format_table(rows: list[dict]) -> str:
                     lines.append(f"{'':4s}{phase} per rank {r[f'{phase}_samples_per_sec_per_rank']} img/s, "
                                  f"1 process {num(r.get(f'{phase}_samples_per_sec_1proc'), '.1f')} img/s, "
                                  f"scaling efficiency {num(eff, '.1%')} over {r['world_size']} processes")
+    for phase in ("infer", "train"):
+        first = next((r for r in rows if r.get(f"{phase}_samples_per_sec")), None)
+        if first is not None:
+            lines.append(f"x row1 ({phase}): img/s relative to {first['model']} "
+                         f"({first[f'{phase}_samples_per_sec']:.1f} img/s), the first row with a number")
+    lines.append("backend: the attention backend visattn's ops ran on ('timm': no visattn op ran)")
     return "\n".join(lines)
 
 
@@ -660,6 +740,9 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     rows: list[dict] = []
     skipped: list[str] = []
+    forced = contextlib.ExitStack()  # --backend: the attention default for the whole run, restored after
+    if args.backend:
+        forced.enter_context(backends.use_backend(args.backend, "attention"))
     try:
         iterator = progress(specs, desc="models") if progress else specs
         for spec in iterator:
@@ -679,6 +762,7 @@ def run(args: argparse.Namespace) -> int:
             if not progress:
                 log(f"{row['model']}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "model"), flush=True)
     finally:
+        forced.close()
         if dist_info:
             import torch.distributed as dist
 
@@ -696,7 +780,8 @@ def run(args: argparse.Namespace) -> int:
                            "channels_last": settings.channels_last, "num_warm_iter": settings.num_warm_iter,
                            "num_bench_iter": settings.num_bench_iter, "torchcompile": settings.compile_backend,
                            "torchcompile_mode": settings.compile_mode, "bench": args.bench,
-                           "world_size": dist_info[1] if dist_info else 1, "timing": "median of per-step times"},
+                           "world_size": dist_info[1] if dist_info else 1, "timing": "median of per-step times",
+                           "attention_backend": args.backend or backends.get_backend("attention")},
               "skipped": skipped}
     if args.results_file:
         fmt = args.results_format or ("csv" if args.results_file.endswith(".csv") else "json")
@@ -715,7 +800,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="visattn bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="visattn bench", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from visattn.bench.common import short_dtype
 from visattn.bench.timing import device_ceilings, floor_ms, median_ms, save_result
 
 # (name, batch, query rows, keys); select rows use batch and keys
@@ -160,7 +161,8 @@ def run_recycle(problem, ceilings) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="visattn bench-prune-kernels", description=__doc__)
-    parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
+    parser.add_argument("--dtype", default="fp16", type=short_dtype, choices=["fp16", "bf16"],
+                        help="data type (float16 / bfloat16 are accepted too)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -14,8 +14,43 @@ from __future__ import annotations
 
 import bisect
 import functools
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.functional_tensor import FunctionalTensorMode
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+_T = TypeVar("_T")
+_TRACING_MODES = (FakeTensorMode, FunctionalTensorMode)
+
+
+def may_cache(*tensors) -> bool:
+    """Whether tensors built now may be kept for later calls: not while ``torch.compile`` / ``torch.export``
+    trace, not under a ``FakeTensorMode`` or functionalization (what they build is fake and belongs to that mode;
+    a later real or compiled call would meet a stale fake tensor), and not for fake inputs."""
+    if torch.compiler.is_compiling():
+        return False
+    if any(isinstance(mode, _TRACING_MODES) for mode in _get_current_dispatch_mode_stack()):
+        return False
+    return not any(isinstance(t, FakeTensor) for t in tensors)
+
+
+def cached(store: dict, key, build: Callable[[], _T], *tensors, limit: int = 512) -> _T:
+    """``store[key]``, built by ``build()`` on a miss. Only real, non-inference tensors are ever stored (built
+    with inference mode off); while :func:`may_cache` is False (tracing, fake tensors) the value is built fresh
+    and nothing is read from or written to ``store``. ``key`` must hold the device (and dtype where it matters)."""
+    if not may_cache(*tensors):
+        return build()
+    hit = store.get(key)
+    if hit is None:
+        with torch.inference_mode(False):
+            hit = build()
+        if len(store) >= limit:  # bounded: the shapes one process sees are few
+            store.clear()
+        store[key] = hit
+    return hit
 
 
 def interval(q: int, group_len: int, kernel: int, stride: int, shift: int, causal: bool, window: bool):
@@ -72,24 +107,17 @@ _DEVICE_TABLES: dict = {}
 def query_range_table(pattern, lengths, n_tiles, tile_box, device: torch.device) -> torch.Tensor:
     """int32 ``[3, T, 4]`` (T = the most key tiles of any dimension) on ``device``, cached per problem shape."""
     key = (pattern, tuple(lengths), tuple(n_tiles), tuple(tile_box), str(device))
-    table = _DEVICE_TABLES.get(key)
-    if table is None:
+
+    def build() -> torch.Tensor:
         per_dim = [_dim_ranges(lengths[i], pattern.dilation[i], n_tiles[i], pattern.kernel[i], pattern.stride[i],
                                pattern.shift[i], pattern.causal[i], pattern.window, tile_box[i]) for i in range(3)]
         width = max(len(rows) for rows in per_dim)
         padded = [list(rows) + [(0, -1, 0, -1)] * (width - len(rows)) for rows in per_dim]
-        table = torch.tensor(padded, dtype=torch.int32).to(device)
-        _remember(key, table)
-    return table
+        return torch.tensor(padded, dtype=torch.int32).to(device)
+
+    return cached(_DEVICE_TABLES, key, build)
 
 
-def _remember(key, value) -> None:
-    if len(_DEVICE_TABLES) > 512:  # bounded: the shapes one process sees are few
-        _DEVICE_TABLES.clear()
-    _DEVICE_TABLES[key] = value
-
-
-@functools.lru_cache(maxsize=256)
 def _offset_map(length: int, dilation: int, kernel: int, stride: int, shift: int, causal: bool,
                 window: bool) -> torch.Tensor:
     """float32 ``[length, kernel, 2*kernel - 1]``: one where neighbour j of position p sits at table offset r."""
@@ -107,9 +135,6 @@ def _offset_map(length: int, dilation: int, kernel: int, stride: int, shift: int
 def rpb_offset_maps(pattern, lengths, device: torch.device) -> list[torch.Tensor]:
     """The three per-dimension ``_offset_map`` tensors of a problem, on ``device`` (cached there)."""
     key = ("rpb", pattern, tuple(lengths), str(device))
-    maps = _DEVICE_TABLES.get(key)
-    if maps is None:
-        maps = [_offset_map(lengths[i], pattern.dilation[i], pattern.kernel[i], pattern.stride[i],
-                            pattern.shift[i], pattern.causal[i], pattern.window).to(device) for i in range(3)]
-        _remember(key, maps)
-    return maps
+    return cached(_DEVICE_TABLES, key, lambda: [
+        _offset_map(lengths[i], pattern.dilation[i], pattern.kernel[i], pattern.stride[i], pattern.shift[i],
+                    pattern.causal[i], pattern.window).to(device) for i in range(3)])

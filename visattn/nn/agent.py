@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.nn.init import trunc_normal_
 
 from visattn import functional
+from visattn.kernels.tables import cached
 from visattn.nn import _args
 
 BIAS_GRID = 7  # an_bias / na_bias are stored on a 7×7 grid and resized to the map
@@ -64,16 +65,14 @@ def pool_agents(q: Tensor, pool: int) -> Tensor:
     """
     batch, height, width, heads, dim = q.shape
     compute = torch.promote_types(q.dtype, torch.float32)
-    key = (height, width, pool, q.device, q.dtype)
-    if torch.compiler.is_compiling():
+    key = (height, width, pool, str(q.device), q.dtype)
+
+    def build() -> tuple[Tensor, Tensor]:
         member, inv_area = _pool_matrix(height, width, pool, q.device)
-        member, inv_area = member.to(q.dtype), inv_area.to(compute)
-    else:
-        if key not in _POOL_CACHE:
-            with torch.inference_mode(False):  # cached for later calls: never an inference tensor
-                member, inv_area = _pool_matrix(height, width, pool, q.device)
-                _POOL_CACHE[key] = (member.to(q.dtype), inv_area.to(compute))  # per dtype: no cast per call
-        member, inv_area = _POOL_CACHE[key]
+        return member.to(q.dtype), inv_area.to(compute)  # per dtype: no cast per call
+
+    # never a fake, traced or inference tensor in the cache (visattn.kernels.tables.cached)
+    member, inv_area = cached(_POOL_CACHE, key, build, q)
     sums = torch.matmul(member, q.reshape(batch, height * width, heads * dim))  # [B, pool², C]
     return (sums.to(compute) * inv_area[:, None]).to(q.dtype).reshape(batch, pool * pool, heads, dim)
 

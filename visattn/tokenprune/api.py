@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -20,7 +21,8 @@ def register(name: str, cls: type, *aliases: str) -> None:
     register_method(name, *aliases)(cls)
 
 
-def apply(model: torch.nn.Module, pruner: TokenPruner | str, *, timing: bool = False, **kwargs: Any) -> torch.nn.Module:
+def apply(model: torch.nn.Module, pruner: TokenPruner | str, *, timing: bool = False, replace: bool = False,
+          **kwargs: Any) -> torch.nn.Module:
     """Attach ``pruner`` to ``model`` (in place, hooks only) and return the model.
 
     Args:
@@ -28,10 +30,13 @@ def apply(model: torch.nn.Module, pruner: TokenPruner | str, *, timing: bool = F
             ``...Model``), a HF ``CLIPVisionModel`` (ToMe), or an open_clip vision tower / CLIP model.
         pruner: a :class:`TokenPruner`, or a registry name with ``kwargs`` for :func:`create`.
         timing: record the scoring time of every call (``last_report(model).scoring_ms``).
+        replace: a model already holds a pruner: swap it for this one (otherwise that is a ``ValueError``: one
+            model holds one pruner). The old one is detached first, so a refused new one leaves none attached.
 
-    Raises ``ValueError`` / ``TypeError`` naming the argument for bad input, ``NotImplementedError`` for an
-    unsupported model / method pair, and ``hf_contract.TransformersContractError`` (a ValueError naming the
-    transformers version) when the model does not match what the adapters were tested against.
+    Raises ``ValueError`` / ``TypeError`` naming the argument for bad input (also for a model that already holds
+    a pruner, without ``replace=True``), ``NotImplementedError`` for an unsupported model / method pair, and
+    ``hf_contract.TransformersContractError`` (a ValueError naming the transformers version) when the model does
+    not match what the adapters were tested against.
     """
     if isinstance(pruner, str):
         pruner = create(pruner, **kwargs)
@@ -39,17 +44,30 @@ def apply(model: torch.nn.Module, pruner: TokenPruner | str, *, timing: bool = F
         raise ValueError(f"kwargs={sorted(kwargs)}: only allowed with a method name")
     if not isinstance(pruner, TokenPruner):
         raise ValueError(f"pruner={pruner!r}: expected a TokenPruner or a registry name")
-    remove(model)
+    if not isinstance(replace, bool):
+        raise TypeError(f"replace must be a bool, got {replace!r}")
+    current = getattr(model, _ATTR, None)
+    if current is not None and not replace:
+        held = type(getattr(current, "pruner", current)).__name__
+        raise ValueError(f"model already has a {held} pruner attached; call "
+                         f"visattn.tokenprune.remove(model) first, or apply(..., replace=True) to swap it")
+    if current is not None:
+        # detach first: the adapters check an unhooked model (and refuse before touching it)
+        remove(model)
     setattr(model, _ATTR, adapter_for(model, pruner, timing))
     return model
 
 
 def remove(model: torch.nn.Module) -> torch.nn.Module:
-    """Detach any pruner from ``model``; the model behaves as before :func:`apply`."""
+    """Detach the pruner from ``model``; the model behaves as before :func:`apply`. A model without one is left
+    as it is, with a ``UserWarning`` saying so (a ``remove`` that removes nothing is usually a bug)."""
     adapter = getattr(model, _ATTR, None)
-    if adapter is not None:
-        adapter.remove()
-        delattr(model, _ATTR)
+    if adapter is None:
+        warnings.warn(f"visattn.tokenprune.remove: {type(model).__name__} has no pruner attached; nothing removed",
+                      UserWarning, stacklevel=2)
+        return model
+    adapter.remove()
+    delattr(model, _ATTR)
     return model
 
 

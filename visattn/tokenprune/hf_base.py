@@ -34,6 +34,7 @@ from visattn.tokenprune.bookkeeping import (
 )
 from visattn.tokenprune.hf_contract import (
     check_cache_after_prefill,
+    check_cache_kind,
     check_decoder_layers,
     check_layer_call,
     check_version,
@@ -273,6 +274,7 @@ class HFVisionLanguageAdapter:
                 if self.bound.lm_valid is not None:
                     self._translate_decode(kwargs)
             return args, kwargs
+        check_cache_kind(cache)  # before check_call: a static cache also brings a 4-D mask
         self.contract.check_call(args, kwargs)
         if cache is not None and cache.get_seq_length() > 0:
             raise NotImplementedError("pruning a prefill that continues a non-empty KV cache is not supported")

@@ -118,6 +118,26 @@ class LanguageModelContract:
                     + (f" (the cache is in {stray})" if stray else ""))
 
 
+#: generate()'s ``cache_implementation`` names of the pre-allocated (fixed-length) cache classes
+_STATIC_CACHE_NAMES = {"StaticCache": "static", "OffloadedStaticCache": "offloaded_static", "HybridCache": "hybrid",
+                       "SlidingWindowCache": "sliding_window", "HybridChunkedCache": "hybrid_chunked"}
+
+
+def check_cache_kind(cache) -> None:
+    """A pruned prefill needs a cache that grows with what it is fed (``DynamicCache``, generate()'s default).
+
+    A pre-allocated cache (``generate(cache_implementation="static")`` and its kin, ``Cache.is_compileable``) is
+    sized and masked for the unpruned prompt; it is refused here, before any other check, naming the setting."""
+    if cache is None or not getattr(cache, "is_compileable", False):
+        return
+    kind = type(cache).__name__
+    name = _STATIC_CACHE_NAMES.get(kind)
+    setting = f"cache_implementation={name!r}" if name else "a pre-allocated KV cache"
+    raise ValueError(f"tokenprune: {setting} ({kind}) is not supported with a pruner attached: pruning shortens "
+                     f"the prefill, which needs the default dynamic cache; call generate() without "
+                     f"cache_implementation (or with cache_implementation='dynamic')")
+
+
 def _is_cache(value: object) -> bool:
     try:
         from transformers.cache_utils import Cache
