@@ -9,6 +9,7 @@ import re
 import pytest
 import timm
 import torch
+from family_checks import assert_gradient_matches_finite_differences
 
 import visattn  # noqa: F401  (registers the models)
 from visattn.models.nat import checkpoint_filter_fn
@@ -30,13 +31,15 @@ def test_every_name_is_registered_with_hub_weights():
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in ("nat_mini", "nat_small", "dinat_large_11x11")
                                                else pytest.mark.slow) for n in NAMES])
 def test_train_step_every_name_shallow(name):
-    """Every name through timm.create_model (depth and width cut for CPU time), forward + backward, batch 2."""
+    """Every name through timm.create_model (depth and width cut for CPU time), logits of batch 2, and the backward
+    of every parameter checked against finite differences in float64 (the forward's values: the transformers
+    comparisons below)."""
     first_heads = {"small": 3, "base": 4, "large": 6}.get(name.split("_")[1], 2)  # registered stage-1 heads
-    model = timm.create_model(name, depths=(1, 1, 2, 1), embed_dim=8 * first_heads, num_classes=7)  # head_dim 8
-    out = model(torch.randn(2, 3, 32, 32))
-    assert out.shape == (2, 7)
-    out.logsumexp(-1).sum().backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    model = timm.create_model(name, depths=(1, 1, 2, 1), embed_dim=8 * first_heads, num_classes=7,
+                              drop_path_rate=0.0).double().eval()  # head_dim 8
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert model(x).shape == (2, 7)
+    assert_gradient_matches_finite_differences(model, x)
 
 
 def test_dinat_dilation_schedules():
@@ -57,11 +60,32 @@ def test_dinat_mini_full_depth_train_step():
     assert model.levels[0].blocks[1].attn.rpb.grad.abs().sum() > 0
 
 
-def test_features_only_nhwc_shapes():
-    model = timm.create_model("nat_tiny", features_only=True, depths=(1, 1, 2, 1))
-    feats = model(torch.randn(2, 3, 32, 64))
+def test_features_only_nhwc_maps_match_transformers(hf_dinat, tmp_path):
+    """features_only gives NHWC stage maps (shapes, reductions, channels) whose values equal transformers' Dinat
+    stage outputs before downsampling (``output_hidden_states_before_downsampling``), float64, on nat_tiny's own
+    widths and a 32x64 input (padding path at every stage)."""
+    from transformers.models.dinat.configuration_dinat import DinatConfig
+
+    config = DinatConfig(embed_dim=64, depths=[1, 1, 2, 1], num_heads=[2, 4, 8, 16], kernel_size=7, mlp_ratio=3.0,
+                         dilations=[[1], [1], [1, 1], [1]], layer_scale_init_value=0.0)
+    hf = hf_dinat.DinatModel(config).double().eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for prm in hf.parameters():
+            value = torch.randn(prm.shape, generator=gen) * 0.2 + (1.0 if prm.dim() == 1 and prm.shape[0] > 1 else 0.0)
+            prm.copy_(value)  # float32 values: timm's pretrained path builds the model in float32 before .double()
+    torch.save({"dinat." + k: v for k, v in hf.state_dict().items()}, tmp_path / "hf.pth")
+    model = timm.create_model("nat_tiny", features_only=True, depths=(1, 1, 2, 1), pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "hf.pth"))).double().eval()
+    x = torch.randn(2, 3, 32, 64, dtype=torch.float64)
+    with torch.no_grad():
+        feats = model(x)
+        embedded = hf.embeddings(x)
+        stages = hf.encoder(embedded, output_hidden_states=True, output_hidden_states_before_downsampling=True)
     assert [tuple(f.shape) for f in feats] == [(2, 8, 16, 64), (2, 4, 8, 128), (2, 2, 4, 256), (2, 1, 2, 512)]
     assert model.feature_info.reduction() == [4, 8, 16, 32]
+    for got, want in zip(feats, stages.hidden_states[1:], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     subset = timm.create_model("dinat_mini", features_only=True, out_indices=(1, 3))
     assert subset.feature_info.channels() == [128, 512]
 
