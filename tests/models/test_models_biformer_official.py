@@ -20,7 +20,7 @@ from __future__ import annotations
 import timm
 import torch
 import torch.nn.functional as F
-from test_models_biformer import TINY, official_state_shapes
+from test_models_biformer import TINY, _random_state, official_state_shapes
 
 import visattn  # noqa: F401
 from visattn.models.biformer import checkpoint_filter_fn
@@ -29,20 +29,10 @@ NUM_CLASSES = 10
 
 
 def _random_official(seed=0):
+    """test_models_biformer's random official state dict (BN statistics included), in float64."""
     shapes = official_state_shapes(TINY["depths"], TINY["embed_dims"], topks=TINY["topks"],
                                    head_dim=TINY["head_dim"], num_classes=NUM_CLASSES)
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, shape in shapes.items():
-        if key.endswith("num_batches_tracked"):
-            out[key] = torch.tensor(3)
-        elif key.endswith("running_var"):
-            out[key] = torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5
-        elif key.endswith(("norm1.weight", "norm2.weight")) or (key.endswith(".weight") and len(shape) == 1):
-            out[key] = 1.0 + 0.3 * torch.randn(shape, generator=gen, dtype=torch.float64)
-        else:  # large enough that every branch (pos_embed, LePE, routing) moves the logits
-            out[key] = torch.randn(shape, generator=gen, dtype=torch.float64) * 0.3
-    return out
+    return {k: v.double() if v.is_floating_point() else v for k, v in _random_state(shapes, seed).items()}
 
 
 def _bn(sd, p, x):
