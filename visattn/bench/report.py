@@ -451,6 +451,7 @@ def prune_eager_section(results) -> str:
 
 
 def prune_index_section(results) -> str:
+    """One row per bench-prune file: device, date, versions, configurations and rounds."""
     body = [[path.name, data.get("device"), str(data.get("date") or "")[:19], data.get("torch"),
              data.get("transformers"), data.get("triton"), len(data["configs"]), data.get("rounds") or 1]
             for path, data in _prune_files(results)]
