@@ -1,6 +1,7 @@
 """Autograd extras of the fused engine under TRITON_INTERPRET=1, against the float64 oracle: the atomic-free rpb
 gradient (2-D: offset bins summed in registers, bitwise repeatable run to run; 1-D: the per-pair dS buffer, also
-split into batch chunks), and the gradient
+split into batch chunks; in float32 and from float16 inputs — bfloat16 is left to the GPU tests because the
+interpreter's bf16 ``tl.dot`` is wrong), and the gradient
 through the returned log-sum-exp, eager and traced (the custom ops' fake and autograd registrations)."""
 
 from __future__ import annotations
@@ -56,6 +57,25 @@ def run_case() -> dict:
             for chunk in (1 << 30, 1)]
     result.update(err_1d=errs[0], chunk_err=errs[1], modes_1d=sorted(modes()))
 
+    # the same 2-D rpb gradient from float16 inputs (the dS-buffer chunk size must not matter), against the float64
+    # oracle of the float16-rounded inputs: the atomic-free reduction in half precision
+    def drpb_half(chunk_bytes):
+        ops._DSN_BYTES = chunk_bytes
+        table = rpb.half().requires_grad_(True)
+        out = kernels.na(q.half(), k.half(), v.half(), (3, 3), (1, 2), (1, 1), (False, True), table, 0.25, None,
+                         None)
+        return torch.autograd.grad(out, table, grad.half())[0]
+
+    half_whole, half_again, half_chunked = drpb_half(1 << 30), drpb_half(1 << 30), drpb_half(1)
+    table64 = rpb.half().double().requires_grad_(True)
+    ref = oracle.na_oracle(q.half().double(), k.half().double(), v.half().double(), (3, 3), 1, (1, 2),
+                           (False, True), scale=0.25, rpb=table64)
+    want = torch.autograd.grad(ref, table64, grad.half().double())[0]
+    scale = want.abs().max().item()
+    result.update(fp16_dtype=str(half_whole.dtype), fp16_err=(half_whole.double() - want).abs().max().item() / scale,
+                  fp16_chunk_err=(half_chunked.double() - want).abs().max().item() / scale,
+                  fp16_repeat_equal=bool(torch.equal(half_whole, half_again)))
+
     # out and lse both in the loss: dq, dk, dv, drpb against the oracle's
     ops._DSN_BYTES = 1 << 30
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v, rpb)]
@@ -96,3 +116,5 @@ def test_rpb_gradient_chunked_deterministic_and_lse_gradient():
     assert result["modes_2d"] == ["bins"] and result["modes_1d"] == ["dsn"], result
     assert result["lse_err"] < 1e-5 and result["lse_grad_err"] < 1e-5, result
     assert result["compiled_grad_err"] < 1e-6, result
+    assert result["fp16_dtype"] == "torch.float16", result  # the gradient comes back in the table's dtype
+    assert result["fp16_err"] < 3e-3 and result["fp16_chunk_err"] < 3e-3 and result["fp16_repeat_equal"], result

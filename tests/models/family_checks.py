@@ -1,5 +1,6 @@
 """Checks shared by the model-family tests: a short real training run on scikit-learn's digits, gradient
-checkpointing against the plain forward/backward, and the CUDA default dispatch against the reference path."""
+checkpointing against the plain forward/backward, the backward against finite differences, and the CUDA default
+dispatch against the reference path."""
 
 from __future__ import annotations
 
@@ -90,3 +91,30 @@ def assert_cuda_auto_matches_reference(name: str, dtype: torch.dtype) -> None:
             assert float((a - b).norm() / b.norm().clamp_min(1e-12)) < 2e-2, param
     else:
         assert all(torch.isfinite(g).all() for g in got_grads)
+
+
+def assert_gradient_matches_finite_differences(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """Float64: every parameter (and the input) gets a gradient, and the gradient's directional derivative along
+    one random direction over all of them equals the central finite difference of the loss (an oracle independent
+    of the backward code)."""
+    names = ["input", *(n for n, _ in model.named_parameters())]
+    leaves = [x.requires_grad_(True), *model.parameters()]
+    grads = torch.autograd.grad(model(x).logsumexp(-1).sum(), leaves, allow_unused=True)
+    missing = [n for n, g in zip(names, grads, strict=True) if g is None or not torch.isfinite(g).all()]
+    assert not missing, missing
+    gen = torch.Generator().manual_seed(1)
+    directions = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in leaves]
+    analytic = sum(float((g * d).sum()) for g, d in zip(grads, directions, strict=True))
+    eps = 1e-6
+
+    def shifted(sign):
+        with torch.no_grad():
+            for t, d in zip(leaves, directions, strict=True):
+                t.add_(sign * eps * d)
+            value = float(model(x).logsumexp(-1).sum())
+            for t, d in zip(leaves, directions, strict=True):
+                t.sub_(sign * eps * d)
+        return value
+
+    numeric = (shifted(1.0) - shifted(-1.0)) / (2 * eps)
+    assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric)), (analytic, numeric)

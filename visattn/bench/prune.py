@@ -452,9 +452,14 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(args.out_dir) / f"prune-{_dt.date.today().isoformat()}{'-tiny' if args.tiny else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(strict_json(result), indent=1, allow_nan=False))
-    if args.doc and not args.tiny:
+    if args.doc and not args.tiny:  # the page is generated from every result file and its hand-written preamble
+        from visattn.bench import report
+
+        preamble = Path(args.doc).with_name("prune_preamble.md")
+        page = report.render_prune(report.load_results(args.out_dir),
+                                   *([preamble.read_text()] if preamble.is_file() else []))
         Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.doc).write_text(markdown(result))
+        Path(args.doc).write_text(page)
     print(f"\n{_stamp(started)} wrote {path}" + ("" if args.tiny or not args.doc else f" and {args.doc}"))
     print(table(rows))
     for f in flags:
