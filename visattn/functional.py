@@ -61,6 +61,8 @@ def int_tuple(value, rank: int, name: str, minimum: int = 1, default: int | None
     """
     if value is None and default is not None:
         value = default
+    if type(value) is int and value >= minimum:  # the common call (kernel_size=7): no per-item checks
+        return (value,) * rank
     items = tuple(value) if isinstance(value, (tuple, list)) else (value,) * rank
     if len(items) != rank:
         raise ValueError(f"{name} must be an int or a tuple of {rank} ints, got {value!r}")
@@ -75,6 +77,8 @@ def bool_tuple(value, rank: int, name: str) -> tuple[bool, ...]:
     """A bool, or a tuple/list of ``rank`` bools, as a ``rank``-tuple; ``None`` means False (as in NATTEN)."""
     if value is None:
         value = False
+    if type(value) is bool:
+        return (value,) * rank
     items = tuple(value) if isinstance(value, (tuple, list)) else (value,) * rank
     if len(items) != rank:
         raise ValueError(f"{name} must be a bool or a tuple of {rank} bools, got {value!r}")
