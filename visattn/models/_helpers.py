@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, register_notrace_function, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_function, register_notrace_module, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from timm.models._hub import download_cached_file, has_hf_hub
@@ -120,7 +120,7 @@ def _resolve_weights(variant: str, kwargs: dict) -> str:
     file is checked to hold a state dict. Returns a description of the source for error messages."""
     overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
     cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay)
-    if cfg.source == "hf-hub" or cfg.state_dict is not None:
+    if getattr(cfg, "source", None) == "hf-hub" or getattr(cfg, "state_dict", None) is not None:
         return f"pretrained weights of {variant}"
     if cfg.file:
         source = f"pretrained_cfg_overlay['file'] ({cfg.file})"
@@ -169,6 +169,18 @@ def checked_size(x: Tensor, want: tuple[int, ...], start: int, message: str) -> 
 
 
 register_notrace_function(checked_size)
+
+
+def _register_nn_leaves() -> None:
+    """visattn.nn's attention modules as leaves of timm's FX tracing (visattn.nn itself does not import timm)."""
+    from visattn import nn as visattn_nn
+
+    for name in ("NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D", "WindowAttention",
+                 "AgentAttention", "BiLevelRoutingAttention"):
+        register_notrace_module(getattr(visattn_nn, name))
+
+
+_register_nn_leaves()
 
 
 def agent_pool_side(dim: int, num_heads: int, agent_num: int) -> int:
