@@ -27,9 +27,9 @@ SMALL = {
 NAMES = list(SMALL)
 SIZE = {"nat_mini": 64, "dinat_mini": 64, "biformer_tiny": 64, "agent_swin_t": 64, "agent_pvt_t": 32,
         "agent_deit_t": 32}
-LEVELS = {"agent_deit_t": 4}
+LEVELS = {"agent_deit_t": 4}  # features_only levels (blocks for Agent-DeiT, stages otherwise)
 # torchvision notes that eval-mode nodes are a subsequence of train-mode ones (dropout / drop path): expected here
-pytestmark = pytest.mark.filterwarnings("ignore:NOTE. The nodes obtained by tracing:UserWarning")  # features_only levels (blocks for Agent-DeiT, stages otherwise)
+pytestmark = pytest.mark.filterwarnings("ignore:NOTE. The nodes obtained by tracing:UserWarning")
 
 
 def small(name: str, **extra):
