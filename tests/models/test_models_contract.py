@@ -86,6 +86,18 @@ def test_factory_device_and_dtype_are_honoured(name):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_reset_classifier_keeps_device_dtype_and_mode(name):
+    """timm's contract: a new head lands with the model's parameters, in the model's train/eval mode."""
+    model = small(name, in_chans=1, device="meta", dtype=torch.float64).eval()
+    assert model.in_chans == 1
+    model.reset_classifier(0)
+    model.reset_classifier(3)
+    head = model.get_classifier()
+    assert {(p.device.type, p.dtype) for p in head.parameters()} == {("meta", torch.float64)}
+    assert head.out_features == 3 and not head.training
+
+
 @pytest.mark.parametrize("module,args", [
     (nat.NeighborhoodAttention, (16, 2, 3)),
     (biformer.BiLevelRoutingAttention, (16, 2, 2)),

@@ -365,6 +365,17 @@ def run_blocks(blocks: nn.Sequential, x: Tensor, grad_checkpointing: bool) -> Te
     return blocks(x)
 
 
+def classifier(model: nn.Module, width: int, num_classes: int) -> nn.Module:
+    """A ``width -> num_classes`` Linear head (Identity for 0) on the device and dtype of ``model``'s parameters and
+    in its train/eval mode, so ``reset_classifier`` keeps a model built with ``device=`` / ``dtype=`` (or moved)
+    in one place."""
+    if num_classes <= 0:
+        return nn.Identity()
+    ref = next(model.parameters(), None)
+    head = nn.Linear(width, num_classes, **({} if ref is None else dict(device=ref.device, dtype=ref.dtype)))
+    return head.train(model.training)
+
+
 class StagedBackbone(nn.Module):
     """timm's model API for a stem -> stages -> final norm -> pooled linear head pyramid (NAT/DiNAT, BiFormer,
     Agent-Swin): ``forward_features`` / ``forward_head`` / ``forward_intermediates`` /
@@ -389,8 +400,7 @@ class StagedBackbone(nn.Module):
         return getattr(self, self._stem_name)(x)
 
     def _make_head(self, num_classes: int) -> nn.Module:
-        width = self.num_features * pool_multiplier(self.global_pool)
-        return nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
+        return classifier(self, self.num_features * pool_multiplier(self.global_pool), num_classes)
 
     def _init_head(self, norm: nn.Module, drop_rate: float) -> None:
         """Register the final ``norm``, head dropout and classifier (after the stages), then initialise every Linear
@@ -502,6 +512,7 @@ __all__ = [
     "POOL_TYPES",
     "checked_size",
     "check_model_args",
+    "classifier",
     "check_out_indices",
     "create",
     "factory_kwargs",

@@ -255,7 +255,7 @@ class AgentSwinTransformer(_helpers.StagedBackbone):
         window_size = max(grid) if window_size is None else int(window_size)
         block_types = parse_attn_types(attn_type, depths)
         self.global_pool = _helpers.check_pool_type(global_pool)
-        self.num_classes = num_classes
+        self.num_classes, self.in_chans = num_classes, in_chans
         self.output_fmt = "NHWC"
         self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (len(depths) - 1))
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size, norm_layer)

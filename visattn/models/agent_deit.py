@@ -156,7 +156,7 @@ class AgentDeiT(nn.Module):
             raise ValueError(f"agent_num must be an int or one entry per block (depth={depth}), got {agent_num!r}")
         agent_layer = depth if agent_layer is None or agent_layer < 1 else min(int(agent_layer), depth)
         self.global_pool = _check_pool(global_pool)
-        self.num_classes = num_classes
+        self.num_classes, self.in_chans = num_classes, in_chans
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -205,7 +205,7 @@ class AgentDeiT(nn.Module):
         if global_pool is not None:
             self.global_pool = _check_pool(global_pool)
         self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = _helpers.classifier(self, self.embed_dim, num_classes)
 
     def _tokens(self, x: Tensor) -> Tensor:
         """Images ``[B, C, H, W]`` -> class + patch tokens with the position embedding ``[B, 1 + N, C]``."""

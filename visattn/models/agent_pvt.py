@@ -301,7 +301,7 @@ class AgentPyramidVisionTransformer(_helpers.StagedBackbone):
         if any(s % stride for s in self.img_size):
             raise ValueError(f"img_size {self.img_size} must be a multiple of {stride} (patch_size * 2**(stages-1))")
         self.global_pool = _helpers.check_pool_type(global_pool)
-        self.num_classes = num_classes
+        self.num_classes, self.in_chans = num_classes, in_chans
         self.output_fmt = "NHWC"
         self.num_features = self.head_hidden_size = embed_dims[-1]
         norm_layer = partial(nn.LayerNorm, eps=1e-6)

@@ -194,7 +194,7 @@ class BiFormer(_helpers.StagedBackbone):
                 raise ValueError(f"{name} {tuple(value)} must have one entry per stage of depths {tuple(depths)}")
         self.global_pool = _helpers.check_pool_type(global_pool)
         self.img_size = _helpers.to_2tuple_int(img_size, "img_size")
-        self.num_classes = num_classes
+        self.num_classes, self.in_chans = num_classes, in_chans
         self.output_fmt = "NCHW"
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.stem = nn.Sequential(

@@ -188,7 +188,7 @@ class NAT(_helpers.StagedBackbone):
         if len(dilations) != len(depths) or any(len(dl) != d for dl, d in zip(dilations, depths, strict=True)):
             raise ValueError(f"dilations must give one value per layer of depths {tuple(depths)}, got {dilations!r}")
         self.img_size = _helpers.to_2tuple_int(img_size, "img_size")
-        self.num_classes = num_classes
+        self.num_classes, self.in_chans = num_classes, in_chans
         self.output_fmt = "NHWC"
         self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (len(depths) - 1))
         self.patch_embed = ConvTokenizer(in_chans, embed_dim, norm_layer)
