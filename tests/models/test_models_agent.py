@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from offline_hub import agent_swin_official_shapes as official_state_shapes
 
 import visattn  # noqa: F401
 from visattn.models.agent import AgentAttention, AgentSwinBlock, checkpoint_filter_fn, parse_attn_types
@@ -82,50 +83,6 @@ def test_attn_type_strings():
     for bad in ("AAB", "AAMB", "AAXB", "AAAB2"):
         with pytest.raises(ValueError, match="attn_type"):
             parse_attn_types(bad, (2, 2, 2, 2))
-
-
-def official_state_shapes(embed_dim, depths, heads, attn_type, agent_num=(9, 16, 49, 49), img_size=224,
-                          num_classes=1000):
-    """Key -> shape of the official AgentSwinTransformer(...).state_dict() (agent_swin.py): PatchEmbed(proj, norm);
-    layers[i].blocks[j] = norm1, attn (AgentAttention: qkv, proj, dwc, an/na_bias [h, A, 7, 7], ah [1,h,A,H,1],
-    aw [1,h,A,1,W], ha [1,h,H,1,A], wa [1,h,1,W,A]; or WindowAttention: relative_position_bias_table,
-    relative_position_index buffer, qkv, proj), attn_mask buffer when shifted, norm2, mlp.fc1/fc2;
-    layers[i].downsample (PatchMerging: reduction, norm) for i < 3; norm; head."""
-    shapes = {"patch_embed.proj.weight": (embed_dim, 3, 4, 4), "patch_embed.proj.bias": (embed_dim,),
-              "patch_embed.norm.weight": (embed_dim,), "patch_embed.norm.bias": (embed_dim,)}
-    window = img_size // 4
-    types = parse_attn_types(attn_type, depths)
-    for i, depth in enumerate(depths):
-        d, h, res, agents = embed_dim * 2**i, heads[i], img_size // 4 // 2**i, agent_num[i]
-        for j in range(depth):
-            p = f"layers.{i}.blocks.{j}"
-            for n in ("norm1", "norm2"):
-                shapes[f"{p}.{n}.weight"] = shapes[f"{p}.{n}.bias"] = (d,)
-            shapes.update({f"{p}.attn.qkv.weight": (3 * d, d), f"{p}.attn.qkv.bias": (3 * d,),
-                           f"{p}.attn.proj.weight": (d, d), f"{p}.attn.proj.bias": (d,),
-                           f"{p}.mlp.fc1.weight": (4 * d, d), f"{p}.mlp.fc1.bias": (4 * d,),
-                           f"{p}.mlp.fc2.weight": (d, 4 * d), f"{p}.mlp.fc2.bias": (d,)})
-            if types[i][j] == "A":
-                shapes.update({f"{p}.attn.dwc.weight": (d, 1, 3, 3), f"{p}.attn.dwc.bias": (d,),
-                               f"{p}.attn.an_bias": (h, agents, 7, 7), f"{p}.attn.na_bias": (h, agents, 7, 7),
-                               f"{p}.attn.ah_bias": (1, h, agents, res, 1),
-                               f"{p}.attn.aw_bias": (1, h, agents, 1, res),
-                               f"{p}.attn.ha_bias": (1, h, res, 1, agents),
-                               f"{p}.attn.wa_bias": (1, h, 1, res, agents)})
-            else:
-                win = min(max(7, window // 8), res)
-                shift = 0 if (j % 2 == 0 or res <= max(7, window // 8)) else win // 2
-                shapes[f"{p}.attn.relative_position_bias_table"] = ((2 * win - 1) ** 2, h)
-                shapes[f"{p}.attn.relative_position_index"] = (win * win, win * win)
-                if shift:
-                    shapes[f"{p}.attn_mask"] = ((res // win) ** 2, win * win, win * win)
-        if i < len(depths) - 1:
-            shapes[f"layers.{i}.downsample.reduction.weight"] = (2 * d, 4 * d)
-            shapes[f"layers.{i}.downsample.norm.weight"] = shapes[f"layers.{i}.downsample.norm.bias"] = (4 * d,)
-    final = embed_dim * 2 ** (len(depths) - 1)
-    shapes.update({"norm.weight": (final,), "norm.bias": (final,), "head.weight": (num_classes, final),
-                   "head.bias": (num_classes,)})
-    return shapes
 
 
 CONFIGS = {  # cfgs/agent_swin_{t,s,b}.yaml

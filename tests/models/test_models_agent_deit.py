@@ -13,6 +13,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from family_checks import assert_cuda_auto_matches_reference, assert_grad_checkpointing_matches, assert_learns_digits
+from offline_hub import agent_deit_official_shapes as official_state_shapes
 
 import visattn  # noqa: F401  (registers the models)
 from visattn.models.agent_deit import DeitAgentAttention, checkpoint_filter_fn
@@ -34,33 +35,6 @@ def tiny(seed: int = 0, **extra):
 
 
 # ----------------------------------------------------------------------------------------------- the official model
-def official_state_shapes(dim, heads, agents, agent_layer, depth=12, patch=16, img_size=224, num_classes=1000):
-    """Key -> shape of the official VisionTransformer(...).state_dict() (agent_deit.py): patch_embed.proj (timm
-    PatchEmbed, no norm), cls_token [1, 1, C], pos_embed [1, 1 + N, C]; blocks.i (AgentBlock for i < agent_layer:
-    norm1, attn = qkv, proj, dwc, an/na_bias [h, A, 7, 7], ah [1, h, A, n, 1], aw [1, h, A, 1, n],
-    ha [1, h, n, 1, A], wa [1, h, 1, n, A], ac [1, h, A, 1], ca [1, h, 1, A]; else deit.py's Block: norm1,
-    attn.qkv, attn.proj), norm2, mlp.fc1/fc2; norm; head (pre_logits is an Identity)."""
-    n = img_size // patch
-    shapes = {"patch_embed.proj.weight": (dim, 3, patch, patch), "patch_embed.proj.bias": (dim,),
-              "cls_token": (1, 1, dim), "pos_embed": (1, 1 + n * n, dim), "norm.weight": (dim,), "norm.bias": (dim,),
-              "head.weight": (num_classes, dim), "head.bias": (num_classes,)}
-    for i in range(depth):
-        p = f"blocks.{i}"
-        shapes.update({f"{p}.norm1.weight": (dim,), f"{p}.norm1.bias": (dim,), f"{p}.norm2.weight": (dim,),
-                       f"{p}.norm2.bias": (dim,), f"{p}.attn.qkv.weight": (3 * dim, dim),
-                       f"{p}.attn.qkv.bias": (3 * dim,), f"{p}.attn.proj.weight": (dim, dim),
-                       f"{p}.attn.proj.bias": (dim,), f"{p}.mlp.fc1.weight": (4 * dim, dim),
-                       f"{p}.mlp.fc1.bias": (4 * dim,), f"{p}.mlp.fc2.weight": (dim, 4 * dim),
-                       f"{p}.mlp.fc2.bias": (dim,)})
-        if i < agent_layer:
-            shapes.update({f"{p}.attn.dwc.weight": (dim, 1, 3, 3), f"{p}.attn.dwc.bias": (dim,),
-                           f"{p}.attn.an_bias": (heads, agents, 7, 7), f"{p}.attn.na_bias": (heads, agents, 7, 7),
-                           f"{p}.attn.ah_bias": (1, heads, agents, n, 1), f"{p}.attn.aw_bias": (1, heads, agents, 1, n),
-                           f"{p}.attn.ha_bias": (1, heads, n, 1, agents), f"{p}.attn.wa_bias": (1, heads, 1, n, agents),
-                           f"{p}.attn.ac_bias": (1, heads, agents, 1), f"{p}.attn.ca_bias": (1, heads, 1, agents)})
-    return shapes
-
-
 def random_official(shapes, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return {k: torch.randn(s, generator=gen, dtype=torch.float64) * 0.5 for k, s in shapes.items()}

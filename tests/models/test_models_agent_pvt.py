@@ -12,6 +12,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from family_checks import assert_cuda_auto_matches_reference, assert_grad_checkpointing_matches, assert_learns_digits
+from offline_hub import agent_pvt_official_shapes as official_state_shapes
 
 import visattn  # noqa: F401  (registers the models)
 from visattn.models.agent_pvt import PvtAgentAttention, SpatialReductionAttention, checkpoint_filter_fn
@@ -33,45 +34,6 @@ def tiny(seed: int = 0, **extra):
 
 
 # ----------------------------------------------------------------------------------------------- the official model
-def official_state_shapes(embed_dims=(64, 128, 320, 512), heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4),
-                          depths=(2, 2, 2, 2), agent_num=(9, 16, 49, 49), attn_type="AAAA", sr_ratios=(8, 4, 2, 1),
-                          agent_sr_ratios="1111", img_size=224, num_classes=1000):
-    """Key -> shape of the official PyramidVisionTransformer(...).state_dict() (agent_pvt.py): per stage i
-    ``patch_embed{i+1}`` (proj conv k=s=4 then 2, norm), ``pos_embed{i+1}`` [1, N_i, C_i], ``block{i+1}.j`` =
-    norm1, attn, norm2, mlp.fc1/fc2; AgentAttention: q, kv, proj, sr + norm when its sr > 1, dwc, an/na_bias
-    [h, A, 7, 7], ah [1, h, A, H/sr, 1], aw [1, h, A, 1, W/sr], ha [1, h, H, 1, A], wa [1, h, 1, W, A];
-    Attention ('B'): q, kv, proj, sr + norm when sr > 1; no final norm; head."""
-    shapes = {}
-    for i, depth in enumerate(depths):
-        c, h, a = embed_dims[i], heads[i], agent_num[i]
-        cin, patch = (embed_dims[i - 1], 2) if i else (3, 4)
-        res = img_size // 4 // 2**i
-        sr = int(agent_sr_ratios[i]) if attn_type[i] == "A" else sr_ratios[i]
-        shapes.update({f"patch_embed{i + 1}.proj.weight": (c, cin, patch, patch), f"patch_embed{i + 1}.proj.bias": (c,),
-                       f"patch_embed{i + 1}.norm.weight": (c,), f"patch_embed{i + 1}.norm.bias": (c,),
-                       f"pos_embed{i + 1}": (1, res * res, c)})
-        hidden = int(c * mlp_ratios[i])
-        for j in range(depth):
-            p = f"block{i + 1}.{j}"
-            shapes.update({f"{p}.norm1.weight": (c,), f"{p}.norm1.bias": (c,), f"{p}.norm2.weight": (c,),
-                           f"{p}.norm2.bias": (c,), f"{p}.attn.q.weight": (c, c), f"{p}.attn.q.bias": (c,),
-                           f"{p}.attn.kv.weight": (2 * c, c), f"{p}.attn.kv.bias": (2 * c,),
-                           f"{p}.attn.proj.weight": (c, c), f"{p}.attn.proj.bias": (c,),
-                           f"{p}.mlp.fc1.weight": (hidden, c), f"{p}.mlp.fc1.bias": (hidden,),
-                           f"{p}.mlp.fc2.weight": (c, hidden), f"{p}.mlp.fc2.bias": (c,)})
-            if sr > 1:
-                shapes.update({f"{p}.attn.sr.weight": (c, c, sr, sr), f"{p}.attn.sr.bias": (c,),
-                               f"{p}.attn.norm.weight": (c,), f"{p}.attn.norm.bias": (c,)})
-            if attn_type[i] == "A":
-                shapes.update({f"{p}.attn.dwc.weight": (c, 1, 3, 3), f"{p}.attn.dwc.bias": (c,),
-                               f"{p}.attn.an_bias": (h, a, 7, 7), f"{p}.attn.na_bias": (h, a, 7, 7),
-                               f"{p}.attn.ah_bias": (1, h, a, res // sr, 1),
-                               f"{p}.attn.aw_bias": (1, h, a, 1, res // sr),
-                               f"{p}.attn.ha_bias": (1, h, res, 1, a), f"{p}.attn.wa_bias": (1, h, 1, res, a)})
-    shapes.update({"head.weight": (num_classes, embed_dims[-1]), "head.bias": (num_classes,)})
-    return shapes
-
-
 TINY_OFFICIAL = dict(embed_dims=(16, 32, 48, 64), heads=(1, 2, 2, 4), mlp_ratios=(2, 2, 2, 2), depths=(1, 1, 2, 1),
                      agent_num=(4, 4, 1, 1), img_size=32)
 TINY_MIXED_OFFICIAL = dict(TINY_OFFICIAL, attn_type="ABAB", sr_ratios=(4, 2, 2, 1), agent_sr_ratios="2111")

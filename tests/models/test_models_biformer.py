@@ -9,77 +9,13 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from offline_hub import biformer_official_shapes as official_state_shapes
+from offline_hub import random_state as _random_state
 
 import visattn  # noqa: F401
 from visattn.models.biformer import AttentionLePE, BiLevelRoutingAttention, checkpoint_filter_fn
 
 TINY = dict(depths=(1, 1, 2, 1), embed_dims=(16, 32, 64, 128), head_dim=8, n_win=4, topks=(1, 2, 4, -2))
-
-
-def official_state_shapes(depths, dims, mlp_ratio=3, topks=(1, 4, 16, -2), head_dim=32, num_classes=1000):
-    """Key -> shape of the official BiFormer(...).state_dict(), written from the official module definitions:
-    downsample_layers[0] = Sequential(Conv, BN, GELU, Conv, BN); downsample_layers[i] = Sequential(Conv, BN);
-    Block = pos_embed (dw 3x3), norm1, attn, norm2, mlp = Sequential(Linear, Identity, GELU, Linear);
-    BRA attn = qkv (QKVLinear: .qkv Linear dim -> 2*qk+dim), wo, lepe (dw 5x5); topk -2: AttentionLePE =
-    qkv (no bias), proj, lepe; final BatchNorm2d norm; head."""
-    shapes = {}
-
-    def conv(prefix, cout, cin, k, groups=1):
-        shapes[f"{prefix}.weight"] = (cout, cin // groups, k, k)
-        shapes[f"{prefix}.bias"] = (cout,)
-
-    def bn(prefix, c):
-        for n in ("weight", "bias", "running_mean", "running_var"):
-            shapes[f"{prefix}.{n}"] = (c,)
-        shapes[f"{prefix}.num_batches_tracked"] = ()
-
-    def layer_norm(prefix, c):
-        shapes[f"{prefix}.weight"] = shapes[f"{prefix}.bias"] = (c,)
-
-    def linear(prefix, cout, cin, bias=True):
-        shapes[f"{prefix}.weight"] = (cout, cin)
-        if bias:
-            shapes[f"{prefix}.bias"] = (cout,)
-
-    conv("downsample_layers.0.0", dims[0] // 2, 3, 3)
-    bn("downsample_layers.0.1", dims[0] // 2)
-    conv("downsample_layers.0.3", dims[0], dims[0] // 2, 3)
-    bn("downsample_layers.0.4", dims[0])
-    for i in range(1, 4):
-        conv(f"downsample_layers.{i}.0", dims[i], dims[i - 1], 3)
-        bn(f"downsample_layers.{i}.1", dims[i])
-    for i, depth in enumerate(depths):
-        d = dims[i]
-        for j in range(depth):
-            p = f"stages.{i}.{j}"
-            conv(f"{p}.pos_embed", d, d, 3, groups=d)
-            layer_norm(f"{p}.norm1", d)
-            if topks[i] > 0:
-                linear(f"{p}.attn.qkv.qkv", 3 * d, d)
-                linear(f"{p}.attn.wo", d, d)
-            else:
-                linear(f"{p}.attn.qkv", 3 * d, d, bias=False)
-                linear(f"{p}.attn.proj", d, d)
-            conv(f"{p}.attn.lepe", d, d, 5, groups=d)
-            layer_norm(f"{p}.norm2", d)
-            linear(f"{p}.mlp.0", mlp_ratio * d, d)
-            linear(f"{p}.mlp.3", d, mlp_ratio * d)
-    bn("norm", dims[-1])
-    linear("head", num_classes, dims[-1])
-    return shapes
-
-
-def _random_state(shapes, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, shape in shapes.items():
-        if key.endswith("num_batches_tracked"):
-            out[key] = torch.tensor(7)
-        elif key.endswith("running_var"):
-            out[key] = torch.rand(shape, generator=gen) + 0.5
-        else:
-            out[key] = torch.randn(shape, generator=gen) * 0.1
-    return out
 
 
 @pytest.mark.parametrize("name,depths,dims", [

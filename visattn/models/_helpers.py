@@ -3,16 +3,20 @@ pooling, drop-path schedules, rpb tables."""
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
+import numbers
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import checkpoint_seq
+from timm.layers import DropPath, Mlp, register_notrace_function, register_notrace_module, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint_seq, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
+from timm.models._hub import download_cached_file, has_hf_hub
 from torch import Tensor, nn
 
+from visattn.nn._args import factory_kwargs
 from visattn.nn.agent import BIAS_GRID
 
 POOL_TYPES = ("", "avg", "max", "avgmax", "catavgmax")  # timm's Swin head options (SelectAdaptivePool2d)
@@ -47,6 +51,136 @@ def unwrap_state_dict(state_dict, family: str) -> dict:
     if state_dict and all(k.startswith("module.") for k in state_dict):  # saved from DistributedDataParallel
         return {k[len("module."):]: v for k, v in state_dict.items()}
     return dict(state_dict)
+
+
+def reject_unknown(model: str, kwargs: dict) -> None:
+    """A model constructor's leftover keyword arguments: TypeError naming them (timm's model contract)."""
+    if kwargs:
+        raise TypeError(f"{model} got unexpected keyword arguments: {sorted(kwargs)}")
+
+
+def check_model_args(num_classes, in_chans, **rates) -> None:
+    """The arguments every family takes, checked at creation: ``num_classes`` (an int >= 0; 0 = no classifier),
+    ``in_chans`` (an int >= 1), and dropout rates in [0, 1] (``drop_path_rate`` in [0, 1): 1 drops every block)."""
+    for name, value, low in (("num_classes", num_classes, 0), ("in_chans", in_chans, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}" + (" (0: no classifier)" if low == 0 else "")
+                             + f", got {value}")
+    for name, value in rates.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        high_ok = value < 1 if name == "drop_path_rate" else value <= 1
+        if not (value >= 0 and high_ok):
+            interval = "[0, 1)" if name == "drop_path_rate" else "[0, 1]"
+            raise ValueError(f"{name} must be in {interval}, got {value}")
+
+
+def check_out_indices(out_indices, count: int, what: str = "stages") -> tuple[int, ...]:
+    """``features_only`` levels: ints in ``[-count, count)`` (negative counts from the end), at least one."""
+    items = tuple(out_indices) if isinstance(out_indices, (tuple, list)) else (out_indices,)
+    if not items or any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in items):
+        raise TypeError(f"out_indices must be an int or a non-empty sequence of ints, got {out_indices!r}")
+    bad = [i for i in items if not -count <= i < count]
+    if bad:
+        raise ValueError(f"out_indices {tuple(items)}: {bad} out of range for a model with {count} {what} "
+                         f"(valid: {-count}..{count - 1})")
+    return items
+
+
+def pretrained_file_name(variant: str, tag: str, sha256: str = "") -> str:
+    """The cache file name of a registered URL (timm's ``url=(url, file name)`` form): ``visattn_<variant>.<tag>``,
+    ``-<sha256 prefix>`` where a hash is published (timm's download then verifies it), ``.pth``. The official hosts'
+    URLs end in ``/`` (Tsinghua cloud) or share ``/root/content`` (OneDrive), so their own base names cannot be
+    used."""
+    return f"visattn_{variant}.{tag}" + (f"-{sha256}" if sha256 else "") + ".pth"
+
+
+def _peek_checkpoint(path: str, source: str) -> None:
+    """A pretrained file must hold a state dict (possibly wrapped): TypeError naming ``source`` otherwise, before
+    timm's loader fails inside on it. Memory-mapped where the file format allows, so nothing large is read twice."""
+    if str(path).endswith(".safetensors"):
+        return  # always a name -> tensor mapping
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, Tensor):
+        raise TypeError(f"{source} holds a bare tensor of shape {tuple(obj.shape)}, not a state dict "
+                        f"(a dict of parameter name -> tensor)")
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"{source} holds a {type(obj).__name__}, not a state dict (a dict of parameter name -> tensor)")
+
+
+def _resolve_weights(variant: str, kwargs: dict) -> str:
+    """Where ``pretrained=True`` weights come from, with what timm cannot do itself done first: a registered
+    ``url=(url, file name)`` is downloaded through timm's ``download_cached_file`` to that stable file name (hash
+    checked where the name carries one) and handed to timm's loader as ``pretrained_cfg_overlay['file']``; a local
+    file is checked to hold a state dict. Returns a description of the source for error messages."""
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+    cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay)
+    if getattr(cfg, "source", None) == "hf-hub" or getattr(cfg, "state_dict", None) is not None:
+        return f"pretrained weights of {variant}"
+    if cfg.file:
+        source = f"pretrained_cfg_overlay['file'] ({cfg.file})"
+        _peek_checkpoint(cfg.file, source)
+        return source
+    if cfg.hf_hub_id and has_hf_hub():
+        return f"pretrained weights of {variant} (Hugging Face hub {cfg.hf_hub_id})"
+    if isinstance(cfg.url, (tuple, list)):
+        url, name = cfg.url
+        path = download_cached_file((url, name), check_hash=True, progress=False, cache_dir=kwargs.get("cache_dir"))
+        source = f"pretrained weights of {variant} ({url}, cached as {path})"
+        _peek_checkpoint(path, source)
+        overlay["file"] = path
+        kwargs["pretrained_cfg_overlay"] = overlay
+        return source
+    return f"pretrained weights of {variant} ({cfg.url})"
+
+
+def _named_filter(filter_fn: Callable, source: str, state_dict, model=None) -> dict:
+    try:
+        return filter_fn(state_dict, model)
+    except TypeError as err:
+        raise TypeError(f"{source}: {err}") from None
+
+
+def create(model_cls: type, variant: str, pretrained: bool, filter_fn: Callable, feature_cfg: dict,
+           kwargs: dict) -> nn.Module:
+    """``build_model_with_cfg`` for a visattn family: pretrained weights resolved by :func:`_resolve_weights`
+    (stable cache names, a checked file) and every checkpoint mapped by ``filter_fn``, whose TypeErrors name the
+    weights' source."""
+    source = _resolve_weights(variant, kwargs) if pretrained else variant
+    return build_model_with_cfg(model_cls, variant, pretrained,
+                                pretrained_filter_fn=functools.partial(_named_filter, filter_fn, source),
+                                feature_cfg=feature_cfg, **kwargs)
+
+
+def checked_size(x: Tensor, want: tuple[int, ...], start: int, message: str) -> Tensor:
+    """``x`` itself when ``x.shape[start:start + len(want)] == want``, else ValueError(``message`` formatted with
+    ``got=`` the sizes found). A leaf of FX tracing (timm's ``register_notrace_function``; a calling module also
+    declares ``torch.fx.wrap("checked_size")``, since FX patches only some modules' globals): a traced graph keeps
+    the call, so the check still runs on real tensors."""
+    got = tuple(x.shape[start:start + len(want)])
+    if got != tuple(want):
+        raise ValueError(message.format(got=got))
+    return x
+
+
+register_notrace_function(checked_size)
+
+
+def _register_nn_leaves() -> None:
+    """visattn.nn's attention modules as leaves of timm's FX tracing (visattn.nn itself does not import timm)."""
+    from visattn import nn as visattn_nn
+
+    for name in ("NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D", "WindowAttention",
+                 "AgentAttention", "BiLevelRoutingAttention"):
+        register_notrace_module(getattr(visattn_nn, name))
+
+
+_register_nn_leaves()
 
 
 def agent_pool_side(dim: int, num_heads: int, agent_num: int) -> int:
@@ -211,8 +345,9 @@ def ceil_div(a: int, b: int) -> int:
 def feature_cfg(kwargs: dict, default_depths: Sequence[int]) -> dict:
     """timm's ``feature_cfg`` for ``build_model_with_cfg`` (hooks on the flattened stages); takes ``out_indices``
     out of the model ``kwargs`` (default: every stage of ``kwargs["depths"]`` or ``default_depths``)."""
-    default_out = tuple(range(len(kwargs.get("depths", default_depths))))
-    return dict(flatten_sequential=True, out_indices=kwargs.pop("out_indices", default_out))
+    stages = len(kwargs.get("depths", default_depths))
+    out_indices = check_out_indices(kwargs.pop("out_indices", tuple(range(stages))), stages)
+    return dict(flatten_sequential=True, out_indices=out_indices)
 
 
 def layer_scales(dim: int, layer_scale: float | None) -> tuple[nn.Parameter | None, nn.Parameter | None]:
@@ -228,6 +363,17 @@ def run_blocks(blocks: nn.Sequential, x: Tensor, grad_checkpointing: bool) -> Te
     if grad_checkpointing and not torch.jit.is_scripting():
         return checkpoint_seq(blocks, x)
     return blocks(x)
+
+
+def classifier(model: nn.Module, width: int, num_classes: int) -> nn.Module:
+    """A ``width -> num_classes`` Linear head (Identity for 0) on the device and dtype of ``model``'s parameters and
+    in its train/eval mode, so ``reset_classifier`` keeps a model built with ``device=`` / ``dtype=`` (or moved)
+    in one place."""
+    if num_classes <= 0:
+        return nn.Identity()
+    ref = next(model.parameters(), None)
+    head = nn.Linear(width, num_classes, **({} if ref is None else dict(device=ref.device, dtype=ref.dtype)))
+    return head.train(model.training)
 
 
 class StagedBackbone(nn.Module):
@@ -254,8 +400,7 @@ class StagedBackbone(nn.Module):
         return getattr(self, self._stem_name)(x)
 
     def _make_head(self, num_classes: int) -> nn.Module:
-        width = self.num_features * pool_multiplier(self.global_pool)
-        return nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
+        return classifier(self, self.num_features * pool_multiplier(self.global_pool), num_classes)
 
     def _init_head(self, norm: nn.Module, drop_rate: float) -> None:
         """Register the final ``norm``, head dropout and classifier (after the stages), then initialise every Linear
@@ -365,6 +510,14 @@ class StagedBackbone(nn.Module):
 
 __all__ = [
     "POOL_TYPES",
+    "checked_size",
+    "check_model_args",
+    "classifier",
+    "check_out_indices",
+    "create",
+    "factory_kwargs",
+    "pretrained_file_name",
+    "reject_unknown",
     "StagedBackbone",
     "ceil_div",
     "check_output_fmt",

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import register_notrace_module, trunc_normal_
+from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from visattn import functional
@@ -36,6 +36,7 @@ __all__ = ["AgentSwinTransformer", "AgentAttention", "WindowAttention", "checkpo
 
 
 
+@register_notrace_module
 class AgentAttention(nn.Module):
     """Agent attention over a whole ``[B, H, W, C]`` map of fixed size ``map_size`` (the official module's names:
     ``qkv``, ``proj``, ``dwc``, ``an_bias``, ``na_bias``, ``ah_bias``, ``aw_bias``, ``ha_bias``, ``wa_bias``), via
@@ -44,9 +45,11 @@ class AgentAttention(nn.Module):
     Args:
         dim: channels C; num_heads: heads; map_size: (H, W) the separable biases are sized for;
         agent_num: agents (a perfect square: a pooled grid); qkv_bias; proj_drop; backend: "auto" | "reference" |
-        "triton" | "sdpa" ("auto" takes the fused Triton kernels on CUDA).
+        "triton" | "sdpa" ("auto" takes the fused Triton kernels on CUDA); device / dtype: timm's factory keywords.
+        A leaf of timm's FX tracing (the map-size check and the agent op).
     """
 
+    @_helpers.factory_kwargs
     def __init__(self, dim: int, num_heads: int, map_size: Sequence[int], agent_num: int = 49, qkv_bias: bool = True,
                  proj_drop: float = 0.0, backend: str = "auto"):
         super().__init__()
@@ -87,11 +90,14 @@ class AgentAttention(nn.Module):
         return f"heads={self.num_heads}, map_size={self.map_size}, agent_num={self.agent_num}"
 
 
+@register_notrace_module
 class WindowAttention(nn.Module):
     """Swin (shifted) window attention on ``[B, H, W, C]`` with Swin's ``relative_position_bias_table``
     ``[(2w-1)², heads]`` (converted to visattn's rpb on the fly), via :func:`visattn.functional.window_attention`:
-    no roll, partition or mask tensor. ``shift`` is Swin's ``shift_size``."""
+    no roll, partition or mask tensor. ``shift`` is Swin's ``shift_size``. Takes timm's ``device`` / ``dtype``;
+    a leaf of timm's FX tracing."""
 
+    @_helpers.factory_kwargs
     def __init__(self, dim: int, num_heads: int, window_size: Sequence[int], shift: Sequence[int] = (0, 0),
                  qkv_bias: bool = True, proj_drop: float = 0.0, backend: str = "auto"):
         super().__init__()
@@ -135,9 +141,10 @@ class PatchEmbed(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
+@register_notrace_module
 class PatchMerging(nn.Module):
     """Swin's 2×2 patch merging on NHWC: concat (x[0::2,0::2], x[1::2,0::2], x[0::2,1::2], x[1::2,1::2]),
-    LayerNorm(4C), Linear(4C -> 2C, no bias)."""
+    LayerNorm(4C), Linear(4C -> 2C, no bias). A leaf of timm's FX tracing (the even-sides check)."""
 
     def __init__(self, dim: int, norm_layer=nn.LayerNorm):
         super().__init__()
@@ -220,11 +227,13 @@ class AgentSwinTransformer(_helpers.StagedBackbone):
         'catavgmax'; embed_dim; depths; num_heads; window_size: the config's window (default img_size/patch_size,
         which makes the agent blocks global; the 'B' window is max(7, window_size // 8)); mlp_ratio; qkv_bias;
         drop_rate (head); proj_drop_rate; drop_path_rate; agent_num: per stage; attn_type: see
-        :func:`parse_attn_types`; norm_layer; backend: attention backend of every block.
+        :func:`parse_attn_types`; norm_layer; backend: attention backend of every block; device / dtype: timm's
+        factory keywords.
     """
 
     _stem_name, _stages_name = "patch_embed", "layers"  # the checkpoints' names
 
+    @_helpers.factory_kwargs
     def __init__(self, img_size=224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
                  global_pool: str = "avg", embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
                  num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int | None = None, mlp_ratio: float = 4.0,
@@ -232,8 +241,9 @@ class AgentSwinTransformer(_helpers.StagedBackbone):
                  drop_path_rate: float = 0.2, agent_num: Sequence[int] = (9, 16, 49, 49), attn_type: str = "AAAB",
                  norm_layer=nn.LayerNorm, backend: str = "auto", **kwargs):
         super().__init__()
-        if kwargs:
-            raise ValueError(f"AgentSwinTransformer got unexpected arguments: {sorted(kwargs)}")
+        _helpers.reject_unknown("AgentSwinTransformer", kwargs)
+        _helpers.check_model_args(num_classes, in_chans, drop_rate=drop_rate, proj_drop_rate=proj_drop_rate,
+                                  drop_path_rate=drop_path_rate)
         for name, value in (("num_heads", num_heads), ("agent_num", agent_num)):
             if len(value) != len(depths):
                 raise ValueError(f"{name} {tuple(value)} must have one entry per stage of depths {tuple(depths)}")
@@ -245,7 +255,7 @@ class AgentSwinTransformer(_helpers.StagedBackbone):
         window_size = max(grid) if window_size is None else int(window_size)
         block_types = parse_attn_types(attn_type, depths)
         self.global_pool = _helpers.check_pool_type(global_pool)
-        self.num_classes = num_classes
+        self.num_classes, self.in_chans = num_classes, in_chans
         self.output_fmt = "NHWC"
         self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (len(depths) - 1))
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size, norm_layer)
@@ -313,12 +323,13 @@ def checkpoint_filter_fn(state_dict, model: AgentSwinTransformer | None = None) 
 
 # ----------------------------------------------------------------------------------------------- registry
 def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
-    return build_model_with_cfg(AgentSwinTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=_helpers.feature_cfg(kwargs, (2, 2, 6, 2)), **kwargs)
+    return _helpers.create(AgentSwinTransformer, variant, pretrained, checkpoint_filter_fn,
+                           _helpers.feature_cfg(kwargs, (2, 2, 6, 2)), kwargs)
 
 
-def agent_cfg(url: str = "", **kwargs) -> dict:
-    """The pretrained config shared by the Agent-Attention families (Swin / PVT / DeiT) with ``kwargs`` on top.
+def agent_cfg(url: str | tuple[str, str] = "", **kwargs) -> dict:
+    """The pretrained config shared by the Agent-Attention families (Swin / PVT / DeiT) with ``kwargs`` on top;
+    ``url`` is ``(url, cache file name)`` (see :func:`tsinghua`).
 
     fixed_input_size: timm then builds at the tag's input size (img_size), which sizes the agent biases (and the
     PVT / DeiT position embeddings). Evaluation as in agent_transformer/data/build.py: resize to 256/224 of the size,
@@ -332,16 +343,25 @@ def agent_cfg(url: str = "", **kwargs) -> dict:
     return dict(cfg, **kwargs)
 
 
-# Released weights (agent_transformer/README.md, TsinghuaCloud links; files hold {"model": state_dict, ...}).
+# Released weights (agent_transformer/README.md, TsinghuaCloud links; files hold {"model": state_dict, ...}; no
+# hash is published).
 TSINGHUA_URL = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
+
+
+def tsinghua(share: str, name: str) -> tuple[str, str]:
+    """timm's ``url=(url, file name)`` for a TsinghuaCloud share of the registered ``name`` ("variant.tag"): the
+    share URLs end in ``/``, so the download needs a file name of its own (``_helpers.pretrained_file_name``)."""
+    return TSINGHUA_URL.format(share), _helpers.pretrained_file_name(*name.split("."))
+
+
 default_cfgs = generate_default_cfgs({
-    "agent_swin_t.in1k": agent_cfg(TSINGHUA_URL.format("a2ddc1190c224f768a41")),
-    "agent_swin_s.in1k": agent_cfg(TSINGHUA_URL.format("f607172c9fea4d6e99bb")),
-    "agent_swin_s.in1k_288": agent_cfg(TSINGHUA_URL.format("09760394e93b4046a25e"), input_size=(3, 288, 288),
-                                  pool_size=(9, 9), crop_pct=1.0),
-    "agent_swin_b.in1k": agent_cfg(TSINGHUA_URL.format("4fcd2d0114bb490483c3")),
-    "agent_swin_b.in1k_384": agent_cfg(TSINGHUA_URL.format("bb84ee9058954706a557"), input_size=(3, 384, 384),
-                                  pool_size=(12, 12), crop_pct=1.0),
+    "agent_swin_t.in1k": agent_cfg(tsinghua("a2ddc1190c224f768a41", "agent_swin_t.in1k")),
+    "agent_swin_s.in1k": agent_cfg(tsinghua("f607172c9fea4d6e99bb", "agent_swin_s.in1k")),
+    "agent_swin_s.in1k_288": agent_cfg(tsinghua("09760394e93b4046a25e", "agent_swin_s.in1k_288"),
+                                       input_size=(3, 288, 288), pool_size=(9, 9), crop_pct=1.0),
+    "agent_swin_b.in1k": agent_cfg(tsinghua("4fcd2d0114bb490483c3", "agent_swin_b.in1k")),
+    "agent_swin_b.in1k_384": agent_cfg(tsinghua("bb84ee9058954706a557", "agent_swin_b.in1k_384"),
+                                       input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
 })
 
 

@@ -24,22 +24,26 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.layers import register_notrace_module, trunc_normal_
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from visattn import functional
 from visattn.models import _helpers
-from visattn.models.agent import TSINGHUA_URL, agent_cfg
+from visattn.models._helpers import checked_size
+from visattn.models.agent import agent_cfg, tsinghua
 from visattn.nn.agent import agent_position_biases, pool_agents
+
+torch.fx.wrap("checked_size")  # a call node in any FX trace, whichever module is the traced root
 
 __all__ = ["AgentDeiT", "DeitAgentAttention", "checkpoint_filter_fn"]
 
 POOL_TYPES = ("", "token", "avg", "max", "avgmax")  # timm's ViT heads ('token': the class token, as released)
 
 
+@register_notrace_module
 class DeitAgentAttention(nn.Module):
     """Agent-DeiT's agent attention on ``[B, 1 + H*W, C]`` tokens (class token first) of a fixed ``grid_size``
     patch grid, via :func:`visattn.functional.agent_attention` (official names ``qkv``, ``proj``, ``dwc``,
@@ -48,9 +52,11 @@ class DeitAgentAttention(nn.Module):
     Args:
         dim: channels C; num_heads: heads (divides C); grid_size: (H, W) patch grid the biases are sized for;
         agent_num: agents, a perfect square (a pooled grid); qkv_bias; proj_drop; backend: "auto" | "triton" |
-        "sdpa" | "reference" (see :func:`visattn.agent_attention`).
+        "sdpa" | "reference" (see :func:`visattn.agent_attention`); device / dtype: timm's factory keywords.
+        A leaf of timm's FX tracing (the token-count check and the agent op).
     """
 
+    @_helpers.factory_kwargs
     def __init__(self, dim: int, num_heads: int, grid_size: Sequence[int], agent_num: int = 49,
                  qkv_bias: bool = True, proj_drop: float = 0.0, backend: str = "auto"):
         super().__init__()
@@ -125,19 +131,22 @@ class AgentDeiT(nn.Module):
             embed_dim; depth; num_heads; mlp_ratio; qkv_bias; drop_rate (head); pos_drop_rate (after the position
             embedding); proj_drop_rate (attention and MLP outputs: the official ``drop_rate``); drop_path_rate;
             agent_num: agents of every agent block (int) or one entry per block; agent_layer: how many leading blocks
-            are agent blocks (None or < 1: all, the official -1); backend: attention backend of every agent block.
+            are agent blocks (None or < 1: all, the official -1); backend: attention backend of every agent block;
+            device / dtype: timm's factory keywords.
     """
 
     num_prefix_tokens = 1  # the class token
 
+    @_helpers.factory_kwargs
     def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  global_pool: str = "token", embed_dim: int = 192, depth: int = 12, num_heads: int = 3,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0, pos_drop_rate: float = 0.0,
                  proj_drop_rate: float = 0.0, drop_path_rate: float = 0.0, agent_num: int | Sequence[int] = 49,
                  agent_layer: int | None = None, backend: str = "auto", **kwargs):
         super().__init__()
-        if kwargs:
-            raise ValueError(f"AgentDeiT got unexpected arguments: {sorted(kwargs)}")
+        _helpers.reject_unknown("AgentDeiT", kwargs)
+        _helpers.check_model_args(num_classes, in_chans, drop_rate=drop_rate, pos_drop_rate=pos_drop_rate,
+                                  proj_drop_rate=proj_drop_rate, drop_path_rate=drop_path_rate)
         self.img_size = _helpers.to_2tuple_int(img_size, "img_size")
         if any(s % patch_size for s in self.img_size):
             raise ValueError(f"img_size {self.img_size} must be a multiple of patch_size={patch_size}")
@@ -147,7 +156,7 @@ class AgentDeiT(nn.Module):
             raise ValueError(f"agent_num must be an int or one entry per block (depth={depth}), got {agent_num!r}")
         agent_layer = depth if agent_layer is None or agent_layer < 1 else min(int(agent_layer), depth)
         self.global_pool = _check_pool(global_pool)
-        self.num_classes = num_classes
+        self.num_classes, self.in_chans = num_classes, in_chans
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -196,14 +205,14 @@ class AgentDeiT(nn.Module):
         if global_pool is not None:
             self.global_pool = _check_pool(global_pool)
         self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = _helpers.classifier(self, self.embed_dim, num_classes)
 
     def _tokens(self, x: Tensor) -> Tensor:
         """Images ``[B, C, H, W]`` -> class + patch tokens with the position embedding ``[B, 1 + N, C]``."""
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"AgentDeiT: input {tuple(x.shape[-2:])} but the position embedding and biases are "
-                             f"sized for img_size={self.img_size}; create the model with img_size= for this input "
-                             f"(checkpoints are resized by checkpoint_filter_fn)")
+        x = checked_size(x, self.img_size, 2,
+                         f"AgentDeiT: input {{got}} but the position embedding and biases are sized for "
+                         f"img_size={self.img_size}; create the model with img_size= for this input "
+                         f"(checkpoints are resized by checkpoint_filter_fn)")
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x + self.pos_embed)
@@ -328,19 +337,21 @@ def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> Agen
     # features_only as timm's ViT: a getter over forward_intermediates; default the 4 evenly spaced blocks
     depth = kwargs.get("depth", 12)
     out_indices = kwargs.pop("out_indices", tuple(depth * (i + 1) // 4 - 1 for i in range(4)))
-    return build_model_with_cfg(AgentDeiT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+    out_indices = _helpers.check_out_indices(out_indices, depth, "blocks")
+    return _helpers.create(AgentDeiT, variant, pretrained, checkpoint_filter_fn,
+                           dict(out_indices=out_indices, feature_cls="getter"), kwargs)
 
 
-def _cfg(url: str = "", **kwargs) -> dict:
+def _cfg(url: tuple[str, str] | str = "", **kwargs) -> dict:
     return agent_cfg(url, **dict(dict(pool_size=None), **kwargs))
 
 
 default_cfgs = generate_default_cfgs({
-    "agent_deit_t.in1k": _cfg(TSINGHUA_URL.format("57e0904221824ee7b7af")),
-    "agent_deit_s.in1k": _cfg(TSINGHUA_URL.format("fdd43304372541db8ea7")),
-    "agent_deit_s.in1k_448": _cfg(TSINGHUA_URL.format("a228f86241c445f1969b"), input_size=(3, 448, 448)),
-    "agent_deit_b.in1k": _cfg(TSINGHUA_URL.format("5115f15fdd7e4ab58fbc")),
+    "agent_deit_t.in1k": _cfg(tsinghua("57e0904221824ee7b7af", "agent_deit_t.in1k")),
+    "agent_deit_s.in1k": _cfg(tsinghua("fdd43304372541db8ea7", "agent_deit_s.in1k")),
+    "agent_deit_s.in1k_448": _cfg(tsinghua("a228f86241c445f1969b", "agent_deit_s.in1k_448"),
+                                  input_size=(3, 448, 448)),
+    "agent_deit_b.in1k": _cfg(tsinghua("5115f15fdd7e4ab58fbc", "agent_deit_b.in1k")),
 })
 
 

@@ -27,14 +27,17 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import register_notrace_module, trunc_normal_
+from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from visattn import functional
 from visattn.models import _helpers
-from visattn.models.agent import TSINGHUA_URL, agent_cfg
+from visattn.models._helpers import checked_size
+from visattn.models.agent import agent_cfg, tsinghua
 from visattn.nn.agent import agent_position_biases, pool_agents
+
+torch.fx.wrap("checked_size")  # a call node in any FX trace, whichever module is the traced root
 
 __all__ = ["AgentPyramidVisionTransformer", "PvtAgentAttention", "SpatialReductionAttention", "checkpoint_filter_fn"]
 
@@ -94,6 +97,7 @@ class _KeyValueReduction(nn.Module):
         return self.norm(self.sr(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
+@register_notrace_module
 class PvtAgentAttention(_KeyValueReduction):
     """Agent-PVT's agent attention on a ``[B, H, W, C]`` map of fixed size ``map_size`` (official names ``q``,
     ``kv``, ``proj``, ``sr``/``norm`` when ``sr_ratio > 1``, ``dwc``, ``an_bias``, ``na_bias``, ``ah_bias``,
@@ -103,9 +107,11 @@ class PvtAgentAttention(_KeyValueReduction):
         dim: channels C; num_heads: heads (divides C); map_size: (H, W) the separable biases are sized for;
         agent_num: agents, a perfect square (a pooled grid); sr_ratio: key/value spatial reduction (1: none, as
         released; > 1 needs H and W divisible by it); qkv_bias; proj_drop; backend: "auto" | "triton" | "sdpa" |
-        "reference" (see :func:`visattn.agent_attention`).
+        "reference" (see :func:`visattn.agent_attention`); device / dtype: timm's factory keywords. A leaf of timm's
+        FX tracing (the map-size check and the agent op).
     """
 
+    @_helpers.factory_kwargs
     def __init__(self, dim: int, num_heads: int, map_size: Sequence[int], agent_num: int = 49, sr_ratio: int = 1,
                  qkv_bias: bool = True, proj_drop: float = 0.0, backend: str = "auto"):
         super().__init__()
@@ -153,8 +159,10 @@ class PvtAgentAttention(_KeyValueReduction):
 
 class SpatialReductionAttention(_KeyValueReduction):
     """PVT's attention (the official ``Attention``: ``q``, ``kv``, ``proj``, ``sr``/``norm``): every query attends
-    the keys of the map reduced by ``sr_ratio``; one fused SDPA call on ``[B, H, W, C]``."""
+    the keys of the map reduced by ``sr_ratio``; one fused SDPA call on ``[B, H, W, C]``. Takes timm's ``device`` /
+    ``dtype``."""
 
+    @_helpers.factory_kwargs
     def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, qkv_bias: bool = True, proj_drop: float = 0.0):
         super().__init__()
         if dim % num_heads:
@@ -230,10 +238,9 @@ class AgentPvtStage(nn.Module):
         ])
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.patch_embed(x)
-        if tuple(x.shape[1:3]) != self.map_size:
-            raise ValueError(f"AgentPvtStage: the map is {tuple(x.shape[1:3])} but the position embedding is sized "
-                             f"for {self.map_size}; create the model with img_size= for this input")
+        x = checked_size(self.patch_embed(x), self.map_size, 1,
+                         f"AgentPvtStage: the map is {{got}} but the position embedding is sized for {self.map_size}; "
+                         f"create the model with img_size= for this input")
         x = self.pos_drop(x + self.pos_embed.view(1, *self.map_size, -1))
         return _helpers.run_blocks(self.blocks, x, self.grad_checkpointing)
 
@@ -261,11 +268,12 @@ class AgentPyramidVisionTransformer(_helpers.StagedBackbone):
             (attention and MLP outputs: the official ``drop_rate``); drop_path_rate; sr_ratios: spatial reduction of
             the ``B`` blocks; agent_sr_ratios: of the ``A`` blocks (official ``PVT_LA_SR_RATIOS``, e.g. '1111');
             agent_num: per stage; attn_type: one 'A'/'B' letter per stage (e.g. 'AAAA'); backend: attention backend
-            of every agent block.
+            of every agent block; device / dtype: timm's factory keywords.
     """
 
     _stem_name, _stages_name = "stages", "stages"  # no stem: each stage opens with its own patch embedding
 
+    @_helpers.factory_kwargs
     def __init__(self, img_size=224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
                  global_pool: str = "avg", embed_dims: Sequence[int] = (64, 128, 320, 512),
                  num_heads: Sequence[int] = (1, 2, 5, 8), mlp_ratios: Sequence[float] = (8, 8, 4, 4),
@@ -275,8 +283,9 @@ class AgentPyramidVisionTransformer(_helpers.StagedBackbone):
                  agent_num: Sequence[int] = (9, 16, 49, 49), attn_type: str = "AAAA", backend: str = "auto",
                  **kwargs):
         super().__init__()
-        if kwargs:
-            raise ValueError(f"AgentPyramidVisionTransformer got unexpected arguments: {sorted(kwargs)}")
+        _helpers.reject_unknown("AgentPyramidVisionTransformer", kwargs)
+        _helpers.check_model_args(num_classes, in_chans, drop_rate=drop_rate, pos_drop_rate=pos_drop_rate,
+                                  proj_drop_rate=proj_drop_rate, drop_path_rate=drop_path_rate)
         stages = len(depths)
         embed_dims = _per_stage(embed_dims, stages, "embed_dims")
         num_heads = _per_stage(num_heads, stages, "num_heads")
@@ -292,7 +301,7 @@ class AgentPyramidVisionTransformer(_helpers.StagedBackbone):
         if any(s % stride for s in self.img_size):
             raise ValueError(f"img_size {self.img_size} must be a multiple of {stride} (patch_size * 2**(stages-1))")
         self.global_pool = _helpers.check_pool_type(global_pool)
-        self.num_classes = num_classes
+        self.num_classes, self.in_chans = num_classes, in_chans
         self.output_fmt = "NHWC"
         self.num_features = self.head_hidden_size = embed_dims[-1]
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
@@ -313,11 +322,11 @@ class AgentPyramidVisionTransformer(_helpers.StagedBackbone):
         self._init_head(nn.Identity(), drop_rate)  # the official model has no final norm
 
     def _embed(self, x: Tensor) -> Tensor:
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"AgentPyramidVisionTransformer: input {tuple(x.shape[-2:])} but the position "
-                             f"embeddings and biases are sized for img_size={self.img_size}; create the model with "
-                             f"img_size= for this input (checkpoints are resized by checkpoint_filter_fn)")
-        return x  # the first stage's patch embedding takes the NCHW images (timm's hooked features call it so)
+        # the first stage's patch embedding takes the NCHW images (timm's hooked features call it so)
+        return checked_size(x, self.img_size, 2,
+                            f"AgentPyramidVisionTransformer: input {{got}} but the position embeddings and biases are "
+                            f"sized for img_size={self.img_size}; create the model with img_size= for this input "
+                            f"(checkpoints are resized by checkpoint_filter_fn)")
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -385,22 +394,21 @@ def checkpoint_filter_fn(state_dict, model: AgentPyramidVisionTransformer | None
 
 # ----------------------------------------------------------------------------------------------- registry
 def _create_agent_pvt(variant: str, pretrained: bool = False, **kwargs) -> AgentPyramidVisionTransformer:
-    return build_model_with_cfg(AgentPyramidVisionTransformer, variant, pretrained,
-                                pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=_helpers.feature_cfg(kwargs, (2, 2, 2, 2)), **kwargs)
+    return _helpers.create(AgentPyramidVisionTransformer, variant, pretrained, checkpoint_filter_fn,
+                           _helpers.feature_cfg(kwargs, (2, 2, 2, 2)), kwargs)
 
 
-def _cfg(url: str = "", **kwargs) -> dict:
+def _cfg(url: tuple[str, str] | str = "", **kwargs) -> dict:
     return agent_cfg(url, **dict(dict(first_conv="stages.0.patch_embed.proj"), **kwargs))
 
 
 default_cfgs = generate_default_cfgs({
-    "agent_pvt_t.in1k": _cfg(TSINGHUA_URL.format("13fdf0e0a7c5498c934f")),
-    "agent_pvt_s.in1k": _cfg(TSINGHUA_URL.format("36b8be9a8863456685a3")),
-    "agent_pvt_m.in1k": _cfg(TSINGHUA_URL.format("4d00ecacf18b45f9b88c")),
-    "agent_pvt_m.in1k_256": _cfg(TSINGHUA_URL.format("654df734121643b19c52"), input_size=(3, 256, 256),
+    "agent_pvt_t.in1k": _cfg(tsinghua("13fdf0e0a7c5498c934f", "agent_pvt_t.in1k")),
+    "agent_pvt_s.in1k": _cfg(tsinghua("36b8be9a8863456685a3", "agent_pvt_s.in1k")),
+    "agent_pvt_m.in1k": _cfg(tsinghua("4d00ecacf18b45f9b88c", "agent_pvt_m.in1k")),
+    "agent_pvt_m.in1k_256": _cfg(tsinghua("654df734121643b19c52", "agent_pvt_m.in1k_256"), input_size=(3, 256, 256),
                                  pool_size=(8, 8)),
-    "agent_pvt_l.in1k": _cfg(TSINGHUA_URL.format("040cfe0cfbbe4762ad09")),
+    "agent_pvt_l.in1k": _cfg(tsinghua("040cfe0cfbbe4762ad09", "agent_pvt_l.in1k")),
 })
 
 _RELEASED = dict(patch_size=4, embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4),

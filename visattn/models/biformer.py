@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import DropPath, Mlp, register_notrace_module
+from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from visattn import functional
@@ -31,6 +31,7 @@ from visattn.models import _helpers
 __all__ = ["BiFormer", "BiLevelRoutingAttention", "AttentionLePE", "checkpoint_filter_fn"]
 
 
+@register_notrace_module
 class BiLevelRoutingAttention(nn.Module):
     """BiFormer's bi-level routing attention (``ops/bra_legacy.py`` as released: identity kv downsampling,
     non-differentiable top-k routing, ``qkvo`` projections) on ``[B, H, W, C]``, via
@@ -40,12 +41,14 @@ class BiLevelRoutingAttention(nn.Module):
         dim: channels C; num_heads: heads (divide C and qk_dim); n_win: regions per side;
         qk_dim: q/k width (default C); qk_scale: logit scale (default ``qk_dim ** -0.5``, the released quirk);
         topk: routed regions per query region; side_dwconv: LePE depthwise kernel on v (0: off);
-        backend: "auto" | "reference" | "triton".
+        backend: "auto" | "reference" | "triton"; device / dtype: timm's factory keywords.
 
-    Maps that ``n_win`` does not divide are zero-padded at the bottom/right *before* the projection (padded tokens
+    A leaf of timm's FX tracing (the routing op and the padding depend on the map's size). Maps that ``n_win``
+    does not divide are zero-padded at the bottom/right *before* the projection (padded tokens
     carry the projection bias, BiFormer's ``auto_pad``) and cropped after ``wo``.
     """
 
+    @_helpers.factory_kwargs
     def __init__(self, dim: int, num_heads: int = 8, n_win: int = 7, qk_dim: int | None = None,
                  qk_scale: float | None = None, topk: int = 4, side_dwconv: int = 5, backend: str = "auto"):
         super().__init__()
@@ -85,6 +88,7 @@ class AttentionLePE(nn.Module):
     """BiFormer's last-stage full attention (``models/_common.py``): bias-free qkv, SDPA over all tokens, plus a
     depthwise LePE of the *input* (as released), then ``proj``. ``side_dwconv=0`` gives plain ``Attention``."""
 
+    @_helpers.factory_kwargs
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: float | None = None,
                  side_dwconv: int = 5):
         super().__init__()
@@ -167,11 +171,12 @@ class BiFormer(_helpers.StagedBackbone):
         n_win: regions per side; qk_scale: override of the BRA scale; side_dwconv: LePE kernel;
         before_attn_dwconv: position-embedding conv kernel; drop_rate (head), drop_path_rate; layer_scale:
         gamma init (None: off, as released); img_size: nominal input size (any size runs: maps are padded to the
-        region grid); backend: attention backend for every BRA.
+        region grid); backend: attention backend for every BRA; device / dtype: timm's factory keywords.
     """
 
     _stem_name, _stages_name = "stem", "stages"  # the checkpoints' names
 
+    @_helpers.factory_kwargs
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, global_pool: str = "avg",
                  depths: Sequence[int] = (2, 2, 8, 2), embed_dims: Sequence[int] = (64, 128, 256, 512),
                  mlp_ratios: Sequence[float] = (3, 3, 3, 3), qk_dims: Sequence[int] | None = None,
@@ -180,8 +185,8 @@ class BiFormer(_helpers.StagedBackbone):
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, layer_scale: float | None = None,
                  img_size=224, backend: str = "auto", **kwargs):
         super().__init__()
-        if kwargs:
-            raise ValueError(f"BiFormer got unexpected arguments: {sorted(kwargs)}")
+        _helpers.reject_unknown("BiFormer", kwargs)
+        _helpers.check_model_args(num_classes, in_chans, drop_rate=drop_rate, drop_path_rate=drop_path_rate)
         qk_dims = tuple(embed_dims) if qk_dims is None else tuple(qk_dims)
         for name, value in (("embed_dims", embed_dims), ("mlp_ratios", mlp_ratios), ("qk_dims", qk_dims),
                             ("topks", topks)):
@@ -189,7 +194,7 @@ class BiFormer(_helpers.StagedBackbone):
                 raise ValueError(f"{name} {tuple(value)} must have one entry per stage of depths {tuple(depths)}")
         self.global_pool = _helpers.check_pool_type(global_pool)
         self.img_size = _helpers.to_2tuple_int(img_size, "img_size")
-        self.num_classes = num_classes
+        self.num_classes, self.in_chans = num_classes, in_chans
         self.output_fmt = "NCHW"
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.stem = nn.Sequential(
@@ -250,25 +255,29 @@ def checkpoint_filter_fn(state_dict, model: BiFormer | None = None) -> dict:
 
 # ----------------------------------------------------------------------------------------------- registry
 def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> BiFormer:
-    return build_model_with_cfg(BiFormer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=_helpers.feature_cfg(kwargs, (2, 2, 8, 2)), **kwargs)
+    return _helpers.create(BiFormer, variant, pretrained, checkpoint_filter_fn,
+                           _helpers.feature_cfg(kwargs, (2, 2, 8, 2)), kwargs)
 
 
-def _cfg(url: str = "", **kwargs) -> dict:
+def _cfg(url: str = "", file_name: str = "", **kwargs) -> dict:
     return dict(
-        url=url, num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
-        interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="stem.0",
-        classifier="head", license="mit", paper_ids="arXiv:2303.08810",
+        url=(url, file_name) if url else "", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7),
+        crop_pct=0.875, interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        first_conv="stem.0", classifier="head", license="mit", paper_ids="arXiv:2303.08810",
         origin_url="https://github.com/rayleizhu/BiFormer", **kwargs,
     )
 
 
 # Released weights (models/biformer.py model_urls: OneDrive share links, files biformer_*_in1k.pth holding
-# {"model": state_dict}); timm's loader fetches ``url`` and checkpoint_filter_fn maps the names.
+# {"model": state_dict}); no hash is published. The three URLs all end in /root/content, so each is given its own
+# cache file name (timm's url=(url, file name) form, downloaded by _helpers.create); checkpoint_filter_fn maps
+# the names.
+_ONEDRIVE = "https://api.onedrive.com/v1.0/shares/s!{}/root/content"
 default_cfgs = generate_default_cfgs({
-    "biformer_tiny.in1k": _cfg("https://api.onedrive.com/v1.0/shares/s!AkBbczdRlZvChHEOoGkgwgQzEDlM/root/content"),
-    "biformer_small.in1k": _cfg("https://api.onedrive.com/v1.0/shares/s!AkBbczdRlZvChHDyM-x9KWRBZ832/root/content"),
-    "biformer_base.in1k": _cfg("https://api.onedrive.com/v1.0/shares/s!AkBbczdRlZvChHI_XPhoadjaNxtO/root/content"),
+    f"{name}.in1k": _cfg(_ONEDRIVE.format(share), _helpers.pretrained_file_name(name, "in1k"))
+    for name, share in (("biformer_tiny", "AkBbczdRlZvChHEOoGkgwgQzEDlM"),
+                        ("biformer_small", "AkBbczdRlZvChHDyM-x9KWRBZ832"),
+                        ("biformer_base", "AkBbczdRlZvChHI_XPhoadjaNxtO"))
 })
 
 _RELEASED = dict(mlp_ratios=(3, 3, 3, 3), topks=(1, 4, 16, -2), head_dim=32, n_win=7, side_dwconv=5,

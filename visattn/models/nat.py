@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import DropPath, Mlp, register_notrace_module, trunc_normal_
+from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from visattn import functional
@@ -55,6 +55,7 @@ class ConvDownsampler(nn.Module):
         return self.norm(self.reduction(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
+@register_notrace_module
 class NeighborhoodAttention(nn.Module):
     """2-D neighborhood attention with a relative-position bias on ``[B, H, W, C]`` (NATTEN's names: ``qkv``,
     ``rpb`` ``[heads, 2k-1, 2k-1]``, ``proj``), calling :func:`visattn.functional.na2d`.
@@ -62,9 +63,15 @@ class NeighborhoodAttention(nn.Module):
     Args:
         dim: channels C; num_heads: heads (must divide C); kernel_size / dilation: the neighborhood;
         qkv_bias: bias on the fused qkv Linear; qk_scale: logit scale (default head_dim**-0.5);
-        proj_drop: dropout after the output projection; backend: "auto" | "reference" | "triton".
+        proj_drop: dropout after the output projection; backend: "auto" | "reference" | "triton";
+        device / dtype: timm's factory keywords.
+
+    Maps smaller than ``kernel_size * dilation`` are zero-padded at the bottom/right before the projection and
+    cropped after it, as NATTEN's early module and transformers' ``DinatLayer`` do. A leaf of timm's FX tracing
+    (the neighbourhood op and the padding rule depend on the map's size).
     """
 
+    @_helpers.factory_kwargs
     def __init__(self, dim: int, num_heads: int, kernel_size: int = 7, dilation: int = 1, qkv_bias: bool = True,
                  qk_scale: float | None = None, proj_drop: float = 0.0, backend: str = "auto"):
         super().__init__()
@@ -81,6 +88,15 @@ class NeighborhoodAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: Tensor) -> Tensor:
+        height, width = x.shape[1:3]
+        window = self.kernel_size * self.dilation
+        pad_h, pad_w = max(0, window - height), max(0, window - width)
+        if pad_h or pad_w:
+            x = self._attend(F.pad(x, (0, 0, 0, pad_w, 0, pad_h)))
+            return x[:, :height, :width]
+        return self._attend(x)
+
+    def _attend(self, x: Tensor) -> Tensor:
         batch, height, width, channels = x.shape
         qkv = self.qkv(x).view(batch, height, width, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(3)  # strided views of the fused projection
@@ -94,18 +110,14 @@ class NeighborhoodAttention(nn.Module):
 
 
 class NATLayer(nn.Module):
-    """Pre-norm transformer layer with 2-D neighborhood attention (+rpb) and an MLP.
-
-    Maps smaller than ``kernel_size * dilation`` are zero-padded at the bottom/right after ``norm1`` and cropped
-    after attention, as NATTEN's early module and transformers' ``DinatLayer`` do.
-    """
+    """Pre-norm transformer layer with 2-D neighborhood attention (+rpb) and an MLP (the attention pads maps
+    smaller than its window)."""
 
     def __init__(self, dim: int, num_heads: int, kernel_size: int = 7, dilation: int = 1, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, qk_scale: float | None = None, proj_drop: float = 0.0,
                  drop_path: float = 0.0, layer_scale: float | None = None, norm_layer=nn.LayerNorm,
                  act_layer=nn.GELU, backend: str = "auto"):
         super().__init__()
-        self.window = kernel_size * dilation
         self.norm1 = norm_layer(dim)
         self.attn = NeighborhoodAttention(dim, num_heads, kernel_size, dilation=dilation, qkv_bias=qkv_bias,
                                           qk_scale=qk_scale, proj_drop=proj_drop, backend=backend)
@@ -114,16 +126,8 @@ class NATLayer(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.gamma1, self.gamma2 = _helpers.layer_scales(dim, layer_scale)
 
-    def _attention(self, x: Tensor) -> Tensor:
-        height, width = x.shape[1:3]
-        pad_h, pad_w = max(0, self.window - height), max(0, self.window - width)
-        if pad_h or pad_w:
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        x = self.attn(x)
-        return x[:, :height, :width] if (pad_h or pad_w) else x
-
     def forward(self, x: Tensor) -> Tensor:
-        attn = self._attention(self.norm1(x))
+        attn = self.attn(self.norm1(x))
         x = x + self.drop_path(attn if self.gamma1 is None else self.gamma1 * attn)
         mlp = self.mlp(self.norm2(x))
         return x + self.drop_path(mlp if self.gamma2 is None else self.gamma2 * mlp)
@@ -158,11 +162,13 @@ class NAT(_helpers.StagedBackbone):
         mlp_ratio, qkv_bias, qk_scale, drop_rate (head), pos_drop_rate, proj_drop_rate, drop_path_rate,
         layer_scale (init of gamma1/gamma2, None: off), norm_layer;
         img_size: nominal input size (NAT runs at any size >= 32; recorded for timm's pretrained cfg);
-        backend: attention backend for every layer ("auto" | "reference" | "triton").
+        backend: attention backend for every layer ("auto" | "reference" | "triton");
+        device / dtype: timm's factory keywords (where parameters are created, their floating dtype).
     """
 
     _stem_name, _stages_name = "patch_embed", "levels"  # the checkpoints' names
 
+    @_helpers.factory_kwargs
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, global_pool: str = "avg", embed_dim: int = 64,
                  depths: Sequence[int] = (3, 4, 6, 5), num_heads: Sequence[int] = (2, 4, 8, 16),
                  kernel_size: int = 7, dilations: Sequence[Sequence[int]] | None = None, mlp_ratio: float = 3.0,
@@ -171,8 +177,9 @@ class NAT(_helpers.StagedBackbone):
                  layer_scale: float | None = None, norm_layer=nn.LayerNorm, img_size=224, backend: str = "auto",
                  **kwargs):
         super().__init__()
-        if kwargs:
-            raise ValueError(f"NAT got unexpected arguments: {sorted(kwargs)}")
+        _helpers.reject_unknown("NAT", kwargs)
+        _helpers.check_model_args(num_classes, in_chans, drop_rate=drop_rate, pos_drop_rate=pos_drop_rate,
+                                  proj_drop_rate=proj_drop_rate, drop_path_rate=drop_path_rate)
         self.global_pool = _helpers.check_pool_type(global_pool)
         if len(num_heads) != len(depths):
             raise ValueError(f"num_heads {tuple(num_heads)} must have one entry per stage of depths {tuple(depths)}")
@@ -181,7 +188,7 @@ class NAT(_helpers.StagedBackbone):
         if len(dilations) != len(depths) or any(len(dl) != d for dl, d in zip(dilations, depths, strict=True)):
             raise ValueError(f"dilations must give one value per layer of depths {tuple(depths)}, got {dilations!r}")
         self.img_size = _helpers.to_2tuple_int(img_size, "img_size")
-        self.num_classes = num_classes
+        self.num_classes, self.in_chans = num_classes, in_chans
         self.output_fmt = "NHWC"
         self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (len(depths) - 1))
         self.patch_embed = ConvTokenizer(in_chans, embed_dim, norm_layer)
@@ -289,8 +296,7 @@ def _create_nat(variant: str, pretrained: bool = False, **kwargs) -> NAT:
         # hooked stage outputs are NHWC; NCHW maps come from forward_intermediates (the 'getter' wrapper)
         if feature_cfg["output_fmt"] == "NCHW":
             kwargs.setdefault("feature_cls", "getter")
-    return build_model_with_cfg(NAT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=feature_cfg, **kwargs)
+    return _helpers.create(NAT, variant, pretrained, checkpoint_filter_fn, feature_cfg, kwargs)
 
 
 def _cfg(hf_hub_id: str = "", paper: str = "nat", **kwargs) -> dict:

@@ -99,6 +99,7 @@ class AgentAttention(nn.Module):
         backend: keyword-only, None/"auto", "triton", "sdpa", "reference" (see :func:`visattn.agent_attention`).
     """
 
+    @_args.factory_kwargs
     def __init__(self, dim: int, window_size: _args.IntOrTuple, num_heads: int, qkv_bias: bool = True,
                  qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0, shift_size: int = 0,
                  agent_num: int = 49, *, backend: str | None = None):

@@ -20,6 +20,7 @@ class _NeighborhoodAttention(nn.Module):
 
     rank: int = 0
 
+    @_args.factory_kwargs
     def __init__(self, embed_dim: int, num_heads: int, kernel_size: _args.IntOrTuple, stride: _args.IntOrTuple = 1,
                  dilation: _args.IntOrTuple = 1, is_causal: bool | tuple[bool, ...] = False, qkv_bias: bool = True,
                  qk_scale: float | None = None, proj_drop: float = 0.0, *, rel_pos_bias: bool = False,

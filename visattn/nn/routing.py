@@ -50,6 +50,7 @@ class BiLevelRoutingAttention(nn.Module):
         backend: keyword-only, None/"auto", "reference" or "triton" (see :func:`visattn.bilevel_routing_attention`).
     """
 
+    @_args.factory_kwargs
     def __init__(self, dim: int, num_heads: int = 8, n_win: int = 7, qk_dim: int | None = None,
                  qk_scale: float | None = None, kv_per_win: int = 4, kv_downsample_ratio: int = 4,
                  kv_downsample_kernel: int | None = None, kv_downsample_mode: str = "identity", topk: int = 4,

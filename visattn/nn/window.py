@@ -37,6 +37,7 @@ class WindowAttention(nn.Module):
         backend: keyword-only, None/"auto", "reference" or "triton" (see :func:`visattn.window_attention`).
     """
 
+    @_args.factory_kwargs
     def __init__(self, dim: int, window_size: _args.IntOrTuple, num_heads: int, qkv_bias: bool = True,
                  qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0, *,
                  shift_size: _args.IntOrTuple = 0, rel_pos_bias: bool = True, backend: str | None = None):
