@@ -8,9 +8,9 @@ One test case per ```python block, id ``FILE:LINE`` (the line of the opening fen
   (a user's model, pipeline or input) must be described in one of the block's comments, for example
   ``# llava = LlavaForConditionalGeneration.from_pretrained(...)``, and is given by the test: GIVEN below builds
   a tiny, randomly initialised stand-in of that object (no network, CPU).
-* Blocks that download official weights (``pretrained=True``) need the offline hub: tests/offline_hub.py serves
-  synthetic checkpoints in the official layouts through timm's real download path. Until it is wired in here they
-  are skipped with the reason "needs offline hub" (OFFLINE_HUB_REASON; ``needs_offline_hub`` selects them).
+* Blocks that download official weights (``pretrained=True``) run inside tests/offline_hub.py's ``OfflineHub``:
+  every name the block creates with ``pretrained=True`` is served as a synthetic checkpoint in its official layout
+  through timm's real download path (``needs_offline_hub`` selects those blocks, ``pretrained_names`` the names).
 * Blocks that need CUDA (``.cuda()``, ``device="cuda"``) carry the ``gpu`` marker; none does today, since every
   op runs on the CPU. None is ``slow`` either: the whole file takes about 25 s of CPU time.
 """
@@ -37,9 +37,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^( {0,3})(`{3,}|~{3,})(.*)$")
-OFFLINE_HUB_REASON = ("needs offline hub (tests/offline_hub.py: official-layout checkpoints served through timm's "
-                      "download path)")
-
 
 @dataclass(frozen=True)
 class Block:
@@ -77,6 +74,11 @@ PYTHON_BLOCKS = [block for block in ALL_BLOCKS if block.lang == "python"]
 
 def needs_offline_hub(block: Block) -> bool:
     return re.search(r"pretrained\s*=\s*True", block.code) is not None
+
+
+def pretrained_names(block: Block) -> list[str]:
+    """The model names a block creates with ``pretrained=True`` (``create_model("name", ..., pretrained=True)``)."""
+    return re.findall(r"create_model\(\s*[\"']([^\"']+)[\"'][^)]*pretrained\s*=\s*True", block.code)
 
 
 def needs_gpu(block: Block) -> bool:
@@ -239,8 +241,6 @@ def _params():
     params = []
     for block in PYTHON_BLOCKS:
         marks = []
-        if needs_offline_hub(block):
-            marks.append(pytest.mark.skip(reason=OFFLINE_HUB_REASON))
         if needs_gpu(block):
             marks.append(pytest.mark.gpu)
         params.append(pytest.param(block, id=block.id, marks=marks))
@@ -268,7 +268,22 @@ def test_undefined_names_are_described_and_given():
 
 
 @pytest.mark.parametrize("block", _params())
-def test_doc_block_runs(block: Block):
+def test_doc_block_runs(block: Block, tmp_path):
+    if needs_offline_hub(block):
+        from offline_hub import OfflineHub
+
+        names = pretrained_names(block)
+        assert names, f"{block.id}: pretrained=True but no create_model(\"name\", ..., pretrained=True) found"
+        with OfflineHub(tmp_path) as hub:
+            for name in names:
+                hub.serve_registered(name)
+            _run_block(block)
+            assert len(hub.requests) >= len(names), hub.requests  # the weights came through the hub
+        return
+    _run_block(block)
+
+
+def _run_block(block: Block) -> None:
     names = free_names(block.code)
     if names & {"decoder", "pipe", "sd_pipe"}:
         pytest.importorskip("diffusers")
