@@ -1,7 +1,8 @@
 """A new method is one class + its registration, with no edit inside visattn.tokenprune: methods defined here,
-outside the package, declare their capabilities, are registered by name and run on a tiny random LLaVA-1.5
-through the stock adapters. Oracles: the kept indices computed directly from the eager model's own projected
-features / attention probabilities, and generate() logits against a layer-by-layer reference run."""
+outside the package (one per stage: vision, embedding, LLM), declare their capabilities, are registered by name
+and run on a tiny random LLaVA-1.5 through the stock adapters. Oracles: the kept indices computed directly from
+the eager model's own attention probabilities / projected features, and generate() logits against a
+layer-by-layer reference run of the equivalently pruned sequence."""
 
 from __future__ import annotations
 
@@ -10,17 +11,16 @@ import torch
 
 pytest.importorskip("transformers")
 
-from tp_oracles import llm_reference_logits, projected_patches, topk_sorted  # noqa: E402
-from tp_tiny import IMAGE_TOKEN, as_eager, batch, pixels, prompt, tiny_llava  # noqa: E402
+from test_llava_methods import N_IMG, _generate, _inputs, _span  # noqa: E402
+from tp_oracles import llm_reference_logits, projected_patches, topk_sorted, vision_outputs  # noqa: E402
+from tp_tiny import as_eager, tiny_llava  # noqa: E402
 
 from visattn import tokenprune as tp  # noqa: E402
 from visattn.tokenprune.budget import resolve_budget  # noqa: E402
 from visattn.tokenprune.capabilities import Capabilities  # noqa: E402
-from visattn.tokenprune.methods import LLMPruner, LLMStage  # noqa: E402
+from visattn.tokenprune.methods import LLMPruner, LLMStage, VisionPruner  # noqa: E402
 from visattn.tokenprune.registry import register_method  # noqa: E402
 
-N_IMG = 16  # (56 / 14) ** 2 placeholder tokens per image
-ROWS = [(3, 4, 11), (6, 3, 12)]  # prefix, suffix, seed: different lengths -> left padding
 KEEP = 5
 
 
@@ -36,6 +36,32 @@ class NormTopK(tp.TokenPruner):
     def select(self, embeddings: torch.Tensor) -> torch.Tensor:
         k = resolve_budget(self.keep, embeddings.shape[-2])
         return embeddings.norm(dim=-1).topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+class LeastAttended(VisionPruner):
+    """Vision stage: keep the ``keep`` patches the [CLS] token attends to least in vision layer -2 (heads
+    averaged), in patch order."""
+
+    name = "least-attended"
+    capabilities = Capabilities(stage="vision", cls_attention=True)
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+
+    def capture_layers(self, num_layers: int) -> list[int]:
+        return [num_layers - 2]
+
+    def output_count(self, num_patches: int) -> int:
+        return min(self.keep, num_patches)
+
+    def patch_scores(self, captures: dict) -> torch.Tensor:
+        (probs, _), = captures.values()
+        return -probs.mean(1)[:, 1:]
+
+    def reduce(self, patches, cls_hidden, captures):
+        k = self.output_count(patches.shape[1])
+        idx = self.patch_scores(captures).topk(k, dim=-1).indices.sort(dim=-1).values
+        return patches.gather(1, idx[..., None].expand(-1, -1, patches.shape[-1])), idx, {}
 
 
 class OwnLayerDrop(LLMPruner):
@@ -65,7 +91,7 @@ class PromisesRaters(LLMPruner):
 
 @pytest.fixture(scope="module")
 def registered():
-    names = {"norm-topk": NormTopK, "own-layer-drop": OwnLayerDrop}
+    names = {"norm-topk": NormTopK, "least-attended": LeastAttended, "own-layer-drop": OwnLayerDrop}
     for name, cls in names.items():
         register_method(name)(cls)
     yield names
@@ -79,26 +105,6 @@ def models():
     return model, as_eager(model)
 
 
-def _inputs():
-    ids, mask = batch([prompt(p, N_IMG, s, seed) for p, s, seed in ROWS])
-    return ids, mask, pixels(len(ROWS), seed=7)
-
-
-def _span(ids_row: torch.Tensor) -> int:
-    return int((ids_row == IMAGE_TOKEN).nonzero()[0])
-
-
-def _generate(model, name, ids, mask, px, steps=3):
-    tp.apply(model, name, keep=KEEP)  # by registry name: create() builds the class with keep=
-    try:
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=steps,
-                                 do_sample=False, output_logits=True, return_dict_in_generate=True)
-        return out, tp.last_report(model)
-    finally:
-        tp.remove(model)
-
-
 def test_registered_from_outside(registered):
     for name, cls in registered.items():
         assert name in tp.available()
@@ -106,16 +112,17 @@ def test_registered_from_outside(registered):
         assert type(pruner) is cls and pruner.keep == 3 and pruner.missing_hooks() == []
 
 
-def test_embedding_method_kept_tokens_and_generate(registered, models):
-    model, eager = models
+def _check_before_llm(model, eager, name: str, expected_of) -> None:
+    """A vision / embedding-stage method: kept indices = ``expected_of(i, feats)`` for row ``i``, and generate()
+    logits = the reference run on the prompt with only those projected patches (positions re-indexed)."""
     ids, mask, px = _inputs()
-    out, report = _generate(model, "norm-topk", ids, mask, px)
+    out, report = _generate(model, tp.create(name, keep=KEEP), ids, mask, px)  # built by registry name
     gen = out.sequences[:, ids.shape[1]:]
     logits = torch.stack(out.logits, 1)
     with torch.no_grad():
         feats = projected_patches(eager, px)  # (N, P, D): projector(hidden_states[-2][:, 1:])
         for i in range(ids.shape[0]):
-            expected = topk_sorted(feats[i].double().norm(dim=-1), KEEP)
+            expected = expected_of(i, px, feats)
             assert report.kept_indices[i][0].tolist() == expected
             assert report.visual_tokens_kept[i] == KEEP
             row = ids[i][mask[i].bool()]
@@ -126,11 +133,26 @@ def test_embedding_method_kept_tokens_and_generate(registered, models):
             torch.testing.assert_close(logits[i], ref[0, -3:], atol=2e-4, rtol=1e-4)
 
 
+def test_embedding_method_kept_tokens_and_generate(registered, models):
+    model, eager = models
+    _check_before_llm(model, eager, "norm-topk", lambda i, px, feats: topk_sorted(feats[i].double().norm(dim=-1), KEEP))
+
+
+def test_vision_method_kept_tokens_and_generate(registered, models):
+    model, eager = models
+
+    def least_attended(i, px, feats):
+        attn = vision_outputs(eager, px).attentions[-2]  # (N, H, S, S), eager probabilities
+        return topk_sorted(-attn[i, :, 0, 1:].double().mean(0), KEEP)
+
+    _check_before_llm(model, eager, "least-attended", least_attended)
+
+
 def test_llm_method_kept_tokens_and_generate(registered, models):
     model, eager = models
     ids, mask, px = _inputs()
     layer = 2
-    out, report = _generate(model, "own-layer-drop", ids, mask, px)
+    out, report = _generate(model, tp.create("own-layer-drop", keep=KEEP), ids, mask, px)
     gen = out.sequences[:, ids.shape[1]:]
     logits = torch.stack(out.logits, 1)
     emb = eager.model.language_model.embed_tokens

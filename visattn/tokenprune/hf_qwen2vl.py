@@ -106,8 +106,9 @@ def qwen_vl_adapter(model: torch.nn.Module, pruner: TokenPruner, timing: bool = 
         raise NotImplementedError(f"{type(pruner).__name__} on Qwen2-VL is not supported (no CLIP-style vision "
                                   "tower)")
     if caps.stage not in STAGE_ADAPTERS:
-        raise NotImplementedError(f"{pruner.name} on Qwen2-VL is not supported: its vision tower has no [CLS] "
-                                  "token to score patches with")
+        why = "its vision tower has no [CLS] token to score patches with" if caps.needs_cls_token else (
+            "vision-stage methods have no hook point in its vision tower")
+        raise NotImplementedError(f"{pruner.name} on Qwen2-VL is not supported: {why}")
     if caps.text_raters or caps.recycles:
         raise NotImplementedError(f"{pruner.name} on Qwen2-VL is not supported (recycled tokens have no M-RoPE "
                                   "position; text raters are untested with M-RoPE)")
