@@ -16,10 +16,8 @@ from tp_oracles import llm_reference_logits, projected_patches, topk_sorted, vis
 from tp_tiny import as_eager, tiny_llava  # noqa: E402
 
 from visattn import tokenprune as tp  # noqa: E402
+from visattn.tokenprune import Capabilities, LLMPruner, LLMStage, VisionPruner, register_method  # noqa: E402
 from visattn.tokenprune.budget import resolve_budget  # noqa: E402
-from visattn.tokenprune.capabilities import Capabilities  # noqa: E402
-from visattn.tokenprune.methods import LLMPruner, LLMStage, VisionPruner  # noqa: E402
-from visattn.tokenprune.registry import register_method  # noqa: E402
 
 KEEP = 5
 
