@@ -10,9 +10,9 @@ spatial order, ready for a LLaVA-style projector.
 
 Scores are exact [CLS] rows recomputed from each scored block's own ``in_proj`` weights
 (:func:`visattn.tokenprune.scoring.open_clip_cls_attention`; for ``capabilities.fused_capture`` methods such as
-VTC-CLS the
-block inputs are only stored and all blocks are scored at once by
-:func:`visattn.tokenprune.scoring.clip_cls_attention_layers`); the blocks themselves run unchanged.
+VTC-CLS the block inputs are only stored and all blocks are scored at once by
+:func:`visattn.tokenprune.scoring.clip_cls_attention_layers`); the blocks themselves run unchanged. Which methods
+run here, and which hooks, is read from ``pruner.capabilities`` (vision or embedding stage, ``standalone_tower``).
 """
 
 from __future__ import annotations
