@@ -6,16 +6,20 @@
 >>> tokenprune.last_report(model).visual_tokens_kept
 >>> tokenprune.remove(model)
 
-See docs/TOKENPRUNE.md for budget semantics and the position policy of every method.
+See docs/TOKENPRUNE.md for budget semantics, the position policy of every method and how to write one (a
+``TokenPruner`` subclass declaring its ``Capabilities``, registered with ``register_method``).
 """
 
 from visattn.tokenprune.api import REGISTRY, apply, available, create, last_report, register, remove
+from visattn.tokenprune.capabilities import Capabilities
 from visattn.tokenprune.methods import (
     VTCCLS,
     DivPrune,
+    EmbeddingPruner,
     FasterVLM,
     FastV,
     LLMPruner,
+    LLMStage,
     PyramidDrop,
     TokenPruner,
     Uniform,
@@ -30,10 +34,13 @@ from visattn.tokenprune.tome import ToMe
 __all__ = [
     "REGISTRY",
     "VTCCLS",
+    "Capabilities",
     "DivPrune",
+    "EmbeddingPruner",
     "FastV",
     "FasterVLM",
     "LLMPruner",
+    "LLMStage",
     "PruneReport",
     "PyramidDrop",
     "SparseVLM",

@@ -8,34 +8,31 @@ from collections.abc import Callable
 import torch
 
 from visattn.tokenprune.methods import TokenPruner
-from visattn.tokenprune.tome import ToMe, ToMeAdapter
+from visattn.tokenprune.tome import ToMeAdapter
 
 AdapterFactory = Callable[[torch.nn.Module, TokenPruner, bool], object]
 
 
 def _llava(model: torch.nn.Module, pruner: TokenPruner, timing: bool):
-    from visattn.tokenprune.hf_llava import LlavaAdapter, ToMeLlavaAdapter
+    from visattn.tokenprune.hf_llava import llava_adapter
 
-    return (ToMeLlavaAdapter if isinstance(pruner, ToMe) else LlavaAdapter)(model, pruner, timing=timing)
+    return llava_adapter(model, pruner, timing)
 
 
 def _llava_next(model: torch.nn.Module, pruner: TokenPruner, timing: bool):
-    from visattn.tokenprune.hf_llava_next import LlavaNextAdapter
+    from visattn.tokenprune.hf_llava_next import llava_next_adapter
 
-    if isinstance(pruner, ToMe):
-        raise ValueError(f"model={type(model).__name__}: ToMe on LLaVA-NeXT is not supported")
-    return LlavaNextAdapter(model, pruner, timing=timing)
+    return llava_next_adapter(model, pruner, timing)
 
 
 def _qwen_vl(model: torch.nn.Module, pruner: TokenPruner, timing: bool):
-    from visattn.tokenprune.hf_qwen2vl import QwenVLAdapter
+    from visattn.tokenprune.hf_qwen2vl import qwen_vl_adapter
 
-    if isinstance(pruner, ToMe):
-        raise NotImplementedError("ToMe on Qwen2-VL is not supported (no CLIP-style vision tower)")
-    return QwenVLAdapter(model, pruner, timing=timing)
+    return qwen_vl_adapter(model, pruner, timing)
 
 
-#: HF ``config.model_type`` -> adapter factory ``(model, pruner, timing) -> adapter``
+#: HF ``config.model_type`` -> adapter factory ``(model, pruner, timing) -> adapter``; each family module picks
+#: its stage class from ``pruner.capabilities`` and refuses what it cannot serve
 HF_ADAPTERS: dict[str, AdapterFactory] = {
     "llava": _llava,
     "llava_next": _llava_next,
@@ -45,11 +42,16 @@ HF_ADAPTERS: dict[str, AdapterFactory] = {
 
 
 def adapter_for(model: torch.nn.Module, pruner: TokenPruner, timing: bool):
-    """Build the adapter that attaches ``pruner`` to ``model`` (NotImplementedError naming the model otherwise)."""
+    """Build the adapter that attaches ``pruner`` to ``model`` (NotImplementedError naming the model otherwise;
+    TypeError when the method's class lacks a hook its capabilities promise)."""
+    missing = pruner.missing_hooks()
+    if missing:
+        raise TypeError(f"pruner={type(pruner).__name__}: its capabilities ({pruner.capabilities}) promise "
+                        f"{', '.join(missing)}, which the class does not implement")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in HF_ADAPTERS:
         return HF_ADAPTERS[model_type](model, pruner, timing)
-    if isinstance(pruner, ToMe):  # HF CLIPVisionModel, open_clip VisionTransformer / CLIP (ValueError otherwise)
+    if pruner.capabilities.tower_merge:  # HF CLIPVisionModel, open_clip VisionTransformer / CLIP (ValueError else)
         return ToMeAdapter(model, pruner)
     if type(model).__module__.startswith("open_clip"):
         from visattn.tokenprune.open_clip_tower import OpenClipTowerAdapter

@@ -34,7 +34,9 @@ def apply(model: torch.nn.Module, pruner: TokenPruner | str, *, timing: bool = F
             model holds one pruner). The old one is detached first, so a refused new one leaves none attached.
 
     Raises ``ValueError`` / ``TypeError`` naming the argument for bad input (also for a model that already holds
-    a pruner, without ``replace=True``), ``NotImplementedError`` for an unsupported model / method pair, and
+    a pruner, without ``replace=True``; ``TypeError`` for a method class lacking a hook its ``capabilities``
+    promise), ``NotImplementedError`` for an unsupported model / method pair (decided from the method's
+    :class:`~visattn.tokenprune.capabilities.Capabilities`), and
     ``hf_contract.TransformersContractError`` (a ValueError naming the transformers version) when the model does
     not match what the adapters were tested against.
     """

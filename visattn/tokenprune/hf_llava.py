@@ -1,11 +1,11 @@
 """Adapter for unmodified Hugging Face LLaVA-1.5 models (``LlavaForConditionalGeneration`` / ``LlavaModel``).
 
-Vision-stage methods: pre-hooks on the vision encoder layers recompute the [CLS] attention row (``fused_capture``
-methods: store the layer input, all layers scored at once before the projector); a pre-hook on the projector
-replaces the patch features with the ``k`` kept / merged ones, a post-hook writes the ``k`` projected tokens into
-the first ``k`` placeholder slots of each image (so HF's placeholder check holds); the language-model pre-hook of
-the base adapter then removes the unused slots. ToMe merges inside the CLIP tower and feeds the projector the same
-way (:class:`ToMeLlavaAdapter`). Embedding- and LLM-stage methods: see :mod:`visattn.tokenprune.hf_base`.
+Vision-stage methods (:mod:`visattn.tokenprune.hf_vision` scores them): a pre-hook on the projector replaces the
+patch features with the ``k`` kept / merged ones, a post-hook writes the ``k`` projected tokens into the first
+``k`` placeholder slots of each image (so HF's placeholder check holds); the language-model pre-hook then removes
+the unused slots. ``capabilities.tower_merge`` methods (ToMe) merge inside the CLIP tower and feed the projector
+the same way (:class:`ToMeLlavaAdapter`). Embedding- and LLM-stage methods: :mod:`visattn.tokenprune.hf_embedding`,
+:mod:`visattn.tokenprune.hf_llm`. :func:`llava_adapter` picks the class from the method's capabilities.
 """
 
 from __future__ import annotations
@@ -13,19 +13,35 @@ from __future__ import annotations
 import torch
 
 from visattn.tokenprune.hf_base import HFVisionLanguageAdapter
+from visattn.tokenprune.hf_embedding import EmbeddingStage
+from visattn.tokenprune.hf_llm import LLMStage
+from visattn.tokenprune.hf_vision import VisionStage
+from visattn.tokenprune.methods import TokenPruner
 from visattn.tokenprune.state import Spans, VisionPass
-from visattn.tokenprune.tome import ToMe, ToMeAdapter
+from visattn.tokenprune.tome import ToMeAdapter
 
 
 class LlavaAdapter(HFVisionLanguageAdapter):
-    """Attach a :class:`~visattn.tokenprune.methods.TokenPruner` to a HF LLaVA-1.5 model with hooks."""
+    """The LLaVA-1.5 family part: one image = ``(image_size / patch_size)**2`` placeholder tokens."""
 
     def _tokens_per_image(self) -> int | None:
         cfg = self.core.vision_tower.config
         return (cfg.image_size // cfg.patch_size) ** 2
 
+
+class LlavaEmbeddingAdapter(EmbeddingStage, LlavaAdapter):
+    """Embedding-stage methods on LLaVA-1.5."""
+
+
+class LlavaLLMAdapter(LLMStage, LlavaAdapter):
+    """LLM-stage methods on LLaVA-1.5."""
+
+
+class LlavaVisionAdapter(VisionStage, LlavaAdapter):
+    """Vision-stage methods on LLaVA-1.5: the reduced tokens go through the projector into the first slots."""
+
     def _install_vision_output(self) -> None:
-        if self.pruner.needs_cls_hidden:
+        if self.capabilities.cls_hidden:
             layers = self._vision_layers()
             self.handles.append(layers[self.feature_layer].register_forward_hook(self._vision_feature_post))
         proj = self.core.multi_modal_projector
@@ -68,13 +84,14 @@ class LlavaAdapter(HFVisionLanguageAdapter):
         return keep, kept
 
 
-class ToMeLlavaAdapter(LlavaAdapter):
-    """ToMe in the CLIP tower of a HF LLaVA-1.5 model: the projector's merged tokens fill the first slots of each
-    image's placeholder span; the unused slots are removed before the language model."""
+class ToMeLlavaAdapter(LlavaVisionAdapter):
+    """ToMe (``capabilities.tower_merge``) in the CLIP tower of a HF LLaVA-1.5 model: the projector's merged tokens
+    fill the first slots of each image's placeholder span; the unused slots are removed before the language
+    model."""
 
     def _validate(self) -> None:
-        if not isinstance(self.pruner, ToMe):
-            raise ValueError(f"pruner={self.pruner!r}: ToMeLlavaAdapter needs a ToMe pruner")
+        if not self.capabilities.tower_merge:
+            raise ValueError(f"pruner={self.pruner!r}: ToMeLlavaAdapter needs a method with capabilities.tower_merge")
         cfg = self.model.config
         if cfg.vision_feature_select_strategy != "default" or not isinstance(cfg.vision_feature_layer, int):
             raise ValueError("model: ToMe needs vision_feature_select_strategy='default' and one feature layer")
@@ -85,8 +102,7 @@ class ToMeLlavaAdapter(LlavaAdapter):
         self.feature_layer = hs_index - 1
         self.tome = ToMeAdapter(self.core.vision_tower, self.pruner)
 
-    def _install(self) -> None:
-        super()._install()
+    def _install_vision(self) -> None:
         self.handles.append(self.core.vision_tower.register_forward_pre_hook(self._vision_start))
         proj = self.core.multi_modal_projector
         self.handles.append(proj.register_forward_pre_hook(self._tome_proj_pre))
@@ -106,3 +122,17 @@ class ToMeLlavaAdapter(LlavaAdapter):
     def remove(self) -> None:
         super().remove()
         self.tome.remove()
+
+
+#: ``capabilities.stage`` -> LLaVA-1.5 adapter class
+STAGE_ADAPTERS: dict[str, type[HFVisionLanguageAdapter]] = {
+    "vision": LlavaVisionAdapter,
+    "embedding": LlavaEmbeddingAdapter,
+    "llm": LlavaLLMAdapter,
+}
+
+
+def llava_adapter(model: torch.nn.Module, pruner: TokenPruner, timing: bool = False) -> HFVisionLanguageAdapter:
+    """The LLaVA-1.5 adapter for ``pruner``'s capabilities (every stage; ``tower_merge`` in the CLIP tower)."""
+    cls = ToMeLlavaAdapter if pruner.capabilities.tower_merge else STAGE_ADAPTERS[pruner.capabilities.stage]
+    return cls(model, pruner, timing=timing)

@@ -1,23 +1,30 @@
-"""Adapter for unmodified Hugging Face LLaVA-NeXT (anyres) models: :class:`LlavaNextAdapter`.
+"""Adapter for unmodified Hugging Face LLaVA-NeXT (anyres) models: :func:`llava_next_adapter` picks the class.
 
-LLM- and embedding-stage methods work as on LLaVA-1.5 (:mod:`visattn.tokenprune.hf_base`); the vision-stage ones:
+LLM- and embedding-stage methods work as on LLaVA-1.5 (:mod:`visattn.tokenprune.hf_llm`,
+:mod:`visattn.tokenprune.hf_embedding`); vision-stage ones by ``capabilities.output``:
 
-* FasterVLM, VTC-CLS (output = a subset of the patches): the [CLS] scores of every crop are packed exactly like
-  the features (HF's own ``pack_image_features`` run on the scores: base crop, unpadded crop grid, newline
-  tokens), then every image keeps its newline tokens and the top ``resolve_budget(keep, P)`` of its ``P`` packed
-  patch tokens (base + unpadded grid; newlines excluded from candidates and from the budget).
-* VisionZip: every crop is reduced on its own ([CLS] + dominant + contextual tokens, projected), then laid out
-  as the official VisionZip LLaVA-NeXT code does (see :func:`visionzip_layout`); the tokens fill the first slots
-  of the image's placeholder span and the unused slots are removed before the language model.
+* ``"subset"`` (FasterVLM, VTC-CLS: a subset of the patches): the [CLS] scores (``patch_scores``) of every crop
+  are packed exactly like the features (HF's own ``pack_image_features`` run on the scores: base crop, unpadded
+  crop grid, newline tokens), then every image keeps its newline tokens and the top ``output_count(P)`` (=
+  ``resolve_budget(keep, P)``) of its ``P`` packed patch tokens (base + unpadded grid; newlines excluded from
+  candidates and from the budget).
+* ``"dominant_contextual"`` (VisionZip): every crop is reduced on its own ([CLS] + dominant + contextual tokens,
+  projected), then laid out as the official VisionZip LLaVA-NeXT code does (see :func:`visionzip_layout`); the
+  tokens fill the first slots of the image's placeholder span and the unused slots are removed before the
+  language model.
+* ``"merged"`` and ``tower_merge`` (ToMe): refused (their tokens have no place in the packed crop grid).
 """
 
 from __future__ import annotations
 
 import torch
 
-from visattn.tokenprune.budget import resolve_budget
+from visattn.tokenprune.hf_base import HFVisionLanguageAdapter
+from visattn.tokenprune.hf_embedding import EmbeddingStage
 from visattn.tokenprune.hf_llava import LlavaAdapter
-from visattn.tokenprune.methods import VisionPruner, VisionZip
+from visattn.tokenprune.hf_llm import LLMStage
+from visattn.tokenprune.hf_vision import VisionStage
+from visattn.tokenprune.methods import TokenPruner
 from visattn.tokenprune.selection import topk_in_order
 from visattn.tokenprune.state import Spans, VisionPass
 
@@ -32,7 +39,7 @@ def packed_kept(pruner, scores: list[torch.Tensor], pack, image_sizes, strategy:
         v = p[:, 0]
         is_nl = torch.isinf(v)
         cand = (~is_nl).nonzero()[:, 0]
-        sel = cand[topk_in_order(v[cand], resolve_budget(pruner.keep, cand.numel()))]
+        sel = cand[topk_in_order(v[cand], pruner.output_count(cand.numel()))]
         kept.append(torch.cat([sel, is_nl.nonzero()[:, 0]]).sort().values)
     return kept
 
@@ -87,8 +94,8 @@ def _visionzip_pack(adapter, vis, image_features: list, image_sizes, packed: lis
         grid = get_anyres_image_grid_shape(sizes[i], core.config.image_grid_pinpoints, vcfg.image_size)
         seq = visionzip_layout(t, d, tuple(int(g) for g in grid), side, core.image_newline)
         if seq.shape[0] > packed[i].shape[0]:
-            raise ValueError(f"dominant={pruner.dominant}, contextual={pruner.contextual}: image {i} would get "
-                             f"{seq.shape[0]} tokens but has only {packed[i].shape[0]} placeholder tokens")
+            raise ValueError(f"{pruner!r}: image {i} would get {seq.shape[0]} tokens but has only "
+                             f"{packed[i].shape[0]} placeholder tokens")
         full = packed[i].new_zeros(packed[i].shape)
         full[: seq.shape[0]] = seq.to(full.dtype)
         out.append(full)
@@ -115,7 +122,7 @@ def install_pack_wrapper(adapter) -> None:
     """Wrap the instance's ``pack_image_features`` to compute the kept packed indices of every image."""
     core = adapter.core
     original = core.pack_image_features
-    is_zip = not hasattr(adapter.pruner, "patch_scores")
+    is_zip = adapter.capabilities.output == "dominant_contextual"
     if is_zip:
         _install_visionzip_hooks(adapter)
 
@@ -174,18 +181,46 @@ def next_keep(image_id: torch.Tensor, spans: Spans, vis: VisionPass) -> tuple[to
 
 
 class LlavaNextAdapter(LlavaAdapter):
-    """Attach a :class:`~visattn.tokenprune.methods.TokenPruner` to a HF LLaVA-NeXT model with hooks."""
+    """The LLaVA-NeXT family part: every image has its own number of placeholder tokens (anyres)."""
 
     def _tokens_per_image(self) -> int | None:
         return None  # anyres: every image has its own number of placeholder tokens
 
-    def _validate_vision(self, pruner: VisionPruner) -> None:
-        if not (hasattr(pruner, "patch_scores") or isinstance(pruner, VisionZip)):
-            raise NotImplementedError(f"{pruner.name} on LLaVA-NeXT (anyres packing) is not supported: its merged "
-                                      "tokens have no place in the packed crop grid")
+
+class LlavaNextEmbeddingAdapter(EmbeddingStage, LlavaNextAdapter):
+    """Embedding-stage methods on LLaVA-NeXT (newline tokens are candidates)."""
+
+
+class LlavaNextLLMAdapter(LLMStage, LlavaNextAdapter):
+    """LLM-stage methods on LLaVA-NeXT."""
+
+
+class LlavaNextVisionAdapter(VisionStage, LlavaNextAdapter):
+    """Vision-stage methods on LLaVA-NeXT: scores packed like the features, or VisionZip's per-crop layout."""
+
+    def _validate_vision(self) -> None:
+        if self.capabilities.output not in ("subset", "dominant_contextual"):
+            raise NotImplementedError(f"{self.pruner.name} on LLaVA-NeXT (anyres packing) is not supported: its "
+                                      "merged tokens have no place in the packed crop grid")
 
     def _install_vision_output(self) -> None:
         install_pack_wrapper(self)
 
     def _vision_keep(self, image_id: torch.Tensor, spans: Spans, vis: VisionPass) -> tuple[torch.Tensor, list]:
         return next_keep(image_id, spans, vis)
+
+
+#: ``capabilities.stage`` -> LLaVA-NeXT adapter class
+STAGE_ADAPTERS: dict[str, type[HFVisionLanguageAdapter]] = {
+    "vision": LlavaNextVisionAdapter,
+    "embedding": LlavaNextEmbeddingAdapter,
+    "llm": LlavaNextLLMAdapter,
+}
+
+
+def llava_next_adapter(model: torch.nn.Module, pruner: TokenPruner, timing: bool = False) -> HFVisionLanguageAdapter:
+    """The LLaVA-NeXT adapter for ``pruner``'s capabilities (``tower_merge`` methods: ValueError)."""
+    if pruner.capabilities.tower_merge:
+        raise ValueError(f"model={type(model).__name__}: {type(pruner).__name__} on LLaVA-NeXT is not supported "
+                         "(it merges inside the vision tower; the anyres packing needs every crop's patches)")
+    return STAGE_ADAPTERS[pruner.capabilities.stage](model, pruner, timing=timing)

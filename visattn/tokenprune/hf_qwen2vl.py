@@ -16,9 +16,11 @@ layout through the pruning:
   **original** 3-D position ids (the M-RoPE grid of the image is not re-derived for a subset); decode continues at
   ``max(position) + 1`` of the unpruned prompt, exactly the model's ``rope_deltas`` continuation.
 
-Not supported (``NotImplementedError``): vision-stage methods (FasterVLM, VTC-CLS, VisionZip: Qwen2-VL's
-vision tower has no [CLS] token to score patches with), SparseVLM (its
-recycled tokens have no M-RoPE position), ToMe, videos (``pixel_values_videos``), inputs_embeds-only calls.
+Not supported (``NotImplementedError``, decided from ``pruner.capabilities`` by :func:`qwen_vl_adapter`):
+vision-stage methods (FasterVLM, VTC-CLS, VisionZip: Qwen2-VL's vision tower has no [CLS] token to score patches
+with; ToMe: no CLIP-style tower), LLM-stage methods with ``text_raters`` or ``recycles`` (SparseVLM: recycled
+tokens have no M-RoPE position, the raters are untested here), videos (``pixel_values_videos``),
+inputs_embeds-only calls.
 """
 
 from __future__ import annotations
@@ -26,27 +28,20 @@ from __future__ import annotations
 import torch
 
 from visattn.tokenprune.hf_base import HFVisionLanguageAdapter
+from visattn.tokenprune.hf_embedding import EmbeddingStage
+from visattn.tokenprune.hf_llm import LLMStage
 from visattn.tokenprune.layout import TokenLayout as _Layout
 from visattn.tokenprune.layout import image_spans, positions_from_valid
-from visattn.tokenprune.methods import FastV, LLMPruner, PyramidDrop, TokenPruner
+from visattn.tokenprune.methods import TokenPruner
 from visattn.tokenprune.state import PrefillState
 
 
 class QwenVLAdapter(HFVisionLanguageAdapter):
-    """Attach FastV / PyramidDrop / DivPrune / Uniform to a HF Qwen2-VL or Qwen2.5-VL model."""
-
-    def __init__(self, model: torch.nn.Module, pruner: TokenPruner, timing: bool = False):
-        if pruner.stage == "vision":
-            raise NotImplementedError(f"{pruner.name} on Qwen2-VL is not supported: its vision tower has no [CLS] "
-                                      "token to score patches with")
-        if isinstance(pruner, LLMPruner) and not isinstance(pruner, (FastV, PyramidDrop)):
-            raise NotImplementedError(f"{pruner.name} on Qwen2-VL is not supported (recycled tokens have no M-RoPE "
-                                      "position)")
-        super().__init__(model, pruner, timing)
+    """The Qwen2-VL / Qwen2.5-VL family part: M-RoPE positions, image-only prefills."""
 
     # -------------------------------------------------------------------------------------- positions
     def _reindex(self) -> bool:
-        return self.pruner.stage == "llm" and self.pruner.positions == "reindex"
+        return self.capabilities.stage == "llm" and self.pruner.positions == "reindex"
 
     def _positions_in(self, pos_in: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
         """The LM's position ids as (B, L, 3)."""
@@ -87,3 +82,34 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
         lengths = [e - s for row in spans for s, e in row]
         self.call = PrefillState(image_mask=image_mask, spans=spans, image_lengths=lengths)
         return None
+
+
+class QwenVLEmbeddingAdapter(EmbeddingStage, QwenVLAdapter):
+    """Embedding-stage methods on Qwen2-VL (kept tokens keep their original 3-D positions)."""
+
+
+class QwenVLLLMAdapter(LLMStage, QwenVLAdapter):
+    """LLM-stage methods on Qwen2-VL (3-D positions kept or re-indexed)."""
+
+
+#: ``capabilities.stage`` -> Qwen2-VL adapter class (no vision stage: the tower has no [CLS] token)
+STAGE_ADAPTERS: dict[str, type[HFVisionLanguageAdapter]] = {
+    "embedding": QwenVLEmbeddingAdapter,
+    "llm": QwenVLLLMAdapter,
+}
+
+
+def qwen_vl_adapter(model: torch.nn.Module, pruner: TokenPruner, timing: bool = False) -> HFVisionLanguageAdapter:
+    """The Qwen2-VL adapter for ``pruner``'s capabilities (NotImplementedError for what it cannot serve)."""
+    caps = pruner.capabilities
+    if caps.tower_merge:
+        raise NotImplementedError(f"{type(pruner).__name__} on Qwen2-VL is not supported (no CLIP-style vision "
+                                  "tower)")
+    if caps.stage not in STAGE_ADAPTERS:
+        why = "its vision tower has no [CLS] token to score patches with" if caps.needs_cls_token else (
+            "vision-stage methods have no hook point in its vision tower")
+        raise NotImplementedError(f"{pruner.name} on Qwen2-VL is not supported: {why}")
+    if caps.text_raters or caps.recycles:
+        raise NotImplementedError(f"{pruner.name} on Qwen2-VL is not supported (recycled tokens have no M-RoPE "
+                                  "position; text raters are untested with M-RoPE)")
+    return STAGE_ADAPTERS[caps.stage](model, pruner, timing=timing)

@@ -9,15 +9,18 @@ Stages:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
 from visattn.tokenprune.budget import Budget, check_budget, check_increasing, check_layer, resolve_budget
+from visattn.tokenprune.capabilities import POSITION_POLICIES, Capabilities
 from visattn.tokenprune.registry import register_method
 from visattn.tokenprune.selection import contextual_merge, maxmin_diversity, topk_in_order
 
-POSITION_POLICIES = ("reindex", "original")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _check_index(value: object, name: str) -> int:
@@ -27,10 +30,16 @@ def _check_index(value: object, name: str) -> int:
     return value
 
 
-def _check_positions(value: str) -> str:
-    if value not in POSITION_POLICIES:
-        raise ValueError(f"positions={value!r}: expected one of {POSITION_POLICIES}")
+def _check_positions(value: str, supported: tuple[str, ...] = POSITION_POLICIES) -> str:
+    if value not in supported:
+        raise ValueError(f"positions={value!r}: expected one of {supported}")
     return value
+
+
+def unimplemented(fn: F) -> F:
+    """Mark a base-class hook that a subclass must override when its capabilities promise it."""
+    fn.__tokenprune_unimplemented__ = True  # type: ignore[attr-defined]
+    return fn
 
 
 @dataclass
@@ -43,11 +52,43 @@ class LLMStage:
 
 
 class TokenPruner:
-    """Base class. Subclasses set ``name``, ``stage`` and ``positions`` and implement their stage's hooks."""
+    """Base class of every method.
+
+    A subclass sets ``name`` (reports), declares ``capabilities`` (a frozen
+    :class:`~visattn.tokenprune.capabilities.Capabilities`: its stage, what it needs, what it produces) and
+    implements the hooks those capabilities promise (:meth:`Capabilities.hooks`); ``positions`` is the chosen
+    position policy (one of ``capabilities.positions``). Register it with
+    :func:`~visattn.tokenprune.registry.register_method` and every adapter serves it; no other edit is needed.
+    """
 
     name = "base"
-    stage = "vision"
+    capabilities: ClassVar[Capabilities] = Capabilities(stage="vision")
     positions = "reindex"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not isinstance(cls.__dict__.get("capabilities", cls.capabilities), Capabilities):
+            raise TypeError(f"{cls.__name__}.capabilities must be a visattn.tokenprune.capabilities.Capabilities")
+
+    @property
+    def stage(self) -> str:
+        """``capabilities.stage``: ``"vision"``, ``"embedding"`` or ``"llm"``."""
+        return self.capabilities.stage
+
+    @classmethod
+    def from_keep(cls, keep: Any, **kwargs: Any) -> TokenPruner:
+        """Build the method from a ``keep`` budget (``create(name, keep=...)``); override to map ``keep`` onto
+        other arguments (VisionZip: a total token count split into dominant + contextual)."""
+        return cls(keep=keep, **kwargs)
+
+    def missing_hooks(self) -> list[str]:
+        """Hooks that ``capabilities`` promise but the class does not implement (checked by ``apply``)."""
+        missing = []
+        for hook in self.capabilities.hooks():
+            fn = getattr(type(self), hook, None)
+            if fn is None or getattr(fn, "__tokenprune_unimplemented__", False):
+                missing.append(hook)
+        return missing
 
     def config(self) -> dict:
         """Constructor arguments, for reports."""
@@ -62,18 +103,24 @@ class TokenPruner:
 class VisionPruner(TokenPruner):
     """Scores from [CLS] attention of vision-encoder layers (indexed like HF ``attentions[i]``)."""
 
-    stage = "vision"
-    needs_cls_hidden = False
-    # True: the layer hooks only store each captured layer's input; the adapter turns them into
-    # ``{idx: (probs, None)}`` with one batched call (scoring.cls_attention_captures) before ``reduce``.
-    fused_capture = False
+    capabilities = Capabilities(stage="vision", cls_attention=True, cls_keys=True, standalone_tower=True)
 
+    @unimplemented
     def capture_layers(self, num_layers: int) -> list[int]:
+        """Vision layers (0-based, of ``num_layers``) whose [CLS] attention ``reduce`` needs."""
         raise NotImplementedError
 
+    @unimplemented
     def output_count(self, num_patches: int) -> int:
+        """Tokens ``reduce`` returns per image of ``num_patches`` patches (>= ``num_patches``: nothing is cut)."""
         raise NotImplementedError
 
+    @unimplemented
+    def patch_scores(self, captures: dict) -> torch.Tensor:
+        """``output="subset"`` methods: one score per patch (N, P) from ``captures`` (``{idx: (probs, keys)}``)."""
+        raise NotImplementedError
+
+    @unimplemented
     def reduce(
         self, patches: torch.Tensor, cls_hidden: torch.Tensor | None, captures: dict
     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -92,6 +139,7 @@ class FasterVLM(VisionPruner):
     """[CLS]→patch attention of one vision layer (default ``attentions[-2]``), heads averaged, top-``keep``."""
 
     name = "fastervlm"
+    capabilities = Capabilities(stage="vision", cls_attention=True, cls_keys=True, standalone_tower=True)
 
     def __init__(self, keep: Budget = 0.25, layer: int = -2):
         self.keep = check_budget(keep, "keep")
@@ -117,7 +165,8 @@ class VTCCLS(FasterVLM):
     """VTC-CLS: [CLS]→patch attention, heads averaged, summed over layers ``start_layer .. last-1`` (exclusive)."""
 
     name = "vtc-cls"
-    fused_capture = True  # many layers, no keys needed: score them all in one batched call
+    # many layers, no keys needed: score them all in one batched call
+    capabilities = replace(FasterVLM.capabilities, cls_keys=False, fused_capture=True)
 
     def __init__(self, keep: Budget = 0.25, start_layer: int = 12, end_layer: int = -1):
         self.keep = check_budget(keep, "keep")
@@ -142,7 +191,8 @@ class VisionZip(VisionPruner):
     merged by key similarity, all from vision layer ``layer`` (default -2, as LLaVA's feature layer)."""
 
     name = "visionzip"
-    needs_cls_hidden = True
+    capabilities = Capabilities(stage="vision", cls_attention=True, cls_keys=True, cls_hidden=True,
+                                output="dominant_contextual", standalone_tower=True)
 
     def __init__(self, dominant: int = 54, contextual: int = 10, layer: int = -2):
         self.dominant = check_layer(dominant, "dominant", 2)
@@ -190,10 +240,15 @@ class VisionZip(VisionPruner):
 class EmbeddingPruner(TokenPruner):
     """Selects ``keep`` tokens per image from the projected visual tokens (before the LLM)."""
 
-    stage = "embedding"
+    capabilities = Capabilities(stage="embedding", standalone_tower=True)
 
     def __init__(self, keep: Budget = 0.25):
         self.keep = check_budget(keep, "keep")
+
+    @unimplemented
+    def select(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """``embeddings`` (G, N, D) of G images → kept indices (G, k), ascending."""
+        raise NotImplementedError
 
 
 @register_method("divprune", "div-prune")
@@ -224,10 +279,16 @@ class Uniform(EmbeddingPruner):
 class LLMPruner(TokenPruner):
     """Scores from the last text token's attention to visual tokens inside the LLM."""
 
-    stage = "llm"
+    capabilities = Capabilities(stage="llm", positions=("original", "reindex"))
 
+    @unimplemented
     def stages(self) -> list[LLMStage]:
+        """The drops, in layer order."""
         raise NotImplementedError
+
+    def bind(self, num_layers: int) -> None:
+        """Called at ``apply`` with the language model's depth (resolve depth-relative layers; raise ValueError
+        if impossible). Default: nothing to resolve."""
 
     def stage_keep(self, stage_index: int, n_current: int, num_original: int) -> int:
         """How many of an image's ``n_current`` tokens stage ``stage_index`` keeps (``num_original`` before any
@@ -237,6 +298,29 @@ class LLMPruner(TokenPruner):
     def select(self, stage_index: int, scores: torch.Tensor, num_original: int) -> torch.Tensor:
         """Kept indices within one image's current tokens given their ``scores`` (..., n), ascending."""
         return topk_in_order(scores, self.stage_keep(stage_index, scores.shape[-1], num_original))
+
+    # hooks of the optional capabilities (called only when ``capabilities`` declare them)
+    @unimplemented
+    def rater_scores(self, embeds: torch.Tensor, visual: torch.Tensor, t_idx: torch.Tensor, t_ok: torch.Tensor,
+                     text_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """``text_raters``: which candidate text tokens ``t_idx`` (B, T) are raters, (B, T) bool (see
+        :meth:`visattn.tokenprune.sparsevlm.SparseVLM.rater_scores`)."""
+        raise NotImplementedError
+
+    @unimplemented
+    def recycled_count(self, m: int) -> int:
+        """``recycles``: recycled tokens made from ``m`` deleted ones (host int)."""
+        raise NotImplementedError
+
+    @unimplemented
+    def recycle_pick(self, m: int) -> int:
+        """``recycles``: how many of ``m`` deleted tokens (the best-scoring) the recycling uses."""
+        raise NotImplementedError
+
+    @unimplemented
+    def recycled(self, hidden: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """``recycles``: recycled tokens (..., c, C) from deleted tokens' hidden states (..., m, C) and scores."""
+        raise NotImplementedError
 
 
 @register_method("fastv")
@@ -249,7 +333,7 @@ class FastV(LLMPruner):
     def __init__(self, layer: int = 2, keep: Budget = 0.25, positions: str = "original"):
         self.layer = check_layer(layer, "layer", 1)
         self.keep = check_budget(keep, "keep")
-        self.positions = _check_positions(positions)
+        self.positions = _check_positions(positions, self.capabilities.positions)
 
     def stages(self) -> list[LLMStage]:
         return [LLMStage(self.layer, self.keep, self.layer - 1)]
@@ -261,6 +345,7 @@ class PyramidDrop(LLMPruner):
     ranked by the last instruction token's attention computed with that layer's own q/k; positions re-indexed."""
 
     name = "pdrop"
+    capabilities = Capabilities(stage="llm", positions=("reindex", "original"))
 
     def __init__(
         self,
@@ -277,7 +362,7 @@ class PyramidDrop(LLMPruner):
         if any(b > a for a, b in zip(ratios, ratios[1:], strict=False)):
             raise ValueError(f"ratios={ratios!r}: ratios must not increase")
         self.ratios = ratios
-        self.positions = _check_positions(positions)
+        self.positions = _check_positions(positions, self.capabilities.positions)
 
     def stages(self) -> list[LLMStage]:
         return [LLMStage(layer, ratio, layer) for layer, ratio in zip(self.layers, self.ratios, strict=False)]

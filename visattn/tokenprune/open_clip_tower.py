@@ -9,9 +9,10 @@ spatial order, ready for a LLaVA-style projector.
 >>> tp.last_report(visual).kept_indices      # per image, the kept patch indices
 
 Scores are exact [CLS] rows recomputed from each scored block's own ``in_proj`` weights
-(:func:`visattn.tokenprune.scoring.open_clip_cls_attention`; for ``fused_capture`` methods such as VTC-CLS the
-block inputs are only stored and all blocks are scored at once by
-:func:`visattn.tokenprune.scoring.clip_cls_attention_layers`); the blocks themselves run unchanged.
+(:func:`visattn.tokenprune.scoring.open_clip_cls_attention`; for ``capabilities.fused_capture`` methods such as
+VTC-CLS the block inputs are only stored and all blocks are scored at once by
+:func:`visattn.tokenprune.scoring.clip_cls_attention_layers`); the blocks themselves run unchanged. Which methods
+run here, and which hooks, is read from ``pruner.capabilities`` (vision or embedding stage, ``standalone_tower``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 
 import torch
 
-from visattn.tokenprune.methods import TokenPruner, VisionPruner
+from visattn.tokenprune.methods import TokenPruner
 from visattn.tokenprune.report import PruneReport
 from visattn.tokenprune.scoring import cls_attention_captures, open_clip_cls_attention
 
@@ -38,7 +39,8 @@ class OpenClipTowerAdapter:
             raise ValueError("model: needs pool_type='tok' and no attentional pooling (a [CLS] token at index 0)")
         if not model.transformer.batch_first:
             raise ValueError("model: open_clip transformer with batch_first=False is not supported")
-        if not isinstance(pruner, VisionPruner) and pruner.stage != "embedding":
+        caps = pruner.capabilities
+        if caps.stage == "llm" or not caps.standalone_tower:
             raise ValueError(f"pruner={pruner.name!r}: open_clip towers take vision- or embedding-stage methods")
         self.model, self.pruner, self.timing = model, pruner, timing
         self.blocks = model.transformer.resblocks
@@ -48,10 +50,10 @@ class OpenClipTowerAdapter:
         self.events: list = []
         self.last_report: PruneReport | None = None
         self.handles: list = []
-        if isinstance(pruner, VisionPruner):
+        if caps.stage == "vision":
             for idx in pruner.capture_layers(len(self.blocks)):
                 self.handles.append(self.blocks[idx].register_forward_pre_hook(self._make_pre(idx)))
-            if pruner.needs_cls_hidden:
+            if caps.cls_hidden:
                 self.handles.append(model.transformer.register_forward_hook(self._transformer_post))
         self.handles.append(model.register_forward_hook(self._tower_post))
 
@@ -65,7 +67,7 @@ class OpenClipTowerAdapter:
 
     def _make_pre(self, idx: int):
         def hook(module, args):
-            if self.pruner.fused_capture:  # no ops: scored in _tower_post, all blocks at once
+            if self.pruner.capabilities.fused_capture:  # no ops: scored in _tower_post, all blocks at once
                 self.captures[idx] = args[0]
                 return
             start = self._timed_start()
@@ -85,12 +87,12 @@ class OpenClipTowerAdapter:
         pooled, tokens = output
         n, p = tokens.shape[:2]
         start = self._timed_start()
-        if isinstance(self.pruner, VisionPruner):
+        if self.pruner.capabilities.stage == "vision":
             k = self.pruner.output_count(p)
             if k >= p:
                 kept_t, idx = tokens, torch.arange(p, device=tokens.device).expand(n, p)
             else:
-                if self.pruner.fused_capture:
+                if self.pruner.capabilities.fused_capture:
                     captures = cls_attention_captures(self.blocks, captures, self._cls_cache)
                 kept_t, idx, _ = self.pruner.reduce(tokens, cls_hidden, captures)
         else:

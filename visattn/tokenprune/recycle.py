@@ -70,7 +70,7 @@ def append_recycled(pruner, row_of: list[int], lay: TokenLayout, hidden: torch.T
 
 
 def _recycle_kernel_runs(pruner, hidden: torch.Tensor, removed: list[int]) -> bool:
-    if not hasattr(pruner, "recycle_pick"):
+    if not pruner.capabilities.recycles:
         return False
     return kernels.runs("tokenprune.recycle",
                         lambda: kernels.recycle_why_not(hidden, [pruner.recycle_pick(m) for m in removed if m]))

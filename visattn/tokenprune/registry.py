@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T", bound=type)
 
-#: lower-case name or alias -> pruner class (a class may build itself from ``keep`` with a ``from_keep`` classmethod)
+#: lower-case name or alias -> pruner class (``TokenPruner.from_keep`` builds it from a ``keep`` budget)
 REGISTRY: dict[str, type] = {}
 
 
@@ -50,10 +50,10 @@ def method_class(name: str) -> type:
 def create(name: str, **kwargs: Any):
     """Build a pruner by registry name, e.g. ``create("fastv", keep=0.25)``.
 
-    A class with a ``from_keep`` classmethod (VisionZip: a total token count split into dominant + contextual)
-    is built through it when ``keep`` is given.
+    With ``keep``, the class is built through its ``from_keep`` classmethod (``TokenPruner``'s default passes
+    ``keep`` on; VisionZip splits a total token count into dominant + contextual).
     """
     cls = method_class(name)
-    if "keep" in kwargs and hasattr(cls, "from_keep"):
+    if "keep" in kwargs:
         return cls.from_keep(**kwargs)
     return cls(**kwargs)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from visattn.tokenprune.budget import Budget, check_budget, check_increasing, resolve_budget
+from visattn.tokenprune.capabilities import Capabilities
 from visattn.tokenprune.methods import LLMPruner, LLMStage
 from visattn.tokenprune.registry import register_method
 
@@ -65,6 +66,7 @@ class SparseVLM(LLMPruner):
     """
 
     name = "sparsevlm"
+    capabilities = Capabilities(stage="llm", text_raters=True, recycles=True, positions=("reindex",))
     positions = "reindex"
 
     def __init__(

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from visattn.tokenprune.capabilities import Capabilities
 from visattn.tokenprune.methods import TokenPruner
 from visattn.tokenprune.registry import register_method
 from visattn.tokenprune.report import PruneReport
@@ -41,7 +42,7 @@ class ToMe(TokenPruner):
     """
 
     name = "tome"
-    stage = "vision"
+    capabilities = Capabilities(stage="vision", output="merged", tower_merge=True, standalone_tower=True)
     positions = "reindex"
 
     def __init__(
@@ -165,8 +166,8 @@ class ToMeAdapter:
     restores them). ``model`` is a HF ``CLIPVisionModel``, an open_clip ``VisionTransformer`` or ``CLIP``."""
 
     def __init__(self, model: torch.nn.Module, pruner: TokenPruner):
-        if not isinstance(pruner, ToMe):
-            raise ValueError(f"pruner={pruner!r}: ToMeAdapter needs a ToMe pruner")
+        if not isinstance(pruner, TokenPruner) or not pruner.capabilities.tower_merge:
+            raise ValueError(f"pruner={pruner!r}: ToMeAdapter needs a method with capabilities.tower_merge")
         self.model, self.pruner = model, pruner
         self.kind, self.encoder, self.layers = _locate(model)
         self.schedule = pruner.schedule(len(self.layers))
