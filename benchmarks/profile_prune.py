@@ -13,7 +13,7 @@ import torch
 
 from visattn import tokenprune as tp
 from visattn.bench import prune as bench
-from visattn.tokenprune import hf_base, recycle, sparsevlm
+from visattn.tokenprune import hf_base, hf_llm, recycle, sparsevlm
 from visattn.tokenprune import kernels as prune_kernels
 
 TIMES: dict = collections.defaultdict(list)
@@ -38,12 +38,12 @@ def main(method: str, batch: int, images: int = 1) -> None:
     model = bench.build_model(False, "cuda", torch.float16)
     inputs = bench.make_inputs(model, batch, images, "cuda", torch.float16)
     pruner = bench.pruner_for(method, 64, 576)
-    adapter = hf_base.HFVisionLanguageAdapter
-    for owner, name in [(hf_base, "decoder_row_scores"), (adapter, "_select_stage"),
-                        (hf_base, "append_recycled"), (hf_base, "compact"), (hf_base, "attention_mask_4d"),
-                        (hf_base, "rater_rows"), (hf_base, "moved_rows"), (sparsevlm.SparseVLM, "rater_scores"),
+    adapter, llm_stage = hf_base.HFVisionLanguageAdapter, hf_llm.LLMStage
+    for owner, name in [(hf_llm, "decoder_row_scores"), (llm_stage, "_select_stage"),
+                        (hf_llm, "append_recycled"), (hf_llm, "compact"), (hf_llm, "attention_mask_4d"),
+                        (hf_llm, "rater_rows"), (hf_llm, "moved_rows"), (sparsevlm.SparseVLM, "rater_scores"),
                         (recycle, "compact"), (sparsevlm, "dpc_knn_merge"), (prune_kernels, "recycle_tokens"),
-                        (adapter, "_rope"), (adapter, "_layer_prefill"), (adapter, "_lm_pre")]:
+                        (adapter, "_rope"), (llm_stage, "_layer_prefill"), (adapter, "_lm_pre")]:
         timed(owner, name, f"{getattr(owner, '__name__', owner)}.{name}")
     tp.apply(model, pruner)
     with torch.no_grad():
