@@ -184,7 +184,7 @@ def resolve_models(args: argparse.Namespace) -> list[ModelSpec]:
     """The run's models in order: --model-list lines, else --model names; wildcards expand through timm."""
     import timm
 
-    import visattn  # noqa: F401  (registers visattn's model families with timm)
+    import visattn.models  # noqa: F401  (registers visattn's model families with timm)
 
     if args.model_list:
         with open(args.model_list) as fh:
@@ -287,7 +287,7 @@ def create_model(spec: ModelSpec, settings: Settings) -> tuple[nn.Module, tuple[
     import timm
     from timm.data import resolve_data_config
 
-    import visattn  # noqa: F401
+    import visattn.models  # noqa: F401  (registers visattn's model families with timm)
 
     kwargs = dict(settings.create_kwargs)
     size = settings.input_size[-1] if settings.input_size else settings.img_size
