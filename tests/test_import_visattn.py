@@ -108,5 +108,5 @@ def test_smoke_with_models_runs_without_open_clip():
         from visattn import cli
         assert cli.main(["smoke", "--device", "cpu"]) == 0
     """, blocked=("open_clip", "transformers", "diffusers"), timeout=600)
-    assert "timm nat_tiny" in out
+    assert "timm nat_mini" in out and "timm swin_tiny (patch_swin)" in out
     assert " 0 failed" in out
