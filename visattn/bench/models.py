@@ -1,6 +1,6 @@
 """``visattn bench``: images/sec of whole timm models, with timm ``benchmark.py``'s flags, keys and OOM handling.
 
-Any model ``timm.create_model`` can build runs here, visattn's own families included (``import visattn`` registers
+Any model ``timm.create_model`` can build runs here, visattn's own families included (``visattn.models`` registers
 them). ``NAME@visattn`` runs a timm Swin with its window attention on ``visattn.window_attention``
 (``visattn.models.swin_patch.patch_swin``), so stock and accelerated run side by side; ``--visattn-swin`` adds that
 twin after every Swin named. ``--compare-compile`` adds a ``torch.compile``'d inference row after each model.
@@ -200,7 +200,7 @@ def resolve_models(args: argparse.Namespace) -> list[ModelSpec]:
             names = timm.list_models(spec.name) if any(c in spec.name for c in "*?[") else []
             if not names:
                 raise ValueError(f"--model {text!r}: timm knows no such model (and it matches no model as a "
-                                 "wildcard); visattn's are registered on `import visattn`")
+                                 "wildcard); visattn's are registered by `visattn.models`")
         for name in names:
             found = replace(spec, name=name)
             specs.append(found)
