@@ -98,12 +98,17 @@ class _AfterExec:
         _register_models()
 
 
+def _is_hook(finder) -> bool:
+    # by name, not isinstance: an importlib.reload(visattn) makes a new class, and must not leave two hooks
+    return type(finder).__name__ == "_RegisterAfterTimm" and type(finder).__module__ == __name__
+
+
 def _remove_hook() -> None:
-    _sys.meta_path[:] = [f for f in _sys.meta_path if not isinstance(f, _RegisterAfterTimm)]
+    _sys.meta_path[:] = [f for f in _sys.meta_path if not _is_hook(f)]
 
 
 def _install_hook() -> None:
-    if not any(isinstance(f, _RegisterAfterTimm) for f in _sys.meta_path):
+    if not any(_is_hook(f) for f in _sys.meta_path):
         _sys.meta_path.insert(0, _RegisterAfterTimm())
 
 
