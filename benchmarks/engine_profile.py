@@ -22,14 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# Load visattn.kernels without running visattn/__init__ (models, nn, ...): this script times the engine alone.
-_ROOT = Path(__file__).resolve().parents[1]
-if "visattn" not in sys.modules:
-    import types
-
-    _pkg = types.ModuleType("visattn")
-    _pkg.__path__ = [str(_ROOT / "visattn")]
-    sys.modules["visattn"] = _pkg
+# This checkout's visattn. `import visattn` loads the functional API and the kernels only (no timm, no models), so
+# the engine is timed without a stub package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from visattn.bench import common  # noqa: E402  (imports only torch)
 from visattn.kernels import tiles as tiles_mod  # noqa: E402
@@ -214,9 +209,7 @@ def model_rows(names, batch, iters, deadline):
     """Whole-model images/s: inference (eager) and an SGD train step, bf16 autocast, channels-last."""
     import timm
 
-    if not hasattr(sys.modules["visattn"], "__file__"):  # replace the engine-only stub by the real package
-        del sys.modules["visattn"]
-    import visattn  # noqa: F401  (registers nat_* / dinat_*)
+    import visattn.models  # noqa: F401  (registers nat_* / dinat_*)
     from visattn.models.swin_patch import patch_swin
 
     rows = []

@@ -289,6 +289,8 @@ def _run_block(block: Block) -> None:
         pytest.importorskip("diffusers")
     if names & {"llava", "model", "vision"}:
         pytest.importorskip("transformers")
+    if "visual" in names or re.search(r"^\s*(import|from) open_clip\b", block.code, re.M):
+        pytest.importorskip("open_clip")  # the vlm / test extras
     torch.manual_seed(0)
     namespace = {"__name__": "__doc_block__", **{name: GIVEN[name]() for name in sorted(names)}}
     # leading newlines: tracebacks point at the Markdown file's own line numbers

@@ -25,7 +25,8 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from visattn import reference
-from visattn.kernels.tables import cached, interval, may_cache
+from visattn.caching import cached, may_cache
+from visattn.geometry import interval
 
 # Use the schedule when the map has at most this many tokens and each query sees at least this share of it.
 MAX_TOKENS = 1024

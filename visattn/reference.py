@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+from visattn.geometry import pad_to_regions, region_grid, route_regions
 
 # Gathered key elements (queries × keys × heads × head_dim) per chunk: bounds peak memory at ~1 GiB in fp32.
 CHUNK_ELEMENTS = 1 << 28
@@ -237,31 +238,6 @@ def agent(
         query_logits = query_logits + query_bias.to(ct)
     out = torch.softmax(query_logits, dim=-1) @ agent_values
     return out.transpose(1, 2).reshape(batch, *spatial, heads, v.shape[-1]).to(q.dtype)
-
-
-def region_grid(height: int, width: int, regions: tuple[int, int]) -> tuple[int, int, int, int]:
-    """Padded map size and region size: (padded_h, padded_w, region_h, region_w)."""
-    region_h, region_w = -(-height // regions[0]), -(-width // regions[1])
-    return region_h * regions[0], region_w * regions[1], region_h, region_w
-
-
-def route_regions(q: Tensor, k: Tensor, regions: tuple[int, int], topk: int) -> Tensor:
-    """BiFormer routing on padded maps [B, Hp, Wp, heads, D]: top-k regions per query region, [B, R, topk]."""
-    batch, height, width = q.shape[:3]
-    sh, sw = regions
-
-    def region_means(t: Tensor) -> Tensor:
-        t = t.detach().reshape(batch, sh, height // sh, sw, width // sw, -1)
-        return t.mean(dim=(2, 4), dtype=_compute_dtype(t.dtype)).reshape(batch, sh * sw, -1)  # no fp32 copy
-
-    affinity = region_means(q) @ region_means(k).transpose(-1, -2)
-    return torch.topk(affinity, k=topk, dim=-1).indices
-
-
-def pad_to_regions(t: Tensor, regions: tuple[int, int]) -> Tensor:
-    """Zero-pad [B, H, W, heads, D] at the bottom/right so the regions divide it."""
-    padded_h, padded_w, _, _ = region_grid(t.shape[1], t.shape[2], regions)
-    return F.pad(t, (0, 0, 0, 0, 0, padded_w - t.shape[2], 0, padded_h - t.shape[1]))
 
 
 def to_regions(t: Tensor, regions: tuple[int, int]) -> Tensor:

@@ -1,6 +1,6 @@
 """``visattn bench``: images/sec of whole timm models, with timm ``benchmark.py``'s flags, keys and OOM handling.
 
-Any model ``timm.create_model`` can build runs here, visattn's own families included (``import visattn`` registers
+Any model ``timm.create_model`` can build runs here, visattn's own families included (``visattn.models`` registers
 them). ``NAME@visattn`` runs a timm Swin with its window attention on ``visattn.window_attention``
 (``visattn.models.swin_patch.patch_swin``), so stock and accelerated run side by side; ``--visattn-swin`` adds that
 twin after every Swin named. ``--compare-compile`` adds a ``torch.compile``'d inference row after each model.
@@ -184,7 +184,7 @@ def resolve_models(args: argparse.Namespace) -> list[ModelSpec]:
     """The run's models in order: --model-list lines, else --model names; wildcards expand through timm."""
     import timm
 
-    import visattn  # noqa: F401  (registers visattn's model families with timm)
+    import visattn.models  # noqa: F401  (registers visattn's model families with timm)
 
     if args.model_list:
         with open(args.model_list) as fh:
@@ -200,7 +200,7 @@ def resolve_models(args: argparse.Namespace) -> list[ModelSpec]:
             names = timm.list_models(spec.name) if any(c in spec.name for c in "*?[") else []
             if not names:
                 raise ValueError(f"--model {text!r}: timm knows no such model (and it matches no model as a "
-                                 "wildcard); visattn's are registered on `import visattn`")
+                                 "wildcard); visattn's are registered by `visattn.models`")
         for name in names:
             found = replace(spec, name=name)
             specs.append(found)
@@ -287,7 +287,7 @@ def create_model(spec: ModelSpec, settings: Settings) -> tuple[nn.Module, tuple[
     import timm
     from timm.data import resolve_data_config
 
-    import visattn  # noqa: F401
+    import visattn.models  # noqa: F401  (registers visattn's model families with timm)
 
     kwargs = dict(settings.create_kwargs)
     size = settings.input_size[-1] if settings.input_size else settings.img_size

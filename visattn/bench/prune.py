@@ -31,6 +31,10 @@ from pathlib import Path
 
 import torch
 
+from visattn.bench.report import decode_range as _range
+from visattn.bench.report import number as _num
+from visattn.bench.report import prune_table as table
+
 PREFIX, SUFFIX, IMAGE_TOKEN = 35, 40, 32000
 
 
@@ -551,41 +555,12 @@ def flag_slow_decode(rows: list[dict]) -> list[dict]:
     return flagged
 
 
-def _num(value, fmt: str) -> str:
-    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, fmt)
-
-
-def _range(r: dict, fmt: str = ".0f") -> str:
-    """``median [min–max]`` of a row's decode tokens/s (just the median for results without a spread)."""
-    text = _num(r.get("decode_tok_s"), fmt)
-    if r.get("decode_tok_s_min") is not None and r.get("decode_tok_s_max") is not None:
-        text += f" [{_num(r['decode_tok_s_min'], fmt)}–{_num(r['decode_tok_s_max'], fmt)}]"
-    return text
-
-
 def _line(r: dict) -> str:
     return (f"{r['shape']:10s} b={r['batch']:<3d} {r['method']:10s} keep={str(r['keep_per_image']):5s} "
             f"ttft={r['ttft_ms']:8.1f}ms x{r.get('ttft_speedup', float('nan')):.2f} llm={r['llm_prefill_ms']:8.1f}ms "
             f"dec={_range(r, '.1f')}tok/s step={_num(r.get('decode_step_ms'), '.2f')}ms "
             f"(max {_num(r.get('decode_step_max_ms'), '.1f')}, warm-up call "
             f"{_num(r.get('decode_warmup_ms'), '.0f')}ms) score={r['scoring_pct']:.1f}%")
-
-
-def table(rows: list[dict]) -> str:
-    ranged = " [min–max]" if any(r.get("decode_tok_s_min") is not None for r in rows) else ""
-    head = ("| shape | batch | method | keep/img | LLM visual | TTFT ms | TTFT × | LLM prefill ms | prefill tok/s "
-            f"| decode tok/s{ranged} | peak GiB | scoring % | FLOPs saved |")
-    lines = [head, "|" + "---|" * 13]
-    for r in rows:
-        decode = _range(r) + (" **slower than none**" if r.get("decode_slower_than_baseline") else "")
-        lines.append(
-            f"| {r['shape']} | {r['batch']} | {r['method']} | {r['keep_per_image'] or '-'} | "
-            f"{r.get('llm_visual_tokens', '-')} | {_num(r['ttft_ms'], '.1f')} | {_num(r.get('ttft_speedup'), '.2f')} | "
-            f"{_num(r['llm_prefill_ms'], '.1f')} | {_num(r['prefill_tok_s'], '.0f')} | {decode} | "
-            f"{_num(r.get('peak_gib'), '.1f')} | {_num(r['scoring_pct'], '.1f')} | "
-            f"{_num(r.get('flops_saved', 0.0), '.2f')} |"
-        )
-    return "\n".join(lines)
 
 
 def _decode_prose(result: dict) -> str:

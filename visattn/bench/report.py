@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from collections import Counter
@@ -372,14 +373,45 @@ def _speedup(config: dict) -> str:
     return f"{config['ttft_speedup']:.2f}× ({config['ttft_ms']:.1f} ms)"
 
 
+def number(value, fmt: str) -> str:
+    """``value`` formatted with ``fmt``; ``-`` for None and non-finite floats."""
+    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, fmt)
+
+
+def decode_range(r: dict, fmt: str = ".0f") -> str:
+    """``median [min–max]`` of a row's decode tokens/s (just the median for results without a spread)."""
+    text = number(r.get("decode_tok_s"), fmt)
+    if r.get("decode_tok_s_min") is not None and r.get("decode_tok_s_max") is not None:
+        text += f" [{number(r['decode_tok_s_min'], fmt)}–{number(r['decode_tok_s_max'], fmt)}]"
+    return text
+
+
+def prune_table(rows: list[dict]) -> str:
+    """The markdown table of ``bench-prune`` configurations (one row per shape, batch, method, keep)."""
+    ranged = " [min–max]" if any(r.get("decode_tok_s_min") is not None for r in rows) else ""
+    head = ("| shape | batch | method | keep/img | LLM visual | TTFT ms | TTFT × | LLM prefill ms | prefill tok/s "
+            f"| decode tok/s{ranged} | peak GiB | scoring % | FLOPs saved |")
+    lines = [head, "|" + "---|" * 13]
+    for r in rows:
+        decode = decode_range(r) + (" **slower than none**" if r.get("decode_slower_than_baseline") else "")
+        lines.append(
+            f"| {r['shape']} | {r['batch']} | {r['method']} | {r['keep_per_image'] or '-'} | "
+            f"{r.get('llm_visual_tokens', '-')} | {number(r['ttft_ms'], '.1f')} | "
+            f"{number(r.get('ttft_speedup'), '.2f')} | "
+            f"{number(r['llm_prefill_ms'], '.1f')} | {number(r['prefill_tok_s'], '.0f')} | {decode} | "
+            f"{number(r.get('peak_gib'), '.1f')} | {number(r['scoring_pct'], '.1f')} | "
+            f"{number(r.get('flops_saved', 0.0), '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+
 def prune_grid_section(results) -> str:
     """The bench-prune file with the most configurations (the newest among equals), as one table."""
     files = _prune_files(results)
     if not files:
         return ""
     path, data = max(reversed(files), key=lambda item: len(item[1]["configs"]))
-    from visattn.bench.prune import table as prune_table
-
     rounds = data.get("rounds") or 1
     repeats = f"; the median of {rounds} interleaved rounds" if rounds > 1 else ""
     return (f"## Full grid (`{path.name}`)\n\n"

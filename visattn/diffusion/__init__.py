@@ -13,7 +13,7 @@ from visattn.diffusion.blocks import (
     TokenMerge,
     TokenSplit,
 )
-from visattn.diffusion.ltx2 import LTX2NeighborhoodAttnProcessor, patch_ltx2
+from visattn.diffusion.ltx2 import LTX2NeighborhoodAttnProcessor
 from visattn.diffusion.models import (
     DiT,
     HDiT,
@@ -24,7 +24,7 @@ from visattn.diffusion.models import (
     sample_euler,
     training_step,
 )
-from visattn.diffusion.patching import patch, supported_models, unpatch
+from visattn.diffusion.patching import patch, patch_ltx2, supported_models, unpatch
 from visattn.diffusion.processors import (
     AgentSDAttnProcessor,
     FluxNeighborhoodAttnProcessor,

@@ -11,7 +11,6 @@ processor for a mask only when it is diffusers' flex processor, which this one i
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from visattn import functional
@@ -79,19 +78,4 @@ class LTX2NeighborhoodAttnProcessor:
         return functional.na3d(query, key, value, kernel_size, scale=1.0, **extra)
 
 
-def patch_ltx2(model: torch.nn.Module, backend: str | None = None) -> torch.nn.Module:
-    """Put :class:`LTX2NeighborhoodAttnProcessor` on every neighborhood-attention module of an LTX-2.5 decoder.
-
-    Args:
-        model: ``LTX2VideoDiffusionDecoderModel`` (or any module containing ``LTX2VideoVaeNeighborhoodAttention``).
-        backend: passed to the processor.
-
-    Returns:
-        ``model`` (changed in place; ``visattn.diffusion.unpatch`` restores its processors).
-    """
-    from visattn.diffusion.patching import patch
-
-    return patch(model, "ltx2", backend=backend)
-
-
-__all__ = ["LTX2NeighborhoodAttnProcessor", "patch_ltx2"]
+__all__ = ["LTX2NeighborhoodAttnProcessor"]

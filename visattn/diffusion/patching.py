@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from visattn.diffusion import _compat
+from visattn.diffusion.ltx2 import LTX2NeighborhoodAttnProcessor
 from visattn.diffusion.processors import (
     AgentSDAttnProcessor,
     FluxNeighborhoodAttnProcessor,
@@ -87,8 +88,6 @@ def _ltx2_targets(model):
 
 
 def _make_ltx2(context=None, backend=None, **kwargs):
-    from visattn.diffusion.ltx2 import LTX2NeighborhoodAttnProcessor
-
     if kwargs:
         raise ValueError(f"the LTX-2.5 decoder's kernels come from its config; unexpected arguments {sorted(kwargs)}")
     return LTX2NeighborhoodAttnProcessor(backend=backend)
@@ -218,4 +217,17 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["patch", "supported_models", "unpatch"]
+def patch_ltx2(model: torch.nn.Module, backend: str | None = None) -> torch.nn.Module:
+    """Put :class:`LTX2NeighborhoodAttnProcessor` on every neighborhood-attention module of an LTX-2.5 decoder.
+
+    Args:
+        model: ``LTX2VideoDiffusionDecoderModel`` (or any module containing ``LTX2VideoVaeNeighborhoodAttention``).
+        backend: passed to the processor.
+
+    Returns:
+        ``model`` (changed in place; ``visattn.diffusion.unpatch`` restores its processors).
+    """
+    return patch(model, "ltx2", backend=backend)
+
+
+__all__ = ["patch", "patch_ltx2", "supported_models", "unpatch"]

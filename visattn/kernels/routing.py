@@ -348,7 +348,7 @@ class _RoutedAttention(torch.autograd.Function):
 def bilevel_routing(q: Tensor, k: Tensor, v: Tensor, regions: tuple[int, int], topk: int, scale: float,
                     return_routing: bool = False):
     """Backend entry: pad to the region grid, route exactly as the reference does, run the fused kernel, crop."""
-    from visattn.reference import pad_to_regions, route_regions
+    from visattn.geometry import pad_to_regions, route_regions
 
     height, width = q.shape[1:3]
     if height % regions[0] or width % regions[1]:

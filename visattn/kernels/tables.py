@@ -14,58 +14,11 @@ from __future__ import annotations
 
 import bisect
 import functools
-from collections.abc import Callable
-from typing import TypeVar
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch._subclasses.functional_tensor import FunctionalTensorMode
-from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
-_T = TypeVar("_T")
-_TRACING_MODES = (FakeTensorMode, FunctionalTensorMode)
-
-
-def may_cache(*tensors) -> bool:
-    """Whether tensors built now may be kept for later calls: not while ``torch.compile`` / ``torch.export``
-    trace, not under a ``FakeTensorMode`` or functionalization (what they build is fake and belongs to that mode;
-    a later real or compiled call would meet a stale fake tensor), and not for fake inputs."""
-    if torch.compiler.is_compiling():
-        return False
-    if any(isinstance(mode, _TRACING_MODES) for mode in _get_current_dispatch_mode_stack()):
-        return False
-    return not any(isinstance(t, FakeTensor) for t in tensors)
-
-
-def cached(store: dict, key, build: Callable[[], _T], *tensors, limit: int = 512) -> _T:
-    """``store[key]``, built by ``build()`` on a miss. Only real, non-inference tensors are ever stored (built
-    with inference mode off); while :func:`may_cache` is False (tracing, fake tensors) the value is built fresh
-    and nothing is read from or written to ``store``. ``key`` must hold the device (and dtype where it matters)."""
-    if not may_cache(*tensors):
-        return build()
-    hit = store.get(key)
-    if hit is None:
-        with torch.inference_mode(False):
-            hit = build()
-        if len(store) >= limit:  # bounded: the shapes one process sees are few
-            store.clear()
-        store[key] = hit
-    return hit
-
-
-def interval(q: int, group_len: int, kernel: int, stride: int, shift: int, causal: bool, window: bool):
-    """Inclusive key interval of group coordinate ``q`` along one dimension (``patterns.key_interval``)."""
-    if window:
-        origin = ((q - shift + kernel) // kernel - 1) * kernel + shift
-        return max(origin, 0), min(origin + kernel - 1, group_len - 1)
-    if causal:
-        lead = min((q // stride) * stride + stride - 1, group_len - 1)
-        return max(lead - kernel + 1, 0), q
-    lead = min((q // stride) * stride + stride // 2, group_len - 1)
-    left = kernel // 2
-    right = kernel - 1 - left
-    centre = min(max(lead, left), group_len - 1 - right)
-    return centre - left, centre + right
+from visattn.caching import cached
+from visattn.geometry import interval
 
 
 def tile_span(t: int, length: int, dilation: int, n_tiles: int, kernel: int, shift: int, tile: int, window: bool):

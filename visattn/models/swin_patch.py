@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import visattn
-from visattn import backends
+from visattn import backends, functional
 from visattn.models._helpers import swin_table_to_rpb
 
 logger = logging.getLogger("visattn")
@@ -73,8 +72,8 @@ def _attend(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Window attention of a window-divisible [B, H, W, C] map with visattn shifted-window semantics."""
     batch, height, width, _ = x.shape
     q, k, v, rpb, scale = (_qkv_v2 if _is_v2(block) else _qkv_v1)(block, x)
-    out = visattn.window_attention(q, k, v, tuple(block.window_size), shift=tuple(block.shift_size),
-                                   rpb=rpb.to(q.dtype), scale=scale)
+    out = functional.window_attention(q, k, v, tuple(block.window_size), shift=tuple(block.shift_size),
+                                      rpb=rpb.to(q.dtype), scale=scale)
     attn = block.attn
     return attn.proj_drop(attn.proj(out.reshape(batch, height, width, -1)))
 

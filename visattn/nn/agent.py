@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.init import trunc_normal_
 
 from visattn import functional
-from visattn.kernels.tables import cached
+from visattn.caching import cached
 from visattn.nn import _args
 
 BIAS_GRID = 7  # an_bias / na_bias are stored on a 7×7 grid and resized to the map
@@ -71,7 +71,7 @@ def pool_agents(q: Tensor, pool: int) -> Tensor:
         member, inv_area = _pool_matrix(height, width, pool, q.device)
         return member.to(q.dtype), inv_area.to(compute)  # per dtype: no cast per call
 
-    # never a fake, traced or inference tensor in the cache (visattn.kernels.tables.cached)
+    # never a fake, traced or inference tensor in the cache (visattn.caching.cached)
     member, inv_area = cached(_POOL_CACHE, key, build, q)
     sums = torch.matmul(member, q.reshape(batch, height * width, heads * dim))  # [B, pool², C]
     return (sums.to(compute) * inv_area[:, None]).to(q.dtype).reshape(batch, pool * pool, heads, dim)
