@@ -206,7 +206,6 @@ def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Patt
     Dv = v3.shape[-1]
     lengths = (L0, L1, L2)
     d_max = max(D, Dv)
-    grad_strides = _view3_strides(q.shape, rank)
     r_st = (0,) * 4 if rpb is None else _rpb3(rpb, rank).stride()
     ek_st = (0,) * 4 if extra_k is None else extra_k.stride()
     ev_st = (0,) * 4 if extra_v is None else extra_v.stride()
@@ -231,8 +230,8 @@ def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Patt
     tiles = _tiles("dkv", pat, lengths, q, d_max)
     n_tiles = _tiles_per_group(pat, lengths, tiles.n)
     table = query_range_table(pat, lengths, n_tiles, tiles.n, q.device)
-    scalars = (*q3.stride(), *k3.stride(), *v3.stride(), *do3.stride(), *grad_strides[:5], *grad_strides[:5],
-               *l3.stride()[:4], *r_st,
+    scalars = (*q3.stride(), *k3.stride(), *v3.stride(), *do3.stride(), *_view3_strides(k.shape, rank)[:5],
+               *_view3_strides(v.shape, rank)[:5], *l3.stride()[:4], *r_st,
                H, *_pattern_args(pat, lengths, n_tiles), table.shape[1], scale * _LOG2E, scale, D, Dv)
     constexprs, warps, stages = _split_options(_pattern_constexprs(pat, tiles, D, Dv, q.dtype))
     constexprs.update(HAS_RPB=rpb is not None)

@@ -1,0 +1,51 @@
+"""The fused engine with a value head dim different from the query's (``head_dim_v != head_dim``), forward and
+every gradient (q, k, v, rpb), under TRITON_INTERPRET=1 against the float64 oracle: the backward's dK and dV are
+written with their own tensors' strides."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from interpreted import child_env
+
+
+def run_case() -> dict:
+    """Child-process body: neighborhood (2-D, rpb, dilation) and shifted window, D=16, Dv=32."""
+    import oracle
+    import torch
+
+    from visattn import kernels
+
+    gen = torch.Generator().manual_seed(5)
+    errors = {}
+    for name in ("na", "window"):
+        q, k = (torch.randn(2, 9, 10, 2, 16, generator=gen) for _ in range(2))
+        v = torch.randn(2, 9, 10, 2, 32, generator=gen)
+        rpb = torch.randn(2, 5, 5, generator=gen)
+        grad = torch.randn(2, 9, 10, 2, 32, generator=gen)
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, rpb)]
+        ref_leaves = [t.double().requires_grad_(True) for t in (q, k, v, rpb)]
+        if name == "na":
+            out = kernels.na(*leaves[:3], (3, 3), (1, 2), (1, 1), (False, False), leaves[3], 0.25, None, None)
+            ref = oracle.na_oracle(*ref_leaves[:3], (3, 3), 1, (1, 2), (False, False), scale=0.25, rpb=ref_leaves[3])
+        else:
+            out = kernels.window(*leaves[:3], (3, 3), (1, 2), leaves[3], 0.25)
+            ref = oracle.window_oracle(*ref_leaves[:3], (3, 3), (1, 2), rpb=ref_leaves[3], scale=0.25)
+        got = torch.autograd.grad(out, leaves, grad)
+        want = torch.autograd.grad(ref, ref_leaves, grad.double())
+        errors[name] = max([(out.double() - ref).abs().max().item() / ref.abs().max().item()]
+                           + [(a.double() - b).abs().max().item() / b.abs().max().item()
+                              for a, b in zip(got, want, strict=True)])
+    return errors
+
+
+def test_value_head_dim_differs():
+    code = f"import sys, json; sys.path.insert(0, {__file__.rsplit('/', 1)[0]!r}); " \
+           "import test_engine_head_dim_v_interpret as t; print(json.dumps(t.run_case()))"
+    proc = subprocess.run([sys.executable, "-c", code], env=child_env(TRITON_INTERPRET="1"), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(err < 1e-5 for err in errors.values()), errors
