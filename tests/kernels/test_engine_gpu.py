@@ -66,3 +66,21 @@ def test_torch_compile_inductor_fullgraph():
             torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(grad, block.rpb.grad, atol=1e-3, rtol=1e-4)
             block.zero_grad()
+
+
+def test_same_geometry_inference_then_training_with_a_trained_bias():
+    """One geometry launched with a bfloat16 output (no grad) and then a float32 one (a trained rpb keeps the output
+    in float32): each launch plan's compiled kernel must match its output dtype."""
+    import visattn
+    from visattn import reference
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 14, 14, 4, 32, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    rpb = (0.1 * torch.randn(4, 13, 13, device="cuda", dtype=torch.bfloat16)).requires_grad_(True)
+    want = reference.na(q.float(), k.float(), v.float(), (7, 7), (1, 1), (1, 1), (False, False), rpb.detach().float(),
+                        32**-0.5, None, None)
+    with torch.no_grad():
+        inference = visattn.na2d(q, k, v, 7, rpb=rpb)
+    training = visattn.na2d(q, k, v, 7, rpb=rpb)
+    for out in (inference, training):
+        assert (out.float() - want).norm() / want.norm() < 2e-2

@@ -1,6 +1,6 @@
 """The fused engine with a value head dim different from the query's (``head_dim_v != head_dim``), forward and
 every gradient (q, k, v, rpb), under TRITON_INTERPRET=1 against the float64 oracle: the backward's dK and dV are
-written with their own tensors' strides."""
+written with their own tensors' strides. Also: one geometry run with two output dtypes gets two launch plans."""
 
 from __future__ import annotations
 
@@ -38,6 +38,15 @@ def run_case() -> dict:
         errors[name] = max([(out.double() - ref).abs().max().item() / ref.abs().max().item()]
                            + [(a.double() - b).abs().max().item() / b.abs().max().item()
                               for a, b in zip(got, want, strict=True)])
+    # one geometry, two output dtypes (a trained half-precision rpb keeps a float32 output): two launch plans, since
+    # the compiled kernel is specialised on the output pointer's type
+    from visattn.kernels import ops
+
+    ops._PLANS.clear()
+    pat = ops.make_pattern(2, False, (3, 3), (1, 1), (1, 1), (False, False), (0, 0))
+    outs = [ops.forward(q, k, v, None, None, None, pat, 0.25, dtype)[0] for dtype in (None, torch.float64)]
+    errors["plans"] = len([key for key in ops._PLANS if key[0] == "fwd"])
+    errors["out_dtypes"] = [str(out.dtype) for out in outs]
     return errors
 
 
@@ -48,4 +57,5 @@ def test_value_head_dim_differs():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert errors.pop("plans") == 2 and errors.pop("out_dtypes") == ["torch.float32", "torch.float64"], errors
     assert all(err < 1e-5 for err in errors.values()), errors

@@ -153,7 +153,8 @@ def forward(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
             out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """Run the forward kernel; returns the output (contiguous, ``out_dtype`` or q's) and the log2-LSE
     ``[B, *spatial, heads]``. Launched from a plan cached per geometry (``launch.py``)."""
-    key = ("fwd", pat, scale, q.device, tensor_key(q), tensor_key(k), tensor_key(v), tensor_key(rpb),
+    # the output dtype is part of the key: the compiled kernel is specialised on its output pointer's type
+    key = ("fwd", pat, scale, out_dtype, q.device, tensor_key(q), tensor_key(k), tensor_key(v), tensor_key(rpb),
            tensor_key(extra_k), tensor_key(extra_v))
     plan = _PLANS.get(key)
     if plan is None:
