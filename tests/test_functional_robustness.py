@@ -273,3 +273,11 @@ def test_heads_first_extra_tokens_are_refused_naming_the_layout():
         visattn.na2d(q, q, q, 3, additional_keys=extra, additional_values=extra)
     t = extra.transpose(1, 2)
     assert visattn.na2d(q, q, q, 3, additional_keys=t, additional_values=t).shape == q.shape
+
+
+def test_meta_tensors_run_the_cpu_schedules():
+    """timm builds and runs models on the meta device (timm's test_model_default_cfgs): the dense schedule's
+    finiteness check must not read data that meta tensors do not have."""
+    q = torch.empty(1, 7, 7, 2, 16, device="meta")
+    assert visattn.na2d(q, q, q, 7).shape == q.shape  # one masked SDPA call (small map, window covers it)
+    assert visattn.window_attention(q, q, q, 7, shift=3).shape == q.shape

@@ -47,9 +47,10 @@ def worth_it(spatial: tuple[int, ...], kernel: tuple[int, ...], dilation: tuple[
 
 
 def all_finite(*tensors: Tensor) -> bool:
-    """Whether every element of ``tensors`` is finite (one reduction each; a host sync on CUDA). Fake or traced
-    tensors hold no data: True (the schedule's shapes are what such a call is after)."""
-    if not may_cache(*tensors):
+    """Whether every element of ``tensors`` is finite (one reduction each; a host sync on CUDA). Fake, traced and
+    meta tensors hold no data: True (the schedule's shapes are what such a call is after; timm builds models on the
+    meta device and runs them there)."""
+    if not may_cache(*tensors) or any(t.is_meta for t in tensors):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
