@@ -42,7 +42,6 @@ __all__ = [
 ]
 
 
-
 def _register_models() -> None:
     """Import ``visattn.models`` (its ``@register_model`` entrypoints register the families with timm). A failure
     is a warning, not an error: it runs inside the user's ``import timm``, which must not break because of
