@@ -20,6 +20,7 @@ import math
 import numbers
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -291,10 +292,10 @@ def _triton_why_not(op: str, *args) -> str | None:
     """Why the fused Triton kernel cannot run this call (None when it can)."""
     if _kernels is None:
         return _KERNELS_ERROR
-    why_not = getattr(_kernels, f"{op}_why_not", None)
-    if why_not is None:
+    spec = _SPECS.get(op)
+    if spec is None or spec.why_not is None:
         return f"no Triton kernel for {op} attention"
-    return why_not(*args)
+    return spec.why_not(*args)
 
 
 _RECENT: dict[str, str] = {}
@@ -692,15 +693,87 @@ def bilevel_routing_attention(query: Tensor, key: Tensor, value: Tensor, regions
     return _bilevel_routing(query, key, value, regions, topk, scale, backend, return_routing)
 
 
+# ================================================================================================ op specs
+@dataclass(frozen=True)
+class OpSpec:
+    """One attention op's record: everything dispatch, ``which_backend`` and ``visattn info`` read about it.
+
+    Args:
+        key: the canonical op name (``_choose``'s policy key, the kernel registry's ``attention.<key>``).
+        public: the public functions, by name, that run this op (``na1d``/``na2d``/``na3d`` share one kernel).
+        ranks: the spatial ranks the op takes (``na1d``/``na2d``/``na3d`` one each, in order).
+        description: one line for ``visattn info`` and the kernel registry.
+        kernel: the fused Triton entry point in ``visattn.kernels`` (None when the kernels cannot be imported).
+        why_not: its predicate: why the kernel cannot run a call (None when it can).
+        probe_args: ``device -> args`` of a small call for ``why_not``, ``visattn info``'s capability probe.
+        backends: the backends the op can take besides ``"auto"``.
+        aliases: other names that mean this op (accepted by :func:`which_backend` and :func:`op_spec`).
+    """
+
+    key: str
+    public: tuple[str, ...]
+    ranks: tuple[int, ...]
+    description: str
+    kernel: Callable | None
+    why_not: Callable[..., str | None] | None
+    probe_args: Callable[[str], tuple]
+    backends: tuple[str, ...] = ("reference", "triton")
+    aliases: tuple[str, ...] = ()
+
+
+def _probe_map(device: str) -> Tensor:
+    return torch.empty(1, 8, 8, 1, 16, device=device, dtype=torch.float32 if device == "cpu" else torch.float16)
+
+
+def _probe_args(build: Callable[[Tensor], tuple]) -> Callable[[str], tuple]:
+    return lambda device: build(_probe_map(device))
+
+
+_k = _kernels  # None on a broken install: every spec then has no kernel and no predicate
+OP_SPECS: tuple[OpSpec, ...] = (
+    OpSpec("na", ("na1d", "na2d", "na3d"), (1, 2, 3),
+           "neighborhood attention (NA/DiNA/GNA, 1-3 D), fused forward + backward",
+           _k and _k.na, _k and _k.na_why_not,
+           _probe_args(lambda q: (q, q, q, (3, 3), (1, 1), (1, 1), (False, False), None, None, None)),
+           aliases=("neighborhood", "neighborhood_attention")),
+    OpSpec("window", ("window_attention",), (2, 3),
+           "(shifted) window attention (Swin / Video Swin), fused forward + backward",
+           _k and _k.window, _k and _k.window_why_not,
+           _probe_args(lambda q: (q, q, q, (4, 4), (0, 0), None))),
+    OpSpec("agent", ("agent_attention",), (1, 2, 3),
+           "agent attention (Agent-Transformer), both softmax stages fused, forward + backward",
+           _k and _k.agent, _k and _k.agent_why_not,
+           _probe_args(lambda q: (q, q, q, q[:, 0])), backends=("reference", "triton", "sdpa")),
+    OpSpec("bilevel_routing", ("bilevel_routing_attention",), (2,),
+           "bi-level routing attention (BiFormer), routed regions read in place",
+           _k and _k.bilevel_routing, _k and _k.bilevel_routing_why_not,
+           _probe_args(lambda q: (q, q, q, (2, 2), 1)), aliases=("routing", "bra", "BRA")),
+)
+_SPECS = {spec.key: spec for spec in OP_SPECS}
+# The one alias table: every accepted name (canonical key, public function name, alias) -> the canonical key.
+OP_ALIASES: dict[str, str] = {name: spec.key for spec in OP_SPECS for name in (spec.key, *spec.public, *spec.aliases)}
+
+
+def op_spec(name: str) -> OpSpec:
+    """The :class:`OpSpec` of an op, by its canonical key, a public function name or an alias ("bra")."""
+    if not isinstance(name, str):
+        raise TypeError(f"op must be a str, got {type(name).__name__}")
+    if name not in OP_ALIASES:
+        raise ValueError(f"op must be one of {sorted(OP_ALIASES)}, got {name!r}")
+    return _SPECS[OP_ALIASES[name]]
+
+
 # ================================================================================================ diagnostics
-_DRY_RUNS = {
-    "na1d": (na1d, lambda **a: _na(1, **a, dry_run=True)),
-    "na2d": (na2d, lambda **a: _na(2, **a, dry_run=True)),
-    "na3d": (na3d, lambda **a: _na(3, **a, dry_run=True)),
-    "window_attention": (window_attention, lambda **a: _window(**a, dry_run=True)),
-    "agent_attention": (agent_attention, lambda **a: _agent(**a, dry_run=True)),
-    "bilevel_routing_attention": (bilevel_routing_attention, lambda **a: _bilevel_routing(**a, dry_run=True)),
+# Each public function's dry run (the same checks and backend choice, no compute), in OP_SPECS order.
+_DRY_RUN_FNS = {
+    "na1d": lambda **a: _na(1, **a, dry_run=True),
+    "na2d": lambda **a: _na(2, **a, dry_run=True),
+    "na3d": lambda **a: _na(3, **a, dry_run=True),
+    "window_attention": lambda **a: _window(**a, dry_run=True),
+    "agent_attention": lambda **a: _agent(**a, dry_run=True),
+    "bilevel_routing_attention": lambda **a: _bilevel_routing(**a, dry_run=True),
 }
+assert set(_DRY_RUN_FNS) == {name for spec in OP_SPECS for name in spec.public}, "an OpSpec public op has no dry run"
 
 
 def which_backend(op: str, *args, **kwargs) -> str:
@@ -710,50 +783,39 @@ def which_backend(op: str, *args, **kwargs) -> str:
 
     Args:
         op: a public op name: "na1d", "na2d", "na3d", "window_attention", "agent_attention",
-            "bilevel_routing_attention".
+            "bilevel_routing_attention"; an op with one public function may also be named by its canonical key or
+            an alias (``OP_ALIASES``: "window", "agent", "bilevel_routing", "routing", "bra", "BRA").
         *args, **kwargs: the op's arguments, exactly as the op takes them.
     """
-    if op not in _DRY_RUNS:
-        raise ValueError(f"op must be one of {sorted(_DRY_RUNS)}, got {op!r}")
-    public, dry_run = _DRY_RUNS[op]
-    bound = inspect.signature(public).bind(*args, **kwargs)
+    spec = op_spec(op) if isinstance(op, str) and op in OP_ALIASES else None
+    if spec is None or (op not in spec.public and len(spec.public) != 1):
+        accepted = sorted(name for name, key in OP_ALIASES.items()
+                          if name in _DRY_RUN_FNS or len(_SPECS[key].public) == 1)
+        raise ValueError(f"op must be one of {accepted}, got {op!r}")
+    public_name = op if op in spec.public else spec.public[0]
+    bound = inspect.signature(globals()[public_name]).bind(*args, **kwargs)
     bound.apply_defaults()
-    return dry_run(**bound.arguments)
+    return _DRY_RUN_FNS[public_name](**bound.arguments)
 
 
-def _probe(op: str) -> Callable[[str], str | None]:
+def _probe(spec: OpSpec) -> Callable[[str], str | None]:
     """``visattn info``'s capability probe of one fused kernel on a device (a small float16 call)."""
 
     def probe(device: str) -> str | None:
-        if _kernels is None:
-            return _KERNELS_ERROR
-        dtype = torch.float32 if device == "cpu" else torch.float16
-        q = torch.empty(1, 8, 8, 1, 16, device=device, dtype=dtype)
-        args = {
-            "na": (q, q, q, (3, 3), (1, 1), (1, 1), (False, False), None, None, None),
-            "window": (q, q, q, (4, 4), (0, 0), None),
-            "bilevel_routing": (q, q, q, (2, 2), 1),
-            "agent": (q, q, q, q[:, 0]),
-        }[op]
-        return _triton_why_not(op, *args)
+        return _triton_why_not(spec.key, *spec.probe_args(device))
 
     return probe
 
 
-_PROBED_OPS = {"na": "neighborhood attention (NA/DiNA/GNA, 1-3 D), fused forward + backward",
-               "window": "(shifted) window attention (Swin / Video Swin), fused forward + backward",
-               "agent": "agent attention (Agent-Transformer), both softmax stages fused, forward + backward",
-               "bilevel_routing": "bi-level routing attention (BiFormer), routed regions read in place"}
-for _op, _text in _PROBED_OPS.items():
-    backends.register_kernel(f"attention.{_op}", FAMILY, _probe(_op), _text)
+for _spec in OP_SPECS:
+    backends.register_kernel(f"attention.{_spec.key}", FAMILY, _probe(_spec), _spec.description)
 
 
 def available_backends(device: str = "cpu") -> dict:
     """For ``visattn info``: every op's backends and why each cannot run on ``device`` (None = it can)."""
-    report = {op: {"reference": None, "triton": _probe(op)(device)} for op in _PROBED_OPS}
-    report["agent"]["sdpa"] = None
-    return {op: report[op] for op in ("na", "window", "agent", "bilevel_routing")}
+    probes = {"reference": lambda spec: None, "triton": lambda spec: _probe(spec)(device), "sdpa": lambda spec: None}
+    return {spec.key: {b: probes[b](spec) for b in spec.backends} for spec in OP_SPECS}
 
 
-__all__ = ["agent_attention", "available_backends", "bilevel_routing_attention", "last_backend", "na1d", "na2d",
-           "na3d", "track_backends", "which_backend", "window_attention"]
+__all__ = ["OP_ALIASES", "OP_SPECS", "OpSpec", "agent_attention", "available_backends", "bilevel_routing_attention",
+           "last_backend", "na1d", "na2d", "na3d", "op_spec", "track_backends", "which_backend", "window_attention"]

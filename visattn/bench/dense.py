@@ -123,6 +123,10 @@ def bilevel_routing(q, k, v, regions, topk, scale=None):
     return torch.cat(outs)[:, :height, :width]
 
 
+# The dense oracle of each op, by its canonical key (``visattn.functional.OP_SPECS``; a test checks they match).
+PEERS = {"na": na, "window": window, "agent": agent, "bilevel_routing": bilevel_routing}
+
+
 def max_abs_error(out: Tensor, oracle: Tensor) -> float:
     return float((out.double().cpu() - oracle.cpu()).abs().max())
 

@@ -77,7 +77,11 @@ def _time(fn: Callable[[], Tensor], device, repeats: int = 3) -> tuple[Tensor, f
 
 
 def cases(tokens2d: Tensor, device, dtype):
-    """(op name, q shape, callable running visattn, callable running the oracle) for each smoke case."""
+    """(op key, case name, q, callable running visattn, callable running the oracle) for each smoke case.
+
+    The op key is the canonical ``visattn.functional.OP_SPECS`` key; the oracle is that op's dense peer
+    (``dense.PEERS``). Every spec has at least one case (tests/bench/test_op_specs.py checks it).
+    """
     gen = torch.Generator().manual_seed(7)
     def rand(*shape):
         return (torch.randn(*shape, generator=gen) * 0.5).to(device=device, dtype=dtype)
@@ -93,32 +97,34 @@ def cases(tokens2d: Tensor, device, dtype):
     def f64(*ts):
         return [None if t is None else t.double().cpu() for t in ts]
 
-    yield ("na1d causal k=15", q1, lambda: functional.na1d(q1, k1, v1, 15, is_causal=True),
-           lambda: dense.na(*f64(q1, k1, v1), (15,), (1,), (1,), (True,)))
-    yield ("na2d k=7 rpb", q2, lambda: functional.na2d(q2, k2, v2, 7, rpb=rpb7),
-           lambda: dense.na(*f64(q2, k2, v2), (7, 7), (1, 1), (1, 1), (False, False), *f64(rpb7)))
-    yield ("na2d k=5 dil=3", q2, lambda: functional.na2d(q2, k2, v2, 5, dilation=3),
-           lambda: dense.na(*f64(q2, k2, v2), (5, 5), (3, 3), (1, 1), (False, False)))
-    yield ("na2d k=6 stride=3 (GNA)", q2, lambda: functional.na2d(q2, k2, v2, 6, stride=3),
-           lambda: dense.na(*f64(q2, k2, v2), (6, 6), (1, 1), (3, 3), (False, False)))
-    yield ("na2d k=8 stride=8 (blocked)", q2, lambda: functional.na2d(q2, k2, v2, 8, stride=8),
-           lambda: dense.na(*f64(q2, k2, v2), (8, 8), (1, 1), (8, 8), (False, False)))
-    yield ("na2d k=7 +3 global KV", q2,
+    yield ("na", "na1d causal k=15", q1, lambda: functional.na1d(q1, k1, v1, 15, is_causal=True),
+           lambda: dense.PEERS["na"](*f64(q1, k1, v1), (15,), (1,), (1,), (True,)))
+    yield ("na", "na2d k=7 rpb", q2, lambda: functional.na2d(q2, k2, v2, 7, rpb=rpb7),
+           lambda: dense.PEERS["na"](*f64(q2, k2, v2), (7, 7), (1, 1), (1, 1), (False, False), *f64(rpb7)))
+    yield ("na", "na2d k=5 dil=3", q2, lambda: functional.na2d(q2, k2, v2, 5, dilation=3),
+           lambda: dense.PEERS["na"](*f64(q2, k2, v2), (5, 5), (3, 3), (1, 1), (False, False)))
+    yield ("na", "na2d k=6 stride=3 (GNA)", q2, lambda: functional.na2d(q2, k2, v2, 6, stride=3),
+           lambda: dense.PEERS["na"](*f64(q2, k2, v2), (6, 6), (1, 1), (3, 3), (False, False)))
+    yield ("na", "na2d k=8 stride=8 (blocked)", q2, lambda: functional.na2d(q2, k2, v2, 8, stride=8),
+           lambda: dense.PEERS["na"](*f64(q2, k2, v2), (8, 8), (1, 1), (8, 8), (False, False)))
+    yield ("na", "na2d k=7 +3 global KV", q2,
            lambda: functional.na2d(q2, k2, v2, 7, additional_keys=extra_k, additional_values=extra_v),
-           lambda: dense.na(*f64(q2, k2, v2), (7, 7), (1, 1), (1, 1), (False, False), None, None,
-                            *f64(extra_k, extra_v)))
-    yield ("na3d k=(3,5,5) causal-T", q3,
+           lambda: dense.PEERS["na"](*f64(q2, k2, v2), (7, 7), (1, 1), (1, 1), (False, False), None, None,
+                                     *f64(extra_k, extra_v)))
+    yield ("na", "na3d k=(3,5,5) causal-T", q3,
            lambda: functional.na3d(q3, k3, v3, (3, 5, 5), is_causal=(True, False, False)),
-           lambda: dense.na(*f64(q3, k3, v3), (3, 5, 5), (1, 1, 1), (1, 1, 1), (True, False, False)))
-    yield ("window 6x6 shift 3 rpb", q2, lambda: functional.window_attention(q2, k2, v2, 6, 3, rpb=rpb_win),
-           lambda: dense.window(*f64(q2, k2, v2), (6, 6), (3, 3), *f64(rpb_win)))
-    yield ("window3d (2,4,4) shift (1,2,2)", q3, lambda: functional.window_attention(q3, k3, v3, (2, 4, 4), (1, 2, 2)),
-           lambda: dense.window(*f64(q3, k3, v3), (2, 4, 4), (1, 2, 2)))
-    yield ("agent 16 agents +biases", q2,
+           lambda: dense.PEERS["na"](*f64(q3, k3, v3), (3, 5, 5), (1, 1, 1), (1, 1, 1), (True, False, False)))
+    yield ("window", "window 6x6 shift 3 rpb", q2, lambda: functional.window_attention(q2, k2, v2, 6, 3, rpb=rpb_win),
+           lambda: dense.PEERS["window"](*f64(q2, k2, v2), (6, 6), (3, 3), *f64(rpb_win)))
+    yield ("window", "window3d (2,4,4) shift (1,2,2)", q3,
+           lambda: functional.window_attention(q3, k3, v3, (2, 4, 4), (1, 2, 2)),
+           lambda: dense.PEERS["window"](*f64(q3, k3, v3), (2, 4, 4), (1, 2, 2)))
+    yield ("agent", "agent 16 agents +biases", q2,
            lambda: functional.agent_attention(q2, k2, v2, agents, agent_bias, query_bias),
-           lambda: dense.agent(*f64(q2, k2, v2, agents, agent_bias, query_bias)))
-    yield ("BRA 5x5 regions top-4 (padded)", q2, lambda: functional.bilevel_routing_attention(q2, k2, v2, 5, 4),
-           lambda: dense.bilevel_routing(*f64(q2, k2, v2), (5, 5), 4))
+           lambda: dense.PEERS["agent"](*f64(q2, k2, v2, agents, agent_bias, query_bias)))
+    yield ("bilevel_routing", "BRA 5x5 regions top-4 (padded)", q2,
+           lambda: functional.bilevel_routing_attention(q2, k2, v2, 5, 4),
+           lambda: dense.PEERS["bilevel_routing"](*f64(q2, k2, v2), (5, 5), 4))
 
 
 def run_smoke(device: str | None = None, dtype: str = "auto", models: bool = True) -> list[Row]:
@@ -130,7 +136,7 @@ def run_smoke(device: str | None = None, dtype: str = "auto", models: bool = Tru
     tokens2d = patch_tokens(load_photo())
     rows = []
     with torch.no_grad():
-        for op, q, run, oracle in cases(tokens2d, dev, dt):
+        for _key, op, q, run, oracle in cases(tokens2d, dev, dt):
             out, ms = _time(run, dev)
             backend = last_backend()
             err = dense.max_abs_error(out, oracle())
