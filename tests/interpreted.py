@@ -26,3 +26,16 @@ def run_interpreted(path: str, timeout: float) -> object:
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_case_interpreted(test_file: str, timeout: float = 600) -> object:
+    """Import the test module at ``test_file`` in a child process under TRITON_INTERPRET=1, call its
+    ``run_case()`` and return the JSON-decoded result."""
+    folder, module = os.path.split(os.path.splitext(os.path.abspath(test_file))[0])
+    code = (f"import sys, json; sys.path.insert(0, {folder!r}); import {module} as t; "
+            "print(json.dumps(t.run_case()))")
+    proc = subprocess.run([sys.executable, "-c", code], env=child_env(TRITON_INTERPRET="1"), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+

@@ -4,11 +4,7 @@ written with their own tensors' strides. Also: one geometry run with two output 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
-from interpreted import child_env
+from interpreted import run_case_interpreted
 
 
 def run_case() -> dict:
@@ -51,11 +47,6 @@ def run_case() -> dict:
 
 
 def test_value_head_dim_differs():
-    code = f"import sys, json; sys.path.insert(0, {__file__.rsplit('/', 1)[0]!r}); " \
-           "import test_engine_head_dim_v_interpret as t; print(json.dumps(t.run_case()))"
-    proc = subprocess.run([sys.executable, "-c", code], env=child_env(TRITON_INTERPRET="1"), capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    errors = run_case_interpreted(__file__)
     assert errors.pop("plans") == 2 and errors.pop("out_dtypes") == ["torch.float32", "torch.float64"], errors
     assert all(err < 1e-5 for err in errors.values()), errors

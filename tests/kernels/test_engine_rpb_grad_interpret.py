@@ -6,11 +6,7 @@ through the returned log-sum-exp, eager and traced (the custom ops' fake and aut
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
-from interpreted import child_env
+from interpreted import run_case_interpreted
 
 
 def run_case() -> dict:
@@ -105,12 +101,7 @@ def run_case() -> dict:
 
 
 def test_rpb_gradient_chunked_deterministic_and_lse_gradient():
-    code = f"import sys, json; sys.path.insert(0, {__file__.rsplit('/', 1)[0]!r}); " \
-           "import test_engine_rpb_grad_interpret as t; print(json.dumps(t.run_case()))"
-    proc = subprocess.run([sys.executable, "-c", code], env=child_env(TRITON_INTERPRET="1"), capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_case_interpreted(__file__)
     assert result["err"] < 1e-5 and result["err_1d"] < 1e-5 and result["chunk_err"] < 1e-5, result
     assert result["repeat_equal"], result
     assert result["modes_2d"] == ["bins"] and result["modes_1d"] == ["dsn"], result
