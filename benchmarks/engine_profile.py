@@ -116,8 +116,8 @@ def kernel_breakdown(fn):
     # totals: all GPU kernels, and visattn's attention kernels (engine + routing + the rpb reduction's matmuls
     # are not separable, so only the Triton kernels of the engine count here)
     top["_total_gpu_ms"] = round(sum(out.values()), 3)
-    top["_attention_kernels_ms"] = round(sum(v for k, v in out.items()
-                                             if k.startswith(("_fwd_kernel", "_bwd_", "_delta_kernel", "_small"))), 3)
+    engine = ("_fwd_kernel", "_bwd_", "_delta_kernel", "_small", "_cell_")
+    top["_attention_kernels_ms"] = round(sum(v for k, v in out.items() if k.startswith(engine)), 3)
     return top
 
 
@@ -173,6 +173,47 @@ TILE_VARIANTS = {
                                (32, 128, 8, 2), (64, 128, 8, 2), (32, 32, 4, 2)],
     ("bwd", 16, 64, "small"): [(64, 32, 4, 2), (64, 32, 4, 3), (64, 32, 2, 2), (64, 64, 4, 2), (32, 32, 4, 2)],
 }
+
+
+# small-map path (kernels/cells.py) launch shapes: (query rows per forward program, per backward block, warps)
+CELL_VARIANTS = {256: [(64, 32, 8), (32, 32, 8), (128, 32, 8), (64, 16, 8), (64, 32, 4), (32, 32, 4)],
+                 64: [(64, 64, 4), (32, 32, 4), (16, 16, 4), (64, 64, 8), (32, 64, 2)]}
+
+
+def cell_sweep(stage_names, batch, iters, deadline):
+    """fwd and fwd+bwd (rpb on) of the small-map kernels for each launch shape in CELL_VARIANTS."""
+    from visattn.kernels import ops
+
+    original = ops.cell_box
+    rows = []
+    for name in stage_names:
+        spatial, heads, kernel, dil, window, shift = STAGES[name]
+        qkv, q, k, v, table = make_inputs(batch, spatial, heads, 32, True, kernel, True)
+        grad = torch.randn(batch, *spatial, heads, 32, device="cuda", dtype=torch.bfloat16)
+        pat = ops.make_pattern(len(spatial), window, (kernel,) * len(spatial), (dil,) * len(spatial),
+                               (1,) * len(spatial), (False,) * len(spatial), (shift,) * len(spatial))
+        base = ops.engine_path(q, v, table, None, pat)
+        if base.box is None:
+            rows.append({"stage": name, "cells": "declined", "reason": base.reason})
+            continue
+        for sub_fwd, sub_bwd, warps in CELL_VARIANTS.get(math.prod(base.box), []):
+            if time.time() > deadline:
+                return rows
+            ops.cell_box = lambda *a, _v=(sub_fwd, sub_bwd, warps): original(*a)._replace(
+                sub_fwd=_v[0], sub_bwd=max(_v[1], original(*a).box[2]), warps=_v[2])
+            ops._PLANS.clear()
+            fwd, fwd_bwd = engine_calls(q, k, v, table, grad, STAGES[name])
+            try:
+                row = {"stage": name, "cell_variant": [sub_fwd, sub_bwd, warps], "fwd_ms": median_ms(fwd, iters),
+                       "fwd_bwd_ms": median_ms(fwd_bwd, iters), "kernels": kernel_breakdown(fwd_bwd)}
+            except Exception as err:
+                row = {"stage": name, "cell_variant": [sub_fwd, sub_bwd, warps],
+                       "error": f"{type(err).__name__}: {err}"[:300]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        ops.cell_box = original
+        ops._PLANS.clear()
+    return rows
 
 
 def tile_sweep(stage_names, batch, iters, deadline):
@@ -260,6 +301,7 @@ def main() -> int:
     parser.add_argument("--tiles", action="store_true")
     parser.add_argument("--tile-stages", default="nat_s1,nat_s3")
     parser.add_argument("--max-seconds", type=float, default=400)
+    parser.add_argument("--cells", default="", help="comma list of stages: sweep the small-map launch shapes")
     parser.add_argument("--models", default="", help="comma list of timm names (name@visattn: Swin on visattn)")
     args = parser.parse_args()
     import triton
@@ -278,6 +320,9 @@ def main() -> int:
         path.write_text(json.dumps(result, indent=1))
     if args.tiles:
         result["tile_rows"] = tile_sweep(args.tile_stages.split(","), args.batch, args.iters, deadline)
+        path.write_text(json.dumps(result, indent=1))
+    if args.cells:
+        result["cell_rows"] = cell_sweep(args.cells.split(","), args.batch, args.iters, deadline + 120)
         path.write_text(json.dumps(result, indent=1))
     if args.models:
         result["model_rows"] = model_rows(args.models.split(","), args.batch, args.iters, deadline + 240)

@@ -76,6 +76,8 @@ def _info(args: argparse.Namespace) -> int:
         for op, choices in functional.available_backends(device).items():
             for backend, why_not in choices.items():
                 print(f"  {op:16s} {backend:10s} {'ok' if why_not is None else 'no: ' + why_not}")
+    if hasattr(functional, "which_path"):
+        _info_engine_paths(functional, torch, device)
     importlib.import_module("visattn.tokenprune.kernels")  # registers the pruning kernels with the policy
     kernels = backends.list_kernels(device)
     print(f"\nfused kernels on {device}, by family (why not, where one cannot run):")
@@ -89,6 +91,31 @@ def _info(args: argparse.Namespace) -> int:
             status = "ok" if why is None else "no: " + why
             print(f"    {entry.name:24s} {status}" + (f"  ({entry.description})" if entry.description else ""))
     return 0
+
+
+# stage shapes of visattn's backbones (map, heads, call): which engine path each one takes on this device
+_PATH_EXAMPLES = [
+    ("NAT-T stage 1 (56x56, k7, rpb)", (56, 56), 2, dict(op="na2d", kernel_size=7)),
+    ("NAT-T stage 3 (14x14, k7, rpb)", (14, 14), 8, dict(op="na2d", kernel_size=7)),
+    ("NAT-T stage 4 (7x7, k7, rpb)", (7, 7), 16, dict(op="na2d", kernel_size=7)),
+    ("DiNAT-T stage 1 (56x56, k7, d8, rpb)", (56, 56), 2, dict(op="na2d", kernel_size=7, dilation=8)),
+    ("Swin-T stage 1 (56x56, w7, shift 3, rpb)", (56, 56), 3, dict(op="window_attention", window_size=7, shift=3)),
+]
+
+
+def _info_engine_paths(functional, torch, device: str) -> None:
+    print(f"\nengine path per call on {device} (bf16, head_dim 32; functional.which_path):")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    for label, spatial, heads, call in _PATH_EXAMPLES:
+        call = dict(call)
+        op = call.pop("op")
+        try:
+            q = torch.empty(1, *spatial, heads, 32, device=device, dtype=dtype)
+            rpb = torch.empty(heads, 13, 13, device=device, dtype=dtype)
+            path, why = functional.which_path(op, q, q, q, rpb=rpb, **call)
+        except Exception as err:  # report, never crash
+            path, why = "error", f"{type(err).__name__}: {err}"
+        print(f"  {label:42s} {path:18s} {why}")
 
 
 # ----------------------------------------------------------------------------------------------- smoke

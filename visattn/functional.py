@@ -358,11 +358,62 @@ def _dense_schedule_allowed(backend: str | None) -> bool:
     return backends.resolve(backend, FAMILY) == "auto" and not torch.compiler.is_compiling()
 
 
+# ================================================================================================ validated calls
+# A model makes the same few calls every step, and the checks and backend choice of a call are a pure function of
+# its tensors' geometry (shape, strides, dtype, device), its other arguments and the default backend. Calls that
+# chose the fused kernels are remembered under that key, so a repeated call skips straight to the kernel (eager
+# mode only; traced calls run the checks once while tracing anyway).
+_VALIDATED: dict = {}
+
+
+def _geometry(t) -> tuple | list | None:
+    if t is None:
+        return None
+    if not isinstance(t, Tensor):
+        return [t]  # unhashable: the call takes the full checks, which name the argument
+    return (t.shape, t.stride(), t.dtype, t.device, type(t))
+
+
+def _validated_key(*parts) -> tuple | None:
+    """The cache key of a call, or None when a part is unhashable or a non-number scale (always checked in full)."""
+    if torch.compiler.is_compiling():
+        return None
+    key = (*parts, backends.get_backend(FAMILY))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _remember_validated(key, value) -> None:
+    if key is None:
+        return
+    if len(_VALIDATED) > 4096:  # bounded: a process sees few geometries
+        _VALIDATED.clear()
+    _VALIDATED[key] = value
+
+
 # ================================================================================================ neighborhood
 def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
         additional_values, attention_kwargs, backend, q_tile_shape, kv_tile_shape, backward_q_tile_shape,
         backward_kv_tile_shape, backward_kv_splits, backward_use_pt_reduction, run_persistent_kernel,
         kernel_schedule, torch_compile, return_lse, rpb, dry_run=False):
+    fast = None
+    if not dry_run and attention_kwargs is None and (scale is None or type(scale) in (float, int)):
+        fast = _validated_key("na", rank, _geometry(query), _geometry(key), _geometry(value), _geometry(rpb),
+                              _geometry(additional_keys), _geometry(additional_values), kernel_size, stride,
+                              dilation, is_causal, scale, backend, q_tile_shape, kv_tile_shape,
+                              backward_q_tile_shape, backward_kv_tile_shape, backward_kv_splits,
+                              backward_use_pt_reduction, run_persistent_kernel, kernel_schedule, torch_compile,
+                              return_lse)
+        hit = None if fast is None else _VALIDATED.get(fast)
+        if hit is not None:
+            _record("triton")
+            kernel, dil, strd, causal, scale = hit
+            return _contiguous(_kernels.na(query, key, value, kernel, dil, strd, causal,
+                                           _rpb_in_compute_dtype(rpb, query), scale, additional_keys,
+                                           additional_values, return_lse=return_lse))
     op = f"na{rank}d"
     backend = check_backend(backend, op)
     _check_qkv(query, key, value, (rank,), op)
@@ -400,6 +451,8 @@ def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale
     if dry_run:
         return chosen
     _record(chosen)
+    if chosen == "triton":
+        _remember_validated(fast, (kernel, dil, strd, causal, scale))
     if chosen == "reference":
         if return_lse:
             return _contiguous(reference.na(*args, scale, additional_keys, additional_values, return_lse=True))
@@ -509,6 +562,16 @@ na3d.__doc__ = _NA_DOC.format(rank=3, spatial="T, H, W", rpb_shape="2k0-1, 2k1-1
 
 # ================================================================================================ window
 def _window(query, key, value, window_size, shift, rpb, scale, backend, dry_run=False):
+    fast = None
+    if not dry_run and (scale is None or type(scale) in (float, int)):
+        fast = _validated_key("window", _geometry(query), _geometry(key), _geometry(value), _geometry(rpb),
+                              window_size, shift, scale, backend)
+        hit = None if fast is None else _VALIDATED.get(fast)
+        if hit is not None:
+            _record("triton")
+            window, shifts, scale = hit
+            return _contiguous(_kernels.window(query, key, value, window, shifts, _rpb_in_compute_dtype(rpb, query),
+                                               scale))
     op = "window_attention"
     backend = check_backend(backend, op)
     rank = _check_qkv(query, key, value, (2, 3), op)
@@ -531,6 +594,8 @@ def _window(query, key, value, window_size, shift, rpb, scale, backend, dry_run=
     if dry_run:
         return chosen
     _record(chosen)
+    if chosen == "triton":
+        _remember_validated(fast, (window, shifts, scale))
     if chosen == "reference" and _dense_schedule_allowed(backend):
         # timm's formulation (roll, partition, one batched masked SDPA call): as fast as stock Swin on the CPU and
         # exact; backend="reference" keeps the neighbour-table reference
@@ -796,6 +861,55 @@ def which_backend(op: str, *args, **kwargs) -> str:
     bound = inspect.signature(globals()[public_name]).bind(*args, **kwargs)
     bound.apply_defaults()
     return _DRY_RUN_FNS[public_name](**bound.arguments)
+
+
+def which_path(op: str, *args, **kwargs) -> tuple[str, str]:
+    """``(path, why)`` for ``visattn.<op>(*args, **kwargs)``, without running it: "reference" / "sdpa" (with the
+    reason the fused kernel was not chosen), "triton:small-map" (one program per dilation group or window: small
+    maps such as NAT's 14x14 and 7x7 stages and Swin windows) or "triton:tiled" (the halo-tiled kernels, with the
+    reason the small-map path declined), or "triton" for the agent and routing kernels. Same arguments and
+    validation as :func:`which_backend`."""
+    backend = which_backend(op, *args, **kwargs)
+    key = OP_ALIASES[op]
+    public_name = op if op in _SPECS[key].public else _SPECS[key].public[0]
+    bound = inspect.signature(globals()[public_name]).bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    if backend != "triton":
+        query = a["query"]
+        why = ("CPU tensors run the exact reference under backend='auto'" if not query.is_cuda
+               and backends.resolve(a.get("backend"), FAMILY) == "auto" else None)
+        if why is None and _kernels is not None and key in ("na", "window"):
+            why = _triton_why_not(key, *_path_args(key, a))
+        return backend, why or f"backend={a.get('backend')!r}"
+    if key not in ("na", "window"):
+        return "triton", "one fused kernel family"
+    query, value = a["query"], a["value"]
+    rank = query.dim() - 3
+    if key == "window":
+        window = int_tuple(a["window_size"], rank, "window_size")
+        shift = int_tuple(a["shift"], rank, "shift", minimum=0)
+        path, why = _kernels.engine_path(query, value, a["rpb"], None, True, window, (1,) * rank, (1,) * rank,
+                                         (False,) * rank, shift)
+    else:
+        path, why = _kernels.engine_path(query, value, a["rpb"], a["additional_keys"], False,
+                                         int_tuple(a["kernel_size"], rank, "kernel_size"),
+                                         int_tuple(a["dilation"], rank, "dilation", default=1),
+                                         int_tuple(a["stride"], rank, "stride", default=1),
+                                         bool_tuple(a["is_causal"], rank, "is_causal"), (0,) * rank)
+    return f"triton:{path}", why
+
+
+def _path_args(key: str, a: dict) -> tuple:
+    """The ``*_why_not`` arguments of a bound na / window call."""
+    query = a["query"]
+    rank = query.dim() - 3
+    if key == "window":
+        return (query, a["key"], a["value"], int_tuple(a["window_size"], rank, "window_size"),
+                int_tuple(a["shift"], rank, "shift", minimum=0), a["rpb"])
+    return (query, a["key"], a["value"], int_tuple(a["kernel_size"], rank, "kernel_size"),
+            int_tuple(a["dilation"], rank, "dilation", default=1), int_tuple(a["stride"], rank, "stride", default=1),
+            bool_tuple(a["is_causal"], rank, "is_causal"), a["rpb"], a["additional_keys"], a["additional_values"])
 
 
 def _probe(spec: OpSpec) -> Callable[[str], str | None]:

@@ -103,6 +103,7 @@ def run_cases() -> dict:
     from visattn import kernels
     from visattn.kernels import ops
 
+    ops.SMALL_MAP = False  # the tiled kernels; test_engine_cells_interpret.py covers the small-map path
     ops.POISON = True  # NaN-filled outputs: an element the kernels never write fails the comparison
     results = {}
     for i, case in enumerate(CASES):
@@ -190,7 +191,7 @@ def run_bias_delta_check() -> dict:
     for precise in (True, False):
         keep = ops.wants_fp32_out
 
-        def forced(q, r, precise=precise):
+        def forced(*args, precise=precise):
             return precise
 
         ops.wants_fp32_out = forced

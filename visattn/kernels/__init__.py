@@ -33,6 +33,23 @@ def _load_ops():
     return _ops
 
 
+def engine_path(q: Tensor, v: Tensor, rpb: Tensor | None, additional_keys: Tensor | None, window: bool,
+                kernel_size: tuple, dilation: tuple, stride: tuple, is_causal: tuple, shift: tuple) -> tuple[str, str]:
+    """Which of the engine's kernels a neighborhood / window call runs: ("small-map", why) for one program per
+    dilation group or window (``cells.py``), ("tiled", why) for the halo-tiled kernels (``engine.py``)."""
+    ops = _load_ops()
+    if ops is None:
+        return "none", str(_engine_error)
+    rank = q.dim() - 3
+    pat = ops.make_pattern(rank, window, kernel_size, dilation, stride, is_causal, shift)
+    cb = ops.engine_path(q, v, rpb, additional_keys, pat)
+    if cb.box:
+        unit = "window" if window else "dilation group"
+        return "small-map", (f"one program per {unit}: a {'x'.join(map(str, cb.box[3 - rank:]))} padded cell, "
+                             f"one-pass backward")
+    return "tiled", cb.reason
+
+
 def _max_offset(t: Tensor) -> int:
     """Largest element offset inside one batch item (the kernels index those with int32)."""
     return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True))

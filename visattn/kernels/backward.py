@@ -12,6 +12,9 @@ import triton.language as tl
 from visattn.kernels.engine import _PATTERN_ARGS, LOG2E, _query_dim, _row_offsets, _rpb_offsets
 from visattn.kernels.patterns import in_interval, in_interval_t, key_interval, split_tile, unflatten
 
+# a str constexpr passed explicitly: Triton 3.6 hands a jit helper's str default to tl.dot unwrapped
+IEEE = tl.constexpr("ieee")
+
 
 @triton.jit(do_not_specialize=_PATTERN_ARGS + ["N_EXTRA"])
 def _bwd_dq_kernel(
@@ -109,7 +112,8 @@ def _bwd_dq_kernel(
         dp = tl.dot(do, vT, input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         if RPB_BINS:
-            bins += _rpb_bins(ds, q_first1, q_first2, ka1 + a1 * N1, ka2 + a2 * N2, KS1, KS2, M1, M2, N1, N2, O1, O2)
+            bins += _rpb_bins(ds, q_first1, q_first2, ka1 + a1 * N1, ka2 + a2 * N2, KS1, KS2, M1, M2, N1, N2, O1, O2,
+                              IEEE)
         elif HAS_RPB:  # neighbour index (key - window start) per dimension: each pair lands in its own slot
             nbr = (((kj0[None, :] - st0[:, None]) * KS1 + (kj1[None, :] - st1[:, None])) * KS2
                    + (kj2[None, :] - st2[:, None]))
@@ -140,12 +144,13 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _rpb_bins(ds, q1, q2, k1, k2, KS1, KS2, M1: tl.constexpr, M2: tl.constexpr, N1: tl.constexpr,
-              N2: tl.constexpr, O1: tl.constexpr, O2: tl.constexpr):
+              N2: tl.constexpr, O1: tl.constexpr, O2: tl.constexpr, PREC: tl.constexpr):
     """Sum a ``[M1*M2, N1*N2]`` tile of dS (rows: the query box whose first coordinates are (q1, q2), row-major;
     columns: the key box from (k1, k2)) into bias-offset bins ``[O1, O2]``, bin ``(key - query + kernel - 1)`` per
     dimension. Regrouped as ``[(query row, key row), (query col, key col)]`` the offset of dimension 1 depends only
     on the row index and that of dimension 2 only on the column index, so the sum is two one-hot products — no
-    atomics, no per-pair buffer. float32 throughout (``ieee``): bias gradients sum many cancelling terms."""
+    atomics, no per-pair buffer. float32 throughout (``ieee``, or ``tf32x3``: three tensor-core products, float32
+    accuracy for a one-hot operand): bias gradients sum many cancelling terms."""
     a = tl.reshape(ds, [M1, M2, N1, N2])
     a = tl.reshape(tl.permute(a, [0, 2, 1, 3]), [M1 * N1, M2 * N2])
     j = tl.arange(0, M1 * N1)
@@ -154,7 +159,7 @@ def _rpb_bins(ds, q1, q2, k1, k2, KS1, KS2, M1: tl.constexpr, M2: tl.constexpr, 
     i = tl.arange(0, M2 * N2)
     off2 = k2 - q2 + (i % N2) - (i // N2) + KS2 - 1
     right = tl.where(off2[:, None] == tl.arange(0, O2)[None, :], 1.0, 0.0)
-    return tl.dot(tl.dot(left, a, input_precision="ieee"), right, input_precision="ieee")
+    return tl.dot(tl.dot(left, a, input_precision=PREC), right, input_precision=PREC)
 
 
 @triton.jit

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from visattn.kernels.backward import _bwd_dkv_kernel, _bwd_dq_kernel, _bwd_extra_dkv_kernel
+from visattn.kernels.cells import _cell_bwd_kernel, _cell_fwd_kernel
 from visattn.kernels.engine import _fwd_kernel
 from visattn.kernels.launch import INTERPRETED, KernelLauncher, LaunchRecord, tensor_key
 from visattn.kernels.tables import query_range_table, rpb_offset_maps
@@ -98,6 +100,152 @@ def _optional(t: Tensor | None, like: Tensor, n_strides: int):
     return (like, (0,) * n_strides) if t is None else (t, t.stride())
 
 
+# ------------------------------------------------------------------------------------------------------------
+# The small-map path (cells.py): a whole dilation group or window per program.
+# ------------------------------------------------------------------------------------------------------------
+
+# Test hook and escape hatch: False (or VISATTN_SMALL_MAP=0 at import) sends every call to the tiled kernels.
+SMALL_MAP = os.environ.get("VISATTN_SMALL_MAP", "1") != "0"
+CELL_MAX = 128  # tokens of a padded cell box: its keys, values and dK/dV accumulators stay in registers
+CELL_WASTE = 8  # masked-dense pairs per needed pair the small-map path accepts (NAT-T's 14x14 stage: 5.2)
+_CELL_REGS = {2: 8192, 4: 4096}  # max cell tokens x padded head dim per element size (registers per program)
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+class CellBox(NamedTuple):
+    """The padded box of a cell and its launch shape; ``reason`` says why the small-map path was declined."""
+
+    box: tuple | None
+    reason: str
+    sub_fwd: int = 0
+    sub_bwd: int = 0
+    warps: int = 4
+
+
+CELL_PROGRAMS = 1024  # small-map programs to keep at least (a few per SM); a test lowers it to exercise NB > 1
+
+
+def batch_per_program(items: int) -> int:
+    """Batch items per small-map program: at most 8, while at least ``CELL_PROGRAMS`` programs remain, so the mask,
+    bias tile and bias binning are shared by up to 8 items."""
+    nb = 1
+    while nb < 8 and items // (2 * nb) >= CELL_PROGRAMS:
+        nb *= 2
+    return nb
+
+
+@functools.lru_cache(maxsize=1024)
+def cell_box(pat: Pattern, lengths: tuple, head_d: int, head_dv: int, elem_bytes: int, rank: int,
+             has_rpb: bool, has_extra: bool) -> CellBox:
+    """Whether the small-map path runs this geometry: its cell box (a power of two per dimension), or why not."""
+    if has_extra:
+        return CellBox(None, "additional keys and values run on the tiled path")
+    if has_rpb and rank != 2:
+        return CellBox(None, "a bias gradient binned per cell needs a 2-D map (1-D and 3-D biases: tiled path)")
+    extents = [pat.kernel[i] if pat.window else -(-lengths[i] // pat.dilation[i]) for i in range(3)]
+    box = [_pow2(e) for e in extents]
+    cell = math.prod(box)
+    if cell < 16:  # tl.dot needs 16 along every axis: widen the last dimension (the extra keys are masked)
+        box[2] *= 16 // cell
+        cell = 16
+    if cell > CELL_MAX:
+        return CellBox(None, f"a cell of {cell} padded tokens exceeds {CELL_MAX}")
+    needed = math.prod(pat.kernel)
+    if cell > CELL_WASTE * needed:
+        return CellBox(None, f"a cell of {cell} padded tokens for {needed} keys per query is too sparse for "
+                             f"masked-dense work (> {CELL_WASTE}x)")
+    width = max(padded_head_dim(head_d), padded_head_dim(head_dv))
+    if cell * width > _CELL_REGS.get(elem_bytes, 4096):
+        return CellBox(None, f"a cell of {cell} tokens with head_dim {max(head_d, head_dv)} exceeds the registers "
+                             f"of one program")
+    sub_fwd = min(cell, 64)
+    sub_bwd = cell if cell <= 64 else 32
+    if has_rpb:  # the bias tile and bins take whole rows of the box
+        sub_fwd, sub_bwd = max(sub_fwd, box[2]), max(sub_bwd, box[2])
+        if min(sub_fwd, sub_bwd) // box[2] * box[1] < 16 or box[2] * box[2] < 16:
+            return CellBox(None, f"a {box[1]}x{box[2]} cell is too narrow for the bias tile's products (tl.dot: 16)")
+    return CellBox(tuple(box), "", sub_fwd, sub_bwd, 4 if cell <= 64 else 8)
+
+
+def engine_path(q: Tensor, v: Tensor, rpb: Tensor | None, extra_k: Tensor | None, pat: Pattern) -> CellBox:
+    """The engine path of a call: ``box`` set for the small-map path, else ``reason`` says why the tiled one."""
+    if not SMALL_MAP:
+        return CellBox(None, "the small-map path is switched off (visattn.kernels.ops.SMALL_MAP)")
+    rank = q.dim() - 3
+    lengths = tuple(_view3(q, rank).shape[1:4])
+    return cell_box(pat, lengths, q.shape[-1], v.shape[-1], q.element_size(), rank, rpb is not None,
+                    extra_k is not None)
+
+
+def _cell_constexprs(pat: Pattern, cb: CellBox, sub: int, head_d: int, head_dv: int, dtype, rpb) -> dict:
+    # the bias tile's one-hot products are exact in tf32 for a 16-bit table; a float32 table needs tf32x3
+    bias_prec = "ieee" if INTERPRETED else ("tf32" if rpb is not None and rpb.element_size() == 2 else "tf32x3")
+    return dict(C0=cb.box[0], C1=cb.box[1], C2=cb.box[2], SUB=sub, BLOCK_D=padded_head_dim(head_d),
+                BLOCK_DV=padded_head_dim(head_dv), CAUSAL0=pat.causal[0], CAUSAL1=pat.causal[1],
+                CAUSAL2=pat.causal[2], WINDOW=pat.window, DOT_PREC=dot_precision(dtype), O1=_bins(pat.kernel[1]),
+                O2=_bins(pat.kernel[2]), BIAS_PREC=bias_prec)
+
+
+_CELL_FWD = KernelLauncher(_cell_fwd_kernel)
+_CELL_BWD = KernelLauncher(_cell_bwd_kernel)
+
+
+def _forward_shapes(q, k, v):
+    """Canonical 3-D views and sizes of a forward call: rank, (q3, k3, v3), B, lengths, H, D, Dv, out/LSE shapes."""
+    rank = q.dim() - 3
+    q3, k3, v3 = (_view3(t, rank) for t in (q, k, v))
+    B, L0, L1, L2, H, D = q3.shape
+    Dv = v3.shape[-1]
+    return rank, (q3, k3, v3), B, (L0, L1, L2), H, D, Dv, (*q.shape[:-1], Dv), tuple(q.shape[:-1])
+
+
+def _cell_forward_plan(q, k, v, rpb, pat: Pattern, scale: float, cb: CellBox) -> _ForwardPlan:
+    rank, (q3, k3, v3), B, lengths, H, D, Dv, out_shape, lse_shape = _forward_shapes(q, k, v)
+    n_tiles = _tiles_per_group(pat, lengths, cb.box)
+    r_st = (0,) * 4 if rpb is None else _rpb3(rpb, rank).stride()
+    n_cells = math.prod(pat.dilation[i] * n_tiles[i] for i in range(3))
+    scalars = (*q3.stride(), *k3.stride(), *v3.stride(), *_view3_strides(out_shape, rank)[:5],
+               *_view3_strides(lse_shape, rank)[:4], *r_st, B, H, *_pattern_args(pat, lengths, n_tiles),
+               scale * _LOG2E, D, Dv)
+    constexprs = _cell_constexprs(pat, cb, cb.sub_fwd, D, Dv, q.dtype, rpb)
+    n_sub = math.prod(cb.box) // cb.sub_fwd
+    nb = batch_per_program(n_cells * n_sub * H * B)
+    constexprs.update(HAS_RPB=rpb is not None, NB=nb)
+    grid = (n_cells * n_sub, H, triton_cdiv(B, nb))
+    return _ForwardPlan(_CELL_FWD.record(grid, 6, scalars, constexprs, cb.warps, 1), out_shape, lse_shape, True)
+
+
+class _CellBackwardPlan(NamedTuple):
+    launch: LaunchRecord
+    part_shape: tuple | None  # [H, batch groups, cells, O1, O2] with a bias
+
+
+def _cell_backward_plan(grad_out, q, k, v, lse, rpb, pat: Pattern, scale: float, grad_lse,
+                        cb: CellBox) -> _CellBackwardPlan:
+    rank = q.dim() - 3
+    q3, k3, v3, do3, l3 = (_view3(t, rank) for t in (q, k, v, grad_out, lse))
+    B, L0, L1, L2, H, D = q3.shape
+    Dv = v3.shape[-1]
+    lengths = (L0, L1, L2)
+    n_tiles = _tiles_per_group(pat, lengths, cb.box)
+    n_cells = math.prod(pat.dilation[i] * n_tiles[i] for i in range(3))
+    r_st = (0,) * 4 if rpb is None else _rpb3(rpb, rank).stride()
+    o1, o2 = _bins(pat.kernel[1]), _bins(pat.kernel[2])
+    scalars = (*q3.stride(), *k3.stride(), *v3.stride(), *do3.stride(), *_view3_strides(q.shape, rank)[:5],
+               *_view3_strides(k.shape, rank)[:5], *_view3_strides(v.shape, rank)[:5], *l3.stride()[:4], *r_st,
+               B, H, *_pattern_args(pat, lengths, n_tiles), scale * _LOG2E, scale, D, Dv)
+    constexprs = _cell_constexprs(pat, cb, cb.sub_bwd, D, Dv, q.dtype, rpb)
+    nb = batch_per_program(n_cells * H * B)
+    constexprs.update(HAS_RPB=rpb is not None, HAS_GLSE=grad_lse is not None, NB=nb,
+                      BINS_PREC="ieee" if INTERPRETED else "tf32x3")
+    groups = triton_cdiv(B, nb)
+    rec = _CELL_BWD.record((n_cells, H, groups), 11, scalars, constexprs, cb.warps, 1)
+    return _CellBackwardPlan(rec, None if rpb is None else (H, groups, n_cells, o1, o2))
+
+
 _FWD = KernelLauncher(_fwd_kernel)
 _DQ = KernelLauncher(_bwd_dq_kernel)
 _DKV = KernelLauncher(_bwd_dkv_kernel)
@@ -125,15 +273,11 @@ class _ForwardPlan(NamedTuple):
     launch: LaunchRecord
     out_shape: tuple
     lse_shape: tuple
+    cells: bool = False  # the small-map kernel (cells.py) rather than the tiled one
 
 
 def _forward_plan(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float) -> _ForwardPlan:
-    rank = q.dim() - 3
-    q3, k3, v3 = (_view3(t, rank) for t in (q, k, v))
-    B, L0, L1, L2, H, D = q3.shape
-    Dv = v3.shape[-1]
-    out_shape, lse_shape = (*q.shape[:-1], Dv), tuple(q.shape[:-1])
-    lengths = (L0, L1, L2)
+    rank, (q3, k3, v3), B, lengths, H, D, Dv, out_shape, lse_shape = _forward_shapes(q, k, v)
     tiles = _tiles("fwd", pat, lengths, q, max(D, Dv), bias=rpb is not None)
     n_tiles = _tiles_per_group(pat, lengths, tiles.m)
     r_st = (0,) * 4 if rpb is None else _rpb3(rpb, rank).stride()
@@ -154,15 +298,20 @@ def forward(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
     """Run the forward kernel; returns the output (contiguous, ``out_dtype`` or q's) and the log2-LSE
     ``[B, *spatial, heads]``. Launched from a plan cached per geometry (``launch.py``)."""
     # the output dtype is part of the key: the compiled kernel is specialised on its output pointer's type
-    key = ("fwd", pat, scale, out_dtype, q.device, tensor_key(q), tensor_key(k), tensor_key(v), tensor_key(rpb),
-           tensor_key(extra_k), tensor_key(extra_v))
+    key = ("fwd", pat, scale, out_dtype, SMALL_MAP, q.device, tensor_key(q), tensor_key(k), tensor_key(v),
+           tensor_key(rpb), tensor_key(extra_k), tensor_key(extra_v))
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _remember_plan(key, _forward_plan(q, k, v, rpb, extra_k, extra_v, pat, scale))
+        cb = engine_path(q, v, rpb, extra_k, pat)
+        plan = _remember_plan(key, _cell_forward_plan(q, k, v, rpb, pat, scale, cb) if cb.box else
+                              _forward_plan(q, k, v, rpb, extra_k, extra_v, pat, scale))
     out = _new(plan.out_shape, q, out_dtype)
     lse = _new(plan.lse_shape, q, torch.float32)
-    _FWD(plan.launch, (q, k, v, out, lse, q if rpb is None else rpb, q if extra_k is None else extra_k,
-                       q if extra_v is None else extra_v))
+    if plan.cells:
+        _CELL_FWD(plan.launch, (q, k, v, out, lse, q if rpb is None else rpb))
+    else:
+        _FWD(plan.launch, (q, k, v, out, lse, q if rpb is None else rpb, q if extra_k is None else extra_k,
+                           q if extra_v is None else extra_v))
     return out, lse
 
 
@@ -248,14 +397,27 @@ def backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, s
     Two launches (plus one reduction with a trained bias): the dQ pass, which also computes ``delta = rowsum(dO*O)``
     (shifted by the LSE gradient ``grad_lse`` of the log2-LSE output, when it was used) and stores it, then the
     dK/dV pass, which reads it. ``grad_out`` may have any strides."""
-    key = ("bwd", pat, scale, q.device, tensor_key(grad_out), tensor_key(q), tensor_key(k), tensor_key(v),
+    key = ("bwd", pat, scale, SMALL_MAP, q.device, tensor_key(grad_out), tensor_key(q), tensor_key(k), tensor_key(v),
            tensor_key(out), tensor_key(lse), tensor_key(rpb), tensor_key(extra_k), tensor_key(extra_v),
            tensor_key(grad_lse))
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _remember_plan(key, _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat, scale,
-                                                  grad_lse))
+        cb = engine_path(q, v, rpb, extra_k, pat)
+        plan = _remember_plan(key, _cell_backward_plan(grad_out, q, k, v, lse, rpb, pat, scale, grad_lse, cb)
+                              if cb.box else _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat,
+                                                            scale, grad_lse))
     dq, dk, dv = _new(q.shape, q), _new(k.shape, k), _new(v.shape, v)
+    if isinstance(plan, _CellBackwardPlan):
+        drpb = None
+        part = q
+        if plan.part_shape is not None:
+            part = torch.empty(plan.part_shape, device=q.device, dtype=torch.float32)
+        _CELL_BWD(plan.launch, (q, k, v, grad_out, lse if grad_lse is None else grad_lse, lse, dq, dk, dv, part,
+                                q if rpb is None else rpb))
+        if plan.part_shape is not None:
+            k1, k2 = pat.kernel[1], pat.kernel[2]
+            drpb = part[:, :, :, : 2 * k1 - 1, : 2 * k2 - 1].sum((1, 2)).reshape(rpb.shape)
+        return dq, dk, dv, drpb, None, None
     delta = _new(lse.shape, lse)
     glse = lse if grad_lse is None else grad_lse
     rpb_t = q if rpb is None else rpb
@@ -329,14 +491,18 @@ def triton_cdiv(a: int, b: int) -> int:
 _EMPTY = (0,)
 
 
-def wants_fp32_out(q: Tensor, rpb: Tensor | None) -> bool:
-    """Keep a float32 copy of the output for the backward's delta = rowsum(dO * O)?
+def wants_fp32_out(q: Tensor, rpb: Tensor | None, v: Tensor | None = None, extra_k: Tensor | None = None,
+                   pat: Pattern | None = None) -> bool:
+    """Keep a float32 copy of the output for the tiled backward's delta = rowsum(dO * O)?
 
     FA2 takes delta from the stored 16-bit output. Its rounding error is independent per row, and the bias gradient
     sums dS over the whole map, where the true terms cancel: on the GPU sweep a bf16 d(rpb) came out 4% off
-    (3% from rounding O alone, checked in float64). With a trained bias the output is kept in float32 as well."""
-    return (rpb is not None and rpb.requires_grad and torch.is_grad_enabled()
-            and q.dtype in (torch.float16, torch.bfloat16))
+    (3% from rounding O alone, checked in float64). With a trained bias the output is kept in float32 as well.
+    The small-map backward needs no copy: it takes delta = rowsum(P * dP) from the recomputed float32 P and dP."""
+    if not (rpb is not None and rpb.requires_grad and torch.is_grad_enabled()
+            and q.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    return pat is None or v is None or engine_path(q, v, rpb, extra_k, pat).box is None
 
 
 @torch.library.custom_op("visattn::local_attention_fwd", mutates_args=())
@@ -439,13 +605,13 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, extra_k
     """The engine for one call: the registered custom op while ``torch.compile`` traces (opaque to Inductor, with
     its fake and autograd), the equivalent ``autograd.Function`` in eager mode. With ``return_lse`` also the
     natural-log LSE ``[B, *spatial, heads]`` (float32), differentiable."""
-    fp32_out = wants_fp32_out(q, rpb)
+    pat = _cached_pattern(q.dim() - 3, window, tuple(kernel), tuple(dilation), tuple(stride),
+                          tuple(bool(c) for c in causal), tuple(shift))
+    fp32_out = wants_fp32_out(q, rpb, v, extra_k, pat)
     if torch.compiler.is_compiling():
         out, lse2, _ = local_attention_fwd(q, k, v, rpb, extra_k, extra_v, window, list(kernel), list(dilation),
                                            list(stride), [bool(c) for c in causal], list(shift), float(scale),
                                            fp32_out)
     else:
-        pat = _cached_pattern(q.dim() - 3, window, tuple(kernel), tuple(dilation), tuple(stride),
-                              tuple(bool(c) for c in causal), tuple(shift))
         out, lse2 = _LocalAttention.apply(q, k, v, rpb, extra_k, extra_v, pat, float(scale), fp32_out)
     return (out, lse2 * _LN2_RATIO) if return_lse else out
