@@ -11,6 +11,7 @@ See docs/TOKENPRUNE.md for budget semantics, the position policy of every method
 """
 
 from visattn.tokenprune.api import REGISTRY, apply, available, create, last_report, register, remove
+from visattn.tokenprune.baselines import Pooling, RandomPrune
 from visattn.tokenprune.capabilities import Capabilities
 from visattn.tokenprune.methods import (
     VTCCLS,
@@ -41,8 +42,10 @@ __all__ = [
     "FasterVLM",
     "LLMPruner",
     "LLMStage",
+    "Pooling",
     "PruneReport",
     "PyramidDrop",
+    "RandomPrune",
     "SparseVLM",
     "ToMe",
     "TokenPruner",
