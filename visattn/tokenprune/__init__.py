@@ -13,6 +13,7 @@ See docs/TOKENPRUNE.md for budget semantics, the position policy of every method
 from visattn.tokenprune.api import REGISTRY, apply, available, create, last_report, register, remove
 from visattn.tokenprune.baselines import Pooling, RandomPrune
 from visattn.tokenprune.capabilities import Capabilities
+from visattn.tokenprune.cdpruner import CDPruner
 from visattn.tokenprune.methods import (
     VTCCLS,
     DivPrune,
@@ -35,6 +36,7 @@ from visattn.tokenprune.tome import ToMe
 __all__ = [
     "REGISTRY",
     "VTCCLS",
+    "CDPruner",
     "Capabilities",
     "DivPrune",
     "EmbeddingPruner",

@@ -50,6 +50,9 @@ class Capabilities:
         positions: the position policies the method accepts as its ``positions`` argument (the first is its
             default). ``"original"`` keeps the kept tokens' RoPE positions; ``"reindex"`` numbers the pruned
             sequence contiguously.
+        text_condition: embedding stage: ``select`` also gets each image's instruction, the language-model input
+            embeddings of its sample's text tokens after the sample's first image (``select(embeddings, text,
+            text_ok)``: (G, T, D) and (G, T) bool, padded); not served on bare vision towers.
         standalone_tower: the method also runs on a bare vision tower (open_clip ``VisionTransformer``, HF
             ``CLIPVisionModel`` for ``tower_merge``) without a language model.
     """
@@ -65,6 +68,7 @@ class Capabilities:
     recycles: bool = False
     positions: tuple[str, ...] = field(default=("reindex",))
     standalone_tower: bool = False
+    text_condition: bool = False
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -72,7 +76,7 @@ class Capabilities:
         if self.output not in OUTPUTS:
             raise ValueError(f"output={self.output!r}: expected one of {OUTPUTS}")
         for name in ("cls_attention", "cls_keys", "fused_capture", "cls_hidden", "tower_merge", "text_raters",
-                     "recycles", "standalone_tower"):
+                     "recycles", "standalone_tower", "text_condition"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}={getattr(self, name)!r}: expected a bool")
         if not isinstance(self.positions, tuple) or not self.positions or any(
@@ -86,6 +90,9 @@ class Capabilities:
             raise ValueError(f"output={self.output!r}: only vision-stage methods merge tokens")
         if self.stage != "llm" and (self.text_raters or self.recycles):
             raise ValueError(f"stage={self.stage!r}: text_raters / recycles only apply to LLM-stage methods")
+        if self.text_condition and (self.stage != "embedding" or self.standalone_tower):
+            raise ValueError("text_condition: only embedding-stage methods get the instruction, and a bare tower "
+                             "has none (standalone_tower must be False)")
         if self.fused_capture and (self.cls_keys or not self.cls_attention):
             raise ValueError("fused_capture: needs cls_attention and excludes cls_keys (fused scoring keeps no keys)")
         if self.tower_merge and self.cls_attention:
