@@ -32,6 +32,7 @@ from visattn.tokenprune.registry import register_method
 from visattn.tokenprune.report import PruneReport
 from visattn.tokenprune.sparsevlm import SparseVLM
 from visattn.tokenprune.tome import ToMe
+from visattn.tokenprune.vispruner import VisPruner
 
 __all__ = [
     "REGISTRY",
@@ -53,6 +54,7 @@ __all__ = [
     "TokenPruner",
     "Uniform",
     "VisionPruner",
+    "VisPruner",
     "VisionZip",
     "apply",
     "available",
