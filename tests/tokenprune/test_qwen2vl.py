@@ -26,6 +26,7 @@ METHODS = {
     "divprune": lambda: tp.DivPrune(keep=3),
     "random": lambda: tp.RandomPrune(keep=3, seed=1),
     "cdpruner": lambda: tp.CDPruner(keep=3),
+    "dart": lambda: tp.DART(layer=2, keep=2, pivot_image=1, pivot_text=1),  # 1 pivot + 2 pivots x 1 = 3 kept
     "pdrop": lambda: tp.PyramidDrop(layers=[1, 2, 3], ratios=[0.5, 0.25, 0.125]),
 }
 
@@ -142,7 +143,7 @@ def test_generate_with_cache_matches_mrope_reference(setup, name):
         torch.testing.assert_close(logits[i], ref[0, -steps:], atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["fastv", "divprune", "cdpruner"])
+@pytest.mark.parametrize("name", ["fastv", "divprune", "cdpruner", "dart"])
 def test_batch_rows_equal_single_runs(setup, name):
     model, _, prompts, px = setup
     out, rep = _gen(model, METHODS[name](), _kwargs(model, prompts, px, GRIDS))

@@ -14,6 +14,7 @@ from visattn.tokenprune.api import REGISTRY, apply, available, create, last_repo
 from visattn.tokenprune.baselines import Pooling, RandomPrune
 from visattn.tokenprune.capabilities import Capabilities
 from visattn.tokenprune.cdpruner import CDPruner
+from visattn.tokenprune.dart import DART
 from visattn.tokenprune.methods import (
     VTCCLS,
     DivPrune,
@@ -35,6 +36,7 @@ from visattn.tokenprune.tome import ToMe
 from visattn.tokenprune.vispruner import VisPruner
 
 __all__ = [
+    "DART",
     "REGISTRY",
     "VTCCLS",
     "CDPruner",
