@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("transformers")
 
 from test_custom_method import _check_before_llm  # noqa: E402
-from test_llava_methods import N_IMG, _generate, _inputs, _span  # noqa: E402
+from test_llava_methods import N_IMG, _generate, _inputs, _span, rows_equal_single_runs  # noqa: E402
 from tp_oracles import llm_reference_logits, vision_outputs  # noqa: E402
 from tp_tiny import as_eager, tiny_llava  # noqa: E402
 
@@ -99,15 +99,7 @@ def test_pooling_generate_matches_reference(models, keep):
 @pytest.mark.parametrize("make", [lambda: tp.RandomPrune(keep=5, seed=4), lambda: tp.Pooling(keep=4)],
                          ids=["random", "pooling"])
 def test_batch_rows_equal_single_runs(models, make):
-    model, _ = models
-    ids, mask, px = _inputs()
-    out, report = _generate(model, make(), ids, mask, px)
-    for i in range(ids.shape[0]):
-        row = ids[i][mask[i].bool()][None]
-        one, rep1 = _generate(model, make(), row, torch.ones_like(row), px[i : i + 1])
-        assert rep1.kept_indices[0][0].tolist() == report.kept_indices[i][0].tolist()
-        for a, b in zip(out.logits, one.logits, strict=False):
-            torch.testing.assert_close(a[i], b[0], atol=2e-4, rtol=1e-4)
+    rows_equal_single_runs(models[0], make, *_inputs())
 
 
 def test_full_budget_is_identity(models):

@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from test_llava_next import SIZES, assert_rows_equal_single_runs  # noqa: E402
+from test_llava_next import SIZES, assert_rows_equal_single_runs, next_inputs  # noqa: E402
 from tp_tiny import QWEN_IMAGE, batch, pixels, prompt, qwen_pixels, qwen_prompt, tiny_llava, tiny_qwen2vl  # noqa: E402
 
 from visattn import tokenprune as tp  # noqa: E402
@@ -58,12 +58,7 @@ def _family(name: str):
         kw = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels(2, seed=7))
     elif name == "llava_next":
         model = tiny_llava("sdpa", next_=True)
-        px = torch.randn(2, 3, 3, 56, 56, generator=torch.Generator().manual_seed(3))
-        with torch.no_grad():
-            feats = model.model.get_image_features(pixel_values=px, image_sizes=SIZES, vision_feature_layer=-2,
-                                                   vision_feature_select_strategy="default")
-        feats = getattr(feats, "pooler_output", feats)
-        ids, mask = batch([prompt(3, feats[0].shape[0], 4, 1), prompt(5, feats[1].shape[0], 2, 2)])
+        px, ids, mask, _ = next_inputs(model)
         kw = dict(input_ids=ids, attention_mask=mask, pixel_values=px, image_sizes=SIZES)
     else:
         model = tiny_qwen2vl("sdpa")

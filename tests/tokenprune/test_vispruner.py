@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from test_llava_methods import _generate  # noqa: E402
+from test_llava_methods import _generate, rows_equal_single_runs  # noqa: E402
 from tp_oracles import llm_reference_logits, projected_patches, vision_outputs  # noqa: E402
 from tp_tiny import as_eager, batch, pixels, prompt, tiny_llava  # noqa: E402
 
@@ -88,14 +88,7 @@ def test_batch_rows_equal_single_runs(size):
     model, _ = _models(size)
     n_img = (size // 14) ** 2
     ids, mask, px = _inputs(size, n_img)
-    make = lambda: tp.VisPruner(keep=n_img // 4)  # noqa: E731
-    out, report = _generate(model, make(), ids, mask, px)
-    for i in range(ids.shape[0]):
-        row = ids[i][mask[i].bool()][None]
-        one, rep1 = _generate(model, make(), row, torch.ones_like(row), px[i : i + 1])
-        assert rep1.kept_indices[0][0].tolist() == report.kept_indices[i][0].tolist()
-        for a, b in zip(out.logits, one.logits, strict=False):
-            torch.testing.assert_close(a[i], b[0], atol=2e-4, rtol=1e-4)
+    rows_equal_single_runs(model, lambda: tp.VisPruner(keep=n_img // 4), ids, mask, px)
 
 
 @pytest.mark.parametrize("kwargs,arg", [({"keep": 0}, "keep"), ({"keep": 1.5}, "keep"),
