@@ -100,17 +100,3 @@ def test_pooling_generate_matches_reference(models, keep):
                          ids=["random", "pooling"])
 def test_batch_rows_equal_single_runs(models, make):
     rows_equal_single_runs(models[0], make, *_inputs())
-
-
-def test_full_budget_is_identity(models):
-    model, _ = models
-    ids, mask, px = _inputs()
-    with torch.no_grad():
-        base = model(input_ids=ids, attention_mask=mask, pixel_values=px).logits
-    for pruner in (tp.RandomPrune(keep=1.0), tp.Pooling(keep=N_IMG)):
-        tp.apply(model, pruner)
-        try:
-            with torch.no_grad():
-                torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, pixel_values=px).logits, base)
-        finally:
-            tp.remove(model)

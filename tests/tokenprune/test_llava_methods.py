@@ -210,6 +210,11 @@ FULL_BUDGET = {
     "visionzip": lambda: tp.VisionZip(dominant=15, contextual=1),
     "divprune": lambda: tp.DivPrune(keep=N_IMG),
     "pdrop": lambda: tp.PyramidDrop(layers=[1, 2], ratios=[1.0, 1.0]),
+    "dart": lambda: tp.DART(layer=2, keep=1.0, pivot_image=1, pivot_text=1),
+    "vispruner": lambda: tp.VisPruner(keep=N_IMG),
+    "cdpruner": lambda: tp.CDPruner(keep=1.0),
+    "random": lambda: tp.RandomPrune(keep=N_IMG),
+    "pooling": lambda: tp.Pooling(keep=1.0),
 }
 
 
