@@ -103,3 +103,11 @@ def test_layer_out_of_range_refused_at_apply(models):
     with pytest.raises(ValueError, match=r"layer=4"):
         tp.apply(model, tp.DART(layer=4, keep=4))
     assert not hasattr(model, "_visattn_tokenprune")
+
+
+def test_language_model_without_final_norm_refused(models, monkeypatch):
+    model, _ = models
+    monkeypatch.setattr(model.model.language_model, "norm", None)
+    with pytest.raises(ValueError, match=r"model=LlavaForConditionalGeneration: dart .*no `norm` module"):
+        tp.apply(model, tp.DART(layer=2, keep=4))
+    assert not hasattr(model, "_visattn_tokenprune")

@@ -45,6 +45,9 @@ class LLMStage(HFVisionLanguageAdapter):
         super()._validate()
         check_decoder_layers(self.lm, self.layers)
         p = self.pruner
+        if self.capabilities.hidden_select and not isinstance(getattr(self.lm, "norm", None), torch.nn.Module):
+            raise ValueError(f"model={type(self.model).__name__}: {p.name} selects on the language model's "
+                             "final-normed hidden states, but its language model has no `norm` module")
         n_llm = len(self.layers)
         p.bind(n_llm)
         for st in p.stages():
