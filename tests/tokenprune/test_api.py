@@ -8,7 +8,8 @@ from visattn import tokenprune as tp
 
 
 @pytest.mark.parametrize("bad", [0, -3, 1.5, 0.0, -0.1, True, "64", None])
-@pytest.mark.parametrize("name", ["fastv", "fastervlm", "vtc-cls", "divprune", "uniform"])
+@pytest.mark.parametrize("name", ["fastv", "fastervlm", "vtc-cls", "divprune", "uniform", "random", "pooling",
+                                  "cdpruner", "vispruner", "dart"])
 def test_bad_keep_raises_value_error_naming_argument(name, bad):
     with pytest.raises(ValueError, match=r"keep="):
         tp.create(name, keep=bad)

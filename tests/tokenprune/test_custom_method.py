@@ -181,5 +181,14 @@ def test_unsupported_position_policy_is_refused_by_capabilities():
         Capabilities(stage="llm", positions=("sideways",))
     with pytest.raises(ValueError, match=r"stage='embedding': text_raters"):
         Capabilities(stage="embedding", text_raters=True)
+    with pytest.raises(ValueError, match=r"text_condition"):
+        Capabilities(stage="llm", text_condition=True)
+    with pytest.raises(ValueError, match=r"text_condition"):
+        Capabilities(stage="embedding", text_condition=True, standalone_tower=True)
+    with pytest.raises(ValueError, match=r"stage='embedding': .*hidden_select"):
+        Capabilities(stage="embedding", hidden_select=True)
+    with pytest.raises(ValueError, match=r"hidden_select: "):
+        Capabilities(stage="llm", hidden_select=True, text_raters=True)
+    assert Capabilities(stage="llm", hidden_select=True).hooks()[-2:] == ("layer_scores", "select_image")
     with pytest.raises(TypeError, match=r"Bad.capabilities"):
         type("Bad", (tp.TokenPruner,), {"capabilities": {"stage": "llm"}})

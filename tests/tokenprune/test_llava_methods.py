@@ -165,17 +165,23 @@ def test_generate_with_cache_matches_layerwise_reference(models, name):
         torch.testing.assert_close(logits[i], ref[0, -steps:], atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_batch_rows_equal_single_runs(models, name):
-    model, _ = models
-    ids, mask, px = _inputs()
-    out, report = _generate(model, METHODS[name](), ids, mask, px)
+def rows_equal_single_runs(model, make, ids, mask, px):
+    """Generate the left-padded batch with ``make()`` and every row alone: kept indices and logits must agree.
+    Returns the batch's report."""
+    out, report = _generate(model, make(), ids, mask, px)
     for i in range(ids.shape[0]):
         row = ids[i][mask[i].bool()][None]
-        one, rep1 = _generate(model, METHODS[name](), row, torch.ones_like(row), px[i : i + 1])
+        one, rep1 = _generate(model, make(), row, torch.ones_like(row), px[i : i + 1])
         assert [k.tolist() for k in rep1.kept_indices[0]] == [k.tolist() for k in report.kept_indices[i]]
         for a, b in zip(out.logits, one.logits, strict=False):
             torch.testing.assert_close(a[i], b[0], atol=2e-4, rtol=1e-4)
+    return report
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_batch_rows_equal_single_runs(models, name):
+    model, _ = models
+    rows_equal_single_runs(model, METHODS[name], *_inputs())
 
 
 @pytest.mark.parametrize("name", ["fastv", "visionzip", "pdrop"])
@@ -204,6 +210,11 @@ FULL_BUDGET = {
     "visionzip": lambda: tp.VisionZip(dominant=15, contextual=1),
     "divprune": lambda: tp.DivPrune(keep=N_IMG),
     "pdrop": lambda: tp.PyramidDrop(layers=[1, 2], ratios=[1.0, 1.0]),
+    "dart": lambda: tp.DART(layer=2, keep=1.0, pivot_image=1, pivot_text=1),
+    "vispruner": lambda: tp.VisPruner(keep=N_IMG),
+    "cdpruner": lambda: tp.CDPruner(keep=1.0),
+    "random": lambda: tp.RandomPrune(keep=N_IMG),
+    "pooling": lambda: tp.Pooling(keep=1.0),
 }
 
 

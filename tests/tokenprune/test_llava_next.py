@@ -15,15 +15,22 @@ from visattn import tokenprune as tp  # noqa: E402
 SIZES = torch.tensor([[56, 112], [112, 56]])
 
 
-@pytest.fixture(scope="module")
-def setup():
-    model = tiny_llava("sdpa", next_=True)
+def next_inputs(model):
+    """(pixel values, ids, mask, packed features) of a left-padded 2-row batch whose images (``SIZES``) have
+    different token counts."""
     px = torch.randn(2, 3, 3, 56, 56, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         feats = model.model.get_image_features(pixel_values=px, image_sizes=SIZES, vision_feature_layer=-2,
                                                vision_feature_select_strategy="default")
     feats = getattr(feats, "pooler_output", feats)
     ids, mask = batch([prompt(3, feats[0].shape[0], 4, 1), prompt(5, feats[1].shape[0], 2, 2)])
+    return px, ids, mask, feats
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_llava("sdpa", next_=True)
+    px, ids, mask, feats = next_inputs(model)
     return model, as_eager(model), px, ids, mask, feats
 
 

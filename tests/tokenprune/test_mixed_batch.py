@@ -32,18 +32,25 @@ LLAVA_METHODS = {
     "sparsevlm": lambda: tp.SparseVLM(layers=[0, 1, 2], counts=[8, 5, 3]),
     "visionzip": lambda: tp.VisionZip(dominant=5, contextual=3),
     "divprune": lambda: tp.DivPrune(keep=5),
+    "cdpruner": lambda: tp.CDPruner(keep=5),  # instruction per image row
+    "dart": lambda: tp.DART(layer=2, keep=4, pivot_image=1, pivot_text=1),  # per-image selection loop
 }
 LLAVA_METHODS_SLOW = {
     "pdrop": lambda: tp.PyramidDrop(layers=[1, 2, 3], ratios=[0.5, 0.25, 0.125]),
     "fastervlm": lambda: tp.FasterVLM(keep=5),
     "vtc-cls": lambda: tp.VTCCLS(keep=5, start_layer=0),
     "tome": lambda: tp.ToMe(r=4),
+    "random": lambda: tp.RandomPrune(keep=5),
+    "pooling": lambda: tp.Pooling(keep=4),
+    "vispruner": lambda: tp.VisPruner(keep=5),
 }
 QWEN_METHODS = {
     "fastv": lambda: tp.FastV(layer=2, keep=3),
     "divprune": lambda: tp.DivPrune(keep=3),
 }
-QWEN_METHODS_SLOW = {"pdrop": lambda: tp.PyramidDrop(layers=[1, 2, 3], ratios=[0.5, 0.25, 0.125])}
+QWEN_METHODS_SLOW = {"pdrop": lambda: tp.PyramidDrop(layers=[1, 2, 3], ratios=[0.5, 0.25, 0.125]),
+                     "cdpruner": lambda: tp.CDPruner(keep=3),
+                     "dart": lambda: tp.DART(layer=2, keep=2, pivot_image=1, pivot_text=1)}
 
 
 def _generate(model, **kwargs):

@@ -26,7 +26,8 @@ pytest.importorskip("transformers")
 
 from interpreted import child_env  # noqa: E402
 
-METHODS = ("fastv", "pdrop", "sparsevlm", "fastervlm", "vtc-cls", "visionzip", "divprune", "uniform", "tome")
+METHODS = ("fastv", "pdrop", "sparsevlm", "dart", "fastervlm", "vtc-cls", "visionzip", "vispruner", "pooling",
+           "divprune", "uniform", "random", "cdpruner", "tome")
 
 
 def _pruner(name: str):
@@ -42,6 +43,11 @@ def _pruner(name: str):
         "divprune": lambda: tp.DivPrune(keep=5),
         "uniform": lambda: tp.Uniform(keep=5),
         "tome": lambda: tp.ToMe(r=4),
+        "dart": lambda: tp.DART(layer=1, keep=4, pivot_image=1, pivot_text=1),
+        "vispruner": lambda: tp.VisPruner(keep=5),
+        "pooling": lambda: tp.Pooling(keep=4),
+        "random": lambda: tp.RandomPrune(keep=5, seed=3),
+        "cdpruner": lambda: tp.CDPruner(keep=5),
     }[name]()
 
 

@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from test_cdpruner import greedy_map_loop, kernel_loop  # noqa: E402
 from tp_oracles import divprune_loop, mrope_positions, mrope_reference_logits, topk_sorted  # noqa: E402
 from tp_tiny import QWEN_IMAGE, as_eager, batch, qwen_pixels, qwen_prompt, tiny_qwen2vl  # noqa: E402
 
@@ -23,8 +24,14 @@ METHODS = {
     "fastv": lambda: tp.FastV(layer=2, keep=3),
     "fastv-reindex": lambda: tp.FastV(layer=2, keep=0.5, positions="reindex"),
     "divprune": lambda: tp.DivPrune(keep=3),
+    "random": lambda: tp.RandomPrune(keep=3, seed=1),
+    "cdpruner": lambda: tp.CDPruner(keep=3),
+    "dart": lambda: tp.DART(layer=2, keep=2, pivot_image=1, pivot_text=1),  # 1 pivot + 2 pivots x 1 = 3 kept
     "pdrop": lambda: tp.PyramidDrop(layers=[1, 2, 3], ratios=[0.5, 0.25, 0.125]),
 }
+
+
+EMBEDDING_STAGE = ("divprune", "random", "cdpruner")
 
 
 @pytest.fixture(scope="module", params=["qwen2-vl", "qwen2.5-vl"])
@@ -82,7 +89,7 @@ def test_positions_oracle_matches_model(setup):
     assert len(set(pos[1].tolist())) > 1 and not torch.equal(pos[1], pos[2])  # really 3-D
 
 
-@pytest.mark.parametrize("name", ["fastv", "divprune"])
+@pytest.mark.parametrize("name", ["fastv", "divprune", "cdpruner"])
 def test_kept_indices_match_eager_bruteforce(setup, name):
     model, eager, prompts, px = setup
     _, rep = _gen(model, METHODS[name](), _kwargs(model, prompts, px, GRIDS), steps=1)
@@ -94,6 +101,10 @@ def test_kept_indices_match_eager_bruteforce(setup, name):
             with torch.no_grad():
                 att = eager(**kw, output_attentions=True).attentions
             expected = topk_sorted(att[1][0, :, -1, s : s + N_TOK[i]].mean(0), 3)
+        elif name == "cdpruner":
+            with torch.no_grad():
+                text = eager.model.language_model.embed_tokens(torch.tensor(row[s + N_TOK[i]:]))
+            expected = greedy_map_loop(kernel_loop(feats[i], text), 3)
         else:
             expected = divprune_loop(feats[i], 3)
         assert rep.kept_indices[i][0].tolist() == expected
@@ -125,14 +136,14 @@ def test_generate_with_cache_matches_mrope_reference(setup, name):
             keep = [j for j, o in enumerate(current) if not s <= o < s + n or o in kept]
             current = [current[j] for j in keep]
             stages.append((layer, keep))
-        if name == "divprune":
+        if name in EMBEDDING_STAGE:
             seq, pos, stages = seq[keep], pos[:, keep], []
         with torch.no_grad():
             ref = mrope_reference_logits(eager, seq[None], pos, stages, reindex=name in ("fastv-reindex", "pdrop"))
         torch.testing.assert_close(logits[i], ref[0, -steps:], atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["fastv", "divprune"])
+@pytest.mark.parametrize("name", ["fastv", "divprune", "cdpruner", "dart"])
 def test_batch_rows_equal_single_runs(setup, name):
     model, _, prompts, px = setup
     out, rep = _gen(model, METHODS[name](), _kwargs(model, prompts, px, GRIDS))

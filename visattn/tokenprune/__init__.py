@@ -11,7 +11,10 @@ See docs/TOKENPRUNE.md for budget semantics, the position policy of every method
 """
 
 from visattn.tokenprune.api import REGISTRY, apply, available, create, last_report, register, remove
+from visattn.tokenprune.baselines import Pooling, RandomPrune
 from visattn.tokenprune.capabilities import Capabilities
+from visattn.tokenprune.cdpruner import CDPruner
+from visattn.tokenprune.dart import DART
 from visattn.tokenprune.methods import (
     VTCCLS,
     DivPrune,
@@ -30,10 +33,13 @@ from visattn.tokenprune.registry import register_method
 from visattn.tokenprune.report import PruneReport
 from visattn.tokenprune.sparsevlm import SparseVLM
 from visattn.tokenprune.tome import ToMe
+from visattn.tokenprune.vispruner import VisPruner
 
 __all__ = [
+    "DART",
     "REGISTRY",
     "VTCCLS",
+    "CDPruner",
     "Capabilities",
     "DivPrune",
     "EmbeddingPruner",
@@ -41,13 +47,16 @@ __all__ = [
     "FasterVLM",
     "LLMPruner",
     "LLMStage",
+    "Pooling",
     "PruneReport",
     "PyramidDrop",
+    "RandomPrune",
     "SparseVLM",
     "ToMe",
     "TokenPruner",
     "Uniform",
     "VisionPruner",
+    "VisPruner",
     "VisionZip",
     "apply",
     "available",

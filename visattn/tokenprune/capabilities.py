@@ -45,11 +45,19 @@ class Capabilities:
             tower's layers instead of hooking [CLS] scores.
         text_raters: LLM stage: the query rows are text raters picked once per prefill by ``rater_scores``
             (instead of the last token).
+        hidden_select: LLM stage: the method scores and selects by itself instead of the attention rows and the
+            per-image top-k: at ``score_layer`` the adapter stores ``layer_scores(layer, hidden, cos, sin)`` (any
+            per-token (B, L) tensor), at the drop layer it calls ``select_image`` once per image with that image's
+            and its sample's instruction tokens' scores and hidden states (the drop layer's input through the
+            language model's final norm) and keeps what it returns (DART).
         recycles: LLM stage: deleted tokens may be recycled into extra tokens placed after each image's kept
             ones (``recycled_count``, ``recycle_pick``, ``recycled``).
         positions: the position policies the method accepts as its ``positions`` argument (the first is its
             default). ``"original"`` keeps the kept tokens' RoPE positions; ``"reindex"`` numbers the pruned
             sequence contiguously.
+        text_condition: embedding stage: ``select`` also gets each image's instruction, the language-model input
+            embeddings of its sample's text tokens after the sample's first image (``select(embeddings, text,
+            text_ok)``: (G, T, D) and (G, T) bool, padded); not served on bare vision towers.
         standalone_tower: the method also runs on a bare vision tower (open_clip ``VisionTransformer``, HF
             ``CLIPVisionModel`` for ``tower_merge``) without a language model.
     """
@@ -62,9 +70,11 @@ class Capabilities:
     output: Output = "subset"
     tower_merge: bool = False
     text_raters: bool = False
+    hidden_select: bool = False
     recycles: bool = False
     positions: tuple[str, ...] = field(default=("reindex",))
     standalone_tower: bool = False
+    text_condition: bool = False
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -72,7 +82,7 @@ class Capabilities:
         if self.output not in OUTPUTS:
             raise ValueError(f"output={self.output!r}: expected one of {OUTPUTS}")
         for name in ("cls_attention", "cls_keys", "fused_capture", "cls_hidden", "tower_merge", "text_raters",
-                     "recycles", "standalone_tower"):
+                     "recycles", "standalone_tower", "text_condition", "hidden_select"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}={getattr(self, name)!r}: expected a bool")
         if not isinstance(self.positions, tuple) or not self.positions or any(
@@ -84,8 +94,14 @@ class Capabilities:
                              "only apply to vision-stage methods")
         if self.stage != "vision" and self.output != "subset":
             raise ValueError(f"output={self.output!r}: only vision-stage methods merge tokens")
-        if self.stage != "llm" and (self.text_raters or self.recycles):
-            raise ValueError(f"stage={self.stage!r}: text_raters / recycles only apply to LLM-stage methods")
+        if self.stage != "llm" and (self.text_raters or self.recycles or self.hidden_select):
+            raise ValueError(f"stage={self.stage!r}: text_raters / recycles / hidden_select only apply to LLM-stage "
+                             "methods")
+        if self.hidden_select and (self.text_raters or self.recycles):
+            raise ValueError("hidden_select: the method selects by itself (no text raters, no recycling)")
+        if self.text_condition and (self.stage != "embedding" or self.standalone_tower):
+            raise ValueError("text_condition: only embedding-stage methods get the instruction, and a bare tower "
+                             "has none (standalone_tower must be False)")
         if self.fused_capture and (self.cls_keys or not self.cls_attention):
             raise ValueError("fused_capture: needs cls_attention and excludes cls_keys (fused scoring keeps no keys)")
         if self.tower_merge and self.cls_attention:
@@ -116,6 +132,8 @@ class Capabilities:
             out += ["stages", "stage_keep", "select"]
         if self.text_raters:
             out.append("rater_scores")
+        if self.hidden_select:
+            out += ["layer_scores", "select_image"]
         if self.recycles:
             out += ["recycled_count", "recycle_pick", "recycled"]
         return tuple(out)

@@ -1,16 +1,36 @@
 """Embedding stage of the HF adapters: methods that select visual tokens from the projected visual tokens before
-the language model (DivPrune, Uniform, any ``capabilities.stage == "embedding"`` method).
+the language model (DivPrune, Uniform, Random, CDPruner, any ``capabilities.stage == "embedding"`` method).
 
 The language-model pre-hook runs ``pruner.select`` on every image's tokens of ``inputs_embeds`` (images of the
-same length batched) and removes the others from the input, mask and positions. Combined with a family class by
-the family modules.
+same length batched) and removes the others from the input, mask and positions. With
+``capabilities.text_condition`` ``select`` also gets each image's instruction: the embeddings of its sample's text
+tokens after the sample's first image (the candidates SparseVLM's raters come from). Combined with a family class
+by the family modules.
 """
 
 from __future__ import annotations
 
-from visattn.tokenprune.bookkeeping import per_sample
+import torch
+
+from visattn.tokenprune.bookkeeping import per_sample, rater_candidates
 from visattn.tokenprune.hf_base import HFVisionLanguageAdapter
 from visattn.tokenprune.layout import select_per_image
+from visattn.tokenprune.state import PrefillState
+
+
+def instruction_embeddings(call: PrefillState, embeds: torch.Tensor, valid: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image (batch order): its sample's text-token embeddings after the sample's first image, padded,
+    (images, T, D), and which are real, (images, T) bool. One host sync (row lengths, padding side)."""
+    stats = torch.cat([valid.sum(1), (~valid[:, -1]).any().long()[None]]).tolist()
+    cands, _, _ = rater_candidates(call.spans, stats[:-1], bool(stats[-1]), embeds.shape[1])
+    rows = [b for b, row in enumerate(call.spans) for _ in row]
+    width = max(max((len(cands[b]) for b in rows), default=0), 1)
+    idx = torch.tensor([cands[b] + [0] * (width - len(cands[b])) for b in rows], dtype=torch.long)
+    ok = torch.tensor([[True] * len(cands[b]) + [False] * (width - len(cands[b])) for b in rows], dtype=torch.bool)
+    idx, ok = idx.view(len(rows), width).to(embeds.device), ok.view(len(rows), width).to(embeds.device)
+    row_t = torch.tensor(rows, dtype=torch.long, device=embeds.device)
+    return embeds[row_t[:, None], idx], ok
 
 
 class EmbeddingStage(HFVisionLanguageAdapter):
@@ -18,8 +38,17 @@ class EmbeddingStage(HFVisionLanguageAdapter):
 
     def _prefill(self, call, args, kwargs, image_id, valid):
         embeds = kwargs["inputs_embeds"]
+        flat = embeds.flatten(0, 1)
         with self._timed():
-            keep, sel, _ = select_per_image(image_id, valid, call.image_lengths, call.image_lengths,
-                                            lambda g, x: self.pruner.select(embeds.flatten(0, 1)[x]))
+            if self.capabilities.text_condition:
+                text, ok = instruction_embeddings(call, embeds, valid)
+
+                def select(g, x):  # x: (images, c) all images at once, or (1, c) image g alone
+                    part = slice(None) if x.shape[0] > 1 else slice(g, g + 1)
+                    return self.pruner.select(flat[x], text[part], ok[part])
+            else:
+                def select(g, x):
+                    return self.pruner.select(flat[x])
+            keep, sel, _ = select_per_image(image_id, valid, call.image_lengths, call.image_lengths, select)
         call.kept = per_sample(call.spans, sel)
         return self._drop_lm_input(call, args, kwargs, keep, valid)

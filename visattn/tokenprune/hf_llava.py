@@ -40,6 +40,9 @@ class LlavaLLMAdapter(LLMStage, LlavaAdapter):
 class LlavaVisionAdapter(VisionStage, LlavaAdapter):
     """Vision-stage methods on LLaVA-1.5: the reduced tokens go through the projector into the first slots."""
 
+    def _validate_vision(self) -> None:
+        self.pruner.output_count(self._tokens_per_image())  # a budget the grid cannot give raises here, at apply
+
     def _install_vision_output(self) -> None:
         if self.capabilities.cls_hidden:
             layers = self._vision_layers()
@@ -50,8 +53,8 @@ class LlavaVisionAdapter(VisionStage, LlavaAdapter):
 
     def _proj_pre(self, module, args):
         vis = self.vision
-        if vis is None or not vis.captures:
-            return None
+        if vis is None or vis.count is not None or (self.capture_layers and not vis.captures):
+            return None  # no vision pass, already reduced, or the scored layers did not run
         patches = args[0]
         k = self.pruner.output_count(patches.shape[1])
         if k >= patches.shape[1]:

@@ -1,10 +1,12 @@
 """LLM stage of the HF adapters: methods that score and drop visual tokens inside the language model (FastV,
-PyramidDrop, SparseVLM, any ``capabilities.stage == "llm"`` method).
+PyramidDrop, SparseVLM, DART, any ``capabilities.stage == "llm"`` method).
 
 Decoder-layer pre-hooks score the visual tokens at each stage's ``score_layer`` (exact attention rows of the last
 token, or of the text raters when ``capabilities.text_raters``) and drop them before the stage's ``layer``,
-substituting the layer's hidden states, mask, rotary embeddings and position ids for the layers after the drop;
-with ``capabilities.recycles`` the deleted tokens are recycled into extra tokens after each image's kept ones.
+substituting the layer's hidden states, mask, rotary embeddings and position ids for the layers after the drop; with
+``capabilities.hidden_select`` the method scores (``layer_scores``) and selects per image (``select_image``) by
+itself; with ``capabilities.recycles`` the deleted tokens are recycled into extra tokens after each image's kept
+ones.
 Decode steps get each layer's own mask and positions. Combined with a family class by the family modules.
 """
 
@@ -43,6 +45,9 @@ class LLMStage(HFVisionLanguageAdapter):
         super()._validate()
         check_decoder_layers(self.lm, self.layers)
         p = self.pruner
+        if self.capabilities.hidden_select and not isinstance(getattr(self.lm, "norm", None), torch.nn.Module):
+            raise ValueError(f"model={type(self.model).__name__}: {p.name} selects on the language model's "
+                             "final-normed hidden states, but its language model has no `norm` module")
         n_llm = len(self.layers)
         p.bind(n_llm)
         for st in p.stages():
@@ -105,12 +110,19 @@ class LLMStage(HFVisionLanguageAdapter):
             if st.score_layer == idx:
                 with self._timed():
                     cos, sin = kwargs["position_embeddings"]
-                    rows, row_ok = self._score_rows(call, lay)
-                    call.scores[stage_index] = decoder_row_scores(module, hidden, rows, row_ok, cos, sin, lay.valid)
+                    if self.capabilities.hidden_select:
+                        call.scores[stage_index] = self.pruner.layer_scores(module, hidden, cos, sin)
+                    else:
+                        rows, row_ok = self._score_rows(call, lay)
+                        call.scores[stage_index] = decoder_row_scores(module, hidden, rows, row_ok, cos, sin,
+                                                                      lay.valid)
             if st.layer != idx:
                 continue
             with self._timed():
-                keep, sel, last_kept = self._select_stage(call, lay, stage_index)
+                if self.capabilities.hidden_select:
+                    keep, sel, last_kept = self._select_hidden(call, lay, stage_index, hidden)
+                else:
+                    keep, sel, last_kept = self._select_stage(call, lay, stage_index)
             call.stage_selected.append(per_sample(call.spans, list(sel)))
             removed = [n - x.shape[-1] for n, x in zip(call.image_counts, sel, strict=False)]
             if not any(removed):
@@ -158,6 +170,36 @@ class LLMStage(HFVisionLanguageAdapter):
         flat = scores.flatten()
         return _select_per_image(lay.image, lay.valid, call.image_counts, call.image_lengths,
                                  lambda g, x: self.pruner.select(stage_index, flat[x], call.image_lengths[g]))
+
+    def _select_hidden(self, call: PrefillState, lay: _Layout, stage_index: int, hidden: torch.Tensor) -> tuple:
+        """``capabilities.hidden_select``: (keep mask, kept indices per image, last kept flat index per image) from
+        ``pruner.select_image`` called per image with its tokens' and its sample's instruction tokens' (the text
+        after the sample's first image) scores and final-normed hidden states, and their positions in the unpadded
+        sequence (host lists). One readback of the layout; the method's own loop runs per image."""
+        scores, normed = call.scores[stage_index], self.lm.norm(hidden)
+        valid, image = lay.valid, lay.image
+        length = valid.shape[1]
+        keep = (image < 0) & valid
+        image_h, valid_h = image.cpu(), valid.cpu()
+        cols = torch.arange(length)
+        sel, last, j = [], [], 0
+        for b, row in enumerate(call.spans):
+            if not row:
+                continue
+            start = int(valid_h[b].long().argmax())  # the row's first real column (left padding)
+            image_cols = [cols[image_h[b] == g] for g in range(j, j + len(row))]
+            text_cols = cols[(image_h[b] < 0) & valid_h[b] & (cols > image_cols[0][0])]
+            text_dev = text_cols.to(hidden.device)
+            for own in image_cols:
+                own_dev = own.to(hidden.device)
+                kept = self.pruner.select_image(stage_index, scores[b, own_dev], normed[b, own_dev],
+                                                scores[b, text_dev], normed[b, text_dev], (own - start).tolist(),
+                                                (text_cols - start).tolist())
+                keep[b, own_dev[kept]] = True
+                sel.append(kept)
+                last.append(b * length + int(own[kept[-1].item()]))
+            j += len(row)
+        return keep, sel, torch.tensor(last, device=hidden.device)
 
     def _score_rows(self, call: PrefillState, lay: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
         """Query rows (B, R) for the scores and which are real: the raters if any, else the last valid token

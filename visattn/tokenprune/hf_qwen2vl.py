@@ -8,19 +8,19 @@ Qwen2-VL feeds the LLM 3-D M-RoPE position ids (temporal, height, width) compute
 (``(3, B, L)``, or ``(4, B, L)`` with the text row first, or ``(B, L)``) and carries them as a ``(B, L, 3)``
 layout through the pruning:
 
-* **FastV / PyramidDrop** (LLM stage): ``positions="original"`` keeps every kept token's 3-D position ids
+* **FastV / PyramidDrop / DART** (LLM stage): ``positions="original"`` keeps every kept token's 3-D position ids
   (rotary embeddings recomputed from the gathered ids for the layers after the drop); decode positions are the
   model's own (``rope_deltas``), so nothing changes in decode but the shorter KV mask. ``positions="reindex"``
   numbers the pruned sequence 0..n−1 on all three axes (like text) and continues decode after the pruned length.
-* **DivPrune / Uniform** (on the merged visual embeddings, before the LLM): the kept tokens keep their
-  **original** 3-D position ids (the M-RoPE grid of the image is not re-derived for a subset); decode continues at
-  ``max(position) + 1`` of the unpruned prompt, exactly the model's ``rope_deltas`` continuation.
+* **DivPrune / Uniform / Random / CDPruner** (on the merged visual embeddings, before the LLM): the kept tokens keep
+  their **original** 3-D position ids (the M-RoPE grid of the image is not re-derived for a subset); decode
+  continues at ``max(position) + 1`` of the unpruned prompt, exactly the model's ``rope_deltas`` continuation.
 
 Not supported (``NotImplementedError``, decided from ``pruner.capabilities`` by :func:`qwen_vl_adapter`):
-vision-stage methods (FasterVLM, VTC-CLS, VisionZip: Qwen2-VL's vision tower has no [CLS] token to score patches
-with; ToMe: no CLIP-style tower), LLM-stage methods with ``text_raters`` or ``recycles`` (SparseVLM: recycled
-tokens have no M-RoPE position, the raters are untested here), videos (``pixel_values_videos``),
-inputs_embeds-only calls.
+vision-stage methods (FasterVLM, VTC-CLS, VisionZip, VisPruner: Qwen2-VL's vision tower has no [CLS] token to score
+patches with; Pooling: a pooled token has no M-RoPE position; ToMe: no CLIP-style tower), LLM-stage methods with
+``text_raters`` or ``recycles`` (SparseVLM: recycled tokens have no M-RoPE position, the raters are untested here),
+videos (``pixel_values_videos``), inputs_embeds-only calls.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Vision stage of the HF adapters: methods that score patches in the vision tower and reduce them before the
-projector (FasterVLM, VTC-CLS, VisionZip, ToMe in LLaVA's tower, any ``capabilities.stage == "vision"`` method).
+projector (FasterVLM, VTC-CLS, VisionZip, VisPruner, Pooling, ToMe in LLaVA's tower, any ``capabilities.stage ==
+"vision"`` method).
 
 Pre-hooks on the vision layers that ``pruner.capture_layers`` names recompute the [CLS] attention row
 (``capabilities.fused_capture``: they only store the layer input, and all layers are scored in one batched call

@@ -70,6 +70,16 @@ def _decoder_qk(layer: torch.nn.Module, hidden: torch.Tensor, rows: torch.Tensor
     return q, k, getattr(attn, "scaling", head_dim**-0.5)
 
 
+def decoder_keys(layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary-embedded keys (B, S, Hkv, D) of a Llama-family decoder ``layer`` for its input ``hidden`` (the key
+    states its attention computes, before any head repetition)."""
+    attn = layer.self_attn
+    k = attn.k_proj(_rms_norm(layer.input_layernorm, hidden)).unflatten(-1, (-1, attn.head_dim))
+    if getattr(attn, "k_norm", None) is not None:
+        k = attn.k_norm(k)
+    return apply_rope(k.transpose(1, 2), cos.expand(k.shape[0], -1, -1), sin.expand(k.shape[0], -1, -1)).transpose(1, 2)
+
+
 def decoder_attention_rows(
     layer: torch.nn.Module,
     hidden: torch.Tensor,

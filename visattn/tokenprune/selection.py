@@ -73,3 +73,28 @@ def contextual_merge(
     counts = one_hot.sum(1).clamp(min=1)[..., None]
     merged = torch.bmm(one_hot.transpose(1, 2), hidden[:, others]) / counts
     return hidden[:, targets] + merged, targets, assign
+
+
+def dpp_greedy_map(kernel: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy MAP inference of a DPP with kernel ``kernel`` (G, N, N) (symmetric PSD), by the fast
+    incremental-Cholesky greedy of Chen et al. (NeurIPS 2018), as CDPruner's official code runs it.
+
+    ``d[j]²`` (the squared Cholesky pivot of candidate ``j``, i.e. ``det L[S+j] / det L[S]``) starts at
+    ``L[j, j]``; each step picks ``j* = argmax d²`` (first index on ties), sets ``e = (L[j*] - c[:, j*] · c) /
+    d[j*]``, appends ``e`` as a new row of ``c`` and lowers ``d² -= e²``; a picked token gets ``d² = -inf``.
+    O(k·N) memory per image beyond the kernel. Returns the ``k`` picks of every image sorted ascending (G, k).
+    """
+    g, n, _ = kernel.shape
+    k = min(k, n)
+    rows = torch.arange(g, device=kernel.device)
+    c = kernel.new_zeros(k, g, n)
+    d2 = kernel.diagonal(dim1=1, dim2=2).clone()
+    picked = torch.empty(g, k, dtype=torch.long, device=kernel.device)
+    for i in range(k):
+        j = d2.argmax(-1)
+        picked[:, i] = j
+        e = (kernel[rows, j] - torch.einsum("tg,tgn->gn", c[:i, rows, j], c[:i])) / d2[rows, j].sqrt()[:, None]
+        c[i] = e
+        d2 = d2 - e * e
+        d2[rows, j] = float("-inf")
+    return picked.sort(-1).values

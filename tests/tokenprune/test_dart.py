@@ -1,0 +1,113 @@
+"""DART on a tiny random LLaVA-1.5: kept indices = a plain transcription of the official rule computed from the
+eager model's own hidden states (pivots by the L1 norm of layer K-1's rotary keys, rebuilt with transformers'
+``apply_rotary_pos_emb``; duplicates by float64 cosine similarity on the final-normed input of layer K; pivots
+visited in the order of a Python set of their positions, as the official loop); generate() with KV cache = a
+layer-by-layer reference of the sequence pruned before layer K (original positions); batch rows = single runs;
+bad arguments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from test_llava_methods import (  # noqa: E402
+    N_IMG,
+    _generate,
+    _inputs,
+    _reference_sequence,
+    _span,
+    rows_equal_single_runs,
+)
+from tp_oracles import llm_reference_logits  # noqa: E402
+from tp_tiny import as_eager, tiny_llava  # noqa: E402
+
+from visattn import tokenprune as tp  # noqa: E402
+
+K = 2
+
+
+@pytest.fixture(scope="module")
+def models():
+    model = tiny_llava("sdpa")
+    return model, as_eager(model)
+
+
+def dart_oracle(eager, row: torch.Tensor, px: torch.Tensor, budget, p_img: int, p_txt: int) -> list[int]:
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    lm = eager.model.language_model
+    with torch.no_grad():
+        hs = eager(input_ids=row[None], pixel_values=px, output_hidden_states=True).hidden_states
+        layer = lm.layers[K - 1]
+        x = layer.input_layernorm(hs[K - 1])
+        attn = layer.self_attn
+        k = attn.k_proj(x).view(1, x.shape[1], -1, attn.head_dim).transpose(1, 2)
+        cos, sin = lm.rotary_emb(x, torch.arange(x.shape[1])[None])
+        k, _ = apply_rotary_pos_emb(k, k, cos, sin)
+        norms = k[0].double().abs().sum((0, 2)).tolist()  # (L,)
+        hid = lm.norm(hs[K])[0].double()
+    s = _span(row)
+    image, text = list(range(s, s + N_IMG)), list(range(s + N_IMG, row.shape[0]))
+    img_piv = sorted(image, key=lambda i: (-norms[i], i))[:p_img]
+    txt_piv = sorted(text, key=lambda i: (-norms[i], i))[:p_txt]
+    share = int((budget if isinstance(budget, int) else budget * N_IMG) // (p_img + p_txt))
+    kept, left = set(img_piv), [i for i in image if i not in img_piv]
+    for p in list(set(img_piv + txt_piv)):
+        sims = {i: float(torch.nn.functional.cosine_similarity(hid[p], hid[i], dim=0)) for i in left}
+        chosen = sorted(left, key=lambda i: (sims[i], i))[: min(share, len(left))]
+        kept |= set(chosen)
+        left = [i for i in left if i not in chosen]
+    return sorted(i - s for i in kept)
+
+
+@pytest.mark.parametrize("budget,p_img,p_txt", [(8, 2, 2), (0.5, 3, 1), (6, 1, 3)])
+def test_kept_and_generate_match_oracle(models, budget, p_img, p_txt):
+    model, eager = models
+    ids, mask, px = _inputs()
+    out, report = _generate(model, tp.DART(layer=K, keep=budget, pivot_image=p_img, pivot_text=p_txt), ids, mask,
+                            px)
+    gen = out.sequences[:, ids.shape[1]:]
+    logits = torch.stack(out.logits, 1)
+    for i in range(ids.shape[0]):
+        row = ids[i][mask[i].bool()]
+        expected = dart_oracle(eager, row, px[i : i + 1], budget, p_img, p_txt)
+        assert report.kept_indices[i][0].tolist() == expected
+        seq, stages = _reference_sequence("fastv", eager, row, px[i : i + 1], report.kept_indices[i],
+                                          [report.kept_indices[i]], gen[i][:-1])
+        with torch.no_grad():
+            ref = llm_reference_logits(eager, seq, stages, reindex=False)
+        torch.testing.assert_close(logits[i], ref[0, -3:], atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("positions", ["original", "reindex"])
+def test_batch_rows_equal_single_runs(models, positions):
+    model, _ = models
+    ids, mask, px = _inputs()
+    make = lambda: tp.DART(layer=K, keep=8, pivot_image=2, pivot_text=2, positions=positions)  # noqa: E731
+    report = rows_equal_single_runs(model, make, ids, mask, px)
+    assert report.visual_tokens_kept == [10, 10]  # 2 image pivots + 4 pivots x 2
+
+
+@pytest.mark.parametrize("kwargs,arg", [({"keep": 0}, "keep"), ({"keep": 1.5}, "keep"), ({"layer": 0}, "layer"),
+                                        ({"pivot_image": 0}, "pivot_image"), ({"pivot_text": -1}, "pivot_text"),
+                                        ({"positions": "shift"}, "positions")])
+def test_bad_arguments_raise_naming_them(kwargs, arg):
+    with pytest.raises(ValueError, match=rf"{arg}="):
+        tp.create("dart", **{"keep": 4, **kwargs})
+
+
+def test_layer_out_of_range_refused_at_apply(models):
+    model, _ = models
+    with pytest.raises(ValueError, match=r"layer=4"):
+        tp.apply(model, tp.DART(layer=4, keep=4))
+    assert not hasattr(model, "_visattn_tokenprune")
+
+
+def test_language_model_without_final_norm_refused(models, monkeypatch):
+    model, _ = models
+    monkeypatch.setattr(model.model.language_model, "norm", None)
+    with pytest.raises(ValueError, match=r"model=LlavaForConditionalGeneration: dart .*no `norm` module"):
+        tp.apply(model, tp.DART(layer=2, keep=4))
+    assert not hasattr(model, "_visattn_tokenprune")
