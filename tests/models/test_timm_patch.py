@@ -122,3 +122,17 @@ def test_bad_arguments():
         patch_timm(_swin(), families=[])
     with pytest.raises(TypeError, match="families must be an iterable"):
         patch_timm(_swin(), families="swin")
+
+
+def test_features_only_backbone_is_patched_and_matches_timm():
+    torch.manual_seed(0)
+    model = timm.create_model("maxvit_rmlp_nano_rw_256", features_only=True, **{**MAXVIT, "num_classes": 0}).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+        assert patch_timm(model).patched == {"PartitionAttentionCl": 8}
+        with backends.use_backend("reference"):
+            got = model(x)
+    assert len(got) == len(want) == 5  # stem + 4 stages
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

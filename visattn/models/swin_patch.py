@@ -1,9 +1,10 @@
 """Run timm's Swin Transformer (v1 and v2) on visattn's window attention: no window partition and no mask tensor.
 
-``patch_swin(model)`` rebinds ``_attn`` of every ``SwinTransformerBlock`` / ``SwinTransformerV2Block`` of a timm
-model to a version that projects qkv over the whole map and calls ``visattn.window_attention`` with the block's
-window, effective shift and relative-position bias (converted on the fly from timm's own parameters, so gradients
-reach them and checkpoints stay timm's). ``unpatch_swin`` restores timm's path.
+``patch_swin(model)`` (``patch_timm`` for Swin only) rebinds ``_attn`` of every ``SwinTransformerBlock`` /
+``SwinTransformerV2Block`` of a timm model to a version that projects qkv over the whole map and calls
+``visattn.window_attention`` with the block's window, effective shift and relative-position bias (converted on the
+fly from timm's own parameters, so gradients reach them and checkpoints stay timm's). ``unpatch_swin`` restores
+timm's path.
 
 - Swin v1: the ``relative_position_bias_table`` ``[(2w-1)², heads]`` becomes visattn's ``[heads, 2w-1, 2w-1]`` rpb.
 - Swin v2: cosine attention with a per-head learned logit scale and a continuous position bias. The bias is
@@ -150,9 +151,9 @@ SWIN = Family(name="swin", classes=_block_classes, unsupported=_block_classes_un
 def patch_swin(model: nn.Module) -> nn.Module:
     """Route every Swin / SwinV2 block's window attention through ``visattn.window_attention``; returns ``model``.
 
-    ``patch_timm(model, families=("swin",), strict=True)`` returning the model. Raises ValueError when the model
-    has no timm Swin block or a block's layout is not the one this was written against (naming the block and what
-    is missing), before anything is changed.
+    ``patch_timm`` with ``families=("swin",)`` and ``strict=True``, returning the model. Raises ValueError when the
+    model has no timm Swin block or a block's layout is not the one this was written against (naming the block and
+    what is missing), before anything is changed.
     """
     _patching.apply(model, (SWIN,), strict=True, caller="patch_swin")
     return model
