@@ -195,3 +195,19 @@ def test_attention_dropout_in_training_warns_and_uses_timm(op_calls):
     with backends.use_backend("reference"), pytest.warns(UserWarning, match="attn_drop"):
         model(torch.randn(1, 3, 64, 64))
     assert op_calls == []
+
+
+@pytest.mark.parametrize("partition", ["block", "grid"])
+def test_patched_module_traces_without_graph_breaks(partition, op_calls):
+    """torch.compile(fullgraph=True) of a patched module (RelPosMlp: the bias MLP runs inside the graph) equals
+    stock timm: the patched path has no graph break (the ops are custom ops; the backend is chosen at trace time)."""
+    torch.manual_seed(7)
+    cfg = MaxxVitTransformerCfg(dim_head=4, window_size=(2, 4), rel_pos_type="mlp", rel_pos_dim=16)
+    module = _randomise(PartitionAttentionCl(8, partition_type=partition, cfg=cfg)).eval()
+    x = torch.randn(1, 4, 8, 8)
+    want = module(x)
+    maxvit_patch.patch_module(module)
+    with backends.use_backend("reference"):
+        got = torch.compile(module, backend="eager", fullgraph=True)(x)
+    assert [call[0] for call in op_calls] == ["window" if partition == "block" else "na2d"]  # traced visattn's op
+    _assert_close(got, want)
