@@ -162,25 +162,49 @@ def test_checkpoint_layout_maps_and_model_matches_official_arithmetic():
     model.load_state_dict(mapped, strict=True)
     assert checkpoint_filter_fn(model.state_dict()).keys() == model.state_dict().keys()  # own layout unchanged
     x = torch.randn(1, 3, 112, 112, dtype=torch.float64)
-    with torch.no_grad():
-        want = official_forward(official, x, SMALL["depths"])
-        got = model(x)
+    weight = torch.randn(1, SMALL["num_classes"], dtype=torch.float64)
+    x_ref, x_got = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in official.items() if v.is_floating_point()
+              and not k.endswith(("running_mean", "running_var", "rbf.grid"))}
+    want = official_forward({**official, **leaves}, x_ref, SMALL["depths"])
+    got = model(x_got)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     assert want.abs().max() > 1e-2  # a non-trivial output
+    # gradients of the input and of every parameter against the autograd of the official arithmetic
+    want_grads = torch.autograd.grad((want * weight).sum(), [x_ref, *leaves.values()], allow_unused=True)
+    (got * weight).sum().backward()
+    def close(got, want, what):  # float64, to 1e-7 of the tensor's scale (the key bias's true gradient is 0:
+        # elementwise relative errors of its rounding noise mean nothing)
+        err = (got - want).abs().max().item()
+        assert err <= 1e-7 * max(1.0, want.abs().max().item()), (what, err)
+
+    close(x_got.grad, want_grads[0], "input")
+    tags = {key: torch.tensor(i) for i, key in enumerate(official)}  # which official key became which of ours
+    renamed = {int(v): ours for ours, v in checkpoint_filter_fn(tags, model).items()}
+    mine = dict(model.named_parameters())
+    for (key, _), grad in zip(leaves.items(), want_grads[1:], strict=True):
+        ours = renamed.get(int(tags[key]))
+        if ours is None:  # the dead GFP feed-forward: no gradient in either
+            assert grad is None, key
+            continue
+        close(mine[ours].grad, grad, key)
+    assert len([k for k in leaves if int(tags[k]) in renamed]) == len(mine)  # every parameter compared
 
 
-# parameters of the official definitions (MedViT.py with num_classes=1000, counted by building them): total and
-# the share of the GFP feed-forward that is built but never called (not built here)
-OFFICIAL_PARAMS = {"medvitv2_tiny": (11_719_845, 984_328), "medvitv2_small": (30_087_295, 2_750_218),
-                   "medvitv2_base": (66_995_571, 6_140_554), "medvitv2_large": (118_291_477, 10_874_378)}
+# parameters of the official definitions (MedViT.py with num_classes=1000, counted by building them): total, the
+# share of the GFP feed-forward that is built but never called (not built here), and the KAN grids (frozen
+# Parameters there, buffers here: 8 per KAN layer, two layers per GFP)
+OFFICIAL_PARAMS = {"medvitv2_tiny": (11_719_845, 984_328, 64), "medvitv2_small": (30_087_295, 2_750_218, 80),
+                   "medvitv2_base": (66_995_571, 6_140_554, 80), "medvitv2_large": (118_291_477, 10_874_378, 80)}
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
 def test_parameter_counts_equal_the_official_definitions(name):
     with torch.device("meta"):
         model = timm.create_model(name)
-    total, unused = OFFICIAL_PARAMS[name]
-    assert sum(p.numel() for p in model.parameters()) == total - unused
+    total, unused, grids = OFFICIAL_PARAMS[name]
+    assert sum(p.numel() for p in model.parameters()) == total - unused - grids
+    assert sum(b.numel() for n, b in model.named_buffers() if n.endswith("rbf.grid")) == grids
 
 
 def test_timm_api_features_and_backend():
@@ -198,5 +222,7 @@ def test_timm_api_features_and_backend():
     assert model.no_weight_decay() >= {"stages.0.blocks.0.attn.rpb"}
     with pytest.raises(ValueError, match="depths"):
         timm.create_model("medvitv2_tiny", depths=(2, 2, 5, 1))
+    with pytest.raises(ValueError, match="MHCA"):  # a GFP width whose E-MHSA part rounds up to all of it
+        timm.create_model("medvitv2_tiny", dims=(64, 96, 192, 256))
     with pytest.raises(TypeError, match="unexpected keyword"):
         timm.create_model("medvitv2_tiny", window=3)

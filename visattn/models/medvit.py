@@ -196,8 +196,8 @@ class ReflectionalSwitch(nn.Module):
 
     def __init__(self, grid_min: float = -2.0, grid_max: float = 2.0, num_grids: int = 8, denominator: float = 0.33):
         super().__init__()
-        # a frozen Parameter, as in the official module (its checkpoints hold it as `rbf.grid`)
-        self.grid = nn.Parameter(torch.linspace(grid_min, grid_max, num_grids), requires_grad=False)
+        # a buffer (the official module makes it a frozen Parameter; the state-dict key `rbf.grid` is the same)
+        self.register_buffer("grid", torch.linspace(grid_min, grid_max, num_grids))
         self.inv_denominator = 1 / denominator
 
     def forward(self, x: Tensor) -> Tensor:
@@ -238,6 +238,10 @@ class GFP(nn.Module):
         super().__init__()
         self.mhsa_out_channels = _make_divisible(int(out_chs * mix_block_ratio), 32)
         self.mhca_out_channels = out_chs - self.mhsa_out_channels
+        if self.mhca_out_channels <= 0 or self.mhca_out_channels % head_dim:
+            raise ValueError(f"a GFP block of width {out_chs} with mix_block_ratio {mix_block_ratio} leaves "
+                             f"{self.mhca_out_channels} channels to its MHCA (E-MHSA width rounds to multiples of 32); "
+                             f"it needs a positive multiple of head_dim {head_dim}: choose other dims")
         self.patch_embed = PatchEmbed(in_chs, self.mhsa_out_channels, stride)
         self.norm1 = _bn(self.mhsa_out_channels)
         self.e_mhsa = EfficientMHSA(self.mhsa_out_channels, head_dim, sr_ratio, attn_drop, proj_drop)
@@ -350,7 +354,7 @@ class MedViTV2(_helpers.StagedBackbone):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        return {name for name, _ in self.named_parameters() if name.endswith((".rpb", ".rbf.grid"))}
+        return {name for name, _ in self.named_parameters() if name.endswith(".rpb")}
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -360,7 +364,8 @@ _FEATURE = re.compile(r"^features\.(\d+)\.(.*)$")
 def checkpoint_filter_fn(state_dict, model: MedViTV2 | None = None) -> dict:
     """Map an official MedViTV2 checkpoint (``MedViT.py``: flat ``features.N``, ``proj_head.0``) to this layout.
 
-    ``features.N`` becomes ``stages.s.blocks.j`` (stage boundaries where a block's width, its ``norm2``, changes),
+    ``features.N`` becomes ``stages.s.blocks.j`` (the stage lengths of ``model``; without one, a stage starts where
+    a block's width, its ``norm2``, changes, as in every official variant),
     ``proj_head.0`` becomes ``head``, and the weights of the locality feed-forward the official GFP builds but never
     runs (``features.N.conv.*`` of blocks with ``e_mhsa``) are dropped. A state dict already in this layout is
     returned unchanged; ``{"model": ...}`` wrappers and ``module.`` prefixes are removed. Raises TypeError for
@@ -379,12 +384,18 @@ def checkpoint_filter_fn(state_dict, model: MedViTV2 | None = None) -> dict:
             out["head." + key[len("proj_head.0."):]] = value
         else:
             out[key] = value
+    depths = [len(s.blocks) for s in model.stages] if isinstance(model, MedViTV2) else None
+    if depths is not None and sum(depths) != len(blocks):
+        raise ValueError(f"MedViTV2 checkpoint has {len(blocks)} blocks (features.N), the model {sum(depths)}")
     stage, j, width = -1, 0, None
     for index in sorted(blocks):
         params = blocks[index]
         if "norm2.weight" not in params:
             raise ValueError(f"MedViTV2 checkpoint: features.{index} has no norm2.weight (not an official layout)")
-        if params["norm2.weight"].shape[0] != width:
+        if depths is not None:  # the model's stages; without a model, a new stage where the block width changes
+            if stage < 0 or j == depths[stage]:
+                stage, j = stage + 1, 0
+        elif params["norm2.weight"].shape[0] != width:
             stage, j, width = stage + 1, 0, params["norm2.weight"].shape[0]
         gfp = any(k.startswith("e_mhsa.") for k in params)
         for name, value in params.items():
