@@ -342,6 +342,7 @@ DOCUMENTED_CALLABLES = {
     "window_attention": "visattn:window_attention",
     "agent_attention": "visattn:agent_attention",
     "bilevel_routing_attention": "visattn:bilevel_routing_attention",
+    "patch_timm": "visattn.models:patch_timm",
 }
 SPAN = re.compile(r"`(" + "|".join(re.escape(name) for name in DOCUMENTED_CALLABLES) + r")\(([^`]*)\)`")
 

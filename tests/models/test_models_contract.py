@@ -23,10 +23,12 @@ SMALL = {
     "agent_pvt_t": dict(embed_dims=(16, 32, 48, 64), num_heads=(1, 2, 2, 4), mlp_ratios=(2, 2, 2, 2),
                         depths=(1, 1, 1, 1), agent_num=(4, 4, 1, 1), img_size=32),
     "agent_deit_t": dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, agent_num=4, agent_layer=2),
+    "medvitv2_tiny": dict(stem_chs=(16, 8, 16), depths=(1, 1, 3, 1), dims=(32, 128, 128, 128), head_dim=16,
+                          attn_kernel=3),
 }
 NAMES = list(SMALL)
 SIZE = {"nat_mini": 64, "dinat_mini": 64, "biformer_tiny": 64, "agent_swin_t": 64, "agent_pvt_t": 32,
-        "agent_deit_t": 32}
+        "agent_deit_t": 32, "medvitv2_tiny": 64}
 LEVELS = {"agent_deit_t": 4}  # features_only levels (blocks for Agent-DeiT, stages otherwise)
 # torchvision notes that eval-mode nodes are a subsequence of train-mode ones (dropout / drop path): expected here
 pytestmark = pytest.mark.filterwarnings("ignore:NOTE. The nodes obtained by tracing:UserWarning")

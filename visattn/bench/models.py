@@ -1,9 +1,9 @@
 """``visattn bench``: images/sec of whole timm models, with timm ``benchmark.py``'s flags, keys and OOM handling.
 
 Any model ``timm.create_model`` can build runs here, visattn's own families included (``visattn.models`` registers
-them). ``NAME@visattn`` runs a timm Swin with its window attention on ``visattn.window_attention``
-(``visattn.models.swin_patch.patch_swin``), so stock and accelerated run side by side; ``--visattn-swin`` adds that
-twin after every Swin named. ``--compare-compile`` adds a ``torch.compile``'d inference row after each model.
+them). ``NAME@visattn`` runs a timm Swin or MaxViT with its attention on visattn's ops
+(``visattn.models.patch_timm``), so stock and accelerated run side by side; ``--visattn-swin`` adds that twin after
+every Swin named. ``--compare-compile`` adds a ``torch.compile``'d inference row after each model.
 
 What matches timm's ``benchmark.py``: flag names and meanings, the result keys (``infer_samples_per_sec``,
 ``infer_step_time`` [ms], ``infer_batch_size``, ``infer_img_size``, ``infer_gmacs``, ``train_...``,
@@ -160,7 +160,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------------------- model list
 @dataclass(frozen=True)
 class ModelSpec:
-    """One row of the run: a timm name, whether its Swin blocks run on visattn, whether it is compiled."""
+    """One row of the run: a timm name, whether its Swin / MaxViT attention runs on visattn, whether it is compiled."""
 
     name: str
     visattn_swin: bool = False
@@ -296,9 +296,9 @@ def create_model(spec: ModelSpec, settings: Settings) -> tuple[nn.Module, tuple[
     except TypeError:
         model = timm.create_model(spec.name, pretrained=False, **kwargs)
     if spec.visattn_swin:
-        from visattn.models.swin_patch import patch_swin
+        from visattn.models import patch_timm
 
-        patch_swin(model)  # raises ValueError naming the model when it has no timm Swin block
+        patch_timm(model)  # raises ValueError naming the model when it has no timm Swin / MaxViT module
     if settings.reparam:
         from timm.utils import reparameterize_model
 

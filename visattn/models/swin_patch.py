@@ -1,9 +1,10 @@
 """Run timm's Swin Transformer (v1 and v2) on visattn's window attention: no window partition and no mask tensor.
 
-``patch_swin(model)`` rebinds ``_attn`` of every ``SwinTransformerBlock`` / ``SwinTransformerV2Block`` of a timm
-model to a version that projects qkv over the whole map and calls ``visattn.window_attention`` with the block's
-window, effective shift and relative-position bias (converted on the fly from timm's own parameters, so gradients
-reach them and checkpoints stay timm's). ``unpatch_swin`` restores timm's path.
+``patch_swin(model)`` (``patch_timm`` for Swin only) rebinds ``_attn`` of every ``SwinTransformerBlock`` /
+``SwinTransformerV2Block`` of a timm model to a version that projects qkv over the whole map and calls
+``visattn.window_attention`` with the block's window, effective shift and relative-position bias (converted on the
+fly from timm's own parameters, so gradients reach them and checkpoints stay timm's). ``unpatch_swin`` restores
+timm's path.
 
 - Swin v1: the ``relative_position_bias_table`` ``[(2w-1)², heads]`` becomes visattn's ``[heads, 2w-1, 2w-1]`` rpb.
 - Swin v2: cosine attention with a per-head learned logit scale and a continuous position bias. The bias is
@@ -19,7 +20,6 @@ reach them and checkpoints stay timm's). ``unpatch_swin`` restores timm's path.
 
 from __future__ import annotations
 
-import logging
 import math
 import types
 import warnings
@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from visattn import backends, functional
+from visattn.models import _patching
 from visattn.models._helpers import swin_table_to_rpb
+from visattn.models._patching import Family
 
-logger = logging.getLogger("visattn")
 _ORIGINAL = "_visattn_original_attn"
 
 
@@ -108,9 +109,13 @@ def _window_attn(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.roll(out, shift, dims) if has_shift else out.contiguous()
 
 
-def _swin_blocks(model: nn.Module) -> list[nn.Module]:
-    classes = _block_classes()
-    return [m for m in model.modules() if isinstance(m, classes)]
+def _block_classes_unsupported() -> dict[type, str]:
+    try:
+        from timm.models.swin_transformer_v2_cr import SwinTransformerV2CrBlock
+    except ImportError:  # pragma: no cover - every supported timm has it
+        return {}
+    return {SwinTransformerV2CrBlock: "swinv2_cr_* block (timm's own post-norm SwinV2 variant) is not supported; "
+                                      "runs timm's path"}
 
 
 def _why_not(block: nn.Module) -> str | None:
@@ -127,38 +132,38 @@ def _why_not(block: nn.Module) -> str | None:
     return None
 
 
+def _patch_block(block: nn.Module) -> None:
+    if not hasattr(block, _ORIGINAL):
+        setattr(block, _ORIGINAL, block._attn)
+        block._attn = types.MethodType(_window_attn, block)
+
+
+def _unpatch_block(block: nn.Module) -> None:
+    if hasattr(block, _ORIGINAL):
+        del block._attn  # the instance attribute; the class method shows through again
+        delattr(block, _ORIGINAL)
+
+
+SWIN = Family(name="swin", classes=_block_classes, unsupported=_block_classes_unsupported, why_not=_why_not,
+              patch=_patch_block, unpatch=_unpatch_block, is_patched=lambda block: hasattr(block, _ORIGINAL))
+
+
 def patch_swin(model: nn.Module) -> nn.Module:
     """Route every Swin / SwinV2 block's window attention through ``visattn.window_attention``; returns ``model``.
 
-    Raises ValueError when the model has no timm Swin block or a block's layout is not the one this was written
-    against (naming the block and what is missing), before anything is changed.
+    ``patch_timm`` with ``families=("swin",)`` and ``strict=True``, returning the model. Raises ValueError when the
+    model has no timm Swin block or a block's layout is not the one this was written against (naming the block and
+    what is missing), before anything is changed.
     """
-    blocks = _swin_blocks(model)
-    if not blocks:
-        raise ValueError(f"model has no timm SwinTransformerBlock / SwinTransformerV2Block to patch "
-                         f"({type(model).__name__}); timm's swinv2_cr_* and other window models are not supported")
-    reasons = {i: r for i, b in enumerate(blocks) if (r := _why_not(b)) is not None}
-    if reasons:
-        i, reason = next(iter(reasons.items()))
-        raise ValueError(f"patch_swin cannot accelerate {len(reasons)} of {len(blocks)} blocks; block {i}: {reason}")
-    for block in blocks:
-        if not hasattr(block, _ORIGINAL):
-            setattr(block, _ORIGINAL, block._attn)
-            block._attn = types.MethodType(_window_attn, block)
-    logger.info("visattn patch_swin: %d of %d blocks on visattn.window_attention", len(blocks), len(blocks))
+    _patching.apply(model, (SWIN,), strict=True, caller="patch_swin")
     return model
 
 
 def patched_block_count(model: nn.Module) -> tuple[int, int]:
     """(blocks running on visattn, Swin blocks in the model)."""
-    blocks = _swin_blocks(model)
-    return sum(hasattr(b, _ORIGINAL) for b in blocks), len(blocks)
+    return _patching.count(model, SWIN)
 
 
 def unpatch_swin(model: nn.Module) -> nn.Module:
-    """Restore timm's own attention path on every patched block."""
-    for block in _swin_blocks(model):
-        if hasattr(block, _ORIGINAL):
-            del block._attn  # the instance attribute; the class method shows through again
-            delattr(block, _ORIGINAL)
-    return model
+    """Restore timm's own attention path on every patched Swin block (``unpatch_timm`` for Swin only)."""
+    return _patching.remove(model, (SWIN,))
