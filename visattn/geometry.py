@@ -7,11 +7,17 @@ CPU schedules share, so that each is written once.
 * :func:`region_grid`, :func:`pad_to_regions`, :func:`route_regions`: BiFormer's region grid and its top-k region
   routing, which the reference, the gather schedule and the fused kernel's entry all use, so every backend routes
   identically.
+* :func:`sliding_tile_kernel`: sliding-tile attention's window in tiles as the odd neighbourhood size NATTEN's
+  clamped windows use (STA = GNA with stride = tile).
+* :func:`radial_block_mask`: Radial Attention's static block mask (the released ``gen_log_mask_shrinked``
+  arithmetic, computed per frame pair from interval counts instead of dense per-pair masks).
 
 It sits at the bottom of the import layers (docs/ARCHITECTURE.md, "Import rules"): it imports only torch.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -64,4 +70,94 @@ def pad_to_regions(t: Tensor, regions: tuple[int, int]) -> Tensor:
     return F.pad(t, (0, 0, 0, 0, 0, padded_w - t.shape[2], 0, padded_h - t.shape[1]))
 
 
-__all__ = ["interval", "pad_to_regions", "region_grid", "route_regions"]
+def sliding_tile_kernel(kernel_tiles: int, n_tiles: int) -> int:
+    """The tiles a sliding-tile window covers along one dimension, as an odd neighbourhood size.
+
+    STA (Zhang et al. 2025, FastVideo's mask) lets a query tile ``t`` attend key tile ``u`` iff
+    ``|c - u| <= kernel_tiles // 2`` with the centre ``c = clamp(t, kernel_tiles // 2, n_tiles - 1 -
+    kernel_tiles // 2)`` (torch's clamp: the upper bound wins when the bounds cross). That is NATTEN's clamped
+    window of ``2 * (kernel_tiles // 2) + 1`` tiles (an even window takes one tile more), capped at ``n_tiles``
+    (a window wider than the map covers all of it)."""
+    return min(2 * (kernel_tiles // 2) + 1, n_tiles)
+
+
+def _radial_window(dist: int, tokens_per_frame: int, block_size: int, decay_factor: float) -> float:
+    """Released ``get_window_width``: the spatial band half-width between frames ``dist`` apart (Wan and
+    HunyuanVideo agree: whole frames for ``dist <= 1``)."""
+    if dist <= 1:
+        return float(tokens_per_frame)
+    decay = 2 ** tokens_per_frame.bit_length() / 2 ** dist.bit_length() * decay_factor
+    return decay if decay >= block_size else float(block_size)
+
+
+def _radial_keeps_pair(dist: int, tokens_per_frame: int, threshold: int) -> bool:
+    """Released ``get_diagonal_split_mask``: whether frames ``dist`` apart interact at all (all or nothing)."""
+    decay = 2 ** tokens_per_frame.bit_length() / 2 ** dist.bit_length()
+    if decay >= threshold:
+        return True
+    return dist % int(threshold / decay) == 0
+
+
+def _radial_pair_blocks(tokens_per_frame: int, block_size: int, band: int, row_offset: int,
+                        col_offset: int) -> Tensor:
+    """Released ``shrinkMaskStrict`` of one frame pair's band mask ``|c - r| <= band`` placed at
+    ``(row_offset, col_offset)`` inside a block-aligned window of ``ceil(P / block)`` blocks a side: a block is
+    kept when more than 60% of its touched columns are more than a third full. Column counts are interval
+    lengths, so no ``P x P`` mask is built. Float32 arithmetic as in the release."""
+    per, bs = tokens_per_frame, block_size
+    nb = -(-per // bs)
+    col = torch.arange(nb * bs) - col_offset  # frame-local key index of every padded column
+    first = (torch.arange(nb) * bs - row_offset).clamp(min=0)[:, None]  # frame-local rows of each row block
+    last = ((torch.arange(nb) + 1) * bs - row_offset).clamp(max=per)[:, None]  # exclusive
+    counts = (torch.minimum(last, col[None, :] + band + 1) - torch.maximum(first, col[None, :] - band)).clamp(min=0)
+    counts = torch.where((col >= 0) & (col < per), counts, 0).reshape(nb, nb, bs)
+    density = counts / bs  # float32
+    touched = (density > 0).sum(dim=-1)
+    dense_cols = (density > 1 / 3).sum(dim=-1)
+    return dense_cols / (touched + 1e-9) > 0.6
+
+
+@functools.lru_cache(maxsize=32)
+def radial_block_mask(frames: int, tokens_per_frame: int, block_size: int = 128, decay_factor: float = 1.0,
+                      attention_sink: bool = True) -> Tensor:
+    """Radial Attention's static block mask (Li et al. 2025; mit-han-lab/radial-attention, ``attn_mask.py``,
+    ``gen_log_mask_shrinked``) over ``frames * tokens_per_frame`` video tokens, frame-major.
+
+    Returns a CPU bool tensor ``[nb, nb]``, ``nb = ceil(N / block_size)``: query block ``i`` attends key block
+    ``j`` iff ``mask[i, j]``. Per frame pair ``(i, j)``, ``dist = |i - j|``: with ``attention_sink`` (Wan) every
+    frame attends frame 0 entirely; otherwise the pair's token mask is the band ``|c - r| <= width(dist)`` over
+    frame-local indices (``width`` = a whole frame for ``dist <= 1``, else ``max(2**bitlen(P) / 2**bitlen(dist)
+    * decay_factor, block_size)``), all of it dropped unless ``dist`` is a multiple of
+    ``int(block_size / (2**bitlen(P) / 2**bitlen(dist)))`` where that ratio is below ``block_size``; each pair's
+    mask is reduced to blocks by the release's strict rule and OR-ed in. The last partial block row and column
+    (``N % block_size != 0``) are dense, as the release marks every block past ``N // block_size``. The release
+    hard-codes 128 both as the block size and as the split threshold; here both are ``block_size``.
+    """
+    per, bs = tokens_per_frame, block_size
+    total = frames * per
+    nb = -(-total // bs)
+    mask = torch.zeros(nb, nb, dtype=torch.bool)
+    border = total // bs
+    mask[border:] = True
+    mask[:, border:] = True
+    pairs: dict[tuple, Tensor] = {}
+    for i in range(frames):
+        for j in range(frames):
+            dist = abs(i - j)
+            if j == 0 and attention_sink:
+                band = per
+            elif _radial_keeps_pair(dist, per, bs):
+                band = int(_radial_window(dist, per, bs, decay_factor))
+            else:
+                continue
+            key = (min(band, per), (i * per) % bs, (j * per) % bs)
+            if key not in pairs:
+                pairs[key] = _radial_pair_blocks(per, bs, *key)
+            blocks = pairs[key]
+            r0, c0 = (i * per) // bs, (j * per) // bs
+            mask[r0:r0 + blocks.shape[0], c0:c0 + blocks.shape[1]] |= blocks
+    return mask
+
+
+__all__ = ["interval", "pad_to_regions", "radial_block_mask", "region_grid", "route_regions",
+           "sliding_tile_kernel"]

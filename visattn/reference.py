@@ -240,6 +240,49 @@ def agent(
     return out.transpose(1, 2).reshape(batch, *spatial, heads, v.shape[-1]).to(q.dtype)
 
 
+def block_sparse(q: Tensor, k: Tensor, v: Tensor, block_mask: Tensor, block_size: int, scale: float,
+                 extra_k: Tensor | None = None, extra_v: Tensor | None = None) -> Tensor:
+    """Static block-sparse attention over flattened tokens: query ``i`` attends key ``j`` iff
+    ``block_mask[i // block_size, j // block_size]``, plus every extra token, in one softmax.
+
+    ``q, k, v``: ``[B, N, heads, D]``; ``block_mask``: ``[ceil(N / block), ceil(N / block)]`` bool. Masked softmax
+    in compute precision, chunked over query blocks (each chunk checkpointed under autograd) so memory stays
+    ``chunk x N``. A query with no key at all gets a zero output."""
+    batch, n, heads, dim = q.shape
+    dim_v = v.shape[-1]
+    ct = _compute_dtype(q.dtype)
+    mask = block_mask.to(q.device)
+    token_block = torch.arange(n, device=q.device) // block_size
+    n_extra = 0 if extra_k is None else extra_k.shape[1]
+    rows_per_chunk = max(block_size, CHUNK_ELEMENTS // max(1, batch * heads * (n + n_extra) * max(dim, dim_v)))
+    rows_per_chunk -= rows_per_chunk % block_size
+    needs_grad = torch.is_grad_enabled() and not torch.compiler.is_exporting() and any(
+        t is not None and t.requires_grad for t in (q, k, v, extra_k, extra_v))
+
+    def run(qc, k, v, extra_k, extra_v, start):
+        rows = torch.arange(start, start + qc.shape[1], device=q.device)
+        allowed = mask[token_block[rows]][:, token_block]  # [C, N]
+        logits = torch.einsum("bchd,bnhd->bhcn", qc.to(ct), k.to(ct)) * scale
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        values = v.to(ct)
+        if extra_k is not None:
+            extra = torch.einsum("bchd,bnhd->bhcn", qc.to(ct), extra_k.to(ct)) * scale
+            logits = torch.cat([logits, extra], dim=-1)
+            values = torch.cat([values, extra_v.to(ct)], dim=1)
+        empty = torch.isinf(logits).all(dim=-1, keepdim=True)  # a row without keys: zero output, finite grads
+        probs = torch.softmax(logits.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+        return torch.einsum("bhcn,bnhd->bchd", probs, values)
+
+    outs = []
+    for start in range(0, n, rows_per_chunk):
+        qc = q[:, start:start + rows_per_chunk]
+        if needs_grad:
+            outs.append(checkpoint(run, qc, k, v, extra_k, extra_v, start, use_reentrant=False))
+        else:
+            outs.append(run(qc, k, v, extra_k, extra_v, start))
+    return torch.cat(outs, dim=1).to(q.dtype) if len(outs) > 1 else outs[0].to(q.dtype)
+
+
 def to_regions(t: Tensor, regions: tuple[int, int]) -> Tensor:
     """A region-divisible ``[B, Hp, Wp, heads, D]`` map as ``[B, R, tokens, heads, D]`` (regions and the tokens
     inside each row-major)."""

@@ -123,8 +123,85 @@ def bilevel_routing(q, k, v, regions, topk, scale=None):
     return torch.cat(outs)[:, :height, :width]
 
 
+def sliding_tile_mask(spatial: Sequence[int], tile_size: Sequence[int], kernel_tiles: Sequence[int]) -> Tensor:
+    """[N, N] bool: STA's mask (FastVideo's flex-attention definition): the query's tile, its window centre clamped
+    to ``[k // 2, tiles - 1 - k // 2]`` (the upper bound wins when they cross), keys in tiles ``|centre - u| <=
+    k // 2`` in every dimension."""
+    grids = torch.meshgrid(*[torch.arange(n) for n in spatial], indexing="ij")
+    inside = torch.ones(1, 1, dtype=torch.bool)
+    for g, n, tile, k in zip(grids, spatial, tile_size, kernel_tiles, strict=True):
+        t = g.reshape(-1) // tile
+        centre = torch.clamp(t, min=k // 2).clamp(max=n // tile - 1 - k // 2)
+        inside = inside & ((centre[:, None] - t[None, :]).abs() <= k // 2)
+    return inside
+
+
+def sliding_tile(q, k, v, tile_size, kernel_tiles, scale=None, extra_k=None, extra_v=None):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    mask = sliding_tile_mask(q.shape[1:-2], tile_size, kernel_tiles)
+    return dense_attention(q, k, v, mask, None, scale, extra_k, extra_v)
+
+
+def radial_release_mask(frames: int, tokens_per_frame: int, block_size: int = 128, decay_factor: float = 1.0,
+                        attention_sink: bool = True, threshold: int | None = None) -> Tensor:
+    """Radial Attention's block mask, the released builder's arithmetic step by step (mit-han-lab/radial-attention,
+    ``radial_attn/attn_mask.py``: ``gen_log_mask_shrinked``, ``get_window_width``, ``get_diagonal_split_mask``,
+    ``shrinkMaskStrict``): a dense token mask per frame pair, padded, shrunk to blocks, OR-ed in. ``threshold`` is
+    the split mask's hard-coded 128 (None: ``block_size``, which the release's 128 equals). O(P²) per pair."""
+    threshold = block_size if threshold is None else threshold
+    per = tokens_per_frame
+    total = frames * per
+    seq = -(-total // block_size) * block_size
+    final = torch.zeros(seq // block_size, seq // block_size, dtype=torch.bool)
+    border = total // block_size
+    final[border:] = True
+    final[:, border:] = True
+    rows = torch.arange(per).view(-1, 1)
+    cols = torch.arange(per).view(1, -1)
+    for i in range(frames):
+        for j in range(frames):
+            dist = abs(i - j)
+            if j == 0 and attention_sink:
+                local = torch.ones(per, per, dtype=torch.bool)
+            else:
+                if dist <= 1:
+                    width = per
+                else:
+                    decay = 2 ** per.bit_length() / 2 ** dist.bit_length() * decay_factor
+                    width = decay if decay >= block_size else block_size
+                local = (cols - rows).abs() <= width
+                split_decay = 2 ** per.bit_length() / 2 ** dist.bit_length()
+                if split_decay < threshold and dist % int(threshold / split_decay) != 0:
+                    local = torch.zeros(per, per, dtype=torch.bool)
+            rem_r, rem_c = (i * per) % block_size, (j * per) % block_size
+            size = ((per - 1) // block_size + 1) * block_size
+            padded = torch.zeros(rem_r + size, rem_c + size, dtype=torch.bool)
+            padded[rem_r:rem_r + per, rem_c:rem_c + per] = local
+            n = padded.shape[0] // block_size  # the release sizes both sides from the row count
+            blocks = padded[:n * block_size, :n * block_size].view(n, block_size, n, block_size)
+            density = blocks.sum(dim=1) / block_size
+            frac = (density > 1 / 3).sum(dim=-1) / ((density > 0).sum(dim=-1) + 1e-9)
+            shrunk = frac > 0.6
+            r0, c0 = (i * per) // block_size, (j * per) // block_size
+            final[r0:r0 + n, c0:c0 + n] |= shrunk
+    return final
+
+
+def radial(q, k, v, block_size=128, decay_factor=1.0, attention_sink=True, scale=None, extra_k=None,
+           extra_v=None):
+    """Dense-mask Radial Attention over ``[B, T, H, W, heads, D]``: the release's block mask expanded to tokens."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    frames, per = q.shape[1], q.shape[2] * q.shape[3]
+    blocks = radial_release_mask(frames, per, block_size, decay_factor, attention_sink)
+    n = frames * per
+    token_block = torch.arange(n) // block_size
+    mask = blocks[token_block][:, token_block]
+    return dense_attention(q, k, v, mask, None, scale, extra_k, extra_v)
+
+
 # The dense oracle of each op, by its canonical key (``visattn.functional.OP_SPECS``; a test checks they match).
-PEERS = {"na": na, "window": window, "agent": agent, "bilevel_routing": bilevel_routing}
+PEERS = {"na": na, "window": window, "agent": agent, "bilevel_routing": bilevel_routing,
+         "sliding_tile": sliding_tile, "radial": radial}
 
 
 def max_abs_error(out: Tensor, oracle: Tensor) -> float:
