@@ -764,7 +764,8 @@ def sliding_tile_attention(query: Tensor, key: Tensor, value: Tensor, tile_size:
 
 
 # ================================================================================================ radial
-def _check_decay(value, name: str = "decay_factor") -> float:
+def check_decay(value, name: str = "decay_factor") -> float:
+    """A finite number > 0 (Radial Attention's ``decay_factor``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a finite positive number, got {value!r}")
     if not math.isfinite(value) or value <= 0:
@@ -780,7 +781,7 @@ def radial_attention_mask(frames: int, tokens_per_frame: int, block_size: int = 
     frames = positive_int(frames, "frames")
     tokens_per_frame = positive_int(tokens_per_frame, "tokens_per_frame")
     block_size = positive_int(block_size, "block_size")
-    return radial_block_mask(frames, tokens_per_frame, block_size, _check_decay(decay_factor),
+    return radial_block_mask(frames, tokens_per_frame, block_size, check_decay(decay_factor),
                              check_flag(attention_sink, "attention_sink")).clone()
 
 
@@ -790,7 +791,7 @@ def _radial(query, key, value, block_size, decay_factor, attention_sink, scale, 
     backend = check_backend(backend, op)
     _check_qkv(query, key, value, (3,), op)
     block_size = positive_int(block_size, "block_size")
-    decay_factor = _check_decay(decay_factor)
+    decay_factor = check_decay(decay_factor)
     check_flag(attention_sink, "attention_sink")
     _check_extra_kv(additional_keys, additional_values, query, value, op)
     scale = check_scale(scale, query.shape[-1])
