@@ -17,7 +17,6 @@ diffusers = pytest.importorskip("diffusers")
 from oracle import na_mask  # noqa: E402
 
 from visattn.bench import dense  # noqa: E402
-
 from visattn.diffusion import (  # noqa: E402
     AgentSDAttnProcessor,
     FluxNeighborhoodAttnProcessor,
