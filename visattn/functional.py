@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from visattn import backends, dense_schedule, reference
-from visattn.geometry import radial_block_mask, sliding_tile_kernel
+from visattn.geometry import radial_block_mask, radial_mask, sliding_tile_kernel
 
 try:  # imported once here: a compiled graph must never trace a first-time import
     from visattn import kernels as _kernels
@@ -802,7 +802,7 @@ def _radial(query, key, value, block_size, decay_factor, attention_sink, scale, 
     _record(chosen)
     if chosen == "reference":
         batch, frames, height, width, heads, _ = query.shape
-        mask = radial_block_mask(frames, height * width, block_size, decay_factor, attention_sink)
+        mask = radial_mask(frames, height * width, block_size, decay_factor, attention_sink)
         out = reference.block_sparse(query.flatten(1, 3), key.flatten(1, 3), value.flatten(1, 3), mask, block_size,
                                      scale, additional_keys, additional_values)
         return _contiguous(out.view(batch, frames, height, width, heads, value.shape[-1]))

@@ -159,5 +159,27 @@ def radial_block_mask(frames: int, tokens_per_frame: int, block_size: int = 128,
     return mask
 
 
-__all__ = ["interval", "pad_to_regions", "radial_block_mask", "region_grid", "route_regions",
+@torch.library.custom_op("visattn::radial_block_mask", mutates_args=())
+def _radial_block_mask_op(frames: int, tokens_per_frame: int, block_size: int, decay_factor: float,
+                          attention_sink: bool) -> Tensor:
+    return radial_block_mask(frames, tokens_per_frame, block_size, decay_factor, attention_sink).clone()
+
+
+@_radial_block_mask_op.register_fake
+def _(frames, tokens_per_frame, block_size, decay_factor, attention_sink):
+    blocks = -(-frames * tokens_per_frame // block_size)
+    return torch.empty(blocks, blocks, dtype=torch.bool)
+
+
+def radial_mask(frames: int, tokens_per_frame: int, block_size: int, decay_factor: float,
+                attention_sink: bool) -> Tensor:
+    """:func:`radial_block_mask` for the ops: the cached tensor in eager mode; under ``torch.compile`` /
+    ``torch.export`` one opaque custom op (``visattn::radial_block_mask``), so a graph holds one node instead of
+    the builder's per-frame-pair loop. Callers must not modify the result."""
+    if torch.compiler.is_compiling():
+        return _radial_block_mask_op(frames, tokens_per_frame, block_size, decay_factor, attention_sink)
+    return radial_block_mask(frames, tokens_per_frame, block_size, decay_factor, attention_sink)
+
+
+__all__ = ["interval", "pad_to_regions", "radial_block_mask", "radial_mask", "region_grid", "route_regions",
            "sliding_tile_kernel"]

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from visattn.caching import cached
-from visattn.geometry import radial_block_mask
+from visattn.geometry import radial_mask
 from visattn.kernels import tiles
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -175,7 +175,7 @@ def radial(q: Tensor, k: Tensor, v: Tensor, block_size: int, decay_factor: float
     per = height * width
 
     def build():
-        mask = radial_block_mask(frames, per, block_size, float(decay_factor), bool(attention_sink))
+        mask = radial_mask(frames, per, block_size, float(decay_factor), bool(attention_sink))
         return _blocksparse.tables(mask.to(q.device))
 
     key = (frames, per, block_size, float(decay_factor), bool(attention_sink), str(q.device))

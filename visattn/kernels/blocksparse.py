@@ -331,7 +331,58 @@ def _backward(do, q, k, v, ek, ev, out, lse, tabs, q_block, k_block, scale):
     return dq, dk, dv, dek, dev
 
 
+@torch.library.custom_op("visattn::blocksparse_fwd", mutates_args=())
+def blocksparse_forward(q: Tensor, k: Tensor, v: Tensor, extra_k: Tensor | None, extra_v: Tensor | None,
+                        row_ptr: Tensor, col_idx: Tensor, col_ptr: Tensor, row_idx: Tensor, q_block: int,
+                        k_block: int, scale: float) -> tuple[Tensor, Tensor]:
+    """The forward as a custom op (what ``torch.compile`` traces): ``(out, log2-LSE [B, heads, N])``; the
+    transposed CSR is an input only for the backward."""
+    return _forward(q, k, v, extra_k, extra_v, row_ptr, col_idx, q_block, k_block, scale)
+
+
+@blocksparse_forward.register_fake
+def _(q, k, v, extra_k, extra_v, row_ptr, col_idx, col_ptr, row_idx, q_block, k_block, scale):
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    return out, q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("visattn::blocksparse_bwd", mutates_args=())
+def blocksparse_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, extra_k: Tensor | None,
+                         extra_v: Tensor | None, out: Tensor, lse: Tensor, row_ptr: Tensor, col_idx: Tensor,
+                         col_ptr: Tensor, row_idx: Tensor, q_block: int, k_block: int, scale: float
+                         ) -> list[Tensor]:
+    """The backward as a custom op: ``[dq, dk, dv]``, plus ``d extra_k, d extra_v`` with extra tokens."""
+    grads = _backward(grad_out, q, k, v, extra_k, extra_v, out, lse, (row_ptr, col_idx, col_ptr, row_idx), q_block,
+                      k_block, scale)
+    return list(grads if extra_k is not None else grads[:3])
+
+
+@blocksparse_backward.register_fake
+def _(grad_out, q, k, v, extra_k, extra_v, out, lse, row_ptr, col_idx, col_ptr, row_idx, q_block, k_block, scale):
+    extra = [] if extra_k is None else [torch.empty_like(extra_k), torch.empty_like(extra_v)]
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), *extra]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, extra_k, extra_v, row_ptr, col_idx, col_ptr, row_idx, q_block, k_block, scale = inputs
+    ctx.save_for_backward(q, k, v, extra_k, extra_v, output[0], output[1], row_ptr, col_idx, col_ptr, row_idx)
+    ctx.blocks, ctx.scale = (q_block, k_block), scale
+
+
+def _custom_op_backward(ctx, grad_out, grad_lse):
+    q, k, v, extra_k, extra_v, out, lse, *tabs = ctx.saved_tensors
+    grads = blocksparse_backward(grad_out, q, k, v, extra_k, extra_v, out, lse, *tabs, *ctx.blocks, ctx.scale)
+    extra = grads[3:] if extra_k is not None else [None, None]
+    return (*grads[:3], *extra, None, None, None, None, None, None, None)
+
+
+blocksparse_forward.register_autograd(_custom_op_backward, setup_context=_setup_context)
+
+
 class _BlockSparseAttention(torch.autograd.Function):
+    """The custom ops' forward/backward for eager mode, without ``torch.library`` dispatch (see
+    ops._LocalAttention); returns the output only."""
+
     @staticmethod
     def forward(ctx, q, k, v, ek, ev, row_ptr, col_idx, col_ptr, row_idx, q_block: int, k_block: int,
                 scale: float):
@@ -353,6 +404,8 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, tabs: tuple[Tensor, 
     """Fused block-sparse attention, forward and backward: ``q, k, v [B, N, heads, D]`` (any strides),
     ``tabs`` from :func:`tables` (static: one group; routed: ``B * heads`` groups, batch-major), extra tokens
     ``[B, n, heads, D]`` in the same softmax. Returns ``[B, N, heads, D_v]``."""
+    if torch.compiler.is_compiling():
+        return blocksparse_forward(q, k, v, extra_k, extra_v, *tabs, int(q_block), int(k_block), float(scale))[0]
     return _BlockSparseAttention.apply(q, k, v, extra_k, extra_v, *tabs, int(q_block), int(k_block),
                                        float(scale))
 
