@@ -21,6 +21,7 @@ EXPECTED = {
     # STA is GNA (stride = tile): it runs on the neighborhood engine
     "sliding_tile": (("sliding_tile_attention",), (3,), "na", "na_why_not", ("reference", "triton")),
     "radial": (("radial_attention",), (3,), "radial", "radial_why_not", ("reference", "triton")),
+    "vmoba": (("vmoba_attention",), (3,), "vmoba", "vmoba_why_not", ("reference", "triton")),
 }
 
 
@@ -51,6 +52,8 @@ def _call(name: str, rank: int) -> str:
         return functional.which_backend(name, q, q, q, 2, 1)
     if name == "radial_attention":
         return functional.which_backend(name, q, q, q, 4)
+    if name == "vmoba_attention":
+        return functional.which_backend(name, q, q, q, 2)
     return functional.which_backend(name, q, q, q, 2, 1)
 
 

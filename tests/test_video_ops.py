@@ -142,6 +142,40 @@ def test_radial_float32_and_strided_inputs():
     assert (out.double() - ref).abs().max() < 1e-5
 
 
+# ------------------------------------------------------------------------------------------------ vmoba
+VMOBA_CASES = [
+    # video, chunk, select_mode, topk, threshold, threshold_type
+    ((4, 4, 6), 1, "threshold", 3, 0.25, "query_head"),  # 1-D: whole frames
+    ((4, 4, 6), (2, 3), "threshold", 3, 0.6, "head_global"),  # 2-D: patches over all frames
+    ((4, 4, 6), (2, 2, 3), "threshold", 3, 0.25, "overall"),  # 3-D cubes
+    ((7, 2, 3), 2, "topk", 2, 0.25, "query_head"),  # 7 frames in chunks of 2: a shorter last chunk
+]
+
+
+@pytest.mark.parametrize(("video", "chunk", "mode", "topk", "threshold", "threshold_type"), VMOBA_CASES)
+def test_vmoba_matches_release_selection_oracle(video, chunk, mode, topk, threshold, threshold_type):
+    q, k, v = _qkv(2, *video, 2, 8, dv=6, seed=5)
+    ek, ev = _extra(2, 3, 2, 8, 6)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, ek, ev)]
+    out = visattn.vmoba_attention(*leaves[:3], chunk, mode, topk, threshold, threshold_type,
+                                  additional_keys=leaves[3], additional_values=leaves[4])
+    l64 = [t.clone().requires_grad_() for t in (q, k, v, ek, ev)]
+    ref, picked = dense.vmoba(*l64[:3], chunk, mode, topk, threshold, threshold_type, None, *l64[3:],
+                              return_selection=True)
+    assert 0.1 < picked < 0.9  # a real choice: neither every chunk nor only the own one
+    assert (out - ref).abs().max() < 1e-12
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(ref, l64, grad), strict=True):
+        assert (a - b).abs().max() < 1e-11
+
+
+def test_vmoba_top1_attends_densely_as_the_release():
+    q, k, v = _qkv(1, 4, 2, 2, 1, 8, seed=2)
+    out = visattn.vmoba_attention(q, k, v, 1, "topk", topk=1)
+    ref = dense.dense_attention(q, k, v, torch.ones(16, 16, dtype=torch.bool), None, 8**-0.5)
+    assert (out - ref).abs().max() < 1e-12
+
+
 # ------------------------------------------------------------------------------------------------ checks, dispatch
 Q3 = torch.randn(1, 4, 4, 8, 2, 8)
 EK = torch.randn(1, 3, 2, 8)
@@ -168,6 +202,15 @@ EK = torch.randn(1, 3, 2, 8)
     (lambda: visattn.radial_attention(Q3, Q3, Q3, 4, additional_keys=EK, additional_values=EK[:, :2]), ValueError,
      "additional_keys"),
     (lambda: visattn.radial_attention_mask(0, 4), ValueError, "frames"),
+    (lambda: visattn.vmoba_attention(Q3, Q3, Q3, 0), ValueError, "chunk_size"),
+    (lambda: visattn.vmoba_attention(Q3, Q3, Q3, 5), ValueError, "chunk_size"),
+    (lambda: visattn.vmoba_attention(Q3, Q3, Q3, (3, 3)), ValueError, "chunk_size"),
+    (lambda: visattn.vmoba_attention(Q3, Q3, Q3, (1, 2, 2, 2)), ValueError, "chunk_size"),
+    (lambda: visattn.vmoba_attention(Q3, Q3, Q3, 1.5), TypeError, "chunk_size"),
+    (lambda: visattn.vmoba_attention(Q3, Q3, Q3, 1, "top"), ValueError, "select_mode"),
+    (lambda: visattn.vmoba_attention(Q3, Q3, Q3, 1, topk=0), ValueError, "topk"),
+    (lambda: visattn.vmoba_attention(Q3, Q3, Q3, 1, threshold=1.5), ValueError, "threshold"),
+    (lambda: visattn.vmoba_attention(Q3, Q3, Q3, 1, threshold_type="block"), ValueError, "threshold_type"),
     (lambda: visattn.radial_attention_mask(2, 4, 4, -1.0), ValueError, "decay_factor"),
 ])
 def test_bad_arguments_name_the_argument(call, exc, name):
@@ -179,6 +222,7 @@ def test_dispatch_and_forced_triton_on_cpu():
     assert visattn.which_backend("sliding_tile_attention", Q3, Q3, Q3, 2, 1) == "reference"
     assert visattn.which_backend("sta", Q3, Q3, Q3, 2, 1) == "reference"
     assert visattn.which_backend("radial_attention", Q3, Q3, Q3, 4) == "reference"
+    assert visattn.which_backend("vmoba", Q3, Q3, Q3, 2) == "reference"
     with pytest.raises(ValueError, match="triton"):
         visattn.radial_attention(Q3, Q3, Q3, 4, backend="triton")
     with pytest.raises(ValueError, match="triton"):

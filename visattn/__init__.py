@@ -2,7 +2,7 @@
 
 Heads-last functional API (``[B, *spatial, heads, head_dim]``): ``na1d``/``na2d``/``na3d`` with NATTEN 0.21's
 signatures, ``window_attention``, ``agent_attention``, ``bilevel_routing_attention`` and the video patterns
-``sliding_tile_attention`` and ``radial_attention``; exact reference semantics
+``sliding_tile_attention``, ``radial_attention`` and ``vmoba_attention``; exact reference semantics
 (docs/SEMANTICS.md) and Triton kernels behind one dispatcher.
 
 ``import visattn`` imports the functional API only: not timm, open_clip, transformers or diffusers. visattn's timm
@@ -28,6 +28,7 @@ from visattn.functional import (
     radial_attention,
     radial_attention_mask,
     sliding_tile_attention,
+    vmoba_attention,
     which_backend,
     window_attention,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "radial_attention",
     "radial_attention_mask",
     "sliding_tile_attention",
+    "vmoba_attention",
     "which_backend",
     "window_attention",
     "__version__",

@@ -841,6 +841,101 @@ def radial_attention(query: Tensor, key: Tensor, value: Tensor, block_size: int 
                    additional_values, backend)
 
 
+# ================================================================================================ vmoba
+VMOBA_SELECT_MODES = ("threshold", "topk")
+VMOBA_THRESHOLD_TYPES = ("query_head", "head_global", "overall")
+
+
+def _vmoba_chunk(chunk_size, spatial: tuple, op: str) -> tuple[int, ...]:
+    if _is_int(chunk_size):
+        chunk = (positive_int(chunk_size, "chunk_size"),)
+    elif isinstance(chunk_size, (tuple, list)) and len(chunk_size) in (1, 2, 3):
+        if not all(_is_int(c) for c in chunk_size):
+            raise TypeError(f"chunk_size must be an int or a tuple of 1-3 ints, got {chunk_size!r}")
+        if any(c < 1 for c in chunk_size):
+            raise ValueError(f"chunk_size must be positive, got {chunk_size!r}")
+        chunk = tuple(int(c) for c in chunk_size)
+    elif isinstance(chunk_size, (tuple, list)):
+        raise ValueError(f"chunk_size must be an int (frames) or a 2-tuple (h, w) or 3-tuple (t, h, w), got "
+                         f"{chunk_size!r}")
+    else:
+        raise TypeError(f"chunk_size must be an int or a tuple of 1-3 ints, got {chunk_size!r}")
+    dims = spatial[-len(chunk):] if len(chunk) > 1 else spatial[:1]
+    if len(chunk) > 1 and any(n % c for n, c in zip(dims, chunk, strict=True)):
+        raise ValueError(f"{op}: a {len(chunk)}-D chunk_size must divide the video's last {len(chunk)} dimensions "
+                         f"{dims}, got chunk_size={chunk}")
+    if len(chunk) == 1 and chunk[0] > spatial[0]:
+        raise ValueError(f"{op}: chunk_size={chunk[0]} frames exceeds the video's {spatial[0]} frames")
+    return chunk
+
+
+def _vmoba(query, key, value, chunk_size, select_mode, topk, threshold, threshold_type, scale, additional_keys,
+           additional_values, backend, dry_run=False):
+    op = "vmoba_attention"
+    backend = check_backend(backend, op)
+    _check_qkv(query, key, value, (3,), op)
+    chunk = _vmoba_chunk(chunk_size, tuple(query.shape[1:4]), op)
+    if select_mode not in VMOBA_SELECT_MODES:
+        raise ValueError(f"select_mode must be one of {VMOBA_SELECT_MODES}, got {select_mode!r}")
+    topk = positive_int(topk, "topk")
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"threshold must be a number in [0, 1], got {threshold!r}")
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+    if threshold_type not in VMOBA_THRESHOLD_TYPES:
+        raise ValueError(f"threshold_type must be one of {VMOBA_THRESHOLD_TYPES}, got {threshold_type!r}")
+    _check_extra_kv(additional_keys, additional_values, query, value, op)
+    scale = check_scale(scale, query.shape[-1])
+    chosen = _choose("vmoba", backend, query, lambda: _triton_why_not(
+        "vmoba", query, key, value, additional_keys, additional_values))
+    if dry_run:
+        return chosen
+    _record(chosen)
+    impl = reference if chosen == "reference" else _kernels
+    return _contiguous(impl.vmoba(query, key, value, chunk, select_mode, topk, float(threshold), threshold_type,
+                                  scale, additional_keys, additional_values))
+
+
+def vmoba_attention(query: Tensor, key: Tensor, value: Tensor, chunk_size: int | Sequence[int],
+                    select_mode: str = "threshold", topk: int = 3, threshold: float = 0.25,
+                    threshold_type: str = "query_head", scale: float | None = None,
+                    additional_keys: Tensor | None = None, additional_values: Tensor | None = None,
+                    backend: str | None = None) -> Tensor:
+    """VMoBA, mixture-of-block attention for video (Wu et al. 2025; KwaiVGI/VMoBA), on heads-last video
+    ``[B, T, H, W, heads, head_dim]``.
+
+    Keys are cut into chunks (``chunk_size``: an int = whole frames (1-D), ``(h, w)`` patches over all frames
+    (2-D), ``(t, h, w)`` cubes (3-D); the paper cycles the three over the layers). Each query (per head) keeps
+    its own chunk and picks others by the affinity of its query with each chunk's mean key: ``select_mode="topk"``
+    keeps ``topk`` chunks in all; ``"threshold"`` (the release's default) min-max normalises the affinities over
+    ``threshold_type`` ("query_head": per query; "head_global": per head over all queries of the sample;
+    "overall": over the whole sample) and keeps the largest until they hold ``threshold`` of the total. The query
+    then attends every key of its chunks (plus the additional tokens) in one softmax. The choice is not
+    differentiated. As in the release, a call in which no query picks a chunk besides its own attends densely.
+
+    Args:
+        query: ``[B, T, H, W, heads, head_dim]``, any strides.
+        key: same shape, dtype and device as ``query``.
+        value: ``[B, T, H, W, heads, head_dim_v]``.
+        chunk_size: int (frames per chunk, at most T) or a 2-/3-tuple dividing ``(H, W)`` / ``(T, H, W)``.
+        select_mode: "threshold" or "topk".
+        topk: chunks per query with ``select_mode="topk"``, its own included (the release's ``moba_topk``).
+        threshold: the share of the normalised affinity to keep, in [0, 1] (the release's default 0.25).
+        threshold_type: "query_head" (default), "head_global" or "overall" (per sample here; the release takes the
+            last two over its whole packed batch).
+        scale: softmax scale, a finite number > 0; None means ``head_dim ** -0.5``.
+        additional_keys: ``[B, n, heads, head_dim]`` tokens every query attends too (text), one softmax; or None.
+        additional_values: ``[B, n, heads, head_dim_v]``, given together with ``additional_keys``.
+        backend: None/"auto" (the block-sparse Triton kernels on CUDA, routed on the device, where they can run;
+            else the reference), "reference", or "triton".
+
+    Returns:
+        ``[B, T, H, W, heads, head_dim_v]`` in ``query``'s dtype.
+    """
+    return _vmoba(query, key, value, chunk_size, select_mode, topk, threshold, threshold_type, scale,
+                  additional_keys, additional_values, backend)
+
+
 # ================================================================================================ op specs
 @dataclass(frozen=True)
 class OpSpec:
@@ -910,6 +1005,10 @@ OP_SPECS: tuple[OpSpec, ...] = (
            "Radial Attention: static block-sparse mask (CSR), fused forward + backward, text tokens in one softmax",
            _k and _k.radial, _k and _k.radial_why_not,
            lambda device: (lambda q: (q, q, q, 16, None, None))(_probe_video(device))),
+    OpSpec("vmoba", ("vmoba_attention",), (3,),
+           "VMoBA: per-query key-chunk routing on the device, the block-sparse kernels with per-row choices",
+           _k and _k.vmoba, _k and _k.vmoba_why_not,
+           lambda device: (lambda q: (q, q, q, None, None))(_probe_video(device))),
 )
 _SPECS = {spec.key: spec for spec in OP_SPECS}
 # The one alias table: every accepted name (canonical key, public function name, alias) -> the canonical key.
@@ -936,6 +1035,7 @@ _DRY_RUN_FNS = {
     "bilevel_routing_attention": lambda **a: _bilevel_routing(**a, dry_run=True),
     "sliding_tile_attention": lambda **a: _sliding_tile(**a, dry_run=True),
     "radial_attention": lambda **a: _radial(**a, dry_run=True),
+    "vmoba_attention": lambda **a: _vmoba(**a, dry_run=True),
 }
 assert set(_DRY_RUN_FNS) == {name for spec in OP_SPECS for name in spec.public}, "an OpSpec public op has no dry run"
 
@@ -947,9 +1047,9 @@ def which_backend(op: str, *args, **kwargs) -> str:
 
     Args:
         op: a public op name: "na1d", "na2d", "na3d", "window_attention", "agent_attention",
-            "bilevel_routing_attention", "sliding_tile_attention", "radial_attention"; an op with one public
-            function may also be named by its canonical key or an alias (``OP_ALIASES``: "window", "agent",
-            "bilevel_routing", "routing", "bra", "BRA", "sliding_tile", "sta", "STA", "radial").
+            "bilevel_routing_attention", "sliding_tile_attention", "radial_attention", "vmoba_attention"; an op with
+            one public function may also be named by its canonical key or an alias (``OP_ALIASES``: "window",
+            "agent", "bilevel_routing", "routing", "bra", "BRA", "sliding_tile", "sta", "STA", "radial", "vmoba").
         *args, **kwargs: the op's arguments, exactly as the op takes them.
     """
     spec = op_spec(op) if isinstance(op, str) and op in OP_ALIASES else None
@@ -984,4 +1084,4 @@ def available_backends(device: str = "cpu") -> dict:
 
 __all__ = ["OP_ALIASES", "OP_SPECS", "OpSpec", "agent_attention", "available_backends", "bilevel_routing_attention",
            "last_backend", "na1d", "na2d", "na3d", "op_spec", "radial_attention", "radial_attention_mask",
-           "sliding_tile_attention", "track_backends", "which_backend", "window_attention"]
+           "sliding_tile_attention", "track_backends", "vmoba_attention", "which_backend", "window_attention"]

@@ -11,6 +11,8 @@ CPU schedules share, so that each is written once.
   clamped windows use (STA = GNA with stride = tile).
 * :func:`radial_block_mask`: Radial Attention's static block mask (the released ``gen_log_mask_shrinked``
   arithmetic, computed per frame pair from interval counts instead of dense per-pair masks).
+* :func:`vmoba_layout`, :func:`vmoba_select`: VMoBA's 1-D/2-D/3-D key chunks and each query's chunk choice (top-k
+  or threshold over mean-key affinities), shared by the reference and the fused kernel's entry.
 
 It sits at the bottom of the import layers (docs/ARCHITECTURE.md, "Import rules"): it imports only torch.
 """
@@ -159,6 +161,100 @@ def radial_block_mask(frames: int, tokens_per_frame: int, block_size: int = 128,
     return mask
 
 
+def vmoba_layout(spatial: tuple[int, int, int], chunk: tuple[int, ...]) -> tuple[Tensor | None, int]:
+    """VMoBA's chunk order of a ``(T, H, W)`` video (the release's ``process_moba_input``): ``(perm, chunk_len)``
+    where ``perm[i]`` is the row-major token at position ``i`` of the chunk order (None: the identity) and the
+    chunks are consecutive runs of ``chunk_len`` positions (the last one shorter for 1-D chunks).
+
+    ``chunk``: ``(c,)`` 1-D, chunks of ``c`` whole frames; ``(ch, cw)`` 2-D, an ``ch x cw`` patch over all frames,
+    order ``(patch row, patch col, t, y, x)``; ``(ct, ch, cw)`` 3-D cubes, order ``(cube t, cube y, cube x, t, y,
+    x)``. 2-D and 3-D chunks must divide the video."""
+    frames, height, width = spatial
+    if len(chunk) == 1:
+        return None, chunk[0] * height * width
+    index = torch.arange(frames * height * width).view(frames, height, width)
+    if len(chunk) == 2:
+        ch, cw = chunk
+        index = index.view(frames, height // ch, ch, width // cw, cw).permute(1, 3, 0, 2, 4)
+        return index.reshape(-1), frames * ch * cw
+    ct, ch, cw = chunk
+    index = index.view(frames // ct, ct, height // ch, ch, width // cw, cw).permute(0, 2, 4, 1, 3, 5)
+    return index.reshape(-1), ct * ch * cw
+
+
+def _normalise(gate: Tensor, valid: Tensor, dims: tuple[int, ...], eps: float = 1e-6) -> Tensor:
+    """Min-max normalisation of the valid gate entries over ``dims`` (the release's ``gate_norm``)."""
+    high = torch.where(valid, gate, -torch.inf).amax(dim=dims, keepdim=True)
+    low = torch.where(valid, gate, torch.inf).amin(dim=dims, keepdim=True)
+    span = high - low
+    span = torch.where(span <= eps, torch.ones_like(span), span)
+    return torch.where(valid, (gate - low) / span, 0.0)
+
+
+def _threshold_pick(norm: Tensor, own: Tensor, valid: Tensor, threshold: float, eps: float = 1e-6) -> Tensor:
+    """The release's threshold rule on ``[G, E]`` rows (each row one normalisation group, E its entries): keep the
+    own entries, then the largest others until their share of the row's total reaches
+    ``threshold - own share``; the first sorted entry that reaches it is kept too (all when none does)."""
+    total = norm.sum(dim=1, keepdim=True)
+    remain = (threshold - (norm * own).sum(dim=1, keepdim=True) / (total + eps)).clamp(min=0.0)
+    others = torch.where(own | ~valid, 0.0, norm)
+    ordered, order = torch.sort(others, dim=1, descending=True)
+    reached = ordered.cumsum(dim=1) / (total + eps) >= remain
+    cutoff = torch.where(reached.any(dim=1, keepdim=True), reached.float().argmax(dim=1, keepdim=True),
+                         norm.shape[1] - 1)
+    keep_sorted = torch.arange(norm.shape[1], device=norm.device)[None, :] <= cutoff
+    keep = torch.zeros_like(own).scatter(1, order, keep_sorted)
+    return valid & (keep | own)
+
+
+def vmoba_select(q: Tensor, k: Tensor, chunk_len: int, mode: str = "threshold", topk: int = 3,
+                 threshold: float = 0.25, scope: str = "query_head") -> Tensor:
+    """VMoBA's key-chunk choice (KwaiVGI/VMoBA ``moba_attn_varlen``) for chunk-ordered ``q, k [B, N, heads, D]``:
+    ``[B, heads, N, C]`` bool, ``C = ceil(N / chunk_len)``. Not differentiated.
+
+    The gate of query ``s`` and chunk ``c`` is ``q_s · mean(k over c)`` (unscaled; float32, float64 for float64
+    inputs); a query always keeps its own chunk. ``mode="topk"``: its own chunk plus the ``topk - 1`` others of
+    largest gate (per query and head). ``mode="threshold"``: the gates are min-max normalised over ``scope``
+    (``"query_head"``: per query and head over the chunks; ``"head_global"``: per head over all (chunk, query)
+    pairs of the sample; ``"overall"``: over all (chunk, head, query) entries of the sample) and the largest other
+    entries are kept until, with the own ones, they hold ``threshold`` of the normalised total."""
+    batch, n, heads, _ = q.shape
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    n_chunks = -(-n // chunk_len)
+    chunk_of = torch.arange(n, device=q.device) // chunk_len
+    sums = torch.zeros(batch, n_chunks, heads, k.shape[-1], dtype=ct, device=q.device)
+    sums.index_add_(1, chunk_of, k.detach().to(ct))
+    counts = torch.bincount(chunk_of, minlength=n_chunks).to(ct)
+    means = sums / counts[None, :, None, None]
+    gate = torch.einsum("bchd,bshd->bhsc", means, q.detach().to(ct))  # [B, heads, N, C]
+    own = (chunk_of[:, None] == torch.arange(n_chunks, device=q.device)[None, :]).expand(batch, heads, n, n_chunks)
+    valid = torch.ones_like(own)
+    if mode == "topk":
+        boosted = torch.where(own, gate + 1e9, gate)
+        picked = torch.zeros_like(own).scatter(3, boosted.topk(min(topk, n_chunks), dim=3).indices, True)
+    else:
+        picked = _threshold_select(gate, own, valid, threshold, scope)
+    # the release attends densely when no query of the call picked a chunk besides its own
+    return torch.where((picked & ~own).any(), picked, torch.ones_like(picked))
+
+
+def _threshold_select(gate: Tensor, own: Tensor, valid: Tensor, threshold: float, scope: str) -> Tensor:
+    batch, heads, n, n_chunks = gate.shape
+    if scope == "query_head":
+        norm = _normalise(gate, valid, (3,))
+        flat = lambda t: t.reshape(-1, n_chunks)  # noqa: E731
+        shape = gate.shape
+    elif scope == "head_global":
+        norm = _normalise(gate, valid, (2, 3))
+        flat = lambda t: t.reshape(batch * heads, n * n_chunks)  # noqa: E731
+        shape = gate.shape
+    else:  # "overall"
+        norm = _normalise(gate, valid, (1, 2, 3))
+        flat = lambda t: t.reshape(batch, heads * n * n_chunks)  # noqa: E731
+        shape = gate.shape
+    return _threshold_pick(flat(norm), flat(own), flat(valid), threshold).view(shape)
+
+
 @torch.library.custom_op("visattn::radial_block_mask", mutates_args=())
 def _radial_block_mask_op(frames: int, tokens_per_frame: int, block_size: int, decay_factor: float,
                           attention_sink: bool) -> Tensor:
@@ -182,4 +278,4 @@ def radial_mask(frames: int, tokens_per_frame: int, block_size: int, decay_facto
 
 
 __all__ = ["interval", "pad_to_regions", "radial_block_mask", "radial_mask", "region_grid", "route_regions",
-           "sliding_tile_kernel"]
+           "sliding_tile_kernel", "vmoba_layout", "vmoba_select"]

@@ -132,6 +132,34 @@ def _sta_case(torch, visattn, dense):
             "nan": bool(torch.isnan(out).any())}
 
 
+VMOBA_CASES = [
+    # video, heads, chunk, select_mode, topk, threshold, threshold_type, n_extra, dtype
+    ((4, 4, 8), 2, (2, 2, 4), "threshold", 3, 0.25, "query_head", 2, "float32"),
+    ((5, 2, 6), 1, 2, "topk", 2, 0.25, "query_head", 0, "float32"),  # a shorter last chunk
+]
+
+
+def _vmoba_cases(torch, visattn, dense):
+    results = []
+    for i, (video, heads, chunk, mode, topk, thr, ttype, n_extra, dtype) in enumerate(VMOBA_CASES):
+        gen = torch.Generator().manual_seed(20 + i)
+        q, k, v = (torch.randn(2, *video, heads, 16, generator=gen) for _ in range(3))
+        extra = [torch.randn(2, n_extra, heads, 16, generator=gen) for _ in range(2)] if n_extra else []
+        leaves = [x.requires_grad_() for x in (q, k, v, *extra)]
+        grad = torch.randn(2, *video, heads, 16, generator=gen)
+        out = visattn.vmoba_attention(*leaves[:3], chunk, mode, topk, thr, ttype, None,
+                                      *(leaves[3:] or (None, None)), backend="triton")
+        grads = torch.autograd.grad(out, leaves, grad)
+        l64 = [x.detach().double().requires_grad_() for x in leaves]
+        ref, picked = dense.vmoba(*l64[:3], chunk, mode, topk, thr, ttype, None, *(l64[3:] or (None, None)),
+                                  return_selection=True)
+        ref_grads = torch.autograd.grad(ref, l64, grad.double())
+        results.append({"case": f"vmoba{i}", "dtype": dtype, "fwd": _err(out, ref),
+                        "grads": [_err(g, r) for g, r in zip(grads, ref_grads, strict=True)],
+                        "nan": bool(torch.isnan(out).any()), "density": picked})
+    return results
+
+
 def run_cases() -> dict:
     import torch
 
@@ -141,6 +169,7 @@ def run_cases() -> dict:
     results = _radial_cases(torch, visattn, dense)
     results.append(_routed_case(torch, dense))
     results.append(_sta_case(torch, visattn, dense))
+    results.extend(_vmoba_cases(torch, visattn, dense))
     return {"results": results, "csr_ok": _csr_case(torch)}
 
 
@@ -148,12 +177,14 @@ def run_cases() -> dict:
 def test_blocksparse_kernels_match_dense_oracle_under_interpreter():
     report = run_interpreted(__file__, timeout=900)
     assert report["csr_ok"]
-    assert len(report["results"]) == len(RADIAL_CASES) + 2
+    assert len(report["results"]) == len(RADIAL_CASES) + 2 + len(VMOBA_CASES)
     for res in report["results"]:
         tol = TOL[res["dtype"]]
         assert not res["nan"], res
         assert res["fwd"] < tol, res
         assert max(res["grads"]) < 4 * tol, res
+        if res["case"].startswith("vmoba"):
+            assert 0.1 < res["density"] < 0.9, res  # a real per-query choice
         if res["case"].startswith("radial"):
             assert res["density"] < 0.9, res  # a sparse mask: a wrong table would show
         if res["case"] == "radial0":

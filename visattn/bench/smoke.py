@@ -133,6 +133,9 @@ def cases(tokens2d: Tensor, device, dtype):
            lambda: functional.radial_attention(q3, k3, v3, 16, 0.3, additional_keys=extra_k,
                                                additional_values=extra_v),
            lambda: dense.PEERS["radial"](*f64(q3, k3, v3), 16, 0.3, True, None, *f64(extra_k, extra_v)))
+    yield ("vmoba", "VMoBA 3-D chunks (2,5,5) threshold 0.25", q3,
+           lambda: functional.vmoba_attention(q3, k3, v3, (2, 5, 5)),
+           lambda: dense.PEERS["vmoba"](*f64(q3, k3, v3), (2, 5, 5)))
 
 
 def run_smoke(device: str | None = None, dtype: str = "auto", models: bool = True) -> list[Row]:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from visattn.caching import cached
-from visattn.geometry import radial_mask
+from visattn.geometry import radial_mask, vmoba_layout, vmoba_select
 from visattn.kernels import tiles
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -185,5 +185,41 @@ def radial(q: Tensor, k: Tensor, v: Tensor, block_size: int, decay_factor: float
     return out.view(batch, frames, height, width, heads, v.shape[-1])
 
 
+def vmoba_why_not(q, k, v, additional_keys, additional_values) -> str | None:
+    """None when the block-sparse kernels can run this VMoBA call, else why not."""
+    return radial_why_not(q, k, v, 1, additional_keys, additional_values)
+
+
+VMOBA_QUERY_BLOCK = 64  # query rows sharing one union list of selected key chunks
+
+
+def vmoba(q: Tensor, k: Tensor, v: Tensor, chunk: tuple, select_mode: str, topk: int, threshold: float,
+          threshold_type: str, scale: float, additional_keys: Tensor | None = None,
+          additional_values: Tensor | None = None) -> Tensor:
+    """Fused VMoBA on ``[B, T, H, W, heads, D]``: tokens gathered into chunk order, each query's chunk choice
+    routed on the device (``geometry.vmoba_select``) into a per-(batch, head) CSR of the chunks any of a query
+    block's rows chose plus the per-row choice bits, the block-sparse kernels, the output scattered back."""
+    batch, frames, height, width, heads, _ = q.shape
+    n = frames * height * width
+    perm, chunk_len = vmoba_layout((frames, height, width), tuple(chunk))
+    qf, kf, vf = (t.reshape(batch, n, heads, t.shape[-1]) for t in (q, k, v))
+    if perm is not None:
+        perm = perm.to(q.device)
+        qf, kf, vf = (t[:, perm] for t in (qf, kf, vf))
+    sel = vmoba_select(qf, kf, chunk_len, select_mode, topk, threshold, threshold_type)  # [B, heads, N, C]
+    n_chunks = sel.shape[-1]
+    q_block = VMOBA_QUERY_BLOCK
+    padded = -(-n // q_block) * q_block
+    union = torch.nn.functional.pad(sel, (0, 0, 0, padded - n)).view(batch * heads, padded // q_block, q_block,
+                                                                      n_chunks).any(dim=2)
+    tabs = _blocksparse.tables(union)
+    rows = sel.reshape(batch * heads, n, n_chunks).to(torch.int8).contiguous()
+    out = _blocksparse.block_sparse_attention(qf, kf, vf, tabs, q_block, chunk_len, scale, additional_keys,
+                                              additional_values, sel=rows)
+    if perm is not None:
+        out = out[:, torch.argsort(perm)]
+    return out.reshape(batch, frames, height, width, heads, v.shape[-1])
+
+
 __all__ = ["agent", "agent_why_not", "bilevel_routing", "bilevel_routing_why_not", "na", "na_why_not", "radial",
-           "radial_why_not", "window", "window_why_not"]
+           "radial_why_not", "vmoba", "vmoba_why_not", "window", "window_why_not"]

@@ -49,11 +49,21 @@ def _rows(base, idx, s_n, s_d, ok, cols, n_cols):
 
 
 @triton.jit
-def _online_step(q, kT, v, col_ok, m_i, l_i, acc, qk_scale, DOT_PREC: tl.constexpr):
-    """One key tile of the online softmax (log2 domain); a running max of -inf is used as 0, so empty rows stay
-    at l = 0 without NaNs."""
+def _row_selection(SEL, bh, rows, kb, row_ok, N, NKB, HAS_SEL: tl.constexpr):
+    """Which rows of the tile take key block ``kb``: all (a static or block-level table) or, with a per-row
+    selection ``SEL [groups, N, NKB]`` (int8; VMoBA's per-query chunk choice), the rows that selected it."""
+    if HAS_SEL:
+        sel = tl.load(SEL + (bh.to(tl.int64) * N + rows) * NKB + kb, mask=row_ok, other=0)
+        return row_ok & (sel != 0)
+    return row_ok
+
+
+@triton.jit
+def _online_step(q, kT, v, ok, m_i, l_i, acc, qk_scale, DOT_PREC: tl.constexpr):
+    """One key tile of the online softmax (log2 domain) over the [rows, keys] pairs ``ok``; a running max of -inf
+    is used as 0, so empty rows stay at l = 0 without NaNs."""
     s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
-    s = tl.where(col_ok[None, :], s, float("-inf"))
+    s = tl.where(ok, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_use)
@@ -64,12 +74,12 @@ def _online_step(q, kT, v, col_ok, m_i, l_i, acc, qk_scale, DOT_PREC: tl.constex
 
 
 @triton.jit
-def _bs_fwd_kernel(Q, K, V, EK, EV, OUT, LSE, ROW_PTR, COL_IDX,
+def _bs_fwd_kernel(Q, K, V, EK, EV, OUT, LSE, ROW_PTR, COL_IDX, SEL,
                    q_b, q_n, q_h, q_d, k_b, k_n, k_h, k_d, v_b, v_n, v_h, v_d,
                    ek_b, ek_n, ek_h, ek_d, ev_b, ev_n, ev_h, ev_d, o_b, o_n, o_h, ptr_g, idx_g,
-                   HEADS, N, N_EXTRA, Q_BLOCK, K_BLOCK, Q_TILES, NQB, qk_scale, HEAD_D, HEAD_DV,
+                   HEADS, N, N_EXTRA, Q_BLOCK, K_BLOCK, Q_TILES, NKB, qk_scale, HEAD_D, HEAD_DV,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                   HAS_EXTRA: tl.constexpr, DOT_PREC: tl.constexpr):
+                   HAS_EXTRA: tl.constexpr, HAS_SEL: tl.constexpr, DOT_PREC: tl.constexpr):
     qb, tile = tl.program_id(0) // Q_TILES, tl.program_id(0) % Q_TILES
     bh = tl.program_id(1)
     b, h = bh // HEADS, bh % HEADS
@@ -87,13 +97,15 @@ def _bs_fwd_kernel(Q, K, V, EK, EV, OUT, LSE, ROW_PTR, COL_IDX,
     start, end = tl.load(ptr), tl.load(ptr + 1)
     for e in range(start, end):
         kb = tl.load(COL_IDX + bh.to(tl.int64) * idx_g + e)
+        row_sel = _row_selection(SEL, bh, rows, kb, row_ok, N, NKB, HAS_SEL)
         for c0 in range(0, K_BLOCK, BLOCK_N):
             offs = c0 + tl.arange(0, BLOCK_N)
             cols = kb * K_BLOCK + offs
             col_ok = (offs < K_BLOCK) & (cols < N)
             kT = tl.trans(_rows(k_head, cols, k_n, k_d, col_ok, d, HEAD_D))
             v = _rows(v_head, cols, v_n, v_d, col_ok, dv, HEAD_DV)
-            m_i, l_i, acc = _online_step(q, kT, v, col_ok, m_i, l_i, acc, qk_scale, DOT_PREC)
+            m_i, l_i, acc = _online_step(q, kT, v, row_sel[:, None] & col_ok[None, :], m_i, l_i, acc, qk_scale,
+                                         DOT_PREC)
     if HAS_EXTRA:
         ek_head = EK + b.to(tl.int64) * ek_b + h * ek_h
         ev_head = EV + b.to(tl.int64) * ev_b + h * ev_h
@@ -102,7 +114,8 @@ def _bs_fwd_kernel(Q, K, V, EK, EV, OUT, LSE, ROW_PTR, COL_IDX,
             col_ok = cols < N_EXTRA
             kT = tl.trans(_rows(ek_head, cols, ek_n, ek_d, col_ok, d, HEAD_D))
             v = _rows(ev_head, cols, ev_n, ev_d, col_ok, dv, HEAD_DV)
-            m_i, l_i, acc = _online_step(q, kT, v, col_ok, m_i, l_i, acc, qk_scale, DOT_PREC)
+            m_i, l_i, acc = _online_step(q, kT, v, row_ok[:, None] & col_ok[None, :], m_i, l_i, acc, qk_scale,
+                                         DOT_PREC)
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     o_ptr = OUT + b.to(tl.int64) * o_b + h * o_h + rows[:, None].to(tl.int64) * o_n + dv[None, :]
@@ -121,13 +134,13 @@ def _dq_step(q, do, k, v, col_ok, row_ok, lse, delta, dq, qk_scale, DOT_PREC: tl
 
 
 @triton.jit
-def _bs_dq_kernel(Q, K, V, EK, EV, OUT, DO, DQ, LSE, DELTA, ROW_PTR, COL_IDX,
+def _bs_dq_kernel(Q, K, V, EK, EV, OUT, DO, DQ, LSE, DELTA, ROW_PTR, COL_IDX, SEL,
                   q_b, q_n, q_h, q_d, k_b, k_n, k_h, k_d, v_b, v_n, v_h, v_d,
                   ek_b, ek_n, ek_h, ek_d, ev_b, ev_n, ev_h, ev_d, o_b, o_n, o_h, g_b, g_n, g_h,
                   dq_b, dq_n, dq_h, ptr_g, idx_g,
-                  HEADS, N, N_EXTRA, Q_BLOCK, K_BLOCK, Q_TILES, NQB, qk_scale, scale, HEAD_D, HEAD_DV,
+                  HEADS, N, N_EXTRA, Q_BLOCK, K_BLOCK, Q_TILES, NKB, qk_scale, scale, HEAD_D, HEAD_DV,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  HAS_EXTRA: tl.constexpr, DOT_PREC: tl.constexpr):
+                  HAS_EXTRA: tl.constexpr, HAS_SEL: tl.constexpr, DOT_PREC: tl.constexpr):
     qb, tile = tl.program_id(0) // Q_TILES, tl.program_id(0) % Q_TILES
     bh = tl.program_id(1)
     b, h = bh // HEADS, bh % HEADS
@@ -149,13 +162,14 @@ def _bs_dq_kernel(Q, K, V, EK, EV, OUT, DO, DQ, LSE, DELTA, ROW_PTR, COL_IDX,
     start, end = tl.load(ptr), tl.load(ptr + 1)
     for e in range(start, end):
         kb = tl.load(COL_IDX + bh.to(tl.int64) * idx_g + e)
+        row_sel = _row_selection(SEL, bh, rows, kb, row_ok, N, NKB, HAS_SEL)
         for c0 in range(0, K_BLOCK, BLOCK_N):
             offs = c0 + tl.arange(0, BLOCK_N)
             cols = kb * K_BLOCK + offs
             col_ok = (offs < K_BLOCK) & (cols < N)
             k = _rows(k_head, cols, k_n, k_d, col_ok, d, HEAD_D)
             v = _rows(v_head, cols, v_n, v_d, col_ok, dv, HEAD_DV)
-            dq = _dq_step(q, do, k, v, col_ok, row_ok, lse, delta, dq, qk_scale, DOT_PREC)
+            dq = _dq_step(q, do, k, v, col_ok, row_sel, lse, delta, dq, qk_scale, DOT_PREC)
     if HAS_EXTRA:
         ek_head = EK + b.to(tl.int64) * ek_b + h * ek_h
         ev_head = EV + b.to(tl.int64) * ev_b + h * ev_h
@@ -181,13 +195,13 @@ def _dkv_step(k, v, q, do, col_ok, row_ok, lse, delta, dk, dvacc, qk_scale, DOT_
 
 
 @triton.jit
-def _bs_dkv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, COL_PTR, ROW_IDX,
+def _bs_dkv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, COL_PTR, ROW_IDX, SEL,
                    q_b, q_n, q_h, q_d, k_b, k_n, k_h, k_d, v_b, v_n, v_h, v_d, g_b, g_n, g_h,
                    dk_b, dk_n, dk_h, dv_b, dv_n, dv_h, ptr_g, idx_g,
-                   HEADS, N, N_KEYS, Q_BLOCK, K_BLOCK, K_TILES, ALL_QUERIES: tl.constexpr, qk_scale, scale, HEAD_D,
-                   HEAD_DV,
+                   HEADS, N, N_KEYS, Q_BLOCK, K_BLOCK, K_TILES, NKB, ALL_QUERIES: tl.constexpr, qk_scale, scale,
+                   HEAD_D, HEAD_DV,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                   DOT_PREC: tl.constexpr):
+                   HAS_SEL: tl.constexpr, DOT_PREC: tl.constexpr):
     """dK, dV of BLOCK_N keys of one key block over the query blocks listing it (transposed CSR). With
     ALL_QUERIES (the extra tokens: K/V are the extra tensors, N_KEYS their count) every query row is walked."""
     kb, tile = tl.program_id(0) // K_TILES, tl.program_id(0) % K_TILES
@@ -221,11 +235,12 @@ def _bs_dkv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, COL_PTR, ROW_IDX,
                 offs = r0 + tl.arange(0, BLOCK_M)
                 rows = qb * Q_BLOCK + offs
                 row_ok = (offs < Q_BLOCK) & (rows < N)
-                q = _rows(q_head, rows, q_n, q_d, row_ok, d, HEAD_D)
-                do = _rows(do_head, rows, g_n, 1, row_ok, dv, HEAD_DV)
-                lse = tl.load(LSE + bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
-                delta = tl.load(DELTA + bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
-                dk, dvacc = _dkv_step(k, v, q, do, col_ok, row_ok, lse, delta, dk, dvacc, qk_scale, DOT_PREC)
+                row_sel = _row_selection(SEL, bh, rows, kb, row_ok, N, NKB, HAS_SEL)
+                q = _rows(q_head, rows, q_n, q_d, row_sel, d, HEAD_D)
+                do = _rows(do_head, rows, g_n, 1, row_sel, dv, HEAD_DV)
+                lse = tl.load(LSE + bh.to(tl.int64) * N + rows, mask=row_sel, other=0.0)
+                delta = tl.load(DELTA + bh.to(tl.int64) * N + rows, mask=row_sel, other=0.0)
+                dk, dvacc = _dkv_step(k, v, q, do, col_ok, row_sel, lse, delta, dk, dvacc, qk_scale, DOT_PREC)
     out_rows = keys[:, None].to(tl.int64)
     tl.store(DK + b.to(tl.int64) * dk_b + h * dk_h + out_rows * dk_n + d[None, :], (dk * scale).to(
         DK.dtype.element_ty), mask=col_ok[:, None] & (d[None, :] < HEAD_D))
@@ -281,7 +296,7 @@ def _group_strides(ptr: Tensor, idx: Tensor):
     return (0, 0) if ptr.shape[0] == 1 else (ptr.stride(0), idx.stride(0))
 
 
-def _forward(q, k, v, ek, ev, row_ptr, col_idx, q_block, k_block, scale):
+def _forward(q, k, v, ek, ev, row_ptr, col_idx, q_block, k_block, scale, sel=None):
     batch, n, heads, _ = q.shape
     out = torch.empty(batch, n, heads, v.shape[-1], device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, heads, n, device=q.device, dtype=torch.float32)
@@ -291,13 +306,14 @@ def _forward(q, k, v, ek, ev, row_ptr, col_idx, q_block, k_block, scale):
     n_extra = 0 if ek is None else ek.shape[1]
     _bs_fwd_kernel[(nqb * q_tiles, batch * heads)](
         q, k, v, ek if ek is not None else q, ev if ev is not None else v, out, lse, row_ptr, col_idx,
-        *_s4(q), *_s4(k), *_s4(v), *_s4(ek), *_s4(ev), *_s4(out)[:3], *_group_strides(row_ptr, col_idx),
-        heads, n, n_extra, q_block, k_block, q_tiles, nqb, scale * _LOG2E, q.shape[-1], v.shape[-1],
-        HAS_EXTRA=ek is not None, **meta, **LAUNCH["fwd"])
+        sel if sel is not None else row_ptr, *_s4(q), *_s4(k), *_s4(v), *_s4(ek), *_s4(ev), *_s4(out)[:3],
+        *_group_strides(row_ptr, col_idx), heads, n, n_extra, q_block, k_block, q_tiles, triton.cdiv(n, k_block),
+        scale * _LOG2E, q.shape[-1], v.shape[-1], HAS_EXTRA=ek is not None, HAS_SEL=sel is not None, **meta,
+        **LAUNCH["fwd"])
     return out, lse
 
 
-def _backward(do, q, k, v, ek, ev, out, lse, tabs, q_block, k_block, scale):
+def _backward(do, q, k, v, ek, ev, out, lse, tabs, q_block, k_block, scale, sel=None):
     row_ptr, col_idx, col_ptr, row_idx = tabs
     batch, n, heads, _ = q.shape
     do = do if do.stride(-1) == 1 else do.contiguous()
@@ -312,36 +328,38 @@ def _backward(do, q, k, v, ek, ev, out, lse, tabs, q_block, k_block, scale):
     dv = torch.empty(v.shape, device=q.device, dtype=v.dtype)
     _bs_dq_kernel[(nqb * q_tiles, batch * heads)](
         q, k, v, ek if ek is not None else q, ev if ev is not None else v, out, do, dq, lse, delta, row_ptr,
-        col_idx, *_s4(q), *_s4(k), *_s4(v), *_s4(ek), *_s4(ev), *_s4(out)[:3], *_s4(do)[:3], *_s4(dq)[:3],
-        *_group_strides(row_ptr, col_idx), heads, n, n_extra, q_block, k_block, q_tiles, nqb, scale * _LOG2E,
-        scale, q.shape[-1], v.shape[-1], HAS_EXTRA=ek is not None, **meta, **LAUNCH["dq"])
+        col_idx, sel if sel is not None else row_ptr, *_s4(q), *_s4(k), *_s4(v), *_s4(ek), *_s4(ev),
+        *_s4(out)[:3], *_s4(do)[:3], *_s4(dq)[:3], *_group_strides(row_ptr, col_idx), heads, n, n_extra, q_block,
+        k_block, q_tiles, nkb, scale * _LOG2E, scale, q.shape[-1], v.shape[-1], HAS_EXTRA=ek is not None,
+        HAS_SEL=sel is not None, **meta, **LAUNCH["dq"])
     _bs_dkv_kernel[(nkb * k_tiles, batch * heads)](
-        q, k, v, do, dk, dv, lse, delta, col_ptr, row_idx, *_s4(q), *_s4(k), *_s4(v), *_s4(do)[:3],
-        *_s4(dk)[:3], *_s4(dv)[:3], *_group_strides(col_ptr, row_idx), heads, n, n, q_block, k_block, k_tiles,
-        False, scale * _LOG2E, scale, q.shape[-1], v.shape[-1], **meta, **LAUNCH["dkv"])
+        q, k, v, do, dk, dv, lse, delta, col_ptr, row_idx, sel if sel is not None else col_ptr, *_s4(q), *_s4(k),
+        *_s4(v), *_s4(do)[:3], *_s4(dk)[:3], *_s4(dv)[:3], *_group_strides(col_ptr, row_idx), heads, n, n,
+        q_block, k_block, k_tiles, nkb, False, scale * _LOG2E, scale, q.shape[-1], v.shape[-1],
+        HAS_SEL=sel is not None, **meta, **LAUNCH["dkv"])
     dek = dev = None
     if ek is not None:
         dek = torch.empty(ek.shape, device=q.device, dtype=ek.dtype)
         dev = torch.empty(ev.shape, device=q.device, dtype=ev.dtype)
         e_tiles = triton.cdiv(n_extra, meta["BLOCK_N"])
         _bs_dkv_kernel[(e_tiles, batch * heads)](
-            q, ek, ev, do, dek, dev, lse, delta, col_ptr, row_idx, *_s4(q), *_s4(ek), *_s4(ev), *_s4(do)[:3],
-            *_s4(dek)[:3], *_s4(dev)[:3], 0, 0, heads, n, n_extra, q_block, meta["BLOCK_N"], 1, True,
-            scale * _LOG2E, scale, q.shape[-1], v.shape[-1], **meta, **LAUNCH["dkv"])
+            q, ek, ev, do, dek, dev, lse, delta, col_ptr, row_idx, col_ptr, *_s4(q), *_s4(ek), *_s4(ev),
+            *_s4(do)[:3], *_s4(dek)[:3], *_s4(dev)[:3], 0, 0, heads, n, n_extra, q_block, meta["BLOCK_N"], 1, 1, True,
+            scale * _LOG2E, scale, q.shape[-1], v.shape[-1], HAS_SEL=False, **meta, **LAUNCH["dkv"])
     return dq, dk, dv, dek, dev
 
 
 @torch.library.custom_op("visattn::blocksparse_fwd", mutates_args=())
 def blocksparse_forward(q: Tensor, k: Tensor, v: Tensor, extra_k: Tensor | None, extra_v: Tensor | None,
-                        row_ptr: Tensor, col_idx: Tensor, col_ptr: Tensor, row_idx: Tensor, q_block: int,
-                        k_block: int, scale: float) -> tuple[Tensor, Tensor]:
+                        row_ptr: Tensor, col_idx: Tensor, col_ptr: Tensor, row_idx: Tensor, sel: Tensor | None,
+                        q_block: int, k_block: int, scale: float) -> tuple[Tensor, Tensor]:
     """The forward as a custom op (what ``torch.compile`` traces): ``(out, log2-LSE [B, heads, N])``; the
     transposed CSR is an input only for the backward."""
-    return _forward(q, k, v, extra_k, extra_v, row_ptr, col_idx, q_block, k_block, scale)
+    return _forward(q, k, v, extra_k, extra_v, row_ptr, col_idx, q_block, k_block, scale, sel)
 
 
 @blocksparse_forward.register_fake
-def _(q, k, v, extra_k, extra_v, row_ptr, col_idx, col_ptr, row_idx, q_block, k_block, scale):
+def _(q, k, v, extra_k, extra_v, row_ptr, col_idx, col_ptr, row_idx, sel, q_block, k_block, scale):
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     return out, q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
 
@@ -349,23 +367,24 @@ def _(q, k, v, extra_k, extra_v, row_ptr, col_idx, col_ptr, row_idx, q_block, k_
 @torch.library.custom_op("visattn::blocksparse_bwd", mutates_args=())
 def blocksparse_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, extra_k: Tensor | None,
                          extra_v: Tensor | None, out: Tensor, lse: Tensor, row_ptr: Tensor, col_idx: Tensor,
-                         col_ptr: Tensor, row_idx: Tensor, q_block: int, k_block: int, scale: float
-                         ) -> list[Tensor]:
+                         col_ptr: Tensor, row_idx: Tensor, sel: Tensor | None, q_block: int, k_block: int,
+                         scale: float) -> list[Tensor]:
     """The backward as a custom op: ``[dq, dk, dv]``, plus ``d extra_k, d extra_v`` with extra tokens."""
     grads = _backward(grad_out, q, k, v, extra_k, extra_v, out, lse, (row_ptr, col_idx, col_ptr, row_idx), q_block,
-                      k_block, scale)
+                      k_block, scale, sel)
     return list(grads if extra_k is not None else grads[:3])
 
 
 @blocksparse_backward.register_fake
-def _(grad_out, q, k, v, extra_k, extra_v, out, lse, row_ptr, col_idx, col_ptr, row_idx, q_block, k_block, scale):
+def _(grad_out, q, k, v, extra_k, extra_v, out, lse, row_ptr, col_idx, col_ptr, row_idx, sel, q_block, k_block,
+      scale):
     extra = [] if extra_k is None else [torch.empty_like(extra_k), torch.empty_like(extra_v)]
     return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), *extra]
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, extra_k, extra_v, row_ptr, col_idx, col_ptr, row_idx, q_block, k_block, scale = inputs
-    ctx.save_for_backward(q, k, v, extra_k, extra_v, output[0], output[1], row_ptr, col_idx, col_ptr, row_idx)
+    q, k, v, extra_k, extra_v, row_ptr, col_idx, col_ptr, row_idx, sel, q_block, k_block, scale = inputs
+    ctx.save_for_backward(q, k, v, extra_k, extra_v, output[0], output[1], row_ptr, col_idx, col_ptr, row_idx, sel)
     ctx.blocks, ctx.scale = (q_block, k_block), scale
 
 
@@ -373,7 +392,7 @@ def _custom_op_backward(ctx, grad_out, grad_lse):
     q, k, v, extra_k, extra_v, out, lse, *tabs = ctx.saved_tensors
     grads = blocksparse_backward(grad_out, q, k, v, extra_k, extra_v, out, lse, *tabs, *ctx.blocks, ctx.scale)
     extra = grads[3:] if extra_k is not None else [None, None]
-    return (*grads[:3], *extra, None, None, None, None, None, None, None)
+    return (*grads[:3], *extra, None, None, None, None, None, None, None, None)
 
 
 blocksparse_forward.register_autograd(_custom_op_backward, setup_context=_setup_context)
@@ -384,29 +403,32 @@ class _BlockSparseAttention(torch.autograd.Function):
     ops._LocalAttention); returns the output only."""
 
     @staticmethod
-    def forward(ctx, q, k, v, ek, ev, row_ptr, col_idx, col_ptr, row_idx, q_block: int, k_block: int,
+    def forward(ctx, q, k, v, ek, ev, row_ptr, col_idx, col_ptr, row_idx, sel, q_block: int, k_block: int,
                 scale: float):
-        out, lse = _forward(q, k, v, ek, ev, row_ptr, col_idx, q_block, k_block, scale)
-        ctx.save_for_backward(q, k, v, ek, ev, out, lse, row_ptr, col_idx, col_ptr, row_idx)
+        out, lse = _forward(q, k, v, ek, ev, row_ptr, col_idx, q_block, k_block, scale, sel)
+        ctx.save_for_backward(q, k, v, ek, ev, out, lse, row_ptr, col_idx, col_ptr, row_idx, sel)
         ctx.blocks, ctx.scale = (q_block, k_block), scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, ek, ev, out, lse, *tabs = ctx.saved_tensors
-        dq, dk, dv, dek, dev = _backward(grad_out, q, k, v, ek, ev, out, lse, tabs, *ctx.blocks, ctx.scale)
-        return dq, dk, dv, dek, dev, None, None, None, None, None, None, None
+        q, k, v, ek, ev, out, lse, *tabs, sel = ctx.saved_tensors
+        dq, dk, dv, dek, dev = _backward(grad_out, q, k, v, ek, ev, out, lse, tabs, *ctx.blocks, ctx.scale, sel)
+        return dq, dk, dv, dek, dev, None, None, None, None, None, None, None, None
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, tabs: tuple[Tensor, Tensor, Tensor, Tensor],
                            q_block: int, k_block: int, scale: float, extra_k: Tensor | None = None,
-                           extra_v: Tensor | None = None) -> Tensor:
+                           extra_v: Tensor | None = None, sel: Tensor | None = None) -> Tensor:
     """Fused block-sparse attention, forward and backward: ``q, k, v [B, N, heads, D]`` (any strides),
     ``tabs`` from :func:`tables` (static: one group; routed: ``B * heads`` groups, batch-major), extra tokens
-    ``[B, n, heads, D]`` in the same softmax. Returns ``[B, N, heads, D_v]``."""
+    ``[B, n, heads, D]`` in the same softmax. ``sel`` (int8 ``[B * heads, N, ceil(N / k_block)]``, contiguous):
+    per-row key-block choices inside the tables' blocks (the tables must list, per query block, every key block
+    one of its rows selected). Returns ``[B, N, heads, D_v]``."""
     if torch.compiler.is_compiling():
-        return blocksparse_forward(q, k, v, extra_k, extra_v, *tabs, int(q_block), int(k_block), float(scale))[0]
-    return _BlockSparseAttention.apply(q, k, v, extra_k, extra_v, *tabs, int(q_block), int(k_block),
+        return blocksparse_forward(q, k, v, extra_k, extra_v, *tabs, sel, int(q_block), int(k_block),
+                                   float(scale))[0]
+    return _BlockSparseAttention.apply(q, k, v, extra_k, extra_v, *tabs, sel, int(q_block), int(k_block),
                                        float(scale))
 
 
