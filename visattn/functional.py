@@ -846,7 +846,10 @@ VMOBA_SELECT_MODES = ("threshold", "topk")
 VMOBA_THRESHOLD_TYPES = ("query_head", "head_global", "overall")
 
 
-def _vmoba_chunk(chunk_size, spatial: tuple, op: str) -> tuple[int, ...]:
+def vmoba_options(chunk_size, select_mode: str = "threshold", topk: int = 3, threshold: float = 0.25,
+                  threshold_type: str = "query_head") -> dict:
+    """VMoBA's arguments checked without an input (the modules and processors check them at construction):
+    a dict of the normalised values, ``chunk_size`` as a 1-3 tuple."""
     if _is_int(chunk_size):
         chunk = (positive_int(chunk_size, "chunk_size"),)
     elif isinstance(chunk_size, (tuple, list)) and len(chunk_size) in (1, 2, 3):
@@ -860,21 +863,6 @@ def _vmoba_chunk(chunk_size, spatial: tuple, op: str) -> tuple[int, ...]:
                          f"{chunk_size!r}")
     else:
         raise TypeError(f"chunk_size must be an int or a tuple of 1-3 ints, got {chunk_size!r}")
-    dims = spatial[-len(chunk):] if len(chunk) > 1 else spatial[:1]
-    if len(chunk) > 1 and any(n % c for n, c in zip(dims, chunk, strict=True)):
-        raise ValueError(f"{op}: a {len(chunk)}-D chunk_size must divide the video's last {len(chunk)} dimensions "
-                         f"{dims}, got chunk_size={chunk}")
-    if len(chunk) == 1 and chunk[0] > spatial[0]:
-        raise ValueError(f"{op}: chunk_size={chunk[0]} frames exceeds the video's {spatial[0]} frames")
-    return chunk
-
-
-def _vmoba(query, key, value, chunk_size, select_mode, topk, threshold, threshold_type, scale, additional_keys,
-           additional_values, backend, dry_run=False):
-    op = "vmoba_attention"
-    backend = check_backend(backend, op)
-    _check_qkv(query, key, value, (3,), op)
-    chunk = _vmoba_chunk(chunk_size, tuple(query.shape[1:4]), op)
     if select_mode not in VMOBA_SELECT_MODES:
         raise ValueError(f"select_mode must be one of {VMOBA_SELECT_MODES}, got {select_mode!r}")
     topk = positive_int(topk, "topk")
@@ -884,6 +872,23 @@ def _vmoba(query, key, value, chunk_size, select_mode, topk, threshold, threshol
         raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
     if threshold_type not in VMOBA_THRESHOLD_TYPES:
         raise ValueError(f"threshold_type must be one of {VMOBA_THRESHOLD_TYPES}, got {threshold_type!r}")
+    return {"chunk_size": chunk, "select_mode": select_mode, "topk": topk, "threshold": float(threshold),
+            "threshold_type": threshold_type}
+
+
+def _vmoba(query, key, value, chunk_size, select_mode, topk, threshold, threshold_type, scale, additional_keys,
+           additional_values, backend, dry_run=False):
+    op = "vmoba_attention"
+    backend = check_backend(backend, op)
+    _check_qkv(query, key, value, (3,), op)
+    opts = vmoba_options(chunk_size, select_mode, topk, threshold, threshold_type)
+    chunk, spatial = opts["chunk_size"], tuple(query.shape[1:4])
+    dims = spatial[-len(chunk):] if len(chunk) > 1 else spatial[:1]
+    if len(chunk) > 1 and any(n % c for n, c in zip(dims, chunk, strict=True)):
+        raise ValueError(f"{op}: a {len(chunk)}-D chunk_size must divide the video's last {len(chunk)} dimensions "
+                         f"{dims}, got chunk_size={chunk}")
+    if len(chunk) == 1 and chunk[0] > spatial[0]:
+        raise ValueError(f"{op}: chunk_size={chunk[0]} frames exceeds the video's {spatial[0]} frames")
     _check_extra_kv(additional_keys, additional_values, query, value, op)
     scale = check_scale(scale, query.shape[-1])
     chosen = _choose("vmoba", backend, query, lambda: _triton_why_not(
@@ -892,8 +897,8 @@ def _vmoba(query, key, value, chunk_size, select_mode, topk, threshold, threshol
         return chosen
     _record(chosen)
     impl = reference if chosen == "reference" else _kernels
-    return _contiguous(impl.vmoba(query, key, value, chunk, select_mode, topk, float(threshold), threshold_type,
-                                  scale, additional_keys, additional_values))
+    return _contiguous(impl.vmoba(query, key, value, chunk, opts["select_mode"], opts["topk"], opts["threshold"],
+                                  opts["threshold_type"], scale, additional_keys, additional_values))
 
 
 def vmoba_attention(query: Tensor, key: Tensor, value: Tensor, chunk_size: int | Sequence[int],
@@ -1084,4 +1089,5 @@ def available_backends(device: str = "cpu") -> dict:
 
 __all__ = ["OP_ALIASES", "OP_SPECS", "OpSpec", "agent_attention", "available_backends", "bilevel_routing_attention",
            "last_backend", "na1d", "na2d", "na3d", "op_spec", "radial_attention", "radial_attention_mask",
-           "sliding_tile_attention", "track_backends", "vmoba_attention", "which_backend", "window_attention"]
+           "sliding_tile_attention", "track_backends", "vmoba_attention", "vmoba_options", "which_backend",
+           "window_attention"]

@@ -280,6 +280,41 @@ def test_hunyuan_sta_and_radial_with_padded_text_equal_masked_oracle(hunyuan):
     assert torch.equal(run(model, inputs), stock)
 
 
+def test_wan_vmoba_cycles_chunks_per_block_and_matches_oracle(wan, monkeypatch):
+    """VMoBA's selection depends on q and k inside the model, so the oracle works on what reaches the op: every
+    call's inputs are recorded and its output checked against the dense VMoBA oracle; the chunk sizes cycle over the
+    blocks (the layer-wise 1-D/2-D recurrence); at full density (top-3 of 3 chunks) it equals the stock model."""
+    from visattn import functional
+
+    model, inputs, grid = wan  # grid (3, 5, 7), 2 blocks
+    stock = run(model, inputs)
+    assert_patched_equals(model, inputs, stock, attention="vmoba", chunk_size=1, select_mode="topk", topk=3)
+    calls = []
+    real = functional.vmoba_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        out = real(q, k, v, *args, **kwargs)
+        calls.append((q.detach().clone(), k.detach().clone(), v.detach().clone(), kwargs, out.detach().clone()))
+        return out
+
+    monkeypatch.setattr(functional, "vmoba_attention", recording)
+    patch(model, attention="vmoba", chunk_size=[1, (1, 7)], threshold=0.3)
+    try:
+        run(model, inputs)
+    finally:
+        unpatch(model)
+    assert [c[3]["chunk_size"] for c in calls] == [(1,), (1, 7)]
+    picked = []
+    for q, k, v, kwargs, out in calls:
+        assert q.shape[1:4] == grid
+        options = {name: kwargs[name] for name in ("select_mode", "topk", "threshold", "threshold_type")}
+        ref, fraction = dense.vmoba(q, k, v, kwargs["chunk_size"], **options, return_selection=True)
+        picked.append(fraction)
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    assert all(0 < f < 1 for f in picked)
+    assert torch.equal(run(model, inputs), stock)
+
+
 def test_video_pattern_refusals(flux, wan):
     model, inputs, _ = wan
     with pytest.raises(ValueError, match="attention"):
@@ -294,6 +329,8 @@ def test_video_pattern_refusals(flux, wan):
         patch(model, "sta", attention="radial")
     with pytest.raises(TypeError, match="dense_blocks"):
         patch(model, attention="radial", dense_blocks=1.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        patch(model, attention="vmoba", chunk_size=[1, (1, 2, 3, 4)])
     assert not hasattr(model, "_visattn_patch")
     patch(model, attention="sta", tile_size=(2, 5, 7))  # 2 does not divide the 3 frames: refused at the call
     try:

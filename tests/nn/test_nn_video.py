@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from visattn.bench import dense
-from visattn.nn import RadialAttention, SlidingTileAttention
+from visattn.nn import RadialAttention, SlidingTileAttention, VMoBAAttention
 
 
 def _by_hand(module, x, attend, extra=None):
@@ -24,9 +24,11 @@ def test_modules_match_projections_around_dense_oracle(with_text):
     extra = extra if with_text else None
     sta = SlidingTileAttention(16, 2, (2, 2, 2), (1, 2, 3), dtype=torch.float64)
     radial = RadialAttention(16, 2, 4, 0.5, attention_sink=False, dtype=torch.float64)
+    vmoba = VMoBAAttention(16, 2, (2, 2, 3), dtype=torch.float64)
     for module, attend in (
             (sta, lambda q, k, v, ek, ev: dense.sliding_tile(q, k, v, (2, 2, 2), (1, 2, 3), None, ek, ev)),
-            (radial, lambda q, k, v, ek, ev: dense.radial(q, k, v, 4, 0.5, False, None, ek, ev))):
+            (radial, lambda q, k, v, ek, ev: dense.radial(q, k, v, 4, 0.5, False, None, ek, ev)),
+            (vmoba, lambda q, k, v, ek, ev: dense.vmoba(q, k, v, (2, 2, 3), scale=None, extra_k=ek, extra_v=ev))):
         got = module(x, *(extra or ()))
         assert (got - _by_hand(module, x, attend, extra)).abs().max() < 1e-12
     assert set(dict(sta.named_parameters())) == {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}
@@ -41,6 +43,9 @@ def test_modules_match_projections_around_dense_oracle(with_text):
     (RadialAttention, dict(embed_dim=16, num_heads=2, decay_factor=-1.0), ValueError, "decay_factor"),
     (RadialAttention, dict(embed_dim=16, num_heads=2, attention_sink="yes"), TypeError, "attention_sink"),
     (RadialAttention, dict(embed_dim=16, num_heads=2, qk_scale=float("nan")), ValueError, "qk_scale"),
+    (VMoBAAttention, dict(embed_dim=16, num_heads=2, chunk_size=(1, 2, 3, 4)), ValueError, "chunk_size"),
+    (VMoBAAttention, dict(embed_dim=16, num_heads=2, select_mode="top"), ValueError, "select_mode"),
+    (VMoBAAttention, dict(embed_dim=16, num_heads=2, threshold=2.0), ValueError, "threshold"),
 ])
 def test_constructor_rejects_bad_argument_naming_it(cls, kwargs, exc, name):
     with pytest.raises(exc, match=rf"\b{name}\b"):

@@ -94,15 +94,16 @@ def _make_ltx2(context=None, backend=None, **kwargs):
     return LTX2NeighborhoodAttnProcessor(backend=backend)
 
 
+_VIDEO_METHODS = ("neighborhood", "sta", "radial", "vmoba")
 _FAMILIES: dict[str, _Family] = {
     "LTX2VideoDiffusionDecoderModel": _Family(_ltx2_targets, _make_ltx2, None, ("neighborhood",)),
     "FluxTransformer2DModel": _Family(_blocks("transformer_blocks", "single_transformer_blocks"),
                                       FluxNeighborhoodAttnProcessor, _flux_grid, ("neighborhood",)),
     "HunyuanVideoTransformer3DModel": _Family(
         _blocks("transformer_blocks", "single_transformer_blocks"), HunyuanVideoNeighborhoodAttnProcessor,
-        _video_grid(lambda c: (c.patch_size_t, c.patch_size, c.patch_size)), ("neighborhood", "sta", "radial")),
+        _video_grid(lambda c: (c.patch_size_t, c.patch_size, c.patch_size)), _VIDEO_METHODS),
     "WanTransformer3DModel": _Family(_blocks("blocks", attribute="attn1"), WanNeighborhoodAttnProcessor,
-                                     _video_grid(lambda c: tuple(c.patch_size)), ("neighborhood", "sta", "radial")),
+                                     _video_grid(lambda c: tuple(c.patch_size)), _VIDEO_METHODS),
     "UNet2DConditionModel": _Family(None, AgentSDAttnProcessor, None, ("agent",)),  # per-block hooks, below
 }
 
@@ -148,6 +149,16 @@ def _patch_unet(model: nn.Module, kwargs: dict) -> tuple[dict, list]:
     return originals, hooks
 
 
+def _for_block(kwargs: dict, index: int) -> dict:
+    """The processor arguments of the ``index``-th block: a list ``chunk_size`` (VMoBA) cycles over the blocks."""
+    cycle = kwargs.get("chunk_size")
+    if not isinstance(cycle, list):
+        return kwargs
+    if not cycle:
+        raise ValueError("chunk_size must not be an empty list")
+    return {**kwargs, "chunk_size": cycle[index % len(cycle)]}
+
+
 def patch(model: nn.Module, method: str | None = None, *, attention: str | None = None, dense_blocks: int = 0,
           **kwargs) -> nn.Module:
     """Swap a diffusers model's attention for visattn's, training-free.
@@ -156,13 +167,15 @@ def patch(model: nn.Module, method: str | None = None, *, attention: str | None 
     ``FluxTransformer2DModel`` (neighborhood / GNA: keyword arguments ``kernel_size`` (required), ``dilation``,
     ``stride``, ``is_causal``, ``grid``, ``backend``), ``HunyuanVideoTransformer3DModel`` and
     ``WanTransformer3DModel`` (the same, or ``attention="sta"`` with ``tile_size`` / ``kernel_tiles``, or
-    ``attention="radial"`` with ``block_size`` / ``decay_factor`` / ``attention_sink``; text tokens stay dense and
-    are extra keys of the video queries' softmax) and ``UNet2DConditionModel`` (AgentSD agent attention;
-    ``agent_grid``, ``k_scale2``, ``k_shortcut``, ``max_downsample``, ``backend``).
+    ``attention="radial"`` with ``block_size`` / ``decay_factor`` / ``attention_sink``, or ``attention="vmoba"``
+    with ``chunk_size`` / ``select_mode`` / ``topk`` / ``threshold`` / ``threshold_type``, where a *list* of chunk
+    sizes cycles over the blocks, VMoBA's layer-wise 1-D/2-D/3-D recurrence: ``chunk_size=[2, (4, 4), (2, 4, 4)]``;
+    text tokens stay dense and are extra keys of the video queries' softmax) and ``UNet2DConditionModel`` (AgentSD
+    agent attention; ``agent_grid``, ``k_scale2``, ``k_shortcut``, ``max_downsample``, ``backend``).
 
     Args:
         model: the diffusers model (not the pipeline: pass ``pipe.transformer`` / ``pipe.unet``).
-        method: "neighborhood", "sta", "radial" or "agent"; default: the model's first method.
+        method: "neighborhood", "sta", "radial", "vmoba" or "agent"; default: the model's first method.
         attention: the same as ``method``, by keyword (``patch(model, attention="radial")``).
         dense_blocks: the first ``dense_blocks`` patched blocks keep the stock processor (Radial Attention's
             release keeps its first layers dense: ``dense_layers``).
@@ -197,8 +210,10 @@ def patch(model: nn.Module, method: str | None = None, *, attention: str | None 
         if len(family.methods) > 1:
             kwargs = {**kwargs, "attention": method}
         context = LatentGrid()
-        targets = family.targets(model)[dense_blocks:]
-        processors = [family.make(context=context, **kwargs) for _ in targets]  # builds (and checks) first
+        targets = family.targets(model)
+        processors = [family.make(context=context, **_for_block(kwargs, index))  # builds (and checks) first
+                      for index in range(dense_blocks, len(targets))]
+        targets = targets[dense_blocks:]
         originals, hooks = {}, []
         for (path, module), processor in zip(targets, processors, strict=False):
             originals[path] = module.processor

@@ -162,6 +162,8 @@ def joint_neighborhood_attention(query: Tensor, key: Tensor, value: Tensor, grid
 VIDEO_PATTERNS: dict[str, dict[str, object]] = {
     "sta": {"tile_size": (6, 8, 8), "kernel_tiles": (3, 3, 3)},
     "radial": {"block_size": 128, "decay_factor": 1.0, "attention_sink": None},
+    "vmoba": {"chunk_size": 1, "select_mode": "threshold", "topk": 3, "threshold": 0.25,
+              "threshold_type": "query_head"},
 }
 
 
@@ -208,6 +210,8 @@ class _GridProcessor:
         if self.attention == "sta":
             opts["tile_size"] = functional.int_tuple(opts["tile_size"], 3, "tile_size")
             opts["kernel_tiles"] = functional.int_tuple(opts["kernel_tiles"], 3, "kernel_tiles")
+        elif self.attention == "vmoba":
+            opts.update(functional.vmoba_options(**opts))
         elif self.attention == "radial":
             opts["block_size"] = functional.positive_int(opts["block_size"], "block_size")
             opts["decay_factor"] = functional.check_decay(opts["decay_factor"])
@@ -247,6 +251,10 @@ class _GridProcessor:
                 return functional.sliding_tile_attention(q, k, v, opts["tile_size"], opts["kernel_tiles"],
                                                          additional_keys=extra_k, additional_values=extra_v,
                                                          **extra)
+        elif self.attention == "vmoba":
+            def attend(q, k, v, extra_k, extra_v):
+                return functional.vmoba_attention(q, k, v, **opts, additional_keys=extra_k, additional_values=extra_v,
+                                                  **extra)
         else:
             def attend(q, k, v, extra_k, extra_v):
                 return functional.radial_attention(q, k, v, opts["block_size"], opts["decay_factor"],
@@ -334,7 +342,7 @@ class HunyuanVideoNeighborhoodAttnProcessor(_GridProcessor):
 
     _what = "visattn.diffusion.HunyuanVideoNeighborhoodAttnProcessor"
     _attention = ("models.attention_processor", "Attention")
-    _patterns = ("neighborhood", "sta", "radial")
+    _patterns = ("neighborhood", "sta", "radial", "vmoba")
 
     def _check_interface(self) -> None:
         stock = _compat.load_class("models.transformers.transformer_hunyuan_video", "HunyuanVideoAttnProcessor2_0",
@@ -397,7 +405,7 @@ class WanNeighborhoodAttnProcessor(_GridProcessor):
 
     _what = "visattn.diffusion.WanNeighborhoodAttnProcessor"
     _attention = ("models.transformers.transformer_wan", "WanAttention")
-    _patterns = ("neighborhood", "sta", "radial")
+    _patterns = ("neighborhood", "sta", "radial", "vmoba")
     _sink = True
 
     def _check_interface(self) -> None:

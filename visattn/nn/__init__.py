@@ -2,7 +2,8 @@
 
 ``NeighborhoodAttention1D/2D/3D`` follow NATTEN 0.21's modules; ``WindowAttention``, ``AgentAttention`` and
 ``BiLevelRoutingAttention`` follow the official Swin, Agent-Attention and BiFormer modules' argument names;
-``SlidingTileAttention`` and ``RadialAttention`` (video) hold NeighborhoodAttention3D's parameters (``qkv``, ``proj``).
+``SlidingTileAttention``, ``RadialAttention`` and ``VMoBAAttention`` (video) hold NeighborhoodAttention3D's
+parameters (``qkv``, ``proj``).
 """
 
 from visattn.nn.agent import AgentAttention
@@ -16,7 +17,7 @@ from visattn.nn.neighborhood import (
 )
 from visattn.nn.positional import swin_rpb_to_visattn, visattn_rpb_to_swin
 from visattn.nn.routing import BiLevelRoutingAttention
-from visattn.nn.video import RadialAttention, SlidingTileAttention
+from visattn.nn.video import RadialAttention, SlidingTileAttention, VMoBAAttention
 from visattn.nn.window import WindowAttention
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "NeighborhoodAttention3d",
     "RadialAttention",
     "SlidingTileAttention",
+    "VMoBAAttention",
     "WindowAttention",
     "swin_rpb_to_visattn",
     "visattn_rpb_to_swin",

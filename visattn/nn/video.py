@@ -1,6 +1,7 @@
-"""Video sparse-attention modules on heads-last video ``[B, T, H, W, C]``: sliding-tile attention (STA) and Radial
-Attention, each a fused ``qkv`` Linear -> the functional op on strided views of its output -> ``proj`` Linear ->
-dropout (the parameter names of :class:`visattn.nn.NeighborhoodAttention3D`, so one checkpoint serves all three).
+"""Video sparse-attention modules on heads-last video ``[B, T, H, W, C]``: sliding-tile attention (STA), Radial
+Attention and VMoBA, each a fused ``qkv`` Linear -> the functional op on strided views of its output -> ``proj``
+Linear -> dropout (the parameter names of :class:`visattn.nn.NeighborhoodAttention3D`, so one checkpoint serves all
+of them).
 Text tokens for joint attention are passed to ``forward`` as ``additional_keys`` / ``additional_values``.
 """
 
@@ -119,3 +120,42 @@ class RadialAttention(_VideoAttention):
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, num_heads={self.num_heads}, block_size={self.block_size}, "
                 f"decay_factor={self.decay_factor}, attention_sink={self.attention_sink}")
+
+
+class VMoBAAttention(_VideoAttention):
+    """VMoBA module: :func:`visattn.vmoba_attention` between ``qkv`` and ``proj``.
+
+    Args:
+        embed_dim: channels ``C`` (``num_heads * head_dim``).
+        num_heads: attention heads; must divide ``embed_dim``.
+        chunk_size: key chunks, an int (frames), ``(h, w)`` or ``(t, h, w)`` (the paper cycles 1-D, 2-D, 3-D over
+            the layers: give each layer its own).
+        select_mode: "threshold" (default) or "topk".
+        topk: chunks per query with ``select_mode="topk"``.
+        threshold: the share of the normalised affinity to keep (default 0.25).
+        threshold_type: "query_head" (default), "head_global" or "overall".
+        qkv_bias: bias on the fused qkv Linear (default True).
+        qk_scale: softmax scale, a finite number > 0; None means ``head_dim ** -0.5``.
+        proj_drop: dropout rate after the output projection, in [0, 1).
+        backend: keyword-only; None/"auto", "reference" or "triton".
+
+    The checks that need the input (a 2-D/3-D chunk dividing it) run on the first call; the others at
+    construction (``ValueError``/``TypeError`` naming the argument).
+    """
+
+    @_args.factory_kwargs
+    def __init__(self, embed_dim: int, num_heads: int, chunk_size: int | tuple[int, ...] = 1,
+                 select_mode: str = "threshold", topk: int = 3, threshold: float = 0.25,
+                 threshold_type: str = "query_head", qkv_bias: bool = True, qk_scale: float | None = None,
+                 proj_drop: float = 0.0, *, backend: str | None = None):
+        super().__init__()
+        self.options = functional.vmoba_options(chunk_size, select_mode, topk, threshold, threshold_type)
+        self._init_projections(embed_dim, num_heads, qkv_bias, qk_scale, proj_drop, backend)
+
+    def _attend(self, q, k, v, additional_keys, additional_values):
+        return functional.vmoba_attention(q, k, v, **self.options, scale=self.scale, additional_keys=additional_keys,
+                                          additional_values=additional_values, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, num_heads={self.num_heads}, " + ", ".join(
+            f"{name}={value!r}" for name, value in self.options.items())
