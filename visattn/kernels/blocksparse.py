@@ -49,6 +49,24 @@ def _rows(base, idx, s_n, s_d, ok, cols, n_cols):
 
 
 @triton.jit
+def _query_tile(Q_TILES, HEADS, Q_BLOCK, N, BLOCK_M: tl.constexpr):
+    """This program's query block, (batch * heads) index, batch, head, rows and their validity."""
+    qb, tile = tl.program_id(0) // Q_TILES, tl.program_id(0) % Q_TILES
+    bh = tl.program_id(1)
+    local = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = qb * Q_BLOCK + local
+    return qb, bh, bh // HEADS, bh % HEADS, rows, (local < Q_BLOCK) & (rows < N)
+
+
+@triton.jit
+def _key_tile(kb, c0, K_BLOCK, N, BLOCK_N: tl.constexpr):
+    """Columns ``c0 .. c0 + BLOCK_N`` of key block ``kb`` and their validity."""
+    offs = c0 + tl.arange(0, BLOCK_N)
+    cols = kb * K_BLOCK + offs
+    return cols, (offs < K_BLOCK) & (cols < N)
+
+
+@triton.jit
 def _row_selection(SEL, bh, rows, kb, row_ok, N, NKB, HAS_SEL: tl.constexpr):
     """Which rows of the tile take key block ``kb``: all (a static or block-level table) or, with a per-row
     selection ``SEL [groups, N, NKB]`` (int8; VMoBA's per-query chunk choice), the rows that selected it."""
@@ -80,12 +98,7 @@ def _bs_fwd_kernel(Q, K, V, EK, EV, OUT, LSE, ROW_PTR, COL_IDX, SEL,
                    HEADS, N, N_EXTRA, Q_BLOCK, K_BLOCK, Q_TILES, NKB, qk_scale, HEAD_D, HEAD_DV,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    HAS_EXTRA: tl.constexpr, HAS_SEL: tl.constexpr, DOT_PREC: tl.constexpr):
-    qb, tile = tl.program_id(0) // Q_TILES, tl.program_id(0) % Q_TILES
-    bh = tl.program_id(1)
-    b, h = bh // HEADS, bh % HEADS
-    local = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = qb * Q_BLOCK + local
-    row_ok = (local < Q_BLOCK) & (rows < N)
+    qb, bh, b, h, rows, row_ok = _query_tile(Q_TILES, HEADS, Q_BLOCK, N, BLOCK_M)
     d, dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     q = _rows(Q + b.to(tl.int64) * q_b + h * q_h, rows, q_n, q_d, row_ok, d, HEAD_D)
     k_head = K + b.to(tl.int64) * k_b + h * k_h
@@ -99,9 +112,7 @@ def _bs_fwd_kernel(Q, K, V, EK, EV, OUT, LSE, ROW_PTR, COL_IDX, SEL,
         kb = tl.load(COL_IDX + bh.to(tl.int64) * idx_g + e)
         row_sel = _row_selection(SEL, bh, rows, kb, row_ok, N, NKB, HAS_SEL)
         for c0 in range(0, K_BLOCK, BLOCK_N):
-            offs = c0 + tl.arange(0, BLOCK_N)
-            cols = kb * K_BLOCK + offs
-            col_ok = (offs < K_BLOCK) & (cols < N)
+            cols, col_ok = _key_tile(kb, c0, K_BLOCK, N, BLOCK_N)
             kT = tl.trans(_rows(k_head, cols, k_n, k_d, col_ok, d, HEAD_D))
             v = _rows(v_head, cols, v_n, v_d, col_ok, dv, HEAD_DV)
             m_i, l_i, acc = _online_step(q, kT, v, row_sel[:, None] & col_ok[None, :], m_i, l_i, acc, qk_scale,
@@ -125,7 +136,8 @@ def _bs_fwd_kernel(Q, K, V, EK, EV, OUT, LSE, ROW_PTR, COL_IDX, SEL,
 
 
 @triton.jit
-def _dq_step(q, do, k, v, col_ok, row_ok, lse, delta, dq, qk_scale, DOT_PREC: tl.constexpr):
+def dq_tile(q, do, k, v, col_ok, row_ok, lse, delta, dq, qk_scale, DOT_PREC: tl.constexpr):
+    """FA2's dQ update for one key tile, P recomputed from the log2 LSE (shared with ``routing.py``)."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     p = tl.where(col_ok[None, :] & row_ok[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
@@ -141,12 +153,7 @@ def _bs_dq_kernel(Q, K, V, EK, EV, OUT, DO, DQ, LSE, DELTA, ROW_PTR, COL_IDX, SE
                   HEADS, N, N_EXTRA, Q_BLOCK, K_BLOCK, Q_TILES, NKB, qk_scale, scale, HEAD_D, HEAD_DV,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   HAS_EXTRA: tl.constexpr, HAS_SEL: tl.constexpr, DOT_PREC: tl.constexpr):
-    qb, tile = tl.program_id(0) // Q_TILES, tl.program_id(0) % Q_TILES
-    bh = tl.program_id(1)
-    b, h = bh // HEADS, bh % HEADS
-    local = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = qb * Q_BLOCK + local
-    row_ok = (local < Q_BLOCK) & (rows < N)
+    qb, bh, b, h, rows, row_ok = _query_tile(Q_TILES, HEADS, Q_BLOCK, N, BLOCK_M)
     d, dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     q = _rows(Q + b.to(tl.int64) * q_b + h * q_h, rows, q_n, q_d, row_ok, d, HEAD_D)
     do = _rows(DO + b.to(tl.int64) * g_b + h * g_h, rows, g_n, 1, row_ok, dv, HEAD_DV)
@@ -164,12 +171,10 @@ def _bs_dq_kernel(Q, K, V, EK, EV, OUT, DO, DQ, LSE, DELTA, ROW_PTR, COL_IDX, SE
         kb = tl.load(COL_IDX + bh.to(tl.int64) * idx_g + e)
         row_sel = _row_selection(SEL, bh, rows, kb, row_ok, N, NKB, HAS_SEL)
         for c0 in range(0, K_BLOCK, BLOCK_N):
-            offs = c0 + tl.arange(0, BLOCK_N)
-            cols = kb * K_BLOCK + offs
-            col_ok = (offs < K_BLOCK) & (cols < N)
+            cols, col_ok = _key_tile(kb, c0, K_BLOCK, N, BLOCK_N)
             k = _rows(k_head, cols, k_n, k_d, col_ok, d, HEAD_D)
             v = _rows(v_head, cols, v_n, v_d, col_ok, dv, HEAD_DV)
-            dq = _dq_step(q, do, k, v, col_ok, row_sel, lse, delta, dq, qk_scale, DOT_PREC)
+            dq = dq_tile(q, do, k, v, col_ok, row_sel, lse, delta, dq, qk_scale, DOT_PREC)
     if HAS_EXTRA:
         ek_head = EK + b.to(tl.int64) * ek_b + h * ek_h
         ev_head = EV + b.to(tl.int64) * ev_b + h * ev_h
@@ -178,13 +183,14 @@ def _bs_dq_kernel(Q, K, V, EK, EV, OUT, DO, DQ, LSE, DELTA, ROW_PTR, COL_IDX, SE
             col_ok = cols < N_EXTRA
             k = _rows(ek_head, cols, ek_n, ek_d, col_ok, d, HEAD_D)
             v = _rows(ev_head, cols, ev_n, ev_d, col_ok, dv, HEAD_DV)
-            dq = _dq_step(q, do, k, v, col_ok, row_ok, lse, delta, dq, qk_scale, DOT_PREC)
+            dq = dq_tile(q, do, k, v, col_ok, row_ok, lse, delta, dq, qk_scale, DOT_PREC)
     dq_ptr = DQ + b.to(tl.int64) * dq_b + h * dq_h + rows[:, None].to(tl.int64) * dq_n + d[None, :]
     tl.store(dq_ptr, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < HEAD_D))
 
 
 @triton.jit
-def _dkv_step(k, v, q, do, col_ok, row_ok, lse, delta, dk, dvacc, qk_scale, DOT_PREC: tl.constexpr):
+def dkv_tile(k, v, q, do, col_ok, row_ok, lse, delta, dk, dvacc, qk_scale, DOT_PREC: tl.constexpr):
+    """FA2's dK / dV update of a key tile by one query tile (shared with ``routing.py``)."""
     sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [keys, queries]
     pT = tl.where(col_ok[:, None] & row_ok[None, :], tl.math.exp2(sT - lse[None, :]), 0.0)
     dvacc += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
@@ -225,7 +231,7 @@ def _bs_dkv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, COL_PTR, ROW_IDX, SEL,
             do = _rows(do_head, rows, g_n, 1, row_ok, dv, HEAD_DV)
             lse = tl.load(LSE + bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
-            dk, dvacc = _dkv_step(k, v, q, do, col_ok, row_ok, lse, delta, dk, dvacc, qk_scale, DOT_PREC)
+            dk, dvacc = dkv_tile(k, v, q, do, col_ok, row_ok, lse, delta, dk, dvacc, qk_scale, DOT_PREC)
     else:
         ptr = COL_PTR + bh.to(tl.int64) * ptr_g + kb
         start, end = tl.load(ptr), tl.load(ptr + 1)
@@ -240,7 +246,7 @@ def _bs_dkv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, COL_PTR, ROW_IDX, SEL,
                 do = _rows(do_head, rows, g_n, 1, row_sel, dv, HEAD_DV)
                 lse = tl.load(LSE + bh.to(tl.int64) * N + rows, mask=row_sel, other=0.0)
                 delta = tl.load(DELTA + bh.to(tl.int64) * N + rows, mask=row_sel, other=0.0)
-                dk, dvacc = _dkv_step(k, v, q, do, col_ok, row_sel, lse, delta, dk, dvacc, qk_scale, DOT_PREC)
+                dk, dvacc = dkv_tile(k, v, q, do, col_ok, row_sel, lse, delta, dk, dvacc, qk_scale, DOT_PREC)
     out_rows = keys[:, None].to(tl.int64)
     tl.store(DK + b.to(tl.int64) * dk_b + h * dk_h + out_rows * dk_n + d[None, :], (dk * scale).to(
         DK.dtype.element_ty), mask=col_ok[:, None] & (d[None, :] < HEAD_D))

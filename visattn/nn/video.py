@@ -12,6 +12,20 @@ from torch import Tensor, nn
 from visattn import functional
 from visattn.nn import _args
 
+_ARGS_HEAD = """embed_dim: channels ``C`` (``num_heads * head_dim``).
+        num_heads: attention heads; must divide ``embed_dim``."""
+_ARGS_TAIL = """qkv_bias: bias on the fused qkv Linear (default True).
+        qk_scale: softmax scale, a finite number > 0; None means ``head_dim ** -0.5``.
+        proj_drop: dropout rate after the output projection, in [0, 1).
+        backend: keyword-only; None/"auto", "reference" or "triton"."""
+
+
+def _module_doc(cls: type) -> type:
+    """Fill the arguments every video module shares into ``cls``'s docstring."""
+    cls.__doc__ = cls.__doc__.replace("{head}", "        " + _ARGS_HEAD + "\n").replace(
+        "{tail}", "        " + _ARGS_TAIL + "\n")
+    return cls
+
 
 class _VideoAttention(nn.Module):
     """Shared body: projections, checks and the forward; subclasses set ``_attend``."""
@@ -52,19 +66,14 @@ class _VideoAttention(nn.Module):
         return self.proj_drop(self.proj(out.reshape(x.shape)))
 
 
+@_module_doc
 class SlidingTileAttention(_VideoAttention):
     """Sliding-tile attention (STA) module: :func:`visattn.sliding_tile_attention` between ``qkv`` and ``proj``.
 
     Args:
-        embed_dim: channels ``C`` (``num_heads * head_dim``).
-        num_heads: attention heads; must divide ``embed_dim``.
-        tile_size: tokens per tile, int or ``(t, h, w)`` (STA's release: ``(6, 8, 8)``); must divide the input.
+{head}        tile_size: tokens per tile, int or ``(t, h, w)`` (STA's release: ``(6, 8, 8)``); must divide the input.
         kernel_tiles: the window in tiles, int or ``(t, h, w)`` (the release's example ``(3, 3, 3)``).
-        qkv_bias: bias on the fused qkv Linear (default True).
-        qk_scale: softmax scale, a finite number > 0; None means ``head_dim ** -0.5``.
-        proj_drop: dropout rate after the output projection, in [0, 1).
-        backend: keyword-only; None/"auto", "reference" or "triton".
-
+{tail}
     Every argument is checked at construction (``ValueError``/``TypeError`` naming it).
     """
 
@@ -86,20 +95,15 @@ class SlidingTileAttention(_VideoAttention):
                 f"kernel_tiles={self.kernel_tiles}")
 
 
+@_module_doc
 class RadialAttention(_VideoAttention):
     """Radial Attention module: :func:`visattn.radial_attention` between ``qkv`` and ``proj``.
 
     Args:
-        embed_dim: channels ``C`` (``num_heads * head_dim``).
-        num_heads: attention heads; must divide ``embed_dim``.
-        block_size: the mask's block (the release: 128).
+{head}        block_size: the mask's block (the release: 128).
         decay_factor: the band's decay (the release's default 1; its Wan 2.1 script 0.2, HunyuanVideo 0.95).
         attention_sink: every frame attends frame 0 (the release's Wan masks; False for HunyuanVideo).
-        qkv_bias: bias on the fused qkv Linear (default True).
-        qk_scale: softmax scale, a finite number > 0; None means ``head_dim ** -0.5``.
-        proj_drop: dropout rate after the output projection, in [0, 1).
-        backend: keyword-only; None/"auto", "reference" or "triton".
-
+{tail}
     Every argument is checked at construction (``ValueError``/``TypeError`` naming it).
     """
 
@@ -122,23 +126,18 @@ class RadialAttention(_VideoAttention):
                 f"decay_factor={self.decay_factor}, attention_sink={self.attention_sink}")
 
 
+@_module_doc
 class VMoBAAttention(_VideoAttention):
     """VMoBA module: :func:`visattn.vmoba_attention` between ``qkv`` and ``proj``.
 
     Args:
-        embed_dim: channels ``C`` (``num_heads * head_dim``).
-        num_heads: attention heads; must divide ``embed_dim``.
-        chunk_size: key chunks, an int (frames), ``(h, w)`` or ``(t, h, w)`` (the paper cycles 1-D, 2-D, 3-D over
+{head}        chunk_size: key chunks, an int (frames), ``(h, w)`` or ``(t, h, w)`` (the paper cycles 1-D, 2-D, 3-D over
             the layers: give each layer its own).
         select_mode: "threshold" (default) or "topk".
         topk: chunks per query with ``select_mode="topk"``.
         threshold: the share of the normalised affinity to keep (default 0.25).
         threshold_type: "query_head" (default), "head_global" or "overall".
-        qkv_bias: bias on the fused qkv Linear (default True).
-        qk_scale: softmax scale, a finite number > 0; None means ``head_dim ** -0.5``.
-        proj_drop: dropout rate after the output projection, in [0, 1).
-        backend: keyword-only; None/"auto", "reference" or "triton".
-
+{tail}
     The checks that need the input (a 2-D/3-D chunk dividing it) run on the first call; the others at
     construction (``ValueError``/``TypeError`` naming the argument).
     """
