@@ -267,6 +267,7 @@ def test_hunyuan_sta_and_radial_with_padded_text_equal_masked_oracle(hunyuan):
     attentions = [block.attn for block in (*model.transformer_blocks, *model.single_transformer_blocks)]
     stock = run(model, inputs)
     assert_patched_equals(model, inputs, stock, attention="sta", tile_size=(1, 2, 5), kernel_tiles=(3, 3, 1))
+    assert_patched_equals(model, inputs, stock, attention="vmoba", chunk_size=1, select_mode="topk", topk=3)
     for kwargs, image_mask in (
             (dict(tile_size=(1, 2, 5), kernel_tiles=(1, 1, 1)), dense.sliding_tile_mask(grid, (1, 2, 5), (1, 1, 1))),
             (dict(block_size=4, decay_factor=0.5), radial_token_mask(grid, 4, 0.5, False))):  # no sink by default
