@@ -224,7 +224,8 @@ def vmoba_select(q: Tensor, k: Tensor, chunk_len: int, mode: str = "threshold", 
     chunk_of = torch.arange(n, device=q.device) // chunk_len
     sums = torch.zeros(batch, n_chunks, heads, k.shape[-1], dtype=ct, device=q.device)
     sums.index_add_(1, chunk_of, k.detach().to(ct))
-    counts = torch.bincount(chunk_of, minlength=n_chunks).to(ct)
+    starts = torch.arange(n_chunks, device=q.device) * chunk_len
+    counts = (n - starts).clamp(max=chunk_len).to(ct)  # the last chunk may be shorter (no bincount: no host sync)
     means = sums / counts[None, :, None, None]
     gate = torch.einsum("bchd,bshd->bhsc", means, q.detach().to(ct))  # [B, heads, N, C]
     own = (chunk_of[:, None] == torch.arange(n_chunks, device=q.device)[None, :]).expand(batch, heads, n, n_chunks)

@@ -191,6 +191,7 @@ def vmoba_why_not(q, k, v, additional_keys, additional_values) -> str | None:
 
 
 VMOBA_QUERY_BLOCK = 64  # query rows sharing one union list of selected key chunks
+_VMOBA_ORDERS: dict = {}
 
 
 def vmoba(q: Tensor, k: Tensor, v: Tensor, chunk: tuple, select_mode: str, topk: int, threshold: float,
@@ -201,10 +202,16 @@ def vmoba(q: Tensor, k: Tensor, v: Tensor, chunk: tuple, select_mode: str, topk:
     block's rows chose plus the per-row choice bits, the block-sparse kernels, the output scattered back."""
     batch, frames, height, width, heads, _ = q.shape
     n = frames * height * width
-    perm, chunk_len = vmoba_layout((frames, height, width), tuple(chunk))
+    key = ((frames, height, width), tuple(chunk), str(q.device))
+
+    def build():
+        order, length = vmoba_layout(key[0], key[1])
+        return (None, None, length) if order is None else (order.to(q.device), torch.argsort(order).to(q.device),
+                                                            length)
+
+    perm, inverse, chunk_len = cached(_VMOBA_ORDERS, key, build, q)  # no host copy after the first call
     qf, kf, vf = (t.reshape(batch, n, heads, t.shape[-1]) for t in (q, k, v))
     if perm is not None:
-        perm = perm.to(q.device)
         qf, kf, vf = (t[:, perm] for t in (qf, kf, vf))
     sel = vmoba_select(qf, kf, chunk_len, select_mode, topk, threshold, threshold_type)  # [B, heads, N, C]
     n_chunks = sel.shape[-1]
@@ -217,7 +224,7 @@ def vmoba(q: Tensor, k: Tensor, v: Tensor, chunk: tuple, select_mode: str, topk:
     out = _blocksparse.block_sparse_attention(qf, kf, vf, tabs, q_block, chunk_len, scale, additional_keys,
                                               additional_values, sel=rows)
     if perm is not None:
-        out = out[:, torch.argsort(perm)]
+        out = out[:, inverse]
     return out.reshape(batch, frames, height, width, heads, v.shape[-1])
 
 
