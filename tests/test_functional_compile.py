@@ -24,7 +24,11 @@ def _every_op(q2, q1, q3, rpb, extra, agents):
     win = visattn.window_attention(q2, q2, q2, (3, 4), (1, 2))
     agent = visattn.agent_attention(q2, q2, q2, agents)
     routed = visattn.bilevel_routing_attention(q2, q2, q2, 2, 2)
-    return out2, out1, lse1, out3, win, agent, routed
+    sta = visattn.sliding_tile_attention(q3, q3 * 0.5, q3, (1, 2, 3), (3, 1, 1), additional_keys=extra,
+                                         additional_values=extra)
+    radial = visattn.radial_attention(q3, q3, q3 * 0.5, 4, 0.5, additional_keys=extra, additional_values=extra)
+    vmoba = visattn.vmoba_attention(q3, q3 * 0.5, q3, (2, 3), additional_keys=extra, additional_values=extra)
+    return out2, out1, lse1, out3, win, agent, routed, sta, radial, vmoba
 
 
 def _every_op_inputs(seed):

@@ -18,6 +18,10 @@ EXPECTED = {
     "agent": (("agent_attention",), (1, 2, 3), "agent", "agent_why_not", ("reference", "triton", "sdpa")),
     "bilevel_routing": (("bilevel_routing_attention",), (2,), "bilevel_routing", "bilevel_routing_why_not",
                         ("reference", "triton")),
+    # STA is GNA (stride = tile): it runs on the neighborhood engine
+    "sliding_tile": (("sliding_tile_attention",), (3,), "na", "na_why_not", ("reference", "triton")),
+    "radial": (("radial_attention",), (3,), "radial", "radial_why_not", ("reference", "triton")),
+    "vmoba": (("vmoba_attention",), (3,), "vmoba", "vmoba_why_not", ("reference", "triton")),
 }
 
 
@@ -44,6 +48,12 @@ def _call(name: str, rank: int) -> str:
         return functional.which_backend(name, q, q, q, 2)
     if name == "agent_attention":
         return functional.which_backend(name, q, q, q, torch.randn(1, 2, 1, 8))
+    if name == "sliding_tile_attention":
+        return functional.which_backend(name, q, q, q, 2, 1)
+    if name == "radial_attention":
+        return functional.which_backend(name, q, q, q, 4)
+    if name == "vmoba_attention":
+        return functional.which_backend(name, q, q, q, 2)
     return functional.which_backend(name, q, q, q, 2, 1)
 
 
@@ -72,6 +82,8 @@ def test_one_alias_table_and_canonical_names():
     for name in ("bra", "BRA", "routing", "bilevel_routing", "bilevel_routing_attention"):
         assert functional.which_backend(name, q, q, q, 2, 1) == "reference"
     assert functional.which_backend("window", q, q, q, 2) == "reference"
+    assert functional.op_spec("sta") is functional.op_spec("STA") is functional.op_spec("sliding_tile_attention")
+    assert functional.op_spec("radial").key == "radial"
     with pytest.raises(ValueError, match="op must be one of"):  # "na" names three public functions: ambiguous
         functional.which_backend("na", q, q, q, 3)
     with pytest.raises(ValueError, match="op must be one of"):

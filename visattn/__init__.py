@@ -1,7 +1,8 @@
 """visattn: fast attention for vision and multimodal models.
 
 Heads-last functional API (``[B, *spatial, heads, head_dim]``): ``na1d``/``na2d``/``na3d`` with NATTEN 0.21's
-signatures, ``window_attention``, ``agent_attention`` and ``bilevel_routing_attention``; exact reference semantics
+signatures, ``window_attention``, ``agent_attention``, ``bilevel_routing_attention`` and the video patterns
+``sliding_tile_attention``, ``radial_attention`` and ``vmoba_attention``; exact reference semantics
 (docs/SEMANTICS.md) and Triton kernels behind one dispatcher.
 
 ``import visattn`` imports the functional API only: not timm, open_clip, transformers or diffusers. visattn's timm
@@ -24,6 +25,10 @@ from visattn.functional import (
     na1d,
     na2d,
     na3d,
+    radial_attention,
+    radial_attention_mask,
+    sliding_tile_attention,
+    vmoba_attention,
     which_backend,
     window_attention,
 )
@@ -36,6 +41,10 @@ __all__ = [
     "na1d",
     "na2d",
     "na3d",
+    "radial_attention",
+    "radial_attention_mask",
+    "sliding_tile_attention",
+    "vmoba_attention",
     "which_backend",
     "window_attention",
     "__version__",

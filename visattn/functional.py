@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from visattn import backends, dense_schedule, reference
+from visattn.geometry import radial_block_mask, radial_mask, sliding_tile_kernel
 
 try:  # imported once here: a compiled graph must never trace a first-time import
     from visattn import kernels as _kernels
@@ -453,11 +454,18 @@ def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale
     _record(chosen)
     if chosen == "triton":
         _remember_validated(fast, (kernel, dil, strd, causal, scale))
+    return _run_na(chosen, backend, args, scale, additional_keys, additional_values, return_lse)
+
+
+def _run_na(chosen: str, backend, args: tuple, scale: float, additional_keys, additional_values, return_lse: bool):
+    """Run validated neighborhood-attention arguments ``(q, k, v, kernel, dilation, stride, causal, rpb)`` on the
+    chosen backend (na1d/2d/3d and sliding-tile attention, which is GNA)."""
+    query, key, value, kernel, dil, strd, causal, rpb = args
     if chosen == "reference":
         if return_lse:
             return _contiguous(reference.na(*args, scale, additional_keys, additional_values, return_lse=True))
         if _dense_schedule_allowed(backend) and dense_schedule.worth_it(
-                spatial, kernel, dil, extra=additional_keys is not None):
+                tuple(query.shape[1:-2]), kernel, dil, extra=additional_keys is not None):
             # small map, large window: one masked SDPA call beats the neighbour-by-neighbour reference (exact too)
             return _contiguous(dense_schedule.local_attention(query, key, value, kernel, dil, strd, causal, rpb,
                                                               scale))
@@ -758,6 +766,246 @@ def bilevel_routing_attention(query: Tensor, key: Tensor, value: Tensor, regions
     return _bilevel_routing(query, key, value, regions, topk, scale, backend, return_routing)
 
 
+# ================================================================================================ sliding tile
+def _sliding_tile(query, key, value, tile_size, kernel_tiles, scale, additional_keys, additional_values, backend,
+                  return_lse, dry_run=False):
+    op = "sliding_tile_attention"
+    backend = check_backend(backend, op)
+    _check_qkv(query, key, value, (3,), op)
+    spatial = tuple(query.shape[1:4])
+    tile = int_tuple(tile_size, 3, "tile_size")
+    window = int_tuple(kernel_tiles, 3, "kernel_tiles")
+    for dim in range(3):
+        if spatial[dim] % tile[dim]:
+            raise ValueError(f"{op}: tile_size must divide the video in every dimension (STA tiles the whole "
+                             f"canvas); dimension {dim} has length {spatial[dim]}, tile_size={tile[dim]} (video "
+                             f"{spatial}); pad the latent first")
+    _check_extra_kv(additional_keys, additional_values, query, value, op)
+    scale = check_scale(scale, query.shape[-1])
+    check_flag(return_lse, "return_lse")
+    # STA's window in tiles as NATTEN's clamped window, stride = tile (GNA): docs/SEMANTICS.md
+    kernel = tuple(sliding_tile_kernel(w, n // t) * t for w, n, t in zip(window, spatial, tile, strict=True))
+    args = (query, key, value, kernel, (1, 1, 1), tile, (False, False, False), None)
+    chosen = _choose("sliding_tile", backend, query,
+                     lambda: _triton_why_not("sliding_tile", *args, additional_keys, additional_values))
+    if dry_run:
+        return chosen
+    _record(chosen)
+    return _run_na(chosen, backend, args, scale, additional_keys, additional_values, return_lse)
+
+
+def sliding_tile_attention(query: Tensor, key: Tensor, value: Tensor, tile_size: IntOrTuple = (6, 8, 8),
+                           kernel_tiles: IntOrTuple = (3, 3, 3), scale: float | None = None,
+                           additional_keys: Tensor | None = None, additional_values: Tensor | None = None,
+                           backend: str | None = None, return_lse: bool = False):
+    """Sliding-tile attention (STA; Zhang et al. 2025, "Fast Video Generation with Sliding Tile Attention") on
+    heads-last video ``[B, T, H, W, heads, head_dim]``.
+
+    The video is cut into tiles of ``tile_size`` tokens; every query of a tile attends the keys of the
+    ``kernel_tiles`` tiles around its tile, the window's centre tile clamped so the window stays inside the video
+    (FastVideo's mask: ``|clamp(t, k//2, tiles-1-k//2) - u| <= k//2`` per dimension; an even ``k`` covers
+    ``k + 1`` tiles, a window wider than the video covers all of it). That is exactly GNA: ``na3d`` with
+    ``kernel_size = window * tile`` and ``stride = tile``, which is how it runs (the Triton engine on CUDA, the
+    exact reference elsewhere).
+
+    Args:
+        query: ``[B, T, H, W, heads, head_dim]``, any strides.
+        key: same shape, dtype and device as ``query``.
+        value: ``[B, T, H, W, heads, head_dim_v]``.
+        tile_size: tokens per tile, an int or ``(t, h, w)``; must divide the video (STA's release: ``(6, 8, 8)``).
+        kernel_tiles: the window in tiles, an int or ``(t, h, w)`` (the release's example: ``(3, 3, 3)``; its
+            searched per-layer/head strategies are lists of such triples, one call per choice here).
+        scale: softmax scale, a finite number > 0; None means ``head_dim ** -0.5``.
+        additional_keys: ``[B, n, heads, head_dim]`` tokens every query attends too (text), one softmax; or None.
+        additional_values: ``[B, n, heads, head_dim_v]``, given together with ``additional_keys``.
+        backend: None/"auto", "reference" or "triton" (raises ``ValueError`` saying why when it cannot run).
+        return_lse: also return the natural-log LSE ``[B, T, H, W, heads]`` (float32; float64 for float64 inputs).
+
+    Returns:
+        ``[B, T, H, W, heads, head_dim_v]`` in ``query``'s dtype, or ``(output, lse)`` with ``return_lse``.
+    """
+    return _sliding_tile(query, key, value, tile_size, kernel_tiles, scale, additional_keys, additional_values,
+                         backend, return_lse)
+
+
+# ================================================================================================ radial
+def check_decay(value, name: str = "decay_factor") -> float:
+    """A finite number > 0 (Radial Attention's ``decay_factor``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite positive number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+    return float(value)
+
+
+def radial_attention_mask(frames: int, tokens_per_frame: int, block_size: int = 128, decay_factor: float = 1.0,
+                          attention_sink: bool = True) -> Tensor:
+    """Radial Attention's static block mask ``[nb, nb]`` (bool, CPU, ``nb = ceil(frames * tokens_per_frame /
+    block_size)``): query block ``i`` attends key block ``j`` iff ``mask[i, j]``. The released builder's arithmetic
+    (docs/SEMANTICS.md); a fresh copy, so callers may modify it."""
+    frames = positive_int(frames, "frames")
+    tokens_per_frame = positive_int(tokens_per_frame, "tokens_per_frame")
+    block_size = positive_int(block_size, "block_size")
+    return radial_block_mask(frames, tokens_per_frame, block_size, check_decay(decay_factor),
+                             check_flag(attention_sink, "attention_sink")).clone()
+
+
+def _radial(query, key, value, block_size, decay_factor, attention_sink, scale, additional_keys, additional_values,
+            backend, dry_run=False):
+    op = "radial_attention"
+    backend = check_backend(backend, op)
+    _check_qkv(query, key, value, (3,), op)
+    block_size = positive_int(block_size, "block_size")
+    decay_factor = check_decay(decay_factor)
+    check_flag(attention_sink, "attention_sink")
+    _check_extra_kv(additional_keys, additional_values, query, value, op)
+    scale = check_scale(scale, query.shape[-1])
+    chosen = _choose("radial", backend, query, lambda: _triton_why_not(
+        "radial", query, key, value, block_size, additional_keys, additional_values))
+    if dry_run:
+        return chosen
+    _record(chosen)
+    if chosen == "reference":
+        batch, frames, height, width, heads, _ = query.shape
+        mask = radial_mask(frames, height * width, block_size, decay_factor, attention_sink)
+        out = reference.block_sparse(query.flatten(1, 3), key.flatten(1, 3), value.flatten(1, 3), mask, block_size,
+                                     scale, additional_keys, additional_values)
+        return _contiguous(out.view(batch, frames, height, width, heads, value.shape[-1]))
+    return _contiguous(_kernels.radial(query, key, value, block_size, decay_factor, attention_sink, scale,
+                                       additional_keys, additional_values))
+
+
+def radial_attention(query: Tensor, key: Tensor, value: Tensor, block_size: int = 128, decay_factor: float = 1.0,
+                     attention_sink: bool = True, scale: float | None = None, additional_keys: Tensor | None = None,
+                     additional_values: Tensor | None = None, backend: str | None = None) -> Tensor:
+    """Radial Attention (Li et al. 2025; mit-han-lab/radial-attention) on heads-last video
+    ``[B, T, H, W, heads, head_dim]``: a static O(n log n) spatio-temporal block mask whose spatial band shrinks as
+    the temporal distance grows (mask: :func:`radial_attention_mask`, docs/SEMANTICS.md).
+
+    Tokens are flattened frame-major (``T``, then ``H * W`` per frame); query ``i`` attends key ``j`` iff their
+    blocks of ``block_size`` tokens are paired in the mask, plus every additional (text) token, in one softmax.
+
+    Args:
+        query: ``[B, T, H, W, heads, head_dim]``, any strides.
+        key: same shape, dtype and device as ``query``.
+        value: ``[B, T, H, W, heads, head_dim_v]``.
+        block_size: the mask's block (the release: 128; also its split threshold).
+        decay_factor: scales the spatial band of distant frames (the release's default 1; its Wan 2.1 script
+            passes 0.2, its HunyuanVideo script 0.95).
+        attention_sink: every frame attends all of frame 0 (the release's Wan masks; False for HunyuanVideo).
+        scale: softmax scale, a finite number > 0; None means ``head_dim ** -0.5``.
+        additional_keys: ``[B, n, heads, head_dim]`` tokens every query attends too (text), one softmax; or None.
+        additional_values: ``[B, n, heads, head_dim_v]``, given together with ``additional_keys``.
+        backend: None/"auto" (the block-sparse Triton kernels on CUDA where they can run, else the reference:
+            masked attention chunked over query blocks), "reference", or "triton".
+
+    Returns:
+        ``[B, T, H, W, heads, head_dim_v]`` in ``query``'s dtype.
+    """
+    return _radial(query, key, value, block_size, decay_factor, attention_sink, scale, additional_keys,
+                   additional_values, backend)
+
+
+# ================================================================================================ vmoba
+VMOBA_SELECT_MODES = ("threshold", "topk")
+VMOBA_THRESHOLD_TYPES = ("query_head", "head_global", "overall")
+
+
+def vmoba_options(chunk_size, select_mode: str = "threshold", topk: int = 3, threshold: float = 0.25,
+                  threshold_type: str = "query_head") -> dict:
+    """VMoBA's arguments checked without an input (the modules and processors check them at construction):
+    a dict of the normalised values, ``chunk_size`` as a 1-3 tuple."""
+    if _is_int(chunk_size):
+        chunk = (positive_int(chunk_size, "chunk_size"),)
+    elif isinstance(chunk_size, (tuple, list)) and len(chunk_size) in (1, 2, 3):
+        if not all(_is_int(c) for c in chunk_size):
+            raise TypeError(f"chunk_size must be an int or a tuple of 1-3 ints, got {chunk_size!r}")
+        if any(c < 1 for c in chunk_size):
+            raise ValueError(f"chunk_size must be positive, got {chunk_size!r}")
+        chunk = tuple(int(c) for c in chunk_size)
+    elif isinstance(chunk_size, (tuple, list)):
+        raise ValueError(f"chunk_size must be an int (frames) or a 2-tuple (h, w) or 3-tuple (t, h, w), got "
+                         f"{chunk_size!r}")
+    else:
+        raise TypeError(f"chunk_size must be an int or a tuple of 1-3 ints, got {chunk_size!r}")
+    if select_mode not in VMOBA_SELECT_MODES:
+        raise ValueError(f"select_mode must be one of {VMOBA_SELECT_MODES}, got {select_mode!r}")
+    topk = positive_int(topk, "topk")
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"threshold must be a number in [0, 1], got {threshold!r}")
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+    if threshold_type not in VMOBA_THRESHOLD_TYPES:
+        raise ValueError(f"threshold_type must be one of {VMOBA_THRESHOLD_TYPES}, got {threshold_type!r}")
+    return {"chunk_size": chunk, "select_mode": select_mode, "topk": topk, "threshold": float(threshold),
+            "threshold_type": threshold_type}
+
+
+def _vmoba(query, key, value, chunk_size, select_mode, topk, threshold, threshold_type, scale, additional_keys,
+           additional_values, backend, dry_run=False):
+    op = "vmoba_attention"
+    backend = check_backend(backend, op)
+    _check_qkv(query, key, value, (3,), op)
+    opts = vmoba_options(chunk_size, select_mode, topk, threshold, threshold_type)
+    chunk, spatial = opts["chunk_size"], tuple(query.shape[1:4])
+    dims = spatial[-len(chunk):] if len(chunk) > 1 else spatial[:1]
+    if len(chunk) > 1 and any(n % c for n, c in zip(dims, chunk, strict=True)):
+        raise ValueError(f"{op}: a {len(chunk)}-D chunk_size must divide the video's last {len(chunk)} dimensions "
+                         f"{dims}, got chunk_size={chunk}")
+    if len(chunk) == 1 and chunk[0] > spatial[0]:
+        raise ValueError(f"{op}: chunk_size={chunk[0]} frames exceeds the video's {spatial[0]} frames")
+    _check_extra_kv(additional_keys, additional_values, query, value, op)
+    scale = check_scale(scale, query.shape[-1])
+    chosen = _choose("vmoba", backend, query, lambda: _triton_why_not(
+        "vmoba", query, key, value, additional_keys, additional_values))
+    if dry_run:
+        return chosen
+    _record(chosen)
+    impl = reference if chosen == "reference" else _kernels
+    return _contiguous(impl.vmoba(query, key, value, chunk, opts["select_mode"], opts["topk"], opts["threshold"],
+                                  opts["threshold_type"], scale, additional_keys, additional_values))
+
+
+def vmoba_attention(query: Tensor, key: Tensor, value: Tensor, chunk_size: int | Sequence[int],
+                    select_mode: str = "threshold", topk: int = 3, threshold: float = 0.25,
+                    threshold_type: str = "query_head", scale: float | None = None,
+                    additional_keys: Tensor | None = None, additional_values: Tensor | None = None,
+                    backend: str | None = None) -> Tensor:
+    """VMoBA, mixture-of-block attention for video (Wu et al. 2025; KwaiVGI/VMoBA), on heads-last video
+    ``[B, T, H, W, heads, head_dim]``.
+
+    Keys are cut into chunks (``chunk_size``: an int = whole frames (1-D), ``(h, w)`` patches over all frames
+    (2-D), ``(t, h, w)`` cubes (3-D); the paper cycles the three over the layers). Each query (per head) keeps
+    its own chunk and picks others by the affinity of its query with each chunk's mean key: ``select_mode="topk"``
+    keeps ``topk`` chunks in all; ``"threshold"`` (the release's default) min-max normalises the affinities over
+    ``threshold_type`` ("query_head": per query; "head_global": per head over all queries of the sample;
+    "overall": over the whole sample) and keeps the largest until they hold ``threshold`` of the total. The query
+    then attends every key of its chunks (plus the additional tokens) in one softmax. The choice is not
+    differentiated. As in the release, a call in which no query picks a chunk besides its own attends densely.
+
+    Args:
+        query: ``[B, T, H, W, heads, head_dim]``, any strides.
+        key: same shape, dtype and device as ``query``.
+        value: ``[B, T, H, W, heads, head_dim_v]``.
+        chunk_size: int (frames per chunk, at most T) or a 2-/3-tuple dividing ``(H, W)`` / ``(T, H, W)``.
+        select_mode: "threshold" or "topk".
+        topk: chunks per query with ``select_mode="topk"``, its own included (the release's ``moba_topk``).
+        threshold: the share of the normalised affinity to keep, in [0, 1] (the release's default 0.25).
+        threshold_type: "query_head" (default), "head_global" or "overall" (per sample here; the release takes the
+            last two over its whole packed batch).
+        scale: softmax scale, a finite number > 0; None means ``head_dim ** -0.5``.
+        additional_keys: ``[B, n, heads, head_dim]`` tokens every query attends too (text), one softmax; or None.
+        additional_values: ``[B, n, heads, head_dim_v]``, given together with ``additional_keys``.
+        backend: None/"auto" (the block-sparse Triton kernels on CUDA, routed on the device, where they can run;
+            else the reference), "reference", or "triton".
+
+    Returns:
+        ``[B, T, H, W, heads, head_dim_v]`` in ``query``'s dtype.
+    """
+    return _vmoba(query, key, value, chunk_size, select_mode, topk, threshold, threshold_type, scale,
+                  additional_keys, additional_values, backend)
+
+
 # ================================================================================================ op specs
 @dataclass(frozen=True)
 class OpSpec:
@@ -790,6 +1038,10 @@ def _probe_map(device: str) -> Tensor:
     return torch.empty(1, 8, 8, 1, 16, device=device, dtype=torch.float32 if device == "cpu" else torch.float16)
 
 
+def _probe_video(device: str) -> Tensor:
+    return torch.empty(1, 4, 8, 8, 1, 16, device=device, dtype=torch.float32 if device == "cpu" else torch.float16)
+
+
 def _probe_args(build: Callable[[Tensor], tuple]) -> Callable[[str], tuple]:
     return lambda device: build(_probe_map(device))
 
@@ -813,6 +1065,20 @@ OP_SPECS: tuple[OpSpec, ...] = (
            "bi-level routing attention (BiFormer), routed regions read in place",
            _k and _k.bilevel_routing, _k and _k.bilevel_routing_why_not,
            _probe_args(lambda q: (q, q, q, (2, 2), 1)), aliases=("routing", "bra", "BRA")),
+    OpSpec("sliding_tile", ("sliding_tile_attention",), (3,),
+           "sliding-tile attention (STA) as GNA with stride = tile, fused forward + backward",
+           _k and _k.na, _k and _k.na_why_not,
+           lambda device: (lambda q: (q, q, q, (6, 8, 8), (1, 1, 1), (2, 4, 4), (False,) * 3, None, None, None))(
+               _probe_video(device)),
+           aliases=("sta", "STA")),
+    OpSpec("radial", ("radial_attention",), (3,),
+           "Radial Attention: static block-sparse mask (CSR), fused forward + backward, text tokens in one softmax",
+           _k and _k.radial, _k and _k.radial_why_not,
+           lambda device: (lambda q: (q, q, q, 16, None, None))(_probe_video(device))),
+    OpSpec("vmoba", ("vmoba_attention",), (3,),
+           "VMoBA: per-query key-chunk routing on the device, the block-sparse kernels with per-row choices",
+           _k and _k.vmoba, _k and _k.vmoba_why_not,
+           lambda device: (lambda q: (q, q, q, None, None))(_probe_video(device))),
 )
 _SPECS = {spec.key: spec for spec in OP_SPECS}
 # The one alias table: every accepted name (canonical key, public function name, alias) -> the canonical key.
@@ -837,6 +1103,9 @@ _DRY_RUN_FNS = {
     "window_attention": lambda **a: _window(**a, dry_run=True),
     "agent_attention": lambda **a: _agent(**a, dry_run=True),
     "bilevel_routing_attention": lambda **a: _bilevel_routing(**a, dry_run=True),
+    "sliding_tile_attention": lambda **a: _sliding_tile(**a, dry_run=True),
+    "radial_attention": lambda **a: _radial(**a, dry_run=True),
+    "vmoba_attention": lambda **a: _vmoba(**a, dry_run=True),
 }
 assert set(_DRY_RUN_FNS) == {name for spec in OP_SPECS for name in spec.public}, "an OpSpec public op has no dry run"
 
@@ -848,8 +1117,9 @@ def which_backend(op: str, *args, **kwargs) -> str:
 
     Args:
         op: a public op name: "na1d", "na2d", "na3d", "window_attention", "agent_attention",
-            "bilevel_routing_attention"; an op with one public function may also be named by its canonical key or
-            an alias (``OP_ALIASES``: "window", "agent", "bilevel_routing", "routing", "bra", "BRA").
+            "bilevel_routing_attention", "sliding_tile_attention", "radial_attention", "vmoba_attention"; an op with
+            one public function may also be named by its canonical key or an alias (``OP_ALIASES``: "window",
+            "agent", "bilevel_routing", "routing", "bra", "BRA", "sliding_tile", "sta", "STA", "radial", "vmoba").
         *args, **kwargs: the op's arguments, exactly as the op takes them.
     """
     spec = op_spec(op) if isinstance(op, str) and op in OP_ALIASES else None
@@ -932,4 +1202,6 @@ def available_backends(device: str = "cpu") -> dict:
 
 
 __all__ = ["OP_ALIASES", "OP_SPECS", "OpSpec", "agent_attention", "available_backends", "bilevel_routing_attention",
-           "last_backend", "na1d", "na2d", "na3d", "op_spec", "track_backends", "which_backend", "window_attention"]
+           "last_backend", "na1d", "na2d", "na3d", "op_spec", "radial_attention", "radial_attention_mask",
+           "sliding_tile_attention", "track_backends", "vmoba_attention", "vmoba_options", "which_backend",
+           "window_attention"]

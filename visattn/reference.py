@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from visattn.geometry import pad_to_regions, region_grid, route_regions
+from visattn.geometry import pad_to_regions, region_grid, route_regions, vmoba_layout, vmoba_select
 
 # Gathered key elements (queries × keys × heads × head_dim) per chunk: bounds peak memory at ~1 GiB in fp32.
 CHUNK_ELEMENTS = 1 << 28
@@ -238,6 +238,72 @@ def agent(
         query_logits = query_logits + query_bias.to(ct)
     out = torch.softmax(query_logits, dim=-1) @ agent_values
     return out.transpose(1, 2).reshape(batch, *spatial, heads, v.shape[-1]).to(q.dtype)
+
+
+def block_sparse(q: Tensor, k: Tensor, v: Tensor, key_blocks: Tensor, block_size: int, scale: float,
+                 extra_k: Tensor | None = None, extra_v: Tensor | None = None) -> Tensor:
+    """Block-sparse attention over flattened tokens, plus every extra token, in one softmax.
+
+    ``q, k, v``: ``[B, N, heads, D]``. ``key_blocks``: a static block mask ``[ceil(N / block), ceil(N / block)]``
+    (query ``i`` attends key ``j`` iff ``key_blocks[i // block, j // block]``; Radial Attention) or per-row choices
+    ``[B, heads, N, ceil(N / block)]`` (query ``i`` of head ``h`` attends key ``j`` iff ``key_blocks[b, h, i,
+    j // block]``; VMoBA). Masked softmax in compute precision, chunked over queries (each chunk checkpointed
+    under autograd) so memory stays ``chunk x N``. A query with no key at all gets a zero output."""
+    batch, n, heads, dim = q.shape
+    dim_v = v.shape[-1]
+    ct = _compute_dtype(q.dtype)
+    mask = key_blocks.to(q.device)
+    per_row = mask.dim() == 4
+    token_block = torch.arange(n, device=q.device) // block_size
+    n_extra = 0 if extra_k is None else extra_k.shape[1]
+    rows_per_chunk = max(block_size, CHUNK_ELEMENTS // max(1, batch * heads * (n + n_extra) * max(dim, dim_v)))
+    rows_per_chunk -= rows_per_chunk % block_size
+    needs_grad = torch.is_grad_enabled() and not torch.compiler.is_exporting() and any(
+        t is not None and t.requires_grad for t in (q, k, v, extra_k, extra_v))
+
+    def run(qc, k, v, extra_k, extra_v, start):
+        rows = torch.arange(start, start + qc.shape[1], device=q.device)
+        if per_row:
+            allowed = mask[:, :, rows][..., token_block]  # [B, heads, C, N]
+        else:
+            allowed = mask[token_block[rows]][:, token_block]  # [C, N]
+        logits = torch.einsum("bchd,bnhd->bhcn", qc.to(ct), k.to(ct)) * scale
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        values = v.to(ct)
+        if extra_k is not None:
+            extra = torch.einsum("bchd,bnhd->bhcn", qc.to(ct), extra_k.to(ct)) * scale
+            logits = torch.cat([logits, extra], dim=-1)
+            values = torch.cat([values, extra_v.to(ct)], dim=1)
+        empty = torch.isinf(logits).all(dim=-1, keepdim=True)  # a row without keys: zero output, finite grads
+        probs = torch.softmax(logits.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+        return torch.einsum("bhcn,bnhd->bchd", probs, values)
+
+    outs = []
+    for start in range(0, n, rows_per_chunk):
+        qc = q[:, start:start + rows_per_chunk]
+        if needs_grad:
+            outs.append(checkpoint(run, qc, k, v, extra_k, extra_v, start, use_reentrant=False))
+        else:
+            outs.append(run(qc, k, v, extra_k, extra_v, start))
+    return torch.cat(outs, dim=1).to(q.dtype) if len(outs) > 1 else outs[0].to(q.dtype)
+
+
+def vmoba(q: Tensor, k: Tensor, v: Tensor, chunk: tuple[int, ...], select_mode: str, topk: int, threshold: float,
+          threshold_type: str, scale: float, extra_k: Tensor | None = None, extra_v: Tensor | None = None) -> Tensor:
+    """VMoBA on ``[B, T, H, W, heads, D]``: tokens in chunk order, each query attends the key chunks it selects
+    (``geometry.vmoba_select``) plus the extra tokens, one softmax; the output back in row-major order."""
+    batch, frames, height, width, heads, _ = q.shape
+    n = frames * height * width
+    perm, chunk_len = vmoba_layout((frames, height, width), chunk)
+    qf, kf, vf = (t.reshape(batch, n, heads, t.shape[-1]) for t in (q, k, v))
+    if perm is not None:
+        perm = perm.to(q.device)
+        qf, kf, vf = (t[:, perm] for t in (qf, kf, vf))
+    sel = vmoba_select(qf, kf, chunk_len, select_mode, topk, threshold, threshold_type)
+    out = block_sparse(qf, kf, vf, sel, chunk_len, scale, extra_k, extra_v)
+    if perm is not None:
+        out = out[:, torch.argsort(perm)]
+    return out.reshape(batch, frames, height, width, heads, v.shape[-1])
 
 
 def to_regions(t: Tensor, regions: tuple[int, int]) -> Tensor:

@@ -16,6 +16,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from oracle import na_mask  # noqa: E402
 
+from visattn.bench import dense  # noqa: E402
 from visattn.diffusion import (  # noqa: E402
     AgentSDAttnProcessor,
     FluxNeighborhoodAttnProcessor,
@@ -228,6 +229,116 @@ def test_wan_full_and_small_kernel(wan):
     oracle = masked_oracle(model, inputs, [block.attn1 for block in model.blocks], mask)
     assert_patched_equals(model, inputs, oracle, **na)
     assert torch.equal(run(model, inputs), stock)
+
+
+# ------------------------------------------------------------------------------------ video patterns (issue 23)
+def radial_token_mask(grid, block_size, decay_factor, attention_sink) -> torch.Tensor:
+    """The released Radial block mask (transcription in visattn.bench.dense) expanded to [N, N] tokens."""
+    frames, per = grid[0], grid[1] * grid[2]
+    blocks = dense.radial_release_mask(frames, per, block_size, decay_factor, attention_sink)
+    token_block = torch.arange(frames * per) // block_size
+    return blocks[token_block][:, token_block]
+
+
+def test_wan_sta_and_radial_equal_masked_oracle_and_stock_at_full_density(wan):
+    model, inputs, grid = wan  # grid (3, 5, 7)
+    stock = run(model, inputs)
+    attn1 = [block.attn1 for block in model.blocks]
+    assert_patched_equals(model, inputs, stock, attention="sta", tile_size=(1, 5, 7), kernel_tiles=(9, 9, 9))
+    assert radial_token_mask(grid, 128, 1.0, True).all()  # 105 tokens in one (partial, dense) block
+    assert_patched_equals(model, inputs, stock, attention="radial", block_size=128)
+    tile, window = (1, 5, 1), (3, 1, 3)
+    mask = dense.sliding_tile_mask(grid, tile, window)
+    assert not mask.all()
+    assert_patched_equals(model, inputs, masked_oracle(model, inputs, attn1, mask), attention="sta", tile_size=tile,
+                          kernel_tiles=window)
+    mask = radial_token_mask(grid, 4, 0.5, True)  # Wan: the first frame is an attention sink by default
+    assert not mask.all()
+    assert_patched_equals(model, inputs, masked_oracle(model, inputs, attn1, mask), attention="radial", block_size=4,
+                          decay_factor=0.5)
+    # Radial's release keeps its first layers dense: dense_blocks
+    oracle = masked_oracle(model, inputs, attn1[1:], mask)
+    assert_patched_equals(model, inputs, oracle, attention="radial", block_size=4, decay_factor=0.5, dense_blocks=1)
+    assert torch.equal(run(model, inputs), stock)
+
+
+def test_hunyuan_sta_and_radial_with_padded_text_equal_masked_oracle(hunyuan):
+    model, inputs, grid, text = hunyuan  # grid (3, 4, 5), text last, the second prompt padded
+    attentions = [block.attn for block in (*model.transformer_blocks, *model.single_transformer_blocks)]
+    stock = run(model, inputs)
+    assert_patched_equals(model, inputs, stock, attention="sta", tile_size=(1, 2, 5), kernel_tiles=(3, 3, 1))
+    assert_patched_equals(model, inputs, stock, attention="vmoba", chunk_size=1, select_mode="topk", topk=3)
+    for kwargs, image_mask in (
+            (dict(tile_size=(1, 2, 5), kernel_tiles=(1, 1, 1)), dense.sliding_tile_mask(grid, (1, 2, 5), (1, 1, 1))),
+            (dict(block_size=4, decay_factor=0.5), radial_token_mask(grid, 4, 0.5, False))):  # no sink by default
+        assert not image_mask.all()
+        video = math.prod(grid)
+        mask = torch.ones(video + text, video + text, dtype=torch.bool)
+        mask[:video, :video] = image_mask  # video rows: the pattern plus every valid text token; text rows: dense
+        attention = "sta" if "tile_size" in kwargs else "radial"
+        assert_patched_equals(model, inputs, masked_oracle(model, inputs, attentions, mask), attention=attention,
+                              **kwargs)
+    assert torch.equal(run(model, inputs), stock)
+
+
+def test_wan_vmoba_cycles_chunks_per_block_and_matches_oracle(wan, monkeypatch):
+    """VMoBA's selection depends on q and k inside the model, so the oracle works on what reaches the op: every
+    call's inputs are recorded and its output checked against the dense VMoBA oracle; the chunk sizes cycle over the
+    blocks (the layer-wise 1-D/2-D recurrence); at full density (top-3 of 3 chunks) it equals the stock model."""
+    from visattn import functional
+
+    model, inputs, grid = wan  # grid (3, 5, 7), 2 blocks
+    stock = run(model, inputs)
+    assert_patched_equals(model, inputs, stock, attention="vmoba", chunk_size=1, select_mode="topk", topk=3)
+    calls = []
+    real = functional.vmoba_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        out = real(q, k, v, *args, **kwargs)
+        calls.append((q.detach().clone(), k.detach().clone(), v.detach().clone(), kwargs, out.detach().clone()))
+        return out
+
+    monkeypatch.setattr(functional, "vmoba_attention", recording)
+    patch(model, attention="vmoba", chunk_size=[1, (1, 7)], threshold=0.3)
+    try:
+        run(model, inputs)
+    finally:
+        unpatch(model)
+    assert [c[3]["chunk_size"] for c in calls] == [(1,), (1, 7)]
+    picked = []
+    for q, k, v, kwargs, out in calls:
+        assert q.shape[1:4] == grid
+        options = {name: kwargs[name] for name in ("select_mode", "topk", "threshold", "threshold_type")}
+        ref, fraction = dense.vmoba(q, k, v, kwargs["chunk_size"], **options, return_selection=True)
+        picked.append(fraction)
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    assert all(0 < f < 1 for f in picked)
+    assert torch.equal(run(model, inputs), stock)
+
+
+def test_video_pattern_refusals(flux, wan):
+    model, inputs, _ = wan
+    with pytest.raises(ValueError, match="attention"):
+        patch(flux[0], attention="radial")
+    with pytest.raises(ValueError, match="kernel_size"):
+        patch(model, attention="sta", kernel_size=3)
+    with pytest.raises(TypeError, match="block_size"):
+        patch(model, attention="sta", block_size=4)
+    with pytest.raises(ValueError, match="decay_factor"):
+        patch(model, attention="radial", decay_factor=0.0)
+    with pytest.raises(ValueError, match="disagree"):
+        patch(model, "sta", attention="radial")
+    with pytest.raises(TypeError, match="dense_blocks"):
+        patch(model, attention="radial", dense_blocks=1.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        patch(model, attention="vmoba", chunk_size=[1, (1, 2, 3, 4)])
+    assert not hasattr(model, "_visattn_patch")
+    patch(model, attention="sta", tile_size=(2, 5, 7))  # 2 does not divide the 3 frames: refused at the call
+    try:
+        with pytest.raises(ValueError, match="tile_size"):
+            run(model, inputs)
+    finally:
+        unpatch(model)
 
 
 # ---------------------------------------------------------------------------------------------- UNet / AgentSD

@@ -11,6 +11,9 @@ from visattn.nn import (
     NeighborhoodAttention1D,
     NeighborhoodAttention2D,
     NeighborhoodAttention3D,
+    RadialAttention,
+    SlidingTileAttention,
+    VMoBAAttention,
     WindowAttention,
 )
 
@@ -21,6 +24,9 @@ CASES = [  # (class, constructor args, input shape)
     (WindowAttention, (16, 4, 2), (2, 8, 8, 16)),
     (AgentAttention, (16, 8, 2), (2, 8, 8, 16)),
     (BiLevelRoutingAttention, (16, 2, 2), (2, 8, 8, 16)),
+    (SlidingTileAttention, (16, 2, (1, 2, 2), (1, 3, 3)), (1, 2, 6, 6, 16)),
+    (RadialAttention, (16, 2, 4, 0.5), (1, 4, 2, 4, 16)),
+    (VMoBAAttention, (16, 2, (2, 2)), (1, 3, 4, 4, 16)),
 ]
 
 

@@ -6,6 +6,7 @@ reference's neighbor tables), used by ``visattn smoke`` as its oracle. Float64, 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -123,8 +124,187 @@ def bilevel_routing(q, k, v, regions, topk, scale=None):
     return torch.cat(outs)[:, :height, :width]
 
 
+def sliding_tile_mask(spatial: Sequence[int], tile_size: Sequence[int], kernel_tiles: Sequence[int]) -> Tensor:
+    """[N, N] bool: STA's mask (FastVideo's flex-attention definition): the query's tile, its window centre clamped
+    to ``[k // 2, tiles - 1 - k // 2]`` (the upper bound wins when they cross), keys in tiles ``|centre - u| <=
+    k // 2`` in every dimension."""
+    grids = torch.meshgrid(*[torch.arange(n) for n in spatial], indexing="ij")
+    inside = torch.ones(1, 1, dtype=torch.bool)
+    for g, n, tile, k in zip(grids, spatial, tile_size, kernel_tiles, strict=True):
+        t = g.reshape(-1) // tile
+        centre = torch.clamp(t, min=k // 2).clamp(max=n // tile - 1 - k // 2)
+        inside = inside & ((centre[:, None] - t[None, :]).abs() <= k // 2)
+    return inside
+
+
+def sliding_tile(q, k, v, tile_size, kernel_tiles, scale=None, extra_k=None, extra_v=None):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    mask = sliding_tile_mask(q.shape[1:-2], tile_size, kernel_tiles)
+    return dense_attention(q, k, v, mask, None, scale, extra_k, extra_v)
+
+
+def radial_release_mask(frames: int, tokens_per_frame: int, block_size: int = 128, decay_factor: float = 1.0,
+                        attention_sink: bool = True, threshold: int | None = None) -> Tensor:
+    """Radial Attention's block mask, the released builder's arithmetic step by step (mit-han-lab/radial-attention,
+    ``radial_attn/attn_mask.py``: ``gen_log_mask_shrinked``, ``get_window_width``, ``get_diagonal_split_mask``,
+    ``shrinkMaskStrict``): a dense token mask per frame pair, padded, shrunk to blocks, OR-ed in. ``threshold`` is
+    the split mask's hard-coded 128 (None: ``block_size``, which the release's 128 equals). O(P²) per pair."""
+    threshold = block_size if threshold is None else threshold
+    per = tokens_per_frame
+    total = frames * per
+    seq = -(-total // block_size) * block_size
+    final = torch.zeros(seq // block_size, seq // block_size, dtype=torch.bool)
+    border = total // block_size
+    final[border:] = True
+    final[:, border:] = True
+    rows = torch.arange(per).view(-1, 1)
+    cols = torch.arange(per).view(1, -1)
+    for i in range(frames):
+        for j in range(frames):
+            dist = abs(i - j)
+            if j == 0 and attention_sink:
+                local = torch.ones(per, per, dtype=torch.bool)
+            else:
+                if dist <= 1:
+                    width = per
+                else:
+                    decay = 2 ** per.bit_length() / 2 ** dist.bit_length() * decay_factor
+                    width = decay if decay >= block_size else block_size
+                local = (cols - rows).abs() <= width
+                split_decay = 2 ** per.bit_length() / 2 ** dist.bit_length()
+                if split_decay < threshold and dist % int(threshold / split_decay) != 0:
+                    local = torch.zeros(per, per, dtype=torch.bool)
+            rem_r, rem_c = (i * per) % block_size, (j * per) % block_size
+            size = ((per - 1) // block_size + 1) * block_size
+            padded = torch.zeros(rem_r + size, rem_c + size, dtype=torch.bool)
+            padded[rem_r:rem_r + per, rem_c:rem_c + per] = local
+            n = padded.shape[0] // block_size  # the release sizes both sides from the row count
+            blocks = padded[:n * block_size, :n * block_size].view(n, block_size, n, block_size)
+            density = blocks.sum(dim=1) / block_size
+            frac = (density > 1 / 3).sum(dim=-1) / ((density > 0).sum(dim=-1) + 1e-9)
+            shrunk = frac > 0.6
+            r0, c0 = (i * per) // block_size, (j * per) // block_size
+            final[r0:r0 + n, c0:c0 + n] |= shrunk
+    return final
+
+
+def radial(q, k, v, block_size=128, decay_factor=1.0, attention_sink=True, scale=None, extra_k=None,
+           extra_v=None):
+    """Dense-mask Radial Attention over ``[B, T, H, W, heads, D]``: the release's block mask expanded to tokens."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    frames, per = q.shape[1], q.shape[2] * q.shape[3]
+    blocks = radial_release_mask(frames, per, block_size, decay_factor, attention_sink)
+    n = frames * per
+    token_block = torch.arange(n) // block_size
+    mask = blocks[token_block][:, token_block]
+    return dense_attention(q, k, v, mask, None, scale, extra_k, extra_v)
+
+
+def vmoba_order(spatial: Sequence[int], chunk: Sequence[int]) -> list[int]:
+    """The release's ``process_moba_input`` token order, by explicit loops: row-major token index at each position."""
+    frames, height, width = spatial
+    if len(chunk) == 1:
+        return list(range(frames * height * width))
+    if len(chunk) == 2:
+        ch, cw = chunk
+        return [t * height * width + (pr * ch + y) * width + pc * cw + x for pr in range(height // ch)
+                for pc in range(width // cw) for t in range(frames) for y in range(ch) for x in range(cw)]
+    ct, ch, cw = chunk
+    return [(qt * ct + t) * height * width + (pr * ch + y) * width + pc * cw + x for qt in range(frames // ct)
+            for pr in range(height // ch) for pc in range(width // cw) for t in range(ct) for y in range(ch)
+            for x in range(cw)]
+
+
+def _release_threshold(gate: Tensor, own: Tensor, threshold: float, threshold_type: str) -> Tensor:
+    """The release's ``_select_threshold_*`` steps on a ``[C, H, S]`` gate (every entry valid)."""
+    eps = 1e-6
+    dims = {"query_head": (0,), "head_global": (0, 2), "overall": (0, 1, 2)}[threshold_type]
+    high, low = gate.amax(dim=dims, keepdim=True), gate.amin(dim=dims, keepdim=True)
+    span = torch.where(high - low <= eps, torch.ones_like(high), high - low)
+    norm = (gate - low) / span
+    self_share = (norm * own).sum(dim=dims, keepdim=True)
+    total = norm.sum(dim=dims, keepdim=True)
+    remain = (threshold - self_share / (total + eps)).clamp(min=0.0)
+    others = norm.clone()
+    others[own] = 0.0
+    chunks, heads, queries = gate.shape
+    picked = torch.zeros_like(own)
+    if threshold_type == "query_head":  # one group per (head, query): its chunks
+        groups = [((0, h, s), [(c, h, s) for c in range(chunks)]) for h in range(heads) for s in range(queries)]
+    elif threshold_type == "head_global":  # one group per head: (chunk, query) pairs
+        groups = [((0, h, 0), [(c, h, s) for c in range(chunks) for s in range(queries)]) for h in range(heads)]
+    else:  # one group: every entry that is not a query's own chunk
+        groups = [((0, 0, 0), [(c, h, s) for c in range(chunks) for h in range(heads) for s in range(queries)
+                               if not own[c, h, s]])]
+    for index, entries in groups:
+        values = [float(others[e]) for e in entries]
+        order = sorted(range(len(entries)), key=lambda i: -values[i])
+        need, whole = float(remain[index]), float(total[index])
+        running, cutoff = 0.0, len(order) - 1
+        for position, i in enumerate(order):
+            running += values[i]
+            if running / (whole + eps) >= need:
+                cutoff = position
+                break
+        for i in order[:cutoff + 1]:
+            picked[entries[i]] = True
+    return picked | own
+
+
+def vmoba(q, k, v, chunk, select_mode="threshold", topk=3, threshold=0.25, threshold_type="query_head", scale=None,
+          extra_k=None, extra_v=None, return_selection=False):
+    """Dense VMoBA over ``[B, T, H, W, heads, D]``: the release's chunk order, mean-key gates and selection
+    (``moba_attn_varlen``), each sample on its own, then float64 attention over the selected chunks' keys. With
+    ``return_selection`` also the fraction of (query, head, chunk) triples selected."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    batch, frames, height, width, heads, dim = q.shape
+    n = frames * height * width
+    chunk = tuple(chunk) if isinstance(chunk, (tuple, list)) else (chunk,)
+    order = torch.tensor(vmoba_order((frames, height, width), chunk))
+    chunk_len = chunk[0] * height * width if len(chunk) == 1 else math.prod(chunk) * (frames if len(chunk) == 2
+                                                                                        else 1)
+    chunks = -(-n // chunk_len)
+    chunk_of = torch.arange(n) // chunk_len
+    picks = []
+    for b in range(batch):
+        qb, kb = (t[b].detach().reshape(n, heads, dim).double()[order] for t in (q, k))
+        means = torch.stack([kb[chunk_of == c].mean(dim=0) for c in range(chunks)])  # [C, heads, D]
+        gate = torch.einsum("chd,shd->chs", means, qb)
+        own = (chunk_of[None, None, :] == torch.arange(chunks)[:, None, None]).expand(chunks, heads, n).clone()
+        if select_mode == "topk":
+            boosted = gate.clone()
+            boosted[own] += 1e9
+            picked = torch.zeros_like(own)
+            picked.scatter_(0, boosted.topk(min(topk, chunks), dim=0).indices, True)
+        else:
+            picked = _release_threshold(gate, own, threshold, threshold_type)
+        picks.append((picked, own))
+    dense_all = not any(bool((p & ~o).any()) for p, o in picks)
+    outs = []
+    for b, (picked, _) in enumerate(picks):
+        qb, kb, vb = (t[b].reshape(n, heads, t.shape[-1]).double()[order] for t in (q, k, v))
+        heads_out = []
+        for h in range(heads):
+            allowed = torch.ones(n, n, dtype=torch.bool) if dense_all else picked[:, h, :].T[:, chunk_of]
+            logits = (qb[:, h] @ kb[:, h].T * scale).masked_fill(~allowed, float("-inf"))
+            values = vb[:, h]
+            if extra_k is not None:
+                logits = torch.cat([logits, qb[:, h] @ extra_k[b, :, h].double().T * scale], dim=1)
+                values = torch.cat([values, extra_v[b, :, h].double()])
+            heads_out.append(torch.softmax(logits, dim=1) @ values)
+        out = torch.stack(heads_out, dim=1)  # [N, heads, Dv] in chunk order
+        restored = torch.empty_like(out)
+        restored[order] = out
+        outs.append(restored.reshape(frames, height, width, heads, -1))
+    if return_selection:
+        fraction = 1.0 if dense_all else sum(float(p.double().mean()) for p, _ in picks) / batch
+        return torch.stack(outs), fraction
+    return torch.stack(outs)
+
+
 # The dense oracle of each op, by its canonical key (``visattn.functional.OP_SPECS``; a test checks they match).
-PEERS = {"na": na, "window": window, "agent": agent, "bilevel_routing": bilevel_routing}
+PEERS = {"na": na, "window": window, "agent": agent, "bilevel_routing": bilevel_routing,
+         "sliding_tile": sliding_tile, "radial": radial, "vmoba": vmoba}
 
 
 def max_abs_error(out: Tensor, oracle: Tensor) -> float:

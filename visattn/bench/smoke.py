@@ -125,6 +125,17 @@ def cases(tokens2d: Tensor, device, dtype):
     yield ("bilevel_routing", "BRA 5x5 regions top-4 (padded)", q2,
            lambda: functional.bilevel_routing_attention(q2, k2, v2, 5, 4),
            lambda: dense.PEERS["bilevel_routing"](*f64(q2, k2, v2), (5, 5), 4))
+    yield ("sliding_tile", "STA tiles (2,4,4) window (1,3,3) +3 text", q3,
+           lambda: functional.sliding_tile_attention(q3, k3, v3, (2, 4, 4), (1, 3, 3), additional_keys=extra_k,
+                                                     additional_values=extra_v),
+           lambda: dense.PEERS["sliding_tile"](*f64(q3, k3, v3), (2, 4, 4), (1, 3, 3), None, *f64(extra_k, extra_v)))
+    yield ("radial", "radial block 16 decay 0.3 +3 text", q3,
+           lambda: functional.radial_attention(q3, k3, v3, 16, 0.3, additional_keys=extra_k,
+                                               additional_values=extra_v),
+           lambda: dense.PEERS["radial"](*f64(q3, k3, v3), 16, 0.3, True, None, *f64(extra_k, extra_v)))
+    yield ("vmoba", "VMoBA 3-D chunks (2,5,5) threshold 0.25", q3,
+           lambda: functional.vmoba_attention(q3, k3, v3, (2, 5, 5)),
+           lambda: dense.PEERS["vmoba"](*f64(q3, k3, v3), (2, 5, 5)))
 
 
 def run_smoke(device: str | None = None, dtype: str = "auto", models: bool = True) -> list[Row]:

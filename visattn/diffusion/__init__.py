@@ -31,6 +31,7 @@ from visattn.diffusion.processors import (
     HunyuanVideoNeighborhoodAttnProcessor,
     LatentGrid,
     WanNeighborhoodAttnProcessor,
+    joint_attention,
     joint_neighborhood_attention,
 )
 
@@ -56,6 +57,7 @@ __all__ = [
     "LTX2NeighborhoodAttnProcessor",
     "LatentGrid",
     "WanNeighborhoodAttnProcessor",
+    "joint_attention",
     "joint_neighborhood_attention",
     "patch",
     "patch_ltx2",

@@ -22,6 +22,7 @@ from visattn.diffusion.processors import (
     LatentGrid,
     WanNeighborhoodAttnProcessor,
 )
+from visattn.functional import non_negative_int
 
 _STATE = "_visattn_patch"
 
@@ -93,15 +94,16 @@ def _make_ltx2(context=None, backend=None, **kwargs):
     return LTX2NeighborhoodAttnProcessor(backend=backend)
 
 
+_VIDEO_METHODS = ("neighborhood", "sta", "radial", "vmoba")
 _FAMILIES: dict[str, _Family] = {
     "LTX2VideoDiffusionDecoderModel": _Family(_ltx2_targets, _make_ltx2, None, ("neighborhood",)),
     "FluxTransformer2DModel": _Family(_blocks("transformer_blocks", "single_transformer_blocks"),
                                       FluxNeighborhoodAttnProcessor, _flux_grid, ("neighborhood",)),
     "HunyuanVideoTransformer3DModel": _Family(
         _blocks("transformer_blocks", "single_transformer_blocks"), HunyuanVideoNeighborhoodAttnProcessor,
-        _video_grid(lambda c: (c.patch_size_t, c.patch_size, c.patch_size)), ("neighborhood",)),
+        _video_grid(lambda c: (c.patch_size_t, c.patch_size, c.patch_size)), _VIDEO_METHODS),
     "WanTransformer3DModel": _Family(_blocks("blocks", attribute="attn1"), WanNeighborhoodAttnProcessor,
-                                     _video_grid(lambda c: tuple(c.patch_size)), ("neighborhood",)),
+                                     _video_grid(lambda c: tuple(c.patch_size)), _VIDEO_METHODS),
     "UNet2DConditionModel": _Family(None, AgentSDAttnProcessor, None, ("agent",)),  # per-block hooks, below
 }
 
@@ -147,18 +149,36 @@ def _patch_unet(model: nn.Module, kwargs: dict) -> tuple[dict, list]:
     return originals, hooks
 
 
-def patch(model: nn.Module, method: str | None = None, **kwargs) -> nn.Module:
+def _for_block(kwargs: dict, index: int) -> dict:
+    """The processor arguments of the ``index``-th block: a list ``chunk_size`` (VMoBA) cycles over the blocks."""
+    cycle = kwargs.get("chunk_size")
+    if not isinstance(cycle, list):
+        return kwargs
+    if not cycle:
+        raise ValueError("chunk_size must not be an empty list")
+    return {**kwargs, "chunk_size": cycle[index % len(cycle)]}
+
+
+def patch(model: nn.Module, method: str | None = None, *, attention: str | None = None, dense_blocks: int = 0,
+          **kwargs) -> nn.Module:
     """Swap a diffusers model's attention for visattn's, training-free.
 
     Supported (``supported_models()``): ``LTX2VideoDiffusionDecoderModel`` (its own NA kernels, on visattn),
-    ``FluxTransformer2DModel``, ``HunyuanVideoTransformer3DModel``, ``WanTransformer3DModel`` (neighborhood / GNA;
-    keyword arguments ``kernel_size`` (required), ``dilation``, ``stride``, ``is_causal``, ``grid``, ``backend``) and
-    ``UNet2DConditionModel`` (AgentSD agent attention; ``agent_grid``, ``k_scale2``, ``k_shortcut``,
-    ``max_downsample``, ``backend``).
+    ``FluxTransformer2DModel`` (neighborhood / GNA: keyword arguments ``kernel_size`` (required), ``dilation``,
+    ``stride``, ``is_causal``, ``grid``, ``backend``), ``HunyuanVideoTransformer3DModel`` and
+    ``WanTransformer3DModel`` (the same, or ``attention="sta"`` with ``tile_size`` / ``kernel_tiles``, or
+    ``attention="radial"`` with ``block_size`` / ``decay_factor`` / ``attention_sink``, or ``attention="vmoba"``
+    with ``chunk_size`` / ``select_mode`` / ``topk`` / ``threshold`` / ``threshold_type``, where a *list* of chunk
+    sizes cycles over the blocks, VMoBA's layer-wise 1-D/2-D/3-D recurrence: ``chunk_size=[2, (4, 4), (2, 4, 4)]``;
+    text tokens stay dense and are extra keys of the video queries' softmax) and ``UNet2DConditionModel`` (AgentSD
+    agent attention; ``agent_grid``, ``k_scale2``, ``k_shortcut``, ``max_downsample``, ``backend``).
 
     Args:
         model: the diffusers model (not the pipeline: pass ``pipe.transformer`` / ``pipe.unet``).
-        method: "neighborhood" or "agent"; default: the model's only method.
+        method: "neighborhood", "sta", "radial", "vmoba" or "agent"; default: the model's first method.
+        attention: the same as ``method``, by keyword (``patch(model, attention="radial")``).
+        dense_blocks: the first ``dense_blocks`` patched blocks keep the stock processor (Radial Attention's
+            release keeps its first layers dense: ``dense_layers``).
         **kwargs: the processor's arguments (above).
 
     Returns:
@@ -173,20 +193,27 @@ def patch(model: nn.Module, method: str | None = None, **kwargs) -> nn.Module:
     if family is None:
         raise ValueError(f"visattn.diffusion.patch does not know {name} (diffusers {_compat.diffusers_version()}); "
                          f"supported: {supported_models()}")
-    method = method or family.methods[0]
+    if method is not None and attention is not None and method != attention:
+        raise ValueError(f"method={method!r} and attention={attention!r} disagree; pass one of them")
+    method = method or attention or family.methods[0]
     if method not in family.methods:
-        raise ValueError(f"{name} supports method {family.methods}, got {method!r}")
+        raise ValueError(f"{name} supports attention {family.methods}, got {method!r}")
+    dense_blocks = non_negative_int(dense_blocks, "dense_blocks")
     if hasattr(model, _STATE):
         raise ValueError(f"{name} is already patched by visattn; call visattn.diffusion.unpatch(model) first")
     _compat.check_diffusers_version(f"visattn.diffusion.patch({name})")
     if name == "UNet2DConditionModel":
         originals, hooks = _patch_unet(model, kwargs)
     else:
-        if family.grid_hook is not None and "kernel_size" not in kwargs:
+        if method == "neighborhood" and family.grid_hook is not None and "kernel_size" not in kwargs:
             raise ValueError(f"patch({name}) needs kernel_size=")
+        if len(family.methods) > 1:
+            kwargs = {**kwargs, "attention": method}
         context = LatentGrid()
         targets = family.targets(model)
-        processors = [family.make(context=context, **kwargs) for _ in targets]  # builds (and checks) first
+        processors = [family.make(context=context, **_for_block(kwargs, index))  # builds (and checks) first
+                      for index in range(dense_blocks, len(targets))]
+        targets = targets[dense_blocks:]
         originals, hooks = {}, []
         for (path, module), processor in zip(targets, processors, strict=False):
             originals[path] = module.processor

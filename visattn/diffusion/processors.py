@@ -21,7 +21,7 @@ reads it from the call (FLUX: ``img_ids``; HunyuanVideo / Wan: the latent's shap
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -92,10 +92,12 @@ def _text_lengths(mask: Tensor | None, image_tokens: int, text_tokens: int, text
     return None if all(n == text_tokens for n in lengths) else lengths
 
 
-def joint_neighborhood_attention(query: Tensor, key: Tensor, value: Tensor, grid: Sequence[int], text_tokens: int,
-                                 text_first: bool, na_args: dict, attention_mask: Tensor | None = None,
-                                 backend: str | None = None) -> Tensor:
-    """Joint text + image attention with neighborhood attention for the image queries.
+Attend = Callable[[Tensor, Tensor, Tensor, "Tensor | None", "Tensor | None"], Tensor]
+
+
+def joint_attention(query: Tensor, key: Tensor, value: Tensor, grid: Sequence[int], text_tokens: int,
+                    text_first: bool, attend: Attend, attention_mask: Tensor | None = None) -> Tensor:
+    """Joint text + image attention with a sparse pattern for the image queries.
 
     Args:
         query, key, value: ``[B, L, heads, head_dim]``, ``L = text_tokens + prod(grid)``, the text tokens at the
@@ -103,12 +105,12 @@ def joint_neighborhood_attention(query: Tensor, key: Tensor, value: Tensor, grid
         grid: the image token grid, 1-3 dims.
         text_tokens: number of text tokens (0: plain self-attention over the image).
         text_first: where the text tokens sit in the sequence.
-        na_args: ``kernel_size``/``dilation``/``stride``/``is_causal`` per grid dimension.
+        attend: ``attend(q, k, v, extra_k, extra_v)`` on ``[B, *grid, heads, D]`` maps with the valid text tokens
+            ``[B, n, heads, D]`` (or None) as extra keys in the same softmax: the image rows' attention.
         attention_mask: optional boolean key mask ``[B, 1, 1, L]`` masking trailing text padding.
-        backend: visattn backend for the NA call (None: the default).
 
     Returns:
-        ``[B, L, heads, head_dim_v]``: image rows = NA over the image plus the valid text tokens as extra keys (one
+        ``[B, L, heads, head_dim_v]``: image rows = ``attend`` over the image plus the valid text tokens (one
         softmax); text rows = dense attention over all valid keys (as the stock processor computes them).
     """
     batch, length, heads, _ = query.shape
@@ -121,15 +123,12 @@ def joint_neighborhood_attention(query: Tensor, key: Tensor, value: Tensor, grid
     def as_grid(t):
         return t[:, image].unflatten(1, tuple(grid))
     lengths = _text_lengths(attention_mask, image_tokens, text_tokens, text_first) if text_tokens else None
-    op = _na(len(grid))
-    extra = {} if backend is None else {"backend": backend}
 
     def image_rows(sample: slice, valid_text: int) -> Tensor:
         q, k, v = (as_grid(t[sample]) for t in (query, key, value))
         if valid_text:
-            extra_k, extra_v = key[sample, text][:, :valid_text], value[sample, text][:, :valid_text]
-            return op(q, k, v, additional_keys=extra_k, additional_values=extra_v, **na_args, **extra)
-        return op(q, k, v, **na_args, **extra)
+            return attend(q, k, v, key[sample, text][:, :valid_text], value[sample, text][:, :valid_text])
+        return attend(q, k, v, None, None)
 
     if lengths is None:
         image_out = image_rows(slice(None), text_tokens).flatten(1, len(grid))
@@ -144,21 +143,79 @@ def joint_neighborhood_attention(query: Tensor, key: Tensor, value: Tensor, grid
     return torch.cat([text_out, image_out] if text_first else [image_out, text_out], dim=1)
 
 
+def joint_neighborhood_attention(query: Tensor, key: Tensor, value: Tensor, grid: Sequence[int], text_tokens: int,
+                                 text_first: bool, na_args: dict, attention_mask: Tensor | None = None,
+                                 backend: str | None = None) -> Tensor:
+    """:func:`joint_attention` with neighborhood attention (``na_args``: ``kernel_size``/``dilation``/``stride``/
+    ``is_causal`` per grid dimension) for the image queries; ``backend`` for the NA call (None: the default)."""
+    op = _na(len(grid))
+    extra = {} if backend is None else {"backend": backend}
+
+    def attend(q, k, v, extra_k, extra_v):
+        return op(q, k, v, additional_keys=extra_k, additional_values=extra_v, **na_args, **extra)
+
+    return joint_attention(query, key, value, grid, text_tokens, text_first, attend, attention_mask)
+
+
+# The video patterns a processor can run on its image tokens besides NA, and their options with defaults (None:
+# the processor's own default).
+VIDEO_PATTERNS: dict[str, dict[str, object]] = {
+    "sta": {"tile_size": (6, 8, 8), "kernel_tiles": (3, 3, 3)},
+    "radial": {"block_size": 128, "decay_factor": 1.0, "attention_sink": None},
+    "vmoba": {"chunk_size": 1, "select_mode": "threshold", "topk": 3, "threshold": 0.25,
+              "threshold_type": "query_head"},
+}
+
+
 class _GridProcessor:
-    """Shared state of the neighborhood processors: the NA arguments and where the grid comes from."""
+    """Shared state of the grid processors: the image tokens' attention pattern (NA arguments, or a video pattern
+    of ``VIDEO_PATTERNS`` and its options) and where the grid comes from."""
 
     _what = "neighborhood processor"
     _attention = ("", "")  # (diffusers module, class) the processor was written for
+    _patterns: tuple[str, ...] = ("neighborhood",)  # the image-token patterns this family takes
+    _sink = False  # Radial Attention's attention_sink default for this family (the release: Wan True)
 
-    def __init__(self, kernel_size, dilation=1, stride=1, is_causal=False, grid: Sequence[int] | None = None,
-                 context: LatentGrid | None = None, backend: str | None = None):
+    def __init__(self, kernel_size=None, dilation=1, stride=1, is_causal=False, grid: Sequence[int] | None = None,
+                 context: LatentGrid | None = None, backend: str | None = None, *,
+                 attention: str = "neighborhood", **options):
         _compat.check_diffusers_version(self._what)
         self._attention_cls = _compat.load_class(*self._attention, self._what)
+        if attention not in self._patterns:
+            raise ValueError(f"{self._what}: attention must be one of {self._patterns}, got {attention!r}")
+        self.attention = attention
+        allowed = VIDEO_PATTERNS.get(attention, {})
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise TypeError(f"{self._what}: attention={attention!r} takes no argument(s) {unknown}"
+                            + (f"; its options are {sorted(allowed)}" if allowed else ""))
+        if attention == "neighborhood":
+            if kernel_size is None:
+                raise ValueError(f"{self._what}: attention='neighborhood' needs kernel_size")
+        elif kernel_size is not None:
+            raise ValueError(f"{self._what}: kernel_size belongs to attention='neighborhood', not {attention!r}")
+        self.options = {**allowed, **options}
+        if attention == "radial" and self.options["attention_sink"] is None:
+            self.options["attention_sink"] = self._sink
+        self._check_options()
         self.kernel_size, self.dilation, self.stride, self.is_causal = kernel_size, dilation, stride, is_causal
         self.fixed_grid = tuple(grid) if grid is not None else None
         self.context = context if context is not None else LatentGrid()
         self.backend = backend
         self._check_interface()
+
+    def _check_options(self) -> None:
+        """The video pattern's options, checked at construction by the functional API's checkers."""
+        opts = self.options
+        if self.attention == "sta":
+            opts["tile_size"] = functional.int_tuple(opts["tile_size"], 3, "tile_size")
+            opts["kernel_tiles"] = functional.int_tuple(opts["kernel_tiles"], 3, "kernel_tiles")
+        elif self.attention == "vmoba":
+            opts.update(functional.vmoba_options(**opts))
+        elif self.attention == "radial":
+            opts["block_size"] = functional.positive_int(opts["block_size"], "block_size")
+            opts["decay_factor"] = functional.check_decay(opts["decay_factor"])
+            functional.check_flag(opts["attention_sink"], "attention_sink")
 
     def _check_interface(self) -> None:
         """Structure checks against the installed diffusers (overridden per family)."""
@@ -177,6 +234,33 @@ class _GridProcessor:
 
     def na_args(self, grid: Sequence[int]) -> dict:
         return _kernel_args(grid, self.kernel_size, self.dilation, self.stride, self.is_causal)
+
+    def joint(self, query: Tensor, key: Tensor, value: Tensor, text_tokens: int, text_first: bool,
+              attention_mask: Tensor | None = None) -> Tensor:
+        """:func:`joint_attention` over the current grid with this processor's pattern."""
+        grid = self.grid()
+        extra = {} if self.backend is None else {"backend": self.backend}
+        if self.attention == "neighborhood":
+            return joint_neighborhood_attention(query, key, value, grid, text_tokens, text_first,
+                                                self.na_args(grid), attention_mask, self.backend)
+        if len(grid) != 3:
+            raise ValueError(f"{self._what}: attention={self.attention!r} needs a (T, H, W) grid, got {grid}")
+        opts = self.options
+        if self.attention == "sta":
+            def attend(q, k, v, extra_k, extra_v):
+                return functional.sliding_tile_attention(q, k, v, opts["tile_size"], opts["kernel_tiles"],
+                                                         additional_keys=extra_k, additional_values=extra_v,
+                                                         **extra)
+        elif self.attention == "vmoba":
+            def attend(q, k, v, extra_k, extra_v):
+                return functional.vmoba_attention(q, k, v, **opts, additional_keys=extra_k, additional_values=extra_v,
+                                                  **extra)
+        else:
+            def attend(q, k, v, extra_k, extra_v):
+                return functional.radial_attention(q, k, v, opts["block_size"], opts["decay_factor"],
+                                                   opts["attention_sink"], additional_keys=extra_k,
+                                                   additional_values=extra_v, **extra)
+        return joint_attention(query, key, value, grid, text_tokens, text_first, attend, attention_mask)
 
 
 class FluxNeighborhoodAttnProcessor(_GridProcessor):
@@ -234,8 +318,7 @@ class FluxNeighborhoodAttnProcessor(_GridProcessor):
             if text_tokens < 0:
                 raise ValueError(f"{self._what}: the single-stream sequence has {query.shape[1]} tokens, fewer than "
                                  f"the grid {tuple(grid)} holds; pass the image token grid as grid=")
-        out = joint_neighborhood_attention(query, key, value, grid, text_tokens, True, self.na_args(grid),
-                                           backend=self.backend)
+        out = self.joint(query, key, value, text_tokens, True)
         out = out.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
             return out
@@ -259,6 +342,7 @@ class HunyuanVideoNeighborhoodAttnProcessor(_GridProcessor):
 
     _what = "visattn.diffusion.HunyuanVideoNeighborhoodAttnProcessor"
     _attention = ("models.attention_processor", "Attention")
+    _patterns = ("neighborhood", "sta", "radial", "vmoba")
 
     def _check_interface(self) -> None:
         stock = _compat.load_class("models.transformers.transformer_hunyuan_video", "HunyuanVideoAttnProcessor2_0",
@@ -297,9 +381,7 @@ class HunyuanVideoNeighborhoodAttnProcessor(_GridProcessor):
                 enc_key = attn.norm_added_k(enc_key)
             query, key, value = (torch.cat(pair, dim=1) for pair in ((query, enc_query), (key, enc_key),
                                                                        (value, enc_value)))
-        grid = self.grid()
-        out = joint_neighborhood_attention(query, key, value, grid, text_tokens, False, self.na_args(grid),
-                                           attention_mask=attention_mask, backend=self.backend)
+        out = self.joint(query, key, value, text_tokens, False, attention_mask)
         out = out.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
             return out, None
@@ -323,6 +405,8 @@ class WanNeighborhoodAttnProcessor(_GridProcessor):
 
     _what = "visattn.diffusion.WanNeighborhoodAttnProcessor"
     _attention = ("models.transformers.transformer_wan", "WanAttention")
+    _patterns = ("neighborhood", "sta", "radial", "vmoba")
+    _sink = True
 
     def _check_interface(self) -> None:
         stock = _compat.load_class("models.transformers.transformer_wan", "WanAttnProcessor", self._what)
@@ -352,9 +436,7 @@ class WanNeighborhoodAttnProcessor(_GridProcessor):
         query, key, value = split(query), split(key), split(value)
         if rotary_emb is not None:
             query, key = self._rotate(query, *rotary_emb), self._rotate(key, *rotary_emb)
-        grid = self.grid()
-        out = joint_neighborhood_attention(query, key, value, grid, 0, False, self.na_args(grid),
-                                           backend=self.backend)
+        out = self.joint(query, key, value, 0, False)
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
@@ -438,5 +520,6 @@ class AgentSDAttnProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-__all__ = ["AgentSDAttnProcessor", "FluxNeighborhoodAttnProcessor", "HunyuanVideoNeighborhoodAttnProcessor",
-           "LatentGrid", "WanNeighborhoodAttnProcessor", "joint_neighborhood_attention"]
+__all__ = ["VIDEO_PATTERNS", "AgentSDAttnProcessor", "FluxNeighborhoodAttnProcessor",
+           "HunyuanVideoNeighborhoodAttnProcessor", "LatentGrid", "WanNeighborhoodAttnProcessor", "joint_attention",
+           "joint_neighborhood_attention"]

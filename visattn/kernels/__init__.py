@@ -12,6 +12,8 @@ import os
 import torch
 from torch import Tensor
 
+from visattn.caching import cached
+from visattn.geometry import radial_mask, vmoba_layout, vmoba_select
 from visattn.kernels import tiles
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -20,12 +22,13 @@ _MAX_LENGTH = 65536  # the backward's binary searches run 17 steps
 # Imported here, not on first call: torch.compile(fullgraph=True) must never trace a first-time import.
 try:
     from visattn.kernels import agent_attn as _agent_kernels
+    from visattn.kernels import blocksparse as _blocksparse
     from visattn.kernels import ops as _ops
     from visattn.kernels import routing as _routing_kernels
 
     _engine_error: str | None = None
 except Exception as _err:  # triton missing or broken: *_why_not reports it, never raises
-    _ops = _agent_kernels = _routing_kernels = None
+    _ops = _agent_kernels = _routing_kernels = _blocksparse = None
     _engine_error = f"triton not importable ({type(_err).__name__}: {_err})"
 
 
@@ -162,5 +165,85 @@ def bilevel_routing(q: Tensor, k: Tensor, v: Tensor, regions: tuple, topk: int, 
                                             return_routing=return_routing)
 
 
-__all__ = ["agent", "agent_why_not", "bilevel_routing", "bilevel_routing_why_not", "na", "na_why_not", "window",
-           "window_why_not"]
+def radial_why_not(q, k, v, block_size, additional_keys, additional_values) -> str | None:
+    """None when the block-sparse kernels (``blocksparse.py``) can run this Radial Attention call, else why not."""
+    try:
+        if additional_keys is not None and additional_keys.shape[-2] != q.shape[-2]:
+            return "additional keys with a different number of heads are not supported"
+        tokens = q.shape[1] * q.shape[2] * q.shape[3]
+        if q.shape[0] * q.shape[-2] * tokens >= 2**31:
+            return "batch * heads * tokens does not fit the 32-bit row statistics"
+        reason = _common_why_not([q, k, v, additional_keys, additional_values], q, k, v)
+        if reason is None and tokens * max(q.shape[-2] * q.shape[-1], v.shape[-2] * v.shape[-1]) >= 2**31:
+            reason = "a tensor is too large for 32-bit offsets within one batch item"
+        return reason
+    except Exception as err:
+        return f"triton capability check failed ({type(err).__name__}: {err})"
+
+
+_RADIAL_TABLES: dict = {}
+
+
+def radial(q: Tensor, k: Tensor, v: Tensor, block_size: int, decay_factor: float, attention_sink: bool,
+           scale: float, additional_keys: Tensor | None = None, additional_values: Tensor | None = None) -> Tensor:
+    """Fused Radial Attention on ``[B, T, H, W, heads, D]``: the static block mask's CSR tables (built once per
+    geometry and device) drive the block-sparse kernels; ``[B, T, H, W, heads, D_v]``."""
+    batch, frames, height, width, heads, _ = q.shape
+    per = height * width
+
+    def build():
+        mask = radial_mask(frames, per, block_size, float(decay_factor), bool(attention_sink))
+        return _blocksparse.tables(mask.to(q.device))
+
+    key = (frames, per, block_size, float(decay_factor), bool(attention_sink), str(q.device))
+    tabs = cached(_RADIAL_TABLES, key, build, q)
+    out = _blocksparse.block_sparse_attention(q.flatten(1, 3), k.flatten(1, 3), v.flatten(1, 3), tabs, block_size,
+                                              block_size, scale, additional_keys, additional_values)
+    return out.view(batch, frames, height, width, heads, v.shape[-1])
+
+
+def vmoba_why_not(q, k, v, additional_keys, additional_values) -> str | None:
+    """None when the block-sparse kernels can run this VMoBA call, else why not."""
+    return radial_why_not(q, k, v, 1, additional_keys, additional_values)
+
+
+VMOBA_QUERY_BLOCK = 64  # query rows sharing one union list of selected key chunks
+_VMOBA_ORDERS: dict = {}
+
+
+def vmoba(q: Tensor, k: Tensor, v: Tensor, chunk: tuple, select_mode: str, topk: int, threshold: float,
+          threshold_type: str, scale: float, additional_keys: Tensor | None = None,
+          additional_values: Tensor | None = None) -> Tensor:
+    """Fused VMoBA on ``[B, T, H, W, heads, D]``: tokens gathered into chunk order, each query's chunk choice
+    routed on the device (``geometry.vmoba_select``) into a per-(batch, head) CSR of the chunks any of a query
+    block's rows chose plus the per-row choice bits, the block-sparse kernels, the output scattered back."""
+    batch, frames, height, width, heads, _ = q.shape
+    n = frames * height * width
+    key = ((frames, height, width), tuple(chunk), str(q.device))
+
+    def build():
+        order, length = vmoba_layout(key[0], key[1])
+        return (None, None, length) if order is None else (order.to(q.device), torch.argsort(order).to(q.device),
+                                                            length)
+
+    perm, inverse, chunk_len = cached(_VMOBA_ORDERS, key, build, q)  # no host copy after the first call
+    qf, kf, vf = (t.reshape(batch, n, heads, t.shape[-1]) for t in (q, k, v))
+    if perm is not None:
+        qf, kf, vf = (t[:, perm] for t in (qf, kf, vf))
+    sel = vmoba_select(qf, kf, chunk_len, select_mode, topk, threshold, threshold_type)  # [B, heads, N, C]
+    n_chunks = sel.shape[-1]
+    q_block = VMOBA_QUERY_BLOCK
+    padded = -(-n // q_block) * q_block
+    union = torch.nn.functional.pad(sel, (0, 0, 0, padded - n)).view(batch * heads, padded // q_block, q_block,
+                                                                      n_chunks).any(dim=2)
+    tabs = _blocksparse.tables(union)
+    rows = sel.reshape(batch * heads, n, n_chunks).to(torch.int8).contiguous()
+    out = _blocksparse.block_sparse_attention(qf, kf, vf, tabs, q_block, chunk_len, scale, additional_keys,
+                                              additional_values, sel=rows)
+    if perm is not None:
+        out = out[:, inverse]
+    return out.reshape(batch, frames, height, width, heads, v.shape[-1])
+
+
+__all__ = ["agent", "agent_why_not", "bilevel_routing", "bilevel_routing_why_not", "na", "na_why_not", "radial",
+           "radial_why_not", "vmoba", "vmoba_why_not", "window", "window_why_not"]

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from visattn.kernels.blocksparse import dkv_tile, dq_tile
 from visattn.kernels.tiles import dot_precision, padded_head_dim
 
 _LOG2E = 1.4426950408889634
@@ -119,11 +120,7 @@ def _bra_dq_kernel(Q, K, V, OUT, DO, DQ, LSE, DELTA, IDX, s_b, s_y, s_x, s_h, s_
         ky, kx, col_ok = _routed_keys(IDX, b * idx_b + region * idx_r, c0, N_KEYS, PER_REGION, SW, RH, RW, BLOCK_N)
         k = _load_rows(K + qk_head, ky, kx, s_y, s_x, s_d, col_ok, d, HEAD_D)
         v = _load_rows(V + v_head, ky, kx, v_y, v_x, v_d, col_ok, dv, HEAD_DV)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        p = tl.where(col_ok[None, :] & row_ok[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        dq = dq_tile(q, do, k, v, col_ok, row_ok, lse, delta, dq, qk_scale, DOT_PREC)
     out = DQ + b.to(tl.int64) * gq_b + h * gq_h + qy[:, None] * gq_y + qx[:, None] * gq_x + d[None, :]
     tl.store(out, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < HEAD_D))
 
@@ -159,12 +156,7 @@ def _bra_dkv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, INV, INV_COUNT, s_b, s_y, s
         stats = _stat_offsets(b, h, HEADS, HP, W, qy, qx)
         lse = tl.load(LSE + stats, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
-        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [keys, queries]
-        pT = tl.where(col_ok[:, None] & row_ok[None, :], tl.math.exp2(sT - lse[None, :]), 0.0)
-        dvacc += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-        dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
+        dk, dvacc = dkv_tile(k, v, q, do, col_ok, row_ok, lse, delta, dk, dvacc, qk_scale, DOT_PREC)
     tl.store(DK + b.to(tl.int64) * gk_b + h * gk_h + ky[:, None] * gk_y + kx[:, None] * gk_x + d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & (d[None, :] < HEAD_D))
     tl.store(DV + b.to(tl.int64) * gv_b + h * gv_h + ky[:, None] * gv_y + kx[:, None] * gv_x + dv[None, :],

@@ -176,7 +176,8 @@ def _register_nn_leaves() -> None:
     from visattn import nn as visattn_nn
 
     for name in ("NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D", "WindowAttention",
-                 "AgentAttention", "BiLevelRoutingAttention"):
+                 "AgentAttention", "BiLevelRoutingAttention", "SlidingTileAttention", "RadialAttention",
+                 "VMoBAAttention"):
         register_notrace_module(getattr(visattn_nn, name))
 
 

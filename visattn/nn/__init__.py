@@ -1,7 +1,9 @@
 """nn.Modules over visattn's functional API, heads-last so a fused qkv Linear needs no permute.
 
 ``NeighborhoodAttention1D/2D/3D`` follow NATTEN 0.21's modules; ``WindowAttention``, ``AgentAttention`` and
-``BiLevelRoutingAttention`` follow the official Swin, Agent-Attention and BiFormer modules' argument names.
+``BiLevelRoutingAttention`` follow the official Swin, Agent-Attention and BiFormer modules' argument names;
+``SlidingTileAttention``, ``RadialAttention`` and ``VMoBAAttention`` (video) hold NeighborhoodAttention3D's
+parameters (``qkv``, ``proj``).
 """
 
 from visattn.nn.agent import AgentAttention
@@ -15,6 +17,7 @@ from visattn.nn.neighborhood import (
 )
 from visattn.nn.positional import swin_rpb_to_visattn, visattn_rpb_to_swin
 from visattn.nn.routing import BiLevelRoutingAttention
+from visattn.nn.video import RadialAttention, SlidingTileAttention, VMoBAAttention
 from visattn.nn.window import WindowAttention
 
 __all__ = [
@@ -26,6 +29,9 @@ __all__ = [
     "NeighborhoodAttention2d",
     "NeighborhoodAttention3D",
     "NeighborhoodAttention3d",
+    "RadialAttention",
+    "SlidingTileAttention",
+    "VMoBAAttention",
     "WindowAttention",
     "swin_rpb_to_visattn",
     "visattn_rpb_to_swin",

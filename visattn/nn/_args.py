@@ -16,6 +16,7 @@ from visattn.functional import (  # noqa: F401  (re-exported for the module file
     IntOrTuple,
     bool_tuple,
     check_backend,
+    check_decay,
     check_flag,
     check_scale,
     dropout_rate,
