@@ -34,6 +34,7 @@ from visattn.tokenprune.report import PruneReport
 from visattn.tokenprune.sparsevlm import SparseVLM
 from visattn.tokenprune.tome import ToMe
 from visattn.tokenprune.vispruner import VisPruner
+from visattn.tokenprune.zipvl import ZipVL
 
 __all__ = [
     "DART",
@@ -58,6 +59,7 @@ __all__ = [
     "VisionPruner",
     "VisPruner",
     "VisionZip",
+    "ZipVL",
     "apply",
     "available",
     "create",

@@ -46,10 +46,11 @@ class Capabilities:
         text_raters: LLM stage: the query rows are text raters picked once per prefill by ``rater_scores``
             (instead of the last token).
         hidden_select: LLM stage: the method scores and selects by itself instead of the attention rows and the
-            per-image top-k: at ``score_layer`` the adapter stores ``layer_scores(layer, hidden, cos, sin)`` (any
-            per-token (B, L) tensor), at the drop layer it calls ``select_image`` once per image with that image's
-            and its sample's instruction tokens' scores and hidden states (the drop layer's input through the
-            language model's final norm) and keeps what it returns (DART).
+            per-image top-k: at ``score_layer`` the adapter stores ``layer_scores(layer, hidden, cos, sin,
+            valid)`` (``valid``: the (B, L) padding mask; any per-token (B, L, ...) tensor), at the drop layer it
+            calls ``select_image`` once per image with that image's and its sample's instruction tokens' scores
+            and hidden states (the drop layer's input through the language model's final norm) and keeps what it
+            returns, any number of tokens (DART, ZipVL).
         recycles: LLM stage: deleted tokens may be recycled into extra tokens placed after each image's kept
             ones (``recycled_count``, ``recycle_pick``, ``recycled``).
         positions: the position policies the method accepts as its ``positions`` argument (the first is its
