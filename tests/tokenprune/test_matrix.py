@@ -35,6 +35,7 @@ MATRIX = {
     "uniform": (lambda: tp.Uniform(keep=0.5), (Y, Y, Y)),
     "random": (lambda: tp.RandomPrune(keep=0.5, seed=2), (Y, Y, Y)),
     "cdpruner": (lambda: tp.CDPruner(keep=0.5), (Y, Y, Y)),
+    "zipvl": (lambda: tp.ZipVL(tau=0.5, layer=2), (Y, Y, Y)),
 }
 FAMILIES = ("llava", "llava_next", "qwen2_vl")
 
@@ -95,7 +96,7 @@ def test_apply_serves_or_refuses(method, family):
     assert torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("method", ["random", "cdpruner", "dart"])
+@pytest.mark.parametrize("method", ["random", "cdpruner", "dart", "zipvl"])
 def test_new_methods_batch_rows_equal_single_runs_on_llava_next(method):
     model, kw = _family("llava_next")
     rep = assert_rows_equal_single_runs(model, MATRIX[method][0], kw["input_ids"], kw["attention_mask"],

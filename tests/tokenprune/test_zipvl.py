@@ -21,7 +21,7 @@ from test_llava_methods import (  # noqa: E402
     _span,
     rows_equal_single_runs,
 )
-from tp_oracles import llm_reference_logits  # noqa: E402
+from tp_oracles import llm_reference_logits, zipvl_rule  # noqa: E402
 from tp_tiny import as_eager, tiny_llava  # noqa: E402
 
 from visattn import tokenprune as tp  # noqa: E402
@@ -36,19 +36,6 @@ def models():
     return model, as_eager(model)
 
 
-def paper_rule(acc: list[float], norm: list[float], tau: float) -> list[int]:
-    """The paper's rule as plain loops: p = min{p : sum of the p largest accumulated scores >= tau * their total},
-    then the p tokens of largest normalised score (earlier token first on ties), ascending."""
-    total = sum(sorted(acc, reverse=True))
-    running, p = 0.0, 0
-    for a in sorted(acc, reverse=True):
-        running += a
-        p += 1
-        if running >= tau * total:
-            break
-    return sorted(sorted(range(len(acc)), key=lambda j: (-norm[j], j))[:p])
-
-
 def zipvl_oracle(eager, row: torch.Tensor, px: torch.Tensor, tau: float) -> list[int]:
     with torch.no_grad():
         att = eager(input_ids=row[None], pixel_values=px, output_attentions=True).attentions[K - 1][0]
@@ -58,7 +45,7 @@ def zipvl_oracle(eager, row: torch.Tensor, px: torch.Tensor, tau: float) -> list
     image = range(s, s + N_IMG)
     acc = [float(a[:, j].sum()) for j in image]
     norm = [acc[j - s] / (length - j) for j in image]  # rows i >= j see key j
-    return paper_rule(acc, norm, tau)
+    return zipvl_rule(acc, norm, tau)
 
 
 def test_rule_on_hand_made_scores():
@@ -83,7 +70,7 @@ def test_rule_matches_transcription_on_random_scores(seed):
     norm = acc / torch.arange(n + 20, 20, -1, dtype=torch.float64)
     for tau in (0.1, 0.5, 0.9, 0.99, 1.0):
         got = tp.ZipVL(tau=tau).select_image(0, torch.stack([acc, norm], -1), None, None, None, [], [])
-        assert got.tolist() == paper_rule(acc.tolist(), norm.tolist(), tau), tau
+        assert got.tolist() == zipvl_rule(acc.tolist(), norm.tolist(), tau), tau
 
 
 def test_attention_mass_of_a_padded_chunked_batch_equals_eager_columns(models):
