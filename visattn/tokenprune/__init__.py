@@ -15,6 +15,7 @@ from visattn.tokenprune.baselines import Pooling, RandomPrune
 from visattn.tokenprune.capabilities import Capabilities
 from visattn.tokenprune.cdpruner import CDPruner
 from visattn.tokenprune.dart import DART
+from visattn.tokenprune.dymu import DyMU
 from visattn.tokenprune.methods import (
     VTCCLS,
     DivPrune,
@@ -43,6 +44,7 @@ __all__ = [
     "CDPruner",
     "Capabilities",
     "DivPrune",
+    "DyMU",
     "EmbeddingPruner",
     "FastV",
     "FasterVLM",
