@@ -160,3 +160,58 @@ def test_llava_each_image_fills_its_own_slots():
                              do_sample=False)
         assert out[b, -3:].tolist() == one[0, -3:].tolist()
     tp.remove(model)
+
+
+# ------------------------------------------------------------------------------------ threshold finding
+def layer0_batch_threshold(model, px, r):
+    """The official batch-level threshold of layer 0 by plain loops: every image's A-token best similarities
+    (keys of layer 0 averaged over heads; [CLS] excluded), all images together in descending order, the value at
+    position r·B (the best pair left unmerged), clamped at 0."""
+    layer = model.encoder.layers[0]
+    heads = layer.self_attn.num_heads
+    x = model.pre_layrnorm(model.embeddings(px))
+    keys = layer.self_attn.k_proj(layer.layer_norm1(x))
+    metric = keys.view(*keys.shape[:2], heads, -1).mean(2)
+    n = x.shape[1]
+    values = []
+    for b in range(x.shape[0]):
+        for a in range(0, n, 2):
+            if a == 0:
+                values.append(float("-inf"))
+                continue
+            values.append(max(float(metric[b, a] @ metric[b, j] / (metric[b, a].norm() * metric[b, j].norm()))
+                              for j in range(1, n, 2)))
+    values.sort(reverse=True)
+    rb = min(r, (n - 1) // 2) * x.shape[0]
+    return max(values[min(rb, len(values) - 1)], 0.0)
+
+
+def test_find_thresholds_equals_official_batch_statistic():
+    model = hf_tower(seed=2)
+    batches = [images(3, seed=5), images(2, seed=6)]
+    ref = model(batches[0]).last_hidden_state
+    found = tp.find_thresholds(model, batches, r=[3, 0, 2])
+    expected = sum(layer0_batch_threshold(model, px, 3) for px in batches) / 2
+    assert found[0] == pytest.approx(expected, abs=1e-12)
+    assert found[1] is None and isinstance(found[2], float) and found[2] >= 0.0
+    assert not hasattr(model, "_visattn_tokenprune")  # the tower is left as it was
+    torch.testing.assert_close(model(batches[0]).last_hidden_state, ref, rtol=0, atol=0)
+    tp.apply(model, tp.DyMU(found))  # the result is DyMU's argument
+    model(batches[0])
+    rows = tp.last_report(model).extra["row_tokens_per_layer"]
+    assert all(row[1] == row[0] for row in rows) and min(row[0] for row in rows) < 17  # layer 1 merges nothing
+
+
+def test_batch_matching_merges_r_times_batch_pairs_of_the_whole_batch():
+    from visattn.tokenprune.tome import batch_matching
+
+    g = torch.Generator().manual_seed(3)
+    metric = torch.randn(3, 17, 4, generator=g, dtype=torch.float64)
+    valid = torch.ones(3, 17, dtype=torch.bool)
+    m, thr = batch_matching(metric, valid, 4)
+    assert int(m.merged.sum()) == 12 and (m.counts == 17 - m.merged.sum(1)).all()
+    unit = torch.nn.functional.normalize(metric, dim=-1)
+    best = (unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)).max(-1).values
+    best[:, 0] = float("-inf")
+    assert (best[m.merged] >= thr).all() and (best[~m.merged] <= thr).all()
+    assert batch_matching(metric, valid, 0) == (None, None)

@@ -15,7 +15,7 @@ from visattn.tokenprune.baselines import Pooling, RandomPrune
 from visattn.tokenprune.capabilities import Capabilities
 from visattn.tokenprune.cdpruner import CDPruner
 from visattn.tokenprune.dart import DART
-from visattn.tokenprune.dymu import DyMU
+from visattn.tokenprune.dymu import DyMU, find_thresholds
 from visattn.tokenprune.methods import (
     VTCCLS,
     DivPrune,
@@ -65,6 +65,7 @@ __all__ = [
     "apply",
     "available",
     "create",
+    "find_thresholds",
     "last_report",
     "register",
     "register_method",

@@ -44,8 +44,9 @@ class Capabilities:
             matching: ``schedule(num_layers)``, ``trace_source``, ``prop_attn``); the adapter patches the
             tower's layers instead of hooking [CLS] scores.
         dynamic_merge: ``tower_merge`` with a per-layer similarity threshold instead of a fixed ``r``
-            (``layer_thresholds(num_layers)``): every image merges every pair above the threshold, so images of
-            one batch keep different token counts (padded, with a key mask) (DyMU).
+            (``layer_thresholds(num_layers)``, ``match(layer, metric, valid, threshold)``): every image merges
+            every pair above the threshold, so images of one batch keep different token counts (padded, with a
+            key mask) (DyMU).
         text_raters: LLM stage: the query rows are text raters picked once per prefill by ``rater_scores``
             (instead of the last token).
         hidden_select: LLM stage: the method scores and selects by itself instead of the attention rows and the
@@ -134,7 +135,7 @@ class Capabilities:
         if self.tower_merge:
             out.append("schedule")
         if self.dynamic_merge:
-            out.append("layer_thresholds")
+            out += ["layer_thresholds", "match"]
         if self.stage == "embedding":
             out.append("select")
         if self.stage == "llm":

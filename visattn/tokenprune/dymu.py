@@ -13,21 +13,25 @@ counts: rows are padded to the longest, the padding is masked out of the attenti
 
 The thresholds come from the official **threshold finding** (DToMe): ToMe with a fixed ``r_l`` run over a large
 image set with the merge chosen batch-wide (the ``r_l · B`` most similar pairs of the whole batch), each batch's
-``t_l`` being the similarity of the best pair left unmerged (clamped at 0), averaged over batches. That search
-over a data set is not part of this package: pass its result (``thresholds=``; the official checkpoints ship
-them). Virtual token unmerging in the language model (VTU) is not implemented (docs/TOKENPRUNE.md, "DyMU").
+``t_l`` being the similarity of the best pair left unmerged (clamped at 0), averaged over batches.
+:func:`find_thresholds` runs that search over the images you give it; its result is the ``thresholds`` argument
+(the official checkpoints ship theirs). Virtual token unmerging in the language model (VTU) is not implemented
+(docs/TOKENPRUNE.md, "DyMU").
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
+
+import torch
 
 from visattn.tokenprune.capabilities import Capabilities
 from visattn.tokenprune.methods import TokenPruner
 from visattn.tokenprune.registry import register_method
+from visattn.tokenprune.tome import ThresholdMatching, ToMe, batch_matching, threshold_matching
 
 
 def _check_thresholds(value: object) -> list[float | None]:
@@ -74,3 +78,54 @@ class DyMU(TokenPruner):
     def schedule(self, num_layers: int) -> list[int]:
         """No fixed ``r`` in any layer (the thresholds decide; see :meth:`layer_thresholds`)."""
         return [0] * num_layers
+
+    def match(self, layer: int, metric: torch.Tensor, valid: torch.Tensor,
+              threshold: float) -> ThresholdMatching | None:
+        """The merge of one layer: every row's A tokens above ``threshold`` (:func:`~visattn.tokenprune.tome.
+        threshold_matching`; ``metric`` (B, N, D), ``valid`` (B, N))."""
+        return threshold_matching(metric, valid, threshold, protect_first=True)
+
+
+class _ThresholdFinding(DyMU):
+    """DToMe's threshold finding as a tower pruner: ToMe with a fixed ``r`` per layer, merged batch-wide
+    (:func:`~visattn.tokenprune.tome.batch_matching`), recording every batch's threshold per layer."""
+
+    name = "dymu-threshold-finding"
+
+    def __init__(self, r: int | Sequence[int]):
+        super().__init__([None])
+        self.r = ToMe(r=r).r
+        self.found: list[list[float]] = []
+
+    def layer_thresholds(self, num_layers: int) -> list[float | None]:
+        rs = ToMe(r=self.r).schedule(num_layers)
+        self.found = [[] for _ in rs]
+        return [0.0 if r > 0 else None for r in rs]  # placeholders: the layers that merge
+
+    def match(self, layer, metric, valid, threshold):
+        r = ToMe(r=self.r).schedule(len(self.found))[layer]
+        m, found = batch_matching(metric, valid, r, protect_first=True)
+        if found is not None:
+            self.found[layer].append(found)
+        return m
+
+
+def find_thresholds(tower: torch.nn.Module, batches: Iterable[torch.Tensor],
+                    r: int | Sequence[int]) -> list[float | None]:
+    """DyMU's threshold finding (DToMe): run ``tower`` (an HF ``CLIPVisionModel`` or an open_clip vision tower,
+    e.g. ``llava.model.vision_tower``) on every image batch of ``batches`` (pixel tensors, called as
+    ``tower(pixels)``) with ToMe's ``r`` per layer (an int, or a per-layer list as :class:`ToMe` takes it) merged
+    batch-wide — the ``r · B`` most similar pairs of the batch — and return each layer's threshold averaged over
+    the batches (the official running average; ``None`` for a layer that never merges), ready for
+    ``DyMU(thresholds=...)``. The tower is left as it was."""
+    from visattn.tokenprune.api import apply, remove
+
+    finder = _ThresholdFinding(r)
+    apply(tower, finder)
+    try:
+        with torch.no_grad():
+            for pixels in batches:
+                tower(pixels)
+    finally:
+        remove(tower)
+    return [sum(v) / len(v) if v else None for v in finder.found]

@@ -167,28 +167,64 @@ def threshold_matching(metric: torch.Tensor, valid: torch.Tensor, threshold: flo
     which must come first in the row; padding is neither matched nor kept. A row that merges nothing keeps its
     token order."""
     with torch.no_grad():
-        unit = metric / metric.norm(dim=-1, keepdim=True)
-        sim = unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)
-        va, vb = valid[:, ::2], valid[:, 1::2]
-        sim = sim.masked_fill(~(va[:, :, None] & vb[:, None, :]), float("-inf"))
-        if protect_first:
-            sim[:, 0, :] = float("-inf")
-        best, partner = sim.max(dim=-1)
+        best, partner = _best_partners(metric, valid, protect_first)
         cap = (valid.sum(1) - int(protect_first)) // 2
         r = torch.minimum((best > threshold).sum(1), cap).clamp(min=0)
         by_sim = best.argsort(dim=-1, descending=True, stable=True)
         rank = torch.empty_like(by_sim).scatter_(1, by_sim, torch.arange(by_sim.shape[1], device=by_sim.device)
                                                  .expand_as(by_sim))
-        merged = rank < r[:, None]
-        keep = torch.cat([va & ~merged, vb], 1)
-        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
         # a row that merges nothing keeps its order (the official code skips the merge: ToMe's A-then-B order
         # would change the later layers' A / B split)
-        pos = torch.arange(order.shape[1], device=order.device)
-        same = torch.where(pos % 2 == 0, pos // 2, by_sim.shape[1] + pos // 2)
-        order = torch.where((r == 0)[:, None], same[None], order)
-        counts = keep.sum(1)
-        return ThresholdMatching(merged, partner, order, counts, int(counts.max()))
+        return _dynamic_plan(valid, partner, rank < r[:, None], keep_order=r == 0)
+
+
+def batch_matching(metric: torch.Tensor, valid: torch.Tensor, r: int,
+                   protect_first: bool = True) -> tuple[ThresholdMatching | None, float | None]:
+    """One step of DyMU's threshold finding (DToMe, the official ``batch_level_bipartite_soft_matching``): the
+    ``r · B`` A tokens of the whole batch with the highest best similarity merge (``r`` clamped to ``(N −
+    protected) // 2`` of the padded length ``N``), so each row merges its own number; returns the matching and
+    this batch's threshold, the best similarity left unmerged clamped at 0 (``(None, None)`` when ``r ≤ 0``).
+    Every row takes ToMe's A-then-B order, as the official batched code."""
+    r = min(r, (metric.shape[1] - int(protect_first)) // 2)
+    if r <= 0:
+        return None, None
+    with torch.no_grad():
+        best, partner = _best_partners(metric, valid, protect_first)
+        flat = best.flatten()
+        by_sim = flat.argsort(descending=True, stable=True)
+        rb = r * best.shape[0]
+        threshold = max(float(flat[by_sim[min(rb, flat.numel() - 1)]]), 0.0)
+        merged = torch.zeros_like(flat, dtype=torch.bool)
+        merged[by_sim[:rb]] = True
+        merged = merged.view_as(best) & torch.isfinite(best)  # never a padding or [CLS] row
+        stay = torch.zeros(best.shape[0], dtype=torch.bool, device=best.device)
+        return _dynamic_plan(valid, partner, merged, keep_order=stay), threshold
+
+
+def _best_partners(metric: torch.Tensor, valid: torch.Tensor, protect_first: bool) -> tuple:
+    """Every A token's best cosine similarity to a B token and that partner, (B, Na) each; padding and the
+    protected first token get -inf."""
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+    sim = unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)
+    va, vb = valid[:, ::2], valid[:, 1::2]
+    sim = sim.masked_fill(~(va[:, :, None] & vb[:, None, :]), float("-inf"))
+    if protect_first:
+        sim[:, 0, :] = float("-inf")
+    return sim.max(dim=-1)
+
+
+def _dynamic_plan(valid: torch.Tensor, partner: torch.Tensor, merged: torch.Tensor,
+                  keep_order: torch.Tensor) -> ThresholdMatching:
+    """The matching that merges the ``merged`` A tokens: each row's kept tokens first in ToMe's order (unmerged A,
+    then B), or in their own order where ``keep_order`` (rows that merge nothing)."""
+    va, vb = valid[:, ::2], valid[:, 1::2]
+    keep = torch.cat([va & ~merged, vb], 1)
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+    pos = torch.arange(order.shape[1], device=order.device)
+    same = torch.where(pos % 2 == 0, pos // 2, va.shape[1] + pos // 2)
+    order = torch.where(keep_order[:, None], same[None], order)
+    counts = keep.sum(1)
+    return ThresholdMatching(merged, partner, order, counts, int(counts.max()))
 
 
 def merge_dynamic(x: torch.Tensor, m: ThresholdMatching, reduce: str = "sum") -> torch.Tensor:
@@ -322,7 +358,7 @@ class ToMeAdapter:
         st = self.state
         metric = keys.view(*keys.shape[:2], heads, -1).mean(2)
         if self.thresholds[idx] is not None:
-            x = self._merge_threshold(x, metric, self.thresholds[idx])
+            x = self._merge_threshold(idx, x, metric, self.thresholds[idx])
         else:
             m = bipartite_matching(metric, self.schedule[idx], protect_first=True)
             if m is not None:
@@ -340,12 +376,15 @@ class ToMeAdapter:
                              else torch.full((st.origin.shape[0],), width, device=st.origin.device))
         st.origins.append(st.origin)
 
-    def _merge_threshold(self, x: torch.Tensor, metric: torch.Tensor, threshold: float) -> torch.Tensor:
-        """DyMU's merge of ``x`` (B, N, C): every row merges its A tokens above ``threshold`` (size-weighted);
-        rows are padded to the longest and ``state.valid`` marks their tokens."""
+    def _merge_threshold(self, idx: int, x: torch.Tensor, metric: torch.Tensor, threshold: float) -> torch.Tensor:
+        """DyMU's merge of ``x`` (B, N, C) in layer ``idx``: the method's ``match`` (every row merges its A tokens
+        above ``threshold``), size-weighted; rows are padded to the longest and ``state.valid`` marks their
+        tokens."""
         st = self.state
         valid = st.valid if st.valid is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        m = threshold_matching(metric, valid, threshold, protect_first=True)
+        m = self.pruner.match(idx, metric, valid, threshold)
+        if m is None:
+            return x
         size = st.size if st.size is not None else x.new_ones(*x.shape[:2], 1)
         total = merge_dynamic(x * size, m, "sum")
         size = merge_dynamic(size, m, "sum")
