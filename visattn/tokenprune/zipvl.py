@@ -19,10 +19,10 @@ the earlier token). The rest are dropped before layer ``K``; positions stay the 
 
 Differences from the paper (docs/TOKENPRUNE.md, "ZipVL"): the paper decides ``p`` over the whole sequence at
 every layer and evicts any token (text included) from that layer's KV cache, approximating the attention with
-probe queries (recent + random tokens); here the candidates are one image's tokens, the distribution is that
-image's own, the decision is made once (at ``layer``) and the scores are exact (every query row, float32). The
-paper's KV-cache compression of the unimportant tokens (mixed-precision quantisation in v1, eviction in v2) is
-the drop itself here; no quantised cache is kept.
+probe queries; here the candidates are one image's tokens, the distribution is that image's own, the decision is
+made once (at ``layer``) and the scores are exact (every query row, float32). The paper's KV-cache compression of
+the unimportant tokens (eviction in v2) is the drop itself here; v1's mixed-precision quantisation of their
+cache is not implemented.
 """
 
 from __future__ import annotations
