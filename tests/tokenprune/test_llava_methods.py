@@ -215,6 +215,7 @@ FULL_BUDGET = {
     "cdpruner": lambda: tp.CDPruner(keep=1.0),
     "random": lambda: tp.RandomPrune(keep=N_IMG),
     "pooling": lambda: tp.Pooling(keep=1.0),
+    "zipvl": lambda: tp.ZipVL(tau=1.0, layer=2),
 }
 
 

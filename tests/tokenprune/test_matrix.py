@@ -31,18 +31,22 @@ MATRIX = {
     "vispruner": (lambda: tp.VisPruner(keep=0.5), (Y, NI, NI)),
     "pooling": (lambda: tp.Pooling(keep=4), (Y, NI, NI)),
     "tome": (lambda: tp.ToMe(r=2), (Y, ValueError, NI)),
+    "dymu": (lambda: tp.DyMU([0.99, 0.99]), (Y, ValueError, NI)),
     "divprune": (lambda: tp.DivPrune(keep=0.5), (Y, Y, Y)),
     "uniform": (lambda: tp.Uniform(keep=0.5), (Y, Y, Y)),
     "random": (lambda: tp.RandomPrune(keep=0.5, seed=2), (Y, Y, Y)),
     "cdpruner": (lambda: tp.CDPruner(keep=0.5), (Y, Y, Y)),
+    "zipvl": (lambda: tp.ZipVL(tau=0.5, layer=2), (Y, Y, Y)),
 }
 FAMILIES = ("llava", "llava_next", "qwen2_vl")
+#: the arguments a method cannot do without (DyMU's thresholds come from an offline search: no default)
+REQUIRED = {"dymu": {"thresholds": [0.5]}}
 
 
 def test_every_registered_method_has_a_row():
     assert {type(make()) for make, _ in MATRIX.values()} == set(tp.REGISTRY.values())
     for name, (make, _) in MATRIX.items():
-        assert type(tp.create(name)) is type(make())
+        assert type(tp.create(name, **REQUIRED.get(name, {}))) is type(make())
 
 
 _BUILT: dict = {}
@@ -95,7 +99,7 @@ def test_apply_serves_or_refuses(method, family):
     assert torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("method", ["random", "cdpruner", "dart"])
+@pytest.mark.parametrize("method", ["random", "cdpruner", "dart", "zipvl"])
 def test_new_methods_batch_rows_equal_single_runs_on_llava_next(method):
     model, kw = _family("llava_next")
     rep = assert_rows_equal_single_runs(model, MATRIX[method][0], kw["input_ids"], kw["attention_mask"],

@@ -34,6 +34,7 @@ LLAVA_METHODS = {
     "divprune": lambda: tp.DivPrune(keep=5),
     "cdpruner": lambda: tp.CDPruner(keep=5),  # instruction per image row
     "dart": lambda: tp.DART(layer=2, keep=4, pivot_image=1, pivot_text=1),  # per-image selection loop
+    "zipvl": lambda: tp.ZipVL(tau=0.5, layer=2),  # attention mass over every row, padding rows included
 }
 LLAVA_METHODS_SLOW = {
     "pdrop": lambda: tp.PyramidDrop(layers=[1, 2, 3], ratios=[0.5, 0.25, 0.125]),
@@ -50,7 +51,8 @@ QWEN_METHODS = {
 }
 QWEN_METHODS_SLOW = {"pdrop": lambda: tp.PyramidDrop(layers=[1, 2, 3], ratios=[0.5, 0.25, 0.125]),
                      "cdpruner": lambda: tp.CDPruner(keep=3),
-                     "dart": lambda: tp.DART(layer=2, keep=2, pivot_image=1, pivot_text=1)}
+                     "dart": lambda: tp.DART(layer=2, keep=2, pivot_image=1, pivot_text=1),
+                     "zipvl": lambda: tp.ZipVL(tau=0.5, layer=2)}
 
 
 def _generate(model, **kwargs):

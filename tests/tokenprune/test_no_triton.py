@@ -27,7 +27,7 @@ pytest.importorskip("transformers")
 from interpreted import child_env  # noqa: E402
 
 METHODS = ("fastv", "pdrop", "sparsevlm", "dart", "fastervlm", "vtc-cls", "visionzip", "vispruner", "pooling",
-           "divprune", "uniform", "random", "cdpruner", "tome")
+           "divprune", "uniform", "random", "cdpruner", "tome", "zipvl", "dymu")
 
 
 def _pruner(name: str):
@@ -48,6 +48,8 @@ def _pruner(name: str):
         "pooling": lambda: tp.Pooling(keep=4),
         "random": lambda: tp.RandomPrune(keep=5, seed=3),
         "cdpruner": lambda: tp.CDPruner(keep=5),
+        "zipvl": lambda: tp.ZipVL(tau=0.5, layer=1),
+        "dymu": lambda: tp.DyMU([0.99, 0.99]),
     }[name]()
 
 

@@ -1,5 +1,5 @@
-"""Qwen2-VL / Qwen2.5-VL adapter (M-RoPE): FastV and DivPrune kept indices vs eager brute force, KV-cache
-generation vs a layer-by-layer reference of the unpruned LLM with the same 3-D position ids (built by a plain
+"""Qwen2-VL / Qwen2.5-VL adapter (M-RoPE): FastV, DivPrune, CDPruner and ZipVL kept indices vs eager brute force,
+KV-cache generation vs a layer-by-layer reference of the unpruned LLM with the same 3-D position ids (built by a plain
 loop), batch rows (different image sizes, left padding) = single runs, full budget = unpruned model."""
 
 from __future__ import annotations
@@ -12,7 +12,13 @@ import torch
 pytest.importorskip("transformers")
 
 from test_cdpruner import greedy_map_loop, kernel_loop  # noqa: E402
-from tp_oracles import divprune_loop, mrope_positions, mrope_reference_logits, topk_sorted  # noqa: E402
+from tp_oracles import (  # noqa: E402
+    divprune_loop,
+    mrope_positions,
+    mrope_reference_logits,
+    topk_sorted,
+    zipvl_rule,
+)
 from tp_tiny import QWEN_IMAGE, as_eager, batch, qwen_pixels, qwen_prompt, tiny_qwen2vl  # noqa: E402
 
 from visattn import tokenprune as tp  # noqa: E402
@@ -28,6 +34,7 @@ METHODS = {
     "cdpruner": lambda: tp.CDPruner(keep=3),
     "dart": lambda: tp.DART(layer=2, keep=2, pivot_image=1, pivot_text=1),  # 1 pivot + 2 pivots x 1 = 3 kept
     "pdrop": lambda: tp.PyramidDrop(layers=[1, 2, 3], ratios=[0.5, 0.25, 0.125]),
+    "zipvl": lambda: tp.ZipVL(tau=0.6, layer=2),
 }
 
 
@@ -89,7 +96,7 @@ def test_positions_oracle_matches_model(setup):
     assert len(set(pos[1].tolist())) > 1 and not torch.equal(pos[1], pos[2])  # really 3-D
 
 
-@pytest.mark.parametrize("name", ["fastv", "divprune", "cdpruner"])
+@pytest.mark.parametrize("name", ["fastv", "divprune", "cdpruner", "zipvl"])
 def test_kept_indices_match_eager_bruteforce(setup, name):
     model, eager, prompts, px = setup
     _, rep = _gen(model, METHODS[name](), _kwargs(model, prompts, px, GRIDS), steps=1)
@@ -101,6 +108,12 @@ def test_kept_indices_match_eager_bruteforce(setup, name):
             with torch.no_grad():
                 att = eager(**kw, output_attentions=True).attentions
             expected = topk_sorted(att[1][0, :, -1, s : s + N_TOK[i]].mean(0), 3)
+        elif name == "zipvl":
+            kw = _kwargs(eager, [row], _pixels_of(px, i), GRIDS[i : i + 1])
+            with torch.no_grad():
+                a = eager(**kw, output_attentions=True).attentions[1][0].double().mean(0)
+            acc = [float(a[:, j].sum()) for j in range(s, s + N_TOK[i])]
+            expected = zipvl_rule(acc, [acc[j - s] / (len(row) - j) for j in range(s, s + N_TOK[i])], 0.6)
         elif name == "cdpruner":
             with torch.no_grad():
                 text = eager.model.language_model.embed_tokens(torch.tensor(row[s + N_TOK[i]:]))
@@ -143,11 +156,14 @@ def test_generate_with_cache_matches_mrope_reference(setup, name):
         torch.testing.assert_close(logits[i], ref[0, -steps:], atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["fastv", "divprune", "cdpruner", "dart"])
+@pytest.mark.parametrize("name", ["fastv", "divprune", "cdpruner", "dart", "zipvl"])
 def test_batch_rows_equal_single_runs(setup, name):
     model, _, prompts, px = setup
     out, rep = _gen(model, METHODS[name](), _kwargs(model, prompts, px, GRIDS))
-    assert rep.visual_tokens == N_TOK and rep.visual_tokens_kept == [3, 3]
+    assert rep.visual_tokens == N_TOK
+    if name != "zipvl":  # ZipVL's count follows the attention mass
+        assert rep.visual_tokens_kept == [3, 3]
+    assert all(0 < k < n for k, n in zip(rep.visual_tokens_kept, N_TOK, strict=True))
     for i, row in enumerate(prompts):
         one, rep1 = _gen(model, METHODS[name](), _kwargs(model, [row], _pixels_of(px, i), GRIDS[i : i + 1]))
         assert rep1.kept_indices[0][0].tolist() == rep.kept_indices[i][0].tolist()

@@ -22,12 +22,10 @@ def _no_grad():
 
 
 # ------------------------------------------------------------------------------------------- loop oracles
-def merge_loop(x, metric, size, sources, r):
-    """One ToMe step on one sample with plain loops: returns (x, size, sources, origins) lists."""
+def merge_loop(x, metric, size, sources, r, threshold=None):
+    """One ToMe step on one sample with plain loops: returns (x, size, sources) lists. With ``threshold`` (DyMU's
+    official instance-level rule) ``r`` is the number of A tokens whose best similarity exceeds it."""
     n = len(x)
-    r = min(r, (n - 1) // 2)
-    if r <= 0:
-        return x, size, sources
     a_ids, b_ids = list(range(0, n, 2)), list(range(1, n, 2))
 
     def cos(i, j):
@@ -41,6 +39,11 @@ def merge_loop(x, metric, size, sources, r):
         sims = [cos(a, b) for b in b_ids]
         j = max(range(len(b_ids)), key=lambda t: sims[t])
         best.append((sims[j], j))
+    if threshold is not None:
+        r = sum(1 for s, _ in best if s > threshold)
+    r = min(r, (n - 1) // 2)
+    if r <= 0:
+        return x, size, sources
     order = sorted(range(len(a_ids)), key=lambda i: -best[i][0])
     moved, rest = order[:r], sorted(order[r:])
     tot = [x[b] * size[b] for b in b_ids]
@@ -96,7 +99,7 @@ def oc_tower(seed=0, layers=3):
     return open_clip_tower(seed, layers, output_tokens=True)
 
 
-def eager_layer(x, size, sources, r, ln1, qkv, out_proj, ln2, mlp, heads, prop):
+def eager_layer(x, size, sources, r, ln1, qkv, out_proj, ln2, mlp, heads, prop, threshold=None):
     """One ToMe layer on one sample (N, C): explicit per-head softmax with log-size bias, then the loop merge."""
     n, c = x.shape
     hd = c // heads
@@ -109,32 +112,36 @@ def eager_layer(x, size, sources, r, ln1, qkv, out_proj, ln2, mlp, heads, prop):
         attn[:, sl] = torch.softmax(logits, dim=-1) @ v[:, sl]
     x = x + out_proj(attn)
     metric = k.view(n, heads, hd).mean(1)
-    xs, size, sources = merge_loop(list(x), metric, size, sources, r)
+    xs, size, sources = merge_loop(list(x), metric, size, sources, r, threshold)
     x = torch.stack(xs)
     return x + mlp(ln2(x)), size, sources
 
 
-def hf_oracle(model, px, schedule, prop=True):
-    """Per-layer outputs of a ToMe'd HF CLIP tower for one image (1, 3, H, W)."""
+def hf_oracle(model, px, schedule, prop=True, thresholds=None):
+    """Per-layer outputs of a ToMe'd HF CLIP tower for one image (1, 3, H, W) (``thresholds``: DyMU's per-layer
+    thresholds instead of ``schedule``'s r, None = no merge)."""
     x = model.pre_layrnorm(model.embeddings(px))[0]
     size, sources, outs = [1.0] * x.shape[0], [{i} for i in range(x.shape[0])], []
-    for layer, r in zip(model.encoder.layers, schedule, strict=False):
+    thresholds = thresholds or [None] * len(schedule)
+    for layer, r, t in zip(model.encoder.layers, schedule, thresholds, strict=False):
         at = layer.self_attn
         x, size, sources = eager_layer(
-            x, size, sources, r, layer.layer_norm1, lambda h, at=at: (at.q_proj(h), at.k_proj(h), at.v_proj(h)),
-            at.out_proj, layer.layer_norm2, layer.mlp, at.num_heads, prop)
+            x, size, sources, r, layer.layer_norm1,
+            lambda h, at=at: (at.q_proj(h), at.k_proj(h), at.v_proj(h)), at.out_proj, layer.layer_norm2, layer.mlp,
+            at.num_heads, prop, t)
         outs.append(x)
     return outs, size, sources
 
 
-def oc_oracle(visual, px, schedule, prop=True):
+def oc_oracle(visual, px, schedule, prop=True, thresholds=None):
     x = visual._embeds(px)[0]
     size, sources, outs = [1.0] * x.shape[0], [{i} for i in range(x.shape[0])], []
-    for blk, r in zip(visual.transformer.resblocks, schedule, strict=False):
+    for i, (blk, r) in enumerate(zip(visual.transformer.resblocks, schedule, strict=False)):
         mha = blk.attn
         qkv = lambda h: torch.nn.functional.linear(h, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1)  # noqa
+        t = None if thresholds is None else thresholds[i]
         x, size, sources = eager_layer(x, size, sources, r, blk.ln_1, qkv, mha.out_proj, blk.ln_2, blk.mlp,
-                                       mha.num_heads, prop)
+                                       mha.num_heads, prop, t)
         outs.append(x)
     return outs, size, sources
 

@@ -140,3 +140,17 @@ def mrope_reference_logits(
         out = layer(h, attention_mask=mask, position_embeddings=(cos, sin), position_ids=None)
         h = out[0] if isinstance(out, tuple) else out
     return eager_model.lm_head(lm.norm(h))
+
+
+def zipvl_rule(acc: list[float], norm: list[float], tau: float) -> list[int]:
+    """ZipVL's rule as plain loops: the paper's adaptive count p = min{p : sum of the p largest accumulated
+    scores ``acc`` >= tau * their total}, then the p tokens of largest normalised score ``norm`` (earlier token
+    first on ties), ascending."""
+    total = sum(sorted(acc, reverse=True))
+    running, p = 0.0, 0
+    for a in sorted(acc, reverse=True):
+        running += a
+        p += 1
+        if running >= tau * total:
+            break
+    return sorted(sorted(range(len(acc)), key=lambda j: (-norm[j], j))[:p])

@@ -108,6 +108,8 @@ def pruner_for(name: str, keep: int, per_image: int, llm_layers: int = 32):
         return tp.VTCCLS(keep=keep, start_layer=12 if per_image > 100 else 1)
     if name == "fastv":
         return tp.FastV(layer=2, keep=keep)
+    if name == "zipvl":  # no budget: the kept count follows the attention mass threshold tau (default 0.975)
+        return tp.ZipVL(layer=2)
     return tp.create(name, keep=keep)
 
 

@@ -15,6 +15,7 @@ from visattn.tokenprune.baselines import Pooling, RandomPrune
 from visattn.tokenprune.capabilities import Capabilities
 from visattn.tokenprune.cdpruner import CDPruner
 from visattn.tokenprune.dart import DART
+from visattn.tokenprune.dymu import DyMU, find_thresholds
 from visattn.tokenprune.methods import (
     VTCCLS,
     DivPrune,
@@ -34,6 +35,7 @@ from visattn.tokenprune.report import PruneReport
 from visattn.tokenprune.sparsevlm import SparseVLM
 from visattn.tokenprune.tome import ToMe
 from visattn.tokenprune.vispruner import VisPruner
+from visattn.tokenprune.zipvl import ZipVL
 
 __all__ = [
     "DART",
@@ -42,6 +44,7 @@ __all__ = [
     "CDPruner",
     "Capabilities",
     "DivPrune",
+    "DyMU",
     "EmbeddingPruner",
     "FastV",
     "FasterVLM",
@@ -58,9 +61,11 @@ __all__ = [
     "VisionPruner",
     "VisPruner",
     "VisionZip",
+    "ZipVL",
     "apply",
     "available",
     "create",
+    "find_thresholds",
     "last_report",
     "register",
     "register_method",

@@ -5,7 +5,8 @@ A *budget* is the number of visual tokens of one image that the language model r
 * ``int`` ``k >= 1``: keep ``min(k, N)`` tokens of an image that has ``N`` visual tokens;
 * ``float`` ``r`` in ``(0, 1]``: keep ``max(1, round(r * N))`` tokens.
 
-Methods that prune inside the LLM (FastV, PyramidDrop, SparseVLM, DART) apply the budget from their pruning layer on;
+Methods that prune inside the LLM (FastV, PyramidDrop, SparseVLM, DART) apply the budget from their pruning layer on
+(ZipVL has no budget: its count follows its attention-mass threshold);
 the layer-averaged count is reported separately (see :class:`visattn.tokenprune.report.PruneReport`).
 """
 

@@ -43,13 +43,18 @@ class Capabilities:
         tower_merge: the method merges tokens inside the vision tower's encoder layers (ToMe's bipartite soft
             matching: ``schedule(num_layers)``, ``trace_source``, ``prop_attn``); the adapter patches the
             tower's layers instead of hooking [CLS] scores.
+        dynamic_merge: ``tower_merge`` with a per-layer similarity threshold instead of a fixed ``r``
+            (``layer_thresholds(num_layers)``, ``match(layer, metric, valid, threshold)``): every image merges
+            every pair above the threshold, so images of one batch keep different token counts (padded, with a
+            key mask) (DyMU).
         text_raters: LLM stage: the query rows are text raters picked once per prefill by ``rater_scores``
             (instead of the last token).
         hidden_select: LLM stage: the method scores and selects by itself instead of the attention rows and the
-            per-image top-k: at ``score_layer`` the adapter stores ``layer_scores(layer, hidden, cos, sin)`` (any
-            per-token (B, L) tensor), at the drop layer it calls ``select_image`` once per image with that image's
-            and its sample's instruction tokens' scores and hidden states (the drop layer's input through the
-            language model's final norm) and keeps what it returns (DART).
+            per-image top-k: at ``score_layer`` the adapter stores ``layer_scores(layer, hidden, cos, sin,
+            valid)`` (``valid``: the (B, L) padding mask; any per-token (B, L, ...) tensor), at the drop layer it
+            calls ``select_image`` once per image with that image's and its sample's instruction tokens' scores
+            and hidden states (the drop layer's input through the language model's final norm) and keeps what it
+            returns, any number of tokens (DART, ZipVL).
         recycles: LLM stage: deleted tokens may be recycled into extra tokens placed after each image's kept
             ones (``recycled_count``, ``recycle_pick``, ``recycled``).
         positions: the position policies the method accepts as its ``positions`` argument (the first is its
@@ -69,6 +74,7 @@ class Capabilities:
     cls_hidden: bool = False
     output: Output = "subset"
     tower_merge: bool = False
+    dynamic_merge: bool = False
     text_raters: bool = False
     hidden_select: bool = False
     recycles: bool = False
@@ -82,7 +88,7 @@ class Capabilities:
         if self.output not in OUTPUTS:
             raise ValueError(f"output={self.output!r}: expected one of {OUTPUTS}")
         for name in ("cls_attention", "cls_keys", "fused_capture", "cls_hidden", "tower_merge", "text_raters",
-                     "recycles", "standalone_tower", "text_condition", "hidden_select"):
+                     "recycles", "standalone_tower", "text_condition", "hidden_select", "dynamic_merge"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}={getattr(self, name)!r}: expected a bool")
         if not isinstance(self.positions, tuple) or not self.positions or any(
@@ -104,6 +110,8 @@ class Capabilities:
                              "has none (standalone_tower must be False)")
         if self.fused_capture and (self.cls_keys or not self.cls_attention):
             raise ValueError("fused_capture: needs cls_attention and excludes cls_keys (fused scoring keeps no keys)")
+        if self.dynamic_merge and not self.tower_merge:
+            raise ValueError("dynamic_merge: only for tower_merge methods (it replaces their fixed r)")
         if self.tower_merge and self.cls_attention:
             raise ValueError("tower_merge: excludes cls_attention (the tower's own layers merge the tokens)")
 
@@ -126,6 +134,8 @@ class Capabilities:
             out.append("patch_scores")
         if self.tower_merge:
             out.append("schedule")
+        if self.dynamic_merge:
+            out += ["layer_thresholds", "match"]
         if self.stage == "embedding":
             out.append("select")
         if self.stage == "llm":

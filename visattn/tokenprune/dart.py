@@ -58,9 +58,10 @@ class DART(LLMPruner):
         budget = self.keep if isinstance(self.keep, int) else self.keep * num_tokens
         return int(budget // (self.pivot_image + self.pivot_text))
 
-    def layer_scores(self, layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor) -> torch.Tensor:
-        """L1 norm (B, L) of every token's rotary-embedded key states in decoder ``layer`` (float32)."""
+    def layer_scores(self, layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     valid: torch.Tensor | None = None) -> torch.Tensor:
+        """L1 norm (B, L) of every token's rotary-embedded key states in decoder ``layer`` (float32; per token,
+        so the padding mask ``valid`` is not needed)."""
         return decoder_keys(layer, hidden, cos, sin).float().abs().sum((-2, -1))
 
     def select_image(self, stage_index: int, image_scores: torch.Tensor, image_hidden: torch.Tensor,

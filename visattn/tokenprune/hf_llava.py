@@ -79,7 +79,7 @@ class LlavaVisionAdapter(VisionStage, LlavaAdapter):
         for b, row in enumerate(spans):
             kept_row = []
             for s, e in row:
-                n_slots = e - s if vis.count is None else vis.slots_used
+                n_slots = e - s if vis.count is None else vis.slots_used if vis.slots is None else vis.slots[j]
                 keep[b, s : s + n_slots] = True
                 kept_row.append(torch.arange(e - s, device=image_id.device) if vis.count is None else vis.kept[j])
                 j += 1
@@ -88,9 +88,9 @@ class LlavaVisionAdapter(VisionStage, LlavaAdapter):
 
 
 class ToMeLlavaAdapter(LlavaVisionAdapter):
-    """ToMe (``capabilities.tower_merge``) in the CLIP tower of a HF LLaVA-1.5 model: the projector's merged tokens
-    fill the first slots of each image's placeholder span; the unused slots are removed before the language
-    model."""
+    """ToMe / DyMU (``capabilities.tower_merge``) in the CLIP tower of a HF LLaVA-1.5 model: the projector's merged
+    tokens fill the first slots of each image's placeholder span (DyMU: each image its own count); the unused
+    slots are removed before the language model."""
 
     def _validate(self) -> None:
         if not self.capabilities.tower_merge:
@@ -119,7 +119,12 @@ class ToMeLlavaAdapter(LlavaVisionAdapter):
         cfg = self.core.vision_tower.config
         vis.count = (cfg.image_size // cfg.patch_size) ** 2
         origin = rep.extra["origins"][self.feature_layer]
-        vis.kept = list(origin[:, 1:] - 1)
+        if self.capabilities.dynamic_merge:  # rows of different lengths: each image fills its own count of slots
+            counts = [row[self.feature_layer] for row in rep.extra["row_tokens_per_layer"]]
+            vis.kept = [origin[i, 1:c] - 1 for i, c in enumerate(counts)]
+            vis.slots = [c - 1 for c in counts]
+        else:
+            vis.kept = list(origin[:, 1:] - 1)
         return None
 
     def remove(self) -> None:

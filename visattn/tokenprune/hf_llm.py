@@ -1,5 +1,5 @@
 """LLM stage of the HF adapters: methods that score and drop visual tokens inside the language model (FastV,
-PyramidDrop, SparseVLM, DART, any ``capabilities.stage == "llm"`` method).
+PyramidDrop, SparseVLM, DART, ZipVL, any ``capabilities.stage == "llm"`` method).
 
 Decoder-layer pre-hooks score the visual tokens at each stage's ``score_layer`` (exact attention rows of the last
 token, or of the text raters when ``capabilities.text_raters``) and drop them before the stage's ``layer``,
@@ -111,7 +111,7 @@ class LLMStage(HFVisionLanguageAdapter):
                 with self._timed():
                     cos, sin = kwargs["position_embeddings"]
                     if self.capabilities.hidden_select:
-                        call.scores[stage_index] = self.pruner.layer_scores(module, hidden, cos, sin)
+                        call.scores[stage_index] = self.pruner.layer_scores(module, hidden, cos, sin, lay.valid)
                     else:
                         rows, row_ok = self._score_rows(call, lay)
                         call.scores[stage_index] = decoder_row_scores(module, hidden, rows, row_ok, cos, sin,

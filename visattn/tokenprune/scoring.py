@@ -131,6 +131,40 @@ def decoder_row_scores(
     return (probs * w).sum(1) / w.sum(1).clamp(min=1)
 
 
+def decoder_attention_mass(
+    layer: torch.nn.Module,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    key_valid: torch.Tensor,
+    max_elements: int = 1 << 24,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention mass every key of decoder ``layer`` receives from all valid query rows of its input ``hidden``
+    (B, S, C), heads averaged: ``(mass (B, S), queries (B, S))`` in float32, where ``mass[b, j] = Σ_i mean_h
+    A[b, h, i, j]`` over the valid rows ``i`` (causal, keys restricted to ``key_valid`` (B, S)) and ``queries[b,
+    j]`` is how many valid rows see key ``j`` (the valid rows ``i ≥ j``; 0 for a padding key). The query rows
+    run in chunks of at most ``max_elements`` attention probabilities (B · H · rows · S), so no (S, S) matrix
+    per head is held at once. Same masking and RoPE as :func:`decoder_attention_rows`; eager ops only."""
+    bsz, length = key_valid.shape
+    rows = torch.arange(length, device=hidden.device).expand(bsz, -1)
+    q, k, scale = _decoder_qk(layer, hidden, rows)
+    cos, sin = cos.expand(bsz, -1, -1), sin.expand(bsz, -1, -1)
+    q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, S, D)
+    k = apply_rope(k.transpose(1, 2), cos, sin)
+    heads = q.shape[1]
+    chunk = max(1, max_elements // max(1, bsz * heads * length))
+    ar = torch.arange(length, device=hidden.device)
+    mass = torch.zeros(bsz, length, device=hidden.device, dtype=torch.float32)
+    for lo in range(0, length, chunk):
+        r = ar[lo : lo + chunk]
+        allowed = key_valid[:, None, :] & (ar[None, None, :] <= r[None, :, None])  # (B, R, S)
+        probs = row_softmax(q[:, :, lo : lo + chunk], k, allowed, scale).mean(1)  # (B, R, S)
+        probs = torch.where(key_valid[:, lo : lo + chunk, None], probs, 0.0)  # padding rows (NaN or not) add 0
+        mass += probs.sum(1)
+    seen = key_valid.flip(1).long().cumsum(1).flip(1) * key_valid  # valid rows i >= j, for valid keys j
+    return mass, seen.to(torch.float32)
+
+
 def _hf_scale(attn: torch.nn.Module) -> float:
     """Softmax scale of an HF attention module (``scale`` in CLIP, ``scaling`` elsewhere)."""
     return getattr(attn, "scale", getattr(attn, "scaling", attn.head_dim**-0.5))

@@ -145,6 +145,102 @@ def merge_weighted(x: torch.Tensor, size: torch.Tensor | None, m: Matching) -> t
     return total / size, size
 
 
+@dataclass
+class ThresholdMatching:
+    """One bipartite matching with a similarity threshold (DyMU): every row merges its own number of A tokens.
+
+    Rows may be padded (``valid``); the output keeps each row's tokens first, in ToMe's order (unmerged A tokens
+    ascending, then B tokens), padded to ``width``."""
+
+    merged: torch.Tensor  # (B, Na) bool: A tokens merged away
+    partner: torch.Tensor  # (B, Na): every A token's best B partner
+    order: torch.Tensor  # (B, N): indices into cat([A, B]) that put each row's kept tokens first
+    counts: torch.Tensor  # (B,) tokens per row after merging
+    width: int  # the longest row (host int)
+
+
+def threshold_matching(metric: torch.Tensor, valid: torch.Tensor, threshold: float,
+                       protect_first: bool = True) -> ThresholdMatching:
+    """Match ``metric`` (B, N, D) tokens as ToMe does, but merge in every row each A token whose best cosine
+    similarity to a B token is above ``threshold`` (at most ``(n - protected) // 2`` of a row's ``n`` valid
+    tokens, the most similar first: DyMU's per-image count). ``valid`` (B, N) marks each row's real tokens,
+    which must come first in the row; padding is neither matched nor kept. A row that merges nothing keeps its
+    token order."""
+    with torch.no_grad():
+        best, partner = _best_partners(metric, valid, protect_first)
+        cap = (valid.sum(1) - int(protect_first)) // 2
+        r = torch.minimum((best > threshold).sum(1), cap).clamp(min=0)
+        by_sim = best.argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(by_sim).scatter_(1, by_sim, torch.arange(by_sim.shape[1], device=by_sim.device)
+                                                 .expand_as(by_sim))
+        # a row that merges nothing keeps its order (the official code skips the merge: ToMe's A-then-B order
+        # would change the later layers' A / B split)
+        return _dynamic_plan(valid, partner, rank < r[:, None], keep_order=r == 0)
+
+
+def batch_matching(metric: torch.Tensor, valid: torch.Tensor, r: int,
+                   protect_first: bool = True) -> tuple[ThresholdMatching | None, float | None]:
+    """One step of DyMU's threshold finding (DToMe, the official ``batch_level_bipartite_soft_matching``): the
+    ``r · B`` A tokens of the whole batch with the highest best similarity merge (``r`` clamped to ``(N −
+    protected) // 2`` of the padded length ``N``), so each row merges its own number; returns the matching and
+    this batch's threshold, the best similarity left unmerged clamped at 0 (``(None, None)`` when ``r ≤ 0``).
+    Every row takes ToMe's A-then-B order, as the official batched code."""
+    r = min(r, (metric.shape[1] - int(protect_first)) // 2)
+    if r <= 0:
+        return None, None
+    with torch.no_grad():
+        best, partner = _best_partners(metric, valid, protect_first)
+        flat = best.flatten()
+        by_sim = flat.argsort(descending=True, stable=True)
+        rb = r * best.shape[0]
+        threshold = max(float(flat[by_sim[min(rb, flat.numel() - 1)]]), 0.0)
+        merged = torch.zeros_like(flat, dtype=torch.bool)
+        merged[by_sim[:rb]] = True
+        merged = merged.view_as(best) & torch.isfinite(best)  # never a padding or [CLS] row
+        stay = torch.zeros(best.shape[0], dtype=torch.bool, device=best.device)
+        return _dynamic_plan(valid, partner, merged, keep_order=stay), threshold
+
+
+def _best_partners(metric: torch.Tensor, valid: torch.Tensor, protect_first: bool) -> tuple:
+    """Every A token's best cosine similarity to a B token and that partner, (B, Na) each; padding and the
+    protected first token get -inf."""
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+    sim = unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)
+    va, vb = valid[:, ::2], valid[:, 1::2]
+    sim = sim.masked_fill(~(va[:, :, None] & vb[:, None, :]), float("-inf"))
+    if protect_first:
+        sim[:, 0, :] = float("-inf")
+    return sim.max(dim=-1)
+
+
+def _dynamic_plan(valid: torch.Tensor, partner: torch.Tensor, merged: torch.Tensor,
+                  keep_order: torch.Tensor) -> ThresholdMatching:
+    """The matching that merges the ``merged`` A tokens: each row's kept tokens first in ToMe's order (unmerged A,
+    then B), or in their own order where ``keep_order`` (rows that merge nothing)."""
+    va, vb = valid[:, ::2], valid[:, 1::2]
+    keep = torch.cat([va & ~merged, vb], 1)
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+    pos = torch.arange(order.shape[1], device=order.device)
+    same = torch.where(pos % 2 == 0, pos // 2, va.shape[1] + pos // 2)
+    order = torch.where(keep_order[:, None], same[None], order)
+    counts = keep.sum(1)
+    return ThresholdMatching(merged, partner, order, counts, int(counts.max()))
+
+
+def merge_dynamic(x: torch.Tensor, m: ThresholdMatching, reduce: str = "sum") -> torch.Tensor:
+    """Apply ``m`` to ``x`` (B, N, C): merged A tokens reduced into their partners, then each row's kept tokens
+    first, (B, width, C); positions past a row's count hold leftovers (mask them with the row counts)."""
+    a, b = x[:, ::2], x[:, 1::2]
+    moved = torch.where(m.merged[..., None], a, torch.zeros_like(a))
+    b = b.scatter_reduce(1, m.partner[..., None].expand(-1, -1, x.shape[-1]), moved, reduce=reduce)
+    return _take(torch.cat([a, b], 1), m.order)[:, : m.width]
+
+
+def survivors_dynamic(x: torch.Tensor, m: ThresholdMatching) -> torch.Tensor:
+    """:func:`survivors` for a :class:`ThresholdMatching`: labels ``x`` (B, N) of each output token, (B, width)."""
+    return torch.cat([x[:, ::2], x[:, 1::2]], 1).gather(1, m.order)[:, : m.width]
+
+
 # -------------------------------------------------------------------------------------------- per-call state
 @dataclass
 class _State:
@@ -153,6 +249,8 @@ class _State:
     source: torch.Tensor | None = None  # (B, N, N0) if trace_source
     keys: torch.Tensor | None = None
     counts: list[int] = field(default_factory=list)  # tokens after each layer
+    row_counts: list[torch.Tensor] = field(default_factory=list)  # (B,) tokens per row after each layer (DyMU)
+    valid: torch.Tensor | None = None  # (B, N) real tokens once rows have different lengths (DyMU)
     origins: list[torch.Tensor] = field(default_factory=list)  # origin after each layer
     n0: int = 0
 
@@ -171,6 +269,8 @@ class ToMeAdapter:
         self.model, self.pruner = model, pruner
         self.kind, self.encoder, self.layers = _locate(model)
         self.schedule = pruner.schedule(len(self.layers))
+        self.thresholds = (pruner.layer_thresholds(len(self.layers)) if pruner.capabilities.dynamic_merge
+                           else [None] * len(self.layers))
         self.state: _State | None = None
         self.last_report: PruneReport | None = None
         self.handles: list = []
@@ -215,18 +315,22 @@ class ToMeAdapter:
         n0 = st.n0
         width = self.layers[0].mlp[0].in_features if self.kind == "oc" else self.layers[0].mlp.fc1.in_features
         inter = self.layers[0].mlp[0].out_features if self.kind == "oc" else self.layers[0].mlp.fc1.out_features
-        ins = [n0] + st.counts[:-1]
-        saved = 1.0 - sum(_tower_flops(n, width, inter) for n in ins) / (len(ins) * _tower_flops(n0, width, inter))
-        kept = [[(st.origin[i, 1:] - 1)] for i in range(b)]
+        rows = torch.stack(st.row_counts, 1).tolist()  # (B, layers), one readback
+        full = _tower_flops(n0, width, inter)
+        ins = [[n0] + row[:-1] for row in rows]
+        saved = [1.0 - sum(_tower_flops(n, width, inter) for n in row) / (len(row) * full) for row in ins]
+        kept = [[(st.origin[i, 1 : rows[i][-1]] - 1)] for i in range(b)]
         extra = {"tokens_per_layer": st.counts, "size": st.size, "origins": st.origins, "flops_scope": "vision tower"}
+        if self.pruner.capabilities.dynamic_merge:
+            extra.update(row_tokens_per_layer=rows, valid=st.valid)
         if st.source is not None:
             extra["source"] = st.source
         self.last_report = PruneReport(
-            method="tome",
+            method=self.pruner.name,
             visual_tokens=[n0 - 1] * b,
-            visual_tokens_kept=[st.counts[-1] - 1] * b,
-            visual_tokens_layer_avg=[sum(n - 1 for n in ins) / len(ins)] * b,
-            flops_saved=[saved] * b,
+            visual_tokens_kept=[row[-1] - 1 for row in rows],
+            visual_tokens_layer_avg=[sum(n - 1 for n in row) / len(row) for row in ins],
+            flops_saved=saved,
             kept_indices=kept,
             extra=extra,
         )
@@ -237,30 +341,64 @@ class ToMeAdapter:
 
     # ------------------------------------------------------------------------------------------ layer body
     def bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """Proportional-attention mask (B, 1, 1, N) = log(size) per key, or None."""
+        """Additive attention mask (B, 1, 1, N): log(size) per key with proportional attention, the dtype's
+        minimum for padding keys (rows of different lengths), or None when neither applies."""
         st = self.state
-        if not self.pruner.prop_attn or st is None or st.size is None:
+        if st is None or st.size is None:
             return None
-        return st.size.log()[:, None, None, :, 0].to(dtype)
+        bias = st.size.log()[:, None, None, :, 0].to(dtype) if self.pruner.prop_attn else None
+        if st.valid is not None:
+            pad = (~st.valid)[:, None, None, :]
+            bias = torch.zeros(pad.shape, dtype=dtype, device=pad.device) if bias is None else bias
+            bias = bias.masked_fill(pad, torch.finfo(dtype).min)
+        return bias
 
     def after_attention(self, idx: int, x: torch.Tensor, keys: torch.Tensor, heads: int) -> torch.Tensor:
         """Merge ``x`` (the layer's state after the attention residual) with the keys' head mean as metric."""
         st = self.state
         metric = keys.view(*keys.shape[:2], heads, -1).mean(2)
-        m = bipartite_matching(metric, self.schedule[idx], protect_first=True)
-        if m is not None:
-            if st.source is not None:
-                st.source = merge_tokens(st.source, m, "amax")
-            st.origin = survivors(st.origin, m)
-            x, st.size = merge_weighted(x, st.size, m)
-        st.counts.append(x.shape[1])
-        st.origins.append(st.origin)
+        if self.thresholds[idx] is not None:
+            x = self._merge_threshold(idx, x, metric, self.thresholds[idx])
+        else:
+            m = bipartite_matching(metric, self.schedule[idx], protect_first=True)
+            if m is not None:
+                if st.source is not None:
+                    st.source = merge_tokens(st.source, m, "amax")
+                st.origin = survivors(st.origin, m)
+                x, st.size = merge_weighted(x, st.size, m)
+        self._count(x.shape[1])
         return x
+
+    def _count(self, width: int) -> None:
+        st = self.state
+        st.counts.append(width)
+        st.row_counts.append(st.valid.sum(1) if st.valid is not None
+                             else torch.full((st.origin.shape[0],), width, device=st.origin.device))
+        st.origins.append(st.origin)
+
+    def _merge_threshold(self, idx: int, x: torch.Tensor, metric: torch.Tensor, threshold: float) -> torch.Tensor:
+        """DyMU's merge of ``x`` (B, N, C) in layer ``idx``: the method's ``match`` (every row merges its A tokens
+        above ``threshold``), size-weighted; rows are padded to the longest and ``state.valid`` marks their
+        tokens."""
+        st = self.state
+        valid = st.valid if st.valid is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        m = self.pruner.match(idx, metric, valid, threshold)
+        if m is None:
+            return x
+        size = st.size if st.size is not None else x.new_ones(*x.shape[:2], 1)
+        total = merge_dynamic(x * size, m, "sum")
+        size = merge_dynamic(size, m, "sum")
+        st.valid = torch.arange(m.width, device=x.device)[None] < m.counts[:, None]
+        st.size = torch.where(st.valid[..., None], size, torch.ones_like(size))
+        if st.source is not None:
+            st.source = merge_dynamic(st.source, m, "amax") * st.valid[..., None]
+        st.origin = survivors_dynamic(st.origin, m)
+        return torch.where(st.valid[..., None], total / st.size, torch.zeros_like(total))
 
     def untouched(self, idx: int) -> bool:
         """True when layer ``idx`` can run unpatched (no merge, no sizes yet)."""
         st = self.state
-        return st is None or (st.size is None and self.schedule[idx] == 0)
+        return st is None or (st.size is None and self.schedule[idx] == 0 and self.thresholds[idx] is None)
 
 
 def _hf_forward(adapter: ToMeAdapter, idx: int, orig):
@@ -268,8 +406,7 @@ def _hf_forward(adapter: ToMeAdapter, idx: int, orig):
         if adapter.untouched(idx):
             out = orig(self, hidden_states, attention_mask, **kwargs)
             if adapter.state is not None:
-                adapter.state.counts.append(out.shape[1])
-                adapter.state.origins.append(adapter.state.origin)
+                adapter._count(out.shape[1])
             return out
         bias = adapter.bias(hidden_states.dtype)
         mask = attention_mask if bias is None else (bias if attention_mask is None else attention_mask + bias)
@@ -286,8 +423,7 @@ def _oc_forward(adapter: ToMeAdapter, idx: int, orig):
         if adapter.untouched(idx) or k_x is not None or v_x is not None:
             out = orig(self, q_x, k_x, v_x, attn_mask)
             if adapter.state is not None:
-                adapter.state.counts.append(out.shape[1])
-                adapter.state.origins.append(adapter.state.origin)
+                adapter._count(out.shape[1])
             return out
         if attn_mask is not None:
             raise ValueError("attn_mask: ToMe on an open_clip tower with an attention mask is not supported")
