@@ -34,6 +34,7 @@ from visattn import nn as visattn_nn
 from visattn.models import _helpers
 from visattn.models._helpers import checked_size
 from visattn.models.agent import agent_cfg, tsinghua
+from visattn.nn.agent import SEPARABLE_BIAS_AXIS
 
 torch.fx.wrap("checked_size")  # a call node in any FX trace, whichever module is the traced root
 
@@ -257,7 +258,7 @@ def _check_pool(global_pool) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
-_SEPARABLE = ("ah_bias", "aw_bias", "ha_bias", "wa_bias")
+_SEPARABLE = tuple(SEPARABLE_BIAS_AXIS)  # the separable agent biases (official: 5-D)
 
 
 def _resize_pos_embed(value: Tensor, grid_size: Sequence[int]) -> Tensor:
