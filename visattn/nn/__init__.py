@@ -2,6 +2,8 @@
 
 ``NeighborhoodAttention1D/2D/3D`` follow NATTEN 0.21's modules; ``WindowAttention``, ``AgentAttention`` and
 ``BiLevelRoutingAttention`` follow the official Swin, Agent-Attention and BiFormer modules' argument names.
+The Agent-Swin / Agent-PVT / Agent-DeiT model families configure ``AgentAttention`` and ``WindowAttention`` through
+keyword-only options rather than keeping attention modules of their own.
 """
 
 from visattn.nn.agent import AgentAttention
