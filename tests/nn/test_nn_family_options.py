@@ -41,6 +41,13 @@ def test_swin_layout_loads_timm_swin_as_is_and_matches_it(size, window, shift):
 def test_window_layout_options_checked():
     with pytest.raises(ValueError, match="rpb_layout"):
         WindowAttention(16, 4, 2, rpb_layout="timm")
+    plain = WindowAttention(16, 4, 2).double()
+    _randomise(plain)
+    swin = WindowAttention(16, 4, 2, rpb_layout="swin").double()
+    swin.load_state_dict(plain.state_dict())  # a visattn-layout rpb converts to the Swin table on load
+    assert torch.equal(swin.position_bias(), plain.rpb)
+    x = torch.randn(1, 8, 8, 16, dtype=torch.float64)
+    torch.testing.assert_close(swin(x), plain(x), rtol=0, atol=0)
     module = WindowAttention(16, 4, 2, rel_pos_bias=False, rpb_layout="swin")
     assert module.position_bias() is None and "relative_position_bias_table" not in dict(module.named_parameters())
     assert "rpb_layout='swin'" in repr(WindowAttention(16, 4, 2, rpb_layout="swin"))

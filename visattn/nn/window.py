@@ -11,7 +11,7 @@ from torch.nn.init import trunc_normal_
 
 from visattn import functional
 from visattn.nn import _args
-from visattn.nn.positional import swin_rpb_to_visattn
+from visattn.nn.positional import swin_rpb_to_visattn, visattn_rpb_to_swin
 
 RPB_LAYOUTS = ("visattn", "swin")  # how WindowAttention stores its relative-position-bias table
 
@@ -46,7 +46,8 @@ class WindowAttention(nn.Module):
             (key-minus-query offsets); "swin" as Swin's ``relative_position_bias_table`` ``[(2w0-1)(2w1-1)(...),
             heads]`` (query-minus-key offsets, row-major), trunc-normal std 0.02 as Swin initialises it, converted by
             :func:`visattn.nn.swin_rpb_to_visattn` in every forward (differentiable), so it trains in Swin's layout;
-            ``rpb`` is then None. A loaded state dict's ``relative_position_index`` buffer is dropped either way.
+            ``rpb`` is then None. A loaded state dict's ``relative_position_index`` buffer is dropped either way, and
+            a table in the other layout is converted on load.
         backend: keyword-only, None/"auto", "reference" or "triton" (see :func:`visattn.window_attention`).
     """
 
@@ -84,11 +85,13 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(_args.dropout_rate(proj_drop, "proj_drop"))
 
+    def _has_table(self) -> bool:
+        return "relative_position_bias_table" in self._parameters
+
     def position_bias(self) -> Tensor | None:
         """The relative position bias in visattn's ``[heads, 2w0-1, 2w1-1(, 2w2-1)]`` layout (None without one)."""
-        if self.rpb_layout == "swin":
-            table = getattr(self, "relative_position_bias_table", None)
-            return None if table is None else swin_rpb_to_visattn(table, self.window_size)
+        if self._has_table():
+            return swin_rpb_to_visattn(self.relative_position_bias_table, self.window_size)
         return self.rpb
 
     def forward(self, x: Tensor) -> Tensor:
@@ -117,12 +120,14 @@ class WindowAttention(nn.Module):
         if table in state_dict and prefix + "rpb" not in state_dict and self.rpb is not None:
             state_dict[prefix + "rpb"] = swin_rpb_to_visattn(state_dict.pop(table), self.window_size)
             state_dict.pop(prefix + "relative_position_index", None)
-        elif self.rpb_layout == "swin":
+        elif self.rpb_layout == "swin":  # a visattn-layout rpb becomes this module's Swin table
+            if prefix + "rpb" in state_dict and table not in state_dict and self._has_table():
+                state_dict[table] = visattn_rpb_to_swin(state_dict.pop(prefix + "rpb"), self.window_size)
             state_dict.pop(prefix + "relative_position_index", None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, "
-                f"shift_size={self.shift_size}, rel_pos_bias={self.position_bias() is not None}"
+                f"shift_size={self.shift_size}, rel_pos_bias={self.rpb is not None or self._has_table()}"
                 + (f", rpb_layout={self.rpb_layout!r}" if self.rpb_layout != "visattn" else ""))
