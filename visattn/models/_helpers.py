@@ -1,10 +1,9 @@
 """Pieces shared by the visattn timm families: the staged-backbone base class (timm's model API), state-dict checks,
-pooling, drop-path schedules, rpb tables."""
+pooling, drop-path schedules, checkpoint resizing (the attention modules themselves are visattn.nn's)."""
 
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 
@@ -17,7 +16,7 @@ from timm.models._hub import download_cached_file, has_hf_hub
 from torch import Tensor, nn
 
 from visattn.nn._args import factory_kwargs
-from visattn.nn.agent import BIAS_GRID
+from visattn.nn.agent import SEPARABLE_BIAS_AXIS
 
 POOL_TYPES = ("", "avg", "max", "avgmax", "catavgmax")  # timm's Swin head options (SelectAdaptivePool2d)
 _WRAPPERS = ("state_dict_ema", "model_ema", "state_dict", "model")
@@ -184,35 +183,6 @@ def _register_nn_leaves() -> None:
 _register_nn_leaves()
 
 
-def agent_pool_side(dim: int, num_heads: int, agent_num: int) -> int:
-    """Check an agent-attention config; the side of the pooled agent grid (agents are a square pool of q)."""
-    if dim % num_heads:
-        raise ValueError(f"num_heads={num_heads} must divide dim={dim}")
-    side = math.isqrt(agent_num) if agent_num >= 1 else 0
-    if side * side != agent_num or agent_num < 1:
-        raise ValueError(f"agent_num must be a perfect square (agents are a pooled grid), got {agent_num}")
-    return side
-
-
-def add_agent_position_biases(module: nn.Module, num_heads: int, agent_num: int, key_size: Sequence[int],
-                              query_size: Sequence[int]) -> None:
-    """The official Agent-Attention position biases as parameters of ``module`` (trunc-normal, std 0.02):
-    ``an_bias`` / ``na_bias`` on the 7×7 grid, ``ah_bias`` / ``aw_bias`` (agents -> keys, sized by ``key_size``),
-    ``ha_bias`` / ``wa_bias`` (queries -> agents, sized by ``query_size``).
-
-    The official separable tensors carry a leading 1 (5-D); they are 4-D here so ``model.to(memory_format=
-    torch.channels_last)``, which refuses 5-D parameters, works (the checkpoint filters squeeze them)."""
-    grid = BIAS_GRID
-    shapes = dict(an_bias=(num_heads, agent_num, grid, grid), na_bias=(num_heads, agent_num, grid, grid),
-                  ah_bias=(num_heads, agent_num, key_size[0], 1), aw_bias=(num_heads, agent_num, 1, key_size[1]),
-                  ha_bias=(num_heads, query_size[0], 1, agent_num), wa_bias=(num_heads, 1, query_size[1], agent_num))
-    for name, shape in shapes.items():
-        setattr(module, name, nn.Parameter(trunc_normal_(torch.zeros(shape), std=0.02)))
-
-
-AGENT_SPATIAL_AXIS = {"ah_bias": 2, "ha_bias": 1, "aw_bias": 3, "wa_bias": 2}  # in the 4-D layout
-
-
 def resize_to_model(state_dict: dict, model: nn.Module, resize_other=None) -> dict:
     """A checkpoint of another ``img_size`` resized to ``model``: every tensor whose shape differs from the model's
     (same rank) is resized — the separable agent biases linearly along their spatial axis, anything else by
@@ -231,8 +201,8 @@ def resize_to_model(state_dict: dict, model: nn.Module, resize_other=None) -> di
     for key, value in state_dict.items():
         if differs(key, value):
             want, name = target[key].shape, key.rsplit(".", 1)[-1]
-            if name in AGENT_SPATIAL_AXIS:
-                axis = AGENT_SPATIAL_AXIS[name]
+            if name in SEPARABLE_BIAS_AXIS:
+                axis = SEPARABLE_BIAS_AXIS[name]
                 value = resize_axis(value, axis, want[axis])
             elif resize_other is not None:
                 value = resize_other(key, value, want)
@@ -298,16 +268,6 @@ def check_output_fmt(output_fmt, allowed=("NCHW", "NHWC")) -> str:
     if output_fmt not in allowed:
         raise ValueError(f"output_fmt must be one of {allowed}, got {output_fmt!r}")
     return "NCHW" if output_fmt == "NCHW" else "NHWC"
-
-
-def swin_table_to_rpb(table: Tensor, window: Sequence[int]) -> Tensor:
-    """Swin's ``[(2w0-1)(2w1-1), heads]`` query-minus-key table -> visattn's ``[heads, 2w0-1, 2w1-1]``
-    key-minus-query rpb (docs/SEMANTICS.md): heads first, both offset axes reversed. Differentiable view + flip."""
-    rows, cols = 2 * window[0] - 1, 2 * window[1] - 1
-    if table.dim() != 2 or table.shape[0] != rows * cols:
-        raise ValueError(f"relative position table must be [{rows}*{cols}, heads] for window {tuple(window)}, "
-                         f"got {tuple(table.shape)}")
-    return table.view(rows, cols, -1).permute(2, 0, 1).flip(1, 2)
 
 
 def resize_swin_table(table: Tensor, old_window: Sequence[int], new_window: Sequence[int]) -> Tensor:
@@ -531,7 +491,6 @@ __all__ = [
     "resize_axis",
     "resize_swin_table",
     "run_blocks",
-    "swin_table_to_rpb",
     "to_2tuple_int",
     "unwrap_state_dict",
 ]

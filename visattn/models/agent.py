@@ -24,23 +24,25 @@ from collections.abc import Sequence
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import register_notrace_module, trunc_normal_
+from timm.layers import register_notrace_module
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from visattn import functional
+from visattn import nn as visattn_nn
 from visattn.models import _helpers
-from visattn.nn.agent import agent_position_biases, pool_agents
+from visattn.models._helpers import checked_size
+
+torch.fx.wrap("checked_size")  # a call node in any FX trace, whichever module is the traced root
 
 __all__ = ["AgentSwinTransformer", "AgentAttention", "WindowAttention", "checkpoint_filter_fn", "parse_attn_types"]
 
 
 
 @register_notrace_module
-class AgentAttention(nn.Module):
-    """Agent attention over a whole ``[B, H, W, C]`` map of fixed size ``map_size`` (the official module's names:
-    ``qkv``, ``proj``, ``dwc``, ``an_bias``, ``na_bias``, ``ah_bias``, ``aw_bias``, ``ha_bias``, ``wa_bias``), via
-    :func:`visattn.functional.agent_attention`.
+class AgentAttention(visattn_nn.AgentAttention):
+    """Agent-Swin's agent attention: :class:`visattn.nn.AgentAttention` over a whole ``[B, H, W, C]`` map of fixed
+    size ``map_size``, configured with this family's argument order (no code of its own). Parameters: ``qkv``,
+    ``proj``, ``dwc``, ``an_bias``, ``na_bias``, ``ah_bias``, ``aw_bias``, ``ha_bias``, ``wa_bias``.
 
     Args:
         dim: channels C; num_heads: heads; map_size: (H, W) the separable biases are sized for;
@@ -52,81 +54,22 @@ class AgentAttention(nn.Module):
     @_helpers.factory_kwargs
     def __init__(self, dim: int, num_heads: int, map_size: Sequence[int], agent_num: int = 49, qkv_bias: bool = True,
                  proj_drop: float = 0.0, backend: str = "auto"):
-        super().__init__()
-        pool = _helpers.agent_pool_side(dim, num_heads, agent_num)
-        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.map_size = tuple(map_size)
-        self.agent_num = agent_num
-        self.scale = self.head_dim**-0.5
-        self.backend = backend
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-        self.dwc = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
-        _helpers.add_agent_position_biases(self, num_heads, agent_num, self.map_size, self.map_size)
-        self.pool = nn.AdaptiveAvgPool2d((pool, pool))
-
-    def biases(self) -> tuple[Tensor, Tensor]:
-        """(agent_bias ``[1, heads, A, N]``, query_bias ``[1, heads, N, A]``) for ``map_size``."""
-        return agent_position_biases(self, self.map_size, self.map_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        batch, height, width, channels = x.shape
-        if (height, width) != self.map_size:
-            raise ValueError(f"AgentAttention: the map is {(height, width)} but the position biases are sized for "
-                             f"{self.map_size}; create the model with img_size= for this input (checkpoints are "
-                             f"resized by checkpoint_filter_fn)")
-        qkv = self.qkv(x).view(batch, height, width, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(3)
-        agents = pool_agents(q, self.pool.output_size[0])  # = self.pool (AdaptiveAvgPool2d) of q, without a copy
-        agent_bias, query_bias = self.biases()
-        out = functional.agent_attention(q, k, v, agents, agent_bias=agent_bias.to(q.dtype),
-                                         query_bias=query_bias.to(q.dtype), scale=self.scale, backend=self.backend)
-        v_map = v.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
-        out = out.reshape(batch, height, width, channels) + self.dwc(v_map).permute(0, 2, 3, 1)
-        return self.proj_drop(self.proj(out))
-
-    def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, map_size={self.map_size}, agent_num={self.agent_num}"
+        super().__init__(dim, tuple(map_size), num_heads, qkv_bias=qkv_bias, proj_drop=proj_drop,
+                         agent_num=agent_num, backend=backend)
 
 
 @register_notrace_module
-class WindowAttention(nn.Module):
-    """Swin (shifted) window attention on ``[B, H, W, C]`` with Swin's ``relative_position_bias_table``
-    ``[(2w-1)², heads]`` (converted to visattn's rpb on the fly), via :func:`visattn.functional.window_attention`:
-    no roll, partition or mask tensor. ``shift`` is Swin's ``shift_size``. Takes timm's ``device`` / ``dtype``;
-    a leaf of timm's FX tracing."""
+class WindowAttention(visattn_nn.WindowAttention):
+    """Agent-Swin's window blocks: :class:`visattn.nn.WindowAttention` with Swin's ``relative_position_bias_table``
+    ``[(2w-1)², heads]`` (``rpb_layout="swin"``, converted to visattn's rpb on the fly), configured with this
+    family's argument order; ``shift`` is Swin's ``shift_size``. Takes timm's ``device`` / ``dtype``; a leaf of
+    timm's FX tracing."""
 
     @_helpers.factory_kwargs
     def __init__(self, dim: int, num_heads: int, window_size: Sequence[int], shift: Sequence[int] = (0, 0),
                  qkv_bias: bool = True, proj_drop: float = 0.0, backend: str = "auto"):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"num_heads={num_heads} must divide dim={dim}")
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.window_size, self.shift = tuple(window_size), tuple(shift)
-        self.scale = self.head_dim**-0.5
-        self.backend = backend
-        self.relative_position_bias_table = nn.Parameter(
-            torch.zeros((2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1), num_heads))
-        trunc_normal_(self.relative_position_bias_table, std=0.02)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x: Tensor) -> Tensor:
-        batch, height, width, channels = x.shape
-        if height % self.window_size[0] or width % self.window_size[1]:
-            raise ValueError(f"WindowAttention: the map {(height, width)} must be a multiple of the window "
-                             f"{self.window_size}")
-        q, k, v = self.qkv(x).view(batch, height, width, 3, self.num_heads, self.head_dim).unbind(3)
-        rpb = _helpers.swin_table_to_rpb(self.relative_position_bias_table, self.window_size)
-        out = functional.window_attention(q, k, v, self.window_size, shift=self.shift, rpb=rpb.to(q.dtype),
-                                          scale=self.scale, backend=self.backend)
-        return self.proj_drop(self.proj(out.reshape(batch, height, width, channels)))
-
-    def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, window_size={self.window_size}, shift={self.shift}"
+        super().__init__(dim, tuple(window_size), num_heads, qkv_bias=qkv_bias, proj_drop=proj_drop,
+                         shift_size=tuple(shift), rpb_layout="swin", backend=backend)
 
 
 class PatchEmbed(nn.Module):
@@ -274,7 +217,16 @@ class AgentSwinTransformer(_helpers.StagedBackbone):
             ))
             self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2**i, module=f"layers.{i}"))
         self.layers = nn.Sequential(*stages)
+        self._agent_blocks = any("A" in types for types in block_types)
         self._init_head(norm_layer(self.num_features), drop_rate)
+
+    def _embed(self, x: Tensor) -> Tensor:
+        if self._agent_blocks:  # their position biases are tied to the stage maps of img_size
+            x = checked_size(x, self.img_size, 2,
+                             f"AgentSwinTransformer: input {{got}} but the agent position biases are sized for "
+                             f"img_size={self.img_size}; create the model with img_size= for this input "
+                             f"(checkpoints are resized by checkpoint_filter_fn)")
+        return self.patch_embed(x)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:

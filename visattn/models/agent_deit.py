@@ -30,11 +30,11 @@ from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from visattn import functional
+from visattn import nn as visattn_nn
 from visattn.models import _helpers
 from visattn.models._helpers import checked_size
 from visattn.models.agent import agent_cfg, tsinghua
-from visattn.nn.agent import agent_position_biases, pool_agents
+from visattn.nn.agent import SEPARABLE_BIAS_AXIS
 
 torch.fx.wrap("checked_size")  # a call node in any FX trace, whichever module is the traced root
 
@@ -44,10 +44,11 @@ POOL_TYPES = ("", "token", "avg", "max", "avgmax")  # timm's ViT heads ('token':
 
 
 @register_notrace_module
-class DeitAgentAttention(nn.Module):
-    """Agent-DeiT's agent attention on ``[B, 1 + H*W, C]`` tokens (class token first) of a fixed ``grid_size``
-    patch grid, via :func:`visattn.functional.agent_attention` (official names ``qkv``, ``proj``, ``dwc``,
-    ``an_bias``, ``na_bias``, ``ah_bias``, ``aw_bias``, ``ha_bias``, ``wa_bias``, ``ac_bias``, ``ca_bias``).
+class DeitAgentAttention(visattn_nn.AgentAttention):
+    """Agent-DeiT's agent attention: :class:`visattn.nn.AgentAttention` in DeiT's form (``class_token=True``) on
+    ``[B, 1 + H*W, C]`` tokens (class token first) of a fixed ``grid_size`` patch grid, configured with this
+    family's argument order (no code of its own). Parameters: ``qkv``, ``proj``, ``dwc``, ``an_bias``,
+    ``na_bias``, ``ah_bias``, ``aw_bias``, ``ha_bias``, ``wa_bias``, ``ac_bias``, ``ca_bias``.
 
     Args:
         dim: channels C; num_heads: heads (divides C); grid_size: (H, W) patch grid the biases are sized for;
@@ -59,45 +60,8 @@ class DeitAgentAttention(nn.Module):
     @_helpers.factory_kwargs
     def __init__(self, dim: int, num_heads: int, grid_size: Sequence[int], agent_num: int = 49,
                  qkv_bias: bool = True, proj_drop: float = 0.0, backend: str = "auto"):
-        super().__init__()
-        pool = _helpers.agent_pool_side(dim, num_heads, agent_num)
-        self.grid_size = tuple(grid_size)
-        self.dim, self.num_heads, self.head_dim, self.agent_num = dim, num_heads, dim // num_heads, agent_num
-        self.scale = self.head_dim**-0.5
-        self.backend = backend
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-        self.dwc = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
-        _helpers.add_agent_position_biases(self, num_heads, agent_num, self.grid_size, self.grid_size)
-        self.ac_bias = nn.Parameter(trunc_normal_(torch.zeros(1, num_heads, agent_num, 1), std=0.02))  # agents -> cls
-        self.ca_bias = nn.Parameter(trunc_normal_(torch.zeros(1, num_heads, 1, agent_num), std=0.02))  # cls -> agents
-        self.pool_size = pool  # agents: the adaptive average pool of q to pool x pool (official nn.AdaptiveAvgPool2d)
-
-    def biases(self) -> tuple[Tensor, Tensor]:
-        """(agent_bias ``[1, heads, A, 1 + H*W]``, query_bias ``[1, heads, 1 + H*W, A]``), class token first."""
-        patch_keys, patch_queries = agent_position_biases(self, self.grid_size, self.grid_size)
-        return torch.cat([self.ac_bias, patch_keys], dim=-1), torch.cat([self.ca_bias, patch_queries], dim=-2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        batch, tokens, channels = x.shape
-        height, width = self.grid_size
-        if tokens != 1 + height * width:
-            raise ValueError(f"DeitAgentAttention: got {tokens} tokens but the biases are sized for 1 + "
-                             f"{height}x{width}; create the model with img_size= for this input")
-        q, k, v = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim).unbind(2)
-        agents = pool_agents(q[:, 1:].unflatten(1, (height, width)), self.pool_size)  # patch queries only
-        agent_bias, query_bias = self.biases()
-        out = functional.agent_attention(q, k, v, agents, agent_bias=agent_bias.to(q.dtype),
-                                         query_bias=query_bias.to(q.dtype), scale=self.scale, backend=self.backend)
-        out = out.reshape(batch, tokens, channels)
-        patch_v = v[:, 1:].reshape(batch, height, width, channels).permute(0, 3, 1, 2)
-        conv = self.dwc(patch_v).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
-        out = torch.cat([out[:, :1], out[:, 1:] + conv], dim=1)  # the conv term skips the class token
-        return self.proj_drop(self.proj(out))
-
-    def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, grid_size={self.grid_size}, agent_num={self.agent_num}"
+        super().__init__(dim, tuple(grid_size), num_heads, qkv_bias=qkv_bias, proj_drop=proj_drop,
+                         agent_num=agent_num, class_token=True, backend=backend)
 
 
 class AgentBlock(_helpers.PreNormBlock):
@@ -294,7 +258,7 @@ def _check_pool(global_pool) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
-_SEPARABLE = ("ah_bias", "aw_bias", "ha_bias", "wa_bias")
+_SEPARABLE = tuple(SEPARABLE_BIAS_AXIS)  # the separable agent biases (official: 5-D)
 
 
 def _resize_pos_embed(value: Tensor, grid_size: Sequence[int]) -> Tensor:

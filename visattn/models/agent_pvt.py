@@ -31,11 +31,11 @@ from timm.layers import register_notrace_module, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from visattn import functional
+from visattn import nn as visattn_nn
 from visattn.models import _helpers
 from visattn.models._helpers import checked_size
 from visattn.models.agent import agent_cfg, tsinghua
-from visattn.nn.agent import agent_position_biases, pool_agents
+from visattn.nn.agent import SEPARABLE_BIAS_AXIS, SpatialReduction
 
 torch.fx.wrap("checked_size")  # a call node in any FX trace, whichever module is the traced root
 
@@ -43,65 +43,12 @@ __all__ = ["AgentPyramidVisionTransformer", "PvtAgentAttention", "SpatialReducti
 
 
 
-def agent_core(q: Tensor, k: Tensor, v: Tensor, agents: Tensor, agent_bias: Tensor, query_bias: Tensor,
-               scale: float, backend: str) -> Tensor:
-    """``softmax(q·agentsᵀ·scale + query_bias) @ (softmax(agents·kᵀ·scale + agent_bias) @ v)`` on heads-last
-    ``[B, *map, heads, d]`` tensors, through :func:`visattn.functional.agent_attention` when k has q's shape.
-
-    Keys from a spatially reduced map (``sr_ratio > 1``; no released Agent-PVT uses it) are outside what
-    ``functional.agent_attention`` accepts (it takes keys of the query's shape), so that case runs the same two
-    softmax attentions here: two ``scaled_dot_product_attention`` calls, or explicit float32/float64 matmuls for
-    ``backend="reference"``.
-    """
-    if k.shape == q.shape:
-        return functional.agent_attention(q, k, v, agents, agent_bias=agent_bias.to(q.dtype),
-                                          query_bias=query_bias.to(q.dtype), scale=scale, backend=backend)
-    backend = functional.check_backend(backend, "agent attention", allow_sdpa=True)
-    if backend == "triton":
-        raise ValueError("backend='triton': the Triton agent kernel takes keys of the query's shape; keys from a "
-                         "reduced map (sr_ratio > 1) run as two SDPA calls; use 'auto', 'sdpa' or 'reference'")
-    batch, heads = q.shape[0], q.shape[-2]
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-
-    def as_bhnd(t: Tensor) -> Tensor:
-        t = t.reshape(batch, -1, heads, t.shape[-1]).transpose(1, 2)
-        return t.to(compute) if backend == "reference" else t
-
-    if backend == "reference":
-        agent_values = torch.softmax(as_bhnd(agents) @ as_bhnd(k).transpose(-1, -2) * scale
-                                     + agent_bias.to(compute), dim=-1) @ as_bhnd(v)
-        out = torch.softmax(as_bhnd(q) @ as_bhnd(agents).transpose(-1, -2) * scale + query_bias.to(compute),
-                            dim=-1) @ agent_values
-    else:
-        sdpa = F.scaled_dot_product_attention
-        agent_values = sdpa(as_bhnd(agents), as_bhnd(k), as_bhnd(v), attn_mask=agent_bias.to(q.dtype), scale=scale)
-        out = sdpa(as_bhnd(q), as_bhnd(agents), agent_values, attn_mask=query_bias.to(q.dtype), scale=scale)
-    return out.transpose(1, 2).reshape(*q.shape[:-1], v.shape[-1]).to(q.dtype)
-
-
-class _KeyValueReduction(nn.Module):
-    """PVT's key/value source: the map itself, or (``sr_ratio > 1``) a conv with kernel = stride = sr + LayerNorm
-    (the official names ``sr`` / ``norm``); NHWC in and out."""
-
-    def _init_reduction(self, dim: int, sr_ratio: int) -> None:
-        if isinstance(sr_ratio, bool) or not isinstance(sr_ratio, int) or sr_ratio < 1:
-            raise ValueError(f"sr_ratio must be a positive int, got {sr_ratio!r}")
-        self.sr_ratio = sr_ratio
-        if sr_ratio > 1:
-            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
-            self.norm = nn.LayerNorm(dim)
-
-    def _reduce(self, x: Tensor) -> Tensor:
-        if self.sr_ratio == 1:
-            return x
-        return self.norm(self.sr(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
-
-
 @register_notrace_module
-class PvtAgentAttention(_KeyValueReduction):
-    """Agent-PVT's agent attention on a ``[B, H, W, C]`` map of fixed size ``map_size`` (official names ``q``,
-    ``kv``, ``proj``, ``sr``/``norm`` when ``sr_ratio > 1``, ``dwc``, ``an_bias``, ``na_bias``, ``ah_bias``,
-    ``aw_bias``, ``ha_bias``, ``wa_bias``).
+class PvtAgentAttention(visattn_nn.AgentAttention):
+    """Agent-PVT's agent attention: :class:`visattn.nn.AgentAttention` in PVT's form (``fused_qkv=False``,
+    ``sr_ratio``) on a ``[B, H, W, C]`` map of fixed size ``map_size``, configured with this family's argument
+    order (no code of its own). Parameters: ``q``, ``kv``, ``proj``, ``sr``/``norm`` when ``sr_ratio > 1``,
+    ``dwc``, ``an_bias``, ``na_bias``, ``ah_bias``, ``aw_bias``, ``ha_bias``, ``wa_bias``.
 
     Args:
         dim: channels C; num_heads: heads (divides C); map_size: (H, W) the separable biases are sized for;
@@ -114,50 +61,11 @@ class PvtAgentAttention(_KeyValueReduction):
     @_helpers.factory_kwargs
     def __init__(self, dim: int, num_heads: int, map_size: Sequence[int], agent_num: int = 49, sr_ratio: int = 1,
                  qkv_bias: bool = True, proj_drop: float = 0.0, backend: str = "auto"):
-        super().__init__()
-        pool = _helpers.agent_pool_side(dim, num_heads, agent_num)
-        self._init_reduction(dim, sr_ratio)
-        self.map_size = tuple(map_size)
-        if any(s % sr_ratio for s in self.map_size):
-            raise ValueError(f"sr_ratio={sr_ratio} must divide the map size {self.map_size}")
-        self.kv_size = (self.map_size[0] // sr_ratio, self.map_size[1] // sr_ratio)
-        self.dim, self.num_heads, self.head_dim, self.agent_num = dim, num_heads, dim // num_heads, agent_num
-        self.scale = self.head_dim**-0.5  # the official module ignores qk_scale
-        self.backend = backend
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-        self.dwc = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
-        _helpers.add_agent_position_biases(self, num_heads, agent_num, self.kv_size, self.map_size)
-        self.pool_size = pool  # agents: the adaptive average pool of q to pool x pool (official nn.AdaptiveAvgPool2d)
-
-    def biases(self) -> tuple[Tensor, Tensor]:
-        """(agent_bias ``[1, heads, A, kv tokens]``, query_bias ``[1, heads, H*W, A]``)."""
-        return agent_position_biases(self, self.kv_size, self.map_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        batch, height, width, channels = x.shape
-        if (height, width) != self.map_size:
-            raise ValueError(f"PvtAgentAttention: the map is {(height, width)} but the position biases are sized "
-                             f"for {self.map_size}; create the model with img_size= for this input")
-        q = self.q(x).view(batch, height, width, self.num_heads, self.head_dim)
-        k, v = self.kv(self._reduce(x)).view(batch, *self.kv_size, 2, self.num_heads, self.head_dim).unbind(3)
-        agents = pool_agents(q, self.pool_size)  # [B, A, heads, d]
-        agent_bias, query_bias = self.biases()
-        out = agent_core(q, k, v, agents, agent_bias, query_bias, self.scale, self.backend)
-        v_map = v.reshape(batch, *self.kv_size, channels).permute(0, 3, 1, 2)
-        if self.sr_ratio > 1:
-            v_map = F.interpolate(v_map, size=self.map_size, mode="bilinear")
-        out = out.reshape(batch, height, width, channels) + self.dwc(v_map).permute(0, 2, 3, 1)
-        return self.proj_drop(self.proj(out))
-
-    def extra_repr(self) -> str:
-        return (f"heads={self.num_heads}, map_size={self.map_size}, agent_num={self.agent_num}, "
-                f"sr_ratio={self.sr_ratio}")
+        super().__init__(dim, tuple(map_size), num_heads, qkv_bias=qkv_bias, proj_drop=proj_drop,
+                         agent_num=agent_num, fused_qkv=False, sr_ratio=sr_ratio, backend=backend)
 
 
-class SpatialReductionAttention(_KeyValueReduction):
+class SpatialReductionAttention(SpatialReduction):
     """PVT's attention (the official ``Attention``: ``q``, ``kv``, ``proj``, ``sr``/``norm``): every query attends
     the keys of the map reduced by ``sr_ratio``; one fused SDPA call on ``[B, H, W, C]``. Takes timm's ``device`` /
     ``dtype``."""
@@ -378,7 +286,7 @@ def checkpoint_filter_fn(state_dict, model: AgentPyramidVisionTransformer | None
             if match:
                 kind, stage, rest = match[1], int(match[2]) - 1, match[3]
                 key = (f"stages.{stage}.blocks{rest}" if kind == "block" else f"stages.{stage}.{kind}{rest}")
-            if key.endswith(tuple(f".{n}" for n in _helpers.AGENT_SPATIAL_AXIS)) and value.dim() == 5:
+            if key.endswith(tuple(f".{n}" for n in SEPARABLE_BIAS_AXIS)) and value.dim() == 5:
                 value = value.squeeze(0)  # official [1, heads, ...] -> ours [heads, ...]
             converted[key] = value
         state_dict = converted

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from visattn import backends, functional
-from visattn.models._helpers import swin_table_to_rpb
 from visattn.models._patching import Family
+from visattn.nn.positional import swin_rpb_to_visattn
 
 _MARK = "_visattn_maxvit"  # set on patched modules; the patch itself is the instance attribute _partition_attn
 
@@ -77,10 +77,10 @@ def bias_table(rel_pos: nn.Module | None, window: tuple[int, int]) -> torch.Tens
     if isinstance(rel_pos, RelPosBiasTf):
         return rel_pos.relative_position_bias_table
     if isinstance(rel_pos, RelPosBias):
-        return swin_table_to_rpb(rel_pos.relative_position_bias_table, window)
+        return swin_rpb_to_visattn(rel_pos.relative_position_bias_table, window)
     if isinstance(rel_pos, RelPosMlp):
         table = rel_pos.mlp(rel_pos.rel_coords_log)  # [2w0-1, 2w1-1, heads], query-minus-key coordinates
-        rpb = swin_table_to_rpb(table.reshape(-1, rel_pos.num_heads), window)
+        rpb = swin_rpb_to_visattn(table.reshape(-1, rel_pos.num_heads), window)
         rpb = rel_pos.bias_act(rpb)  # elementwise, so it commutes with timm's gather
         return rpb if rel_pos.bias_gain is None else rel_pos.bias_gain * rpb
     raise ValueError(f"relative position module {type(rel_pos).__name__} is not supported")

@@ -30,8 +30,8 @@ from torch import nn
 
 from visattn import backends, functional
 from visattn.models import _patching
-from visattn.models._helpers import swin_table_to_rpb
 from visattn.models._patching import Family
+from visattn.nn.positional import swin_rpb_to_visattn
 
 _ORIGINAL = "_visattn_original_attn"
 
@@ -50,7 +50,7 @@ def _is_v2(block: nn.Module) -> bool:
 def _qkv_v1(block: nn.Module, x: torch.Tensor):
     attn = block.attn
     q, k, v = attn.qkv(x).view(*x.shape[:3], 3, attn.num_heads, -1).unbind(3)
-    rpb = swin_table_to_rpb(attn.relative_position_bias_table, block.window_size)
+    rpb = swin_rpb_to_visattn(attn.relative_position_bias_table, block.window_size)
     return q, k, v, rpb, attn.scale
 
 
@@ -66,7 +66,7 @@ def _qkv_v2(block: nn.Module, x: torch.Tensor):
     q = F.normalize(q, dim=-1) * logit_scale.to(q.dtype)  # cosine logits times the per-head scale
     k = F.normalize(k, dim=-1)
     table = 16 * torch.sigmoid(attn.cpb_mlp(attn.relative_coords_table).view(-1, attn.num_heads))
-    return q, k, v, swin_table_to_rpb(table, block.window_size), 1.0
+    return q, k, v, swin_rpb_to_visattn(table, block.window_size), 1.0
 
 
 def _attend(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 ``NeighborhoodAttention1D/2D/3D`` follow NATTEN 0.21's modules; ``WindowAttention``, ``AgentAttention`` and
 ``BiLevelRoutingAttention`` follow the official Swin, Agent-Attention and BiFormer modules' argument names;
 ``SlidingTileAttention``, ``RadialAttention`` and ``VMoBAAttention`` (video) hold NeighborhoodAttention3D's
-parameters (``qkv``, ``proj``).
+parameters (``qkv``, ``proj``). The Agent-Swin / Agent-PVT / Agent-DeiT model families configure ``AgentAttention``
+and ``WindowAttention`` through keyword-only options rather than keeping attention modules of their own.
 """
 
 from visattn.nn.agent import AgentAttention
