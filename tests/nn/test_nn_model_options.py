@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from oracle import bra_oracle
+from test_nn_modules import _randomise
 
 from visattn.bench import dense
 from visattn.nn import (
@@ -16,13 +17,6 @@ from visattn.nn import (
     NeighborhoodAttention2D,
     NeighborhoodAttention3D,
 )
-
-
-def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
 
 
 def _padded_na_oracle(module, x, padded_shape):
