@@ -285,10 +285,10 @@ def _official_shapes(name: str, model_kwargs: dict) -> tuple[dict, str]:
         stages = list(model.levels)
         layer_scale = stages[0].blocks[0].gamma1 is not None
         mlp_ratio = stages[0].blocks[0].mlp.fc1.out_features / stages[0].blocks[0].mlp.fc1.in_features
-        family = "dinat" if any(b.attn.dilation > 1 for s in stages for b in s.blocks) else "nat"
+        family = "dinat" if any(b.attn.dilation[0] > 1 for s in stages for b in s.blocks) else "nat"
         return nat_transformers_shapes(model.patch_embed.proj[1].out_channels, [len(s.blocks) for s in stages],
                                        [s.blocks[0].attn.num_heads for s in stages], mlp_ratio,
-                                       stages[0].blocks[0].attn.kernel_size, layer_scale, classes, family), ""
+                                       stages[0].blocks[0].attn.kernel_size[0], layer_scale, classes, family), ""
     if module == "biformer":
         stages = list(model.stages)
         first = stages[0].blocks[0]

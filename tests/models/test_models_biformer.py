@@ -13,7 +13,7 @@ from offline_hub import biformer_official_shapes as official_state_shapes
 from offline_hub import random_state as _random_state
 
 import visattn  # noqa: F401
-from visattn.models.biformer import AttentionLePE, BiLevelRoutingAttention, checkpoint_filter_fn
+from visattn.models.biformer import AttentionLePE, BiFormerBlock, checkpoint_filter_fn
 
 TINY = dict(depths=(1, 1, 2, 1), embed_dims=(16, 32, 64, 128), head_dim=8, n_win=4, topks=(1, 2, 4, -2))
 
@@ -89,7 +89,9 @@ def bra_official_oracle(x, module):
 @pytest.mark.parametrize("size,n_win,topk", [((8, 8), 4, 2), ((10, 7), 3, 4), ((14, 14), 7, 16)])
 def test_bra_module_matches_official_algorithm(size, n_win, topk):
     torch.manual_seed(0)
-    module = BiLevelRoutingAttention(24, num_heads=3, n_win=n_win, topk=topk, backend="reference").double()
+    # the attention as the model configures it (visattn.nn.BiLevelRoutingAttention, flat qkv, padded, 5x5 LePE)
+    module = BiFormerBlock(24, num_heads=3, topk=topk, n_win=n_win, backend="reference").attn.double()
+    assert module.lepe.kernel_size == (5, 5) and module.auto_pad
     assert module.scale == 24**-0.5  # the released quirk: qk_dim ** -0.5, not head_dim ** -0.5
     x = torch.randn(1, *size, 24, dtype=torch.float64, requires_grad=True)
     got = module(x)
@@ -119,5 +121,5 @@ def test_bad_config_raises():
         timm.create_model("biformer_tiny", topks=(1, 4, 0, -2))
     with pytest.raises(ValueError, match="embed_dims"):
         timm.create_model("biformer_tiny", embed_dims=(64, 128))
-    with pytest.raises(ValueError, match="topk must be in"):
-        BiLevelRoutingAttention(16, num_heads=2, n_win=2, topk=5)
+    with pytest.raises(ValueError, match=r"topk must be <= n_win\*\*2 = 49"):
+        timm.create_model("biformer_tiny", topks=(1, 4, 50, -2))

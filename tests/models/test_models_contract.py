@@ -10,7 +10,7 @@ import torch
 from timm.models import get_notrace_functions, get_notrace_modules
 
 import visattn  # noqa: F401  (registers the models)
-from visattn.models import agent, agent_deit, agent_pvt, biformer, nat
+from visattn.models import agent, agent_deit, agent_pvt, biformer
 
 SMALL = {
     "nat_mini": dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), kernel_size=3, mlp_ratio=2.0),
@@ -101,8 +101,6 @@ def test_reset_classifier_keeps_device_dtype_and_mode(name):
 
 
 @pytest.mark.parametrize("module,args", [
-    (nat.NeighborhoodAttention, (16, 2, 3)),
-    (biformer.BiLevelRoutingAttention, (16, 2, 2)),
     (biformer.AttentionLePE, (16, 2)),
     (agent.AgentAttention, (16, 2, (8, 8), 4)),
     (agent.WindowAttention, (16, 2, (4, 4))),

@@ -44,7 +44,7 @@ def test_train_step_every_name_shallow(name):
 
 def test_dinat_dilation_schedules():
     def dilations(m):
-        return [[blk.attn.dilation for blk in stage.blocks] for stage in m.levels]
+        return [[blk.attn.dilation[0] for blk in stage.blocks] for stage in m.levels]
 
     mini = timm.create_model("dinat_mini", embed_dim=16)
     assert dilations(mini) == [[1, 8, 1], [1, 4, 1, 4], [1, 2, 1, 2, 1, 2], [1, 1, 1, 1, 1]]  # dinat.py
@@ -254,7 +254,7 @@ def test_transformers_checkpoint_matches_transformers_forward(hf_dinat, family):
     """A transformers-format state dict loads strictly after checkpoint_filter_fn and gives transformers' logits,
     through the padding path (64x64 input: stage maps smaller than kernel*dilation)."""
     ours = timm.create_model(f"{family}_mini", num_classes=10, layer_scale=1e-5, **SMALL).eval()
-    dilations = [[blk.attn.dilation for blk in stage.blocks] for stage in ours.levels]
+    dilations = [[blk.attn.dilation[0] for blk in stage.blocks] for stage in ours.levels]
     hf = _hf_model(hf_dinat, dilations, 1e-5)
     state = hf.state_dict()
     if family == "nat":  # NatForImageClassification: same names under the "nat." prefix (modeling_nat.py)
@@ -273,7 +273,7 @@ def test_float64_logits_and_features_match_transformers(hf_dinat, family, layer_
     padding path (maps smaller than kernel*dilation)."""
     ours = timm.create_model(f"{family}_mini", num_classes=10, layer_scale=layer_scale, backend="reference",
                              **SMALL).double().eval()
-    dilations = [[blk.attn.dilation for blk in stage.blocks] for stage in ours.levels]
+    dilations = [[blk.attn.dilation[0] for blk in stage.blocks] for stage in ours.levels]
     hf = _hf_model(hf_dinat, dilations, 0.0 if layer_scale is None else layer_scale).double()
     ours.load_state_dict(checkpoint_filter_fn(hf.state_dict(), ours), strict=True)
     x = torch.randn(2, 3, *size, dtype=torch.float64)
@@ -288,7 +288,7 @@ def test_original_layout_and_file_loading(hf_dinat, tmp_path):
     from safetensors.torch import load_file, save_file
 
     ours = timm.create_model("dinat_mini", num_classes=10, **SMALL).eval()
-    dilations = [[blk.attn.dilation for blk in stage.blocks] for stage in ours.levels]
+    dilations = [[blk.attn.dilation[0] for blk in stage.blocks] for stage in ours.levels]
     hf = _hf_model(hf_dinat, dilations, 0.0)
     x = torch.randn(1, 3, 64, 48)
     with torch.no_grad():
@@ -332,8 +332,8 @@ def test_meta_device_img_size_and_11x11_config():
     SHI-Labs' dinat_large_384_11x11 (kernel 11, dilations 8/4/2/1, 384 input)."""
     with torch.device("meta"):
         model = timm.create_model("dinat_large_11x11")
-    assert model.levels[0].blocks[1].attn.kernel_size == 11
-    assert [blk.attn.dilation for blk in model.levels[0].blocks] == [1, 8, 1]
+    assert model.levels[0].blocks[1].attn.kernel_size == (11, 11)
+    assert [blk.attn.dilation[0] for blk in model.levels[0].blocks] == [1, 8, 1]
     assert model.pretrained_cfg["input_size"] == (3, 384, 384)
     assert timm.create_model("nat_mini", img_size=96, depths=(1, 1, 1, 1), embed_dim=16,
                              num_heads=(1, 2, 4, 8)).img_size == (96, 96)

@@ -21,67 +21,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, register_notrace_module
+from timm.layers import DropPath, Mlp
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from visattn import functional
 from visattn.models import _helpers
+from visattn.nn import BiLevelRoutingAttention
 
-__all__ = ["BiFormer", "BiLevelRoutingAttention", "AttentionLePE", "checkpoint_filter_fn"]
-
-
-@register_notrace_module
-class BiLevelRoutingAttention(nn.Module):
-    """BiFormer's bi-level routing attention (``ops/bra_legacy.py`` as released: identity kv downsampling,
-    non-differentiable top-k routing, ``qkvo`` projections) on ``[B, H, W, C]``, via
-    :func:`visattn.functional.bilevel_routing_attention`.
-
-    Args:
-        dim: channels C; num_heads: heads (divide C and qk_dim); n_win: regions per side;
-        qk_dim: q/k width (default C); qk_scale: logit scale (default ``qk_dim ** -0.5``, the released quirk);
-        topk: routed regions per query region; side_dwconv: LePE depthwise kernel on v (0: off);
-        backend: "auto" | "reference" | "triton"; device / dtype: timm's factory keywords.
-
-    A leaf of timm's FX tracing (the routing op and the padding depend on the map's size). Maps that ``n_win``
-    does not divide are zero-padded at the bottom/right *before* the projection (padded tokens
-    carry the projection bias, BiFormer's ``auto_pad``) and cropped after ``wo``.
-    """
-
-    @_helpers.factory_kwargs
-    def __init__(self, dim: int, num_heads: int = 8, n_win: int = 7, qk_dim: int | None = None,
-                 qk_scale: float | None = None, topk: int = 4, side_dwconv: int = 5, backend: str = "auto"):
-        super().__init__()
-        self.dim, self.num_heads, self.n_win, self.topk = dim, num_heads, n_win, topk
-        self.qk_dim = qk_dim or dim
-        if self.qk_dim % num_heads or dim % num_heads:
-            raise ValueError(f"num_heads={num_heads} must divide dim={dim} and qk_dim={self.qk_dim}")
-        if not 1 <= topk <= n_win * n_win:
-            raise ValueError(f"topk must be in [1, n_win**2] = [1, {n_win * n_win}], got {topk}")
-        self.scale = qk_scale or self.qk_dim**-0.5
-        self.backend = backend
-        self.qkv = nn.Linear(dim, 2 * self.qk_dim + dim)  # BiFormer's QKVLinear: rows [q; k; v]
-        self.wo = nn.Linear(dim, dim)
-        self.lepe = (nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
-                     if side_dwconv > 0 else None)
-
-    def forward(self, x: Tensor) -> Tensor:
-        batch, height, width, _ = x.shape
-        pad_h, pad_w = -height % self.n_win, -width % self.n_win
-        if pad_h or pad_w:
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        q, k, v = self.qkv(x).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
-        heads = lambda t: t.unflatten(-1, (self.num_heads, -1))  # noqa: E731  (views, no copies)
-        out = functional.bilevel_routing_attention(heads(q), heads(k), heads(v), self.n_win, self.topk,
-                                                   scale=self.scale, backend=self.backend)
-        out = out.reshape(batch, height + pad_h, width + pad_w, self.dim)
-        if self.lepe is not None:
-            out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        out = self.wo(out)
-        return out[:, :height, :width] if (pad_h or pad_w) else out
-
-    def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, qk_dim={self.qk_dim}, n_win={self.n_win}, topk={self.topk}"
+__all__ = ["BiFormer", "AttentionLePE", "checkpoint_filter_fn"]
 
 
 class AttentionLePE(nn.Module):
@@ -112,7 +59,11 @@ class AttentionLePE(nn.Module):
 
 
 class BiFormerBlock(nn.Module):
-    """Conv position embedding, then pre-norm attention and MLP on ``[B, H, W, C]`` (optional layer scale)."""
+    """Conv position embedding, then pre-norm attention and MLP on ``[B, H, W, C]`` (optional layer scale).
+
+    ``topk > 0``: :class:`visattn.nn.BiLevelRoutingAttention` configured as released (identity kv downsampling,
+    ``qkvo``, LePE of ``side_dwconv`` on v, maps padded to the region grid before the projection and cropped after
+    ``wo``) with a flat ``qkv`` Linear; ``topk`` -1 / -2: :class:`AttentionLePE` without / with LePE."""
 
     def __init__(self, dim: int, num_heads: int, topk: int, n_win: int = 7, qk_dim: int | None = None,
                  qk_scale: float | None = None, mlp_ratio: float = 3.0, side_dwconv: int = 5,
@@ -122,8 +73,9 @@ class BiFormerBlock(nn.Module):
         self.pos_embed = (nn.Conv2d(dim, dim, before_attn_dwconv, padding=before_attn_dwconv // 2, groups=dim)
                           if before_attn_dwconv > 0 else None)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        if topk > 0:
-            self.attn = BiLevelRoutingAttention(dim, num_heads, n_win, qk_dim, qk_scale, topk, side_dwconv,
+        if topk > 0:  # the released ops/bra_legacy.py configuration, with a flat qkv Linear (key attn.qkv)
+            self.attn = BiLevelRoutingAttention(dim, num_heads, n_win=n_win, qk_dim=qk_dim, qk_scale=qk_scale,
+                                                topk=topk, side_dwconv=side_dwconv, auto_pad=True, flat_qkv=True,
                                                 backend=backend)
         elif topk in (-1, -2):  # -2: AttentionLePE, -1: plain Attention (official codes)
             self.attn = AttentionLePE(dim, side_dwconv=side_dwconv if topk == -2 else 0)

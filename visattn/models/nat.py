@@ -16,16 +16,15 @@ import re
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, register_notrace_module, trunc_normal_
+from timm.layers import DropPath, Mlp
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from visattn import functional
 from visattn.models import _helpers
+from visattn.nn import NeighborhoodAttention2D
 
-__all__ = ["NAT", "NeighborhoodAttention", "checkpoint_filter_fn"]
+__all__ = ["NAT", "checkpoint_filter_fn"]
 
 
 class ConvTokenizer(nn.Module):
@@ -55,63 +54,11 @@ class ConvDownsampler(nn.Module):
         return self.norm(self.reduction(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
-@register_notrace_module
-class NeighborhoodAttention(nn.Module):
-    """2-D neighborhood attention with a relative-position bias on ``[B, H, W, C]`` (NATTEN's names: ``qkv``,
-    ``rpb`` ``[heads, 2k-1, 2k-1]``, ``proj``), calling :func:`visattn.functional.na2d`.
-
-    Args:
-        dim: channels C; num_heads: heads (must divide C); kernel_size / dilation: the neighborhood;
-        qkv_bias: bias on the fused qkv Linear; qk_scale: logit scale (default head_dim**-0.5);
-        proj_drop: dropout after the output projection; backend: "auto" | "reference" | "triton";
-        device / dtype: timm's factory keywords.
-
-    Maps smaller than ``kernel_size * dilation`` are zero-padded at the bottom/right before the projection and
-    cropped after it, as NATTEN's early module and transformers' ``DinatLayer`` do. A leaf of timm's FX tracing
-    (the neighbourhood op and the padding rule depend on the map's size).
-    """
-
-    @_helpers.factory_kwargs
-    def __init__(self, dim: int, num_heads: int, kernel_size: int = 7, dilation: int = 1, qkv_bias: bool = True,
-                 qk_scale: float | None = None, proj_drop: float = 0.0, backend: str = "auto"):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"num_heads={num_heads} must divide dim={dim}")
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.kernel_size, self.dilation = int(kernel_size), int(dilation)
-        self.scale = qk_scale if qk_scale is not None else self.head_dim**-0.5
-        self.backend = backend
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
-        trunc_normal_(self.rpb, std=0.02, a=-2.0, b=2.0)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x: Tensor) -> Tensor:
-        height, width = x.shape[1:3]
-        window = self.kernel_size * self.dilation
-        pad_h, pad_w = max(0, window - height), max(0, window - width)
-        if pad_h or pad_w:
-            x = self._attend(F.pad(x, (0, 0, 0, pad_w, 0, pad_h)))
-            return x[:, :height, :width]
-        return self._attend(x)
-
-    def _attend(self, x: Tensor) -> Tensor:
-        batch, height, width, channels = x.shape
-        qkv = self.qkv(x).view(batch, height, width, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(3)  # strided views of the fused projection
-        # everything after kernel_size by keyword: the positional order follows NATTEN and may change
-        out = functional.na2d(q, k, v, self.kernel_size, dilation=self.dilation, rpb=self.rpb, scale=self.scale,
-                              backend=self.backend)
-        return self.proj_drop(self.proj(out.reshape(batch, height, width, channels)))
-
-    def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, kernel_size={self.kernel_size}, dilation={self.dilation}"
-
-
 class NATLayer(nn.Module):
-    """Pre-norm transformer layer with 2-D neighborhood attention (+rpb) and an MLP (the attention pads maps
-    smaller than its window)."""
+    """Pre-norm transformer layer with 2-D neighborhood attention (+rpb) and an MLP. The attention is
+    :class:`visattn.nn.NeighborhoodAttention2D` with ``rel_pos_bias=True`` (``rpb`` ``[heads, 2k-1, 2k-1]``) and
+    ``pad_to_window=True`` (maps smaller than ``kernel_size * dilation`` are zero-padded at the bottom/right before
+    the projection and cropped after it, as NATTEN's early module and transformers' ``DinatLayer`` do)."""
 
     def __init__(self, dim: int, num_heads: int, kernel_size: int = 7, dilation: int = 1, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, qk_scale: float | None = None, proj_drop: float = 0.0,
@@ -119,8 +66,10 @@ class NATLayer(nn.Module):
                  act_layer=nn.GELU, backend: str = "auto"):
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.attn = NeighborhoodAttention(dim, num_heads, kernel_size, dilation=dilation, qkv_bias=qkv_bias,
-                                          qk_scale=qk_scale, proj_drop=proj_drop, backend=backend)
+        # NATTEN's module with NAT's rpb, padding maps smaller than the window as the released code does
+        self.attn = NeighborhoodAttention2D(dim, num_heads, kernel_size, dilation=dilation, qkv_bias=qkv_bias,
+                                            qk_scale=qk_scale, proj_drop=proj_drop, rel_pos_bias=True,
+                                            pad_to_window=True, backend=backend)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)

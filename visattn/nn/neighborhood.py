@@ -3,12 +3,14 @@
 ``NeighborhoodAttention1D/2D/3D(embed_dim, num_heads, kernel_size, stride=1, dilation=1, is_causal=False,
 qkv_bias=True, qk_scale=None, proj_drop=0.0)`` take NATTEN's arguments in NATTEN's order and hold NATTEN's
 parameters (``qkv``, ``proj``), so a NATTEN state dict loads as is. visattn's options are keyword-only: a learned
-relative positional bias (``rel_pos_bias=True`` adds the ``rpb`` parameter of NAT/DiNAT), the backend, and extra
-key/value tokens passed to ``forward``.
+relative positional bias (``rel_pos_bias=True`` adds the ``rpb`` parameter of NAT/DiNAT), zero-padding of maps
+smaller than the window (``pad_to_window=True``, NAT/DiNAT's released behaviour), the backend, and extra key/value
+tokens passed to ``forward``. visattn's NAT and DiNAT models are these modules configured with both options.
 """
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visattn import functional
@@ -24,7 +26,7 @@ class _NeighborhoodAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, kernel_size: _args.IntOrTuple, stride: _args.IntOrTuple = 1,
                  dilation: _args.IntOrTuple = 1, is_causal: bool | tuple[bool, ...] = False, qkv_bias: bool = True,
                  qk_scale: float | None = None, proj_drop: float = 0.0, *, rel_pos_bias: bool = False,
-                 backend: str | None = None):
+                 pad_to_window: bool = False, backend: str | None = None):
         super().__init__()
         rank = self.rank
         name = type(self).__name__
@@ -39,6 +41,7 @@ class _NeighborhoodAttention(nn.Module):
             raise ValueError(f"{name}: stride {self.stride} must not exceed kernel_size {self.kernel_size}")
         _args.check_flag(qkv_bias, "qkv_bias")
         _args.check_flag(rel_pos_bias, "rel_pos_bias")
+        self.pad_to_window = _args.check_flag(pad_to_window, "pad_to_window")
         if rel_pos_bias and any(s > 1 for s in self.stride):
             raise ValueError(f"{name}: rel_pos_bias=True cannot be combined with stride > 1 (stride={self.stride})")
         self.scale = _args.check_scale(qk_scale, self.head_dim, "qk_scale")
@@ -54,7 +57,8 @@ class _NeighborhoodAttention(nn.Module):
         """Project ``x`` to q, k, v, attend each token's neighborhood (plus any extra tokens), project back.
 
         Args:
-            x: ``[B, *spatial, embed_dim]`` with ``rank`` spatial dims; ``kernel_size * dilation`` must fit in it.
+            x: ``[B, *spatial, embed_dim]`` with ``rank`` spatial dims; ``kernel_size * dilation`` must fit in it,
+                unless the module pads (``pad_to_window=True``).
             additional_keys: ``[B, n, num_heads, head_dim]`` extra key tokens every query attends besides its
                 neighborhood (one joint softmax), e.g. text tokens in joint attention; or None.
             additional_values: ``[B, n, num_heads, head_dim]`` their values; given together with the keys.
@@ -63,6 +67,16 @@ class _NeighborhoodAttention(nn.Module):
             ``[B, *spatial, embed_dim]``.
         """
         _args.check_input(x, self.rank, self.embed_dim, type(self).__name__)
+        spatial = tuple(x.shape[1:-1])
+        if self.pad_to_window:
+            pads = [max(0, k * d - s) for k, d, s in zip(self.kernel_size, self.dilation, spatial, strict=True)]
+            if any(pads):  # zeros at the end of each short dimension (F.pad lists the last dimension first)
+                padded = F.pad(x, [0, 0] + [p for pad in reversed(pads) for p in (0, pad)])
+                out = self._attend(padded, additional_keys, additional_values)
+                return out[(slice(None), *(slice(0, s) for s in spatial))]
+        return self._attend(x, additional_keys, additional_values)
+
+    def _attend(self, x: Tensor, additional_keys: Tensor | None, additional_values: Tensor | None) -> Tensor:
         spatial = x.shape[1:-1]
         qkv = self.qkv(x).view(x.shape[0], *spatial, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(-3)  # strided views of the fused projection, no copies
@@ -73,7 +87,7 @@ class _NeighborhoodAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, dilation={self.dilation}, is_causal={self.is_causal}, "
-                f"rel_pos_bias={self.rpb is not None}")
+                f"rel_pos_bias={self.rpb is not None}, pad_to_window={self.pad_to_window}")
 
 
 _MODULE_DOC = """{rank}-D neighborhood attention module on ``[B, {spatial}, embed_dim]`` (NATTEN 0.21's
@@ -94,6 +108,11 @@ _MODULE_DOC = """{rank}-D neighborhood attention module on ``[B, {spatial}, embe
         proj_drop: dropout rate after the output projection, in [0, 1).
         rel_pos_bias: visattn only, keyword-only. Adds a learned relative positional bias ``rpb``
             ``[num_heads, {rpb_shape}]`` (NAT/DiNAT; trunc-normal init, std 0.02); not allowed with stride > 1.
+        pad_to_window: visattn only, keyword-only (default False). Zero-pad an input smaller than
+            ``kernel_size * dilation`` in any dimension at the end of that dimension up to that size before the qkv
+            projection (padded tokens carry the projection bias), attend over the padded map and crop the output
+            back to the input's size: NATTEN's early modules, NAT/DiNAT's released code and transformers'
+            ``DinatLayer`` do this. When False such an input raises ``ValueError``.
         backend: visattn only, keyword-only. None/"auto", "reference" or "triton" (see :func:`visattn.na{rank}d`).
 
     Every argument is checked at construction (``ValueError``/``TypeError`` naming it).

@@ -17,16 +17,18 @@ class _QKVLinear(nn.Module):
         self.dim, self.qk_dim = dim, qk_dim
         self.qkv = nn.Linear(dim, 2 * qk_dim + dim, bias=bias)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.qkv(x).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
+    def forward(self, x: Tensor) -> Tensor:
+        """The fused projection ``[..., 2*qk_dim + dim]`` (rows q, k, v; the attention module splits it)."""
+        return self.qkv(x)
 
 
 class BiLevelRoutingAttention(nn.Module):
     """Bi-level routing attention with BiFormer's LEPE (depthwise conv on v) and output projection ``wo``.
 
     Same arguments, order, defaults and parameter names (``qkv.qkv``, ``lepe``, ``wo``) as BiFormer's
-    ``BiLevelRoutingAttention``, so its checkpoints load as is; ``qkv_bias`` and ``backend`` are keyword-only
-    additions. The scale is ``qk_scale`` or ``qk_dim ** -0.5`` (not per head, as in BiFormer); routing is
+    ``BiLevelRoutingAttention``, so its checkpoints load as is; ``qkv_bias``, ``flat_qkv`` and ``backend`` are
+    keyword-only additions. visattn's BiFormer models configure this module (``flat_qkv=True``, ``auto_pad=True``,
+    ``side_dwconv=5``). The scale is ``qk_scale`` or ``qk_dim ** -0.5`` (not per head, as in BiFormer); routing is
     non-differentiable top-k over region means with identity kv downsampling (BiFormer's configuration); the
     options BiFormer leaves experimental (kv downsampling, learned or differentiable routing) raise ``ValueError``.
 
@@ -47,6 +49,10 @@ class BiLevelRoutingAttention(nn.Module):
         auto_pad: zero-pad the input at the bottom/right to a multiple of ``n_win`` *before* the projection (padded
             tokens carry the projection bias, as in BiFormer) and crop the output; without it the map must divide.
         qkv_bias: keyword-only, bias on the qkv Linear (BiFormer: always True).
+        flat_qkv: keyword-only (default False). True makes ``qkv`` the fused Linear itself (state-dict keys
+            ``qkv.weight`` / ``qkv.bias``, the layout of visattn's BiFormer models, whose checkpoint filter maps
+            BiFormer's names to it) instead of BiFormer's ``QKVLinear`` wrapper (``qkv.qkv.weight`` /
+            ``qkv.qkv.bias``). Same numbers either way.
         backend: keyword-only, None/"auto", "reference" or "triton" (see :func:`visattn.bilevel_routing_attention`).
     """
 
@@ -56,7 +62,7 @@ class BiLevelRoutingAttention(nn.Module):
                  kv_downsample_kernel: int | None = None, kv_downsample_mode: str = "identity", topk: int = 4,
                  param_attention: str = "qkvo", param_routing: bool = False, diff_routing: bool = False,
                  soft_routing: bool = False, side_dwconv: int = 3, auto_pad: bool = False, *, qkv_bias: bool = True,
-                 backend: str | None = None):
+                 flat_qkv: bool = False, backend: str | None = None):
         super().__init__()
         self.dim = _args.positive_int(dim, "dim")
         self.num_heads = _args.positive_int(num_heads, "num_heads")
@@ -87,9 +93,11 @@ class BiLevelRoutingAttention(nn.Module):
             raise ValueError(f"side_dwconv must be 0 (off) or an odd kernel size, got {side_dwconv!r}")
         self.auto_pad = _args.check_flag(auto_pad, "auto_pad")
         _args.check_flag(qkv_bias, "qkv_bias")
+        self.flat_qkv = _args.check_flag(flat_qkv, "flat_qkv")
         self.backend = _args.check_backend(backend, "BiLevelRoutingAttention")
         self.param_attention = param_attention
-        self.qkv = _QKVLinear(self.dim, self.qk_dim, bias=qkv_bias)
+        self.qkv = (nn.Linear(self.dim, 2 * self.qk_dim + self.dim, bias=qkv_bias) if flat_qkv
+                    else _QKVLinear(self.dim, self.qk_dim, bias=qkv_bias))
         self.wo = nn.Linear(dim, dim) if param_attention == "qkvo" else nn.Identity()
         self.lepe = (nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
                      if side_dwconv > 0 else None)
@@ -111,7 +119,7 @@ class BiLevelRoutingAttention(nn.Module):
                                  f"n_win={self.n_win} when auto_pad=False")
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         ph, pw = height + pad_h, width + pad_w
-        q, k, v = self.qkv(x)
+        q, k, v = self.qkv(x).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
         heads = self.num_heads
         out = functional.bilevel_routing_attention(
             q.unflatten(-1, (heads, -1)), k.unflatten(-1, (heads, -1)), v.unflatten(-1, (heads, -1)),
@@ -124,4 +132,4 @@ class BiLevelRoutingAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, qk_dim={self.qk_dim}, n_win={self.n_win}, "
-                f"topk={self.topk}, auto_pad={self.auto_pad}")
+                f"topk={self.topk}, auto_pad={self.auto_pad}, flat_qkv={self.flat_qkv}")
