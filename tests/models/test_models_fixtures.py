@@ -22,8 +22,10 @@ def test_every_registered_entrypoint_has_a_fixture():
 
     registered = set(timm.list_models(["nat_*", "dinat_*", "biformer_*"]))
     assert registered == set(CONFIGS)
-    assert {p.stem for p in FIXTURE_DIR.glob("*.pt")} == registered
-    assert sum(p.stat().st_size for p in FIXTURE_DIR.glob("*.pt")) < 1_000_000
+    # the folder also holds the Agent families' fixtures (test_agent_fixtures.py): count this family's files only
+    mine = [p for p in FIXTURE_DIR.glob("*.pt") if p.stem.startswith(("nat_", "dinat_", "biformer_"))]
+    assert {p.stem for p in mine} == registered
+    assert sum(p.stat().st_size for p in mine) < 1_000_000
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
