@@ -131,7 +131,16 @@ def test_fixture_is_not_vacuous(setup):
 @pytest.mark.parametrize("name", list(METHODS))
 def test_kept_indices_and_frame_report_match_loop(setup, name):
     model, _, feats = setup
-    _, rep = _gen(model, METHODS[name](), _kwargs(model, [0, 1]), steps=1)
+    kw = _kwargs(model, [0, 1])
+    _, rep = _gen(model, METHODS[name](), kw, steps=1)  # generate: frames found from the M-RoPE ids
+    tp.apply(model, METHODS[name]())
+    try:
+        with torch.no_grad():
+            model(**kw)  # a plain forward: frames from video_grid_thw
+        assert [[k.tolist() for k in r] for r in tp.last_report(model).kept_indices] == [
+            [k.tolist() for k in r] for r in rep.kept_indices]
+    finally:
+        tp.remove(model)
     for i in range(2):
         kept, _ = oracle(name, feats[i])
         assert [k.tolist() for k in rep.kept_indices[i]] == kept

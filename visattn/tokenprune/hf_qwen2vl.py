@@ -102,15 +102,16 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
         the prefill); per video, (row, its frames' indices among the row's spans).
 
         Frames come from ``video_grid_thw`` (``h*w/merge²`` tokens each) when the call has it; ``generate``
-        encodes the videos beforehand and passes neither pixels nor grid, only the 3-D position ids, so there a
-        frame is a run of equal temporal position id."""
+        encodes the videos beforehand and passes neither pixels nor grid, only the 3-D position ids: there a new
+        frame starts wherever the (height, width) ids return to the video's first token's (each frame numbers its
+        own grid; the temporal id alone may repeat on Qwen2.5-VL)."""
         grids = grid_thw.tolist() if grid_thw is not None else None
-        temporal = None
+        hw = None
         if grids is None:
             if position_ids is None or position_ids.dim() != 3:
                 raise ValueError("video_grid_thw: needed to split video tokens into frames (got None, and no 3-D "
                                  "position_ids)")
-            temporal = position_ids[-3].expand(len(videos), -1).tolist()
+            hw = position_ids[-2:].expand(2, len(videos), -1).permute(1, 2, 0).tolist()  # (B, L, (h, w))
         merge = self.model.config.vision_config.spatial_merge_size
         spans, frames_of, g = [], [], 0
         for b, (img_row, vid_row) in enumerate(zip(images, videos, strict=True)):
@@ -129,9 +130,9 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
                         raise ValueError(f"video_grid_thw: row {g} {grids[g]} means {per * t} video tokens, the "
                                          f"prompt has a run of {e - s}")
                     bounds = [s + f * per for f in range(t + 1)]
-                else:
-                    ts = temporal[b]
-                    bounds = [s] + [i for i in range(s + 1, e) if ts[i] != ts[i - 1]] + [e]
+                else:  # every frame restarts the (height, width) grid of M-RoPE ids
+                    ids = hw[b]
+                    bounds = [i for i in range(s, e) if ids[i] == ids[s]] + [e]
                 g += 1
                 frames_of.append((b, list(range(len(row), len(row) + len(bounds) - 1))))
                 row += list(zip(bounds[:-1], bounds[1:], strict=True))
