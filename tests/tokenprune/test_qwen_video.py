@@ -12,8 +12,9 @@ import torch
 
 pytest.importorskip("transformers")
 
+from test_qwen2vl import _gen  # noqa: E402
 from tp_oracles import divprune_loop, mrope_reference_logits  # noqa: E402
-from tp_tiny import QWEN_VEND, QWEN_VSTART, as_eager, batch, tiny_qwen2vl  # noqa: E402
+from tp_tiny import QWEN_IMAGE, QWEN_VEND, QWEN_VSTART, as_eager, batch, qwen_pixels, tiny_qwen2vl  # noqa: E402
 
 from visattn import tokenprune as tp  # noqa: E402
 
@@ -57,17 +58,6 @@ def _kwargs(model, idx):
     if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
         kw["mm_token_type_ids"] = (ids == VIDEO).int() * 2
     return kw
-
-
-def _gen(model, pruner, kw, steps=3):
-    tp.apply(model, pruner)
-    try:
-        with torch.no_grad():
-            out = model.generate(**kw, max_new_tokens=steps, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True)
-        return out, tp.last_report(model)
-    finally:
-        tp.remove(model)
 
 
 def temporal_merge_loop(x, thr, seg_thr, keep=None):
@@ -198,6 +188,28 @@ def test_batch_rows_equal_single_runs(setup, name):
         assert [k.tolist() for k in rep1.kept_indices[0]] == [k.tolist() for k in rep.kept_indices[i]]
         for a, b in zip(out.logits, one.logits, strict=True):
             torch.testing.assert_close(a[i], b[0], atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["divprune", "merge+divprune"])
+def test_image_and_video_in_one_prompt(setup, name):
+    """An image (6 tokens) before video 0: DivPrune prunes the image as one more "image", temporal-merge passes it
+    unchanged; frame_kept lists the video's frames only."""
+    model, eager, feats = setup
+    row = [11, QWEN_VSTART] + [QWEN_IMAGE] * 6 + [QWEN_VEND] + prompt(0)
+    ids, mask = batch([row])
+    img_px = qwen_pixels([(1, 4, 6)], seed=9)
+    kw = dict(input_ids=ids, attention_mask=mask, pixel_values=img_px, image_grid_thw=torch.tensor([(1, 4, 6)]),
+              pixel_values_videos=video_pixels(GRIDS[0], 0), video_grid_thw=torch.tensor([GRIDS[0]]))
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        kw["mm_token_type_ids"] = (ids == QWEN_IMAGE).int() + 2 * (ids == VIDEO).int()
+    _, rep = _gen(model, METHODS[name](), kw, steps=1)
+    with torch.no_grad():
+        img = list(getattr(f := eager.model.get_image_features(img_px, torch.tensor([(1, 4, 6)])), "pooler_output",
+                           f))[0]
+    kept, _ = oracle(name, feats[0])
+    expected_image = divprune_loop(img, 2) if name == "divprune" else list(range(6))
+    assert [k.tolist() for k in rep.kept_indices[0]] == [expected_image] + kept
+    assert rep.extra["frame_kept"] == [[[len(k) for k in kept]]]
 
 
 def test_bad_arguments(setup):
