@@ -37,6 +37,7 @@ MATRIX = {
     "random": (lambda: tp.RandomPrune(keep=0.5, seed=2), (Y, Y, Y)),
     "cdpruner": (lambda: tp.CDPruner(keep=0.5), (Y, Y, Y)),
     "zipvl": (lambda: tp.ZipVL(tau=0.5, layer=2), (Y, Y, Y)),
+    "temporal-merge": (lambda: tp.TemporalMerge(frames=tp.DivPrune(keep=2)), (NI, NI, Y)),  # images pass unchanged
 }
 FAMILIES = ("llava", "llava_next", "qwen2_vl")
 #: the arguments a method cannot do without (DyMU's thresholds come from an offline search: no default)

@@ -33,6 +33,7 @@ from visattn.tokenprune.methods import (
 from visattn.tokenprune.registry import register_method
 from visattn.tokenprune.report import PruneReport
 from visattn.tokenprune.sparsevlm import SparseVLM
+from visattn.tokenprune.temporal import TemporalMerge
 from visattn.tokenprune.tome import ToMe
 from visattn.tokenprune.vispruner import VisPruner
 from visattn.tokenprune.zipvl import ZipVL
@@ -55,6 +56,7 @@ __all__ = [
     "PyramidDrop",
     "RandomPrune",
     "SparseVLM",
+    "TemporalMerge",
     "ToMe",
     "TokenPruner",
     "Uniform",

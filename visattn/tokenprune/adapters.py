@@ -49,6 +49,9 @@ def adapter_for(model: torch.nn.Module, pruner: TokenPruner, timing: bool):
         raise TypeError(f"pruner={type(pruner).__name__}: its capabilities ({pruner.capabilities}) promise "
                         f"{', '.join(missing)}, which the class does not implement")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if pruner.capabilities.video_merge and model_type not in ("qwen2_vl", "qwen2_5_vl"):
+        raise NotImplementedError(f"{pruner.name} on {type(model).__name__} is not supported: video merging runs "
+                                  "on Qwen2-VL / Qwen2.5-VL videos only")
     if model_type in HF_ADAPTERS:
         return HF_ADAPTERS[model_type](model, pruner, timing)
     if pruner.capabilities.tower_merge:  # HF CLIPVisionModel, open_clip VisionTransformer / CLIP (ValueError else)

@@ -63,6 +63,11 @@ class Capabilities:
         text_condition: embedding stage: ``select`` also gets each image's instruction, the language-model input
             embeddings of its sample's text tokens after the sample's first image (``select(embeddings, text,
             text_ok)``: (G, T, D) and (G, T) bool, padded); not served on bare vision towers.
+        video_merge: embedding stage, videos only: instead of ``select`` per image the adapter calls
+            ``merge_video(frames)`` once per video with its (F, P, D) projected tokens (F frames of P tokens,
+            raster order) and feeds the language model the kept tokens with the embeddings it returns (merged
+            tokens replace their representative's embedding); images of the same prompt pass unchanged
+            (TemporalMerge; Qwen2-VL / Qwen2.5-VL only).
         standalone_tower: the method also runs on a bare vision tower (open_clip ``VisionTransformer``, HF
             ``CLIPVisionModel`` for ``tower_merge``) without a language model.
     """
@@ -81,6 +86,7 @@ class Capabilities:
     positions: tuple[str, ...] = field(default=("reindex",))
     standalone_tower: bool = False
     text_condition: bool = False
+    video_merge: bool = False
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -88,7 +94,7 @@ class Capabilities:
         if self.output not in OUTPUTS:
             raise ValueError(f"output={self.output!r}: expected one of {OUTPUTS}")
         for name in ("cls_attention", "cls_keys", "fused_capture", "cls_hidden", "tower_merge", "text_raters",
-                     "recycles", "standalone_tower", "text_condition", "hidden_select", "dynamic_merge"):
+                     "recycles", "standalone_tower", "text_condition", "hidden_select", "dynamic_merge", "video_merge"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}={getattr(self, name)!r}: expected a bool")
         if not isinstance(self.positions, tuple) or not self.positions or any(
@@ -110,6 +116,8 @@ class Capabilities:
                              "has none (standalone_tower must be False)")
         if self.fused_capture and (self.cls_keys or not self.cls_attention):
             raise ValueError("fused_capture: needs cls_attention and excludes cls_keys (fused scoring keeps no keys)")
+        if self.video_merge and (self.stage != "embedding" or self.standalone_tower or self.text_condition):
+            raise ValueError("video_merge: only embedding-stage methods without a bare tower or an instruction")
         if self.dynamic_merge and not self.tower_merge:
             raise ValueError("dynamic_merge: only for tower_merge methods (it replaces their fixed r)")
         if self.tower_merge and self.cls_attention:
@@ -118,7 +126,7 @@ class Capabilities:
     @property
     def merges(self) -> bool:
         """The method's output tokens are not all original tokens (merged / contextual / recycled ones)."""
-        return self.output != "subset" or self.tower_merge or self.recycles
+        return self.output != "subset" or self.tower_merge or self.recycles or self.video_merge
 
     @property
     def needs_cls_token(self) -> bool:
@@ -137,7 +145,7 @@ class Capabilities:
         if self.dynamic_merge:
             out += ["layer_thresholds", "match"]
         if self.stage == "embedding":
-            out.append("select")
+            out.append("merge_video" if self.video_merge else "select")
         if self.stage == "llm":
             out += ["stages", "stage_keep", "select"]
         if self.text_raters:

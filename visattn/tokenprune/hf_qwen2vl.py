@@ -20,7 +20,13 @@ Not supported (``NotImplementedError``, decided from ``pruner.capabilities`` by 
 vision-stage methods (FasterVLM, VTC-CLS, VisionZip, VisPruner: Qwen2-VL's vision tower has no [CLS] token to score
 patches with; Pooling: a pooled token has no M-RoPE position; ToMe: no CLIP-style tower), LLM-stage methods with
 ``text_raters`` or ``recycles`` (SparseVLM: recycled tokens have no M-RoPE position, the raters are untested here),
-videos (``pixel_values_videos``), inputs_embeds-only calls.
+inputs_embeds-only calls.
+
+Videos (``pixel_values_videos`` + ``video_grid_thw``): every frame (temporal grid step, ``h*w/merge²`` tokens) is
+one "image" of the prefill, so every supported method prunes each frame to its per-image budget; kept tokens keep
+their original 3-D positions. ``capabilities.video_merge`` methods (``temporal-merge``) see each video's frames
+together (:class:`QwenVLVideoMergeAdapter`). The report's ``extra["frame_kept"]``: per sample, per video, the kept
+tokens of every frame.
 """
 
 from __future__ import annotations
@@ -67,21 +73,81 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
         return lay.pos.masked_fill(~lay.valid[..., None], -1).amax((1, 2))[:, None] + 1
 
     # --------------------------------------------------------------------------------------- prefill
+    def _image_kwargs(self) -> tuple[str, ...]:
+        return ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
+
     def _core_pre(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         encoded = kwargs.get("mm_encoder_outputs") or {}
         self.call = None
-        if kwargs.get("pixel_values_videos") is not None or encoded.get("video") is not None:
-            raise NotImplementedError("tokenprune on Qwen2-VL: videos are not supported (images only)")
-        if kwargs.get("pixel_values") is None and encoded.get("image") is None:
+        has_video = kwargs.get("pixel_values_videos") is not None or encoded.get("video") is not None
+        if kwargs.get("pixel_values") is None and encoded.get("image") is None and not has_video:
             return None
         if input_ids is None:
             raise NotImplementedError("tokenprune needs input_ids (not inputs_embeds) to locate image tokens")
         image_mask = input_ids == self.image_token_id
-        spans = image_spans(image_mask, None)
+        spans, videos = image_spans(image_mask, None), []
+        if has_video:
+            video_mask = input_ids == self.model.config.video_token_id
+            spans, videos = self._frame_spans(spans, image_spans(video_mask, None),
+                                              kwargs.get("video_grid_thw"), kwargs.get("position_ids"))
+            image_mask = image_mask | video_mask
         lengths = [e - s for row in spans for s, e in row]
-        self.call = PrefillState(image_mask=image_mask, spans=spans, image_lengths=lengths)
+        self.call = PrefillState(image_mask=image_mask, spans=spans, image_lengths=lengths, videos=videos)
         return None
+
+    def _frame_spans(self, images: list, videos: list, grid_thw: torch.Tensor | None,
+                     position_ids: torch.Tensor | None) -> tuple[list, list]:
+        """Per row, the images' spans and every video frame's span in sequence order (each frame one "image" of
+        the prefill); per video, (row, its frames' indices among the row's spans).
+
+        Frames come from ``video_grid_thw`` (``h*w/merge²`` tokens each) when the call has it; ``generate``
+        encodes the videos beforehand and passes neither pixels nor grid, only the 3-D position ids: there a new
+        frame starts wherever the (height, width) ids return to the video's first token's (each frame numbers its
+        own grid; the temporal id alone may repeat on Qwen2.5-VL)."""
+        grids = grid_thw.tolist() if grid_thw is not None else None
+        hw = None
+        if grids is None:
+            if position_ids is None or position_ids.dim() != 3:
+                raise ValueError("video_grid_thw: needed to split video tokens into frames (got None, and no 3-D "
+                                 "position_ids)")
+            hw = position_ids[-2:].expand(2, len(videos), -1).permute(1, 2, 0).tolist()  # (B, L, (h, w))
+        merge = self.model.config.vision_config.spatial_merge_size
+        spans, frames_of, g = [], [], 0
+        for b, (img_row, vid_row) in enumerate(zip(images, videos, strict=True)):
+            items = sorted([(s, e, False) for s, e in img_row] + [(s, e, True) for s, e in vid_row])
+            row: list[tuple[int, int]] = []
+            for s, e, is_video in items:
+                if not is_video:
+                    row.append((s, e))
+                    continue
+                if grids is not None:
+                    if g >= len(grids):
+                        raise ValueError(f"video_grid_thw: {len(grids)} rows for more video token runs")
+                    t, h, w = grids[g]
+                    per = h * w // merge**2
+                    if per * t != e - s:
+                        raise ValueError(f"video_grid_thw: row {g} {grids[g]} means {per * t} video tokens, the "
+                                         f"prompt has a run of {e - s}")
+                    bounds = [s + f * per for f in range(t + 1)]
+                else:  # every frame restarts the (height, width) grid of M-RoPE ids
+                    ids = hw[b]
+                    bounds = [i for i in range(s, e) if ids[i] == ids[s]] + [e]
+                g += 1
+                frames_of.append((b, list(range(len(row), len(row) + len(bounds) - 1))))
+                row += list(zip(bounds[:-1], bounds[1:], strict=True))
+            spans.append(row)
+        return spans, frames_of
+
+    # ---------------------------------------------------------------------------------------------- report
+    def _report(self, call: PrefillState):
+        rep = super()._report(call)
+        if call.videos:  # kept tokens of every frame, per sample, per video
+            frame_kept: list[list[list[int]]] = [[] for _ in call.spans]
+            for b, frames in call.videos:
+                frame_kept[b].append([len(rep.kept_indices[b][j]) for j in frames])
+            rep.extra["frame_kept"] = frame_kept
+        return rep
 
 
 class QwenVLEmbeddingAdapter(EmbeddingStage, QwenVLAdapter):
@@ -90,6 +156,31 @@ class QwenVLEmbeddingAdapter(EmbeddingStage, QwenVLAdapter):
 
 class QwenVLLLMAdapter(LLMStage, QwenVLAdapter):
     """LLM-stage methods on Qwen2-VL (3-D positions kept or re-indexed)."""
+
+
+class QwenVLVideoMergeAdapter(QwenVLAdapter):
+    """``capabilities.video_merge`` methods (TemporalMerge) on Qwen2-VL videos: ``merge_video`` once per video on
+    its frames' tokens of ``inputs_embeds``; kept tokens keep their original 3-D positions, merged ones their
+    first occurrence's; images pass unchanged."""
+
+    def _prefill(self, call, args, kwargs, image_id, valid):
+        embeds = kwargs["inputs_embeds"]
+        keep = valid.clone()
+        kept = [[torch.arange(e - s, device=embeds.device) for s, e in row] for row in call.spans]
+        if call.videos:
+            embeds = embeds.clone()
+            with self._timed():
+                for b, frames in call.videos:
+                    s, e = call.spans[b][frames[0]][0], call.spans[b][frames[-1]][1]
+                    x = embeds[b, s:e].view(len(frames), (e - s) // len(frames), -1)
+                    k, merged = self.pruner.merge_video(x)
+                    embeds[b, s:e] = merged.flatten(0, 1)
+                    keep[b, s:e] = k.flatten()
+                    for f, j in enumerate(frames):
+                        kept[b][j] = k[f].nonzero().flatten()
+            kwargs["inputs_embeds"] = embeds
+        call.kept = kept
+        return self._drop_lm_input(call, args, kwargs, keep, valid)
 
 
 #: ``capabilities.stage`` -> Qwen2-VL adapter class (no vision stage: the tower has no [CLS] token)
@@ -102,6 +193,8 @@ STAGE_ADAPTERS: dict[str, type[HFVisionLanguageAdapter]] = {
 def qwen_vl_adapter(model: torch.nn.Module, pruner: TokenPruner, timing: bool = False) -> HFVisionLanguageAdapter:
     """The Qwen2-VL adapter for ``pruner``'s capabilities (NotImplementedError for what it cannot serve)."""
     caps = pruner.capabilities
+    if caps.video_merge:
+        return QwenVLVideoMergeAdapter(model, pruner, timing=timing)
     if caps.tower_merge:
         raise NotImplementedError(f"{type(pruner).__name__} on Qwen2-VL is not supported (no CLIP-style vision "
                                   "tower)")

@@ -51,6 +51,9 @@ class PrefillState:
     image_counts: list[int] = field(default_factory=list)  # current tokens per image
     row_tokens: list[int] = field(default_factory=list)  # current valid tokens per row
     right_padded: bool = False
+    # videos (Qwen2-VL): every frame is one "image" of ``spans``; per video: (sample, its frames' indices within
+    # the sample's images)
+    videos: list[tuple[int, list[int]]] = field(default_factory=list)
 
 
 @dataclass
