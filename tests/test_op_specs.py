@@ -18,6 +18,7 @@ EXPECTED = {
     "agent": (("agent_attention",), (1, 2, 3), "agent", "agent_why_not", ("reference", "triton", "sdpa")),
     "bilevel_routing": (("bilevel_routing_attention",), (2,), "bilevel_routing", "bilevel_routing_why_not",
                         ("reference", "triton")),
+    "halo": (("halo_attention",), (2,), "halo", "halo_why_not", ("reference", "triton")),
 }
 
 
@@ -44,6 +45,8 @@ def _call(name: str, rank: int) -> str:
         return functional.which_backend(name, q, q, q, 2)
     if name == "agent_attention":
         return functional.which_backend(name, q, q, q, torch.randn(1, 2, 1, 8))
+    if name == "halo_attention":
+        return functional.which_backend(name, q, q, q, 2, 1)
     return functional.which_backend(name, q, q, q, 2, 1)
 
 
