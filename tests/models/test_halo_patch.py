@@ -172,3 +172,16 @@ def test_timm_models_report_their_halo_modules(name, count):
     assert report.patched == {"HaloAttn": count} and report.skipped == {}
     unpatch_timm(model)
     assert not any(halo_patch.is_patched(m) for m in model.modules())
+
+
+def test_patched_module_compiles_without_graph_breaks(op_calls):
+    """torch.compile(fullgraph=True) of a patched HaloAttn (reference formulation inside the graph) equals timm."""
+    torch.manual_seed(3)
+    module = _randomise(HaloAttn(16, num_heads=2, block_size=4, halo_size=1, stride=2)).eval()
+    x = torch.randn(1, 16, 8, 8)
+    want = module(x)
+    halo_patch.patch_module(module)
+    with backends.use_backend("reference"):
+        got = torch.compile(module, backend="eager", fullgraph=True)(x)
+    assert len(op_calls) == 1
+    _assert_close(got, want)

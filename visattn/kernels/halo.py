@@ -4,9 +4,9 @@ batch x head), no unfolded key/value copies and no logits in memory.
 A program holds its block's queries in one tile and walks the ``(b + 2h)^2`` window around its key block in chunks
 of ``ROWS`` window rows (each padded to ``WP`` columns), online softmax. Keys and values outside the map are read
 as zeros through the load mask and stay in the softmax (timm zero-pads them); window slots past ``win`` are masked
-out. The relative logits come from per-query rows ``P_h = q . rel_h^T`` and ``P_w = q . rel_w^T``
-(``[B, Hq, Wq, heads, 2*win-1]``, float32, computed by torch so that autograd carries their gradient to ``q`` and
-the tables): a chunk adds ``P_h[q, row - i0 + win0 - 1]`` to each of its window rows and
+out. The relative logits come from per-query rows ``P_h = q . rel_h^T`` and ``P_w = q . rel_w^T`` (one
+``[B, Hq, Wq, heads, 2*win0-1 + 2*win1-1]`` float32 tensor, computed by torch so that autograd carries their
+gradient to ``q`` and the tables): a chunk adds ``P_h[q, row - i0 + win0 - 1]`` to each of its window rows and
 ``P_w[q, col - i1 + win1 - 1]`` to each column, as a ``[queries, ROWS, WP]`` broadcast.
 
 Backward, one program per query block again (FA2 recomputation from the saved LSE): dQ accumulates in registers;
@@ -180,27 +180,31 @@ def _geometry(q: Tensor, k: Tensor, block: tuple[int, int], halo: tuple[int, int
     return dict(nh=nh, nw=nw, qb=(qb0, qb1), win=(win0, win1), rows=rows, wp=wp)
 
 
-def _args(q, k, v, ph, pw, out, block, halo, scale, geo) -> tuple[list, dict]:
-    """The scalar arguments and constexprs both kernels share."""
+def _args(q, k, v, rel, out, block, halo, scale, geo) -> tuple[list, dict]:
+    """The relative-row pointers (P_h, P_w: views of one ``[.., 2*win0-1 + 2*win1-1]`` tensor, so they share
+    strides), the scalar arguments and the constexprs both kernels share."""
     batch, hq, wq, heads, dim = q.shape
     height, width = k.shape[1:3]
-    rel = ph if ph is not None else q.new_zeros(1, dtype=torch.float32)
-    p_strides = ph.stride() if ph is not None else (0,) * 5
+    if rel is None:
+        ph = pw = q.new_zeros(1, dtype=torch.float32)
+        p_strides = (0,) * 5
+    else:
+        ph, pw, p_strides = rel, rel[..., 2 * geo["win"][0] - 1:], rel.stride()
     scalars = [*q.stride(), *k.stride(), *v.stride(), *p_strides, *out.stride()[:4],
                heads, height, width, geo["nw"], *geo["qb"], *block, *halo, *geo["win"], dim, v.shape[-1], hq, wq,
                float(scale)]
     meta = dict(BQ=_pow2(geo["qb"][0] * geo["qb"][1]), BD=_pow2(dim), BDV=_pow2(v.shape[-1]), ROWS=geo["rows"],
-                WP=geo["wp"], HAS_REL=ph is not None, DOT_PREC=dot_precision(q.dtype))
-    return [rel, pw if pw is not None else rel, scalars], meta
+                WP=geo["wp"], HAS_REL=rel is not None, DOT_PREC=dot_precision(q.dtype))
+    return [ph, pw, scalars], meta
 
 
-def forward(q, k, v, ph, pw, block, halo, scale) -> tuple[Tensor, Tensor]:
+def forward(q, k, v, rel, block, halo, scale) -> tuple[Tensor, Tensor]:
     """Output ``[B, Hq, Wq, heads, Dv]`` (contiguous) and LSE ``[B, heads, Hq, Wq]`` (float32)."""
     batch, hq, wq, heads, _ = q.shape
     geo = _geometry(q, k, block, halo)
     out = torch.empty(batch, hq, wq, heads, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads, hq, wq, dtype=torch.float32, device=q.device)
-    (rel_h, rel_w, scalars), meta = _args(q, k, v, ph, pw, out, block, halo, scale, geo)
+    (rel_h, rel_w, scalars), meta = _args(q, k, v, rel, out, block, halo, scale, geo)
     grid = (geo["nh"] * geo["nw"], batch * heads)
     _halo_fwd_kernel[grid](q, k, v, rel_h, rel_w, out, lse, *scalars, **meta, **LAUNCH["fwd"])
     return out, lse
@@ -216,8 +220,8 @@ def _fold(windows: Tensor, key_shape: torch.Size, block: tuple[int, int], halo: 
     return grid.reshape(batch, heads, dim, height, width).permute(0, 3, 4, 1, 2)
 
 
-def backward(do, q, k, v, ph, pw, out, lse, block, halo, scale):
-    """dq, dk, dv (the inputs' dtypes) and dP_h, dP_w (float32, None without relative logits)."""
+def backward(do, q, k, v, rel, out, lse, block, halo, scale):
+    """dq, dk, dv (the inputs' dtypes) and the relative rows' gradient (float32, None without relative logits)."""
     batch, hq, wq, heads, dim = q.shape
     geo = _geometry(q, k, block, halo)
     do = do.contiguous()
@@ -226,42 +230,41 @@ def backward(do, q, k, v, ph, pw, out, lse, block, halo, scale):
     dkw = torch.empty(batch, heads, geo["nh"], geo["nw"], win0, win1, dim, dtype=torch.float32, device=q.device)
     dvw = torch.empty(batch, heads, geo["nh"], geo["nw"], win0, win1, v.shape[-1], dtype=torch.float32,
                       device=q.device)
-    dph = torch.zeros_like(ph) if ph is not None else None
-    dpw = torch.zeros_like(pw) if pw is not None else None
-    (rel_h, rel_w, scalars), meta = _args(q, k, v, ph, pw, out, block, halo, scale, geo)
+    drel = torch.zeros_like(rel) if rel is not None else None  # rows no query reads stay zero
+    (rel_h, rel_w, scalars), meta = _args(q, k, v, rel, out, block, halo, scale, geo)
+    (d_h, d_w, _), _ = _args(q, k, v, drel, out, block, halo, scale, geo)
     grid = (geo["nh"] * geo["nw"], batch * heads)
-    _halo_bwd_kernel[grid](q, k, v, rel_h, rel_w, out, lse, do, dq, dkw, dvw,
-                           dph if dph is not None else rel_h, dpw if dpw is not None else rel_w, *dq.stride()[:4],
+    _halo_bwd_kernel[grid](q, k, v, rel_h, rel_w, out, lse, do, dq, dkw, dvw, d_h, d_w, *dq.stride()[:4],
                            *scalars, **meta, **LAUNCH["bwd"])
     dk = _fold(dkw, k.shape, block, halo).to(k.dtype)
     dv = _fold(dvw, v.shape, block, halo).to(v.dtype)
-    return dq, dk, dv, dph, dpw
+    return dq, dk, dv, drel
 
 
 class _HaloAttention(torch.autograd.Function):
     """Eager forward/backward of the fused kernels (the relative rows' gradients flow on through torch)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, ph, pw, block, halo, scale: float):
-        out, lse = forward(q, k, v, ph, pw, block, halo, scale)
-        ctx.save_for_backward(q, k, v, ph, pw, out, lse)
+    def forward(ctx, q, k, v, rel, block, halo, scale: float):
+        out, lse = forward(q, k, v, rel, block, halo, scale)
+        ctx.save_for_backward(q, k, v, rel, out, lse)
         ctx.geometry = (block, halo, scale)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, ph, pw, out, lse = ctx.saved_tensors
-        dq, dk, dv, dph, dpw = backward(grad_out, q, k, v, ph, pw, out, lse, *ctx.geometry)
-        return dq, dk, dv, dph, dpw, None, None, None
+        q, k, v, rel, out, lse = ctx.saved_tensors
+        dq, dk, dv, drel = backward(grad_out, q, k, v, rel, out, lse, *ctx.geometry)
+        return dq, dk, dv, drel, None, None, None
 
 
 def halo_attention(q: Tensor, k: Tensor, v: Tensor, block: tuple[int, int], halo: tuple[int, int],
                    rel_h: Tensor | None, rel_w: Tensor | None, scale: float) -> Tensor:
     """Backend entry: heads-last ``[B, Hq, Wq, heads, D]`` queries, ``[B, H, W, heads, D]`` keys/values; the
-    relative rows ``q . rel^T`` are computed here in float32 by torch (differentiable in ``q`` and the tables)."""
-    ph = pw = None
+    relative rows ``q . [rel_h; rel_w]^T`` are computed here in float32 by torch, one ``[B, Hq, Wq, heads,
+    2*win0-1 + 2*win1-1]`` tensor (differentiable in ``q`` and the tables)."""
+    rel = None
     if rel_h is not None:
-        qf = q.float()
-        ph = torch.einsum("bxynd,rd->bxynr", qf, rel_h.float()).contiguous()
-        pw = torch.einsum("bxynd,rd->bxynr", qf, rel_w.float()).contiguous()
-    return _HaloAttention.apply(q, k, v, ph, pw, tuple(block), tuple(halo), float(scale))
+        tables = torch.cat([rel_h, rel_w]).float()
+        rel = torch.einsum("bxynd,rd->bxynr", q.float(), tables).contiguous()
+    return _HaloAttention.apply(q, k, v, rel, tuple(block), tuple(halo), float(scale))
