@@ -6,6 +6,7 @@ and another image size."""
 
 import pytest
 import torch
+from family_checks import assert_close_to_scale, forward_and_grads
 
 from visattn import backends, functional
 
@@ -16,29 +17,11 @@ from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg  # noqa: E402
 from visattn.models import halo_patch, patch_timm, unpatch_timm  # noqa: E402
 
 
-def _assert_close(got, want, what="output"):
-    """max |got - want| <= 1e-5 * max(1, max |want|) (float32 equality relative to the tensor's scale)."""
-    assert got.shape == want.shape, what
-    err, scale = (got - want).abs().max().item(), max(1.0, want.abs().max().item())
-    assert err <= 1e-5 * scale, f"{what}: max abs error {err:.3g} at scale {scale:.3g}"
-
-
 def _randomise(model):
     for name, p in model.named_parameters():
         if name.endswith(("height_rel", "width_rel")):
             torch.nn.init.normal_(p, std=0.5)
     return model
-
-
-def _forward_and_grads(model, x):
-    model.zero_grad()
-    x = x.detach().clone().requires_grad_(True)
-    out = model(x)
-    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
-    (out * weight).sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    grads["<input>"] = x.grad.clone()
-    return out.detach(), grads
 
 
 @pytest.fixture
@@ -75,10 +58,10 @@ def test_halo_module_equals_timm_float64(kwargs, size, op_calls):
         if p.dim() == 1:
             torch.nn.init.normal_(p, std=0.5)
     x = torch.randn(2, 16, size, size, dtype=torch.float64)
-    want, want_grads = _forward_and_grads(module, x)
+    want, want_grads = forward_and_grads(module, x)
     halo_patch.patch_module(module)
     with backends.use_backend("reference"):
-        got, got_grads = _forward_and_grads(module, x)
+        got, got_grads = forward_and_grads(module, x)
     assert len(op_calls) == 1
     qmap, kmap, block, halo = op_calls[0]
     assert kmap == (size, size) and block == kwargs["block_size"] and halo == kwargs["halo_size"]
@@ -113,21 +96,21 @@ def test_patched_model_equals_timm(img_size, x_size, op_calls):
     torch.manual_seed(1)
     model = _tiny_halonet(img_size).eval()
     x = torch.randn(2, 3, x_size, x_size)
-    want, want_grads = _forward_and_grads(model, x)
+    want, want_grads = forward_and_grads(model, x)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     report = patch_timm(model)
     assert report.patched == {"HaloAttn": 3} and not report.skipped
     assert list(model.state_dict()) == list(state)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     with backends.use_backend("reference"):
-        got, got_grads = _forward_and_grads(model, x)
+        got, got_grads = forward_and_grads(model, x)
     s = x_size // 4  # the tiered stem (no pool) has stride 4
     assert op_calls == [((s // 2, s // 2), (s, s), 4, 2), ((s // 2, s // 2), (s // 2, s // 2), 4, 2),
                         ((s // 2, s // 2), (s // 2, s // 2), 4, 1)]
-    _assert_close(got, want)
+    assert_close_to_scale(got, want)
     assert got_grads.keys() == want_grads.keys()
     for key in want_grads:
-        _assert_close(got_grads[key], want_grads[key], key)
+        assert_close_to_scale(got_grads[key], want_grads[key], key)
 
 
 def test_unpatch_restores_exactly_and_cpu_auto_keeps_timms_path(op_calls):
@@ -184,4 +167,4 @@ def test_patched_module_compiles_without_graph_breaks(op_calls):
     with backends.use_backend("reference"):
         got = torch.compile(module, backend="eager", fullgraph=True)(x)
     assert len(op_calls) == 1
-    _assert_close(got, want)
+    assert_close_to_scale(got, want)

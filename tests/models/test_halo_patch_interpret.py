@@ -11,7 +11,8 @@ from interpreted import run_case_interpreted
 def run_case() -> dict:
     """Child-process body: max error relative to each tensor's scale, per module option."""
     import torch
-    from test_halo_patch import MODULES, _forward_and_grads, _randomise
+    from family_checks import forward_and_grads
+    from test_halo_patch import MODULES, _randomise
     from timm.layers.halo_attn import HaloAttn
 
     from visattn import backends
@@ -22,10 +23,10 @@ def run_case() -> dict:
         torch.manual_seed(i)
         module = _randomise(HaloAttn(16, **kwargs)).eval()
         x = torch.randn(2, 16, size, size)
-        want, want_grads = _forward_and_grads(module, x)
+        want, want_grads = forward_and_grads(module, x)
         halo_patch.patch_module(module)
         with backends.use_backend("triton"):
-            got, got_grads = _forward_and_grads(module, x)
+            got, got_grads = forward_and_grads(module, x)
         errs = {"<output>": (got - want).abs().max().item() / max(1.0, want.abs().max().item())}
         for key, value in want_grads.items():
             errs[key] = (got_grads[key] - value).abs().max().item() / max(1.0, value.abs().max().item())

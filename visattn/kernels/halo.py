@@ -32,18 +32,20 @@ MAX_QUERY_BLOCK = 256  # queries per block held in one tile
 
 
 @triton.jit
-def _logits(q, k_base, k_y, k_x, k_d, y0, x0, r0, H, W, WIN0, WIN1, d, HEAD_D, qk_scale,
-            ph_q, p_r, pw, iy, q_ok, BQ: tl.constexpr, ROWS: tl.constexpr, WP: tl.constexpr,
-            HAS_REL: tl.constexpr, DOT_PREC: tl.constexpr):
+def _chunk(q, K, V, b, h, k_b, k_y, k_x, k_h, k_d, v_b, v_y, v_x, v_h, v_d, y0, x0, r0, H, W, WIN0, WIN1, d, dv,
+           HEAD_D, HEAD_DV, qk_scale, ph_q, p_r, pw, iy, q_ok, BQ: tl.constexpr, ROWS: tl.constexpr,
+           WP: tl.constexpr, HAS_REL: tl.constexpr, DOT_PREC: tl.constexpr):
     """One chunk of window rows ``[r0, r0 + ROWS)``: logits ``[BQ, ROWS * WP]`` (-inf on slots past the window),
-    the key tile, and the chunk's window rows / columns / in-window and in-map masks."""
+    the key and value tiles (zeros outside the map), and the chunk's window rows / columns / in-window mask."""
     n = tl.arange(0, ROWS * WP)
     ky, kx = r0 + n // WP, n % WP
     in_win = (ky < WIN0) & (kx < WIN1)
     ay, ax = y0 + ky, x0 + kx
     inside = in_win & (ay >= 0) & (ay < H) & (ax >= 0) & (ax < W)
-    k = tl.load(k_base + ay[:, None] * k_y + ax[:, None] * k_x + d[None, :] * k_d,
+    k = tl.load(K + b.to(tl.int64) * k_b + h * k_h + ay[:, None] * k_y + ax[:, None] * k_x + d[None, :] * k_d,
                 mask=inside[:, None] & (d[None, :] < HEAD_D), other=0.0)
+    v = tl.load(V + b.to(tl.int64) * v_b + h * v_h + ay[:, None] * v_y + ax[:, None] * v_x + dv[None, :] * v_d,
+                mask=inside[:, None] & (dv[None, :] < HEAD_DV), other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if HAS_REL:
         rows = r0 + tl.arange(0, ROWS)
@@ -51,7 +53,7 @@ def _logits(q, k_base, k_y, k_x, k_d, y0, x0, r0, H, W, WIN0, WIN1, d, HEAD_D, q
                      mask=q_ok[:, None] & (rows[None, :] < WIN0), other=0.0)
         s = tl.reshape(tl.reshape(s, (BQ, ROWS, WP)) + ph[:, :, None] + pw[:, None, :], (BQ, ROWS * WP))
     s = tl.where(in_win[None, :], s, float("-inf"))
-    return s, k, ky, kx, in_win, ay, ax, inside
+    return s, k, v, ky, kx, in_win
 
 
 @triton.jit
@@ -89,18 +91,14 @@ def _halo_fwd_kernel(Q, K, V, PH, PW, OUT, LSE,
     b, h, bh, by, bx, qy, qx, iy, ix, q_ok, d, q, ph_q, p_off, cols, pw, y0, x0 = _block_setup(
         Q, PH, PW, q_b, q_y, q_x, q_h, q_d, p_b, p_y, p_x, p_h, p_r, HEADS, NW, QB0, QB1, B0, B1, H0, H1, WIN1,
         HEAD_D, BQ, BD, WP, HAS_REL)
-    k_base = K + b.to(tl.int64) * k_b + h * k_h
-    v_base = V + b.to(tl.int64) * v_b + h * v_h
     dv = tl.arange(0, BDV)
     m_i = tl.full([BQ], float("-inf"), tl.float32)
     l_i = tl.zeros([BQ], tl.float32)
     acc = tl.zeros([BQ, BDV], tl.float32)
     for r0 in range(0, WIN0, ROWS):  # every chunk has an in-window slot: the running max is finite
-        s, k, ky, kx, in_win, ay, ax, inside = _logits(
-            q, k_base, k_y, k_x, k_d, y0, x0, r0, H, W, WIN0, WIN1, d, HEAD_D, qk_scale, ph_q, p_r, pw, iy, q_ok,
-            BQ, ROWS, WP, HAS_REL, DOT_PREC)
-        v = tl.load(v_base + ay[:, None] * v_y + ax[:, None] * v_x + dv[None, :] * v_d,
-                    mask=inside[:, None] & (dv[None, :] < HEAD_DV), other=0.0)
+        s, k, v, ky, kx, in_win = _chunk(
+            q, K, V, b, h, k_b, k_y, k_x, k_h, k_d, v_b, v_y, v_x, v_h, v_d, y0, x0, r0, H, W, WIN0, WIN1, d, dv,
+            HEAD_D, HEAD_DV, qk_scale, ph_q, p_r, pw, iy, q_ok, BQ, ROWS, WP, HAS_REL, DOT_PREC)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -123,8 +121,6 @@ def _halo_bwd_kernel(Q, K, V, PH, PW, OUT, LSE, DO, DQ, DKW, DVW, DPH, DPW, dq_b
     b, h, bh, by, bx, qy, qx, iy, ix, q_ok, d, q, ph_q, p_off, cols, pw, y0, x0 = _block_setup(
         Q, PH, PW, q_b, q_y, q_x, q_h, q_d, p_b, p_y, p_x, p_h, p_r, HEADS, NW, QB0, QB1, B0, B1, H0, H1, WIN1,
         HEAD_D, BQ, BD, WP, HAS_REL)
-    k_base = K + b.to(tl.int64) * k_b + h * k_h
-    v_base = V + b.to(tl.int64) * v_b + h * v_h
     dv = tl.arange(0, BDV)
     o_off = b.to(tl.int64) * o_b + h * o_h + qy[:, None] * o_y + qx[:, None] * o_x + dv[None, :]
     o_mask = q_ok[:, None] & (dv[None, :] < HEAD_DV)
@@ -136,11 +132,9 @@ def _halo_bwd_kernel(Q, K, V, PH, PW, OUT, LSE, DO, DQ, DKW, DVW, DPH, DPW, dq_b
     dpw = tl.zeros([BQ, WP], tl.float32)
     win_base = ((bh.to(tl.int64) * (HQ // QB0) + by) * NW + bx) * WIN0 * WIN1
     for r0 in range(0, WIN0, ROWS):
-        s, k, ky, kx, in_win, ay, ax, inside = _logits(
-            q, k_base, k_y, k_x, k_d, y0, x0, r0, H, W, WIN0, WIN1, d, HEAD_D, qk_scale, ph_q, p_r, pw, iy, q_ok,
-            BQ, ROWS, WP, HAS_REL, DOT_PREC)
-        v = tl.load(v_base + ay[:, None] * v_y + ax[:, None] * v_x + dv[None, :] * v_d,
-                    mask=inside[:, None] & (dv[None, :] < HEAD_DV), other=0.0)
+        s, k, v, ky, kx, in_win = _chunk(
+            q, K, V, b, h, k_b, k_y, k_x, k_h, k_d, v_b, v_y, v_x, v_h, v_d, y0, x0, r0, H, W, WIN0, WIN1, d, dv,
+            HEAD_D, HEAD_DV, qk_scale, ph_q, p_r, pw, iy, q_ok, BQ, ROWS, WP, HAS_REL, DOT_PREC)
         p = tl.where(q_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])

@@ -20,12 +20,11 @@ CPU tensors under the default backend ("auto") run timm's own path (the faster f
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 
 from visattn import backends, functional
+from visattn.models import _patching
 from visattn.models._patching import Family
 
 _MARK = "_visattn_halo"  # set on patched modules; the patch itself is the instance attribute forward
@@ -90,23 +89,7 @@ def _patched_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module.pool(out)
 
 
-def is_patched(module: nn.Module) -> bool:
-    """Whether ``module`` runs on visattn."""
-    return getattr(module, _MARK, False)
-
-
-def patch_module(module: nn.Module) -> None:
-    """Rebind one ``HaloAttn``'s ``forward`` (idempotent; no parameter or buffer changes)."""
-    if not is_patched(module):
-        module.forward = types.MethodType(_patched_forward, module)
-        setattr(module, _MARK, True)
-
-
-def unpatch_module(module: nn.Module) -> None:
-    """Restore timm's ``forward`` on one module."""
-    if is_patched(module):
-        del module.forward  # the instance attribute; the class method shows through again
-        delattr(module, _MARK)
+is_patched, patch_module, unpatch_module = _patching.rebinding("forward", _MARK, _patched_forward)
 
 
 HALONET = Family(name="halonet", classes=halo_classes, unsupported=unsupported_classes, why_not=why_not,
