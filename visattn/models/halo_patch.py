@@ -83,8 +83,7 @@ def _patched_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     rel_h, rel_w = module.pos_embed.height_rel, module.pos_embed.width_rel
     if module.scale_pos_embed:
         rel_h, rel_w = rel_h * module.scale, rel_w * module.scale
-    out = functional.halo_attention(q, k, v, block, module.halo_size, rel_h.to(q.dtype), rel_w.to(q.dtype),
-                                    scale=module.scale)
+    out = functional.halo_attention(q, k, v, block, module.halo_size, rel_h, rel_w, scale=module.scale)
     out = out.permute(0, 3, 4, 1, 2).reshape(batch, heads * dv, out.shape[1], out.shape[2])
     return module.pool(out)
 
