@@ -104,6 +104,8 @@ OPS = {
                    lambda g: [_leaf(g, 1, 5, 5, 2, 8), _leaf(g, 1, 4, 2, 8), _leaf(g, 1, 2, 4, 25)]),
     "routing-padded": (lambda q: visattn.bilevel_routing_attention(q, q, q, 3, 2),
                        lambda g: [_leaf(g, 1, 7, 8, 2, 8)]),
+    "halo-rel": (lambda q, rh, rw: visattn.halo_attention(q, q, q, (2, 4), (1, 1), rh, rw),
+                 lambda g: [_leaf(g, 1, 4, 8, 2, 8), _leaf(g, 7, 8), _leaf(g, 11, 8)]),
 }
 
 

@@ -85,6 +85,8 @@ def _ops():
         "window-shifted": lambda q: visattn.window_attention(q, q, q, 4, 2),
         "window-rpb": lambda q: visattn.window_attention(q, q, q, 4, rpb=torch.linspace(-1, 1, 98).reshape(2, 7, 7)),
         "bilevel-routing": lambda q: visattn.bilevel_routing_attention(q, q, q, 2, 2),
+        "halo": lambda q: visattn.halo_attention(q, q, q, 4, 1, torch.linspace(-1, 1, 88).reshape(11, 8),
+                                                 torch.linspace(1, -1, 88).reshape(11, 8)),
         "agent": lambda q: visattn.agent_attention(q, q, q, q[:, 0, :4].contiguous()),
         "agent-module": agent_module,
     }
@@ -192,6 +194,7 @@ CONTIGUITY_CALLS = {
     "window": lambda q, k, v, b: visattn.window_attention(q, k, v, 4, backend=b),
     "window-shifted": lambda q, k, v, b: visattn.window_attention(q, k, v, 4, 2, backend=b),
     "bilevel-routing": lambda q, k, v, b: visattn.bilevel_routing_attention(q, k, v, 2, 2, backend=b),
+    "halo": lambda q, k, v, b: visattn.halo_attention(q, k, v, 4, 2, backend=b),
     "agent": lambda q, k, v, b: visattn.agent_attention(q, k, v, k[:, 0, :4], backend=b),
     "agent-sdpa": lambda q, k, v, b: visattn.agent_attention(q, k, v, k[:, 0, :4], backend="sdpa"),
 }

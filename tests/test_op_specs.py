@@ -22,6 +22,7 @@ EXPECTED = {
     "sliding_tile": (("sliding_tile_attention",), (3,), "na", "na_why_not", ("reference", "triton")),
     "radial": (("radial_attention",), (3,), "radial", "radial_why_not", ("reference", "triton")),
     "vmoba": (("vmoba_attention",), (3,), "vmoba", "vmoba_why_not", ("reference", "triton")),
+    "halo": (("halo_attention",), (2,), "halo", "halo_why_not", ("reference", "triton")),
 }
 
 
@@ -54,6 +55,8 @@ def _call(name: str, rank: int) -> str:
         return functional.which_backend(name, q, q, q, 4)
     if name == "vmoba_attention":
         return functional.which_backend(name, q, q, q, 2)
+    if name == "halo_attention":
+        return functional.which_backend(name, q, q, q, 2, 1)
     return functional.which_backend(name, q, q, q, 2, 1)
 
 

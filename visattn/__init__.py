@@ -1,8 +1,8 @@
 """visattn: fast attention for vision and multimodal models.
 
 Heads-last functional API (``[B, *spatial, heads, head_dim]``): ``na1d``/``na2d``/``na3d`` with NATTEN 0.21's
-signatures, ``window_attention``, ``agent_attention``, ``bilevel_routing_attention`` and the video patterns
-``sliding_tile_attention``, ``radial_attention`` and ``vmoba_attention``; exact reference semantics
+signatures, ``window_attention``, ``agent_attention``, ``bilevel_routing_attention``, ``halo_attention`` and the
+video patterns ``sliding_tile_attention``, ``radial_attention`` and ``vmoba_attention``; exact reference semantics
 (docs/SEMANTICS.md) and Triton kernels behind one dispatcher.
 
 ``import visattn`` imports the functional API only: not timm, open_clip, transformers or diffusers. visattn's timm
@@ -22,6 +22,7 @@ import warnings as _warnings
 from visattn.functional import (
     agent_attention,
     bilevel_routing_attention,
+    halo_attention,
     na1d,
     na2d,
     na3d,
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "agent_attention",
     "bilevel_routing_attention",
+    "halo_attention",
     "na1d",
     "na2d",
     "na3d",

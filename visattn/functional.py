@@ -1006,6 +1006,94 @@ def vmoba_attention(query: Tensor, key: Tensor, value: Tensor, chunk_size: int |
                   additional_keys, additional_values, backend)
 
 
+# ================================================================================================ halo
+def _check_halo_table(table, name: str, query: Tensor, length: int, op: str) -> None:
+    _check_tensor(table, name)
+    if table.device != query.device:
+        raise ValueError(f"{op}: {name} is on {table.device} but query is on {query.device}")
+    want = (length, query.shape[-1])
+    if tuple(table.shape) != want:
+        raise ValueError(f"{op}: {name} must have shape [2*(block_size + 2*halo_size) - 1, head_dim] = "
+                         f"{list(want)}, got {tuple(table.shape)}")
+
+
+def _halo(query, key, value, block_size, halo_size, rel_h, rel_w, scale, backend, dry_run=False):
+    op = "halo_attention"
+    backend = check_backend(backend, op)
+    for t, name in ((query, "query"), (key, "key"), (value, "value")):
+        _check_tensor(t, name)
+        if t.dim() != 5:
+            raise ValueError(f"{op}: {name} must have 5 dims [B, H, W, heads, head_dim], got shape {tuple(t.shape)}")
+    for t, name in ((key, "key"), (value, "value")):
+        _check_like(t, query, name)
+    if key.shape[:-1] != value.shape[:-1]:
+        raise ValueError(f"{op}: key and value must match in all but head_dim: key {tuple(key.shape)}, value "
+                         f"{tuple(value.shape)}")
+    if key.shape[0] != query.shape[0] or key.shape[-2:] != query.shape[-2:]:
+        raise ValueError(f"{op}: key must match query in batch, heads and head_dim: query {tuple(query.shape)}, key "
+                         f"{tuple(key.shape)}")
+    if any(s == 0 for s in query.shape) or any(s == 0 for s in value.shape):
+        raise ValueError(f"{op}: query, key and value must not have empty dimensions, got query "
+                         f"{tuple(query.shape)}, value {tuple(value.shape)}")
+    block = int_tuple(block_size, 2, "block_size")
+    halo = int_tuple(halo_size, 2, "halo_size", minimum=0)
+    for dim in range(2):
+        length, b, q_len = key.shape[1 + dim], block[dim], query.shape[1 + dim]
+        if length % b:
+            raise ValueError(f"{op}: block_size must divide the key map; dimension {dim} has length {length}, "
+                             f"block_size={b}; pad the input first")
+        blocks = length // b
+        if q_len % blocks or q_len // blocks > b:
+            raise ValueError(f"{op}: query must split into the {blocks} key blocks of dimension {dim} with at most "
+                             f"block_size={b} queries each; query length {q_len}, key length {length}")
+    if (rel_h is None) != (rel_w is None):
+        raise ValueError(f"{op}: rel_h and rel_w must be given together")
+    if rel_h is not None:
+        for table, name, dim in ((rel_h, "rel_h", 0), (rel_w, "rel_w", 1)):
+            _check_halo_table(table, name, query, 2 * (block[dim] + 2 * halo[dim]) - 1, op)
+        rel_h, rel_w = (_rpb_in_compute_dtype(t, query) for t in (rel_h, rel_w))
+    scale = check_scale(scale, query.shape[-1])
+    args = (query, key, value, block, halo, rel_h, rel_w)
+    chosen = _choose("halo", backend, query, lambda: _triton_why_not("halo", *args))
+    if dry_run:
+        return chosen
+    _record(chosen)
+    impl = reference if chosen == "reference" else _kernels
+    return _contiguous(impl.halo(*args, scale))
+
+
+def halo_attention(query: Tensor, key: Tensor, value: Tensor, block_size: IntOrTuple, halo_size: IntOrTuple,
+                   rel_h: Tensor | None = None, rel_w: Tensor | None = None, scale: float | None = None,
+                   backend: str | None = None) -> Tensor:
+    """HaloNet's blocked local self-attention (Vaswani et al., 2021; timm's ``HaloAttn``), docs/SEMANTICS.md.
+
+    The key map is cut into ``block_size`` blocks; the queries split into as many blocks (``qb = Hq / (H / b)``
+    queries per block and dimension: ``b`` at stride 1, ``b / 2`` when timm strides its query projection). Every
+    query of a block attends all ``win = b + 2 * halo_size`` positions of the window around its key block (starting
+    at ``block * b - halo_size``), zero-padded at the borders: a padded key has logit ``0 + relative logits`` and
+    value 0 and takes part in the softmax. The relative logits are content-dependent and added unscaled: query
+    ``i`` (in its block) and window key ``j`` get ``q . rel_h[j0 - i0 + win0 - 1] + q . rel_w[j1 - i1 + win1 - 1]``
+    (timm's ``PosEmbedRel`` indexing; rows below ``win - qb`` are never read). Pass ``rel * scale`` for timm's
+    ``scale_pos_embed=True``.
+
+    Args:
+        query: ``[B, Hq, Wq, heads, head_dim]``, any strides.
+        key: ``[B, H, W, heads, head_dim]`` (same batch, heads, head_dim, dtype and device as ``query``).
+        value: ``[B, H, W, heads, head_dim_v]``.
+        block_size: int or ``(b0, b1)``; must divide ``H`` and ``W``.
+        halo_size: int or ``(h0, h1)``, ``>= 0``.
+        rel_h, rel_w: the relative tables ``[2 * win0 - 1, head_dim]`` and ``[2 * win1 - 1, head_dim]`` shared by
+            all heads (timm's ``pos_embed.height_rel`` / ``width_rel``), both or neither (None: no relative logits).
+        scale: softmax scale of ``q . k``, a finite number > 0; None means ``head_dim ** -0.5``.
+        backend: None/"auto" (the fused Triton kernel for CUDA tensors where it can run, else the reference),
+            "reference", or "triton" (raises ``ValueError`` saying why when it cannot run).
+
+    Returns:
+        ``[B, Hq, Wq, heads, head_dim_v]`` in ``query``'s dtype.
+    """
+    return _halo(query, key, value, block_size, halo_size, rel_h, rel_w, scale, backend)
+
+
 # ================================================================================================ op specs
 @dataclass(frozen=True)
 class OpSpec:
@@ -1065,6 +1153,10 @@ OP_SPECS: tuple[OpSpec, ...] = (
            "bi-level routing attention (BiFormer), routed regions read in place",
            _k and _k.bilevel_routing, _k and _k.bilevel_routing_why_not,
            _probe_args(lambda q: (q, q, q, (2, 2), 1)), aliases=("routing", "bra", "BRA")),
+    OpSpec("halo", ("halo_attention",), (2,),
+           "HaloNet blocked attention (zero-padded halo windows, relative logits), fused forward + backward",
+           _k and _k.halo, _k and _k.halo_why_not,
+           _probe_args(lambda q: (q, q, q, (4, 4), (1, 1), q.new_empty(11, 16), q.new_empty(11, 16)))),
     OpSpec("sliding_tile", ("sliding_tile_attention",), (3,),
            "sliding-tile attention (STA) as GNA with stride = tile, fused forward + backward",
            _k and _k.na, _k and _k.na_why_not,
@@ -1103,6 +1195,7 @@ _DRY_RUN_FNS = {
     "window_attention": lambda **a: _window(**a, dry_run=True),
     "agent_attention": lambda **a: _agent(**a, dry_run=True),
     "bilevel_routing_attention": lambda **a: _bilevel_routing(**a, dry_run=True),
+    "halo_attention": lambda **a: _halo(**a, dry_run=True),
     "sliding_tile_attention": lambda **a: _sliding_tile(**a, dry_run=True),
     "radial_attention": lambda **a: _radial(**a, dry_run=True),
     "vmoba_attention": lambda **a: _vmoba(**a, dry_run=True),
@@ -1202,6 +1295,6 @@ def available_backends(device: str = "cpu") -> dict:
 
 
 __all__ = ["OP_ALIASES", "OP_SPECS", "OpSpec", "agent_attention", "available_backends", "bilevel_routing_attention",
-           "last_backend", "na1d", "na2d", "na3d", "op_spec", "radial_attention", "radial_attention_mask",
-           "sliding_tile_attention", "track_backends", "vmoba_attention", "vmoba_options", "which_backend",
-           "window_attention"]
+           "halo_attention", "last_backend", "na1d", "na2d", "na3d", "op_spec", "radial_attention",
+           "radial_attention_mask", "sliding_tile_attention", "track_backends", "vmoba_attention", "vmoba_options",
+           "which_backend", "which_path", "window_attention"]

@@ -358,3 +358,54 @@ def bilevel_routing(
     out = from_regions(torch.cat(outs, dim=1), regions, (region_h, region_w))
     out = out[:, :height, :width].to(q.dtype).contiguous()
     return (out, routing) if return_routing else out
+
+
+def halo_rel_index(query_block: int, window: int, device=None) -> Tensor:
+    """``[query_block, window]`` rows of a ``2*window-1`` relative table for HaloNet's logits (one dimension):
+    query ``i`` of a block and key ``j`` of its window read row ``j - i + window - 1`` (docs/SEMANTICS.md)."""
+    i = torch.arange(query_block, device=device)
+    j = torch.arange(window, device=device)
+    return j[None, :] - i[:, None] + window - 1
+
+
+def halo(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_size: tuple[int, int],
+    halo_size: tuple[int, int],
+    rel_h: Tensor | None,
+    rel_w: Tensor | None,
+    scale: float,
+) -> Tensor:
+    """HaloNet's blocked local attention: each block of queries attends the zero-padded ``(b + 2h)`` window
+    around its key block, with relative logits ``q . rel_h[row] + q . rel_w[col]`` added unscaled."""
+    batch, qh, qw, heads, dim = q.shape
+    _, height, width, _, dim_v = v.shape
+    (b0, b1), (h0, h1) = block_size, halo_size
+    nh, nw = height // b0, width // b1
+    qb0, qb1 = qh // nh, qw // nw
+    win0, win1 = b0 + 2 * h0, b1 + 2 * h1
+    ct = _compute_dtype(q.dtype)
+
+    def windows(t: Tensor) -> Tensor:  # [B, H, W, heads, D] -> [B, nh, nw, heads, win0, win1, D], zero-padded
+        t = torch.nn.functional.pad(t.to(ct), (0, 0, 0, 0, h1, h1, h0, h0))
+        return t.unfold(1, win0, b0).unfold(2, win1, b1).permute(0, 1, 2, 3, 5, 6, 4)
+
+    qb = q.to(ct).reshape(batch, nh, qb0, nw, qb1, heads, dim).permute(0, 1, 3, 5, 2, 4, 6)  # [.., qb0, qb1, D]
+    kw, vw = windows(k), windows(v)
+    logits = torch.einsum("bxyhijd,bxyhuvd->bxyhijuv", qb, kw) * scale
+    if rel_h is not None:
+        idx_h = halo_rel_index(qb0, win0, q.device)  # [qb0, win0]
+        idx_w = halo_rel_index(qb1, win1, q.device)  # [qb1, win1]
+        rows = torch.einsum("bxyhijd,rd->bxyhijr", qb, rel_h.to(ct))  # [.., qb0, qb1, 2*win0-1]
+        cols = torch.einsum("bxyhijd,rd->bxyhijr", qb, rel_w.to(ct))
+        i0 = torch.arange(qb0, device=q.device)[:, None, None]
+        i1 = torch.arange(qb1, device=q.device)[None, :, None]
+        rows = rows[..., i0, i1, idx_h[:, None, :]]  # [.., qb0, qb1, win0]: query (i0, i1), window row
+        cols = cols[..., i0, i1, idx_w[None, :, :]]  # [.., qb0, qb1, win1]: query (i0, i1), window column
+        logits = logits + rows[..., :, None] + cols[..., None, :]
+    attn = torch.softmax(logits.flatten(-2), dim=-1).view_as(logits)
+    out = torch.einsum("bxyhijuv,bxyhuvd->bxyhijd", attn, vw)  # [B, nh, nw, heads, qb0, qb1, Dv]
+    out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, qh, qw, heads, dim_v)
+    return out.to(q.dtype)

@@ -6,6 +6,7 @@ hide."""
 
 import pytest
 import torch
+from family_checks import assert_close_to_scale, forward_and_grads
 
 from visattn import backends, functional
 
@@ -13,14 +14,6 @@ timm = pytest.importorskip("timm")
 from timm.models.maxxvit import MaxxVitTransformerCfg, PartitionAttention2d, PartitionAttentionCl  # noqa: E402
 
 from visattn.models import maxvit_patch, patch_timm, unpatch_timm  # noqa: E402
-
-
-def _assert_close(got, want, what="output"):
-    """max |got - want| <= 1e-5 * max(1, max |want|): float32 equality to 1e-5 relative to the tensor's scale
-    (ConvNeXt-block gradients reach O(100), where stock float32 timm is itself ~1e-4 off its float64 values)."""
-    assert got.shape == want.shape, what
-    err, scale = (got - want).abs().max().item(), max(1.0, want.abs().max().item())
-    assert err <= 1e-5 * scale, f"{what}: max abs error {err:.3g} at scale {scale:.3g}"
 
 # shrunken configs (timm's kwargs overlay onto the model cfg): 4 stages, one block each, 8-channel heads
 TINY = dict(embed_dim=(16, 16, 32, 32), depths=(1, 1, 1, 1), stem_width=8, transformer_dim_head=8, num_classes=5)
@@ -31,17 +24,6 @@ def _randomise(model):
         if "rel_pos" in name or name.endswith("gamma"):
             torch.nn.init.normal_(p, std=0.5)
     return model
-
-
-def _forward_and_grads(model, x):
-    model.zero_grad()
-    x = x.detach().clone().requires_grad_(True)
-    out = model(x)
-    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
-    (out * weight).sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    grads["<input>"] = x.grad.clone()
-    return out.detach(), grads
 
 
 @pytest.fixture
@@ -64,7 +46,7 @@ def op_calls(monkeypatch):
 
 
 def _check_equal(model, x, op_calls, expected_modules):
-    want, want_grads = _forward_and_grads(model, x)
+    want, want_grads = forward_and_grads(model, x)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     report = patch_timm(model)
     assert report.total == expected_modules and not report.skipped
@@ -72,17 +54,17 @@ def _check_equal(model, x, op_calls, expected_modules):
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
     with backends.use_backend("reference"):  # on the CPU "auto" keeps timm's path (tested below)
-        got, got_grads = _forward_and_grads(model, x)
+        got, got_grads = forward_and_grads(model, x)
     assert op_calls, "no module ran on visattn"
     for op, window, dilation, (height, width) in op_calls:  # grid = dilated NA whose kernel covers the map
         if op == "na2d":
             assert (window[0] * dilation[0], window[1] * dilation[1]) == (height, width)
         else:
             assert dilation == (1, 1) and height % window[0] == 0 and width % window[1] == 0
-    _assert_close(got, want)
+    assert_close_to_scale(got, want)
     assert got_grads.keys() == want_grads.keys()
     for key in want_grads:
-        _assert_close(got_grads[key], want_grads[key], key)
+        assert_close_to_scale(got_grads[key], want_grads[key], key)
     return report
 
 
@@ -132,10 +114,10 @@ def test_partition_module_equals_timm_float64(rel_pos_type, partition, layout, o
     x = torch.randn(2, 12, 16, 12, dtype=torch.float64)
     if layout is PartitionAttention2d:
         x = x.permute(0, 3, 1, 2).contiguous()
-    want, want_grads = _forward_and_grads(module, x)
+    want, want_grads = forward_and_grads(module, x)
     maxvit_patch.patch_module(module)
     with backends.use_backend("reference"):
-        got, got_grads = _forward_and_grads(module, x)
+        got, got_grads = forward_and_grads(module, x)
     expect = ("window", (3, 4), (1, 1), (12, 16)) if partition == "block" else ("na2d", (3, 4), (4, 4), (12, 16))
     assert op_calls == [expect]
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
@@ -157,7 +139,7 @@ def test_rmlp_training_mode_dropout_matches_timm():
     torch.manual_seed(4)
     with backends.use_backend("reference"):
         got = model(x)
-    _assert_close(got, want)
+    assert_close_to_scale(got, want)
     torch.manual_seed(5)
     with backends.use_backend("reference"):
         assert (model(x) - want).abs().max() > 1e-3  # the dropout really acts (another seed, another output)
@@ -210,4 +192,4 @@ def test_patched_module_traces_without_graph_breaks(partition, op_calls):
     with backends.use_backend("reference"):
         got = torch.compile(module, backend="eager", fullgraph=True)(x)
     assert [call[0] for call in op_calls] == ["window" if partition == "block" else "na2d"]  # traced visattn's op
-    _assert_close(got, want)
+    assert_close_to_scale(got, want)

@@ -302,9 +302,37 @@ def vmoba(q, k, v, chunk, select_mode="threshold", topk=3, threshold=0.25, thres
     return torch.stack(outs)
 
 
+def halo(q, k, v, block_size, halo_size, rel_h=None, rel_w=None, scale=None):
+    """Dense HaloNet attention over the zero-padded key map: key j (padded coordinates) is visible to query i iff
+    it lies in the ``b + 2h`` window of i's block; the relative logits ``q_i . (rel_h[.] + rel_w[.])`` are a
+    per-(query, key) bias indexed by window position minus position in the query block."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qh, qw = q.shape[1:3]
+    height, width = k.shape[1:3]
+    (b0, b1), (h0, h1) = block_size, halo_size
+    qb = (qh // (height // b0), qw // (width // b1))
+    wins = (b0 + 2 * h0, b1 + 2 * h1)
+    def pad(t):
+        return torch.nn.functional.pad(t.double(), (0, 0, 0, 0, h1, h1, h0, h0))
+    kp, vp = pad(k), pad(v)
+    dims = []  # per dimension: [queries, padded keys] visibility and table row
+    for qlen, klen, b, w, n in zip((qh, qw), (height, width), (b0, b1), wins, qb, strict=True):
+        i = torch.arange(qlen)[:, None]
+        j = torch.arange(klen + w - b)[None, :] - (i // n) * b  # position in the query block's window
+        dims.append(((j >= 0) & (j < w), (j - i % n + w - 1).clamp(0, 2 * w - 2)))
+    mask = _outer_and([d[0] for d in dims])
+    bias = None
+    if rel_h is not None:
+        qd = q.double()
+        rows = torch.einsum("bxyhd,xjd->bhxyj", qd, rel_h.double()[dims[0][1]])
+        cols = torch.einsum("bxyhd,yjd->bhxyj", qd, rel_w.double()[dims[1][1]])
+        bias = (rows[..., :, None] + cols[..., None, :]).reshape(q.shape[0], q.shape[-2], qh * qw, -1)
+    return dense_attention(q, kp, vp, mask, bias, scale)
+
+
 # The dense oracle of each op, by its canonical key (``visattn.functional.OP_SPECS``; a test checks they match).
 PEERS = {"na": na, "window": window, "agent": agent, "bilevel_routing": bilevel_routing,
-         "sliding_tile": sliding_tile, "radial": radial, "vmoba": vmoba}
+         "sliding_tile": sliding_tile, "radial": radial, "vmoba": vmoba, "halo": halo}
 
 
 def max_abs_error(out: Tensor, oracle: Tensor) -> float:

@@ -1,7 +1,7 @@
 """``visattn bench``: images/sec of whole timm models, with timm ``benchmark.py``'s flags, keys and OOM handling.
 
 Any model ``timm.create_model`` can build runs here, visattn's own families included (``visattn.models`` registers
-them). ``NAME@visattn`` runs a timm Swin or MaxViT with its attention on visattn's ops
+them). ``NAME@visattn`` runs a timm Swin, MaxViT or HaloNet with its attention on visattn's ops
 (``visattn.models.patch_timm``), so stock and accelerated run side by side; ``--visattn-swin`` adds that twin after
 every Swin named. ``--compare-compile`` adds a ``torch.compile``'d inference row after each model.
 
@@ -160,7 +160,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------------------- model list
 @dataclass(frozen=True)
 class ModelSpec:
-    """One row of the run: a timm name, whether its Swin / MaxViT attention runs on visattn, whether it is compiled."""
+    """One row of the run: a timm name, whether its Swin / MaxViT / HaloNet attention runs on visattn, whether it
+    is compiled."""
 
     name: str
     visattn_swin: bool = False
@@ -298,7 +299,7 @@ def create_model(spec: ModelSpec, settings: Settings) -> tuple[nn.Module, tuple[
     if spec.visattn_swin:
         from visattn.models import patch_timm
 
-        patch_timm(model)  # raises ValueError naming the model when it has no timm Swin / MaxViT module
+        patch_timm(model)  # raises ValueError naming the model when it has no timm Swin / MaxViT / HaloNet module
     if settings.reparam:
         from timm.utils import reparameterize_model
 

@@ -122,6 +122,10 @@ def cases(tokens2d: Tensor, device, dtype):
     yield ("agent", "agent 16 agents +biases", q2,
            lambda: functional.agent_attention(q2, k2, v2, agents, agent_bias, query_bias),
            lambda: dense.PEERS["agent"](*f64(q2, k2, v2, agents, agent_bias, query_bias)))
+    rel_h, rel_w = rand(19, HEAD_DIM), rand(19, HEAD_DIM)
+    yield ("halo", "halo block 6 halo 2 rel logits", q2,
+           lambda: functional.halo_attention(q2, k2, v2, 6, 2, rel_h, rel_w),
+           lambda: dense.PEERS["halo"](*f64(q2, k2, v2), (6, 6), (2, 2), *f64(rel_h, rel_w)))
     yield ("bilevel_routing", "BRA 5x5 regions top-4 (padded)", q2,
            lambda: functional.bilevel_routing_attention(q2, k2, v2, 5, 4),
            lambda: dense.PEERS["bilevel_routing"](*f64(q2, k2, v2), (5, 5), 4))

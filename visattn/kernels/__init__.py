@@ -1,4 +1,4 @@
-"""Triton backend for neighborhood (NA/DiNA/GNA), (shifted) window, agent and bi-level routing attention.
+"""Triton backend for neighborhood (NA/DiNA/GNA), (shifted) window, agent, bi-level routing and halo attention.
 
 The dispatcher in ``visattn.functional`` validates and normalises arguments, asks ``*_why_not`` whether this
 backend can run the call, then calls ``na`` / ``window``. Importing this package imports Triton if it can (and
@@ -23,12 +23,13 @@ _MAX_LENGTH = 65536  # the backward's binary searches run 17 steps
 try:
     from visattn.kernels import agent_attn as _agent_kernels
     from visattn.kernels import blocksparse as _blocksparse
+    from visattn.kernels import halo as _halo_kernels
     from visattn.kernels import ops as _ops
     from visattn.kernels import routing as _routing_kernels
 
     _engine_error: str | None = None
 except Exception as _err:  # triton missing or broken: *_why_not reports it, never raises
-    _ops = _agent_kernels = _routing_kernels = _blocksparse = None
+    _ops = _agent_kernels = _routing_kernels = _blocksparse = _halo_kernels = None
     _engine_error = f"triton not importable ({type(_err).__name__}: {_err})"
 
 
@@ -245,5 +246,35 @@ def vmoba(q: Tensor, k: Tensor, v: Tensor, chunk: tuple, select_mode: str, topk:
     return out.reshape(batch, frames, height, width, heads, v.shape[-1])
 
 
-__all__ = ["agent", "agent_why_not", "bilevel_routing", "bilevel_routing_why_not", "na", "na_why_not", "radial",
-           "radial_why_not", "vmoba", "vmoba_why_not", "window", "window_why_not"]
+def halo_why_not(q, k, v, block, halo, rel_h, rel_w) -> str | None:
+    """None when the fused HaloNet kernels (``halo.py``) can run this call, else a short reason."""
+    try:
+        if rel_h is not None and (rel_h.dtype not in _SUPPORTED_DTYPES or rel_w.dtype not in _SUPPORTED_DTYPES):
+            return f"relative table dtype {rel_h.dtype} is not supported by the triton kernels"
+        if torch.compiler.is_compiling():  # no custom op yet: a compiled graph traces the reference instead
+            return "the halo kernels have no torch.library custom op for torch.compile graphs yet"
+        reason = _common_why_not([q, k, v], q, k, v)
+        if reason is not None or _halo_kernels is None:
+            return reason or _engine_error
+        wins = [b + 2 * h for b, h in zip(block, halo, strict=True)]
+        if max(wins) > _halo_kernels.MAX_WINDOW:
+            return f"halo window {tuple(wins)} wider than {_halo_kernels.MAX_WINDOW}"
+        blocks = (k.shape[1] // block[0]) * (k.shape[2] // block[1])
+        per_block = q.shape[1] * q.shape[2] // blocks
+        if per_block > _halo_kernels.MAX_QUERY_BLOCK:
+            return f"{per_block} queries per block > {_halo_kernels.MAX_QUERY_BLOCK} (one tile holds a block)"
+        if blocks > 2**31 - 1:
+            return "too many blocks for the launch grid"
+        return None
+    except Exception as err:
+        return f"triton capability check failed ({type(err).__name__}: {err})"
+
+
+def halo(q: Tensor, k: Tensor, v: Tensor, block: tuple, halo: tuple, rel_h: Tensor | None, rel_w: Tensor | None,
+         scale: float) -> Tensor:
+    """Fused HaloNet attention (forward and backward in Triton), ``[B, Hq, Wq, heads, D_v]``."""
+    return _halo_kernels.halo_attention(q, k, v, tuple(block), tuple(halo), rel_h, rel_w, float(scale))
+
+
+__all__ = ["agent", "agent_why_not", "bilevel_routing", "bilevel_routing_why_not", "halo", "halo_why_not", "na",
+           "na_why_not", "radial", "radial_why_not", "vmoba", "vmoba_why_not", "window", "window_why_not"]

@@ -6,6 +6,7 @@ state-dict keys and the module tree are never touched, so removing it restores t
 from __future__ import annotations
 
 import logging
+import types
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -130,3 +131,27 @@ def count(model: nn.Module, family: Family) -> tuple[int, int]:
     """(modules of ``family`` running on visattn, modules of its patched classes in ``model``)."""
     modules = [m for m in model.modules() if isinstance(m, family.classes())]
     return sum(family.is_patched(m) for m in modules), len(modules)
+
+
+def rebinding(attr: str, mark: str, replacement: Callable) -> tuple[Callable, Callable, Callable]:
+    """``(is_patched, patch, unpatch)`` for a family that rebinds one method ``attr`` of a module instance to
+    ``replacement(module, ...)``: the patch is an instance attribute (idempotent, marked by the attribute ``mark``),
+    so deleting it lets the class's own method show through again."""
+
+    def is_patched(module: nn.Module) -> bool:
+        return getattr(module, mark, False)
+
+    def patch(module: nn.Module) -> None:
+        if not is_patched(module):
+            setattr(module, attr, types.MethodType(replacement, module))
+            setattr(module, mark, True)
+
+    def unpatch(module: nn.Module) -> None:
+        if is_patched(module):
+            delattr(module, attr)
+            delattr(module, mark)
+
+    is_patched.__doc__ = f"Whether ``module`` runs on visattn (its ``{attr}`` rebound)."
+    patch.__doc__ = f"Rebind one module's ``{attr}`` (idempotent; no parameter or buffer changes)."
+    unpatch.__doc__ = f"Restore the class's ``{attr}`` on one module."
+    return is_patched, patch, unpatch

@@ -28,13 +28,13 @@ dropout in training needs the probability matrix: such modules warn and run timm
 
 from __future__ import annotations
 
-import types
 import warnings
 
 import torch
 from torch import nn
 
 from visattn import backends, functional
+from visattn.models import _patching
 from visattn.models._patching import Family
 from visattn.nn.positional import swin_rpb_to_visattn
 
@@ -178,23 +178,7 @@ def _patched_partition_attn(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return outs[0]
 
 
-def is_patched(module: nn.Module) -> bool:
-    """Whether ``module`` runs on visattn."""
-    return getattr(module, _MARK, False)
-
-
-def patch_module(module: nn.Module) -> None:
-    """Rebind one partition module's ``_partition_attn`` (idempotent; no parameter or buffer changes)."""
-    if not is_patched(module):
-        module._partition_attn = types.MethodType(_patched_partition_attn, module)
-        setattr(module, _MARK, True)
-
-
-def unpatch_module(module: nn.Module) -> None:
-    """Restore timm's ``_partition_attn`` on one module."""
-    if is_patched(module):
-        del module._partition_attn  # the instance attribute; the class method shows through again
-        delattr(module, _MARK)
+is_patched, patch_module, unpatch_module = _patching.rebinding("_partition_attn", _MARK, _patched_partition_attn)
 
 
 MAXVIT = Family(name="maxvit", classes=partition_classes, unsupported=unsupported_classes, why_not=why_not,

@@ -4,7 +4,9 @@ One call patches every supported family it finds in a model (a backbone inside a
 
 - Swin v1 / v2 (``swin_*``, ``swinv2_*``; not ``swinv2_cr_*``): ``visattn.models.swin_patch``;
 - MaxViT / MaxxViT (``maxvit_*``, ``maxvit_rmlp_*``, ``maxxvit_*``, ``maxxvitv2_*``; block and grid attention):
-  ``visattn.models.maxvit_patch``.
+  ``visattn.models.maxvit_patch``;
+- HaloNet (``halonet*``, ``sehalonet33ts``, ``eca_halonext26ts``, ``haloregnetz_b``, ``halo2botnet50ts_256``, the
+  halo stage of ``lamhalobotnet50ts_256``; timm's ``HaloAttn``): ``visattn.models.halo_patch``.
 
 Only methods of module instances are rebound: parameters, buffers, state-dict keys and the module tree stay
 timm's, and ``unpatch_timm`` restores timm's path exactly. CPU tensors under the default backend ("auto") keep
@@ -19,12 +21,13 @@ from torch import nn
 
 from visattn.models import _patching
 from visattn.models._patching import Family, PatchReport
+from visattn.models.halo_patch import HALONET
 from visattn.models.maxvit_patch import MAXVIT
 from visattn.models.swin_patch import SWIN
 
 __all__ = ["FAMILIES", "PatchReport", "patch_timm", "unpatch_timm"]
 
-FAMILIES: dict[str, Family] = {fam.name: fam for fam in (SWIN, MAXVIT)}
+FAMILIES: dict[str, Family] = {fam.name: fam for fam in (SWIN, MAXVIT, HALONET)}
 
 
 def _families(families: Iterable[str] | None) -> tuple[Family, ...]:
@@ -43,8 +46,9 @@ def patch_timm(model: nn.Module, *, families: Iterable[str] | None = None, stric
     """Route the windowed attention of every supported timm family in ``model`` through visattn's ops.
 
     Args:
-        model: a timm model (or any module holding timm Swin / MaxViT modules). Patched in place; idempotent.
-        families: restrict to these family names ("swin", "maxvit"); None: all.
+        model: a timm model (or any module holding timm Swin / MaxViT / HaloNet modules). Patched in place;
+            idempotent.
+        families: restrict to these family names ("swin", "maxvit", "halonet"); None: all.
         strict: raise instead of skipping a module of a patched class whose layout is not supported.
 
     Returns:
