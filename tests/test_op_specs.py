@@ -19,10 +19,10 @@ EXPECTED = {
     "bilevel_routing": (("bilevel_routing_attention",), (2,), "bilevel_routing", "bilevel_routing_why_not",
                         ("reference", "triton")),
     # STA is GNA (stride = tile): it runs on the neighborhood engine
+    "halo": (("halo_attention",), (2,), "halo", "halo_why_not", ("reference", "triton")),
     "sliding_tile": (("sliding_tile_attention",), (3,), "na", "na_why_not", ("reference", "triton")),
     "radial": (("radial_attention",), (3,), "radial", "radial_why_not", ("reference", "triton")),
     "vmoba": (("vmoba_attention",), (3,), "vmoba", "vmoba_why_not", ("reference", "triton")),
-    "halo": (("halo_attention",), (2,), "halo", "halo_why_not", ("reference", "triton")),
 }
 
 
