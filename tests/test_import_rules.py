@@ -186,6 +186,16 @@ def package_violations(imports: list[Import], rules: Rules) -> list[str]:
     return problems
 
 
+# The dense float64 oracle judges every backend, so it shares no code with them: torch and the standard library only.
+ORACLE = "visattn.bench.dense"
+
+
+def oracle_violations(imports: list[Import]) -> list[str]:
+    """Imports of the oracle module of anything but torch (the standard library is left out of ``imports``)."""
+    return [f"{imp}: the oracle imports torch only" for imp in imports
+            if imp.source == ORACLE and imp.target != "torch"]
+
+
 def import_cycles(imports: list[Import]) -> list[list[str]]:
     """Strongly connected components of more than one module in the graph of visattn imports (Tarjan)."""
     graph: dict[str, set[str]] = {}
@@ -253,6 +263,33 @@ def test_third_party_imports_follow_the_package_table():
     assert not problems, "imports against the package table of docs/ARCHITECTURE.md:\n" + _report(problems)
 
 
+def test_the_oracle_imports_only_torch():
+    assert ORACLE in SOURCES
+    problems = oracle_violations(IMPORTS)
+    assert not problems, "the dense oracle against docs/ARCHITECTURE.md (Import rules):\n" + _report(problems)
+
+
+def private_imports(sources: dict[str, tuple[str, bool]], package: str = "visattn.bench") -> list[str]:
+    """``from visattn.x import _name`` in the modules of ``package`` (docs/ARCHITECTURE.md, "Benchmarks": the
+    commands' code uses no underscored name of another module; benchmarks/ scripts may)."""
+    problems = []
+    for module, (source, _) in sources.items():
+        if module != package and not module.startswith(package + "."):
+            continue
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("visattn")):
+                problems += [f"{module}:{node.lineno} imports {alias.name} from {node.module or '.'}"
+                             for alias in node.names if alias.name.startswith("_")]
+    return problems
+
+
+def test_the_commands_import_no_private_names():
+    problems = private_imports(SOURCES)
+    assert not problems, "visattn/bench imports private names (move the script to benchmarks/?):\n" + _report(problems)
+    synthetic = {"visattn.bench.x": ("def f():\n    from visattn.tokenprune.scoring import _eager_rows\n", False)}
+    assert private_imports(synthetic) == ["visattn.bench.x:2 imports _eager_rows from visattn.tokenprune.scoring"]
+
+
 # Known, not yet fixed: tokenprune/kernels/rowscore.py reads MAX_SCORE_ROWS from its package's __init__, which
 # imports rowscore lazily (left to the tokenprune refactor; docs/ARCHITECTURE.md names it too). Nothing else.
 KNOWN_CYCLES = (["visattn.tokenprune.kernels", "visattn.tokenprune.kernels.rowscore"],)
@@ -312,6 +349,7 @@ _VIOLATIONS = {
     "visattn.diffusion.patching": ("def make():\n    from .ltx2 import Processor\n", False),
     "visattn.models.swin_patch": ("import visattn\n", False),
     "visattn.nn.window": ("import diffusers\nimport importlib\nimportlib.import_module('visattn.models')\n", False),
+    "visattn.bench.dense": ("import math\nimport torch\ndef na():\n    from visattn.reference import na\n", False),
     "visattn.kernels.tables": ("", False),
     "visattn.kernels": ("", True),
     "visattn.reference": ("", False),
@@ -332,3 +370,5 @@ def test_checker_finds_each_kind_of_violation():
     assert "visattn.bench.prune:1 imports transformers: transformers (vlm" in packages  # not core: lazily only
     assert "visattn.nn.window:1 imports diffusers: only visattn.diffusion" in packages
     assert import_cycles(imports) == [["visattn.diffusion.ltx2", "visattn.diffusion.patching"]]  # both local
+    assert _report(oracle_violations(imports)) == (  # a downward import, allowed by the layers, but not here
+        "visattn.bench.dense:4 imports visattn.reference (inside a function): the oracle imports torch only")

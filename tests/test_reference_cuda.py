@@ -25,9 +25,9 @@ def test_every_op_on_cuda_matches_dense_oracle(dtype, backend):
     rpb = rand(2, 9, 9)
     checks = [
         (visattn.na2d(q, k, v, 5, dilation=(2, 3), is_causal=(True, False), rpb=rpb, backend=backend),
-         dense.na(*f64(q, k, v), (5, 5), (2, 3), (1, 1), (True, False), *f64(rpb))),
+         dense.na(*f64(q, k, v), 5, dilation=(2, 3), is_causal=(True, False), rpb=rpb.double().cpu())),
         (visattn.na2d(q, k, v, (6, 4), stride=(3, 4), backend=backend),
-         dense.na(*f64(q, k, v), (6, 4), (1, 1), (3, 4), (False, False))),
+         dense.na(*f64(q, k, v), (6, 4), stride=(3, 4))),
         (visattn.bilevel_routing_attention(q, k, v, (3, 4), 5, backend=backend),
          dense.bilevel_routing(*f64(q, k, v), (3, 4), 5)),
     ]

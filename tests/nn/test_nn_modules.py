@@ -33,8 +33,8 @@ def _na_oracle(module, x):
     """qkv Linear -> dense masked float64 attention (visattn.bench.dense) -> proj Linear."""
     heads, hd = module.num_heads, module.head_dim
     q, k, v = F.linear(x, module.qkv.weight, module.qkv.bias).unflatten(-1, (3, heads, hd)).unbind(-3)
-    out = dense.na(q, k, v, module.kernel_size, module.dilation, module.stride, module.is_causal, module.rpb,
-                   module.scale)
+    out = dense.na(q, k, v, module.kernel_size, module.stride, module.dilation, module.is_causal, module.scale,
+                   rpb=module.rpb)
     return F.linear(out.flatten(-2), module.proj.weight, module.proj.bias)
 
 

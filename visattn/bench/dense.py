@@ -1,7 +1,10 @@
-"""Brute-force dense attention with explicit boolean masks, written straight from docs/SEMANTICS.md.
+"""The dense float64 oracle of every attention op: explicit boolean masks, written straight from docs/SEMANTICS.md.
 
 A second, independent formulation of every op (pairwise conditions over all (query, key) pairs instead of the
-reference's neighbor tables), used by ``visattn smoke`` as its oracle. Float64, O(N²): small inputs only.
+reference's neighbour tables), and the only one: ``visattn smoke`` reads it through ``PEERS`` and the tests through
+``tests/oracle.py``, which re-exports it next to the test-only helpers. It imports torch and the standard library
+only, never visattn, so it can judge every backend (``tests/test_import_rules.py`` checks this). Float64, O(N²):
+small inputs only. All tensors are heads-last, ``[B, *spatial, heads, head_dim]``, as in the public API.
 """
 
 from __future__ import annotations
@@ -13,8 +16,18 @@ import torch
 from torch import Tensor
 
 
-def na_mask_1d(length: int, kernel: int, dilation: int, stride: int, causal: bool) -> Tensor:
-    """[L, L] bool: may query i attend key j in one dimension."""
+def as_tuple(value, n: int, name: str = "value") -> tuple:
+    """An int/bool, or an n-sequence, as an n-tuple (the public API's per-dimension broadcasting)."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != n:
+            raise ValueError(f"{name}: expected {n} entries (one per spatial dimension), got {len(value)}")
+        return tuple(value)
+    return (value,) * n
+
+
+# ----------------------------------------------------------------------------------------------- masks and biases
+def na_mask_1d(length: int, kernel: int, dilation: int = 1, stride: int = 1, causal: bool = False) -> Tensor:
+    """[L, L] bool: may query i attend key j in one dimension (SEMANTICS.md, neighborhood attention, rules 1-3)."""
     i = torch.arange(length)[:, None]
     j = torch.arange(length)[None, :]
     same_group = (i % dilation) == (j % dilation)
@@ -31,7 +44,8 @@ def na_mask_1d(length: int, kernel: int, dilation: int, stride: int, causal: boo
     return same_group & inside
 
 
-def window_mask_1d(length: int, window: int, shift: int) -> Tensor:
+def window_mask_1d(length: int, window: int, shift: int = 0) -> Tensor:
+    """[L, L] bool: do positions i and j share the window ``floor((x - shift) / window)``."""
     win = torch.div(torch.arange(length) - shift, window, rounding_mode="floor")
     return win[:, None] == win[None, :]
 
@@ -44,49 +58,95 @@ def _outer_and(masks: Sequence[Tensor]) -> Tensor:
     return full
 
 
-def _rel_bias(rpb: Tensor, spatial: Sequence[int], divisors: Sequence[int], sizes: Sequence[int]) -> Tensor:
-    """[heads, N, N] bias ``rpb[h, (kj - qi) + s - 1, ...]`` with coordinates divided by ``divisors``."""
+def na_mask(shape: Sequence[int], kernel, dilation=1, stride=1, causal=False) -> Tensor:
+    """[N, N] bool over the row-major flattened tokens of ``shape``: the product of the per-dimension 1-D masks.
+    Each parameter is an int/bool or one value per dimension."""
+    n = len(shape)
+    params = (as_tuple(a, n, name) for a, name in zip((kernel, dilation, stride, causal),
+                                                        ("kernel", "dilation", "stride", "causal"), strict=True))
+    return _outer_and([na_mask_1d(length, *p) for length, *p in zip(shape, *params, strict=True)])
+
+
+def window_mask(shape: Sequence[int], window, shift=0) -> Tensor:
+    """[N, N] bool over the row-major flattened tokens of ``shape``: same window in every dimension."""
+    n = len(shape)
+    sizes, shifts = as_tuple(window, n, "window"), as_tuple(shift, n, "shift")
+    return _outer_and([window_mask_1d(*a) for a in zip(shape, sizes, shifts, strict=True)])
+
+
+def relative_bias(rpb: Tensor, spatial: Sequence[int], divisors: Sequence[int], sizes: Sequence[int]) -> Tensor:
+    """[heads, N, N] bias ``rpb[h, (kj - qi) + s - 1, ...]`` with coordinates divided by ``divisors`` (NA's dilation;
+    1 for windows). A pair whose offset leaves the table (only ever a masked pair: SEMANTICS.md rejects rpb with
+    stride > 1) gets 0. Differentiable in ``rpb``."""
     grids = torch.meshgrid(*[torch.arange(n) for n in spatial], indexing="ij")
-    coords = [g.reshape(-1) // d for g, d in zip(grids, divisors, strict=False)]
-    offs = [(c[None, :] - c[:, None] + s - 1).clamp(0, 2 * s - 2) for c, s in zip(coords, sizes, strict=False)]
-    return rpb[(slice(None), *offs)]
+    coords = [g.reshape(-1) // d for g, d in zip(grids, divisors, strict=True)]
+    offs = [c[None, :] - c[:, None] + s - 1 for c, s in zip(coords, sizes, strict=True)]
+    inside = torch.stack([(o >= 0) & (o <= 2 * s - 2) for o, s in zip(offs, sizes, strict=True)]).all(0)
+    gathered = rpb[(slice(None), *[o.clamp(0, 2 * s - 2) for o, s in zip(offs, sizes, strict=True)])]
+    return gathered.masked_fill(~inside, 0.0)
 
 
-def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, bias: Tensor | None, scale: float,
-                    extra_k: Tensor | None = None, extra_v: Tensor | None = None) -> Tensor:
-    """Float64 masked softmax attention over flattened tokens; q,k,v [B, *sp, H, D], mask [N, N]."""
+# ----------------------------------------------------------------------------------------------- dense attention
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, bias: Tensor | None = None,
+                    scale: float | None = None, extra_k: Tensor | None = None, extra_v: Tensor | None = None,
+                    return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Float64 masked softmax attention over flattened tokens.
+
+    q: ``[B, *sp_q, H, D]``, k: ``[B, *sp_k, H, D]``, v: ``[B, *sp_k, H, Dv]`` (N and M tokens once flattened);
+    mask: bool ``[N, M]``, ``[B, N, M]`` or ``[B, H, N, M]`` (True = may attend); bias: broadcastable to
+    ``[B, H, N, M]``; extra_k / extra_v: ``[B, E, H, D]`` keys every query attends too, unmasked and unbiased, in the
+    same softmax. Returns ``[B, *sp_q, H, Dv]`` float64; with ``return_lse`` also the natural-log log-sum-exp of each
+    query's logits (masked keys excluded, extra keys and biases included), ``[B, *sp_q, H]``.
+    """
     batch, heads = q.shape[0], q.shape[-2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+
     def flat(t):
-        return t.double().reshape(batch, -1, heads, t.shape[-1]).transpose(1, 2)
+        return t.to(torch.float64).reshape(batch, -1, heads, t.shape[-1]).transpose(1, 2)  # [B, H, tokens, D]
+
     logits = flat(q) @ flat(k).transpose(-1, -2) * scale
     if bias is not None:
-        logits = logits + bias.double()
-    logits = logits.masked_fill(~mask, float("-inf"))
+        logits = logits + bias.to(torch.float64)
+    if mask is not None:
+        mask = mask[None, None] if mask.dim() == 2 else mask[:, None] if mask.dim() == 3 else mask
+        logits = logits.masked_fill(~mask, float("-inf"))
     values = flat(v)
     if extra_k is not None:
         logits = torch.cat([logits, flat(q) @ flat(extra_k).transpose(-1, -2) * scale], dim=-1)
         values = torch.cat([values, flat(extra_v)], dim=-2)
-    out = torch.softmax(logits, dim=-1) @ values
-    return out.transpose(1, 2).reshape(*q.shape[:-1], v.shape[-1])
+    out = (torch.softmax(logits, dim=-1) @ values).transpose(1, 2).reshape(*q.shape[:-1], v.shape[-1])
+    if return_lse:
+        return out, torch.logsumexp(logits, dim=-1).transpose(1, 2).reshape(q.shape[:-1])
+    return out
 
 
-def na(q, k, v, kernel_size, dilation, stride, is_causal, rpb=None, scale=None, extra_k=None, extra_v=None):
-    spatial = q.shape[1:-2]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    mask = _outer_and([na_mask_1d(*a) for a in zip(spatial, kernel_size, dilation, stride, is_causal, strict=False)])
-    bias = None if rpb is None else _rel_bias(rpb, spatial, dilation, kernel_size)
-    return dense_attention(q, k, v, mask, bias, scale, extra_k, extra_v)
+# ----------------------------------------------------------------------------------------------- the ops
+def na(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, additional_keys=None,
+       additional_values=None, *, rpb=None, return_lse=False):
+    """Neighborhood attention with NATTEN 0.21's argument names and order (stride before dilation; ints broadcast
+    per dimension) plus the keyword-only ``rpb``, as ``visattn.na{1,2,3}d``. With ``return_lse`` returns
+    ``(out, lse)``, lse ``[B, *spatial, heads]``."""
+    spatial = tuple(q.shape[1:-2])
+    n = len(spatial)
+    kernel_size, stride, dilation, is_causal = (
+        as_tuple(a, n, name) for a, name in ((kernel_size, "kernel_size"), (stride, "stride"), (dilation, "dilation"),
+                                             (is_causal, "is_causal")))
+    mask = na_mask(spatial, kernel_size, dilation, stride, is_causal)
+    bias = None if rpb is None else relative_bias(rpb.to(torch.float64), spatial, dilation, kernel_size)
+    return dense_attention(q, k, v, mask, bias, scale, additional_keys, additional_values, return_lse)
 
 
-def window(q, k, v, window_size, shift, rpb=None, scale=None):
-    spatial = q.shape[1:-2]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    mask = _outer_and([window_mask_1d(*a) for a in zip(spatial, window_size, shift, strict=False)])
-    bias = None if rpb is None else _rel_bias(rpb, spatial, [1] * len(spatial), window_size)
+def window(q, k, v, window_size, shift=0, rpb=None, scale=None):
+    """(Shifted) window attention, as ``visattn.window_attention`` (ints broadcast per dimension)."""
+    spatial = tuple(q.shape[1:-2])
+    window_size = as_tuple(window_size, len(spatial), "window_size")
+    mask = window_mask(spatial, window_size, shift)
+    bias = None if rpb is None else relative_bias(rpb.to(torch.float64), spatial, [1] * len(spatial), window_size)
     return dense_attention(q, k, v, mask, bias, scale)
 
 
 def agent(q, k, v, agents, agent_bias=None, query_bias=None, scale=None):
+    """Agent attention's two softmaxes (agents <- keys, then queries <- agents), as ``visattn.agent_attention``."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     batch, heads = q.shape[0], q.shape[-2]
     def flat(t):
@@ -98,11 +158,15 @@ def agent(q, k, v, agents, agent_bias=None, query_bias=None, scale=None):
     return out.transpose(1, 2).reshape(*q.shape[:-1], v.shape[-1])
 
 
-def bilevel_routing(q, k, v, regions, topk, scale=None):
-    """Dense-mask BRA: key j is visible to query i iff j's region is among the top-k routed of i's region."""
+def bilevel_routing(q, k, v, regions, topk, scale=None, *, routing=None, return_routing=False):
+    """Dense-mask BRA: key j is visible to query i iff j's region is among the top-k routed of i's region.
+
+    ``regions`` is ``S`` or ``(Sh, Sw)``. The routing comes from ``torch.topk`` on float64 region affinities unless
+    ``routing`` ``[B, R, topk]`` forces it (for a low-precision run that breaks a near-tie differently). With
+    ``return_routing`` returns ``(out, routing)``, as ``visattn.bilevel_routing_attention``."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     batch, height, width = q.shape[:3]
-    sh, sw = regions
+    sh, sw = as_tuple(regions, 2, "regions")
     ph, pw = -(-height // sh) * sh, -(-width // sw) * sw
     def pad(t):
         return torch.nn.functional.pad(t.double(), (0, 0, 0, 0, 0, pw - width, 0, ph - height))
@@ -111,17 +175,20 @@ def bilevel_routing(q, k, v, regions, topk, scale=None):
     rows, cols = torch.meshgrid(torch.arange(ph), torch.arange(pw), indexing="ij")
     region_of = ((rows // rh) * sw + cols // rw).reshape(-1)  # [N]
     n_regions = sh * sw
-    onehot = torch.nn.functional.one_hot(region_of, n_regions).double()  # [N, R]
-    def means(t):
-        return (onehot.T @ t.reshape(batch, ph * pw, -1)) / onehot.sum(0)[:, None]
-    affinity = means(qp) @ means(kp).transpose(-1, -2)  # [B, R, R]
+    if routing is None:
+        onehot = torch.nn.functional.one_hot(region_of, n_regions).double()  # [N, R]
+        def means(t):
+            return (onehot.T @ t.detach().reshape(batch, ph * pw, -1)) / onehot.sum(0)[:, None]
+        routing = (means(qp) @ means(kp).transpose(-1, -2)).topk(topk, dim=-1).indices  # affinity [B, R, R]
+    routing = routing.to(torch.long)
     routed = torch.zeros(batch, n_regions, n_regions, dtype=torch.bool)
-    routed.scatter_(2, affinity.topk(topk, dim=-1).indices, True)
+    routed.scatter_(2, routing, True)
     outs = []
     for b in range(batch):
         mask = routed[b][region_of][:, region_of]  # [N, N]
         outs.append(dense_attention(qp[b : b + 1], kp[b : b + 1], vp[b : b + 1], mask, None, scale))
-    return torch.cat(outs)[:, :height, :width]
+    out = torch.cat(outs)[:, :height, :width]
+    return (out, routing) if return_routing else out
 
 
 def sliding_tile_mask(spatial: Sequence[int], tile_size: Sequence[int], kernel_tiles: Sequence[int]) -> Tensor:

@@ -22,8 +22,7 @@ import time
 
 import torch
 
-from visattn.bench.common import short_dtype
-from visattn.bench.timing import device_ceilings, floor_ms, median_ms, save_result
+from visattn.bench.common import device_ceilings, floor_ms, median_ms, save_result, short_dtype
 
 # (name, batch, query rows, keys); select rows use batch and keys
 PROBLEMS = [
@@ -50,9 +49,9 @@ def _inputs(batch: int, rows: int, keys: int, dtype: torch.dtype) -> tuple:
 
 
 def _eager(q, k, cos, sin, rows, row_ok, valid, scale):
-    from visattn.tokenprune.scoring import _eager_rows
+    from visattn.tokenprune.scoring import eager_row_probs
 
-    probs = _eager_rows(q, k, cos, sin, rows, valid, scale).mean(1)
+    probs = eager_row_probs(q, k, cos, sin, rows, valid, scale).mean(1)
     w = row_ok.to(probs.dtype)[..., None]
     return (probs * w).sum(1) / w.sum(1).clamp(min=1)
 

@@ -98,22 +98,22 @@ def cases(tokens2d: Tensor, device, dtype):
         return [None if t is None else t.double().cpu() for t in ts]
 
     yield ("na", "na1d causal k=15", q1, lambda: functional.na1d(q1, k1, v1, 15, is_causal=True),
-           lambda: dense.PEERS["na"](*f64(q1, k1, v1), (15,), (1,), (1,), (True,)))
+           lambda: dense.PEERS["na"](*f64(q1, k1, v1), 15, is_causal=True))
     yield ("na", "na2d k=7 rpb", q2, lambda: functional.na2d(q2, k2, v2, 7, rpb=rpb7),
-           lambda: dense.PEERS["na"](*f64(q2, k2, v2), (7, 7), (1, 1), (1, 1), (False, False), *f64(rpb7)))
+           lambda: dense.PEERS["na"](*f64(q2, k2, v2), 7, rpb=rpb7.double().cpu()))
     yield ("na", "na2d k=5 dil=3", q2, lambda: functional.na2d(q2, k2, v2, 5, dilation=3),
-           lambda: dense.PEERS["na"](*f64(q2, k2, v2), (5, 5), (3, 3), (1, 1), (False, False)))
+           lambda: dense.PEERS["na"](*f64(q2, k2, v2), 5, dilation=3))
     yield ("na", "na2d k=6 stride=3 (GNA)", q2, lambda: functional.na2d(q2, k2, v2, 6, stride=3),
-           lambda: dense.PEERS["na"](*f64(q2, k2, v2), (6, 6), (1, 1), (3, 3), (False, False)))
+           lambda: dense.PEERS["na"](*f64(q2, k2, v2), 6, stride=3))
     yield ("na", "na2d k=8 stride=8 (blocked)", q2, lambda: functional.na2d(q2, k2, v2, 8, stride=8),
-           lambda: dense.PEERS["na"](*f64(q2, k2, v2), (8, 8), (1, 1), (8, 8), (False, False)))
+           lambda: dense.PEERS["na"](*f64(q2, k2, v2), 8, stride=8))
     yield ("na", "na2d k=7 +3 global KV", q2,
            lambda: functional.na2d(q2, k2, v2, 7, additional_keys=extra_k, additional_values=extra_v),
-           lambda: dense.PEERS["na"](*f64(q2, k2, v2), (7, 7), (1, 1), (1, 1), (False, False), None, None,
-                                     *f64(extra_k, extra_v)))
+           lambda: dense.PEERS["na"](*f64(q2, k2, v2), 7, additional_keys=extra_k.double().cpu(),
+                                     additional_values=extra_v.double().cpu()))
     yield ("na", "na3d k=(3,5,5) causal-T", q3,
            lambda: functional.na3d(q3, k3, v3, (3, 5, 5), is_causal=(True, False, False)),
-           lambda: dense.PEERS["na"](*f64(q3, k3, v3), (3, 5, 5), (1, 1, 1), (1, 1, 1), (True, False, False)))
+           lambda: dense.PEERS["na"](*f64(q3, k3, v3), (3, 5, 5), is_causal=(True, False, False)))
     yield ("window", "window 6x6 shift 3 rpb", q2, lambda: functional.window_attention(q2, k2, v2, 6, 3, rpb=rpb_win),
            lambda: dense.PEERS["window"](*f64(q2, k2, v2), (6, 6), (3, 3), *f64(rpb_win)))
     yield ("window", "window3d (2,4,4) shift (1,2,2)", q3,

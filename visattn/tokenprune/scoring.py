@@ -94,10 +94,14 @@ def decoder_attention_rows(
     Keys are restricted to ``key_valid`` (B, S) and causally to positions ``<=`` the query row.
     """
     q, k, scale = _decoder_qk(layer, hidden, rows)
-    return _eager_rows(q, k, cos, sin, rows, key_valid, scale)
+    return eager_row_probs(q, k, cos, sin, rows, key_valid, scale)
 
 
-def _eager_rows(q, k, cos, sin, rows, key_valid, scale) -> torch.Tensor:
+def eager_row_probs(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor,
+                    key_valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention probabilities (B, H, R, S) of query ``rows`` (B, R) by eager torch ops: RoPE on the raw queries
+    (B, R, H, D) and keys (B, S, Hkv, D), keys restricted to ``key_valid`` and causally to positions ``<=`` the row
+    (the arithmetic the ``tokenprune.rowscore`` kernel fuses; ``visattn bench-prune-kernels`` times it)."""
     bsz = q.shape[0]
     cos, sin = cos.expand(bsz, -1, -1), sin.expand(bsz, -1, -1)
     cos_r = cos.gather(1, rows[..., None].expand(-1, -1, cos.shape[-1]))
@@ -126,7 +130,7 @@ def decoder_row_scores(
     q, k, scale = _decoder_qk(layer, hidden, rows)
     if kernels.runs("tokenprune.rowscore", lambda: kernels.rowscore_why_not(q, k, cos)):
         return kernels.row_scores(q, k, cos, sin, rows, row_ok, key_valid, scale)
-    probs = _eager_rows(q, k, cos, sin, rows, key_valid, scale).mean(1)
+    probs = eager_row_probs(q, k, cos, sin, rows, key_valid, scale).mean(1)
     w = row_ok.to(probs.dtype)[..., None]
     return (probs * w).sum(1) / w.sum(1).clamp(min=1)
 
