@@ -27,8 +27,8 @@ def _padded_na_oracle(module, x, padded_shape):
     xp[(slice(None), *(slice(0, s) for s in spatial))] = x
     heads, hd = module.num_heads, module.head_dim
     q, k, v = F.linear(xp, module.qkv.weight, module.qkv.bias).unflatten(-1, (3, heads, hd)).unbind(-3)
-    out = dense.na(q, k, v, module.kernel_size, module.dilation, module.stride, module.is_causal, module.rpb,
-                   module.scale)
+    out = dense.na(q, k, v, module.kernel_size, module.stride, module.dilation, module.is_causal, module.scale,
+                   rpb=module.rpb)
     out = F.linear(out.flatten(-2), module.proj.weight, module.proj.bias)
     return out[(slice(None), *(slice(0, s) for s in spatial))]
 
