@@ -13,15 +13,8 @@ pytest.importorskip("transformers")
 from test_custom_method import _check_before_llm  # noqa: E402
 from test_llava_methods import N_IMG, _generate, _inputs, _span, rows_equal_single_runs  # noqa: E402
 from tp_oracles import llm_reference_logits, vision_outputs  # noqa: E402
-from tp_tiny import as_eager, tiny_llava  # noqa: E402
 
 from visattn import tokenprune as tp  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def models():
-    model = tiny_llava("sdpa")
-    return model, as_eager(model)
 
 
 def test_random_subset_is_a_seeded_uniform_draw():

@@ -15,7 +15,6 @@ pytest.importorskip("transformers")
 
 from test_custom_method import _check_before_llm  # noqa: E402
 from test_llava_methods import N_IMG, _inputs, _span, rows_equal_single_runs  # noqa: E402
-from tp_tiny import as_eager, tiny_llava  # noqa: E402
 
 from visattn import tokenprune as tp  # noqa: E402
 from visattn.tokenprune.selection import dpp_greedy_map  # noqa: E402
@@ -71,12 +70,6 @@ def test_greedy_map_matches_loop_and_determinant_definition():
         assert got[b].tolist() == greedy_map_loop(kernel[b].tolist(), 7)
         assert got[b].tolist() == greedy_map_by_determinants(kernel[b], 7)
     assert dpp_greedy_map(kernel.float(), 7).tolist() == got.tolist()
-
-
-@pytest.fixture(scope="module")
-def models():
-    model = tiny_llava("sdpa")
-    return model, as_eager(model)
 
 
 def _instruction(eager, i: int) -> torch.Tensor:

@@ -13,7 +13,6 @@ pytest.importorskip("transformers")
 
 from test_llava_methods import N_IMG, _generate, _inputs, _span  # noqa: E402
 from tp_oracles import llm_reference_logits, projected_patches, topk_sorted, vision_outputs  # noqa: E402
-from tp_tiny import as_eager, tiny_llava  # noqa: E402
 
 from visattn import tokenprune as tp  # noqa: E402
 from visattn.tokenprune import Capabilities, LLMPruner, LLMStage, VisionPruner, register_method  # noqa: E402
@@ -95,12 +94,6 @@ def registered():
     yield names
     for name in names:
         tp.REGISTRY.pop(name, None)
-
-
-@pytest.fixture(scope="module")
-def models():
-    model = tiny_llava("sdpa")
-    return model, as_eager(model)
 
 
 def test_registered_from_outside(registered):

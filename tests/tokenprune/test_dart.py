@@ -21,17 +21,10 @@ from test_llava_methods import (  # noqa: E402
     rows_equal_single_runs,
 )
 from tp_oracles import llm_reference_logits  # noqa: E402
-from tp_tiny import as_eager, tiny_llava  # noqa: E402
 
 from visattn import tokenprune as tp  # noqa: E402
 
 K = 2
-
-
-@pytest.fixture(scope="module")
-def models():
-    model = tiny_llava("sdpa")
-    return model, as_eager(model)
 
 
 def dart_oracle(eager, row: torch.Tensor, px: torch.Tensor, budget, p_img: int, p_txt: int) -> list[int]:

@@ -16,7 +16,7 @@ from tp_oracles import (  # noqa: E402
     vision_outputs,
     visionzip_tokens,
 )
-from tp_tiny import as_eager, batch, pixels, prompt, tiny_llava  # noqa: E402
+from tp_tiny import batch, pixels, prompt  # noqa: E402
 
 from visattn import tokenprune as tp  # noqa: E402
 
@@ -31,12 +31,6 @@ METHODS = {
     "divprune": lambda: tp.DivPrune(keep=5),
     "pdrop": lambda: tp.PyramidDrop(layers=[1, 2, 3], ratios=[0.5, 0.25, 0.125]),
 }
-
-
-@pytest.fixture(scope="module")
-def models():
-    model = tiny_llava("sdpa")
-    return model, as_eager(model)
 
 
 def _inputs(rows=ROWS, side="left"):

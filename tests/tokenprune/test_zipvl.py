@@ -22,18 +22,11 @@ from test_llava_methods import (  # noqa: E402
     rows_equal_single_runs,
 )
 from tp_oracles import llm_reference_logits, zipvl_rule  # noqa: E402
-from tp_tiny import as_eager, tiny_llava  # noqa: E402
 
 from visattn import tokenprune as tp  # noqa: E402
 from visattn.tokenprune.scoring import decoder_attention_mass  # noqa: E402
 
 K = 2
-
-
-@pytest.fixture(scope="module")
-def models():
-    model = tiny_llava("sdpa")
-    return model, as_eager(model)
 
 
 def zipvl_oracle(eager, row: torch.Tensor, px: torch.Tensor, tau: float) -> list[int]:
