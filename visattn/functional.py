@@ -412,9 +412,8 @@ def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale
         if hit is not None:
             _record("triton")
             kernel, dil, strd, causal, scale = hit
-            return _contiguous(_kernels.na(query, key, value, kernel, dil, strd, causal,
-                                           _rpb_in_compute_dtype(rpb, query), scale, additional_keys,
-                                           additional_values, return_lse=return_lse))
+            args = (query, key, value, kernel, dil, strd, causal, _rpb_in_compute_dtype(rpb, query))
+            return _run_na("triton", backend, args, scale, additional_keys, additional_values, return_lse)
     op = f"na{rank}d"
     backend = check_backend(backend, op)
     _check_qkv(query, key, value, (rank,), op)

@@ -175,7 +175,7 @@ def engine_path(q: Tensor, v: Tensor, rpb: Tensor | None, extra_k: Tensor | None
     if not SMALL_MAP:
         return CellBox(None, "the small-map path is switched off (visattn.kernels.ops.SMALL_MAP)")
     rank = q.dim() - 3
-    lengths = tuple(_view3(q, rank).shape[1:4])
+    lengths = (1,) * (3 - rank) + tuple(q.shape[1:-2])  # the canonical 3-D lengths, without building the view
     return cell_box(pat, lengths, q.shape[-1], v.shape[-1], q.element_size(), rank, rpb is not None,
                     extra_k is not None)
 
