@@ -135,27 +135,29 @@ def gmacs(name: str) -> float | None:
         return None
 
 
-def make_step(model: torch.nn.Module, batch: int, mode: str):
+def make_step(model: torch.nn.Module, batch: int, mode: str, size: int = 224, compiled: bool = False):
     """One inference (no_grad) or train step (forward, cross-entropy, backward, SGD step) of ``model`` on CUDA,
-    bf16 autocast, channels-last inputs and weights, fixed random inputs."""
+    bf16 autocast, channels-last inputs and weights, fixed random ``size``-square inputs; ``compiled`` runs the
+    model through ``torch.compile``."""
     device = torch.device("cuda")
     model = model.to(device).to(memory_format=torch.channels_last)
     gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(batch, 3, 224, 224, device=device, generator=gen).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size, device=device, generator=gen).to(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (batch,), device=device, generator=gen)
+    fn = torch.compile(model) if compiled else model
     if mode == "infer":
         model.eval()
 
         def step():
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                model(x)
+                fn(x)
         return step
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(x), labels)
+            loss = F.cross_entropy(fn(x), labels)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

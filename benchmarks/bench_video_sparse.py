@@ -39,9 +39,16 @@ GRIDS = {  # name: (grid, heads, radial decay, radial sink, STA tile, VMoBA chun
 TINY = {"tiny": ((4, 4, 8), 2, 0.5, True, (2, 2, 4), [1, (2, 4), (2, 2, 4)])}
 
 
-def time_ms(fn, device: str, iters: int = 10, warmup: int = 2) -> float:
+def time_ms(fn, device: str, iters: int = 10, warmup: int = 2, max_seconds: float = 3.0) -> float:
+    """Median wall time (ms) after warm-up; calls slower than a few seconds (dense attention at the 4x video) get
+    fewer timed iterations so that ``iters`` calls take at most about ``max_seconds`` (at least one)."""
+    start = time.perf_counter()
     for _ in range(warmup):
         fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    per_call = (time.perf_counter() - start) / max(warmup, 1)
+    iters = max(1, min(iters, int(max_seconds / max(per_call, 1e-9))))
     times = []
     for _ in range(iters):
         if device == "cuda":
@@ -121,13 +128,18 @@ def patterns(grid, heads, decay, sink, tile, chunks, backend, block=128):
 
 
 def bench(args) -> dict:
+    started = time.perf_counter()
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
     backend = "reference" if args.tiny else "triton"
     ceil = None if args.tiny else device_ceilings()
     results = []
-    for name, (grid, heads, decay, sink, tile, chunks) in (TINY if args.tiny else GRIDS).items():
-        for length in (1, 4):
+    grids = TINY if args.tiny else {n: g for n, g in GRIDS.items() if args.grids is None or n in args.grids}
+    for name, (grid, heads, decay, sink, tile, chunks) in grids.items():
+        for length in args.lengths:
+            if time.perf_counter() - started > args.max_seconds:
+                results.append({"grid": name, "length": length, "skipped": "time budget"})
+                continue
             video = (grid[0] * length, *grid[1:])
             tokens = math.prod(video)
             q, k, v = (torch.randn(1, *video, heads, 16 if args.tiny else 128, device=device, dtype=dtype)
@@ -163,7 +175,7 @@ def bench(args) -> dict:
                     row["speedup_vs_dense_fwd_bwd"] = dense_fb / row["fwd_bwd_ms"]
                     if pattern == "radial":
                         row["target_vs_dense"] = 0.6 / row["density"]
-                if mask is not None and not args.tiny:
+                if mask is not None and not args.tiny and not args.no_flex:
                     try:
                         flex = flex_from_blocks(mask, tokens, block, device)
                         row["flex_fwd_ms"], row["flex_fwd_bwd_ms"] = fwd_and_fwd_bwd(flex, (q, k, v), device)
@@ -179,6 +191,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (reference backend), no peers")
     parser.add_argument("--out", default=None, help="result JSON (default benchmarks/results/video-sparse-DATE.json)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1, 4], help="video lengths (x the released frames)")
+    parser.add_argument("--grids", nargs="+", default=None, help=f"subset of {list(GRIDS)}")
+    parser.add_argument("--no-flex", action="store_true", help="skip the compiled FlexAttention peer")
+    parser.add_argument("--max-seconds", type=float, default=400.0, help="start no new video after this many seconds")
     args = parser.parse_args(argv)
     payload = bench(args)
     if not args.tiny:
