@@ -290,7 +290,7 @@ class HFVisionLanguageAdapter:
         visual = [sum(e - s for s, e in row) for row in call.spans]
         kept, tokens, vis, extra = self._stage_counts(call)
         avg, saved = estimate(tokens, self.text_config, self.pruner.name, visual, vis)
-        return PruneReport(
+        rep = PruneReport(
             method=self.pruner.name,
             visual_tokens=visual,
             visual_tokens_kept=[v[-1] for v in vis],
@@ -299,3 +299,9 @@ class HFVisionLanguageAdapter:
             kept_indices=kept,
             extra=extra,
         )
+        if call.videos:  # kept tokens of every frame, per sample, per video
+            frame_kept: list[list[list[int]]] = [[] for _ in call.spans]
+            for b, frames in call.videos:
+                frame_kept[b].append([len(rep.kept_indices[b][j]) for j in frames])
+            rep.extra["frame_kept"] = frame_kept
+        return rep
