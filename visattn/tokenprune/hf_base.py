@@ -10,8 +10,10 @@ Adapters are built from two independent pieces:
 * the **model family**, a subclass of the base that overrides a few methods: how many placeholder tokens one
   image has (``_tokens_per_image``), how the prefill's images are found (``_core_pre``) and the position ids
   (M-RoPE): :mod:`~visattn.tokenprune.hf_llava`, :mod:`~visattn.tokenprune.hf_llava_next`,
-  :mod:`~visattn.tokenprune.hf_qwen2vl`. Each family module combines its family class with the stages it
-  supports (``class LlavaLLMAdapter(LLMStage, LlavaAdapter)``) and picks one from the method's capabilities.
+  :mod:`~visattn.tokenprune.hf_qwen2vl`, :mod:`~visattn.tokenprune.hf_llava_onevision` (the last two also split
+  videos into frames: ``PrefillState.videos``, reported as ``extra["frame_kept"]``). Each family module combines
+  its family class with the stages it supports (``class LlavaLLMAdapter(LLMStage, LlavaAdapter)``) and picks one
+  from the method's capabilities.
 
 This base holds what every stage shares: the hooks on the model, the core and the language model, the prefill
 state (which tokens are images, their layout), the translation of decode steps on the same KV cache object
