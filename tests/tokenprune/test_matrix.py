@@ -1,8 +1,8 @@
 """The method × adapter matrix: every registered method has a row here, and on every HF family (tiny random
-LLaVA-1.5, LLaVA-NeXT, Qwen2-VL) ``apply`` either serves it — a padded batch runs a pruned forward whose report
-keeps at most the visual tokens it had, with finite logits — or refuses with the documented error before touching
-the model (docs/TOKENPRUNE.md, "What runs where"). The methods added with the 2025 baselines also get batch rows =
-single runs on LLaVA-NeXT (images of different token counts)."""
+LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, LLaVA-OneVision) ``apply`` either serves it — a padded batch runs a pruned forward
+whose report keeps at most the visual tokens it had, with finite logits — or refuses with the documented error before
+touching the model (docs/TOKENPRUNE.md, "What runs where"). The methods added with the 2025 baselines also get batch
+rows = single runs on LLaVA-NeXT (images of different token counts)."""
 
 from __future__ import annotations
 
@@ -14,32 +14,42 @@ import torch
 pytest.importorskip("transformers")
 
 from test_llava_next import SIZES, assert_rows_equal_single_runs, next_inputs  # noqa: E402
-from tp_tiny import QWEN_IMAGE, batch, pixels, prompt, qwen_pixels, qwen_prompt, tiny_llava, tiny_qwen2vl  # noqa: E402
+from tp_tiny import (  # noqa: E402
+    QWEN_IMAGE,
+    batch,
+    pixels,
+    prompt,
+    qwen_pixels,
+    qwen_prompt,
+    tiny_llava,
+    tiny_onevision,
+    tiny_qwen2vl,
+)
 
 from visattn import tokenprune as tp  # noqa: E402
 
 Y, NI = "yes", NotImplementedError
-#: method -> (constructor for the tiny models, outcome on LLaVA-1.5 / LLaVA-NeXT / Qwen2-VL)
+#: method -> (constructor for the tiny models, outcome on LLaVA-1.5 / LLaVA-NeXT / Qwen2-VL / LLaVA-OneVision)
 MATRIX = {
-    "fastv": (lambda: tp.FastV(layer=2, keep=0.5), (Y, Y, Y)),
-    "pdrop": (lambda: tp.PyramidDrop(layers=[1, 2], ratios=[0.5, 0.25]), (Y, Y, Y)),
-    "sparsevlm": (lambda: tp.SparseVLM(layers=[0, 1], counts=[0.5, 0.25]), (Y, Y, NI)),
-    "dart": (lambda: tp.DART(layer=2, keep=4, pivot_image=1, pivot_text=1), (Y, Y, Y)),
-    "fastervlm": (lambda: tp.FasterVLM(keep=0.5), (Y, Y, NI)),
-    "vtc-cls": (lambda: tp.VTCCLS(keep=0.5, start_layer=0), (Y, Y, NI)),
-    "visionzip": (lambda: tp.VisionZip(dominant=4, contextual=2), (Y, Y, NI)),
-    "vispruner": (lambda: tp.VisPruner(keep=0.5), (Y, NI, NI)),
-    "pooling": (lambda: tp.Pooling(keep=4), (Y, NI, NI)),
-    "tome": (lambda: tp.ToMe(r=2), (Y, ValueError, NI)),
-    "dymu": (lambda: tp.DyMU([0.99, 0.99]), (Y, ValueError, NI)),
-    "divprune": (lambda: tp.DivPrune(keep=0.5), (Y, Y, Y)),
-    "uniform": (lambda: tp.Uniform(keep=0.5), (Y, Y, Y)),
-    "random": (lambda: tp.RandomPrune(keep=0.5, seed=2), (Y, Y, Y)),
-    "cdpruner": (lambda: tp.CDPruner(keep=0.5), (Y, Y, Y)),
-    "zipvl": (lambda: tp.ZipVL(tau=0.5, layer=2), (Y, Y, Y)),
-    "temporal-merge": (lambda: tp.TemporalMerge(frames=tp.DivPrune(keep=2)), (NI, NI, Y)),  # images pass unchanged
+    "fastv": (lambda: tp.FastV(layer=2, keep=0.5), (Y, Y, Y, Y)),
+    "pdrop": (lambda: tp.PyramidDrop(layers=[1, 2], ratios=[0.5, 0.25]), (Y, Y, Y, Y)),
+    "sparsevlm": (lambda: tp.SparseVLM(layers=[0, 1], counts=[0.5, 0.25]), (Y, Y, NI, Y)),
+    "dart": (lambda: tp.DART(layer=2, keep=4, pivot_image=1, pivot_text=1), (Y, Y, Y, Y)),
+    "fastervlm": (lambda: tp.FasterVLM(keep=0.5), (Y, Y, NI, NI)),
+    "vtc-cls": (lambda: tp.VTCCLS(keep=0.5, start_layer=0), (Y, Y, NI, NI)),
+    "visionzip": (lambda: tp.VisionZip(dominant=4, contextual=2), (Y, Y, NI, NI)),
+    "vispruner": (lambda: tp.VisPruner(keep=0.5), (Y, NI, NI, NI)),
+    "pooling": (lambda: tp.Pooling(keep=4), (Y, NI, NI, NI)),
+    "tome": (lambda: tp.ToMe(r=2), (Y, ValueError, NI, NI)),
+    "dymu": (lambda: tp.DyMU([0.99, 0.99]), (Y, ValueError, NI, NI)),
+    "divprune": (lambda: tp.DivPrune(keep=0.5), (Y, Y, Y, Y)),
+    "uniform": (lambda: tp.Uniform(keep=0.5), (Y, Y, Y, Y)),
+    "random": (lambda: tp.RandomPrune(keep=0.5, seed=2), (Y, Y, Y, Y)),
+    "cdpruner": (lambda: tp.CDPruner(keep=0.5), (Y, Y, Y, Y)),
+    "zipvl": (lambda: tp.ZipVL(tau=0.5, layer=2), (Y, Y, Y, Y)),
+    "temporal-merge": (lambda: tp.TemporalMerge(frames=tp.DivPrune(keep=2)), (NI, NI, Y, Y)),  # images pass unchanged
 }
-FAMILIES = ("llava", "llava_next", "qwen2_vl")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "llava_onevision")
 #: the arguments a method cannot do without (DyMU's thresholds come from an offline search: no default)
 REQUIRED = {"dymu": {"thresholds": [0.5]}}
 
@@ -65,6 +75,11 @@ def _family(name: str):
         model = tiny_llava("sdpa", next_=True)
         px, ids, mask, _ = next_inputs(model)
         kw = dict(input_ids=ids, attention_mask=mask, pixel_values=px, image_sizes=SIZES)
+    elif name == "llava_onevision":  # anyres images of 114 and 120 tokens
+        model = tiny_onevision("sdpa")
+        ids, mask = batch([prompt(3, 114, 4, 1), prompt(6, 120, 2, 2)])
+        kw = dict(input_ids=ids, attention_mask=mask, image_sizes=torch.tensor([[24, 48], [48, 24]]),
+                  pixel_values=torch.randn(2, 3, 3, 24, 24, generator=torch.Generator().manual_seed(7)))
     else:
         model = tiny_qwen2vl("sdpa")
         grids = [(1, 4, 6), (1, 6, 8)]
@@ -77,7 +92,7 @@ def _family(name: str):
     return _BUILT[name]
 
 
-@pytest.mark.parametrize("family", range(3), ids=FAMILIES)
+@pytest.mark.parametrize("family", range(len(FAMILIES)), ids=FAMILIES)
 @pytest.mark.parametrize("method", list(MATRIX))
 def test_apply_serves_or_refuses(method, family):
     model, kw = _family(FAMILIES[family])

@@ -111,3 +111,35 @@ def qwen_pixels(grids: list[tuple[int, int, int]], seed: int = 0) -> torch.Tenso
     """Flattened patches (sum t*h*w, 3*2*4*4) for ``image_grid_thw`` rows ``grids``."""
     n = sum(t * h * w for t, h, w in grids)
     return torch.randn(n, 3 * 2 * 4 * 4, generator=torch.Generator().manual_seed(seed))
+
+
+OV_IMAGE, OV_VIDEO = 3, 5
+
+
+def tiny_onevision(attn: str = "sdpa", seed: int = 0, layers: int = 4):
+    """Tiny random LLaVA-OneVision: SigLIP tower on 24-px crops of 4-px patches (6×6 patches; video frames pool
+    to 3×3 = 9 tokens), anyres pinpoints 24×48 / 48×24, a Qwen2 language model."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    torch.manual_seed(seed)
+    text = Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=96, max_position_embeddings=512, pad_token_id=PAD,
+        bos_token_id=1, eos_token_id=2,
+    )
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=24, patch_size=4)
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=OV_IMAGE,
+                               video_token_id=OV_VIDEO, image_grid_pinpoints=[[24, 48], [48, 24]])
+    cls = LlavaOnevisionForConditionalGeneration
+    model = cls._from_config(cfg, attn_implementation=attn)
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD
+    return model.eval()

@@ -25,6 +25,12 @@ def _llava_next(model: torch.nn.Module, pruner: TokenPruner, timing: bool):
     return llava_next_adapter(model, pruner, timing)
 
 
+def _llava_onevision(model: torch.nn.Module, pruner: TokenPruner, timing: bool):
+    from visattn.tokenprune.hf_llava_onevision import llava_onevision_adapter
+
+    return llava_onevision_adapter(model, pruner, timing)
+
+
 def _qwen_vl(model: torch.nn.Module, pruner: TokenPruner, timing: bool):
     from visattn.tokenprune.hf_qwen2vl import qwen_vl_adapter
 
@@ -36,9 +42,12 @@ def _qwen_vl(model: torch.nn.Module, pruner: TokenPruner, timing: bool):
 HF_ADAPTERS: dict[str, AdapterFactory] = {
     "llava": _llava,
     "llava_next": _llava_next,
+    "llava_onevision": _llava_onevision,
     "qwen2_vl": _qwen_vl,
     "qwen2_5_vl": _qwen_vl,
 }
+#: model types whose adapters split videos into frames (``capabilities.video_merge`` methods run there only)
+VIDEO_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
 
 
 def adapter_for(model: torch.nn.Module, pruner: TokenPruner, timing: bool):
@@ -49,9 +58,9 @@ def adapter_for(model: torch.nn.Module, pruner: TokenPruner, timing: bool):
         raise TypeError(f"pruner={type(pruner).__name__}: its capabilities ({pruner.capabilities}) promise "
                         f"{', '.join(missing)}, which the class does not implement")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if pruner.capabilities.video_merge and model_type not in ("qwen2_vl", "qwen2_5_vl"):
+    if pruner.capabilities.video_merge and model_type not in VIDEO_MODEL_TYPES:
         raise NotImplementedError(f"{pruner.name} on {type(model).__name__} is not supported: video merging runs "
-                                  "on Qwen2-VL / Qwen2.5-VL videos only")
+                                  "on Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision videos only")
     if model_type in HF_ADAPTERS:
         return HF_ADAPTERS[model_type](model, pruner, timing)
     if pruner.capabilities.tower_merge:  # HF CLIPVisionModel, open_clip VisionTransformer / CLIP (ValueError else)

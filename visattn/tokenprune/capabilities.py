@@ -67,7 +67,7 @@ class Capabilities:
             ``merge_video(frames)`` once per video with its (F, P, D) projected tokens (F frames of P tokens,
             raster order) and feeds the language model the kept tokens with the embeddings it returns (merged
             tokens replace their representative's embedding); images of the same prompt pass unchanged
-            (TemporalMerge; Qwen2-VL / Qwen2.5-VL only).
+            (TemporalMerge; Qwen2-VL / Qwen2.5-VL and LLaVA-OneVision only).
         standalone_tower: the method also runs on a bare vision tower (open_clip ``VisionTransformer``, HF
             ``CLIPVisionModel`` for ``tower_merge``) without a language model.
     """

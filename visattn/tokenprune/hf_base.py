@@ -10,8 +10,10 @@ Adapters are built from two independent pieces:
 * the **model family**, a subclass of the base that overrides a few methods: how many placeholder tokens one
   image has (``_tokens_per_image``), how the prefill's images are found (``_core_pre``) and the position ids
   (M-RoPE): :mod:`~visattn.tokenprune.hf_llava`, :mod:`~visattn.tokenprune.hf_llava_next`,
-  :mod:`~visattn.tokenprune.hf_qwen2vl`. Each family module combines its family class with the stages it
-  supports (``class LlavaLLMAdapter(LLMStage, LlavaAdapter)``) and picks one from the method's capabilities.
+  :mod:`~visattn.tokenprune.hf_qwen2vl`, :mod:`~visattn.tokenprune.hf_llava_onevision` (the last two also split
+  videos into frames: ``PrefillState.videos``, reported as ``extra["frame_kept"]``). Each family module combines
+  its family class with the stages it supports (``class LlavaLLMAdapter(LLMStage, LlavaAdapter)``) and picks one
+  from the method's capabilities.
 
 This base holds what every stage shares: the hooks on the model, the core and the language model, the prefill
 state (which tokens are images, their layout), the translation of decode steps on the same KV cache object
@@ -290,7 +292,7 @@ class HFVisionLanguageAdapter:
         visual = [sum(e - s for s, e in row) for row in call.spans]
         kept, tokens, vis, extra = self._stage_counts(call)
         avg, saved = estimate(tokens, self.text_config, self.pruner.name, visual, vis)
-        return PruneReport(
+        rep = PruneReport(
             method=self.pruner.name,
             visual_tokens=visual,
             visual_tokens_kept=[v[-1] for v in vis],
@@ -299,3 +301,9 @@ class HFVisionLanguageAdapter:
             kept_indices=kept,
             extra=extra,
         )
+        if call.videos:  # kept tokens of every frame, per sample, per video
+            frame_kept: list[list[list[int]]] = [[] for _ in call.spans]
+            for b, frames in call.videos:
+                frame_kept[b].append([len(rep.kept_indices[b][j]) for j in frames])
+            rep.extra["frame_kept"] = frame_kept
+        return rep

@@ -52,3 +52,29 @@ class EmbeddingStage(HFVisionLanguageAdapter):
             keep, sel, _ = select_per_image(image_id, valid, call.image_lengths, call.image_lengths, select)
         call.kept = per_sample(call.spans, sel)
         return self._drop_lm_input(call, args, kwargs, keep, valid)
+
+
+class VideoMergeStage(HFVisionLanguageAdapter):
+    """Stage piece for ``capabilities.video_merge`` methods (TemporalMerge): ``merge_video`` once per video on its
+    frames' tokens of ``inputs_embeds`` (the family's ``_core_pre`` fills ``call.videos``; frames of one video are
+    consecutive spans of equal length); kept tokens stay, merged runs carry their mean embedding, the rest are
+    removed before the language model; images pass unchanged."""
+
+    def _prefill(self, call, args, kwargs, image_id, valid):
+        embeds = kwargs["inputs_embeds"]
+        keep = valid.clone()
+        kept = [[torch.arange(e - s, device=embeds.device) for s, e in row] for row in call.spans]
+        if call.videos:
+            embeds = embeds.clone()
+            with self._timed():
+                for b, frames in call.videos:
+                    s, e = call.spans[b][frames[0]][0], call.spans[b][frames[-1]][1]
+                    x = embeds[b, s:e].view(len(frames), (e - s) // len(frames), -1)
+                    k, merged = self.pruner.merge_video(x)
+                    embeds[b, s:e] = merged.flatten(0, 1)
+                    keep[b, s:e] = k.flatten()
+                    for f, j in enumerate(frames):
+                        kept[b][j] = k[f].nonzero().flatten()
+            kwargs["inputs_embeds"] = embeds
+        call.kept = kept
+        return self._drop_lm_input(call, args, kwargs, keep, valid)

@@ -34,10 +34,10 @@ from __future__ import annotations
 import torch
 
 from visattn.tokenprune.hf_base import HFVisionLanguageAdapter
-from visattn.tokenprune.hf_embedding import EmbeddingStage
+from visattn.tokenprune.hf_embedding import EmbeddingStage, VideoMergeStage
 from visattn.tokenprune.hf_llm import LLMStage
 from visattn.tokenprune.layout import TokenLayout as _Layout
-from visattn.tokenprune.layout import image_spans, positions_from_valid
+from visattn.tokenprune.layout import frame_spans, image_spans, positions_from_valid
 from visattn.tokenprune.methods import TokenPruner
 from visattn.tokenprune.state import PrefillState
 
@@ -113,41 +113,24 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
                                  "position_ids)")
             hw = position_ids[-2:].expand(2, len(videos), -1).permute(1, 2, 0).tolist()  # (B, L, (h, w))
         merge = self.model.config.vision_config.spatial_merge_size
-        spans, frames_of, g = [], [], 0
-        for b, (img_row, vid_row) in enumerate(zip(images, videos, strict=True)):
-            items = sorted([(s, e, False) for s, e in img_row] + [(s, e, True) for s, e in vid_row])
-            row: list[tuple[int, int]] = []
-            for s, e, is_video in items:
-                if not is_video:
-                    row.append((s, e))
-                    continue
-                if grids is not None:
-                    if g >= len(grids):
-                        raise ValueError(f"video_grid_thw: {len(grids)} rows for more video token runs")
-                    t, h, w = grids[g]
-                    per = h * w // merge**2
-                    if per * t != e - s:
-                        raise ValueError(f"video_grid_thw: row {g} {grids[g]} means {per * t} video tokens, the "
-                                         f"prompt has a run of {e - s}")
-                    bounds = [s + f * per for f in range(t + 1)]
-                else:  # every frame restarts the (height, width) grid of M-RoPE ids
-                    ids = hw[b]
-                    bounds = [i for i in range(s, e) if ids[i] == ids[s]] + [e]
-                g += 1
-                frames_of.append((b, list(range(len(row), len(row) + len(bounds) - 1))))
-                row += list(zip(bounds[:-1], bounds[1:], strict=True))
-            spans.append(row)
-        return spans, frames_of
+        g = 0
 
-    # ---------------------------------------------------------------------------------------------- report
-    def _report(self, call: PrefillState):
-        rep = super()._report(call)
-        if call.videos:  # kept tokens of every frame, per sample, per video
-            frame_kept: list[list[list[int]]] = [[] for _ in call.spans]
-            for b, frames in call.videos:
-                frame_kept[b].append([len(rep.kept_indices[b][j]) for j in frames])
-            rep.extra["frame_kept"] = frame_kept
-        return rep
+        def bounds_of(b: int, s: int, e: int) -> list[int]:
+            nonlocal g
+            if grids is not None:
+                if g >= len(grids):
+                    raise ValueError(f"video_grid_thw: {len(grids)} rows for more video token runs")
+                t, h, w = grids[g]
+                per = h * w // merge**2
+                if per * t != e - s:
+                    raise ValueError(f"video_grid_thw: row {g} {grids[g]} means {per * t} video tokens, the "
+                                     f"prompt has a run of {e - s}")
+                g += 1
+                return [s + f * per for f in range(t + 1)]
+            ids = hw[b]  # every frame restarts the (height, width) grid of M-RoPE ids
+            return [i for i in range(s, e) if ids[i] == ids[s]] + [e]
+
+        return frame_spans(images, videos, bounds_of)
 
 
 class QwenVLEmbeddingAdapter(EmbeddingStage, QwenVLAdapter):
@@ -158,29 +141,9 @@ class QwenVLLLMAdapter(LLMStage, QwenVLAdapter):
     """LLM-stage methods on Qwen2-VL (3-D positions kept or re-indexed)."""
 
 
-class QwenVLVideoMergeAdapter(QwenVLAdapter):
-    """``capabilities.video_merge`` methods (TemporalMerge) on Qwen2-VL videos: ``merge_video`` once per video on
-    its frames' tokens of ``inputs_embeds``; kept tokens keep their original 3-D positions, merged ones their
-    first occurrence's; images pass unchanged."""
-
-    def _prefill(self, call, args, kwargs, image_id, valid):
-        embeds = kwargs["inputs_embeds"]
-        keep = valid.clone()
-        kept = [[torch.arange(e - s, device=embeds.device) for s, e in row] for row in call.spans]
-        if call.videos:
-            embeds = embeds.clone()
-            with self._timed():
-                for b, frames in call.videos:
-                    s, e = call.spans[b][frames[0]][0], call.spans[b][frames[-1]][1]
-                    x = embeds[b, s:e].view(len(frames), (e - s) // len(frames), -1)
-                    k, merged = self.pruner.merge_video(x)
-                    embeds[b, s:e] = merged.flatten(0, 1)
-                    keep[b, s:e] = k.flatten()
-                    for f, j in enumerate(frames):
-                        kept[b][j] = k[f].nonzero().flatten()
-            kwargs["inputs_embeds"] = embeds
-        call.kept = kept
-        return self._drop_lm_input(call, args, kwargs, keep, valid)
+class QwenVLVideoMergeAdapter(VideoMergeStage, QwenVLAdapter):
+    """``capabilities.video_merge`` methods (TemporalMerge) on Qwen2-VL videos: kept tokens keep their original
+    3-D positions, merged ones their first occurrence's; images pass unchanged."""
 
 
 #: ``capabilities.stage`` -> Qwen2-VL adapter class (no vision stage: the tower has no [CLS] token)

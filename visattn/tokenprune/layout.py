@@ -114,6 +114,31 @@ def image_spans(image_mask: torch.Tensor, tokens_per_image: int | None = None) -
     return spans
 
 
+def frame_spans(images: list[list[tuple[int, int]]], videos: list[list[tuple[int, int]]], frame_bounds
+                ) -> tuple[list[list[tuple[int, int]]], list[tuple[int, list[int]]]]:
+    """Interleave every row's image spans and its videos' frame spans in sequence order (each frame one "image" of
+    the prefill).
+
+    ``frame_bounds(row, start, end)`` gives the frame boundaries of one video token run ``[start, end)`` (called
+    once per run, rows in order, runs in sequence order): ``[start, b1, ..., last]``, frame ``f`` spanning
+    ``[b_f, b_{f+1})``; tokens of the run after ``last`` (LLaVA-OneVision's trailing newline) belong to no frame.
+    Returns (per row, the spans; per video, (row, its frames' indices among the row's spans))."""
+    spans: list[list[tuple[int, int]]] = []
+    frames_of: list[tuple[int, list[int]]] = []
+    for b, (img_row, vid_row) in enumerate(zip(images, videos, strict=True)):
+        items = sorted([(s, e, False) for s, e in img_row] + [(s, e, True) for s, e in vid_row])
+        row: list[tuple[int, int]] = []
+        for s, e, is_video in items:
+            if not is_video:
+                row.append((s, e))
+                continue
+            bounds = frame_bounds(b, s, e)
+            frames_of.append((b, list(range(len(row), len(row) + len(bounds) - 1))))
+            row += list(zip(bounds[:-1], bounds[1:], strict=True))
+        spans.append(row)
+    return spans, frames_of
+
+
 def select_per_image(image: torch.Tensor, valid: torch.Tensor, counts: list[int], lengths: list[int],
                      select) -> tuple:
     """Run ``select(image_index_or_0, flat)`` on the flat (row * L + col) indices of every image's current tokens.
