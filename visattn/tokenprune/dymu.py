@@ -15,12 +15,17 @@ The thresholds come from the official **threshold finding** (DToMe): ToMe with a
 image set with the merge chosen batch-wide (the ``r_l · B`` most similar pairs of the whole batch), each batch's
 ``t_l`` being the similarity of the best pair left unmerged (clamped at 0), averaged over batches.
 :func:`find_thresholds` runs that search over the images you give it; its result is the ``thresholds`` argument
-(the official checkpoints ship theirs). Virtual token unmerging in the language model (VTU) is not implemented
-(docs/TOKENPRUNE.md, "DyMU").
+(the official checkpoints ship theirs).
+
+``unmerge="virtual"`` adds DyMU's virtual token unmerging (VTU) in the language model (LLaVA-1.5): the language
+model keeps the merged tokens, and every attention runs as over the full sequence (the merge map expands q / k /
+v, RoPE at the full positions, causal attention, re-merged output: :mod:`visattn.tokenprune.vtu`,
+:mod:`visattn.tokenprune.hf_vtu`; docs/TOKENPRUNE.md, "DyMU").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Iterable, Sequence
@@ -48,15 +53,25 @@ def _check_thresholds(value: object) -> list[float | None]:
 class DyMU(TokenPruner):
     """DyMU's dynamic token merging (module docstring): in vision layer ``i`` merge every pair whose cosine
     similarity exceeds ``thresholds[i]`` (``None``: no merging; a list shorter than the tower is padded with
-    ``None``). ``trace_source`` / ``prop_attn`` as :class:`~visattn.tokenprune.tome.ToMe`."""
+    ``None``). ``trace_source`` / ``prop_attn`` as :class:`~visattn.tokenprune.tome.ToMe`. ``unmerge``:
+    ``"none"`` (the language model sees the merged tokens as a shorter sequence, positions re-indexed) or
+    ``"virtual"`` (VTU: the language model attends as over the full unmerged sequence; LLaVA-1.5 only)."""
 
     name = "dymu"
     capabilities = Capabilities(stage="vision", output="merged", tower_merge=True, dynamic_merge=True,
                                 standalone_tower=True)
     positions = "reindex"
 
-    def __init__(self, thresholds: Sequence[float | None], trace_source: bool = False, prop_attn: bool = True):
+    def __init__(self, thresholds: Sequence[float | None], trace_source: bool = False, prop_attn: bool = True,
+                 unmerge: str = "none"):
         self.thresholds = _check_thresholds(thresholds)
+        if unmerge not in ("none", "virtual"):
+            raise ValueError(f"unmerge={unmerge!r}: expected 'none' or 'virtual'")
+        self.unmerge = unmerge
+        if unmerge == "virtual":
+            self.capabilities = dataclasses.replace(type(self).capabilities, virtual_unmerge=True,
+                                                    standalone_tower=False, positions=("original",))
+            self.positions = "original"
         for nm, v in (("trace_source", trace_source), ("prop_attn", prop_attn)):
             if not isinstance(v, bool):
                 raise ValueError(f"{nm}={v!r}: expected a bool")

@@ -1,0 +1,78 @@
+"""DyMU's virtual token unmerging (VTU) as pure tensor arithmetic (no transformers import).
+
+The language model keeps the merged (shorter) sequence of ``Lm`` tokens, but every attention behaves as for the
+full, unmerged sequence of ``Lf`` tokens (Wang et al., 2025, arXiv 2504.17040, "virtual token unmerging"). A merge
+map ``index`` (B, Lf) names, for each full position, the merged token that stands for it (a text token stands for
+itself; a merged visual token for every original patch it absorbed). One attention of the exact form:
+
+1. ``q, k, v`` of the merged tokens (B, H, Lm, d) are expanded to the full sequence by ``index`` (:func:`unmerge`);
+2. RoPE rotates ``q`` and ``k`` at the full sequence's positions (``cos``, ``sin``: (B, Lf, d));
+3. causal attention over the full sequence, padding keys (``ok`` False) masked out;
+4. the output is re-merged: each merged token gets the mean of the outputs at the full positions it stands for
+   (:func:`remerge_mean`).
+
+Norms, MLPs and the q/k/v/o projections run on the merged tokens only (they act per token, so projecting before or
+after the expansion is the same).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+#: ``store(k_full, v_full) -> (k, v)``: where the expanded, rotated keys and values go (a KV cache update)
+Store = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def unmerge(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Expand ``x`` (B, H, Lm, d) to the full sequence: ``out[:, :, i] = x[:, :, index[:, i]]`` ((B, H, Lf, d))."""
+    b, h, _, d = x.shape
+    idx = index[:, None, :, None].expand(b, h, index.shape[1], d)
+    return x.gather(2, idx)
+
+
+def remerge_mean(y: torch.Tensor, index: torch.Tensor, ok: torch.Tensor, length: int) -> torch.Tensor:
+    """Average ``y`` (B, H, Lf, d) over the full positions of each merged token: (B, H, ``length``, d). Only the
+    positions with ``ok`` (B, Lf) count; a merged token without any (padding) gets zeros."""
+    b, h, _, d = y.shape
+    w = ok.to(y.dtype)
+    idx = index[:, None, :, None].expand(b, h, index.shape[1], d)
+    total = y.new_zeros(b, h, length, d).scatter_add_(2, idx, y * w[:, None, :, None])
+    count = y.new_zeros(b, length).scatter_add_(1, index, w).clamp_(min=1)
+    return total / count[:, None, :, None]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in the rotate-half layout (Llama's): ``x * cos + [-x2, x1] * sin``; ``cos``/``sin`` (B, L, d)."""
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos[:, None] + rot * sin[:, None]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ok: torch.Tensor,
+                     scaling: float) -> torch.Tensor:
+    """Causal attention of ``q`` (B, H, L, d) over ``k``, ``v`` (B, Hkv, L, d) (grouped heads repeated), keys
+    with ``ok`` (B, L) False masked out; a padding query row sees only itself (no NaN)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    n = q.shape[2]
+    ar = torch.arange(n, device=q.device)
+    allowed = (ar[None, :] <= ar[:, None])[None] & ok[:, None, :]
+    allowed = (allowed | (ar[None, :] == ar[:, None])[None])[:, None]
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling)
+
+
+def virtual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, ok: torch.Tensor,
+                      cos: torch.Tensor, sin: torch.Tensor, scaling: float, store: Store | None = None) -> torch.Tensor:
+    """One attention of VTU, the exact form (module docstring): ``q`` (B, H, Lm, d), ``k``, ``v`` (B, Hkv, Lm, d)
+    of the merged tokens, un-rotated; ``index`` (B, Lf) the merge map; ``ok`` (B, Lf) the real full positions;
+    ``cos``, ``sin`` (B, Lf, d) RoPE at the full positions. ``store`` receives the expanded, rotated keys and the
+    expanded values (B, Hkv, Lf, d) before the attention (a prefill's KV-cache update) and returns the keys and
+    values to attend. Returns the re-merged output (B, H, Lm, d)."""
+    kf, vf = rotate(unmerge(k, index), cos, sin), unmerge(v, index)
+    if store is not None:
+        kf, vf = store(kf, vf)
+    out = causal_attention(rotate(unmerge(q, index), cos, sin), kf, vf, ok, scaling)
+    return remerge_mean(out, index, ok, q.shape[2])
