@@ -12,6 +12,7 @@ import torch
 from tp_tiny import batch, pixels, prompt, tiny_llava
 
 from visattn import tokenprune as tp
+from visattn.tokenprune import vtu
 from visattn.tokenprune.layout import positions_from_valid
 
 THRESHOLDS = [0.99, 0.99]  # the tiny tower's feature layer (index 1) sees merging in both layers
@@ -107,14 +108,15 @@ def _merged_sequence(model, p, tokens, groups):
     return seq, mapping
 
 
-def test_logits_equal_float64_loop_oracle_of_the_definition(llava):
+@pytest.mark.parametrize("form", ["exact", "rope_linear"])
+def test_logits_equal_float64_loop_oracle_of_the_definition(llava, form):
     prompts = _prompts()
     ids, mask = batch(prompts)
     px = pixels(2)
     images = merged_images(llava, px, THRESHOLDS)
     counts = [t.shape[0] for t, _ in images]
     assert counts[0] != counts[1] and max(counts) < N_PATCHES  # merged, differently per image
-    tp.apply(llava, tp.DyMU(THRESHOLDS, unmerge="virtual"))
+    tp.apply(llava, tp.DyMU(THRESHOLDS, unmerge="virtual", vtu_form=form))
     try:
         logits = llava(input_ids=ids, attention_mask=mask, pixel_values=px).logits
         assert tp.last_report(llava).visual_tokens_kept == counts
@@ -186,9 +188,38 @@ def test_generate_with_cache_equals_full_recompute(llava):
         tp.remove(llava)
 
 
+def test_forms_agree_on_padded_rows_with_grouped_heads():
+    """The RoPE-linear form (no expanded q / k / v) = the exact form (expand, attend, re-merge), float64, on random
+    merge maps with padding, 4 query heads over 2 key heads; the cache receives the same expanded keys / values."""
+    g = torch.Generator().manual_seed(0)
+    b, h, hkv, d, lm = 3, 4, 2, 8, 7
+    q = torch.randn(b, h, lm, d, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(b, hkv, lm, d, generator=g, dtype=torch.float64) for _ in range(2))
+    index = torch.randint(0, lm, (b, 12), generator=g)
+    ok = torch.ones(b, 12, dtype=torch.bool)
+    ok[1, :3] = False  # left padding
+    ang = torch.rand(b, 12, d // 2, generator=g, dtype=torch.float64) * 6
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    stored = {}
+
+    def store(name):
+        def put(kf, vf):
+            stored[name] = (kf, vf)
+            return kf, vf
+        return put
+
+    exact = vtu.virtual_attention(q, k, v, index, ok, cos, sin, 0.3, store("exact"))
+    linear = vtu.virtual_attention_rope_linear(q, k, v, index, ok, cos, sin, 0.3, store("linear"))
+    torch.testing.assert_close(linear, exact, rtol=1e-10, atol=1e-10)
+    assert all(torch.equal(a, c) for a, c in zip(stored["exact"], stored["linear"], strict=True))
+    assert stored["exact"][0].shape == (b, hkv, 12, d)
+
+
 def test_unmerge_argument_and_where_it_runs():
     with pytest.raises(ValueError, match=r"unmerge='full'"):
         tp.DyMU([0.5], unmerge="full")
+    with pytest.raises(ValueError, match=r"vtu_form='fast'"):
+        tp.DyMU([0.5], unmerge="virtual", vtu_form="fast")
     with pytest.raises(ValueError, match=r"unmerge='virtual'"):
         tp.apply(copy.deepcopy(tiny_llava(image_size=56).model.vision_tower), tp.DyMU([0.5], unmerge="virtual"))
     assert tp.DyMU([0.5], unmerge="virtual").capabilities.virtual_unmerge

@@ -50,7 +50,8 @@ class Capabilities:
         virtual_unmerge: ``tower_merge`` whose merged tokens the language model attends as the full, unmerged
             sequence (DyMU's virtual token unmerging): the adapter carries each image's merge map (which patches
             every merged token stands for) to the language model and substitutes every decoder layer's attention
-            (:mod:`visattn.tokenprune.vtu`); needs a language model (no bare tower).
+            by the method's ``virtual_attention`` (:mod:`visattn.tokenprune.vtu`); needs a language model (no
+            bare tower).
         text_raters: LLM stage: the query rows are text raters picked once per prefill by ``rater_scores``
             (instead of the last token).
         hidden_select: LLM stage: the method scores and selects by itself instead of the attention rows and the
@@ -153,6 +154,8 @@ class Capabilities:
             out.append("schedule")
         if self.dynamic_merge:
             out += ["layer_thresholds", "match"]
+        if self.virtual_unmerge:
+            out.append("virtual_attention")
         if self.stage == "embedding":
             out.append("merge_video" if self.video_merge else "select")
         if self.stage == "llm":

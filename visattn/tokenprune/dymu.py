@@ -37,6 +37,7 @@ from visattn.tokenprune.capabilities import Capabilities
 from visattn.tokenprune.methods import TokenPruner
 from visattn.tokenprune.registry import register_method
 from visattn.tokenprune.tome import ThresholdMatching, ToMe, batch_matching, threshold_matching
+from visattn.tokenprune.vtu import FORMS, Store
 
 
 def _check_thresholds(value: object) -> list[float | None]:
@@ -55,7 +56,9 @@ class DyMU(TokenPruner):
     similarity exceeds ``thresholds[i]`` (``None``: no merging; a list shorter than the tower is padded with
     ``None``). ``trace_source`` / ``prop_attn`` as :class:`~visattn.tokenprune.tome.ToMe`. ``unmerge``:
     ``"none"`` (the language model sees the merged tokens as a shorter sequence, positions re-indexed) or
-    ``"virtual"`` (VTU: the language model attends as over the full unmerged sequence; LLaVA-1.5 only)."""
+    ``"virtual"`` (VTU: the language model attends as over the full unmerged sequence; LLaVA-1.5 only).
+    ``vtu_form``: VTU's attention arithmetic, ``"exact"`` (expand q / k / v, fused attention, re-merge) or
+    ``"rope_linear"`` (the paper's cos / sin form on the merged tokens; same result, more memory)."""
 
     name = "dymu"
     capabilities = Capabilities(stage="vision", output="merged", tower_merge=True, dynamic_merge=True,
@@ -63,11 +66,13 @@ class DyMU(TokenPruner):
     positions = "reindex"
 
     def __init__(self, thresholds: Sequence[float | None], trace_source: bool = False, prop_attn: bool = True,
-                 unmerge: str = "none"):
+                 unmerge: str = "none", vtu_form: str = "exact"):
         self.thresholds = _check_thresholds(thresholds)
         if unmerge not in ("none", "virtual"):
             raise ValueError(f"unmerge={unmerge!r}: expected 'none' or 'virtual'")
-        self.unmerge = unmerge
+        if vtu_form not in FORMS:
+            raise ValueError(f"vtu_form={vtu_form!r}: expected one of {tuple(FORMS)}")
+        self.unmerge, self.vtu_form = unmerge, vtu_form
         if unmerge == "virtual":
             self.capabilities = dataclasses.replace(type(self).capabilities, virtual_unmerge=True,
                                                     standalone_tower=False, positions=("original",))
@@ -76,6 +81,13 @@ class DyMU(TokenPruner):
             if not isinstance(v, bool):
                 raise ValueError(f"{nm}={v!r}: expected a bool")
         self.trace_source, self.prop_attn = trace_source, prop_attn
+
+    def virtual_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                          ok: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scaling: float,
+                          store: Store | None = None) -> torch.Tensor:
+        """VTU's attention of ``vtu_form`` (:func:`visattn.tokenprune.vtu.virtual_attention` documents the
+        arguments); called by the adapter in every decoder layer of a prefill with ``unmerge="virtual"``."""
+        return FORMS[self.vtu_form](q, k, v, index, ok, cos, sin, scaling, store)
 
     @classmethod
     def from_keep(cls, keep: Any, **kwargs: Any) -> DyMU:

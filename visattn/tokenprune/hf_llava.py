@@ -122,7 +122,7 @@ class ToMeLlavaAdapter(LlavaVisionAdapter):
     def _install(self) -> None:
         super()._install()
         if self.capabilities.virtual_unmerge:
-            self._vtu_patched = hf_vtu.install(self.layers, lambda: self.vtu)
+            self._vtu_patched = hf_vtu.install(self.layers, lambda: self.vtu, self.pruner.virtual_attention)
 
     def _install_vision(self) -> None:
         self.handles.append(self.core.vision_tower.register_forward_pre_hook(self._vision_start))

@@ -4,10 +4,11 @@ The adapter of the model family (LLaVA-1.5: :class:`~visattn.tokenprune.hf_llava
 language model the merged tokens, as without VTU, and builds the **merge map** of the prefill (:func:`merge_map`):
 for every position of the full, unmerged language-model input (each image's placeholder span = its original
 patches, raster order) the column of the merged sequence that stands for it. During that prefill every decoder
-layer's ``self_attn.forward`` is replaced (an instance attribute, removed by :func:`uninstall`) by the exact VTU
-attention of :func:`visattn.tokenprune.vtu.virtual_attention`: q / k / v projected on the merged tokens, expanded
-by the map, RoPE at the full positions, causal attention over the full sequence, output averaged back per merged
-token, then ``o_proj``. Norms and MLPs see only the merged tokens.
+layer's ``self_attn.forward`` is replaced (an instance attribute, removed by :func:`uninstall`) by the VTU
+attention the method names (``pruner.virtual_attention``: :mod:`visattn.tokenprune.vtu`, the exact form or the
+RoPE-linear one): q / k / v projected on the merged tokens, attention as over the full sequence expanded by the
+map with RoPE at the full positions, output averaged back per merged token, then ``o_proj``. Norms and MLPs see
+only the merged tokens.
 
 KV cache: the prefill stores the **expanded** keys (rotated at the full positions) and values, one entry per full
 position — the cache a stock prefill of the unmerged sequence would hold in shape — so ``get_seq_length`` is the
@@ -25,7 +26,6 @@ import torch
 from visattn.tokenprune.hf_contract import CACHE_ARGUMENTS, _fail
 from visattn.tokenprune.layout import TokenLayout
 from visattn.tokenprune.state import Spans
-from visattn.tokenprune.vtu import virtual_attention
 
 
 @dataclass
@@ -52,13 +52,15 @@ def check_attention_layers(layers) -> None:
                              "supports full causal attention only (unmerge='virtual')")
 
 
-def install(layers, state) -> list[torch.nn.Module]:
+def install(layers, state, attend) -> list[torch.nn.Module]:
     """Replace every layer's ``self_attn.forward``; ``state()`` returns the current :class:`VirtualPrefill` or
-    None (then the stock forward runs). Returns the patched modules for :func:`uninstall`."""
+    None (then the stock forward runs); ``attend(q, k, v, index, ok, cos, sin, scaling, store)`` is the VTU
+    attention (:func:`visattn.tokenprune.vtu.virtual_attention`'s signature). Returns the patched modules for
+    :func:`uninstall`."""
     patched = []
     for layer in layers:
         attn = layer.self_attn
-        attn.forward = types.MethodType(_forward(state, type(attn).forward), attn)
+        attn.forward = types.MethodType(_forward(state, attend, type(attn).forward), attn)
         patched.append(attn)
     return patched
 
@@ -71,7 +73,7 @@ def uninstall(patched: list[torch.nn.Module]) -> None:
     patched.clear()
 
 
-def _forward(state, orig):
+def _forward(state, attend, orig):
     def forward(self, hidden_states, *args, **kwargs):
         vp = state()
         if vp is None:
@@ -81,7 +83,7 @@ def _forward(state, orig):
         q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
         cache = next((kwargs[name] for name in CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
         store = None if cache is None else (lambda kf, vf: cache.update(kf, vf, self.layer_idx))
-        out = virtual_attention(q, k, v, vp.index, vp.ok, vp.cos.to(q.dtype), vp.sin.to(q.dtype), self.scaling,
+        out = attend(q, k, v, vp.index, vp.ok, vp.cos.to(q.dtype), vp.sin.to(q.dtype), self.scaling,
                                 store)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), None
 

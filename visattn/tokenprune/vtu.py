@@ -12,7 +12,8 @@ itself; a merged visual token for every original patch it absorbed). One attenti
    (:func:`remerge_mean`).
 
 Norms, MLPs and the q/k/v/o projections run on the merged tokens only (they act per token, so projecting before or
-after the expansion is the same).
+after the expansion is the same). :func:`virtual_attention_rope_linear` computes the same attention in the paper's
+RoPE-linear (cos / sin) form, without expanding q, k, v; :data:`FORMS` names both.
 """
 
 from __future__ import annotations
@@ -57,11 +58,15 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ok: torc
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    n = q.shape[2]
-    ar = torch.arange(n, device=q.device)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(ok), scale=scaling)
+
+
+def causal_mask(ok: torch.Tensor) -> torch.Tensor:
+    """(B, 1, L, L) bool: query ``i`` attends key ``j <= i`` where ``ok`` (B, L); every query sees itself (a padding
+    row then has one key, so no NaN)."""
+    ar = torch.arange(ok.shape[1], device=ok.device)
     allowed = (ar[None, :] <= ar[:, None])[None] & ok[:, None, :]
-    allowed = (allowed | (ar[None, :] == ar[:, None])[None])[:, None]
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling)
+    return (allowed | (ar[None, :] == ar[:, None])[None])[:, None]
 
 
 def virtual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, ok: torch.Tensor,
@@ -76,3 +81,46 @@ def virtual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: 
         kf, vf = store(kf, vf)
     out = causal_attention(rotate(unmerge(q, index), cos, sin), kf, vf, ok, scaling)
     return remerge_mean(out, index, ok, q.shape[2])
+
+
+def _gqa(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.repeat_interleave(heads // x.shape[1], 1) if x.shape[1] != heads else x
+
+
+def virtual_attention_rope_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                                  ok: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scaling: float,
+                                  store: Store | None = None) -> torch.Tensor:
+    """The same attention as :func:`virtual_attention` in the paper's RoPE-linear form: no full-length query, key
+    or value is formed for the attention. Per rotary pair ``(x1, x2)`` of dimension ``t`` and angles ``a`` (query
+    position ``i``) and ``b`` (key position ``j``), ``rope(q, a) . rope(k, b) = (q1 k1 + q2 k2) cos(a - b) +
+    (q1 k2 - q2 k1) sin(a - b)``, with ``cos(a - b) = C_i C_j + S_i S_j`` and ``sin(a - b) = S_i C_j - C_i S_j``:
+    the two per-pair products are taken between the merged tokens only ((B, H, Lm, Lm, d/2)), and the merge map
+    enters as the sparse (Lf, Lm) expansion weighted by each full position's cos / sin. The output side is
+    re-merged before the values: ``G A M v`` (``A M``: each row's attention summed per merged key, ``G``: the mean
+    over the rows of each merged query), so the values stay at length ``Lm``. Memory grows as ``Lm^2 d`` per head
+    (the exact form's as ``Lf d`` with a fused attention kernel): a second formulation, for checking. ``store``
+    (a prefill's KV cache) still receives the expanded, rotated keys and values (decode attends to them)."""
+    if store is not None:
+        store(rotate(unmerge(k, index), cos, sin), unmerge(v, index))
+    heads, half = q.shape[1], q.shape[-1] // 2
+    k, v = _gqa(k, heads), _gqa(v, heads)
+    q1, q2, k1, k2 = q[..., :half], q[..., half:], k[..., :half], k[..., half:]
+    same = q1[:, :, :, None] * k1[:, :, None] + q2[:, :, :, None] * k2[:, :, None]  # (B, H, Lm, Lm, d/2)
+    cross = q1[:, :, :, None] * k2[:, :, None] - q2[:, :, :, None] * k1[:, :, None]
+    b, lf, lm = index.shape[0], index.shape[1], q.shape[2]
+    onehot = torch.zeros(b, lf, lm, dtype=q.dtype, device=q.device).scatter_(2, index[..., None], 1.0)
+    c, s = cos[..., :half], sin[..., :half]  # (B, Lf, d/2): RoPE repeats the angles over the two halves
+    cm, sm = onehot[..., None] * c[:, :, None], onehot[..., None] * s[:, :, None]  # (B, Lf, Lm, d/2)
+
+    def expand(left: torch.Tensor, prod: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bird,bhrsd,bjsd->bhij", left, prod, right)
+
+    scores = (expand(cm, same, cm) + expand(sm, same, sm) + expand(sm, cross, cm) - expand(cm, cross, sm)) * scaling
+    attn = scores.masked_fill(~causal_mask(ok), float("-inf")).softmax(-1)
+    per_key = attn @ onehot[:, None]  # (B, H, Lf, Lm): A M
+    return remerge_mean(per_key, index, ok, lm) @ v  # (G A M) v
+
+
+#: DyMU's ``vtu_form`` -> the attention of that form
+FORMS: dict[str, Callable[..., torch.Tensor]] = {"exact": virtual_attention,
+                                                  "rope_linear": virtual_attention_rope_linear}
