@@ -119,9 +119,18 @@ def test_logits_equal_float64_loop_oracle_of_the_definition(llava, form):
     tp.apply(llava, tp.DyMU(THRESHOLDS, unmerge="virtual", vtu_form=form))
     try:
         logits = llava(input_ids=ids, attention_mask=mask, pixel_values=px).logits
-        assert tp.last_report(llava).visual_tokens_kept == counts
+        rep = tp.last_report(llava)
+        assert rep.visual_tokens_kept == counts
     finally:
         tp.remove(llava)
+    cfg = llava.config.text_config
+    hid, inter, kv = (cfg.hidden_size, cfg.intermediate_size,
+                     cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads)
+    for b, p in enumerate(prompts):  # FLOPs: projections and MLPs on the merged tokens, attention at full length
+        nf, nm = len(p), len(p) - N_PATCHES + counts[b]
+        linear = lambda n: 2 * n * hid * (2 * hid + 2 * kv) + 6 * n * hid * inter  # noqa: E731
+        expected = 1 - (linear(nm) + 2 * nf * nf * hid) / (linear(nf) + 2 * nf * nf * hid)
+        assert rep.flops_saved[b] == pytest.approx(expected, rel=1e-12)
     for b, p in enumerate(prompts):
         seq, mapping = _merged_sequence(llava, p, *images[b])
         ref = vtu_oracle(llava, seq, mapping)
