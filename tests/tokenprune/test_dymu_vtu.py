@@ -156,14 +156,16 @@ def test_identity_map_equals_stock_model(llava, thresholds):
         gen = llava.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=3, do_sample=False)
     finally:
         tp.remove(llava)
+    assert all("forward" not in layer.self_attn.__dict__ for layer in llava.model.language_model.layers)
     valid = mask.bool()
     torch.testing.assert_close(got[valid], ref[valid], atol=1e-5, rtol=1e-4)
     assert torch.equal(gen, ref_gen)
 
 
-def test_batch_rows_equal_rows_alone(llava):
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_batch_rows_equal_rows_alone(llava, side):
     prompts = _prompts() + [prompt(1, N_PATCHES, 7, 2)]
-    ids, mask = batch(prompts)
+    ids, mask = batch(prompts, side)
     px = pixels(3, seed=4)
     tp.apply(llava, tp.DyMU(THRESHOLDS, unmerge="virtual"))
     try:
@@ -172,7 +174,8 @@ def test_batch_rows_equal_rows_alone(llava):
         assert len(set(kept)) > 1
         for b, p in enumerate(prompts):
             one = llava(input_ids=torch.tensor([p]), pixel_values=px[b : b + 1]).logits[0]
-            torch.testing.assert_close(full[b, -one.shape[0] :], one, atol=1e-5, rtol=1e-4)
+            row = full[b, -one.shape[0] :] if side == "left" else full[b, : one.shape[0]]
+            torch.testing.assert_close(row, one, atol=1e-5, rtol=1e-4)
     finally:
         tp.remove(llava)
 
@@ -233,3 +236,14 @@ def test_unmerge_argument_and_where_it_runs():
         tp.apply(copy.deepcopy(tiny_llava(image_size=56).model.vision_tower), tp.DyMU([0.5], unmerge="virtual"))
     assert tp.DyMU([0.5], unmerge="virtual").capabilities.virtual_unmerge
     assert not tp.DyMU([0.5]).capabilities.virtual_unmerge
+
+
+@pytest.mark.parametrize("family,error", [("llava_next", ValueError), ("qwen2_vl", NotImplementedError)])
+def test_other_families_refuse_before_touching_the_model(family, error):
+    from tp_tiny import tiny_qwen2vl
+
+    model = tiny_llava(next_=True) if family == "llava_next" else tiny_qwen2vl()
+    with pytest.raises(error):
+        tp.apply(model, tp.DyMU([0.5], unmerge="virtual"))
+    assert not hasattr(model, "_visattn_tokenprune")
+    assert all("forward" not in layer.self_attn.__dict__ for layer in model.model.language_model.layers)
