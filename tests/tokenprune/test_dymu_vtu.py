@@ -225,6 +225,10 @@ def test_forms_agree_on_padded_rows_with_grouped_heads():
     torch.testing.assert_close(linear, exact, rtol=1e-10, atol=1e-10)
     assert all(torch.equal(a, c) for a, c in zip(stored["exact"], stored["linear"], strict=True))
     assert stored["exact"][0].shape == (b, hkv, 12, d)
+    full = torch.ones_like(ok)  # ok=None (no padding: SDPA's causal kernel) = an all-real mask
+    ref = vtu.virtual_attention(q, k, v, index, full, cos, sin, 0.3)
+    for form in (vtu.virtual_attention, vtu.virtual_attention_rope_linear):
+        torch.testing.assert_close(form(q, k, v, index, None, cos, sin, 0.3), ref, rtol=1e-10, atol=1e-10)
 
 
 def test_unmerge_argument_and_where_it_runs():

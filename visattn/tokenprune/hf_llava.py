@@ -156,8 +156,8 @@ class ToMeLlavaAdapter(LlavaVisionAdapter):
         embeds = kwargs["inputs_embeds"]
         args, kwargs = super()._prefill(call, args, kwargs, image_id, valid)
         cos, sin = self._rope(embeds, full.pos)
-        self.vtu = hf_vtu.VirtualPrefill(hf_vtu.merge_map(full, call.layout, call.spans, groups), full.valid,
-                                         cos, sin)
+        ok = None if bool(full.valid.all()) else full.valid  # no padding: the fused causal attention
+        self.vtu = hf_vtu.VirtualPrefill(hf_vtu.merge_map(full, call.layout, call.spans, groups), ok, cos, sin)
         bound = self.bound  # the cache holds the full sequence: decode steps run as after a stock prefill
         bound.fed_len, bound.lm_valid, bound.lm_next_pos = full.valid.shape[1], None, None
         return args, kwargs

@@ -33,7 +33,7 @@ class VirtualPrefill:
     """The merge map of one prefill and the full sequence's RoPE tables."""
 
     index: torch.Tensor  # (B, Lf) long: merged column standing for each full position
-    ok: torch.Tensor  # (B, Lf) bool: real full positions (padding False)
+    ok: torch.Tensor | None  # (B, Lf) bool: real full positions (padding False); None: no padding
     cos: torch.Tensor  # (B, Lf, d)
     sin: torch.Tensor  # (B, Lf, d)
 

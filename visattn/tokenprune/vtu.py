@@ -7,7 +7,7 @@ itself; a merged visual token for every original patch it absorbed). One attenti
 
 1. ``q, k, v`` of the merged tokens (B, H, Lm, d) are expanded to the full sequence by ``index`` (:func:`unmerge`);
 2. RoPE rotates ``q`` and ``k`` at the full sequence's positions (``cos``, ``sin``: (B, Lf, d));
-3. causal attention over the full sequence, padding keys (``ok`` False) masked out;
+3. causal attention over the full sequence, padding keys (``ok`` False) masked out (``ok=None``: no padding);
 4. the output is re-merged: each merged token gets the mean of the outputs at the full positions it stands for
    (:func:`remerge_mean`).
 
@@ -33,11 +33,11 @@ def unmerge(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(2, idx)
 
 
-def remerge_mean(y: torch.Tensor, index: torch.Tensor, ok: torch.Tensor, length: int) -> torch.Tensor:
+def remerge_mean(y: torch.Tensor, index: torch.Tensor, ok: torch.Tensor | None, length: int) -> torch.Tensor:
     """Average ``y`` (B, H, Lf, d) over the full positions of each merged token: (B, H, ``length``, d). Only the
-    positions with ``ok`` (B, Lf) count; a merged token without any (padding) gets zeros."""
+    positions with ``ok`` (B, Lf; None: all) count; a merged token without any (padding) gets zeros."""
     b, h, _, d = y.shape
-    w = ok.to(y.dtype)
+    w = y.new_ones(index.shape) if ok is None else ok.to(y.dtype)
     idx = index[:, None, :, None].expand(b, h, index.shape[1], d)
     total = y.new_zeros(b, h, length, d).scatter_add_(2, idx, y * w[:, None, :, None])
     count = y.new_zeros(b, length).scatter_add_(1, index, w).clamp_(min=1)
@@ -51,13 +51,16 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos[:, None] + rot * sin[:, None]
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ok: torch.Tensor,
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ok: torch.Tensor | None,
                      scaling: float) -> torch.Tensor:
     """Causal attention of ``q`` (B, H, L, d) over ``k``, ``v`` (B, Hkv, L, d) (grouped heads repeated), keys
-    with ``ok`` (B, L) False masked out; a padding query row sees only itself (no NaN)."""
+    with ``ok`` (B, L) False masked out (None: SDPA's own causal mask); a padding query row sees only itself (no
+    NaN)."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    if ok is None:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(ok), scale=scaling)
 
 
@@ -69,13 +72,14 @@ def causal_mask(ok: torch.Tensor) -> torch.Tensor:
     return (allowed | (ar[None, :] == ar[:, None])[None])[:, None]
 
 
-def virtual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, ok: torch.Tensor,
-                      cos: torch.Tensor, sin: torch.Tensor, scaling: float, store: Store | None = None) -> torch.Tensor:
+def virtual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                      ok: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, scaling: float,
+                      store: Store | None = None) -> torch.Tensor:
     """One attention of VTU, the exact form (module docstring): ``q`` (B, H, Lm, d), ``k``, ``v`` (B, Hkv, Lm, d)
-    of the merged tokens, un-rotated; ``index`` (B, Lf) the merge map; ``ok`` (B, Lf) the real full positions;
-    ``cos``, ``sin`` (B, Lf, d) RoPE at the full positions. ``store`` receives the expanded, rotated keys and the
-    expanded values (B, Hkv, Lf, d) before the attention (a prefill's KV-cache update) and returns the keys and
-    values to attend. Returns the re-merged output (B, H, Lm, d)."""
+    of the merged tokens, un-rotated; ``index`` (B, Lf) the merge map; ``ok`` (B, Lf) the real full positions
+    (None: all); ``cos``, ``sin`` (B, Lf, d) RoPE at the full positions. ``store`` receives the expanded, rotated
+    keys and the expanded values (B, Hkv, Lf, d) before the attention (a prefill's KV-cache update) and returns the
+    keys and values to attend. Returns the re-merged output (B, H, Lm, d)."""
     kf, vf = rotate(unmerge(k, index), cos, sin), unmerge(v, index)
     if store is not None:
         kf, vf = store(kf, vf)
@@ -88,7 +92,7 @@ def _gqa(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def virtual_attention_rope_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
-                                  ok: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scaling: float,
+                                  ok: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, scaling: float,
                                   store: Store | None = None) -> torch.Tensor:
     """The same attention as :func:`virtual_attention` in the paper's RoPE-linear form: no full-length query, key
     or value is formed for the attention. Per rotary pair ``(x1, x2)`` of dimension ``t`` and angles ``a`` (query
@@ -116,7 +120,8 @@ def virtual_attention_rope_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         return torch.einsum("bird,bhrsd,bjsd->bhij", left, prod, right)
 
     scores = (expand(cm, same, cm) + expand(sm, same, sm) + expand(sm, cross, cm) - expand(cm, cross, sm)) * scaling
-    attn = scores.masked_fill(~causal_mask(ok), float("-inf")).softmax(-1)
+    real = torch.ones_like(index, dtype=torch.bool) if ok is None else ok
+    attn = scores.masked_fill(~causal_mask(real), float("-inf")).softmax(-1)
     per_key = attn @ onehot[:, None]  # (B, H, Lf, Lm): A M
     return remerge_mean(per_key, index, ok, lm) @ v  # (G A M) v
 
