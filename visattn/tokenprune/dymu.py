@@ -83,7 +83,7 @@ class DyMU(TokenPruner):
         self.trace_source, self.prop_attn = trace_source, prop_attn
 
     def virtual_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
-                          ok: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scaling: float,
+                          ok: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, scaling: float,
                           store: Store | None = None) -> torch.Tensor:
         """VTU's attention of ``vtu_form`` (:func:`visattn.tokenprune.vtu.virtual_attention` documents the
         arguments); called by the adapter in every decoder layer of a prefill with ``unmerge="virtual"``."""

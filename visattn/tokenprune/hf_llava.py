@@ -162,6 +162,10 @@ class ToMeLlavaAdapter(LlavaVisionAdapter):
         bound.fed_len, bound.lm_valid, bound.lm_next_pos = full.valid.shape[1], None, None
         return args, kwargs
 
+    def _core_pre(self, module, args, kwargs):
+        self.vtu = None  # a prefill that raised leaves no map behind
+        return super()._core_pre(module, args, kwargs)
+
     def _lm_post(self, module, args, kwargs, output):
         self.vtu = None
         return super()._lm_post(module, args, kwargs, output)
