@@ -63,6 +63,9 @@ def adapter_for(model: torch.nn.Module, pruner: TokenPruner, timing: bool):
                                   "on Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision videos only")
     if model_type in HF_ADAPTERS:
         return HF_ADAPTERS[model_type](model, pruner, timing)
+    if pruner.capabilities.virtual_unmerge:
+        raise ValueError(f"pruner={pruner.name!r} with unmerge='virtual': virtual unmerging runs in a language model "
+                         f"(LLaVA-1.5), not on {type(model).__name__}")
     if pruner.capabilities.tower_merge:  # HF CLIPVisionModel, open_clip VisionTransformer / CLIP (ValueError else)
         return ToMeAdapter(model, pruner)
     if type(model).__module__.startswith("open_clip"):

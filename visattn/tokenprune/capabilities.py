@@ -47,6 +47,11 @@ class Capabilities:
             (``layer_thresholds(num_layers)``, ``match(layer, metric, valid, threshold)``): every image merges
             every pair above the threshold, so images of one batch keep different token counts (padded, with a
             key mask) (DyMU).
+        virtual_unmerge: ``tower_merge`` whose merged tokens the language model attends as the full, unmerged
+            sequence (DyMU's virtual token unmerging): the adapter carries each image's merge map (which patches
+            every merged token stands for) to the language model and substitutes every decoder layer's attention
+            by the method's ``virtual_attention`` (:mod:`visattn.tokenprune.vtu`); needs a language model (no
+            bare tower).
         text_raters: LLM stage: the query rows are text raters picked once per prefill by ``rater_scores``
             (instead of the last token).
         hidden_select: LLM stage: the method scores and selects by itself instead of the attention rows and the
@@ -80,6 +85,7 @@ class Capabilities:
     output: Output = "subset"
     tower_merge: bool = False
     dynamic_merge: bool = False
+    virtual_unmerge: bool = False
     text_raters: bool = False
     hidden_select: bool = False
     recycles: bool = False
@@ -94,7 +100,8 @@ class Capabilities:
         if self.output not in OUTPUTS:
             raise ValueError(f"output={self.output!r}: expected one of {OUTPUTS}")
         for name in ("cls_attention", "cls_keys", "fused_capture", "cls_hidden", "tower_merge", "text_raters",
-                     "recycles", "standalone_tower", "text_condition", "hidden_select", "dynamic_merge", "video_merge"):
+                     "recycles", "standalone_tower", "text_condition", "hidden_select", "dynamic_merge", "video_merge",
+                     "virtual_unmerge"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}={getattr(self, name)!r}: expected a bool")
         if not isinstance(self.positions, tuple) or not self.positions or any(
@@ -120,6 +127,9 @@ class Capabilities:
             raise ValueError("video_merge: only embedding-stage methods without a bare tower or an instruction")
         if self.dynamic_merge and not self.tower_merge:
             raise ValueError("dynamic_merge: only for tower_merge methods (it replaces their fixed r)")
+        if self.virtual_unmerge and (not self.tower_merge or self.standalone_tower):
+            raise ValueError("virtual_unmerge: only for tower_merge methods served with their language model "
+                             "(standalone_tower must be False)")
         if self.tower_merge and self.cls_attention:
             raise ValueError("tower_merge: excludes cls_attention (the tower's own layers merge the tokens)")
 
@@ -144,6 +154,8 @@ class Capabilities:
             out.append("schedule")
         if self.dynamic_merge:
             out += ["layer_thresholds", "match"]
+        if self.virtual_unmerge:
+            out.append("virtual_attention")
         if self.stage == "embedding":
             out.append("merge_video" if self.video_merge else "select")
         if self.stage == "llm":

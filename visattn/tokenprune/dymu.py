@@ -15,12 +15,17 @@ The thresholds come from the official **threshold finding** (DToMe): ToMe with a
 image set with the merge chosen batch-wide (the ``r_l · B`` most similar pairs of the whole batch), each batch's
 ``t_l`` being the similarity of the best pair left unmerged (clamped at 0), averaged over batches.
 :func:`find_thresholds` runs that search over the images you give it; its result is the ``thresholds`` argument
-(the official checkpoints ship theirs). Virtual token unmerging in the language model (VTU) is not implemented
-(docs/TOKENPRUNE.md, "DyMU").
+(the official checkpoints ship theirs).
+
+``unmerge="virtual"`` adds DyMU's virtual token unmerging (VTU) in the language model (LLaVA-1.5): the language
+model keeps the merged tokens, and every attention runs as over the full sequence (the merge map expands q / k /
+v, RoPE at the full positions, causal attention, re-merged output: :mod:`visattn.tokenprune.vtu`,
+:mod:`visattn.tokenprune.hf_vtu`; docs/TOKENPRUNE.md, "DyMU").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Iterable, Sequence
@@ -32,6 +37,7 @@ from visattn.tokenprune.capabilities import Capabilities
 from visattn.tokenprune.methods import TokenPruner
 from visattn.tokenprune.registry import register_method
 from visattn.tokenprune.tome import ThresholdMatching, ToMe, batch_matching, threshold_matching
+from visattn.tokenprune.vtu import FORMS, Store
 
 
 def _check_thresholds(value: object) -> list[float | None]:
@@ -48,19 +54,40 @@ def _check_thresholds(value: object) -> list[float | None]:
 class DyMU(TokenPruner):
     """DyMU's dynamic token merging (module docstring): in vision layer ``i`` merge every pair whose cosine
     similarity exceeds ``thresholds[i]`` (``None``: no merging; a list shorter than the tower is padded with
-    ``None``). ``trace_source`` / ``prop_attn`` as :class:`~visattn.tokenprune.tome.ToMe`."""
+    ``None``). ``trace_source`` / ``prop_attn`` as :class:`~visattn.tokenprune.tome.ToMe`. ``unmerge``:
+    ``"none"`` (the language model sees the merged tokens as a shorter sequence, positions re-indexed) or
+    ``"virtual"`` (VTU: the language model attends as over the full unmerged sequence; LLaVA-1.5 only).
+    ``vtu_form``: VTU's attention arithmetic, ``"exact"`` (expand q / k / v, fused attention, re-merge) or
+    ``"rope_linear"`` (the paper's cos / sin form on the merged tokens; same result, more memory)."""
 
     name = "dymu"
     capabilities = Capabilities(stage="vision", output="merged", tower_merge=True, dynamic_merge=True,
                                 standalone_tower=True)
     positions = "reindex"
 
-    def __init__(self, thresholds: Sequence[float | None], trace_source: bool = False, prop_attn: bool = True):
+    def __init__(self, thresholds: Sequence[float | None], trace_source: bool = False, prop_attn: bool = True,
+                 unmerge: str = "none", vtu_form: str = "exact"):
         self.thresholds = _check_thresholds(thresholds)
+        if unmerge not in ("none", "virtual"):
+            raise ValueError(f"unmerge={unmerge!r}: expected 'none' or 'virtual'")
+        if vtu_form not in FORMS:
+            raise ValueError(f"vtu_form={vtu_form!r}: expected one of {tuple(FORMS)}")
+        self.unmerge, self.vtu_form = unmerge, vtu_form
+        if unmerge == "virtual":
+            self.capabilities = dataclasses.replace(type(self).capabilities, virtual_unmerge=True,
+                                                    standalone_tower=False, positions=("original",))
+            self.positions = "original"
         for nm, v in (("trace_source", trace_source), ("prop_attn", prop_attn)):
             if not isinstance(v, bool):
                 raise ValueError(f"{nm}={v!r}: expected a bool")
         self.trace_source, self.prop_attn = trace_source, prop_attn
+
+    def virtual_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                          ok: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, scaling: float,
+                          store: Store | None = None) -> torch.Tensor:
+        """VTU's attention of ``vtu_form`` (:func:`visattn.tokenprune.vtu.virtual_attention` documents the
+        arguments); called by the adapter in every decoder layer of a prefill with ``unmerge="virtual"``."""
+        return FORMS[self.vtu_form](q, k, v, index, ok, cos, sin, scaling, store)
 
     @classmethod
     def from_keep(cls, keep: Any, **kwargs: Any) -> DyMU:

@@ -291,7 +291,8 @@ class HFVisionLanguageAdapter:
         """Build the report of ``call`` (device readbacks happen here, after the prefill)."""
         visual = [sum(e - s for s, e in row) for row in call.spans]
         kept, tokens, vis, extra = self._stage_counts(call)
-        avg, saved = estimate(tokens, self.text_config, self.pruner.name, visual, vis)
+        avg, saved = estimate(tokens, self.text_config, self.pruner.name, visual, vis,
+                              full_attention=self.capabilities.virtual_unmerge)
         rep = PruneReport(
             method=self.pruner.name,
             visual_tokens=visual,

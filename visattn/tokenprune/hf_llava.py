@@ -4,14 +4,17 @@ Vision-stage methods (:mod:`visattn.tokenprune.hf_vision` scores them): a pre-ho
 patch features with the ``k`` kept / merged ones, a post-hook writes the ``k`` projected tokens into the first
 ``k`` placeholder slots of each image (so HF's placeholder check holds); the language-model pre-hook then removes
 the unused slots. ``capabilities.tower_merge`` methods (ToMe) merge inside the CLIP tower and feed the projector
-the same way (:class:`ToMeLlavaAdapter`). Embedding- and LLM-stage methods: :mod:`visattn.tokenprune.hf_embedding`,
-:mod:`visattn.tokenprune.hf_llm`. :func:`llava_adapter` picks the class from the method's capabilities.
+the same way (:class:`ToMeLlavaAdapter`; DyMU's virtual unmerging, ``capabilities.virtual_unmerge``, also carries
+each image's merge map to the language model: :mod:`visattn.tokenprune.hf_vtu`). Embedding- and LLM-stage
+methods: :mod:`visattn.tokenprune.hf_embedding`, :mod:`visattn.tokenprune.hf_llm`. :func:`llava_adapter` picks
+the class from the method's capabilities.
 """
 
 from __future__ import annotations
 
 import torch
 
+from visattn.tokenprune import hf_vtu
 from visattn.tokenprune.hf_base import HFVisionLanguageAdapter
 from visattn.tokenprune.hf_embedding import EmbeddingStage
 from visattn.tokenprune.hf_llm import LLMStage
@@ -90,7 +93,12 @@ class LlavaVisionAdapter(VisionStage, LlavaAdapter):
 class ToMeLlavaAdapter(LlavaVisionAdapter):
     """ToMe / DyMU (``capabilities.tower_merge``) in the CLIP tower of a HF LLaVA-1.5 model: the projector's merged
     tokens fill the first slots of each image's placeholder span (DyMU: each image its own count); the unused
-    slots are removed before the language model."""
+    slots are removed before the language model. With ``capabilities.virtual_unmerge`` (DyMU's VTU) the tower
+    also reports which patches each merged token of the feature layer holds, and the language model attends as
+    over the full sequence (:mod:`visattn.tokenprune.hf_vtu`)."""
+
+    vtu: hf_vtu.VirtualPrefill | None = None
+    _vtu_patched: list | None = None
 
     def _validate(self) -> None:
         if not self.capabilities.tower_merge:
@@ -103,7 +111,18 @@ class ToMeLlavaAdapter(LlavaVisionAdapter):
         if hs_index == 0:
             raise ValueError("model: vision_feature_layer selects the embeddings; nothing is merged")
         self.feature_layer = hs_index - 1
-        self.tome = ToMeAdapter(self.core.vision_tower, self.pruner)
+        if self.capabilities.virtual_unmerge:
+            hf_vtu.check_attention_layers(self.layers)
+            if not callable(getattr(self.lm, "rotary_emb", None)):
+                raise ValueError(f"model: {type(self.lm).__name__} has no rotary_emb (DyMU's virtual unmerging "
+                                 "needs RoPE at the full positions)")
+        source_layer = self.feature_layer if self.capabilities.virtual_unmerge else None
+        self.tome = ToMeAdapter(self.core.vision_tower, self.pruner, source_layer=source_layer)
+
+    def _install(self) -> None:
+        super()._install()
+        if self.capabilities.virtual_unmerge:
+            self._vtu_patched = hf_vtu.install(self.layers, lambda: self.vtu, self.pruner.virtual_attention)
 
     def _install_vision(self) -> None:
         self.handles.append(self.core.vision_tower.register_forward_pre_hook(self._vision_start))
@@ -125,11 +144,38 @@ class ToMeLlavaAdapter(LlavaVisionAdapter):
             vis.slots = [c - 1 for c in counts]
         else:
             vis.kept = list(origin[:, 1:] - 1)
+        if self.capabilities.virtual_unmerge:  # the merged slot of every patch: argmax over each patch's holder
+            vis.groups = rep.extra["layer_source"][:, 1:, 1:].argmax(1)
         return None
+
+    def _prefill(self, call, args, kwargs, image_id, valid):
+        if not self.capabilities.virtual_unmerge:
+            return super()._prefill(call, args, kwargs, image_id, valid)
+        groups = None if self.vision is None or self.vision.count is None else self.vision.groups
+        full = call.layout
+        embeds = kwargs["inputs_embeds"]
+        args, kwargs = super()._prefill(call, args, kwargs, image_id, valid)
+        cos, sin = self._rope(embeds, full.pos)
+        ok = None if bool(full.valid.all()) else full.valid  # no padding: the fused causal attention
+        self.vtu = hf_vtu.VirtualPrefill(hf_vtu.merge_map(full, call.layout, call.spans, groups), ok, cos, sin)
+        bound = self.bound  # the cache holds the full sequence: decode steps run as after a stock prefill
+        bound.fed_len, bound.lm_valid, bound.lm_next_pos = full.valid.shape[1], None, None
+        return args, kwargs
+
+    def _core_pre(self, module, args, kwargs):
+        self.vtu = None  # a prefill that raised leaves no map behind
+        return super()._core_pre(module, args, kwargs)
+
+    def _lm_post(self, module, args, kwargs, output):
+        self.vtu = None
+        return super()._lm_post(module, args, kwargs, output)
 
     def remove(self) -> None:
         super().remove()
         self.tome.remove()
+        if self._vtu_patched:
+            hf_vtu.uninstall(self._vtu_patched)
+        self.vtu = None
 
 
 #: ``capabilities.stage`` -> LLaVA-1.5 adapter class

@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 import torch
 
 
-def layer_flops(n: int, hidden: int, q_dim: int, kv_dim: int, inter: int) -> float:
-    """Forward FLOPs of one Llama-style decoder layer on ``n`` tokens (projections, gated MLP, causal attention)."""
+def layer_flops(n: int, hidden: int, q_dim: int, kv_dim: int, inter: int, attn_n: int | None = None) -> float:
+    """Forward FLOPs of one Llama-style decoder layer on ``n`` tokens (projections, gated MLP, causal attention);
+    ``attn_n``: the attention's sequence length when it differs (DyMU's virtual unmerging attends at full length)."""
     proj = 2 * n * hidden * (2 * q_dim + 2 * kv_dim)
     mlp = 2 * n * 3 * hidden * inter
-    attn = 2 * n * n * q_dim  # causal: QK^T and AV over half the square each
+    a = n if attn_n is None else attn_n
+    attn = 2 * a * a * q_dim  # causal: QK^T and AV over half the square each
     return float(proj + mlp + attn)
 
 
@@ -59,9 +61,12 @@ class PruneReport:
 
 
 def estimate(
-    tokens_per_layer: list[list[int]], text_config, method: str, visual: list[int], visual_per_layer: list[list[int]]
+    tokens_per_layer: list[list[int]], text_config, method: str, visual: list[int], visual_per_layer: list[list[int]],
+    full_attention: bool = False,
 ) -> tuple[list[float], list[float]]:
-    """(layer-averaged visual tokens, FLOPs saved) per sample from per-layer token counts."""
+    """(layer-averaged visual tokens, FLOPs saved) per sample from per-layer token counts; ``full_attention``: the
+    attention runs over the unpruned length in every layer (DyMU's virtual unmerging), only the projections and
+    MLPs over the kept tokens."""
     hidden = text_config.hidden_size
     heads = text_config.num_attention_heads
     head_dim = getattr(text_config, "head_dim", None) or hidden // heads
@@ -70,7 +75,8 @@ def estimate(
     avg, saved = [], []
     for b, per_layer in enumerate(tokens_per_layer):
         full_n = per_layer[0] + (visual[b] - visual_per_layer[b][0])
-        pruned = sum(layer_flops(n, hidden, heads * head_dim, kv * head_dim, inter) for n in per_layer)
+        attn_n = full_n if full_attention else None
+        pruned = sum(layer_flops(n, hidden, heads * head_dim, kv * head_dim, inter, attn_n) for n in per_layer)
         full = len(per_layer) * layer_flops(full_n, hidden, heads * head_dim, kv * head_dim, inter)
         saved.append(1.0 - pruned / full if full else 0.0)
         avg.append(sum(visual_per_layer[b]) / len(visual_per_layer[b]))

@@ -22,6 +22,7 @@ class VisionPass:
     count: int | None = None  # patches per image before the reduction (-1: LLaVA-NeXT packed); None = untouched
     slots_used: int = 0  # placeholder slots the reduced tokens fill (LLaVA)
     slots: list[int] | None = None  # per image, when images fill different numbers of slots (LLaVA + DyMU)
+    groups: torch.Tensor | None = None  # (images, patches): merged slot holding each patch (DyMU's VTU)
     patches: torch.Tensor | None = None  # projector input of LLaVA-NeXT VisionZip (every crop's patches)
     projecting: bool = False  # LLaVA-NeXT VisionZip is running the projector on its own tokens
     report_kept: list[torch.Tensor] | None = None  # LLaVA-NeXT VisionZip: the dominant patch indices per image

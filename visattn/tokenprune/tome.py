@@ -252,6 +252,7 @@ class _State:
     row_counts: list[torch.Tensor] = field(default_factory=list)  # (B,) tokens per row after each layer (DyMU)
     valid: torch.Tensor | None = None  # (B, N) real tokens once rows have different lengths (DyMU)
     origins: list[torch.Tensor] = field(default_factory=list)  # origin after each layer
+    layer_source: torch.Tensor | None = None  # source after the adapter's ``source_layer``
     n0: int = 0
 
 
@@ -261,12 +262,14 @@ def _tower_flops(n: int, width: int, inter: int) -> float:
 
 class ToMeAdapter:
     """Patch the encoder layers of a CLIP-style tower with ToMe (instance ``forward`` overrides; ``remove``
-    restores them). ``model`` is a HF ``CLIPVisionModel``, an open_clip ``VisionTransformer`` or ``CLIP``."""
+    restores them). ``model`` is a HF ``CLIPVisionModel``, an open_clip ``VisionTransformer`` or ``CLIP``.
+    ``source_layer``: also trace the sources and report them as they are after that layer
+    (``extra["layer_source"]``, (B, N, N0); the LLaVA adapter's merge map for DyMU's virtual unmerging)."""
 
-    def __init__(self, model: torch.nn.Module, pruner: TokenPruner):
+    def __init__(self, model: torch.nn.Module, pruner: TokenPruner, source_layer: int | None = None):
         if not isinstance(pruner, TokenPruner) or not pruner.capabilities.tower_merge:
             raise ValueError(f"pruner={pruner!r}: ToMeAdapter needs a method with capabilities.tower_merge")
-        self.model, self.pruner = model, pruner
+        self.model, self.pruner, self.source_layer = model, pruner, source_layer
         self.kind, self.encoder, self.layers = _locate(model)
         self.schedule = pruner.schedule(len(self.layers))
         self.thresholds = (pruner.layer_thresholds(len(self.layers)) if pruner.capabilities.dynamic_merge
@@ -304,7 +307,7 @@ class ToMeAdapter:
             b, n = x.shape[:2]
             self.state.n0 = n
             self.state.origin = torch.arange(n, device=x.device).expand(b, n)
-            if self.pruner.trace_source:
+            if self.pruner.trace_source or self.source_layer is not None:
                 self.state.source = torch.eye(n, device=x.device, dtype=x.dtype).expand(b, n, n)
 
     def _finish(self, module, args, output) -> None:
@@ -323,8 +326,10 @@ class ToMeAdapter:
         extra = {"tokens_per_layer": st.counts, "size": st.size, "origins": st.origins, "flops_scope": "vision tower"}
         if self.pruner.capabilities.dynamic_merge:
             extra.update(row_tokens_per_layer=rows, valid=st.valid)
-        if st.source is not None:
+        if st.source is not None and self.pruner.trace_source:
             extra["source"] = st.source
+        if self.source_layer is not None:
+            extra["layer_source"] = st.layer_source
         self.last_report = PruneReport(
             method=self.pruner.name,
             visual_tokens=[n0 - 1] * b,
@@ -375,6 +380,8 @@ class ToMeAdapter:
         st.row_counts.append(st.valid.sum(1) if st.valid is not None
                              else torch.full((st.origin.shape[0],), width, device=st.origin.device))
         st.origins.append(st.origin)
+        if len(st.counts) - 1 == self.source_layer:
+            st.layer_source = st.source
 
     def _merge_threshold(self, idx: int, x: torch.Tensor, metric: torch.Tensor, threshold: float) -> torch.Tensor:
         """DyMU's merge of ``x`` (B, N, C) in layer ``idx``: the method's ``match`` (every row merges its A tokens
