@@ -21,8 +21,10 @@ Differences from the paper (docs/TOKENPRUNE.md, "ZipVL"): the paper decides ``p`
 every layer and evicts any token (text included) from that layer's KV cache, approximating the attention with
 probe queries; here the candidates are one image's tokens, the distribution is that image's own, the decision is
 made once (at ``layer``) and the scores are exact (every query row, float32). The paper's KV-cache compression of
-the unimportant tokens (eviction in v2) is the drop itself here; v1's mixed-precision quantisation of their
-cache is not implemented.
+the unimportant tokens is the drop itself with ``kv="drop"`` (v2's eviction); ``kv="quantize"`` keeps them and
+stores the KV cache in mixed precision instead (v1: the important tokens at ``bits[0]``, the others at ``bits[1]``;
+:mod:`~visattn.tokenprune.kvquant`, :mod:`~visattn.tokenprune.hf_kvcache`; docs/TOKENPRUNE.md, "ZipVL KV-cache
+quantisation").
 """
 
 from __future__ import annotations
