@@ -24,7 +24,7 @@ from test_llava_methods import _generate, _inputs, _span, rows_equal_single_runs
 from test_zipvl import zipvl_oracle  # noqa: E402
 
 from visattn import tokenprune as tp  # noqa: E402
-from visattn.tokenprune.kvquant import MixedPrecisionKV, encode  # noqa: E402
+from visattn.tokenprune.kvquant import MixedPrecisionKV, encode, precision_sets  # noqa: E402
 
 TAU = 0.6
 
@@ -98,6 +98,23 @@ def test_encode_16_bits_and_empty_store_as_is():
     assert encode(x[:0], 2).decode().shape == (0, 5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_codes_match_the_float64_transcription(dtype):
+    """Half inputs are coded in float32 (8-bit codes would not fit a bfloat16 mantissa); scales and zeros are
+    stored in the input dtype, so the read back is the transcription up to rounding the scale (times a code of at
+    most 255), the zero and the result to that dtype (each within eps / 2 relative)."""
+    x = (torch.randn(6, 40, generator=torch.Generator().manual_seed(3)) * 4).to(dtype)
+    stored = encode(x, 8)
+    assert stored.scale.dtype == dtype and stored.decode().dtype == dtype
+    xd = x.double()
+    ref = fake_quant_rows(xd, 8, None)
+    lo = xd.amin(1, keepdim=True)
+    step = (xd.amax(1, keepdim=True) - lo) / 255
+    eps = torch.finfo(dtype).eps
+    bound = (255 * step + lo.abs() + ref.abs()) * eps / 2 * 1.01
+    assert ((stored.decode().double() - ref).abs() <= bound).all()
+
+
 @pytest.mark.parametrize("bits,group", [((4, 2), None), ((8, 2), 3), ((16, 4), None)])
 def test_mixed_precision_kv_matches_transcription(bits, group):
     g = torch.Generator().manual_seed(1)
@@ -107,7 +124,7 @@ def test_mixed_precision_kv_matches_transcription(bits, group):
     valid = torch.ones(bsz, length, dtype=torch.bool)
     valid[1, :3] = False  # left padding
     important = torch.rand(bsz, length, generator=g) < 0.4
-    kv = MixedPrecisionKV(k, v, important, valid, bits, group)
+    kv = MixedPrecisionKV(k, v, precision_sets(important, valid), bits, group)
     kd, vd = kv.decode()
     for b in range(bsz):
         sets = [[t for t in range(length) if valid[b, t] and important[b, t]],

@@ -15,7 +15,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from visattn.tokenprune.hf_contract import _fail
-from visattn.tokenprune.kvquant import MixedPrecisionKV
+from visattn.tokenprune.kvquant import MixedPrecisionKV, precision_sets
 
 
 class MixedPrecisionLayer(DynamicLayer):
@@ -69,8 +69,9 @@ def install_mixed_precision(cache, important: torch.Tensor, valid: torch.Tensor,
                     f"{kinds}")
     stored = [0] * valid.shape[0]
     fp16 = [0] * valid.shape[0]
+    columns = precision_sets(important, valid)
     for i, layer in enumerate(layers):
-        kv = MixedPrecisionKV(layer.keys, layer.values, important, valid, bits, group_size)
+        kv = MixedPrecisionKV(layer.keys, layer.values, columns, bits, group_size)
         layers[i] = MixedPrecisionLayer(kv, layer.keys, layer.values)
         stored = [a + b for a, b in zip(stored, kv.nbytes(), strict=True)]
         fp16 = [a + b for a, b in zip(fp16, kv.fp16_bytes(), strict=True)]

@@ -93,13 +93,15 @@ class Stored:
         n = self.shape[-1]
         groups = -(-n // self.group)
         codes = _unpack(self.codes, self.bits, groups * self.group).reshape(*self.shape[:-1], groups, self.group)
-        x = codes.to(self.scale.dtype) * self.scale[..., None] + self.zero[..., None]
+        work = torch.promote_types(self.scale.dtype, torch.float32)
+        x = codes.to(work) * self.scale[..., None].to(work) + self.zero[..., None].to(work)
         return x.reshape(*self.shape[:-1], groups * self.group)[..., :n].to(self.dtype)
 
 
 def encode(x: torch.Tensor, bits: int, group_size: int | None = None) -> Stored:
     """Store ``x`` at ``bits``: asymmetric min-max groups of ``group_size`` consecutive elements of the last axis
-    (the whole axis when None; a short last group is padded with its last element, which moves no min / max)."""
+    (the whole axis when None; a short last group is padded with its last element, which moves no min / max).
+    Half-precision inputs are coded in float32; scales and zeros are kept in ``x``'s dtype."""
     if bits == 16 or not x.numel():
         return Stored(bits, tuple(x.shape), x.dtype, raw=x)
     n = x.shape[-1]
@@ -107,12 +109,15 @@ def encode(x: torch.Tensor, bits: int, group_size: int | None = None) -> Stored:
     pad = (-n) % group
     xs = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], -1) if pad else x
     xs = xs.reshape(*x.shape[:-1], -1, group)
+    if xs.element_size() < 4:
+        xs = xs.float()
     lo, hi = xs.amin(-1), xs.amax(-1)
     scale = (hi - lo) / float(2**bits - 1)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = torch.round((xs - lo[..., None]) / safe[..., None]).clamp_(0, 2**bits - 1).to(torch.uint8)
     packed = _pack(codes.reshape(*x.shape[:-1], -1), bits)
-    return Stored(bits, tuple(x.shape), x.dtype, codes=packed, scale=scale, zero=lo, group=group)
+    return Stored(bits, tuple(x.shape), x.dtype, codes=packed, scale=scale.to(x.dtype), zero=lo.to(x.dtype),
+                  group=group)
 
 
 def encode_keys(k: torch.Tensor, bits: int, group_size: int | None = None) -> Stored:
@@ -139,24 +144,32 @@ class _SampleKV:
     channel: torch.Tensor | None  # (C,) value channel factor (None when no set is quantised)
 
 
+def precision_sets(important: torch.Tensor, valid: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Per sample, the cache columns of the two precision sets: ``[important & valid, ~important & valid]``
+    (indices on the masks' device; one readback)."""
+    sets = torch.stack([important & valid, ~important & valid]).cpu()
+    return [[torch.nonzero(sets[s, b]).flatten().to(valid.device) for s in range(2)] for b in range(valid.shape[0])]
+
+
 class MixedPrecisionKV:
     """The prefill part of one layer's KV cache, each sample's tokens in two precision sets (important: ``bits[0]``,
     the rest: ``bits[1]``), padding columns not stored. :meth:`decode` rebuilds (B, H, L, D) keys and values
     (padding columns zero: the attention mask hides them)."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, important: torch.Tensor, valid: torch.Tensor,
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, columns: list[list[torch.Tensor]],
                  bits: tuple[int, int], group_size: int | None = None):
+        """``keys`` / ``values`` (B, H, L, D); ``columns``: per sample, the columns of the important and of the
+        other set (:func:`precision_sets`)."""
         bsz, heads, length, dim = keys.shape
         self.shape = (bsz, heads, length, dim)
         self.value_dim = values.shape[-1]
         self.dtype, self.device = keys.dtype, keys.device
         self.bits = bits
         self.samples: list[_SampleKV] = []
-        sets = torch.stack([important & valid, ~important & valid]).cpu()  # one readback per layer
         for b in range(bsz):
             kb = keys[b].permute(1, 0, 2).reshape(length, heads * dim)  # (L, C): heads flattened into channels
             vb = values[b].permute(1, 0, 2).reshape(length, heads * self.value_dim)
-            cols = [torch.nonzero(sets[s, b]).flatten().to(keys.device) for s in range(2)]
+            cols = [c.to(keys.device) for c in columns[b]]
             quantised = any(bt < 16 and c.numel() for bt, c in zip(bits, cols, strict=True))
             channel = value_channel_scale(vb[torch.cat(cols)]) if quantised else None
             ks, vs = [], []
