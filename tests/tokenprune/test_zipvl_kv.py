@@ -270,6 +270,7 @@ def test_report_bytes_follow_the_storage_formula(models):
         assert report.extra["kv_bytes"][i] == layers * total
         assert report.extra["kv_bytes_fp16"][i] == layers * 2 * 2 * chans * n
         assert report.extra["kv_bytes"][i] < report.extra["kv_bytes_fp16"][i] / 1.5
+    assert report.summary()["kv_bytes"] == report.extra["kv_bytes"]
 
 
 @pytest.mark.parametrize("kwargs,arg,err", [
