@@ -47,16 +47,21 @@ MATRIX = {
     "random": (lambda: tp.RandomPrune(keep=0.5, seed=2), (Y, Y, Y, Y)),
     "cdpruner": (lambda: tp.CDPruner(keep=0.5), (Y, Y, Y, Y)),
     "zipvl": (lambda: tp.ZipVL(tau=0.5, layer=2), (Y, Y, Y, Y)),
+    "zipvl-kv": (lambda: tp.ZipVL(tau=0.5, layer=2, kv="quantize"), (Y, Y, Y, Y)),  # an option, not a registry name
     "temporal-merge": (lambda: tp.TemporalMerge(frames=tp.DivPrune(keep=2)), (NI, NI, Y, Y)),  # images pass unchanged
 }
 FAMILIES = ("llava", "llava_next", "qwen2_vl", "llava_onevision")
 #: the arguments a method cannot do without (DyMU's thresholds come from an offline search: no default)
 REQUIRED = {"dymu": {"thresholds": [0.5]}}
+#: rows of a registered method with another option (not registry names)
+OPTIONS = ("zipvl-kv",)
 
 
 def test_every_registered_method_has_a_row():
     assert {type(make()) for make, _ in MATRIX.values()} == set(tp.REGISTRY.values())
     for name, (make, _) in MATRIX.items():
+        if name in OPTIONS:
+            continue
         assert type(tp.create(name, **REQUIRED.get(name, {}))) is type(make())
 
 
@@ -121,3 +126,13 @@ def test_new_methods_batch_rows_equal_single_runs_on_llava_next(method):
     rep = assert_rows_equal_single_runs(model, MATRIX[method][0], kw["input_ids"], kw["attention_mask"],
                                         kw["pixel_values"])
     assert rep.visual_tokens != rep.visual_tokens_kept
+
+
+def test_zipvl_kv_quantize_rows_equal_single_runs_on_llava_next():
+    """ZipVL kv='quantize' keeps every packed token (newlines included) and its mixed-precision cache of a padded
+    batch row equals the row's own."""
+    model, kw = _family("llava_next")
+    rep = assert_rows_equal_single_runs(model, MATRIX["zipvl-kv"][0], kw["input_ids"], kw["attention_mask"],
+                                        kw["pixel_values"])
+    assert rep.visual_tokens == rep.visual_tokens_kept
+    assert all(0 < s < f for s, f in zip(rep.extra["kv_bytes"], rep.extra["kv_bytes_fp16"], strict=True))

@@ -204,3 +204,25 @@ def test_right_padding_forward(setup, name):
                 torch.testing.assert_close(full[i, : one.shape[1]], one[0], atol=2e-4, rtol=1e-4)
     finally:
         tp.remove(model)
+
+
+def test_zipvl_kv_quantize(setup):
+    """ZipVL kv='quantize' on M-RoPE: 16 bits = the stock model; at (4, 2) nothing is dropped, the low-bit cache
+    changes the decode, and batch rows equal single runs."""
+    model, _, prompts, px = setup
+    kw = _kwargs(model, prompts, px, GRIDS)
+    base, _ = _gen(model, None, kw)
+    same, _ = _gen(model, tp.ZipVL(tau=0.6, kv="quantize", bits=(16, 16)), kw)
+    for a, b in zip(same.logits, base.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    out, rep = _gen(model, tp.ZipVL(tau=0.6, kv="quantize"), kw)
+    assert rep.visual_tokens_kept == N_TOK
+    assert all(0 < len(k[0]) < n for k, n in zip(rep.extra["kv_important"], N_TOK, strict=True))
+    assert all(s < f for s, f in zip(rep.extra["kv_bytes"], rep.extra["kv_bytes_fp16"], strict=True))
+    assert (out.logits[1] - base.logits[1]).abs().max() > 1e-4
+    for i, row in enumerate(prompts):
+        one, rep1 = _gen(model, tp.ZipVL(tau=0.6, kv="quantize"), _kwargs(model, [row], _pixels_of(px, i),
+                                                                          GRIDS[i : i + 1]))
+        assert rep1.extra["kv_bytes"][0] == rep.extra["kv_bytes"][i]
+        for a, b in zip(out.logits, one.logits, strict=True):
+            torch.testing.assert_close(a[i], b[0], atol=2e-4, rtol=1e-4)

@@ -24,8 +24,8 @@ Algorithm (FlashAttention-2 on a block list):
 
 Tile sizes are constexpr: ``BLOCK_M``/``BLOCK_N`` the block size rounded to a power of two in ``[16, 64]`` (the
 forward takes 128 x 32 for 16-bit blocks of >= 128 tokens, :func:`_forward_blocks`), head dims padded to powers of
-two (>= 16) with masked columns; a key block that fills its tiles inside the sequence skips the score mask. Tables come from :func:`block_csr` (torch ops without a
-host sync: it works on a device mask built per call).
+two (>= 16) with masked columns; a key block that fills its tiles inside the sequence skips the score mask.
+Tables come from :func:`block_csr` (torch ops without a host sync: it works on a device mask built per call).
 """
 
 from __future__ import annotations

@@ -60,6 +60,10 @@ class Capabilities:
             calls ``select_image`` once per image with that image's and its sample's instruction tokens' scores
             and hidden states (the drop layer's input through the language model's final norm) and keeps what it
             returns, any number of tokens (DART, ZipVL).
+        kv_quantize: LLM stage with ``hidden_select``: the selection is not dropped; every token stays, and after the
+            prefill the adapter stores the KV cache of the selected (and text) tokens at ``kv_bits[0]`` bits and
+            of the unselected visual tokens at ``kv_bits[1]``, in groups of ``kv_group_size``
+            (:mod:`~visattn.tokenprune.kvquant`, ZipVL v1).
         recycles: LLM stage: deleted tokens may be recycled into extra tokens placed after each image's kept
             ones (``recycled_count``, ``recycle_pick``, ``recycled``).
         positions: the position policies the method accepts as its ``positions`` argument (the first is its
@@ -89,6 +93,7 @@ class Capabilities:
     text_raters: bool = False
     hidden_select: bool = False
     recycles: bool = False
+    kv_quantize: bool = False
     positions: tuple[str, ...] = field(default=("reindex",))
     standalone_tower: bool = False
     text_condition: bool = False
@@ -101,7 +106,7 @@ class Capabilities:
             raise ValueError(f"output={self.output!r}: expected one of {OUTPUTS}")
         for name in ("cls_attention", "cls_keys", "fused_capture", "cls_hidden", "tower_merge", "text_raters",
                      "recycles", "standalone_tower", "text_condition", "hidden_select", "dynamic_merge", "video_merge",
-                     "virtual_unmerge"):
+                     "virtual_unmerge", "kv_quantize"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}={getattr(self, name)!r}: expected a bool")
         if not isinstance(self.positions, tuple) or not self.positions or any(
@@ -118,6 +123,9 @@ class Capabilities:
                              "methods")
         if self.hidden_select and (self.text_raters or self.recycles):
             raise ValueError("hidden_select: the method selects by itself (no text raters, no recycling)")
+        if self.kv_quantize and not self.hidden_select:
+            raise ValueError("kv_quantize: only for LLM-stage hidden_select methods (their selection marks the "
+                             "important tokens)")
         if self.text_condition and (self.stage != "embedding" or self.standalone_tower):
             raise ValueError("text_condition: only embedding-stage methods get the instruction, and a bare tower "
                              "has none (standalone_tower must be False)")
@@ -164,6 +172,8 @@ class Capabilities:
             out.append("rater_scores")
         if self.hidden_select:
             out += ["layer_scores", "select_image"]
+        if self.kv_quantize:
+            out += ["kv_bits", "kv_group_size"]
         if self.recycles:
             out += ["recycled_count", "recycle_pick", "recycled"]
         return tuple(out)

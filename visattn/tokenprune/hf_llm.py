@@ -124,6 +124,9 @@ class LLMStage(HFVisionLanguageAdapter):
                 else:
                     keep, sel, last_kept = self._select_stage(call, lay, stage_index)
             call.stage_selected.append(per_sample(call.spans, list(sel)))
+            if self.capabilities.kv_quantize:  # nothing dropped: the selection marks the high-precision cache
+                call.kv_important = keep
+                continue
             removed = [n - x.shape[-1] for n, x in zip(call.image_counts, sel, strict=False)]
             if not any(removed):
                 continue
@@ -232,6 +235,18 @@ class LLMStage(HFVisionLanguageAdapter):
         sub["cache_position"] = valid.shape[1] + (extra - q) + torch.arange(q, device=hidden.device)
         self._substitute(kwargs, sub)
 
+    def _lm_post(self, module, args, kwargs, output):
+        call = self.call
+        if call is not None and call.kv_important is not None:
+            cache = self.contract.cache_out(output)
+            if cache is not None:
+                from visattn.tokenprune.hf_kvcache import install_mixed_precision  # imports transformers
+
+                with self._timed():
+                    call.kv_bytes = install_mixed_precision(cache, call.kv_important, call.layout.valid,
+                                                            self.pruner.kv_bits, self.pruner.kv_group_size)
+        return super()._lm_post(module, args, kwargs, output)
+
     # ---------------------------------------------------------------------------------------------- report
     def _stage_counts(self, call: PrefillState) -> tuple[list, list, list, dict]:
         lay = call.layout
@@ -239,6 +254,9 @@ class LLMStage(HFVisionLanguageAdapter):
         kept = kept_now(call.spans, lay, call.image_start)
         extra = {"stage_kept": [kept_now(call.spans, x, call.image_start) for x in call.stage_layouts],
                  "stage_selected": call.stage_selected}
+        if call.kv_bytes is not None:
+            extra["kv_important"] = call.stage_selected[-1]
+            extra["kv_bytes"], extra["kv_bytes_fp16"] = call.kv_bytes
         snaps = torch.stack([torch.stack([x.valid.sum(1), ((x.image >= 0) & x.valid).sum(1)])
                              for x in call.layouts]).tolist() if call.layouts else []  # one sync
         tokens = [[snaps[i][0][b] for i in call.per_layer] for b in range(bsz)]

@@ -26,7 +26,11 @@ class PruneReport:
       last layer), i.e. the budget as "tokens fed to the LLM";
     * ``visual_tokens_layer_avg``: visual tokens averaged over LLM layers (the budget as some papers count it);
     * ``flops_saved``: 1 - estimated LLM prefill FLOPs with pruning / without;
-    * ``kept_indices``: per sample, per image, indices (within the image's visual tokens) that were kept.
+    * ``kept_indices``: per sample, per image, indices (within the image's visual tokens) that were kept;
+    * ``extra``: method-specific fields; ZipVL ``kv="quantize"`` adds ``kv_important`` (per sample, per image, the
+      indices whose KV cache is stored at the high bit-width), ``kv_bytes`` (per sample, bytes the mixed-precision
+      cache holds for the prefill over all layers) and ``kv_bytes_fp16`` (the same tokens' keys and values in
+      float16).
     """
 
     method: str
@@ -51,13 +55,19 @@ class PruneReport:
         return total
 
     def summary(self) -> dict:
-        return {
+        """The per-sample counts as plain lists (plus the KV-cache bytes, stored and float16, when the method
+        compressed the cache: ZipVL ``kv="quantize"``)."""
+        out = {
             "method": self.method,
             "visual_tokens": self.visual_tokens,
             "visual_tokens_kept": self.visual_tokens_kept,
             "visual_tokens_layer_avg": [round(v, 2) for v in self.visual_tokens_layer_avg],
             "flops_saved": [round(v, 4) for v in self.flops_saved],
         }
+        for key in ("kv_bytes", "kv_bytes_fp16"):
+            if key in self.extra:
+                out[key] = self.extra[key]
+        return out
 
 
 def estimate(

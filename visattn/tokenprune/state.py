@@ -52,6 +52,8 @@ class PrefillState:
     image_counts: list[int] = field(default_factory=list)  # current tokens per image
     row_tokens: list[int] = field(default_factory=list)  # current valid tokens per row
     right_padded: bool = False
+    kv_important: torch.Tensor | None = None  # (B, L) capabilities.kv_quantize: the high-precision cache columns
+    kv_bytes: tuple[list[int], list[int]] | None = None  # per sample: KV bytes stored, the same tokens in float16
     # videos (Qwen2-VL): every frame is one "image" of ``spans``; per video: (sample, its frames' indices within
     # the sample's images)
     videos: list[tuple[int, list[int]]] = field(default_factory=list)

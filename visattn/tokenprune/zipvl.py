@@ -21,12 +21,15 @@ Differences from the paper (docs/TOKENPRUNE.md, "ZipVL"): the paper decides ``p`
 every layer and evicts any token (text included) from that layer's KV cache, approximating the attention with
 probe queries; here the candidates are one image's tokens, the distribution is that image's own, the decision is
 made once (at ``layer``) and the scores are exact (every query row, float32). The paper's KV-cache compression of
-the unimportant tokens (eviction in v2) is the drop itself here; v1's mixed-precision quantisation of their
-cache is not implemented.
+the unimportant tokens is the drop itself with ``kv="drop"`` (v2's eviction); ``kv="quantize"`` keeps them and
+stores the KV cache in mixed precision instead (v1: the important tokens at ``bits[0]``, the others at ``bits[1]``;
+:mod:`~visattn.tokenprune.kvquant`, :mod:`~visattn.tokenprune.hf_kvcache`; docs/TOKENPRUNE.md, "ZipVL KV-cache
+quantisation").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from typing import Any
 
@@ -34,9 +37,13 @@ import torch
 
 from visattn.tokenprune.budget import check_layer
 from visattn.tokenprune.capabilities import Capabilities
+from visattn.tokenprune.kvquant import check_bits, check_group_size
 from visattn.tokenprune.methods import LLMPruner, LLMStage, _check_positions
 from visattn.tokenprune.registry import register_method
 from visattn.tokenprune.scoring import decoder_attention_mass
+
+#: ``kv`` modes: drop the unimportant visual tokens (v2) or keep them with a low-bit KV cache (v1)
+KV_MODES = ("drop", "quantize")
 
 
 def _check_tau(value: object) -> float:
@@ -54,10 +61,46 @@ class ZipVL(LLMPruner):
     name = "zipvl"
     capabilities = Capabilities(stage="llm", positions=("original", "reindex"), hidden_select=True)
 
-    def __init__(self, tau: float = 0.975, layer: int = 2, positions: str = "original"):
+    def __init__(self, tau: float = 0.975, layer: int = 2, positions: str = "original", kv: str = "drop",
+                 bits: tuple[int, int] | None = None, group_size: int | None = None):
+        """``kv="drop"``: the unimportant visual tokens leave the sequence before ``layer`` (v2). ``kv="quantize"``:
+        every token stays; after the prefill the KV cache of the important tokens (the selected visual tokens and
+        all text) is stored at ``bits[0]`` bits and that of the other visual tokens at ``bits[1]`` (v1; default
+        ``(4, 2)``, 16 = unquantised), asymmetric min-max, keys per channel and values per token (channel-
+        separable), ``group_size`` elements per group (None: the whole channel / token) — see
+        :mod:`~visattn.tokenprune.kvquant`."""
         self.tau = _check_tau(tau)
         self.layer = check_layer(layer, "layer", 1)
         self.positions = _check_positions(positions, self.capabilities.positions)
+        if kv not in KV_MODES:
+            raise ValueError(f"kv={kv!r}: expected one of {KV_MODES}")
+        self.kv = kv
+        if kv == "drop" and (bits is not None or group_size is not None):
+            arg = "bits" if bits is not None else "group_size"
+            raise ValueError(f"{arg}={bits if bits is not None else group_size!r}: only used with kv='quantize'")
+        self.bits = check_bits((4, 2) if bits is None else bits) if kv == "quantize" else None
+        self.group_size = check_group_size(group_size)
+        if kv == "quantize":
+            if positions != "original":
+                raise ValueError(f"positions={positions!r}: kv='quantize' drops no token, so positions stay the "
+                                 "original ones")
+            self.capabilities = dataclasses.replace(type(self).capabilities, kv_quantize=True)
+
+    @property
+    def kv_bits(self) -> tuple[int, int] | None:
+        """(important, other) bit-widths of the KV cache with ``kv="quantize"`` (None otherwise)."""
+        return self.bits
+
+    @property
+    def kv_group_size(self) -> int | None:
+        """Elements per quantisation group (None: one group per channel of the keys / per token of the values)."""
+        return self.group_size
+
+    def config(self) -> dict:
+        """Constructor arguments, for reports."""
+        out = super().config()
+        out.pop("capabilities", None)
+        return out
 
     @classmethod
     def from_keep(cls, keep: Any, **kwargs: Any) -> ZipVL:
