@@ -156,6 +156,8 @@ def bench(args) -> dict:
                     results.append({**base, "pattern": "dense cuDNN", "fwd_ms": dense_fwd, "fwd_bwd_ms": dense_fb})
             for pattern, run, keys, mask, block in patterns(video, heads, decay, sink, tile, chunks, backend,
                                                             16 if args.tiny else 128):
+                if args.patterns and not pattern.startswith(tuple(args.patterns)):
+                    continue
                 row = {**base, "pattern": pattern}
                 try:
                     row["fwd_ms"], row["fwd_bwd_ms"] = fwd_and_fwd_bwd(run, (q, k, v), device)
@@ -193,6 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None, help="result JSON (default benchmarks/results/video-sparse-DATE.json)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1, 4], help="video lengths (x the released frames)")
     parser.add_argument("--grids", nargs="+", default=None, help=f"subset of {list(GRIDS)}")
+    parser.add_argument("--patterns", nargs="+", default=None, help="only patterns starting with these names "
+                        "(radial, sta, vmoba)")
     parser.add_argument("--no-flex", action="store_true", help="skip the compiled FlexAttention peer")
     parser.add_argument("--max-seconds", type=float, default=400.0, help="start no new video after this many seconds")
     args = parser.parse_args(argv)

@@ -95,3 +95,22 @@ def test_engine_backbones_and_diffusion_sections_from_the_h200_files():
     assert "official-style gather BRA" in backbones and "| biformer_tiny |" in backbones
     diffusion = report.diffusion_section(results)
     assert "121 frames at 512×768" in diffusion and diffusion.count("\n| ") >= 5
+
+
+def test_timm_inplace_and_video_sparse_sections_show_the_newest_rows():
+    older = {"bench": "timm-inplace", "device": "GPU X", "rows": [
+        {"model": "m", "mode": "train", "compiled": False, "batch": 256, "stock": {"img_per_s": 100.0},
+         "visattn": {"img_per_s": 110.0}, "floor": {"img_per_s": 130.0}, "speedup": 1.1, "amdahl_bound": 1.3}]}
+    newer = json.loads(json.dumps(older))
+    newer["rows"][0].update(visattn={"img_per_s": 125.0}, speedup=1.25)
+    results = [(Path("timm-inplace-a.json"), "timm-inplace", older),
+               (Path("timm-inplace-b.json"), "timm-inplace", newer)]
+    text = report.timm_inplace_section(results)
+    row = next(line for line in text.splitlines() if line.startswith("| m | train |"))
+    assert "| 125 |" in row and "1.25" in row and "timm-inplace-b.json" in row and "| 110 |" not in text
+    video = {"bench": "video-sparse", "device": "GPU X", "rows": [
+        {"grid": "g", "pattern": "radial", "density": 0.25, "fwd_ms": 50.0, "fwd_bwd_ms": 200.0,
+         "speedup_vs_dense_fwd": 2.0, "flex_fwd_ms": 40.0},
+        {"grid": "g", "pattern": "vmoba", "error": "boom"}]}
+    text = report.video_sparse_section([(Path("video-sparse-x.json"), "video-sparse", video)])
+    assert "| g | radial | 0.25 | 50 | 200 | 2 |" in text and "vmoba" not in text

@@ -339,6 +339,44 @@ def diffusion_section(results) -> str:
                                      "flex note"], body)
 
 
+def timm_inplace_section(results) -> str:
+    """``benchmarks/bench_timm_inplace.py``: timm's MaxViT / HaloNet stock vs ``patch_timm`` vs the attention-free
+    floor (each row from the newest file that measured it)."""
+    rows = _latest(_rows(results, "timm-inplace"), key=lambda r: (r.get("model"), r.get("mode"), r.get("compiled")))
+    body = []
+    for path, _, r in rows:
+        if "stock" not in r:
+            continue
+        floor = r.get("floor") or {}
+        body.append([r.get("model"), r.get("mode"), "compiled" if r.get("compiled") else "eager", r.get("batch"),
+                     _ms(r["stock"].get("img_per_s")), _ms(r["visattn"].get("img_per_s")), _ms(r.get("speedup")),
+                     _ms(floor.get("img_per_s")), _ms(r.get("amdahl_bound")), path.name])
+    if not body:
+        return ""
+    device = rows[-1][1].get("device")
+    return ("## timm's models in place (`benchmarks/bench_timm_inplace.py`)\n\n"
+            f"{device}, bf16 autocast, channels-last, CUDA-event medians, img/s; floor = the patched model with every "
+            "attention core replaced by its value tensor (bound = stock / floor: the most any attention kernel can "
+            "gain).\n\n" + table(["model", "mode", "", "batch", "stock", "patched", "speed-up", "floor", "bound",
+                                   "file"], body))
+
+
+def video_sparse_section(results) -> str:
+    """``benchmarks/bench_video_sparse.py``: Radial / STA / VMoBA against cuDNN and FlexAttention (latest file)."""
+    latest = _latest_file(results, "video-sparse", "rows")
+    if latest is None:
+        return ""
+    path, data = latest
+    body = [[r.get("grid"), r.get("pattern"), _ms(r.get("density")), _ms(r.get("fwd_ms")), _ms(r.get("fwd_bwd_ms")),
+             _ms(r.get("speedup_vs_dense_fwd")), _ms(r.get("speedup_vs_dense_fwd_bwd")), _ms(r.get("flex_fwd_ms")),
+             _ms(r.get("flex_fwd_bwd_ms")), _ms(r.get("pct_floor"))] for r in data["rows"] if "fwd_ms" in r]
+    return (f"## Video sparse attention (`benchmarks/bench_video_sparse.py`, {path.name})\n\n"
+            f"{data.get('device')}, bf16, head dim 128, batch 1; dense = cuDNN SDPA over all tokens, Flex = compiled "
+            "FlexAttention with the same block mask; wall ms.\n\n"
+            + table(["grid", "pattern", "density", "fwd ms", "fwd+bwd ms", "vs cuDNN fwd", "vs cuDNN fwd+bwd",
+                     "Flex fwd ms", "Flex fwd+bwd ms", "% of floor"], body))
+
+
 def index_section(results) -> str:
     body = [[path.name, kind, data.get("device"), str(data.get("date") or "")[:10] or None, data.get("torch"),
              data.get("triton")] for path, kind, data in results]
@@ -347,7 +385,8 @@ def index_section(results) -> str:
 
 def render_perf(results, preamble: str) -> str:
     sections = [attn_section(results), engine_section(results), models_section(results),
-                backbones_section(results), profile_section(results), diffusion_section(results),
+                backbones_section(results), profile_section(results), timm_inplace_section(results),
+                diffusion_section(results), video_sparse_section(results),
                 bra_section(results), agent_section(results),
                 prune_kernels_section(results), check_section(results), index_section(results)]
     return "\n\n".join([GENERATED_NOTE, preamble.strip(), *[s for s in sections if s]]) + "\n"
