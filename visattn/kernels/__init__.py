@@ -273,8 +273,6 @@ def halo_why_not(q, k, v, block, halo, rel_h, rel_w) -> str | None:
     try:
         if rel_h is not None and (rel_h.dtype not in _SUPPORTED_DTYPES or rel_w.dtype not in _SUPPORTED_DTYPES):
             return f"relative table dtype {rel_h.dtype} is not supported by the triton kernels"
-        if torch.compiler.is_compiling():  # no custom op yet: a compiled graph traces the reference instead
-            return "the halo kernels have no torch.library custom op for torch.compile graphs yet"
         reason = _common_why_not([q, k, v], q, k, v)
         if reason is not None or _halo_kernels is None:
             return reason or _engine_error

@@ -302,6 +302,48 @@ class _HaloAttention(torch.autograd.Function):
         return dq, dk, dv, drel, None, None, None
 
 
+@torch.library.custom_op("visattn::halo_fwd", mutates_args=())
+def halo_forward(q: Tensor, k: Tensor, v: Tensor, rel: Tensor | None, block: list[int], halo: list[int],
+                 scale: float) -> tuple[Tensor, Tensor]:
+    """The forward as a custom op (what ``torch.compile`` traces): ``(out, natural-log LSE [B, heads, Hq, Wq])``."""
+    return forward(q, k, v, rel, tuple(block), tuple(halo), scale)
+
+
+@halo_forward.register_fake
+def _(q, k, v, rel, block, halo, scale):
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    return out, q.new_empty(q.shape[0], q.shape[3], q.shape[1], q.shape[2], dtype=torch.float32)
+
+
+@torch.library.custom_op("visattn::halo_bwd", mutates_args=())
+def halo_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rel: Tensor | None, out: Tensor, lse: Tensor,
+                  block: list[int], halo: list[int], scale: float) -> list[Tensor]:
+    """The backward as a custom op: ``[dq, dk, dv]``, plus the relative rows' gradient when ``rel`` is given."""
+    dq, dk, dv, drel = backward(grad_out, q, k, v, rel, out, lse, tuple(block), tuple(halo), scale)
+    return [dq, dk, dv] if drel is None else [dq, dk, dv, drel]
+
+
+@halo_backward.register_fake
+def _(grad_out, q, k, v, rel, out, lse, block, halo, scale):
+    grads = [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
+    return grads if rel is None else [*grads, torch.empty_like(rel)]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, rel, block, halo, scale = inputs
+    ctx.save_for_backward(q, k, v, rel, output[0], output[1])
+    ctx.geometry = (list(block), list(halo), scale)
+
+
+def _custom_op_backward(ctx, grad_out, grad_lse):
+    q, k, v, rel, out, lse = ctx.saved_tensors
+    grads = halo_backward(grad_out, q, k, v, rel, out, lse, *ctx.geometry)
+    return (*grads[:3], grads[3] if rel is not None else None, None, None, None)
+
+
+halo_forward.register_autograd(_custom_op_backward, setup_context=_setup_context)
+
+
 def halo_attention(q: Tensor, k: Tensor, v: Tensor, block: tuple[int, int], halo: tuple[int, int],
                    rel_h: Tensor | None, rel_w: Tensor | None, scale: float) -> Tensor:
     """Backend entry: heads-last ``[B, Hq, Wq, heads, D]`` queries, ``[B, H, W, heads, D]`` keys/values; the
@@ -311,4 +353,6 @@ def halo_attention(q: Tensor, k: Tensor, v: Tensor, block: tuple[int, int], halo
     if rel_h is not None:
         tables = torch.cat([rel_h, rel_w]).float()
         rel = torch.einsum("bxynd,rd->bxynr", q.float(), tables).contiguous()
+    if torch.compiler.is_compiling():  # one opaque node per call in a compiled graph
+        return halo_forward(q, k, v, rel, [int(b) for b in block], [int(h) for h in halo], float(scale))[0]
     return _HaloAttention.apply(q, k, v, rel, tuple(block), tuple(halo), float(scale))
