@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from visattn.bench.report import decode_range as _range
+from visattn.bench.report import graph_decode_checks
 from visattn.bench.report import number as _num
 from visattn.bench.report import prune_table as table
 
@@ -675,12 +676,7 @@ def _decode_prose(result: dict) -> str:
     if result.get("decode_mode") == "graph":
         how = (f"decode = {n - 1} greedy steps after the prefill (exactly {n} new tokens), each a replay of one CUDA "
                "graph over a static KV cache sized per layer (prefill length + N), timed per step with CUDA events "
-               "after a warm-up call")
-        rows = result.get("configs") or []
-        eager = sum(r.get("decode_mode") != "graph" for r in rows)
-        checked = [r for r in rows if r.get("decode_tokens_match") is not None]
-        how += (f" ({eager} of {len(rows)} rows fell back to the eager step; the greedy tokens equal `generate()`'s "
-                f"in {sum(r['decode_tokens_match'] for r in checked)} of {len(checked)} checked rows)")
+               f"after a warm-up call {graph_decode_checks(result['configs'])}")
     else:
         how = (f"decode = {n - 1} decode steps of `generate()` with exactly {n} new tokens, timed per step "
                f"({result['timer']}) after a warm-up call")

@@ -428,8 +428,17 @@ def prune_grid_section(results) -> str:
 def _prune_decode_path(data: dict) -> str:
     """How a bench-prune file decoded: ``generate()`` (files before ``decode_mode``), or the graph loop."""
     if data.get("decode_mode") == "graph":
-        return "by a CUDA-graph greedy loop over a per-layer static KV cache"
+        return f"by a CUDA-graph greedy loop over a per-layer static KV cache {graph_decode_checks(data['configs'])}"
     return "via `generate()`"
+
+
+def graph_decode_checks(rows: list[dict]) -> str:
+    """``(k of n rows fell back to the eager step; the greedy tokens equal generate()'s in m of c checked rows)``
+    of a graph-mode bench-prune file."""
+    eager = sum(r.get("decode_mode") != "graph" for r in rows)
+    checked = [r for r in rows if r.get("decode_tokens_match") is not None]
+    return (f"({eager} of {len(rows)} rows fell back to the eager step; the greedy tokens equal `generate()`'s in "
+            f"{sum(bool(r['decode_tokens_match']) for r in checked)} of {len(checked)} checked rows)")
 
 
 def _target_configs(data: dict) -> dict:
