@@ -144,6 +144,24 @@ def test_rounds_pool_every_timed_call_for_decode():
     assert out["none"]["decode_tok_s"] == pytest.approx(100.5)
 
 
+def test_rounds_keep_every_graph_decode_check():
+    """Graph mode: a round that fell back to the eager step or whose tokens differed from generate() shows in the
+    pooled row (the median-TTFT round alone might hide it)."""
+    graph = dict(decode_mode="graph", decode_graph_error=None, decode_tokens_match=True)
+    rows = [_row("fastv", 0, [300.0], 60.0) | graph, _row("fastv", 2, [290.0], 70.0) | graph,
+            _row("fastv", 1, [280.0], 80.0) | dict(decode_mode="static-eager", decode_graph_error="RuntimeError: x",
+                                                   decode_tokens_match=False)]
+    (row,) = prune._median_rounds(rows)
+    assert row["round"] == 2 and row["decode_tokens_match"] is False
+    assert row["round_decode_tokens_match"] == [True, False, True]  # round order
+    assert row["decode_mode"] == "graph+static-eager" and row["decode_graph_error"] == "RuntimeError: x"
+    (clean,) = prune._median_rounds([rows[0], rows[1]])
+    assert clean["decode_tokens_match"] is True and clean["decode_mode"] == "graph"
+    assert clean["decode_graph_error"] is None
+    text = prune.graph_decode_checks([row, clean])
+    assert text.startswith("(1 of 2 rows fell back") and "in 1 of 2 checked rows" in text
+
+
 def _figure(method, median, lo, hi, shape="llava-1.5", batch=8, keep=64):
     return {"shape": shape, "batch": batch, "method": method, "keep_per_image": None if method == "none" else keep,
             "decode_tok_s": median, "decode_tok_s_min": lo, "decode_tok_s_max": hi}

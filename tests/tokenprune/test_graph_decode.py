@@ -75,8 +75,8 @@ def _stock(model, inputs, pruner, new=NEW):
             tp.remove(model)
 
 
-def _check_against_generate(model, name):
-    inputs = _inputs()
+def _check_against_generate(model, name, inputs=None):
+    inputs = _inputs() if inputs is None else inputs
     tokens, logits, _ = _graph_loop(model, inputs, METHODS[name]())
     ref_tokens, ref_logits = _stock(model, inputs, METHODS[name]())
     assert ref_tokens.shape == (2, NEW)
@@ -98,6 +98,33 @@ def test_graph_loop_matches_generate(models, name):
 def test_graph_loop_matches_generate_with_eager_attention(models, name):
     """The eager twin: the loop's additive mask instead of SDPA's boolean one."""
     _check_against_generate(models[1], name)
+
+
+@pytest.fixture(scope="module")
+def llava_next():
+    """Tiny LLaVA-NeXT and a left-padded batch of two images with different token counts (their own crops)."""
+    from test_llava_next import SIZES, next_inputs
+    from tp_tiny import tiny_llava
+
+    model = tiny_llava("sdpa", next_=True)
+    px, ids, mask, _ = next_inputs(model)
+    return model, {"input_ids": ids, "attention_mask": mask, "pixel_values": px, "image_sizes": SIZES}
+
+
+@pytest.mark.parametrize("name", ["none", "fastervlm", "fastv"])
+def test_graph_loop_matches_generate_on_llava_next(llava_next, name):
+    _check_against_generate(llava_next[0], name, llava_next[1])
+
+
+def test_decode_layers_needs_a_pruned_prefill(models):
+    model = models[0]
+    assert tp.decode_layers(model) is None  # no pruner: the model's own decode
+    tp.apply(model, METHODS["fastv"]())
+    try:
+        with pytest.raises(RuntimeError, match="no pruned prefill"):
+            tp.decode_layers(model)
+    finally:
+        tp.remove(model)
 
 
 def test_graph_loop_never_picks_end_of_sequence(models):
