@@ -257,3 +257,24 @@ def test_bench_prune_tiny_end_to_end(tmp_path, monkeypatch):
         assert "decode_slower_than_baseline" in r and "decode_warmup_ms" in r and "decode_step_ms" in r
         assert (r["decode_slower_than_baseline"] is None) == (r["method"] == "none")
     assert "median [min–max] of 2 calls" in prune.markdown(result)
+
+
+@pytest.mark.slow
+def test_bench_prune_tiny_graph_mode_end_to_end(tmp_path):
+    """``--decode-mode graph`` through main() on the CPU: the mode in the header and every row (the eager step:
+    no capture off CUDA), each row's tokens checked against generate(), static caches smaller when pruned."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "prune-graph.json"
+    assert prune.main(["--tiny", "--methods", "fastv", "--batches", "2", "--next-batches", "1", "--decode-mode",
+                       "graph", "--decode-tokens", "4", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["decode_mode"] == "graph" and result["kv_cache"] == "static per layer"
+    rows = {(r["shape"], r["method"]): r for r in result["configs"]}
+    for r in rows.values():
+        assert r["decode_mode"] == "static-eager" and r["decode_graph_error"] is None
+        assert r["decode_tokens_match"] is True and r["new_tokens_per_sample"] == [4] * r["batch"]
+    for shape in ("llava-1.5", "llava-next"):
+        assert sum(rows[(shape, "fastv")]["static_cache_tokens"]) < sum(rows[(shape, "none")]["static_cache_tokens"])
+    page = prune.markdown(result)
+    assert "CUDA graph" in page and "(4 of 4 rows fell back to the eager step" in page
+    assert "equal `generate()`'s in 4 of 4 checked rows" in page
