@@ -307,8 +307,8 @@ def measure_graph_decode(model, inputs: dict, tokens: int, calls: int, device: s
     (``decode_warmup_ms``), then ``calls`` timed ones with the garbage collector paused; the same keys as
     :func:`measure_decode` plus ``decode_mode`` (``"graph"`` / ``"static-eager"``), ``static_cache_tokens`` (slots
     per decoder layer) and, with ``check``, ``decode_tokens_match`` (the N greedy tokens equal those of
-    ``generate(max_new_tokens=N, min_new_tokens=N)``) and ``decode_tokens_first_mismatch`` (the first step where a
-    sample differs, None when none does)."""
+    ``generate(max_new_tokens=N, min_new_tokens=N)``) and ``decode_tokens_first_mismatch`` (the index of the first
+    new token where a sample differs, 0 being the prefill's; None when none does)."""
     from visattn.bench.graph_decode import StaticDecoder
 
     if tokens < 2:
