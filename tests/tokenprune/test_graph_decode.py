@@ -127,6 +127,20 @@ def test_decode_layers_needs_a_pruned_prefill(models):
         tp.remove(model)
 
 
+def test_decode_layers_refuses_qwen2vl():
+    from tp_tiny import tiny_qwen2vl
+
+    model = tiny_qwen2vl("sdpa")
+    tp.apply(model, tp.FastV(layer=2, keep=KEEP))
+    try:
+        with pytest.raises(NotImplementedError, match="M-RoPE"):
+            tp.decode_layers(model)
+    finally:
+        tp.remove(model)
+    with pytest.raises(NotImplementedError, match="LLaVA"):
+        StaticDecoder(model, {"input_ids": torch.zeros(1, 4, dtype=torch.long)}, NEW)
+
+
 def test_graph_loop_never_picks_end_of_sequence(models):
     """A model whose favourite token is the end-of-sequence id: min_new_tokens = N forbids it in generate(), and
     the loop must pick the same runner-up."""
