@@ -2,23 +2,28 @@
 # Issue 25: does bench-prune's decode figure reproduce? Two back-to-back runs (two consecutive processes, same GPU)
 # of the reduced grid, both result files under $OUT, then every decode figure of run A against run B
 # (PASS when within 10 %), and the GPU's clocks / power once a second during both runs (a CSV next to them).
-# Expected on one H100 (torch 2.11, transformers 5.17): ~2 min per run (imports + 7B random-weight build ~25 s,
-# 10 configs x 3 rounds at ~3 s each), ~4.5 min in all; BUDGET (seconds per run, model build included) caps each
-# run: configs past it are skipped and listed in the file, so the whole script stays under ~6 min.
+# DECODE_MODE picks bench-prune's --decode-mode: graph (default: a CUDA graph over a per-layer static KV cache) or
+# generate (step-timed generate(), what the first check of 2026-12-06 ran); it is part of the file names.
+# The generate mode took ~2 min per run on one H100 (torch 2.11, transformers 5.17: imports + 7B random-weight build
+# ~25 s, 10 configs x 3 rounds at ~3 s each); the graph mode adds one untimed generate() per configuration and round
+# (its token check). BUDGET (seconds per run, model build included) caps each run: configs past it are skipped and
+# listed in the file, so the whole script stays under ~6 min.
 # Usage, from the repository root on the GPU machine:  bash benchmarks/prune_decode_check.sh
 # A CPU dry run of the script's plumbing (tiny model, no GPU):  EXTRA_ARGS=--tiny bash benchmarks/prune_decode_check.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-/tmp/out}
 BUDGET=${BUDGET:-150}
+MODE=${DECODE_MODE:-graph}
 PY=${PYTHON:-python3}
 read -r -a EXTRA <<<"${EXTRA_ARGS:-}"
 mkdir -p "$OUT"
 stamp() { date -u +%H:%M:%S; }
 GPU=$("$PY" -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())" 2>/dev/null || echo gpu)
 DATE=$(date -u +%F)
-NAME="prune-decode-$GPU-$DATE"
-GRID=(--methods fastervlm,visionzip,divprune,fastv --keeps 64 --batches 8 --next-batches 1 --rounds 3)
+NAME="prune-decode-$GPU-$DATE-$MODE"
+GRID=(--methods fastervlm,visionzip,divprune,fastv --keeps 64 --batches 8 --next-batches 1 --rounds 3
+      --decode-mode "$MODE")
 echo "===== $(stamp) $NAME: ${GRID[*]}, budget ${BUDGET}s per run"
 
 SMI=""

@@ -144,6 +144,24 @@ def test_rounds_pool_every_timed_call_for_decode():
     assert out["none"]["decode_tok_s"] == pytest.approx(100.5)
 
 
+def test_rounds_keep_every_graph_decode_check():
+    """Graph mode: a round that fell back to the eager step or whose tokens differed from generate() shows in the
+    pooled row (the median-TTFT round alone might hide it)."""
+    graph = dict(decode_mode="graph", decode_graph_error=None, decode_tokens_match=True)
+    rows = [_row("fastv", 0, [300.0], 60.0) | graph, _row("fastv", 2, [290.0], 70.0) | graph,
+            _row("fastv", 1, [280.0], 80.0) | dict(decode_mode="static-eager", decode_graph_error="RuntimeError: x",
+                                                   decode_tokens_match=False)]
+    (row,) = prune._median_rounds(rows)
+    assert row["round"] == 2 and row["decode_tokens_match"] is False
+    assert row["round_decode_tokens_match"] == [True, False, True]  # round order
+    assert row["decode_mode"] == "graph+static-eager" and row["decode_graph_error"] == "RuntimeError: x"
+    (clean,) = prune._median_rounds([rows[0], rows[1]])
+    assert clean["decode_tokens_match"] is True and clean["decode_mode"] == "graph"
+    assert clean["decode_graph_error"] is None
+    text = prune.graph_decode_checks([row, clean])
+    assert text.startswith("(1 of 2 rows fell back") and "in 1 of 2 checked rows" in text
+
+
 def _figure(method, median, lo, hi, shape="llava-1.5", batch=8, keep=64):
     return {"shape": shape, "batch": batch, "method": method, "keep_per_image": None if method == "none" else keep,
             "decode_tok_s": median, "decode_tok_s_min": lo, "decode_tok_s_max": hi}
@@ -239,3 +257,24 @@ def test_bench_prune_tiny_end_to_end(tmp_path, monkeypatch):
         assert "decode_slower_than_baseline" in r and "decode_warmup_ms" in r and "decode_step_ms" in r
         assert (r["decode_slower_than_baseline"] is None) == (r["method"] == "none")
     assert "median [min–max] of 2 calls" in prune.markdown(result)
+
+
+@pytest.mark.slow
+def test_bench_prune_tiny_graph_mode_end_to_end(tmp_path):
+    """``--decode-mode graph`` through main() on the CPU: the mode in the header and every row (the eager step:
+    no capture off CUDA), each row's tokens checked against generate(), static caches smaller when pruned."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "prune-graph.json"
+    assert prune.main(["--tiny", "--methods", "fastv", "--batches", "2", "--next-batches", "1", "--decode-mode",
+                       "graph", "--decode-tokens", "4", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["decode_mode"] == "graph" and result["kv_cache"] == "static per layer"
+    rows = {(r["shape"], r["method"]): r for r in result["configs"]}
+    for r in rows.values():
+        assert r["decode_mode"] == "static-eager" and r["decode_graph_error"] is None
+        assert r["decode_tokens_match"] is True and r["new_tokens_per_sample"] == [4] * r["batch"]
+    for shape in ("llava-1.5", "llava-next"):
+        assert sum(rows[(shape, "fastv")]["static_cache_tokens"]) < sum(rows[(shape, "none")]["static_cache_tokens"])
+    page = prune.markdown(result)
+    assert "CUDA graph" in page and "(4 of 4 rows fell back to the eager step" in page
+    assert "equal `generate()`'s in 4 of 4 checked rows" in page

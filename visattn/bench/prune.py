@@ -7,13 +7,24 @@ LLM prefill), LLM prefill time alone, prefill tokens/s (prompt tokens before pru
 peak memory, scoring time (CUDA events around the scorer) and its share of the pruned TTFT.
 ``--tiny`` runs tiny configs on the CPU (smoke test).
 
-Decode: ``generate()`` of exactly ``--decode-tokens`` N new tokens (no EOS token, ``min_new_tokens`` =
-``max_new_tokens``), after one untimed warm-up ``generate()`` of the same length. A logits processor marks every
-generation step (a CUDA event on the GPU, ``perf_counter`` on the CPU: ``timer`` in the result); decode time is
-the span from the first token's logits to the N-th, i.e. N - 1 whole decode steps, with no prefill and no
-``generate()`` set-up in it. Per configuration ``--decode-calls`` timed calls per round, rounds interleaved; the
-figure is the median of every timed call with its min and max, and a pruned configuration whose fastest call decodes
-slower than the unpruned model's slowest call at the same shape and batch is flagged (``decode_slower_than_baseline``).
+Decode: exactly ``--decode-tokens`` N new tokens per sample (no EOS token; ``min_new_tokens`` = ``max_new_tokens``),
+decode time = the N - 1 steps after the first token, with no prefill in it. Two modes (``--decode-mode``):
+
+* ``graph`` (default on CUDA): the pruned prefill runs once through ``generate(max_new_tokens=1)``, its KV cache is
+  copied into a static cache sized per decoder layer (that layer's prefill length + N: a pruned configuration reads
+  less KV per step), and the N - 1 steps run as replays of one CUDA graph of a greedy step of our own
+  (:mod:`visattn.bench.graph_decode`), timed with CUDA events between replays. The first of the
+  ``--decode-calls`` + 1 calls is the warm-up; every round checks the greedy tokens against ``generate()``'s
+  (``decode_tokens_match``). A failed capture falls back to the same step run eagerly and says so
+  (``decode_mode: "static-eager"``, ``decode_graph_error``).
+* ``generate`` (default elsewhere): ``generate()`` with the default dynamic cache, after one untimed warm-up call of
+  the same length. A logits processor marks every generation step (a CUDA event on the GPU, ``perf_counter`` on the
+  CPU: ``timer`` in the result); decode time is the span from the first token's logits to the N-th, with no
+  ``generate()`` set-up in it. Host-bound for a 7B model at these batch sizes.
+
+Per configuration ``--decode-calls`` timed calls per round, rounds interleaved; the figure is the median of every
+timed call with its min and max, and a pruned configuration whose fastest call decodes slower than the unpruned
+model's slowest call at the same shape and batch is flagged (``decode_slower_than_baseline``).
 """
 
 from __future__ import annotations
@@ -32,10 +43,13 @@ from pathlib import Path
 import torch
 
 from visattn.bench.report import decode_range as _range
+from visattn.bench.report import graph_decode_checks
 from visattn.bench.report import number as _num
 from visattn.bench.report import prune_table as table
 
 PREFIX, SUFFIX, IMAGE_TOKEN = 35, 40, 32000
+#: values of ``--decode-mode``
+DECODE_MODES = ("generate", "graph")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,9 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--next-batches", default=None, help="comma list of batch sizes for the NeXT shape")
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--decode-tokens", type=int, default=None,
-                        help="new tokens per generate() call, exactly (default 16; tiny: 3); decode = the last N - 1")
+                        help="new tokens per sample and decode call, exactly (default 16; tiny: 3); decode = the "
+                        "last N - 1 steps")
     parser.add_argument("--decode-calls", type=int, default=2,
-                        help="timed generate() calls per configuration and round, after one warm-up call")
+                        help="timed decode calls per configuration and round, after one warm-up call")
+    parser.add_argument("--decode-mode", choices=DECODE_MODES, default=None,
+                        help="graph: a CUDA graph of a greedy step over a per-layer static KV cache (default on "
+                        "CUDA); generate: generate() with the dynamic cache (default elsewhere)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the grid, interleaved; report median rounds")
     parser.add_argument("--time-budget", type=float, default=450.0, help="seconds; later configs are skipped")
     parser.add_argument("--out-dir", default="benchmarks/results")
@@ -282,6 +300,62 @@ def measure_decode(model, inputs: dict, tokens: int, calls: int, device: str) ->
     }
 
 
+def measure_graph_decode(model, inputs: dict, tokens: int, calls: int, device: str, check: bool = True) -> dict:
+    """Decode figures of one configuration in one round, ``--decode-mode graph`` (module docstring): one prefill,
+    a static per-layer cache (:class:`~visattn.bench.graph_decode.StaticDecoder`), the step captured as a CUDA
+    graph on CUDA (eager elsewhere, or when capture fails: ``decode_graph_error`` says why), one warm-up decode call
+    (``decode_warmup_ms``), then ``calls`` timed ones with the garbage collector paused; the same keys as
+    :func:`measure_decode` plus ``decode_mode`` (``"graph"`` / ``"static-eager"``), ``static_cache_tokens`` (slots
+    per decoder layer) and, with ``check``, ``decode_tokens_match`` (the N greedy tokens equal those of
+    ``generate(max_new_tokens=N, min_new_tokens=N)``) and ``decode_tokens_first_mismatch`` (the index of the first
+    new token where a sample differs, 0 being the prefill's; None when none does)."""
+    from visattn.bench.graph_decode import StaticDecoder
+
+    if tokens < 2:
+        raise ValueError(f"decode_tokens={tokens}: need at least 2 (decode = the steps after the first token)")
+    if calls < 1:
+        raise ValueError(f"decode_calls={calls}: need at least one timed call")
+    bsz, prompt = inputs["input_ids"].shape
+    t0 = time.perf_counter()
+    decoder = StaticDecoder(model, inputs, tokens)
+    setup_ms = (time.perf_counter() - t0) * 1e3
+    mode, error = "static-eager", None
+    if decoder.cuda:
+        try:
+            decoder.capture()
+            mode = "graph"
+        except Exception as err:  # noqa: BLE001 - recorded in the row and printed, never silent
+            decoder.graph = None
+            error = f"{type(err).__name__}: {err}"
+    try:
+        warm = decoder.run()
+        with _gc_paused():
+            timed = [decoder.run() for _ in range(calls)]
+        graph_tokens = decoder.tokens.clone()
+        cache_tokens = decoder.cache_lengths
+    finally:
+        decoder.close()
+    match = first = None
+    if check:
+        with torch.no_grad():
+            ref = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        same = (ref[:, prompt:] == graph_tokens).all(0).tolist() if ref.shape[1] - prompt == tokens else [False]
+        match = all(same)
+        first = None if match else same.index(False)
+    calls_ms = [sum(c) for c in timed]
+    steps = [t for c in timed for t in c]
+    samples = [bsz * (tokens - 1) / ms * 1e3 if ms > 0 else float("nan") for ms in calls_ms]
+    return {
+        "new_tokens": tokens, "new_tokens_per_sample": [tokens] * bsz,
+        "decode_mode": mode, "decode_graph_error": error, "decode_setup_ms": setup_ms,
+        "decode_tokens_match": match, "decode_tokens_first_mismatch": first, "static_cache_tokens": cache_tokens,
+        "decode_warmup_ms": sum(warm), "decode_calls_ms": calls_ms, "decode_samples_tok_s": samples,
+        "decode_step_ms": statistics.median(steps), "decode_step_max_ms": max(steps),
+        "generate_ttft_ms": float("nan"),
+        **_decode_figure(samples),
+    }
+
+
 def _decode_figure(samples: list[float]) -> dict:
     s = spread(samples)
     return {"decode_tok_s": s["median"], "decode_tok_s_min": s["min"], "decode_tok_s_max": s["max"]}
@@ -301,9 +375,12 @@ def _repeat(clock, fn, iters: int, after=None, min_seconds: float = 1.0, max_ite
 
 
 def measure(model, inputs: dict, method, iters: int, decode_tokens: int, device: str, decode_calls: int = 2,
-            min_seconds: float = 1.0) -> dict:
+            min_seconds: float = 1.0, decode_mode: str = "generate") -> dict:
     """One configuration, one round: TTFT (prefill calls, CUDA-synchronised wall time), then decode
-    (:func:`measure_decode`) on the same model and inputs, the pruner attached for both."""
+    (:func:`measure_decode`, or :func:`measure_graph_decode` for ``decode_mode="graph"``) on the same model and
+    inputs, the pruner attached for both."""
+    if decode_mode not in DECODE_MODES:
+        raise ValueError(f"decode_mode={decode_mode!r}: expected one of {DECODE_MODES}")
     from visattn import tokenprune as tp
 
     clock = _Clock(device)
@@ -328,7 +405,10 @@ def measure(model, inputs: dict, method, iters: int, decode_tokens: int, device:
         handles = []
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        decode = measure_decode(model, inputs, decode_tokens, decode_calls, device)
+        if decode_mode == "graph":
+            decode = measure_graph_decode(model, inputs, decode_tokens, decode_calls, device)
+        else:
+            decode = {**measure_decode(model, inputs, decode_tokens, decode_calls, device), "decode_mode": "generate"}
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
     finally:
         for h in handles:
@@ -405,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.float32 if device == "cpu" else torch.float16
     iters = args.iters or (1 if args.tiny else 3)
     decode_tokens = args.decode_tokens or (3 if args.tiny else 16)
+    decode_mode = args.decode_mode or ("graph" if device == "cuda" else "generate")
     min_seconds = 0.0 if args.tiny else 1.0
     started = time.perf_counter()
     model = build_model(args.tiny, device, dtype)
@@ -426,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
         backend = "reference" if variant == "eager" else backends.get_backend(FAMILY)
         try:
             with backends.use_backend(backend, family=FAMILY):
-                row = measure(model, inputs, pruner, iters, decode_tokens, device, args.decode_calls, min_seconds)
+                row = measure(model, inputs, pruner, iters, decode_tokens, device, args.decode_calls, min_seconds,
+                              decode_mode)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             skipped.append({"shape": shape, "batch": batch, "method": method, "keep": keep, "reason": "OOM"})
@@ -448,8 +530,9 @@ def main(argv: list[str] | None = None) -> int:
         "transformers": transformers.__version__, "dtype": str(dtype),
         "attn_implementation": "sdpa", "tiny": args.tiny, "iters": iters,
         "timer": timer_kind(device), "decode_tokens": decode_tokens, "decode_steps": decode_tokens - 1,
-        "decode_calls": args.decode_calls, "decode_warmup_calls": 1,
-        "kv_cache": model.generation_config.cache_implementation or "dynamic",
+        "decode_calls": args.decode_calls, "decode_warmup_calls": 1, "decode_mode": decode_mode,
+        "kv_cache": ("static per layer" if decode_mode == "graph"
+                     else model.generation_config.cache_implementation or "dynamic"),
         "decode_flags": flags, "configs": rows, "skipped": skipped, "wall_s": time.perf_counter() - started,
     }
     if args.out:
@@ -522,6 +605,14 @@ def _median_rounds(rows: list[dict]) -> list[dict]:
                        decode_step_ms=statistics.median(r["decode_step_ms"] for r in rs),
                        decode_step_max_ms=max(r["decode_step_max_ms"] for r in rs),
                        new_tokens=min(r["new_tokens"] for r in rs))
+            if any("decode_mode" in r for r in rs):  # every round's mode; a failed capture in any round shows
+                row.update(decode_mode="+".join(sorted({r.get("decode_mode") for r in rs})),
+                           decode_graph_error=next((r["decode_graph_error"] for r in rs
+                                                    if r.get("decode_graph_error")), None))
+            if any("decode_tokens_match" in r for r in rs):
+                checks = [r.get("decode_tokens_match") for r in rs]
+                row["decode_tokens_match"] = None if None in checks else all(checks)
+                row["round_decode_tokens_match"] = checks
         out.append(row)
     return out
 
@@ -562,7 +653,19 @@ def _line(r: dict) -> str:
             f"ttft={r['ttft_ms']:8.1f}ms x{r.get('ttft_speedup', float('nan')):.2f} llm={r['llm_prefill_ms']:8.1f}ms "
             f"dec={_range(r, '.1f')}tok/s step={_num(r.get('decode_step_ms'), '.2f')}ms "
             f"(max {_num(r.get('decode_step_max_ms'), '.1f')}, warm-up call "
-            f"{_num(r.get('decode_warmup_ms'), '.0f')}ms) score={r['scoring_pct']:.1f}%")
+            f"{_num(r.get('decode_warmup_ms'), '.0f')}ms) score={r['scoring_pct']:.1f}%"
+            + _decode_mode_note(r))
+
+
+def _decode_mode_note(r: dict) -> str:
+    """`` [mode, tokens match / DIFFER at step i]`` of a graph-mode row, with the capture error if any."""
+    if r.get("decode_mode", "generate") == "generate":
+        return ""
+    match = r.get("decode_tokens_match")
+    check = ("" if match is None else ", tokens match generate()" if match
+             else f", tokens DIFFER from generate() at step {r.get('decode_tokens_first_mismatch')}")
+    error = f" (capture failed: {r['decode_graph_error']})" if r.get("decode_graph_error") else ""
+    return f" [{r['decode_mode']}{check}]{error}"
 
 
 def _decode_prose(result: dict) -> str:
@@ -570,8 +673,14 @@ def _decode_prose(result: dict) -> str:
     if "timer" not in result:  # results written before the step-timed decode
         return f"decode over {n} tokens via `generate()`"
     flagged = result.get("decode_flags") or []
-    return (f"decode = {n - 1} decode steps of `generate()` with exactly {n} new tokens, timed per step "
-            f"({result['timer']}) after a warm-up call; median [min–max] of {result['decode_calls']} calls × "
+    if result.get("decode_mode") == "graph":
+        how = (f"decode = {n - 1} greedy steps after the prefill (exactly {n} new tokens), each a replay of one CUDA "
+               "graph over a static KV cache sized per layer (prefill length + N), timed per step with CUDA events "
+               f"after a warm-up call {graph_decode_checks(result['configs'])}")
+    else:
+        how = (f"decode = {n - 1} decode steps of `generate()` with exactly {n} new tokens, timed per step "
+               f"({result['timer']}) after a warm-up call")
+    return (f"{how}; median [min–max] of {result['decode_calls']} calls × "
             f"{result.get('rounds', 1)} round(s); **slower than none** marks a pruned row whose fastest call decodes "
             f"slower than the unpruned row's slowest ({len(flagged)} here)")
 

@@ -458,9 +458,26 @@ def prune_grid_section(results) -> str:
             f"{data['transformers']}, {data['dtype']}, {str(data.get('attn_implementation', 'sdpa')).upper()}, "
             f"random weights (LLaVA-1.5-7B architecture; the NeXT shape feeds 5 crops = 2880 visual tokens). TTFT = "
             f"vision tower + scoring + LLM prefill (median of at least {data['iters']} calls{repeats}); decode over "
-            f"{data['decode_tokens']} tokens via `generate()`. `TTFT ×` is the speed-up over the unpruned model at the "
-            "same shape and batch in the same file; `scoring %` is the method's own work over the pruned TTFT, both "
+            f"{data['decode_tokens']} tokens {_prune_decode_path(data)}. `TTFT ×` is the speed-up over the unpruned "
+            "model at the same shape and batch in the same file; `scoring %` is the method's own work over the pruned "
+            "TTFT, both "
             "medians over the same calls.\n\n" + prune_table(data["configs"]))
+
+
+def _prune_decode_path(data: dict) -> str:
+    """How a bench-prune file decoded: ``generate()`` (files before ``decode_mode``), or the graph loop."""
+    if data.get("decode_mode") == "graph":
+        return f"by a CUDA-graph greedy loop over a per-layer static KV cache {graph_decode_checks(data['configs'])}"
+    return "via `generate()`"
+
+
+def graph_decode_checks(rows: list[dict]) -> str:
+    """``(k of n rows fell back to the eager step; the greedy tokens equal generate()'s in m of c checked rows)``
+    of a graph-mode bench-prune file."""
+    eager = sum(r.get("decode_mode") != "graph" for r in rows)
+    checked = [r for r in rows if r.get("decode_tokens_match") is not None]
+    return (f"({eager} of {len(rows)} rows fell back to the eager step; the greedy tokens equal `generate()`'s in "
+            f"{sum(bool(r['decode_tokens_match']) for r in checked)} of {len(checked)} checked rows)")
 
 
 def _target_configs(data: dict) -> dict:

@@ -10,7 +10,16 @@ See docs/TOKENPRUNE.md for budget semantics, the position policy of every method
 ``TokenPruner`` subclass declaring its ``Capabilities``, registered with ``register_method``).
 """
 
-from visattn.tokenprune.api import REGISTRY, apply, available, create, last_report, register, remove
+from visattn.tokenprune.api import (
+    REGISTRY,
+    apply,
+    available,
+    create,
+    decode_layers,
+    last_report,
+    register,
+    remove,
+)
 from visattn.tokenprune.baselines import Pooling, RandomPrune
 from visattn.tokenprune.capabilities import Capabilities
 from visattn.tokenprune.cdpruner import CDPruner
@@ -67,6 +76,7 @@ __all__ = [
     "apply",
     "available",
     "create",
+    "decode_layers",
     "find_thresholds",
     "last_report",
     "register",

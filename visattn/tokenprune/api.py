@@ -79,4 +79,17 @@ def last_report(model: torch.nn.Module) -> PruneReport | None:
     return None if adapter is None else adapter.last_report
 
 
-__all__ = ["REGISTRY", "apply", "available", "create", "last_report", "register", "remove"]
+def decode_layers(model: torch.nn.Module) -> list[tuple[torch.Tensor | None, torch.Tensor | None]] | None:
+    """Per decoder layer of the last pruned prefill of ``model``: ``(valid, next_pos)``, what its decode steps
+    attend over and where they are placed (None entries: the model's own), for a decode loop of one's own over a
+    static KV cache; None when no pruner is attached. Raises ``NotImplementedError`` for a pruner whose adapter
+    does not drive a decoder language model (open_clip, CLIP ToMe)."""
+    adapter = getattr(model, _ATTR, None)
+    if adapter is None:
+        return None
+    if not hasattr(adapter, "decode_layers"):
+        raise NotImplementedError(f"{type(adapter).__name__} has no decoder language model to decode with")
+    return adapter.decode_layers()
+
+
+__all__ = ["REGISTRY", "apply", "available", "create", "decode_layers", "last_report", "register", "remove"]

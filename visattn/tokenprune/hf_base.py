@@ -258,6 +258,19 @@ class HFVisionLanguageAdapter:
         if kwargs.get("cache_position") is not None:
             kwargs["cache_position"] = past + torch.arange(q, device=kv_valid.device)
 
+    def decode_layers(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """What the decode steps after the last pruned prefill see, per decoder layer: ``(valid, next_pos)``.
+
+        ``valid`` (B, L_l) marks the real tokens of the layer's cached prefill (L_l = that layer's cache length),
+        ``next_pos`` (B, 1) is the position of the first generated token; either is None where the adapter leaves
+        it to the model (the prompt's own padding mask / ``generate()``'s own positions). This is what
+        :meth:`_translate_decode` (and the LLM stage's layer hooks) substitute, for a decode loop that drives the
+        decoder layers itself over a static cache (``visattn.bench.graph_decode``). Read it after the prefill."""
+        if self.bound is None:
+            raise RuntimeError("decode_layers: no pruned prefill to decode from (run the prefill first)")
+        entry = (self.bound.lm_valid, self.bound.lm_next_pos)
+        return [entry] * len(self.layers)
+
     def _lm_post(self, module, args, kwargs, output):
         call = self.call
         if call is not None:

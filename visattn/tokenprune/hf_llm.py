@@ -247,6 +247,19 @@ class LLMStage(HFVisionLanguageAdapter):
                                                             self.pruner.kv_bits, self.pruner.kv_group_size)
         return super()._lm_post(module, args, kwargs, output)
 
+    def decode_layers(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """Per decoder layer (see the base): from the first drop on, the latest stage's kept tokens, and its
+        positions when the method reindexes (else the model's own), as :meth:`_layer_decode` substitutes them."""
+        out = super().decode_layers()
+        for idx in range(len(out)):
+            stage = None
+            for st in self.bound.stages:
+                if st[0] <= idx:
+                    stage = st
+            if stage is not None:
+                out[idx] = (stage[1], stage[2] if self._reindex() else out[idx][1])
+        return out
+
     # ---------------------------------------------------------------------------------------------- report
     def _stage_counts(self, call: PrefillState) -> tuple[list, list, list, dict]:
         lay = call.layout

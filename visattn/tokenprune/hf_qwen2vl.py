@@ -72,6 +72,12 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
     def _next_pos(self, lay: _Layout) -> torch.Tensor:
         return lay.pos.masked_fill(~lay.valid[..., None], -1).amax((1, 2))[:, None] + 1
 
+    def decode_layers(self):
+        """Not for Qwen2-VL: its decode positions are the model's M-RoPE ids with rope deltas, not one (B, 1)
+        position per layer layout."""
+        raise NotImplementedError("decode_layers: Qwen2-VL / Qwen2.5-VL decode positions (M-RoPE with rope deltas) "
+                                  "are not described per layer; decode them with generate()")
+
     # --------------------------------------------------------------------------------------- prefill
     def _image_kwargs(self) -> tuple[str, ...]:
         return ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
