@@ -10,8 +10,9 @@ plus two same-model comparisons (one process, one GPU, same settings for every r
 - agent_swin_t on visattn's agent path vs the same model whose AgentAttention modules run the official eager form
   (agent_swin.py: matmuls + softmax with materialised bias tensors), train step time and peak memory.
 
-Usage (repo root):  python benchmarks/bench_backbones.py --out benchmarks/results/backbones_h200.json
-The run bounds itself: rows that would start after --max-seconds are recorded as skipped and the JSON is written.
+Usage (repo root, CUDA): python benchmarks/bench_backbones.py --out benchmarks/results/backbones_h200.json
+The run bounds itself: rows that would start after --time-budget seconds are recorded as skipped and the JSON is
+written.
 """
 
 from __future__ import annotations
@@ -179,12 +180,12 @@ def run(args) -> dict:
     rows = []
 
     def out_of_time() -> bool:
-        return time.perf_counter() - start > args.max_seconds
+        return time.perf_counter() - start > args.time_budget
 
     def row(name, mode, batch, variant="", build=None):
         entry = dict(model=name, variant=variant or "default", mode=mode, batch=batch)
         if out_of_time():
-            entry.update(skipped=True, reason=f"--max-seconds {args.max_seconds} reached")
+            entry.update(skipped=True, reason=f"--time-budget {args.time_budget} reached")
             rows.append(entry)
             return entry
         try:
@@ -269,10 +270,10 @@ def versions() -> dict:
                 python=platform.python_version(), cuda=torch.version.cuda)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="JSON result path")
-    parser.add_argument("--max-seconds", type=float, default=270.0, help="start no new row after this many seconds")
+    parser.add_argument("--time-budget", type=float, default=270.0, help="start no new row after this many seconds")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--batch-biformer", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=3)
@@ -288,7 +289,7 @@ def main(argv=None) -> int:
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
         settings=dict(dtype="bf16 autocast", memory_format="channels_last", batch=args.batch,
                       batch_biformer=args.batch_biformer, warmup=args.warmup, iters=args.iters, timing="CUDA events, "
-                      "median", max_seconds=args.max_seconds, img_size=224, comparison_rounds=args.rounds),
+                      "median", time_budget=args.time_budget, img_size=224, comparison_rounds=args.rounds),
         **versions(), **run(args),
     )
 
@@ -308,4 +309,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

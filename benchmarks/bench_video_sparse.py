@@ -1,6 +1,8 @@
 """Video sparse attention (issue 23): Radial Attention, VMoBA and sliding-tile attention against dense attention.
 
+Usage (repo root, CUDA):
     python benchmarks/bench_video_sparse.py --out benchmarks/results/video-sparse-h100.json
+    python benchmarks/bench_video_sparse.py --tiny   (CPU dry run: prints, writes nothing)
 
 Attention only, bf16, one process: for each released latent grid (Wan 2.1-14B 720p: 21x45x80 tokens, 40 heads;
 HunyuanVideo 768x1280: 30x48x80 tokens, 24 heads; head dim 128) and a 4x longer video, each pattern's forward and
@@ -189,7 +191,7 @@ def bench(args) -> dict:
     return {"rows": results, "ceilings": ceil}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (reference backend), no peers")
     parser.add_argument("--out", default=None, help="result JSON (default benchmarks/results/video-sparse-DATE.json)")
@@ -203,8 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
     payload = bench(args)
     if not args.tiny:
         print(f"saved {save_result('video-sparse', payload, args.out)}")
-    return payload
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

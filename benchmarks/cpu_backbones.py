@@ -5,7 +5,7 @@ agent_pvt_t and agent_deit_t vs the same models whose agent attention runs the o
 (agent_swin_t only: the PVT / DeiT forms differ); timm's swin_tiny on visattn windows (``patch_swin``) vs stock
 timm. float32, eval mode, no_grad, median of ``--iters`` forwards after one warm-up, sides interleaved.
 
-Usage (repo root):  python benchmarks/cpu_backbones.py --out benchmarks/results/cpu-backbones-<date>.json
+Usage (repo root): python benchmarks/cpu_backbones.py --out benchmarks/results/cpu-backbones-<date>.json
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def timed(model, x, iters: int) -> list[float]:
     return times
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--batch", type=int, default=2)

@@ -1,7 +1,7 @@
 """Device script: the reduced GPU sweep of tests/kernels/test_engine_gpu.py for one rank, on the small-map path and
 then the tiled path, printing each problem's verdict and errors (the test itself only reports the first three).
 
-    PYTHONPATH=$PWD python benchmarks/diag_rank2.py [--rank 2] [--count 10]
+Usage (repo root, CUDA): PYTHONPATH=$PWD python benchmarks/diag_rank2.py [--rank 2] [--count 10]
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ KEYS = ("op", "lengths", "kernel", "dilation", "stride", "causal", "window", "sh
         "head_dim", "layout")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rank", type=int, default=2)
     parser.add_argument("--count", type=int, default=10)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for small in (True, False):
         ops.SMALL_MAP = small
         for p in _problems(args.rank, args.count):
@@ -35,7 +35,8 @@ def main() -> None:
             if isinstance(errs, dict):
                 errs = {k: f"{v[0]:.1e}" for k, v in errs.items()}
             print("SMALL" if small else "TILED", "ok" if r["ok"] else "FAIL", info, errs, flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One device call of the engine-v3 work, in two halves so each fits the 10-minute command limit:
+# One device call of the engine-v3 work, in two halves so each fits the 10-minute command limit.
+# Usage (repo root, GPU machine):
 #   bash benchmarks/engine_v3_round.sh tests     GPU tests (engine sweep, CUDA graphs) + `visattn check`
 #   bash benchmarks/engine_v3_round.sh profile   stage profile of this tree and of .baseline/ (the previous code,
 #                                                 same measurement script), same machine, same process order
-# Logs and JSON go to $OUT; a short table is printed last.
+# Logs and JSON go to $OUT; a short table is printed last. .baseline/ gets --max-seconds, the flag name it knows.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -17,7 +18,7 @@ case "${1:-tests}" in
       --out "$OUT/check.json" 2>&1 | tail -12 ;;
   profile)
     timeout 280 python3 benchmarks/engine_profile.py --out "$OUT/engine-new.json" --stages "$STAGES" \
-      --max-seconds 240 ${EXTRA:-} 2>&1 | tail -26
+      --time-budget 240 ${EXTRA:-} 2>&1 | tail -26
     if [ -d .baseline ]; then
       timeout 280 python3 .baseline/benchmarks/engine_profile.py --out "$OUT/engine-base.json" --stages "$STAGES" \
         --max-seconds 240 ${EXTRA:-} 2>&1 | tail -26

@@ -2,7 +2,7 @@
 cProfile of forward+backward by own time, and calibration rows (a Python loop, one CUDA allocation, one cached
 kernel launch, cuDNN SDPA) so the numbers can be compared across machines. Device script; prints tables only.
 
-    python benchmarks/host_profile.py [--spatial 7 7 --heads 16] [--calls 200] [--top 22]
+Usage (repo root, CUDA): python benchmarks/host_profile.py [--spatial 7 7 --heads 16] [--calls 200] [--top 22]
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 import cProfile
 import io
 import pstats
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -90,21 +91,21 @@ def profile_case(args, shape, rpb_on: bool) -> None:
     print(text[text.find("ncalls"):])
 
 
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spatial", type=int, nargs="+", default=[7, 7])
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--top", type=int, default=22)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     shape = (args.batch, *args.spatial, args.heads, 32)
     for name, us in calibration(args.calls, shape).items():
         print(f"calib  {name:32s} {us:8.1f} us")
     for rpb_on in (False, True):
         profile_case(args, shape, rpb_on)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,7 +3,7 @@
 A CUDA fault (illegal address) poisons the whole process, so one bad case fails every later test of a normal
 pytest run; here each case runs alone and the table names exactly the cases that fail.
 
-Usage (repo root):  python benchmarks/isolated_tests.py FILE::TEST --params 0-35 [--workers 8] [--timeout 120]
+Usage (repo root, CUDA): python benchmarks/isolated_tests.py FILE::TEST --params 0-35 [--workers 8] [--timeout 120]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def run_one(node: str, timeout: float) -> tuple[str, str, str]:
     return node, status, detail[:300]
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("test", nargs="+", help="FILE::TEST (parametrised by one index)")
     parser.add_argument("--params", default="0-9", help="index range a-b (inclusive)")

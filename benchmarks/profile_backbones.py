@@ -6,7 +6,7 @@ normalisation, everything else) and the top kernels. The ``floor`` form replaces
 (same projections, convolutions and MLPs): the time no attention kernel can go below (Amdahl's bound for a
 model-level speed-up target).
 
-Usage (repo root, CUDA):  python benchmarks/profile_backbones.py --out /tmp/profile.json [--rows biformer agent]
+Usage (repo root, CUDA): python benchmarks/profile_backbones.py --out /tmp/profile.json [--rows biformer agent]
 """
 
 from __future__ import annotations
@@ -129,17 +129,17 @@ ROWS = {
 }
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--max-seconds", type=float, default=400)
+    parser.add_argument("--time-budget", type=float, default=400, help="start no new row after this many seconds")
     args = parser.parse_args(argv)
     start, rows = time.perf_counter(), []
     for group in args.rows:
         for name, form, mode, batch in ROWS[group]:
-            if time.perf_counter() - start > args.max_seconds:
+            if time.perf_counter() - start > args.time_budget:
                 rows.append(dict(model=name, form=form, mode=mode, skipped=True))
                 continue
             rows.append(run_row(name, form, mode, batch, args.iters))

@@ -1,9 +1,14 @@
 """Where the host time of LLM-side pruning goes: wall time (CUDA-synchronised) of each adapter step during one
 pruned prefill of the ``bench-prune`` LLaVA-1.5-7B-shaped model. Diagnostic only (the syncs it adds slow the
-prefill down); run on the GPU: ``python benchmarks/profile_prune.py sparsevlm 1``."""
+prefill down); prints a table.
+
+Usage (repo root, CUDA): python benchmarks/profile_prune.py METHOD BATCH [IMAGES], e.g.
+    python benchmarks/profile_prune.py sparsevlm 1
+"""
 
 from __future__ import annotations
 
+import argparse
 import collections
 import functools
 import sys
@@ -34,7 +39,13 @@ def timed(owner, name: str, label: str) -> None:
     setattr(owner, name, staticmethod(inner) if isinstance(vars(owner).get(name), staticmethod) else inner)
 
 
-def main(method: str, batch: int, images: int = 1) -> None:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("method", help="a registered pruning method (as in visattn bench-prune)")
+    parser.add_argument("batch", type=int)
+    parser.add_argument("images", type=int, nargs="?", default=1, help="images per prompt")
+    args = parser.parse_args(argv)
+    method, batch, images = args.method, args.batch, args.images
     model = bench.build_model(False, "cuda", torch.float16)
     inputs = bench.make_inputs(model, batch, images, "cuda", torch.float16)
     pruner = bench.pruner_for(method, 64, 576)
@@ -55,7 +66,8 @@ def main(method: str, batch: int, images: int = 1) -> None:
     print(f"{method} b={batch} images={images}: per prefill (ms, mean over {calls} calls, synchronised)")
     for label, ts in sorted(TIMES.items(), key=lambda kv: -sum(kv[1])):
         print(f"  {label:40s} {sum(ts) / calls:8.3f}  ({len(ts) // calls} calls per prefill)")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 1)
+    sys.exit(main())

@@ -1,18 +1,22 @@
 """Re-run the problems a GPU sweep log marked as failed (after a fix), with visattn.bench.check's own judge.
 
-``python benchmarks/replay_failures.py CHECK_LOG.json``
+Usage (repo root, CUDA): python benchmarks/replay_failures.py CHECK_LOG.json   (exit status 1 while any still fails)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
 from visattn.bench.check import run_problem
 
 
-def main(path: str) -> int:
-    with open(path) as fh:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("log", help="a `visattn check` JSON log")
+    args = parser.parse_args(argv)
+    with open(args.log) as fh:
         log = json.load(fh)
     problems = [r for r in (log.get("results") or log.get("problems") or []) if not r.get("ok", True)]
     fixed = 0
@@ -26,4 +30,4 @@ def main(path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main())

@@ -5,7 +5,7 @@ BiFormer-T (batch 128) / Agent-Swin-T (batch 256), bf16, with the other kernels 
 per kernel minimises the depth-weighted sum over the stages (the blocks a model runs). The chosen values go into
 ``visattn/kernels/routing.py`` / ``agent_attn.py`` ``LAUNCH`` by hand.
 
-Usage (repo root, CUDA):  python benchmarks/tune_small_kernels.py --out /tmp/tune.json
+Usage (repo root, CUDA): python benchmarks/tune_small_kernels.py --out /tmp/tune.json
 """
 
 from __future__ import annotations
@@ -83,12 +83,12 @@ def tune(module, problems, depths, deadline) -> dict:
     return results
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--max-seconds", type=float, default=240)
+    parser.add_argument("--time-budget", type=float, default=240, help="seconds; later options are skipped")
     args = parser.parse_args(argv)
-    deadline = time.perf_counter() + args.max_seconds
+    deadline = time.perf_counter() + args.time_budget
     torch.manual_seed(0)
     bra = [bra_problem(*s[:-1]) for s in BRA_STAGES]
     agent = [agent_problem(*s[:-1]) for s in AGENT_STAGES]

@@ -19,7 +19,7 @@ def test_bench_diffusion_tiny_writes_strict_json(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "diffusion.json"
-    bench.main(["--tiny", "--max-seconds", "300", "--out", str(out)])
+    assert bench.main(["--tiny", "--time-budget", "300", "--out", str(out)]) == 0
     text = out.read_text()
     result = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-strict JSON constant {name}"))
     for key in ("device", "torch", "triton", "diffusers", "date", "ceilings"):

@@ -9,8 +9,22 @@ a key tile and walks the query tiles whose windows reach it, read from a per-sha
 import triton
 import triton.language as tl
 
-from visattn.kernels.engine import _PATTERN_ARGS, LOG2E, _query_dim, _row_offsets, _rpb_offsets
-from visattn.kernels.patterns import in_interval, in_interval_t, key_interval, split_tile, unflatten
+from visattn.kernels.engine import (
+    _PATTERN_ARGS,
+    LOG2E,
+    _key_tile,
+    _load_cols,
+    _load_rows,
+    _on_border,
+    _program_head,
+    _query_tile,
+    _row_offsets,
+    _rpb_offsets,
+    _store_rows,
+    _tile_scores,
+    _tile_walk,
+)
+from visattn.kernels.patterns import in_box_t, key_interval, split_tile, unflatten
 
 # a str constexpr passed explicitly: Triton 3.6 hands a jit helper's str default to tl.dot unwrapped
 IEEE = tl.constexpr("ieee")
@@ -39,32 +53,21 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr = M0 * M1 * M2
     BLOCK_N: tl.constexpr = N0 * N1 * N2
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    t0, t1, t2 = unflatten(pid, DL1 * NT1, DL2 * NT2)
-    r0, r1, r2 = unflatten(tl.arange(0, BLOCK_M), M1, M2)
-    c0, c1, c2 = unflatten(tl.arange(0, BLOCK_N), N1, N2)
-    g0, G0, qi0, qv0, st0, en0, ka0, nk0, cl0, ch0 = _query_dim(
-        t0, r0, L0, DL0, NT0, KS0, ST0, SH0, M0, N0, CAUSAL0, WINDOW)
-    g1, G1, qi1, qv1, st1, en1, ka1, nk1, cl1, ch1 = _query_dim(
-        t1, r1, L1, DL1, NT1, KS1, ST1, SH1, M1, N1, CAUSAL1, WINDOW)
-    g2, G2, qi2, qv2, st2, en2, ka2, nk2, cl2, ch2 = _query_dim(
-        t2, r2, L2, DL2, NT2, KS2, ST2, SH2, M2, N2, CAUSAL2, WINDOW)
-    q_valid = qv0 & qv1 & qv2
+    b, h = _program_head(H)
+    (t1, t2, g0, g1, g2, G0, G1, G2, qi0, qi1, qi2, q_valid, st0, st1, st2, en0, en1, en2,
+     ka0, ka1, ka2, nk0, nk1, nk2, cl0, cl1, cl2, ch0, ch1, ch2, c0, c1, c2) = _query_tile(
+        pid, L0, L1, L2, DL0, DL1, DL2, NT0, NT1, NT2, KS0, KS1, KS2, ST0, ST1, ST2, SH0, SH1, SH2,
+        M0, M1, M2, N0, N1, N2, CAUSAL0, CAUSAL1, CAUSAL2, WINDOW)
     d_cols = tl.arange(0, BLOCK_D)
     dv_cols = tl.arange(0, BLOCK_DV)
     q_rows = _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, q_s0, q_s1, q_s2)
-    q = tl.load(Q + b * q_sb + h * q_sh + q_rows[:, None] + d_cols[None, :] * q_sd,
-                mask=q_valid[:, None] & (d_cols[None, :] < HEAD_D), other=0.0)
+    q = _load_rows(Q + b * q_sb + h * q_sh, q_rows, 1, q_valid, d_cols, q_sd, HEAD_D)
     do_rows = _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, do_s0, do_s1, do_s2)
-    do = tl.load(DO + b * do_sb + h * do_sh + do_rows[:, None] + dv_cols[None, :] * do_sd,
-                 mask=q_valid[:, None] & (dv_cols[None, :] < HEAD_DV), other=0.0)
+    do = _load_rows(DO + b * do_sb + h * do_sh, do_rows, 1, q_valid, dv_cols, do_sd, HEAD_DV)
     l_rows = b * l_sb + h + _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, l_s0, l_s1, l_s2)
     lse = tl.load(LSE + l_rows, mask=q_valid, other=0.0)
     o_rows = _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, o_s0, o_s1, o_s2)
-    o = tl.load(OUT + b * o_sb + h * o_sh + o_rows[:, None] + dv_cols[None, :],
-                mask=q_valid[:, None] & (dv_cols[None, :] < HEAD_DV), other=0.0)
+    o = _load_rows(OUT + b * o_sb + h * o_sh, o_rows, 1, q_valid, dv_cols, 1, HEAD_DV)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_GLSE:  # lse = log2(sum exp2(s)) adds p * g / ln 2 to each score's gradient: delta shifts by -g / ln 2
         delta -= tl.load(GLSE + l_rows, mask=q_valid, other=0.0).to(tl.float32) * LOG2E
@@ -81,39 +84,21 @@ def _bwd_dq_kernel(
         positions = ((qi0 * DL0 + g0) * L1 + (qi1 * DL1 + g1)) * L2 + (qi2 * DL2 + g2)
         dsn_rows = DSN + ((b * H + h) * (L0 * L1 * L2) + positions) * (KS0 * KS1 * KS2)
     for t in range(0, nk0 * nk1 * nk2):
-        a0, a1, a2 = t // (nk1 * nk2), (t // nk2) % nk1, t % nk2
-        kj0 = ka0 + a0 * N0 + c0
-        kj1 = ka1 + a1 * N1 + c1
-        kj2 = ka2 + a2 * N2 + c2
-        k_in = (kj0 < G0) & (kj1 < G1) & (kj2 < G2)
+        lo0, lo1, lo2, kj0, kj1, kj2, k_in = _key_tile(t, nk1, nk2, ka0, ka1, ka2, c0, c1, c2, G0, G1, G2,
+                                                       N0, N1, N2)
         k_rows = _row_offsets(kj0, kj1, kj2, DL0, DL1, DL2, g0, g1, g2, k_s0, k_s1, k_s2)
-        k = tl.load(k_base + k_rows[:, None] + d_cols[None, :] * k_sd,
-                    mask=k_in[:, None] & (d_cols[None, :] < HEAD_D), other=0.0)
+        k = _load_rows(k_base, k_rows, 1, k_in, d_cols, k_sd, HEAD_D)
         v_rows = _row_offsets(kj0, kj1, kj2, DL0, DL1, DL2, g0, g1, g2, v_s0, v_s1, v_s2)
-        vT = tl.load(v_base + v_rows[None, :] + dv_cols[:, None] * v_sd,
-                     mask=k_in[None, :] & (dv_cols[:, None] < HEAD_DV), other=0.0)
+        vT = _load_cols(v_base, v_rows, 1, k_in, dv_cols, v_sd, HEAD_DV)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        if HAS_RPB:
-            pair = in_interval(kj0, st0, en0) & in_interval(kj1, st1, en1) & in_interval(kj2, st2, en2)
-            pair = pair & q_valid[:, None]
-            offs = _rpb_offsets(qi0, qi1, qi2, kj0, kj1, kj2, KS0, KS1, KS2, r_s0, r_s1, r_s2)
-            bias = tl.load(RPB + h * r_sh + offs, mask=pair, other=0.0).to(tl.float32)
-            s = tl.where(pair, s + bias * LOG2E, float("-inf"))
-        else:
-            t_lo0 = ka0 + a0 * N0
-            t_lo1 = ka1 + a1 * N1
-            t_lo2 = ka2 + a2 * N2
-            border = ((t_lo0 < cl0) | (t_lo0 + N0 - 1 > ch0) | (t_lo1 < cl1) | (t_lo1 + N1 - 1 > ch1)
-                      | (t_lo2 < cl2) | (t_lo2 + N2 - 1 > ch2))
-            if border:
-                pair = in_interval(kj0, st0, en0) & in_interval(kj1, st1, en1) & in_interval(kj2, st2, en2)
-                s = tl.where(pair, s, float("-inf"))
+        s, pair = _tile_scores(s, q_valid, qi0, qi1, qi2, st0, st1, st2, en0, en1, en2, lo0, lo1, lo2, kj0, kj1, kj2,
+                               cl0, cl1, cl2, ch0, ch1, ch2, RPB, h, r_sh, r_s0, r_s1, r_s2, KS0, KS1, KS2,
+                               N0, N1, N2, HAS_RPB)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, vT, input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         if RPB_BINS:
-            bins += _rpb_bins(ds, q_first1, q_first2, ka1 + a1 * N1, ka2 + a2 * N2, KS1, KS2, M1, M2, N1, N2, O1, O2,
-                              IEEE)
+            bins += _rpb_bins(ds, q_first1, q_first2, lo1, lo2, KS1, KS2, M1, M2, N1, N2, O1, O2, IEEE)
         elif HAS_RPB:  # neighbour index (key - window start) per dimension: each pair lands in its own slot
             nbr = (((kj0[None, :] - st0[:, None]) * KS1 + (kj1[None, :] - st1[:, None])) * KS2
                    + (kj2[None, :] - st2[:, None]))
@@ -124,10 +109,8 @@ def _bwd_dq_kernel(
         e_cols = tl.arange(0, BLOCK_N)
         for n0 in range(0, N_EXTRA, BLOCK_N):
             e_in = (n0 + e_cols) < N_EXTRA
-            k = tl.load(EK + b * ek_sb + h * ek_sh + (n0 + e_cols)[:, None] * ek_sn + d_cols[None, :] * ek_sd,
-                        mask=e_in[:, None] & (d_cols[None, :] < HEAD_D), other=0.0)
-            vT = tl.load(EV + b * ev_sb + h * ev_sh + (n0 + e_cols)[None, :] * ev_sn + dv_cols[:, None] * ev_sd,
-                         mask=e_in[None, :] & (dv_cols[:, None] < HEAD_DV), other=0.0)
+            k = _load_rows(EK + b * ek_sb + h * ek_sh, n0 + e_cols, ek_sn, e_in, d_cols, ek_sd, HEAD_D)
+            vT = _load_cols(EV + b * ev_sb + h * ev_sh, n0 + e_cols, ev_sn, e_in, dv_cols, ev_sd, HEAD_DV)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
             s = tl.where(e_in[None, :], s, float("-inf"))
             p = tl.math.exp2(s - lse[:, None])
@@ -135,8 +118,7 @@ def _bwd_dq_kernel(
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
     dq_rows = _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, dq_s0, dq_s1, dq_s2)
-    tl.store(DQ + b * dq_sb + h * dq_sh + dq_rows[:, None] + d_cols[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=q_valid[:, None] & (d_cols[None, :] < HEAD_D))
+    _store_rows(DQ + b * dq_sb + h * dq_sh, dq_rows, 1, q_valid, d_cols, HEAD_D, dq * sm_scale)
     if RPB_BINS:  # this program's partial bias gradient: [B, H, programs, O1, O2], summed on the host
         part = DSN + ((b * H + h) * tl.num_programs(0) + pid) * (O1 * O2)
         tl.store(part + tl.arange(0, O1)[:, None] * O2 + tl.arange(0, O2)[None, :], bins)
@@ -198,9 +180,7 @@ def _bwd_dkv_kernel(
     BLOCK_M: tl.constexpr = M0 * M1 * M2
     BLOCK_N: tl.constexpr = N0 * N1 * N2
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
+    b, h = _program_head(H)
     t0, t1, t2 = unflatten(pid, DL1 * NT1, DL2 * NT2)
     r0, r1, r2 = unflatten(tl.arange(0, BLOCK_M), M1, M2)
     c0, c1, c2 = unflatten(tl.arange(0, BLOCK_N), N1, N2)
@@ -213,43 +193,32 @@ def _bwd_dkv_kernel(
     d_cols = tl.arange(0, BLOCK_D)
     dv_cols = tl.arange(0, BLOCK_DV)
     k_rows = _row_offsets(kj0, kj1, kj2, DL0, DL1, DL2, g0, g1, g2, k_s0, k_s1, k_s2)
-    k = tl.load(K + b * k_sb + h * k_sh + k_rows[:, None] + d_cols[None, :] * k_sd,
-                mask=k_valid[:, None] & (d_cols[None, :] < HEAD_D), other=0.0)
+    k = _load_rows(K + b * k_sb + h * k_sh, k_rows, 1, k_valid, d_cols, k_sd, HEAD_D)
     v_rows = _row_offsets(kj0, kj1, kj2, DL0, DL1, DL2, g0, g1, g2, v_s0, v_s1, v_s2)
-    v = tl.load(V + b * v_sb + h * v_sh + v_rows[:, None] + dv_cols[None, :] * v_sd,
-                mask=k_valid[:, None] & (dv_cols[None, :] < HEAD_DV), other=0.0)
+    v = _load_rows(V + b * v_sb + h * v_sh, v_rows, 1, k_valid, dv_cols, v_sd, HEAD_DV)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     q_base = Q + b * q_sb + h * q_sh
     do_base = DO + b * do_sb + h * do_sh
     for t in range(0, nq0 * nq1 * nq2):
-        a0, a1, a2 = t // (nq1 * nq2), (t // nq2) % nq1, t % nq2
-        qs0 = ql0 + a0 * M0
-        qs1 = ql1 + a1 * M1
-        qs2 = ql2 + a2 * M2
-        qi0 = qs0 + r0
-        qi1 = qs1 + r1
-        qi2 = qs2 + r2
+        qs0, qs1, qs2, qi0, qi1, qi2 = _tile_walk(t, nq1, nq2, ql0, ql1, ql2, r0, r1, r2, M0, M1, M2)
         q_valid = (qi0 <= qh0) & (qi1 <= qh1) & (qi2 <= qh2)
         q_rows = _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, q_s0, q_s1, q_s2)
-        q = tl.load(q_base + q_rows[:, None] + d_cols[None, :] * q_sd,
-                    mask=q_valid[:, None] & (d_cols[None, :] < HEAD_D), other=0.0)
+        q = _load_rows(q_base, q_rows, 1, q_valid, d_cols, q_sd, HEAD_D)
         do_rows = _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, do_s0, do_s1, do_s2)
-        do = tl.load(do_base + do_rows[:, None] + dv_cols[None, :] * do_sd,
-                     mask=q_valid[:, None] & (dv_cols[None, :] < HEAD_DV), other=0.0)
+        do = _load_rows(do_base, do_rows, 1, q_valid, dv_cols, do_sd, HEAD_DV)
         l_rows = b * l_sb + h + _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, l_s0, l_s1, l_s2)
         lse = tl.load(LSE + l_rows, mask=q_valid, other=0.0)
         delta = tl.load(DELTA + l_rows, mask=q_valid, other=0.0)
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
-        border = ((qs0 < il0) | (qs0 + M0 - 1 > ih0) | (qs1 < il1) | (qs1 + M1 - 1 > ih1)
-                  | (qs2 < il2) | (qs2 + M2 - 1 > ih2))
+        border = _on_border(qs0, qs1, qs2, il0, il1, il2, ih0, ih1, ih2, M0, M1, M2)
         border = border | HAS_RPB  # the bias gather needs the element mask anyway
         if border:
             st0, en0 = key_interval(qi0, G0, KS0, ST0, SH0, CAUSAL0, WINDOW)
             st1, en1 = key_interval(qi1, G1, KS1, ST1, SH1, CAUSAL1, WINDOW)
             st2, en2 = key_interval(qi2, G2, KS2, ST2, SH2, CAUSAL2, WINDOW)
-            pair = in_interval_t(kj0, st0, en0) & in_interval_t(kj1, st1, en1) & in_interval_t(kj2, st2, en2)
+            pair = in_box_t(kj0, kj1, kj2, st0, st1, st2, en0, en1, en2)
             pair = pair & q_valid[None, :] & k_valid[:, None]
             if HAS_RPB:
                 offs = tl.trans(_rpb_offsets(qi0, qi1, qi2, kj0, kj1, kj2, KS0, KS1, KS2, r_s0, r_s1, r_s2))
@@ -263,11 +232,9 @@ def _bwd_dkv_kernel(
         dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
 
     dk_rows = _row_offsets(kj0, kj1, kj2, DL0, DL1, DL2, g0, g1, g2, dk_s0, dk_s1, dk_s2)
-    tl.store(DK + b * dk_sb + h * dk_sh + dk_rows[:, None] + d_cols[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-             mask=k_valid[:, None] & (d_cols[None, :] < HEAD_D))
+    _store_rows(DK + b * dk_sb + h * dk_sh, dk_rows, 1, k_valid, d_cols, HEAD_D, dk * sm_scale)
     dv_rows = _row_offsets(kj0, kj1, kj2, DL0, DL1, DL2, g0, g1, g2, dv_s0, dv_s1, dv_s2)
-    tl.store(DV + b * dv_sb + h * dv_sh + dv_rows[:, None] + dv_cols[None, :], dv.to(DV.dtype.element_ty),
-             mask=k_valid[:, None] & (dv_cols[None, :] < HEAD_DV))
+    _store_rows(DV + b * dv_sb + h * dv_sh, dv_rows, 1, k_valid, dv_cols, HEAD_DV, dv)
 
 
 @triton.jit
@@ -280,17 +247,13 @@ def _bwd_extra_dkv_kernel(
     DOT_PREC: tl.constexpr,
 ):
     """dK, dV of the extra (global) keys: every query of the map attends them, no mask but bounds."""
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
+    b, h = _program_head(H)
     e = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     e_in = e < N_EXTRA
     d_cols = tl.arange(0, BLOCK_D)
     dv_cols = tl.arange(0, BLOCK_DV)
-    k = tl.load(EK + b * ek_sb + h * ek_sh + e[:, None] * ek_sn + d_cols[None, :] * ek_sd,
-                mask=e_in[:, None] & (d_cols[None, :] < HEAD_D), other=0.0)
-    v = tl.load(EV + b * ev_sb + h * ev_sh + e[:, None] * ev_sn + dv_cols[None, :] * ev_sd,
-                mask=e_in[:, None] & (dv_cols[None, :] < HEAD_DV), other=0.0)
+    k = _load_rows(EK + b * ek_sb + h * ek_sh, e, ek_sn, e_in, d_cols, ek_sd, HEAD_D)
+    v = _load_rows(EV + b * ev_sb + h * ev_sh, e, ev_sn, e_in, dv_cols, ev_sd, HEAD_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for f0 in range(0, N_TOKENS, BLOCK_M):
@@ -299,10 +262,9 @@ def _bwd_extra_dkv_kernel(
         p0 = f // (L1 * L2)
         p1 = (f // L2) % L1
         p2 = f % L2
-        q = tl.load(Q + b * q_sb + h * q_sh + (p0 * q_s0 + p1 * q_s1 + p2 * q_s2)[:, None] + d_cols[None, :] * q_sd,
-                    mask=f_in[:, None] & (d_cols[None, :] < HEAD_D), other=0.0)
-        do = tl.load(DO + b * do_sb + h * do_sh + (p0 * do_s0 + p1 * do_s1 + p2 * do_s2)[:, None]
-                     + dv_cols[None, :] * do_sd, mask=f_in[:, None] & (dv_cols[None, :] < HEAD_DV), other=0.0)
+        q = _load_rows(Q + b * q_sb + h * q_sh, p0 * q_s0 + p1 * q_s1 + p2 * q_s2, 1, f_in, d_cols, q_sd, HEAD_D)
+        do = _load_rows(DO + b * do_sb + h * do_sh, p0 * do_s0 + p1 * do_s1 + p2 * do_s2, 1, f_in, dv_cols, do_sd,
+                        HEAD_DV)
         l_rows = b * l_sb + h + p0 * l_s0 + p1 * l_s1 + p2 * l_s2
         lse = tl.load(LSE + l_rows, mask=f_in, other=0.0)
         delta = tl.load(DELTA + l_rows, mask=f_in, other=0.0)
@@ -312,7 +274,5 @@ def _bwd_extra_dkv_kernel(
         dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
         dsT = pT * (tl.dot(v, tl.trans(do), input_precision=DOT_PREC) - delta[None, :])
         dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
-    tl.store(DEK + ((b * N_EXTRA + e) * H + h)[:, None] * HEAD_D + d_cols[None, :],
-             (dk * sm_scale).to(DEK.dtype.element_ty), mask=e_in[:, None] & (d_cols[None, :] < HEAD_D))
-    tl.store(DEV + ((b * N_EXTRA + e) * H + h)[:, None] * HEAD_DV + dv_cols[None, :], dv.to(DEV.dtype.element_ty),
-             mask=e_in[:, None] & (dv_cols[None, :] < HEAD_DV))
+    _store_rows(DEK, (b * N_EXTRA + e) * H + h, HEAD_D, e_in, d_cols, HEAD_D, dk * sm_scale)
+    _store_rows(DEV, (b * N_EXTRA + e) * H + h, HEAD_DV, e_in, dv_cols, HEAD_DV, dv)

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from visattn.kernels.backward import _rpb_bins
 from visattn.kernels.engine import _PATTERN_ARGS, LOG2E, _row_offsets
-from visattn.kernels.patterns import in_interval, key_interval, split_tile, unflatten
+from visattn.kernels.patterns import in_box, key_interval, split_tile, unflatten
 
 
 @triton.jit
@@ -99,7 +99,7 @@ def _rpb_tile(RPB, h, r_sh, r_s1, r_s2, q1, q2, k1, k2, KS1, KS2, M1: tl.constex
 @triton.jit
 def _cell_pairs(q_valid, s0, e0, s1, e1, s2, e2, kx0, kx1, kx2):
     """``[SUB, CELL]`` mask: the keys of each query's window (padded rows and keys excluded)."""
-    return in_interval(kx0, s0, e0) & in_interval(kx1, s1, e1) & in_interval(kx2, s2, e2) & q_valid[:, None]
+    return in_box(kx0, kx1, kx2, s0, s1, s2, e0, e1, e2) & q_valid[:, None]
 
 
 @triton.jit(do_not_specialize=_PATTERN_ARGS + ["B"])

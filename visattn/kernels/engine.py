@@ -9,7 +9,7 @@ Scores live in the log2 domain (``qk_scale`` includes log2(e)); the saved LSE is
 import triton
 import triton.language as tl
 
-from visattn.kernels.patterns import in_interval, key_interval, split_tile, unflatten
+from visattn.kernels.patterns import in_box, key_interval, split_tile, unflatten
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # Pattern integers change from call to call; letting Triton specialise them (value 1, multiple of 16) would compile
@@ -35,6 +35,36 @@ def _rpb_offsets(qi0, qi1, qi2, kj0, kj1, kj2, K0, K1, K2, r_s0, r_s1, r_s2):
             + (kj2[None, :] - qi2[:, None] + K2 - 1) * r_s2)
 
 
+# Helpers shared by the forward, dQ and dK/dV kernels (backward.py): each fact of the tile walk is written once.
+@triton.jit
+def _program_head(H):
+    """This program's batch item (int64: it scales the batch strides) and head; grid axis 1 runs over B x H."""
+    bh = tl.program_id(1)
+    return (bh // H).to(tl.int64), bh % H
+
+
+@triton.jit
+def _load_rows(ptr, rows, row_stride, valid, cols, col_stride, n_cols):
+    """``[rows, cols]`` tile at ``ptr + rows * row_stride + cols * col_stride`` (``rows`` are offsets, stride 1, or
+    token indices); invalid rows and columns >= n_cols read 0."""
+    return tl.load(ptr + rows[:, None] * row_stride + cols[None, :] * col_stride,
+                   mask=valid[:, None] & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _load_cols(ptr, rows, row_stride, valid, cols, col_stride, n_cols):
+    """The transposed tile ``[cols, rows]`` of ``_load_rows`` (a K or V tile read as an operand of Q K^T / dO V^T)."""
+    return tl.load(ptr + rows[None, :] * row_stride + cols[:, None] * col_stride,
+                   mask=valid[None, :] & (cols[:, None] < n_cols), other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, rows, row_stride, valid, cols, n_cols, value):
+    """Store a ``[rows, cols]`` tile (columns contiguous) in ``ptr``'s dtype: valid rows, columns < n_cols."""
+    tl.store(ptr + rows[:, None] * row_stride + cols[None, :], value.to(ptr.dtype.element_ty),
+             mask=valid[:, None] & (cols[None, :] < n_cols))
+
+
 @triton.jit
 def _query_dim(t, r, L, dil, n_tiles, ks, st, sh, M: tl.constexpr, N: tl.constexpr,
                CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
@@ -50,6 +80,89 @@ def _query_dim(t, r, L, dil, n_tiles, ks, st, sh, M: tl.constexpr, N: tl.constex
     n_key_tiles = tl.where(qb >= qa, (kb - ka + N) // N, 0)
     # keys in [common_lo, common_hi] are seen by every row of the tile: tiles inside it need no element mask.
     return g, group_len, qi, valid, start, end, ka, n_key_tiles, common_lo, common_hi
+
+
+@triton.jit
+def _query_tile(pid, L0, L1, L2, DL0, DL1, DL2, NT0, NT1, NT2, KS0, KS1, KS2, ST0, ST1, ST2, SH0, SH1, SH2,
+                M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, N0: tl.constexpr, N1: tl.constexpr,
+                N2: tl.constexpr, CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr,
+                WINDOW: tl.constexpr):
+    """Query tile ``pid`` (M0 x M1 x M2 rows of one dilation group, row-major) of the forward and dQ passes.
+
+    Returns the tile numbers of dimensions 1 and 2, then per dimension (each as three values, dimension 0 first):
+    dilation group, group length, the rows' coordinates; the rows' validity; each row's key interval [start, end];
+    the walk over key tiles (first key, number of N-row tiles); the interval every row sees, [common lo, hi]; and
+    the coordinates of a key tile's N0 x N1 x N2 columns relative to its first key.
+    """
+    t0, t1, t2 = unflatten(pid, DL1 * NT1, DL2 * NT2)
+    r0, r1, r2 = unflatten(tl.arange(0, M0 * M1 * M2), M1, M2)
+    c0, c1, c2 = unflatten(tl.arange(0, N0 * N1 * N2), N1, N2)
+    g0, G0, qi0, qv0, st0, en0, ka0, nk0, cl0, ch0 = _query_dim(
+        t0, r0, L0, DL0, NT0, KS0, ST0, SH0, M0, N0, CAUSAL0, WINDOW)
+    g1, G1, qi1, qv1, st1, en1, ka1, nk1, cl1, ch1 = _query_dim(
+        t1, r1, L1, DL1, NT1, KS1, ST1, SH1, M1, N1, CAUSAL1, WINDOW)
+    g2, G2, qi2, qv2, st2, en2, ka2, nk2, cl2, ch2 = _query_dim(
+        t2, r2, L2, DL2, NT2, KS2, ST2, SH2, M2, N2, CAUSAL2, WINDOW)
+    q_valid = qv0 & qv1 & qv2
+    return (t1, t2, g0, g1, g2, G0, G1, G2, qi0, qi1, qi2, q_valid, st0, st1, st2, en0, en1, en2,
+            ka0, ka1, ka2, nk0, nk1, nk2, cl0, cl1, cl2, ch0, ch1, ch2, c0, c1, c2)
+
+
+@triton.jit
+def _tile_walk(t, n1, n2, first0, first1, first2, r0, r1, r2, S0: tl.constexpr, S1: tl.constexpr,
+               S2: tl.constexpr):
+    """Tile ``t`` (row-major) of a walk over ``n0 x n1 x n2`` tiles of S0 x S1 x S2 rows starting at (first0,
+    first1, first2): the tile's first coordinates, then its rows' coordinates (first + r per dimension)."""
+    a0, a1, a2 = t // (n1 * n2), (t // n2) % n1, t % n2
+    lo0 = first0 + a0 * S0
+    lo1 = first1 + a1 * S1
+    lo2 = first2 + a2 * S2
+    return lo0, lo1, lo2, lo0 + r0, lo1 + r1, lo2 + r2
+
+
+@triton.jit
+def _key_tile(t, nk1, nk2, ka0, ka1, ka2, c0, c1, c2, G0, G1, G2, N0: tl.constexpr, N1: tl.constexpr,
+              N2: tl.constexpr):
+    """Key tile ``t`` of a query tile's walk: its first coordinates, its keys' coordinates and which keys lie inside
+    the dilation group."""
+    lo0, lo1, lo2, kj0, kj1, kj2 = _tile_walk(t, nk1, nk2, ka0, ka1, ka2, c0, c1, c2, N0, N1, N2)
+    k_in = (kj0 < G0) & (kj1 < G1) & (kj2 < G2)
+    return lo0, lo1, lo2, kj0, kj1, kj2, k_in
+
+
+@triton.jit
+def _on_border(lo0, lo1, lo2, in_lo0, in_lo1, in_lo2, in_hi0, in_hi1, in_hi2, S0: tl.constexpr, S1: tl.constexpr,
+               S2: tl.constexpr):
+    """Whether the S0 x S1 x S2 tile starting at (lo0, lo1, lo2) reaches outside [in_lo, in_hi] along a dimension
+    (a tile inside needs no element mask)."""
+    return ((lo0 < in_lo0) | (lo0 + S0 - 1 > in_hi0) | (lo1 < in_lo1) | (lo1 + S1 - 1 > in_hi1)
+            | (lo2 < in_lo2) | (lo2 + S2 - 1 > in_hi2))
+
+
+@triton.jit
+def _tile_scores(s, q_valid, qi0, qi1, qi2, st0, st1, st2, en0, en1, en2, lo0, lo1, lo2, kj0, kj1, kj2,
+                 cl0, cl1, cl2, ch0, ch1, ch2, RPB, h, r_sh, r_s0, r_s1, r_s2, KS0, KS1, KS2,
+                 N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, HAS_RPB: tl.constexpr):
+    """Mask (and bias) a ``[query rows, keys]`` tile of log2-domain scores ``s`` of the forward / dQ walk.
+
+    With a bias: every pair outside a row's window, or of an invalid row, is -inf, and each real pair gets the
+    table entry (key - query + kernel - 1 per dimension) times log2(e). Without one: only a tile reaching outside
+    the interval every row sees, [cl, ch], is masked to the windows. Returns the scores and the mask of real pairs
+    (with a bias; ``False`` without one, where no caller needs it).
+    """
+    if HAS_RPB:
+        pair = in_box(kj0, kj1, kj2, st0, st1, st2, en0, en1, en2)
+        pair = pair & q_valid[:, None]
+        offs = _rpb_offsets(qi0, qi1, qi2, kj0, kj1, kj2, KS0, KS1, KS2, r_s0, r_s1, r_s2)
+        bias = tl.load(RPB + h * r_sh + offs, mask=pair, other=0.0).to(tl.float32)
+        s = tl.where(pair, s + bias * LOG2E, float("-inf"))
+    else:
+        border = _on_border(lo0, lo1, lo2, cl0, cl1, cl2, ch0, ch1, ch2, N0, N1, N2)
+        if border:
+            inside = in_box(kj0, kj1, kj2, st0, st1, st2, en0, en1, en2)
+            s = tl.where(inside, s, float("-inf"))
+        pair = tl.constexpr(False)
+    return s, pair
 
 
 @triton.jit(do_not_specialize=_PATTERN_ARGS + ["N_EXTRA"])
@@ -69,24 +182,15 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr = M0 * M1 * M2
     BLOCK_N: tl.constexpr = N0 * N1 * N2
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    t0, t1, t2 = unflatten(pid, DL1 * NT1, DL2 * NT2)
-    r0, r1, r2 = unflatten(tl.arange(0, BLOCK_M), M1, M2)
-    c0, c1, c2 = unflatten(tl.arange(0, BLOCK_N), N1, N2)
-    g0, G0, qi0, qv0, st0, en0, ka0, nk0, cl0, ch0 = _query_dim(
-        t0, r0, L0, DL0, NT0, KS0, ST0, SH0, M0, N0, CAUSAL0, WINDOW)
-    g1, G1, qi1, qv1, st1, en1, ka1, nk1, cl1, ch1 = _query_dim(
-        t1, r1, L1, DL1, NT1, KS1, ST1, SH1, M1, N1, CAUSAL1, WINDOW)
-    g2, G2, qi2, qv2, st2, en2, ka2, nk2, cl2, ch2 = _query_dim(
-        t2, r2, L2, DL2, NT2, KS2, ST2, SH2, M2, N2, CAUSAL2, WINDOW)
-    q_valid = qv0 & qv1 & qv2
+    b, h = _program_head(H)
+    (_t1, _t2, g0, g1, g2, G0, G1, G2, qi0, qi1, qi2, q_valid, st0, st1, st2, en0, en1, en2,
+     ka0, ka1, ka2, nk0, nk1, nk2, cl0, cl1, cl2, ch0, ch1, ch2, c0, c1, c2) = _query_tile(
+        pid, L0, L1, L2, DL0, DL1, DL2, NT0, NT1, NT2, KS0, KS1, KS2, ST0, ST1, ST2, SH0, SH1, SH2,
+        M0, M1, M2, N0, N1, N2, CAUSAL0, CAUSAL1, CAUSAL2, WINDOW)
     dq_cols = tl.arange(0, BLOCK_D)
     dv_cols = tl.arange(0, BLOCK_DV)
     q_rows = _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, q_s0, q_s1, q_s2)
-    q = tl.load(Q + b * q_sb + h * q_sh + q_rows[:, None] + dq_cols[None, :] * q_sd,
-                mask=q_valid[:, None] & (dq_cols[None, :] < HEAD_D), other=0.0)
+    q = _load_rows(Q + b * q_sb + h * q_sh, q_rows, 1, q_valid, dq_cols, q_sd, HEAD_D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -94,43 +198,24 @@ def _fwd_kernel(
     k_base = K + b * k_sb + h * k_sh
     v_base = V + b * v_sb + h * v_sh
     for t in range(0, nk0 * nk1 * nk2):
-        a0, a1, a2 = t // (nk1 * nk2), (t // nk2) % nk1, t % nk2
-        kj0 = ka0 + a0 * N0 + c0
-        kj1 = ka1 + a1 * N1 + c1
-        kj2 = ka2 + a2 * N2 + c2
-        k_in = (kj0 < G0) & (kj1 < G1) & (kj2 < G2)
+        lo0, lo1, lo2, kj0, kj1, kj2, k_in = _key_tile(t, nk1, nk2, ka0, ka1, ka2, c0, c1, c2, G0, G1, G2,
+                                                       N0, N1, N2)
         k_rows = _row_offsets(kj0, kj1, kj2, DL0, DL1, DL2, g0, g1, g2, k_s0, k_s1, k_s2)
-        kT = tl.load(k_base + k_rows[None, :] + dq_cols[:, None] * k_sd,
-                     mask=k_in[None, :] & (dq_cols[:, None] < HEAD_D), other=0.0)
+        kT = _load_cols(k_base, k_rows, 1, k_in, dq_cols, k_sd, HEAD_D)
         v_rows = _row_offsets(kj0, kj1, kj2, DL0, DL1, DL2, g0, g1, g2, v_s0, v_s1, v_s2)
-        v = tl.load(v_base + v_rows[:, None] + dv_cols[None, :] * v_sd,
-                    mask=k_in[:, None] & (dv_cols[None, :] < HEAD_DV), other=0.0)
+        v = _load_rows(v_base, v_rows, 1, k_in, dv_cols, v_sd, HEAD_DV)
         s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
-        if HAS_RPB:
-            pair = in_interval(kj0, st0, en0) & in_interval(kj1, st1, en1) & in_interval(kj2, st2, en2)
-            pair = pair & q_valid[:, None]
-            offs = _rpb_offsets(qi0, qi1, qi2, kj0, kj1, kj2, KS0, KS1, KS2, r_s0, r_s1, r_s2)
-            bias = tl.load(RPB + h * r_sh + offs, mask=pair, other=0.0).to(tl.float32)
-            s = tl.where(pair, s + bias * LOG2E, float("-inf"))
-        else:
-            t_lo0 = ka0 + a0 * N0
-            t_lo1 = ka1 + a1 * N1
-            t_lo2 = ka2 + a2 * N2
-            border = ((t_lo0 < cl0) | (t_lo0 + N0 - 1 > ch0) | (t_lo1 < cl1) | (t_lo1 + N1 - 1 > ch1)
-                      | (t_lo2 < cl2) | (t_lo2 + N2 - 1 > ch2))
-            if border:
-                pair = in_interval(kj0, st0, en0) & in_interval(kj1, st1, en1) & in_interval(kj2, st2, en2)
-                s = tl.where(pair, s, float("-inf"))
+        s, _ = _tile_scores(s, q_valid, qi0, qi1, qi2, st0, st1, st2, en0, en1, en2, lo0, lo1, lo2, kj0, kj1, kj2,
+                            cl0, cl1, cl2, ch0, ch1, ch2, RPB, h, r_sh, r_s0, r_s1, r_s2, KS0, KS1, KS2,
+                            N0, N1, N2, HAS_RPB)
         m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, DOT_PREC)
 
     if HAS_EXTRA:
         e_cols = tl.arange(0, BLOCK_N)
         for n0 in range(0, N_EXTRA, BLOCK_N):
             e_in = (n0 + e_cols) < N_EXTRA
-            kT = tl.load(EK + b * ek_sb + h * ek_sh + (n0 + e_cols)[None, :] * ek_sn + dq_cols[:, None] * ek_sd,
-                         mask=e_in[None, :] & (dq_cols[:, None] < HEAD_D), other=0.0)
-            v = tl.load(EV + b * ev_sb + h * ev_sh + (n0 + e_cols)[:, None] * ev_sn + dv_cols[None, :] * ev_sd,
-                        mask=e_in[:, None] & (dv_cols[None, :] < HEAD_DV), other=0.0)
+            kT = _load_cols(EK + b * ek_sb + h * ek_sh, n0 + e_cols, ek_sn, e_in, dq_cols, ek_sd, HEAD_D)
+            v = _load_rows(EV + b * ev_sb + h * ev_sh, n0 + e_cols, ev_sn, e_in, dv_cols, ev_sd, HEAD_DV)
             s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
             s = tl.where(e_in[None, :], s, float("-inf"))
             m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, DOT_PREC)
@@ -138,8 +223,7 @@ def _fwd_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     o_rows = _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, o_s0, o_s1, o_s2)
-    tl.store(OUT + b * o_sb + h * o_sh + o_rows[:, None] + dv_cols[None, :],
-             out.to(OUT.dtype.element_ty), mask=q_valid[:, None] & (dv_cols[None, :] < HEAD_DV))
+    _store_rows(OUT + b * o_sb + h * o_sh, o_rows, 1, q_valid, dv_cols, HEAD_DV, out)
     l_rows = _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, l_s0, l_s1, l_s2)
     tl.store(LSE + b * l_sb + h + l_rows, m_i + tl.log2(l_safe), mask=q_valid)
 

@@ -6,7 +6,8 @@ spatial dimensions of 1-D rules, and in every case the keys a query sees along o
 The engine only needs three things from a pattern, all written here as small ``@triton.jit`` functions:
 
 * ``key_interval``: the interval of one query (vectorised over a tile's rows);
-* ``split_tile``: where a query/key tile starts and which of its rows are real (windows align tiles to windows).
+* ``split_tile``: where a query/key tile starts and which of its rows are real (windows align tiles to windows);
+* ``in_box`` / ``in_box_t``: which keys of a tile lie in each row's window (the product of the 1-D intervals).
 
 ``tables.py`` mirrors these rules on the host for what is cheaper to compute once per shape than per program
 (the dK/dV pass's query ranges, the rpb gradient's offset maps).
@@ -92,3 +93,15 @@ def in_interval(kj, start, end):
 def in_interval_t(kj, start, end):
     """[keys, queries] mask (the transpose of ``in_interval``), used by the dK/dV pass."""
     return (kj[:, None] >= start[None, :]) & (kj[:, None] <= end[None, :])
+
+
+@triton.jit
+def in_box(k0, k1, k2, start0, start1, start2, end0, end1, end2):
+    """[rows, cols] mask: key coordinates (cols) inside the row's interval along all three dimensions."""
+    return in_interval(k0, start0, end0) & in_interval(k1, start1, end1) & in_interval(k2, start2, end2)
+
+
+@triton.jit
+def in_box_t(k0, k1, k2, start0, start1, start2, end0, end1, end2):
+    """[keys, queries] mask (the transpose of ``in_box``), used by the dK/dV pass."""
+    return in_interval_t(k0, start0, end0) & in_interval_t(k1, start1, end1) & in_interval_t(k2, start2, end2)
