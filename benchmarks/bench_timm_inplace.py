@@ -102,7 +102,7 @@ def run(args) -> list[dict]:
     for name in args.models:
         size = timm.create_model(name, pretrained=False).pretrained_cfg["input_size"][-1]
         for mode, compiled in modes:
-            if time.perf_counter() - start > args.max_seconds:
+            if time.perf_counter() - start > args.time_budget:
                 rows.append(dict(model=name, mode=mode, compiled=compiled, skipped="time budget"))
                 continue
             forms = FORMS if not compiled else ("stock", "visattn")
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved eager rounds (compiled: one)")
     parser.add_argument("--compile", action="store_true", help="also torch.compile'd inference and train rows")
-    parser.add_argument("--max-seconds", type=float, default=400.0, help="start no new row after this many seconds")
+    parser.add_argument("--time-budget", type=float, default=400.0, help="start no new row after this many seconds")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_timm_inplace needs a CUDA GPU", file=sys.stderr)

@@ -139,7 +139,7 @@ def bench(args) -> dict:
     grids = TINY if args.tiny else {n: g for n, g in GRIDS.items() if args.grids is None or n in args.grids}
     for name, (grid, heads, decay, sink, tile, chunks) in grids.items():
         for length in args.lengths:
-            if time.perf_counter() - started > args.max_seconds:
+            if time.perf_counter() - started > args.time_budget:
                 results.append({"grid": name, "length": length, "skipped": "time budget"})
                 continue
             video = (grid[0] * length, *grid[1:])
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patterns", nargs="+", default=None, help="only patterns starting with these names "
                         "(radial, sta, vmoba)")
     parser.add_argument("--no-flex", action="store_true", help="skip the compiled FlexAttention peer")
-    parser.add_argument("--max-seconds", type=float, default=400.0, help="start no new video after this many seconds")
+    parser.add_argument("--time-budget", type=float, default=400.0, help="start no new video after this many seconds")
     args = parser.parse_args(argv)
     payload = bench(args)
     if not args.tiny:
