@@ -11,7 +11,7 @@ case "$1" in
   A)
     timeout 150 python3 -m pytest -q -m gpu tests/kernels/test_engine_gpu.py tests/kernels/test_cuda_graphs_gpu.py \
       -p no:cacheprovider 2>&1 | tail -4 | tee "$OUT/gpu-tests.log"
-    timeout 170 python3 -m visattn.cli check --per-rank 1000 --time-limit "${CHECK_S:-140}" --out "$OUT/check.json" \
+    timeout 170 python3 -m visattn.cli check --per-rank 1000 --time-budget "${CHECK_S:-140}" --out "$OUT/check.json" \
       2>&1 | tail -6
     timeout 230 python3 benchmarks/engine_profile.py --out "$OUT/engine-new.json" --time-budget 200 2>&1 | tail -50 \
       | grep -v '^{' ;;

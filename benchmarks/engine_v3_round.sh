@@ -14,7 +14,7 @@ case "${1:-tests}" in
   tests)
     timeout 200 python3 -m pytest -q -m gpu tests/kernels/test_engine_gpu.py tests/kernels/test_cuda_graphs_gpu.py \
       -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu-tests.log"
-    timeout 300 python3 -m visattn.cli check --per-rank "${PER_RANK:-1000}" --time-limit "${CHECK_S:-240}" \
+    timeout 300 python3 -m visattn.cli check --per-rank "${PER_RANK:-1000}" --time-budget "${CHECK_S:-240}" \
       --out "$OUT/check.json" 2>&1 | tail -12 ;;
   profile)
     timeout 280 python3 benchmarks/engine_profile.py --out "$OUT/engine-new.json" --stages "$STAGES" \

@@ -226,7 +226,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # compiling kernel variants dominates the sweep and is CPU-bound: one worker per core (the H100 lease has 16)
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=None, help="problem seed (default: from the clock; logged)")
-    parser.add_argument("--time-limit", type=float, default=540.0, help="stop handing out work after this many s")
+    parser.add_argument("--time-budget", dest="time_limit", type=float, default=540.0,
+                        help="stop handing out work after this many s")
+    # the earlier spelling, kept for scripts that pass it (the other commands call it --time-budget)
+    parser.add_argument("--time-limit", dest="time_limit", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--dtypes", default="fp32,fp16,bf16",
                         help="comma list of dtypes to draw from (default: fp32,fp16,bf16; float32 etc. accepted too)")
     parser.add_argument("--rpb", choices=["any", "on", "off"], default="any", help="relative-position bias draw")
