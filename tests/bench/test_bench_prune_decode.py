@@ -278,3 +278,25 @@ def test_bench_prune_tiny_graph_mode_end_to_end(tmp_path):
     page = prune.markdown(result)
     assert "CUDA graph" in page and "(4 of 4 rows fell back to the eager step" in page
     assert "equal `generate()`'s in 4 of 4 checked rows" in page
+
+
+def test_dymu_row_finds_thresholds_that_merge_towards_the_budget():
+    """bench-prune's DyMU row: thresholds from DToMe on the row's own images (r spread over the layers before the
+    feature layer); the merged image keeps fewer tokens than it had and the count is reported."""
+    from visattn import tokenprune as tp
+
+    model = prune.build_model(True, "cpu", torch.float32)
+    inputs = prune.make_inputs(model, 2, 1, "cpu", torch.float32)
+    per_image = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    pruner = prune.dymu_for(model, inputs["pixel_values"], 4, per_image)
+    layers = model.config.vision_config.num_hidden_layers
+    assert isinstance(pruner, tp.DyMU) and len(pruner.thresholds) == layers
+    assert pruner.thresholds[-1] is None  # the last layer lies past the feature layer (-2): no merging there
+    tp.apply(model, pruner)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        kept = tp.last_report(model).visual_tokens_kept
+    finally:
+        tp.remove(model)
+    assert all(1 <= k < per_image for k in kept), kept

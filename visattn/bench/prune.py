@@ -5,7 +5,9 @@ Models: a LLaVA-1.5-7B-architecture model (Llama-7B text config, CLIP ViT-L/14 a
 tokens). fp16, ``attn_implementation="sdpa"``. Per configuration: time to first token (vision tower + scoring +
 LLM prefill), LLM prefill time alone, prefill tokens/s (prompt tokens before pruning / TTFT), decode tokens/s,
 peak memory, scoring time (CUDA events around the scorer) and its share of the pruned TTFT.
-``--tiny`` runs tiny configs on the CPU (smoke test).
+``--tiny`` runs tiny configs on the CPU (smoke test). Any registered method runs by name (``--methods``); the ones
+without a budget run as their defaults say (ZipVL: ``tau``), DyMU with thresholds found by its own search on the
+row's images for about ``--keeps`` tokens (:func:`dymu_for`).
 
 Decode: exactly ``--decode-tokens`` N new tokens per sample (no EOS token; ``min_new_tokens`` = ``max_new_tokens``),
 decode time = the N - 1 steps after the first token, with no prefill in it. Two modes (``--decode-mode``):
@@ -129,6 +131,24 @@ def pruner_for(name: str, keep: int, per_image: int, llm_layers: int = 32):
     if name == "zipvl":  # no budget: the kept count follows the attention mass threshold tau (default 0.975)
         return tp.ZipVL(layer=2)
     return tp.create(name, keep=keep)
+
+
+def dymu_for(model, pixel_values: torch.Tensor, keep: int, per_image: int):
+    """DyMU with thresholds found by its own search (DToMe, :func:`visattn.tokenprune.dymu.find_thresholds`) on
+    ``pixel_values``, with ToMe's ``r`` spread evenly over the tower's layers up to the feature layer so that about
+    ``keep`` of the ``per_image`` patch tokens remain: the budget a fixed-``r`` ToMe would keep, which DyMU's
+    per-image thresholds then vary around. Random weights make the thresholds arbitrary; the row measures cost."""
+    from visattn import tokenprune as tp
+    from visattn.tokenprune.dymu import find_thresholds
+
+    tower = model.model.vision_tower
+    layers = len(getattr(tower, "vision_model", tower).encoder.layers)
+    feature = model.config.vision_feature_layer
+    used = layers + 1 + feature if feature < 0 else feature  # encoder layers before the features the projector reads
+    r = max(0, per_image - keep) // max(1, used)
+    with torch.no_grad():
+        thresholds = find_thresholds(tower, [pixel_values], r=[r] * used + [0] * (layers - used))
+    return tp.DyMU(thresholds=thresholds)
 
 
 class _Clock:
@@ -501,8 +521,11 @@ def main(argv: list[str] | None = None) -> int:
         scaled_keep = keep  # tokens kept per image (NeXT shape: per crop, i.e. the same ratio)
         inputs = make_inputs(model, batch, images, device, dtype)
         base_method, _, variant = method.partition("+")  # "pdrop+eager": LLM-side scores on eager ops (A/B peer)
-        pruner = None if method == "none" else pruner_for(base_method, scaled_keep or 1, per_image,
-                                                          model.config.text_config.num_hidden_layers)
+        if base_method == "dymu":  # no budget: thresholds found (DToMe) on this row's images for ~keep tokens
+            pruner = dymu_for(model, inputs["pixel_values"], scaled_keep or 1, per_image)
+        else:
+            pruner = None if method == "none" else pruner_for(base_method, scaled_keep or 1, per_image,
+                                                              model.config.text_config.num_hidden_layers)
         # "+eager": the pruning kernels' reference backend (eager ops) for this config only
         backend = "reference" if variant == "eager" else backends.get_backend(FAMILY)
         try:
