@@ -5,6 +5,15 @@ Models: a LLaVA-1.5-7B-architecture model (Llama-7B text config, CLIP ViT-L/14 a
 tokens). fp16, ``attn_implementation="sdpa"``. Per configuration: time to first token (vision tower + scoring +
 LLM prefill), LLM prefill time alone, prefill tokens/s (prompt tokens before pruning / TTFT), decode tokens/s,
 peak memory, scoring time (CUDA events around the scorer) and its share of the pruned TTFT.
+``--qwen-videos B,...`` adds a video workload (shape ``qwen2.5-vl-video``, :func:`build_qwen_model`): a
+Qwen2.5-VL-7B-architecture model with random weights fed ``--qwen-frames`` frames (default 32) at 448x448 per sample,
+i.e. ``video_grid_thw`` = (frames/2, 32, 32) and (frames/2)·256 video tokens after the 2x2 merge, with a short text
+prompt (inputs built by hand: :func:`make_qwen_inputs`). Its methods (default: DivPrune, Random, Uniform,
+temporal-merge with DivPrune per frame, FastV) prune every frame; each ``--keeps`` value (per 576-token image) is
+scaled to the frame's token count (64 -> 28 of 256). Those rows always decode with ``generate()`` (the graph decode
+does not handle M-RoPE; the row's ``decode_mode`` says so) and report the kept tokens of every frame
+(``frame_kept``); TTFT is their main figure. The Qwen model is built only when asked for, after the LLaVA rows and
+their model are done and freed.
 ``--tiny`` runs tiny configs on the CPU (smoke test). Any registered method runs by name (``--methods``); the ones
 without a budget run as their defaults say (ZipVL: ``tau``), DyMU with thresholds found by its own search on the
 row's images for about ``--keeps`` tokens (:func:`dymu_for`).
@@ -35,6 +44,7 @@ import argparse
 import contextlib
 import datetime as _dt
 import gc
+import inspect
 import json
 import math
 import statistics
@@ -45,11 +55,23 @@ from pathlib import Path
 import torch
 
 from visattn.bench.report import decode_range as _range
-from visattn.bench.report import graph_decode_checks
+from visattn.bench.report import graph_decode_checks, prune_models
 from visattn.bench.report import number as _num
 from visattn.bench.report import prune_table as table
 
 PREFIX, SUFFIX, IMAGE_TOKEN = 35, 40, 32000
+#: the shape name of the Qwen2.5-VL video rows (``--qwen-videos``)
+QWEN_SHAPE = "qwen2.5-vl-video"
+#: the methods of the video rows when ``--methods`` is not given
+QWEN_METHODS = ("divprune", "random", "uniform", "temporal-merge", "fastv")
+#: frame side in pixels (full / ``--tiny``) and the default number of input frames per video
+QWEN_SIDE, QWEN_TINY_SIDE = 448, 32
+QWEN_FRAMES, QWEN_TINY_FRAMES = 32, 8
+#: the released Qwen2.5-VL tokenizer's special ids (image, video, vision start / end); tiny configs use small ones
+QWEN_IDS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+            "vision_end_token_id": 151653}
+QWEN_TINY_IDS = {"image_token_id": 900, "video_token_id": 901, "vision_start_token_id": 902,
+                 "vision_end_token_id": 903}
 #: values of ``--decode-mode``
 DECODE_MODES = ("generate", "graph")
 
@@ -62,6 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keeps", default=None, help="comma list of kept tokens per 576-token image")
     parser.add_argument("--batches", default=None, help="comma list of batch sizes for LLaVA-1.5")
     parser.add_argument("--next-batches", default=None, help="comma list of batch sizes for the NeXT shape")
+    parser.add_argument("--qwen-videos", default="", help="comma list of batch sizes for the Qwen2.5-VL-7B video "
+                        f"shape ({QWEN_SHAPE}; default: none)")
+    parser.add_argument("--qwen-frames", type=int, default=None,
+                        help=f"input frames per video of the Qwen rows (even; default {QWEN_FRAMES}, tiny: "
+                        f"{QWEN_TINY_FRAMES}), {QWEN_SIDE}x{QWEN_SIDE} each")
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--decode-tokens", type=int, default=None,
                         help="new tokens per sample and decode call, exactly (default 16; tiny: 3); decode = the "
@@ -115,6 +142,93 @@ def make_inputs(model, batch: int, images: int, device: str, dtype: torch.dtype,
     px = torch.randn(batch * images, 3, cfg.image_size, cfg.image_size, generator=g)
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
             "pixel_values": px.to(device, dtype)}
+
+
+def qwen_config(tiny: bool):
+    """The Qwen2.5-VL-7B architecture (the released config's text and vision fields, special token ids and M-RoPE
+    sections), or a tiny one for ``--tiny``: keyword arguments that transformers 5.17 and 5.25 both accept."""
+    from transformers import Qwen2_5_VLConfig
+
+    if tiny:
+        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096, bos_token_id=1,
+                    eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                     "mrope_section": [2, 3, 3]})
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, in_channels=3, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1],
+                      out_hidden_size=64, tokens_per_second=2)
+        ids = QWEN_TINY_IDS
+    else:
+        text = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                    num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                    hidden_act="silu", use_sliding_window=False, sliding_window=32768, max_window_layers=28,
+                    bos_token_id=151643, eos_token_id=151645,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                     "mrope_section": [16, 24, 24]})
+        vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                      fullatt_block_indexes=[7, 15, 23, 31], out_hidden_size=3584, tokens_per_second=2,
+                      hidden_act="silu")
+        ids = QWEN_IDS
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, bos_token_id=text["bos_token_id"],
+                            eos_token_id=text["eos_token_id"], tie_word_embeddings=False, **ids)
+
+
+def build_qwen_model(tiny: bool, device: str, dtype: torch.dtype):
+    """Random-weight Qwen2.5-VL-7B architecture (:func:`qwen_config`; or a tiny one), SDPA attention."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    cfg = qwen_config(tiny)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa")
+    finally:
+        torch.set_default_dtype(previous)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def qwen_video_grid(vision_config, frames: int, side: int) -> tuple[int, int, int]:
+    """``video_grid_thw`` of one video of ``frames`` input frames at ``side`` x ``side`` pixels: (frames / temporal
+    patch, side / patch, side / patch). ValueError naming ``frames`` / ``side`` when they do not divide."""
+    t_patch, patch, merge = (vision_config.temporal_patch_size, vision_config.patch_size,
+                             vision_config.spatial_merge_size)
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < t_patch or frames % t_patch:
+        raise ValueError(f"frames={frames!r}: expected a positive multiple of the temporal patch ({t_patch})")
+    if isinstance(side, bool) or not isinstance(side, int) or side < patch * merge or side % (patch * merge):
+        raise ValueError(f"side={side!r}: expected a positive multiple of patch x merge ({patch * merge})")
+    return frames // t_patch, side // patch, side // patch
+
+
+def make_qwen_inputs(model, batch: int, frames: int, side: int, device: str, dtype: torch.dtype,
+                     seed: int = 0) -> dict:
+    """Prompts of ``batch`` samples, each: PREFIX text tokens, <vision_start>, the video's placeholder tokens,
+    <vision_end>, SUFFIX text tokens; and the video's patches as the Qwen2.5-VL processor lays them out
+    (``pixel_values_videos``: (t·h·w, channels · temporal patch · patch²) per video, ``video_grid_thw``).
+    The synthetic video has two scenes (first and second half of the grid's frames), every frame its scene plus
+    5% noise, so adjacent frames are similar as in real video (temporal-merge finds runs to merge)."""
+    cfg, vis = model.config, model.config.vision_config
+    t, h, w = qwen_video_grid(vis, frames, side)
+    tokens = t * h * w // vis.spatial_merge_size ** 2
+    dim = vis.in_channels * vis.temporal_patch_size * vis.patch_size ** 2
+    g = torch.Generator().manual_seed(seed)
+    high = min(150000, cfg.video_token_id - 100)
+    text = lambda n: torch.randint(10, high, (batch, n), generator=g)  # noqa: E731
+    mark = lambda token: torch.full((batch, 1), token)  # noqa: E731
+    ids = torch.cat([text(PREFIX), mark(cfg.vision_start_token_id), torch.full((batch, tokens), cfg.video_token_id),
+                     mark(cfg.vision_end_token_id), text(SUFFIX)], 1)
+    scene = (torch.arange(t) >= (t + 1) // 2).long()
+    videos = [(s[scene] + 0.05 * torch.randn(t, h * w, dim, generator=g)).flatten(0, 1)
+              for s in torch.randn(batch, 2, h * w, dim, generator=g)]
+    inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+              "pixel_values_videos": torch.cat(videos).to(device, dtype),
+              "video_grid_thw": torch.tensor([[t, h, w]] * batch, device=device)}
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:  # newer transformers: 2 marks video
+        inputs["mm_token_type_ids"] = (ids == cfg.video_token_id).int().to(device) * 2
+    return inputs
 
 
 def pruner_for(name: str, keep: int, per_image: int, llm_layers: int = 32):
@@ -446,12 +560,28 @@ def measure(model, inputs: dict, method, iters: int, decode_tokens: int, device:
     }
     if report is not None:
         row.update(llm_visual_tokens=report.visual_tokens_kept[0], layer_avg_visual=report.visual_tokens_layer_avg[0],
-                   flops_saved=report.flops_saved[0])
+                   flops_saved=report.flops_saved[0], visual_tokens=report.visual_tokens[0])
+        if "frame_kept" in report.extra:  # videos: per video of the first sample, the kept tokens of every frame
+            row["frame_kept"] = report.extra["frame_kept"][0]
     return row
 
 
+def _ints(text: str | None, default: list[int], flag: str) -> list[int]:
+    """A comma list of positive ints (``None``: ``default``; ``""``: none). ValueError naming ``flag``."""
+    if text is None:
+        return default
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}={text!r}: expected a comma list of positive integers") from None
+    if any(v < 1 for v in values):
+        raise ValueError(f"{flag}={text!r}: expected a comma list of positive integers")
+    return values
+
+
 def grid(args) -> list[tuple[str, int, int, str, int | None]]:
-    """(shape, images per sample, batch, method, keep) in priority order."""
+    """(shape, images per sample, batch, method, keep) in priority order; the Qwen video rows last, with the input
+    frames per video as their images and the keep per 576-token image (scaled per frame when run)."""
     all_methods = ["fastervlm", "visionzip", "divprune", "vtc-cls", "fastv", "pdrop", "sparsevlm"]
     methods = args.methods.split(",") if args.methods else all_methods
     if args.tiny:
@@ -462,9 +592,13 @@ def grid(args) -> list[tuple[str, int, int, str, int | None]]:
         methods = args.methods.split(",") if args.methods else ["fastervlm", "visionzip", "divprune", "fastv"]
     else:
         keeps, b15, bnx = [192, 128, 64], [1, 8, 32], [1, 8]
-    keeps = [int(k) for k in args.keeps.split(",")] if args.keeps else keeps
-    b15 = [int(b) for b in args.batches.split(",")] if args.batches else b15
-    bnx = [int(b) for b in args.next_batches.split(",")] if args.next_batches else bnx
+    keeps = _ints(args.keeps or None, keeps, "--keeps")
+    b15 = _ints(args.batches, b15, "--batches")
+    bnx = _ints(args.next_batches, bnx, "--next-batches")
+    qwen = _ints(getattr(args, "qwen_videos", ""), [], "--qwen-videos")
+    frames = getattr(args, "qwen_frames", None) or (QWEN_TINY_FRAMES if args.tiny else QWEN_FRAMES)
+    if qwen and (frames < 2 or frames % 2):
+        raise ValueError(f"--qwen-frames={frames}: expected a positive even number (2 frames per temporal patch)")
     out = []
 
     def block(shape, images, batch, ks, ms):
@@ -482,6 +616,8 @@ def grid(args) -> list[tuple[str, int, int, str, int | None]]:
     for b in b15:
         if big(b):
             block("llava-1.5", 1, b, keeps[-1:], methods)
+    for b in qwen:
+        block(QWEN_SHAPE, frames, b, keeps, args.methods.split(",") if args.methods else list(QWEN_METHODS))
     return out
 
 
@@ -508,41 +644,76 @@ def main(argv: list[str] | None = None) -> int:
     decode_mode = args.decode_mode or ("graph" if device == "cuda" else "generate")
     min_seconds = 0.0 if args.tiny else 1.0
     started = time.perf_counter()
-    model = build_model(args.tiny, device, dtype)
-    print(f"{_stamp(started)} model built on {device}", flush=True)
-    per_image = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
     rows, skipped, baselines = [], [], {}
     configs = grid(args)
-    for index, (shape, images, batch, method, keep) in enumerate(configs * args.rounds):
-        if time.perf_counter() - started > args.time_budget:
-            skipped.append({"shape": shape, "batch": batch, "method": method, "keep": keep,
-                            "round": index // len(configs), "reason": "time budget"})
+    cache_implementation = None
+    # one model at a time: the LLaVA rows (rounds interleaved), then, only when asked for, the Qwen video rows
+    for family in ([c for c in configs if c[0] != QWEN_SHAPE], [c for c in configs if c[0] == QWEN_SHAPE]):
+        if not family:
             continue
-        scaled_keep = keep  # tokens kept per image (NeXT shape: per crop, i.e. the same ratio)
-        inputs = make_inputs(model, batch, images, device, dtype)
-        base_method, _, variant = method.partition("+")  # "pdrop+eager": LLM-side scores on eager ops (A/B peer)
-        if base_method == "dymu":  # no budget: thresholds found (DToMe) on this row's images for ~keep tokens
-            pruner = dymu_for(model, inputs["pixel_values"], scaled_keep or 1, per_image)
+        qwen = family[0][0] == QWEN_SHAPE
+        model = (build_qwen_model if qwen else build_model)(args.tiny, device, dtype)
+        cache_implementation = cache_implementation or model.generation_config.cache_implementation
+        inputs = None
+        print(f"{_stamp(started)} {'Qwen2.5-VL' if qwen else 'LLaVA'} model built on {device}", flush=True)
+        if qwen:
+            vis = model.config.vision_config
+            reference = 16 if args.tiny else 576  # --keeps counts tokens of a LLaVA (CLIP 336 px) image
+            side = QWEN_TINY_SIDE if args.tiny else QWEN_SIDE
+            per_image = (side // vis.patch_size // vis.spatial_merge_size) ** 2  # tokens per frame
         else:
-            pruner = None if method == "none" else pruner_for(base_method, scaled_keep or 1, per_image,
-                                                              model.config.text_config.num_hidden_layers)
-        # "+eager": the pruning kernels' reference backend (eager ops) for this config only
-        backend = "reference" if variant == "eager" else backends.get_backend(FAMILY)
-        try:
-            with backends.use_backend(backend, family=FAMILY):
-                row = measure(model, inputs, pruner, iters, decode_tokens, device, args.decode_calls, min_seconds,
-                              decode_mode)
-        except torch.cuda.OutOfMemoryError:
+            reference = per_image = (model.config.vision_config.image_size
+                                     // model.config.vision_config.patch_size) ** 2
+        for index, (shape, images, batch, method, keep) in enumerate(family * args.rounds):
+            row_round = index // len(family)
+            if time.perf_counter() - started > args.time_budget:
+                skipped.append({"shape": shape, "batch": batch, "method": method, "keep": keep,
+                                "round": row_round, "reason": "time budget"})
+                continue
+            # tokens kept per image (NeXT shape: per crop, i.e. the same ratio; Qwen video: per frame, scaled)
+            scaled_keep = keep if keep is None else max(1, round(keep * per_image / reference))
+            inputs = (make_qwen_inputs(model, batch, images, side, device, dtype) if qwen
+                      else make_inputs(model, batch, images, device, dtype))
+            base_method, _, variant = method.partition("+")  # "pdrop+eager": LLM-side scores on eager ops (A/B peer)
+            try:
+                if base_method == "dymu" and qwen:
+                    raise NotImplementedError("DyMU on Qwen2.5-VL is not supported (no CLIP-style vision tower)")
+                if base_method == "dymu":  # no budget: thresholds found (DToMe) on this row's images for ~keep
+                    pruner = dymu_for(model, inputs["pixel_values"], scaled_keep or 1, per_image)
+                else:
+                    pruner = None if method == "none" else pruner_for(base_method, scaled_keep or 1, per_image,
+                                                                      model.config.text_config.num_hidden_layers)
+                # "+eager": the pruning kernels' reference backend (eager ops) for this config only
+                backend = "reference" if variant == "eager" else backends.get_backend(FAMILY)
+                with backends.use_backend(backend, family=FAMILY):
+                    # graph decode does not handle M-RoPE: the video rows decode with generate()
+                    row = measure(model, inputs, pruner, iters, decode_tokens, device, args.decode_calls,
+                                  min_seconds, "generate" if qwen else decode_mode)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                skipped.append({"shape": shape, "batch": batch, "method": method, "keep": keep, "reason": "OOM"})
+                continue
+            except NotImplementedError as err:  # a method the model's adapter refuses (e.g. temporal-merge on LLaVA)
+                skipped.append({"shape": shape, "batch": batch, "method": method, "keep": keep,
+                                "round": row_round, "reason": f"not supported: {err}"})
+                continue
+            row.update(shape=shape, images=images, batch=batch, method=method, keep_per_image=scaled_keep,
+                       round=row_round)
+            if qwen:  # images = grid frames (each one "image" to the pruner); keep_per_image = per frame,
+                # keep_requested = the --keeps value it was scaled from (per LLaVA image)
+                grid_thw = [int(v) for v in inputs["video_grid_thw"][0]]
+                row.update(frames=images, images=grid_thw[0], video_grid_thw=grid_thw, keep_requested=keep,
+                           kv_cache="dynamic")
+                row.setdefault("visual_tokens", grid_thw[0] * per_image)
+            if method == "none":
+                baselines[(shape, batch)] = row["ttft_ms"]
+            row["ttft_speedup"] = baselines.get((shape, batch), float("nan")) / row["ttft_ms"]
+            rows.append(row)
+            print(f"{_stamp(started)} r{row['round']} " + _line(row), flush=True)
+        del model, inputs
+        gc.collect()
+        if device == "cuda":
             torch.cuda.empty_cache()
-            skipped.append({"shape": shape, "batch": batch, "method": method, "keep": keep, "reason": "OOM"})
-            continue
-        row.update(shape=shape, images=images, batch=batch, method=method, keep_per_image=scaled_keep,
-                   round=index // len(configs))
-        if method == "none":
-            baselines[(shape, batch)] = row["ttft_ms"]
-        row["ttft_speedup"] = baselines.get((shape, batch), float("nan")) / row["ttft_ms"]
-        rows.append(row)
-        print(f"{_stamp(started)} r{row['round']} " + _line(row), flush=True)
     rows = _median_rounds(rows)
     flags = flag_slow_decode(rows)
     result = {
@@ -554,8 +725,7 @@ def main(argv: list[str] | None = None) -> int:
         "attn_implementation": "sdpa", "tiny": args.tiny, "iters": iters,
         "timer": timer_kind(device), "decode_tokens": decode_tokens, "decode_steps": decode_tokens - 1,
         "decode_calls": args.decode_calls, "decode_warmup_calls": 1, "decode_mode": decode_mode,
-        "kv_cache": ("static per layer" if decode_mode == "graph"
-                     else model.generation_config.cache_implementation or "dynamic"),
+        "kv_cache": "static per layer" if decode_mode == "graph" else cache_implementation or "dynamic",
         "decode_flags": flags, "configs": rows, "skipped": skipped, "wall_s": time.perf_counter() - started,
     }
     if args.out:
@@ -714,8 +884,8 @@ def markdown(result: dict) -> str:
     return (
         "## Token pruning (visattn.tokenprune)\n\n"
         f"Measured {result['date']} on {result['device']}, torch {result['torch']}, transformers "
-        f"{result['transformers']}, {result['dtype']}, SDPA, random weights (LLaVA-1.5-7B architecture; the NeXT "
-        "shape feeds 5 crops = 2880 visual tokens). TTFT = vision tower + scoring + LLM prefill (median of at least "
+        f"{result['transformers']}, {result['dtype']}, SDPA, random weights ({prune_models(result['configs'])}). "
+        "TTFT = vision tower + scoring + LLM prefill (median of at least "
         f"{result['iters']} calls{repeats}); {_decode_prose(result)}. "
         "`TTFT ×` is the speed-up over the unpruned model at the same shape and batch; `scoring %` is scoring time "
         "over the pruned TTFT (both medians over the same calls). Command: `python -m visattn.bench.prune`.\n\n"

@@ -425,6 +425,17 @@ def decode_range(r: dict, fmt: str = ".0f") -> str:
     return text
 
 
+def prune_models(rows: list[dict]) -> str:
+    """What the rows of a bench-prune file ran on (the caption's words), the video rows named when present."""
+    text = "LLaVA-1.5-7B architecture; the NeXT shape feeds 5 crops = 2880 visual tokens"
+    video = [r for r in rows if r.get("frames")]
+    if video:
+        counts = ", ".join(sorted({f"{r['frames']} frames = {r['visual_tokens']} video tokens" for r in video}))
+        text += (f"; {video[0]['shape']}: Qwen2.5-VL-7B architecture, one video per sample ({counts}), keep/img per "
+                 "frame, decode always via `generate()`")
+    return text
+
+
 def prune_table(rows: list[dict]) -> str:
     """The markdown table of ``bench-prune`` configurations (one row per shape, batch, method, keep)."""
     ranged = " [min–max]" if any(r.get("decode_tok_s_min") is not None for r in rows) else ""
@@ -456,7 +467,7 @@ def prune_grid_section(results) -> str:
     return (f"## Full grid (`{path.name}`)\n\n"
             f"Measured {data['date']} on {data['device']}, torch {data['torch']}, transformers "
             f"{data['transformers']}, {data['dtype']}, {str(data.get('attn_implementation', 'sdpa')).upper()}, "
-            f"random weights (LLaVA-1.5-7B architecture; the NeXT shape feeds 5 crops = 2880 visual tokens). TTFT = "
+            f"random weights ({prune_models(data['configs'])}). TTFT = "
             f"vision tower + scoring + LLM prefill (median of at least {data['iters']} calls{repeats}); decode over "
             f"{data['decode_tokens']} tokens {_prune_decode_path(data)}. `TTFT ×` is the speed-up over the unpruned "
             "model at the same shape and batch in the same file; `scoring %` is the method's own work over the pruned "
@@ -474,10 +485,13 @@ def _prune_decode_path(data: dict) -> str:
 def graph_decode_checks(rows: list[dict]) -> str:
     """``(k of n rows fell back to the eager step; the greedy tokens equal generate()'s in m of c checked rows)``
     of a graph-mode bench-prune file."""
-    eager = sum(r.get("decode_mode") != "graph" for r in rows)
+    generate = sum(r.get("decode_mode") == "generate" for r in rows)  # Qwen video rows: M-RoPE, no graph loop
+    graph_rows = len(rows) - generate
+    eager = sum(r.get("decode_mode") not in ("graph", "generate") for r in rows)
     checked = [r for r in rows if r.get("decode_tokens_match") is not None]
-    return (f"({eager} of {len(rows)} rows fell back to the eager step; the greedy tokens equal `generate()`'s in "
-            f"{sum(bool(r['decode_tokens_match']) for r in checked)} of {len(checked)} checked rows)")
+    video = f"; {generate} rows (Qwen M-RoPE) decoded with `generate()`" if generate else ""
+    return (f"({eager} of {graph_rows} rows fell back to the eager step; the greedy tokens equal `generate()`'s in "
+            f"{sum(bool(r['decode_tokens_match']) for r in checked)} of {len(checked)} checked rows{video})")
 
 
 def _target_configs(data: dict) -> dict:
