@@ -29,7 +29,8 @@ def test_qwen_config_is_the_released_7b_architecture():
     assert lm.layers[0].mlp.gate_proj.weight.shape == (18944, 3584)
     assert model.lm_head.weight.shape == (152064, 3584) and model.lm_head.weight is not lm.embed_tokens.weight
     text = cfg.text_config
-    assert text.rope_parameters["rope_theta"] == 1000000.0 and list(text.rope_parameters["mrope_section"]) == [16, 24, 24]
+    rope = text.rope_parameters
+    assert rope["rope_theta"] == 1000000.0 and list(rope["mrope_section"]) == [16, 24, 24]
     assert text.rms_norm_eps == 1e-6
     assert len(tower.blocks) == 32 and tower.blocks[0].mlp.gate_proj.weight.shape == (3420, 1280)
     assert tower.patch_embed.proj.weight.shape == (1280, 3, 2, 14, 14)  # temporal patch 2, patch 14

@@ -1,4 +1,5 @@
-"""``visattn bench-prune``: token pruning on LLaVA-shaped models with random weights (no downloads).
+"""``visattn bench-prune``: token pruning on LLaVA-shaped (and, with ``--qwen-videos``, Qwen2.5-VL-shaped video)
+models with random weights (no downloads).
 
 Models: a LLaVA-1.5-7B-architecture model (Llama-7B text config, CLIP ViT-L/14 at 336 px, 2-layer MLP projector,
 576 visual tokens per image) and a LLaVA-NeXT-shaped workload (the same model fed 5 crops per sample, 2880 visual
