@@ -8,7 +8,8 @@ Adapters are built from two independent pieces:
   tokens) and :class:`~visattn.tokenprune.hf_llm.LLMStage` (scoring and dropping inside decoder-layer
   pre-hooks);
 * the **model family**, a subclass of the base that overrides a few methods: how many placeholder tokens one
-  image has (``_tokens_per_image``), how the prefill's images are found (``_core_pre``) and the position ids
+  image has (``_tokens_per_image``), which token marks a video and how its runs split into frames
+  (``_video_token_id``, ``_video_frames``; the base's ``_core_pre`` finds images and frames) and the position ids
   (M-RoPE): :mod:`~visattn.tokenprune.hf_llava`, :mod:`~visattn.tokenprune.hf_llava_next`,
   :mod:`~visattn.tokenprune.hf_qwen2vl`, :mod:`~visattn.tokenprune.hf_llava_onevision` (the last two also split
   videos into frames: ``PrefillState.videos``, reported as ``extra["frame_kept"]``). Each family module combines
@@ -153,23 +154,46 @@ class HFVisionLanguageAdapter:
                              "compute the loss from the returned logits")
         return None
 
+    #: position of ``pixel_values`` in the core model's forward when it comes positionally (LLaVA's: 1); None for
+    #: families whose second argument is something else (read by keyword only)
+    _PIXEL_VALUES_ARG: int | None = 1
+
     def _image_kwargs(self) -> tuple[str, ...]:
-        return ("pixel_values", "mm_encoder_outputs")
+        video = ("pixel_values_videos",) if self._video_token_id() is not None else ()
+        return ("pixel_values", *video, "mm_encoder_outputs")
 
     def _core_pre(self, module, args, kwargs):
+        at = self._PIXEL_VALUES_ARG
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        pixel_values = kwargs.get("pixel_values", args[1] if len(args) > 1 else None)
+        pixel_values = kwargs.get("pixel_values", args[at] if at is not None and len(args) > at else None)
         encoded = kwargs.get("mm_encoder_outputs") or {}
         self.call = None
-        if pixel_values is None and encoded.get("image") is None:
+        video_id = self._video_token_id()
+        has_video = video_id is not None and (kwargs.get("pixel_values_videos") is not None
+                                              or encoded.get("video") is not None)
+        if pixel_values is None and encoded.get("image") is None and not has_video:
             return None
         if input_ids is None:
             raise NotImplementedError("tokenprune needs input_ids (not inputs_embeds) to locate image tokens")
         image_mask = input_ids == self.image_token_id
-        spans = image_spans(image_mask, self._tokens_per_image())
+        spans, videos = image_spans(image_mask, self._tokens_per_image()), []
+        if has_video:
+            video_mask = input_ids == video_id
+            spans, videos = self._video_frames(spans, image_spans(video_mask, None), kwargs)
+            image_mask = image_mask | video_mask
         lengths = [e - s for row in spans for s, e in row]
-        self.call = PrefillState(image_mask=image_mask, spans=spans, image_lengths=lengths)
+        self.call = PrefillState(image_mask=image_mask, spans=spans, image_lengths=lengths, videos=videos)
         return None
+
+    def _video_token_id(self) -> int | None:
+        """The video placeholder token of a family whose videos are pruned frame by frame, else None (no video)."""
+        return None
+
+    def _video_frames(self, images: list, videos: list, kwargs: dict) -> tuple[list, list]:
+        """Per row, the spans of its images and of every video frame in sequence order (each frame one "image"
+        of the prefill), and per video (row, its frames' indices among the row's spans); ``videos`` are the runs
+        of video placeholder tokens, ``kwargs`` the core model's call. Families with videos define it."""
+        raise NotImplementedError(f"{type(self).__name__} has no video frames")
 
     def _tokens_per_image(self) -> int | None:
         """Placeholder tokens of one image when fixed (consecutive images then split by it), else None."""

@@ -56,9 +56,9 @@ class EmbeddingStage(HFVisionLanguageAdapter):
 
 class VideoMergeStage(HFVisionLanguageAdapter):
     """Stage piece for ``capabilities.video_merge`` methods (TemporalMerge): ``merge_video`` once per video on its
-    frames' tokens of ``inputs_embeds`` (the family's ``_core_pre`` fills ``call.videos``; frames of one video are
-    consecutive spans of equal length); kept tokens stay, merged runs carry their mean embedding, the rest are
-    removed before the language model; images pass unchanged."""
+    frames' tokens of ``inputs_embeds`` (the base's ``_core_pre`` fills ``call.videos`` from the family's
+    ``_video_frames``; frames of one video are consecutive spans of equal length); kept tokens stay, merged runs
+    carry their mean embedding, the rest are removed before the language model; images pass unchanged."""
 
     def _prefill(self, call, args, kwargs, image_id, valid):
         embeds = kwargs["inputs_embeds"]

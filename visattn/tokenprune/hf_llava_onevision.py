@@ -28,9 +28,8 @@ import torch
 from visattn.tokenprune.hf_base import HFVisionLanguageAdapter
 from visattn.tokenprune.hf_embedding import EmbeddingStage, VideoMergeStage
 from visattn.tokenprune.hf_llm import LLMStage
-from visattn.tokenprune.layout import frame_spans, image_spans
+from visattn.tokenprune.layout import frame_spans
 from visattn.tokenprune.methods import TokenPruner
-from visattn.tokenprune.state import PrefillState
 
 
 def _config_id(cfg, name: str) -> int:
@@ -42,8 +41,7 @@ def _config_id(cfg, name: str) -> int:
 class LlavaOnevisionAdapter(HFVisionLanguageAdapter):
     """The LLaVA-OneVision family part: anyres images, videos split into frames (module docstring)."""
 
-    def _image_kwargs(self) -> tuple[str, ...]:
-        return ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
+    _PIXEL_VALUES_ARG = None  # images and videos read by keyword, as HF's wrapper passes them
 
     def frame_tokens(self) -> int:
         """Visual tokens of one video frame: the ``side × side`` patch grid after 2×2 bilinear pooling."""
@@ -51,32 +49,19 @@ class LlavaOnevisionAdapter(HFVisionLanguageAdapter):
         side = vcfg.image_size // vcfg.patch_size
         return math.ceil(side / 2) ** 2
 
-    def _core_pre(self, module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        encoded = kwargs.get("mm_encoder_outputs") or {}
-        self.call = None
-        has_video = kwargs.get("pixel_values_videos") is not None or encoded.get("video") is not None
-        if kwargs.get("pixel_values") is None and encoded.get("image") is None and not has_video:
-            return None
-        if input_ids is None:
-            raise NotImplementedError("tokenprune needs input_ids (not inputs_embeds) to locate image tokens")
-        image_mask = input_ids == self.image_token_id
-        spans, videos = image_spans(image_mask, None), []
-        if has_video:
-            video_mask = input_ids == _config_id(self.model.config, "video_token")
-            per = self.frame_tokens()
+    def _video_token_id(self) -> int:
+        return _config_id(self.model.config, "video_token")
 
-            def bounds_of(b: int, s: int, e: int) -> list[int]:
-                if e - s < per + 1 or (e - s - 1) % per:
-                    raise ValueError(f"input_ids: a run of {e - s} video tokens in row {b}; LLaVA-OneVision videos "
-                                     f"have frames x {per} tokens + 1 newline token")
-                return list(range(s, e, per))  # the last bound e - 1: the newline belongs to no frame
+    def _video_frames(self, images: list, videos: list, kwargs: dict) -> tuple[list, list]:
+        per = self.frame_tokens()
 
-            spans, videos = frame_spans(spans, image_spans(video_mask, None), bounds_of)
-            image_mask = image_mask | video_mask
-        lengths = [e - s for row in spans for s, e in row]
-        self.call = PrefillState(image_mask=image_mask, spans=spans, image_lengths=lengths, videos=videos)
-        return None
+        def bounds_of(b: int, s: int, e: int) -> list[int]:
+            if e - s < per + 1 or (e - s - 1) % per:
+                raise ValueError(f"input_ids: a run of {e - s} video tokens in row {b}; LLaVA-OneVision videos "
+                                 f"have frames x {per} tokens + 1 newline token")
+            return list(range(s, e, per))  # the last bound e - 1: the newline belongs to no frame
+
+        return frame_spans(images, videos, bounds_of)
 
 
 class LlavaOnevisionEmbeddingAdapter(EmbeddingStage, LlavaOnevisionAdapter):

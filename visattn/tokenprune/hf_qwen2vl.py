@@ -37,9 +37,8 @@ from visattn.tokenprune.hf_base import HFVisionLanguageAdapter
 from visattn.tokenprune.hf_embedding import EmbeddingStage, VideoMergeStage
 from visattn.tokenprune.hf_llm import LLMStage
 from visattn.tokenprune.layout import TokenLayout as _Layout
-from visattn.tokenprune.layout import frame_spans, image_spans, positions_from_valid
+from visattn.tokenprune.layout import frame_spans, positions_from_valid
 from visattn.tokenprune.methods import TokenPruner
-from visattn.tokenprune.state import PrefillState
 
 
 class QwenVLAdapter(HFVisionLanguageAdapter):
@@ -79,31 +78,12 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
                                   "are not described per layer; decode them with generate()")
 
     # --------------------------------------------------------------------------------------- prefill
-    def _image_kwargs(self) -> tuple[str, ...]:
-        return ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
+    _PIXEL_VALUES_ARG = None  # the core model's second argument is attention_mask
 
-    def _core_pre(self, module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        encoded = kwargs.get("mm_encoder_outputs") or {}
-        self.call = None
-        has_video = kwargs.get("pixel_values_videos") is not None or encoded.get("video") is not None
-        if kwargs.get("pixel_values") is None and encoded.get("image") is None and not has_video:
-            return None
-        if input_ids is None:
-            raise NotImplementedError("tokenprune needs input_ids (not inputs_embeds) to locate image tokens")
-        image_mask = input_ids == self.image_token_id
-        spans, videos = image_spans(image_mask, None), []
-        if has_video:
-            video_mask = input_ids == self.model.config.video_token_id
-            spans, videos = self._frame_spans(spans, image_spans(video_mask, None),
-                                              kwargs.get("video_grid_thw"), kwargs.get("position_ids"))
-            image_mask = image_mask | video_mask
-        lengths = [e - s for row in spans for s, e in row]
-        self.call = PrefillState(image_mask=image_mask, spans=spans, image_lengths=lengths, videos=videos)
-        return None
+    def _video_token_id(self) -> int:
+        return self.model.config.video_token_id
 
-    def _frame_spans(self, images: list, videos: list, grid_thw: torch.Tensor | None,
-                     position_ids: torch.Tensor | None) -> tuple[list, list]:
+    def _video_frames(self, images: list, videos: list, kwargs: dict) -> tuple[list, list]:
         """Per row, the images' spans and every video frame's span in sequence order (each frame one "image" of
         the prefill); per video, (row, its frames' indices among the row's spans).
 
@@ -111,6 +91,7 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
         encodes the videos beforehand and passes neither pixels nor grid, only the 3-D position ids: there a new
         frame starts wherever the (height, width) ids return to the video's first token's (each frame numbers its
         own grid; the temporal id alone may repeat on Qwen2.5-VL)."""
+        grid_thw, position_ids = kwargs.get("video_grid_thw"), kwargs.get("position_ids")
         grids = grid_thw.tolist() if grid_thw is not None else None
         hw = None
         if grids is None:
