@@ -122,11 +122,17 @@ def build_model(tiny: bool, device: str, dtype: torch.dtype):
                                   num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
                       vision_feature_layer=-2, vision_feature_select_strategy="default")
+    return _random_model(LlavaForConditionalGeneration, cfg, device, dtype)
+
+
+def _random_model(cls, cfg, device: str, dtype: torch.dtype):
+    """``cls`` with random weights from ``cfg``, built in ``dtype`` on ``device``, SDPA attention, greedy decode
+    without an end-of-sequence token (every call generates exactly the tokens asked for)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa")
+            model = cls._from_config(cfg, attn_implementation="sdpa")
     finally:
         torch.set_default_dtype(previous)
     model.generation_config.eos_token_id = None
@@ -179,17 +185,7 @@ def build_qwen_model(tiny: bool, device: str, dtype: torch.dtype):
     """Random-weight Qwen2.5-VL-7B architecture (:func:`qwen_config`; or a tiny one), SDPA attention."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    cfg = qwen_config(tiny)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa")
-    finally:
-        torch.set_default_dtype(previous)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model.eval()
+    return _random_model(Qwen2_5_VLForConditionalGeneration, qwen_config(tiny), device, dtype)
 
 
 def qwen_video_grid(vision_config, frames: int, side: int) -> tuple[int, int, int]:
