@@ -24,18 +24,40 @@ from visattn.bench.common import median_ms  # noqa: E402
 from visattn.kernels import blocksparse as bs  # noqa: E402
 
 halo = importlib.import_module("visattn.kernels.halo")  # the kernels package exports a function of that name
-orig_blocks = bs._blocks
+SAVED = bs._blocks, bs._forward_blocks, {k: dict(v) for k, v in bs.LAUNCH.items()}
 
 
 def with_cfg(bm, bn, launch):
+    """Every block-sparse kernel on ``bm x bn`` tiles (the forward's own tile choice, ``_forward_blocks``, too) and
+    the given per-kernel launch options."""
     def blocks(q_block, k_block, hd, hdv, dtype):
-        m = orig_blocks(q_block, k_block, hd, hdv, dtype)
+        m = SAVED[0](q_block, k_block, hd, hdv, dtype)
         m.update(BLOCK_M=bm, BLOCK_N=bn)
         return m
 
-    bs._blocks = blocks
+    bs._blocks = bs._forward_blocks = blocks
     for k2, v2 in launch.items():
         bs.LAUNCH[k2] = v2
+
+
+def restore_cfg():
+    bs._blocks, bs._forward_blocks = SAVED[0], SAVED[1]
+    bs.LAUNCH.clear()
+    bs.LAUNCH.update({k: dict(v) for k, v in SAVED[2].items()})
+
+
+def sweep(rows, label, configs, deadline, launch_of, measure):
+    """One row per ``(bm, bn, warps, stages)`` config until ``deadline`` (time.time()): ``measure()``'s fields, or
+    the error the config raised."""
+    for bm, bn, w, s in configs:
+        if time.time() > deadline:
+            break
+        try:
+            with_cfg(bm, bn, launch_of(w, s))
+            rows.append(dict(kernel=label, bm=bm, bn=bn, w=w, s=s, **measure()))
+        except Exception as e:
+            rows.append(dict(kernel=label, bm=bm, bn=bn, w=w, s=s, error=str(e)[:200]))
+        print(rows[-1], flush=True)
 
 
 def main(argv=None) -> int:
@@ -60,30 +82,11 @@ def main(argv=None) -> int:
         ref = run().float()
         rows = []
         t0 = time.time()
-        for bm, bn, w, s in [
-            (64, 64, 4, 2),
-            (128, 64, 8, 2),
-            (128, 64, 8, 3),
-            (128, 128, 8, 2),
-            (64, 128, 4, 2),
-            (128, 64, 4, 3),
-            (64, 64, 4, 3),
-            (128, 32, 4, 3),
-            (128, 128, 8, 1),
-            (64, 64, 8, 2),
-        ]:
-            if time.time() - t0 > 100:
-                break
-            try:
-                with_cfg(bm, bn, {"fwd": dict(num_warps=w, num_stages=s)})
-                err = (run().float() - ref).abs().max().item()
-                ms = median_ms(run, iters=10, warmup=2)
-                rows.append(dict(kernel="fwd", bm=bm, bn=bn, w=w, s=s, ms=ms, err=err))
-                print(rows[-1], flush=True)
-            except Exception as e:
-                rows.append(dict(kernel="fwd", bm=bm, bn=bn, w=w, s=s, error=str(e)[:200]))
-                print(rows[-1], flush=True)
-        with_cfg(64, 64, {"fwd": dict(num_warps=4, num_stages=2)})
+        fwd_configs = [(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2),
+                       (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 1), (64, 64, 8, 2)]
+        sweep(rows, "fwd", fwd_configs, t0 + 100, lambda w, s: {"fwd": dict(num_warps=w, num_stages=s)},
+              lambda: dict(err=(run().float() - ref).abs().max().item(), ms=median_ms(run, iters=10, warmup=2)))
+        restore_cfg()
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         g = torch.randn_like(q)
 
@@ -91,26 +94,12 @@ def main(argv=None) -> int:
             out = visattn.radial_attention(*leaves, 128, 0.2, True, backend="triton")
             torch.autograd.grad(out, leaves, g)
 
-        for bm, bn, w, s in [
-            (64, 64, 4, 2),
-            (64, 64, 8, 2),
-            (128, 64, 8, 2),
-            (64, 128, 8, 2),
-            (128, 128, 8, 1),
-            (64, 64, 4, 3),
-            (128, 64, 8, 1),
-        ]:
-            if time.time() - t0 > 190:
-                break
-            try:
-                with_cfg(bm, bn, {"dq": dict(num_warps=w, num_stages=s), "dkv": dict(num_warps=w, num_stages=s)})
-                ms = median_ms(fb, iters=5, warmup=1)
-                rows.append(dict(kernel="fwd+bwd(bwd cfg)", bm=bm, bn=bn, w=w, s=s, ms=ms))
-                print(rows[-1], flush=True)
-            except Exception as e:
-                rows.append(dict(kernel="bwd", bm=bm, bn=bn, w=w, s=s, error=str(e)[:200]))
-                print(rows[-1], flush=True)
-        bs._blocks = orig_blocks
+        bwd_configs = [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 1),
+                       (64, 64, 4, 3), (128, 64, 8, 1)]
+        sweep(rows, "fwd+bwd(bwd cfg)", bwd_configs, t0 + 190,
+              lambda w, s: {"dq": dict(num_warps=w, num_stages=s), "dkv": dict(num_warps=w, num_stages=s)},
+              lambda: dict(ms=median_ms(fb, iters=5, warmup=1)))
+        restore_cfg()
         res["blocksparse"] = rows
     if which in ("all", "halo"):
         rows = []
