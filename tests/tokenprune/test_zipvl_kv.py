@@ -183,24 +183,28 @@ def test_decode_logits_match_float64_oracle(models, bits, group):
         torch.testing.assert_close(logits[i].double(), ref, atol=2e-4, rtol=1e-4)
 
 
-def test_quantisation_changes_the_decode(models):
-    """The oracle test is not vacuous: the low-bit cache moves the decode logits away from the stock model's."""
+@pytest.fixture(scope="module")
+def stock(models):
+    """The stock model's greedy generate() of 3 tokens on the test batch, with its logits (computed once)."""
     model, _ = models
     ids, mask, px = _inputs()
     with torch.no_grad():
-        stock = model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=3,
-                               do_sample=False, output_logits=True, return_dict_in_generate=True)
+        return model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=3,
+                              do_sample=False, output_logits=True, return_dict_in_generate=True)
+
+
+def test_quantisation_changes_the_decode(models, stock):
+    """The oracle test is not vacuous: the low-bit cache moves the decode logits away from the stock model's."""
+    model, _ = models
+    ids, mask, px = _inputs()
     out, _ = _generate(model, tp.ZipVL(tau=TAU, kv="quantize", bits=(16, 2)), ids, mask, px, steps=3)
     torch.testing.assert_close(out.logits[0], stock.logits[0], atol=1e-5, rtol=1e-5)  # the prefill is exact
     assert (out.logits[1] - stock.logits[1]).abs().max() > 1e-3
 
 
-def test_sixteen_bits_equal_the_stock_model(models):
+def test_sixteen_bits_equal_the_stock_model(models, stock):
     model, _ = models
     ids, mask, px = _inputs()
-    with torch.no_grad():
-        stock = model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=3,
-                               do_sample=False, output_logits=True, return_dict_in_generate=True)
     out, report = _generate(model, tp.ZipVL(tau=TAU, kv="quantize", bits=(16, 16)), ids, mask, px, steps=3)
     assert torch.equal(out.sequences, stock.sequences)
     for a, b in zip(out.logits, stock.logits, strict=True):
