@@ -410,24 +410,15 @@ def measure_decode(model, inputs: dict, tokens: int, calls: int, device: str) ->
     ``decode_warmup_ms``: the first call after the allocator was emptied), then ``calls`` timed ones with the garbage
     collector paused. ``decode_calls_ms``: the N - 1 decode steps of each timed call; ``decode_samples_tok_s``: the
     same as tokens/s over the batch."""
-    if tokens < 2:
-        raise ValueError(f"decode_tokens={tokens}: need at least 2 (decode = the steps after the first token)")
-    if calls < 1:
-        raise ValueError(f"decode_calls={calls}: need at least one timed call")
+    _check_decode_args(tokens, calls)
     bsz = inputs["input_ids"].shape[0]
     warm = decode_call(model, inputs, tokens, device)
     with _gc_paused():
         timed = [decode_call(model, inputs, tokens, device) for _ in range(calls)]
-    calls_ms = [sum(c["step_ms"]) for c in timed]
-    steps = [t for c in timed for t in c["step_ms"]]
-    samples = [bsz * (tokens - 1) / ms * 1e3 if ms > 0 else float("nan") for ms in calls_ms]
     return {
         "new_tokens": timed[0]["new_tokens"], "new_tokens_per_sample": timed[0]["new_tokens_per_sample"],
-        "decode_warmup_ms": sum(warm["step_ms"]),
-        "decode_calls_ms": calls_ms, "decode_samples_tok_s": samples,
-        "decode_step_ms": statistics.median(steps), "decode_step_max_ms": max(steps),
+        **_decode_summary(warm["step_ms"], [c["step_ms"] for c in timed], bsz, tokens),
         "generate_ttft_ms": statistics.median(c["generate_ttft_ms"] for c in timed),
-        **_decode_figure(samples),
     }
 
 
@@ -442,10 +433,7 @@ def measure_graph_decode(model, inputs: dict, tokens: int, calls: int, device: s
     new token where a sample differs, 0 being the prefill's; None when none does)."""
     from visattn.bench.graph_decode import StaticDecoder
 
-    if tokens < 2:
-        raise ValueError(f"decode_tokens={tokens}: need at least 2 (decode = the steps after the first token)")
-    if calls < 1:
-        raise ValueError(f"decode_calls={calls}: need at least one timed call")
+    _check_decode_args(tokens, calls)
     bsz, prompt = inputs["input_ids"].shape
     t0 = time.perf_counter()
     decoder = StaticDecoder(model, inputs, tokens)
@@ -473,18 +461,31 @@ def measure_graph_decode(model, inputs: dict, tokens: int, calls: int, device: s
         same = (ref[:, prompt:] == graph_tokens).all(0).tolist() if ref.shape[1] - prompt == tokens else [False]
         match = all(same)
         first = None if match else same.index(False)
-    calls_ms = [sum(c) for c in timed]
-    steps = [t for c in timed for t in c]
-    samples = [bsz * (tokens - 1) / ms * 1e3 if ms > 0 else float("nan") for ms in calls_ms]
     return {
         "new_tokens": tokens, "new_tokens_per_sample": [tokens] * bsz,
         "decode_mode": mode, "decode_graph_error": error, "decode_setup_ms": setup_ms,
         "decode_tokens_match": match, "decode_tokens_first_mismatch": first, "static_cache_tokens": cache_tokens,
-        "decode_warmup_ms": sum(warm), "decode_calls_ms": calls_ms, "decode_samples_tok_s": samples,
-        "decode_step_ms": statistics.median(steps), "decode_step_max_ms": max(steps),
+        **_decode_summary(warm, timed, bsz, tokens),
         "generate_ttft_ms": float("nan"),
-        **_decode_figure(samples),
     }
+
+
+def _check_decode_args(tokens: int, calls: int) -> None:
+    if tokens < 2:
+        raise ValueError(f"decode_tokens={tokens}: need at least 2 (decode = the steps after the first token)")
+    if calls < 1:
+        raise ValueError(f"decode_calls={calls}: need at least one timed call")
+
+
+def _decode_summary(warm_steps: list[float], timed_steps: list[list[float]], batch: int, tokens: int) -> dict:
+    """The decode keys both modes share, from the per-step ms of the warm-up call and of each timed call: each
+    call's decode time and tokens/s (``batch * (tokens - 1)`` new tokens), the median and slowest step, and the
+    figure (median tokens/s with its min and max)."""
+    calls_ms = [sum(c) for c in timed_steps]
+    steps = [t for c in timed_steps for t in c]
+    samples = [batch * (tokens - 1) / ms * 1e3 if ms > 0 else float("nan") for ms in calls_ms]
+    return {"decode_warmup_ms": sum(warm_steps), "decode_calls_ms": calls_ms, "decode_samples_tok_s": samples,
+            "decode_step_ms": statistics.median(steps), "decode_step_max_ms": max(steps), **_decode_figure(samples)}
 
 
 def _decode_figure(samples: list[float]) -> dict:
