@@ -95,3 +95,22 @@ def test_qwen_arguments_are_checked():
         prune.qwen_video_grid(vis, 3, 32)
     with pytest.raises(ValueError, match="side="):
         prune.qwen_video_grid(vis, 4, 30)
+
+
+def test_qwen_methods_flag_picks_the_video_rows_methods():
+    """``--qwen-methods`` sets the Qwen rows' methods apart from the LLaVA rows' ``--methods`` (which the Qwen rows
+    follow when it is absent, and the video defaults when neither is given)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    prune.add_arguments(parser)
+
+    def methods(*argv):
+        rows = prune.grid(parser.parse_args(["--tiny", "--qwen-videos", "1", *argv]))
+        return ({m for s, _, _, m, _ in rows if s == prune.QWEN_SHAPE},
+                {m for s, _, _, m, _ in rows if s != prune.QWEN_SHAPE})
+
+    assert methods("--methods", "cdpruner", "--qwen-methods", "random,temporal-merge") == (
+        {"none", "random", "temporal-merge"}, {"none", "cdpruner"})
+    assert methods("--methods", "dart")[0] == {"none", "dart"}
+    assert methods()[0] == {"none", *prune.QWEN_METHODS}

@@ -9,12 +9,12 @@ peak memory, scoring time (CUDA events around the scorer) and its share of the p
 ``--qwen-videos B,...`` adds a video workload (shape ``qwen2.5-vl-video``, :func:`build_qwen_model`): a
 Qwen2.5-VL-7B-architecture model with random weights fed ``--qwen-frames`` frames (default 32) at 448x448 per sample,
 i.e. ``video_grid_thw`` = (frames/2, 32, 32) and (frames/2)·256 video tokens after the 2x2 merge, with a short text
-prompt (inputs built by hand: :func:`make_qwen_inputs`). Its methods (default: DivPrune, Random, Uniform,
-temporal-merge with DivPrune per frame, FastV) prune every frame; each ``--keeps`` value (per 576-token image) is
-scaled to the frame's token count (64 -> 28 of 256). Those rows always decode with ``generate()`` (the graph decode
-does not handle M-RoPE; the row's ``decode_mode`` says so) and report the kept tokens of every frame
-(``frame_kept``); TTFT is their main figure. The Qwen model is built only when asked for, after the LLaVA rows and
-their model are done and freed.
+prompt (inputs built by hand: :func:`make_qwen_inputs`). Its methods (``--qwen-methods``; default: DivPrune,
+Random, Uniform, temporal-merge with DivPrune per frame, FastV) prune every frame; each ``--keeps`` value (per
+576-token image) is scaled to the frame's token count (64 -> 28 of 256). Those rows always decode with
+``generate()`` (the graph decode does not handle M-RoPE; the row's ``decode_mode`` says so) and report the kept
+tokens of every frame (``frame_kept``); TTFT is their main figure. The Qwen model is built only when asked for,
+after the LLaVA rows and their model are done and freed.
 ``--tiny`` runs tiny configs on the CPU (smoke test). Any registered method runs by name (``--methods``); the ones
 without a budget run as their defaults say (ZipVL: ``tau``), DyMU with thresholds found by its own search on the
 row's images for about ``--keeps`` tokens (:func:`dymu_for`).
@@ -87,6 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--next-batches", default=None, help="comma list of batch sizes for the NeXT shape")
     parser.add_argument("--qwen-videos", default="", help="comma list of batch sizes for the Qwen2.5-VL-7B video "
                         f"shape ({QWEN_SHAPE}; default: none)")
+    parser.add_argument("--qwen-methods", default=None,
+                        help="comma list of methods for the Qwen video rows (default: --methods when given, else "
+                        f"{','.join(QWEN_METHODS)})")
     parser.add_argument("--qwen-frames", type=int, default=None,
                         help=f"input frames per video of the Qwen rows (even; default {QWEN_FRAMES}, tiny: "
                         f"{QWEN_TINY_FRAMES}), {QWEN_SIDE}x{QWEN_SIDE} each")
@@ -615,7 +618,8 @@ def grid(args) -> list[tuple[str, int, int, str, int | None]]:
         if big(b):
             block("llava-1.5", 1, b, keeps[-1:], methods)
     for b in qwen:
-        block(QWEN_SHAPE, frames, b, keeps, args.methods.split(",") if args.methods else list(QWEN_METHODS))
+        qwen_methods = getattr(args, "qwen_methods", None) or args.methods  # --qwen-methods, else --methods
+        block(QWEN_SHAPE, frames, b, keeps, qwen_methods.split(",") if qwen_methods else list(QWEN_METHODS))
     return out
 
 
