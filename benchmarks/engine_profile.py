@@ -176,9 +176,12 @@ TILE_VARIANTS = {
 }
 
 
-# small-map path (kernels/cells.py) launch shapes: (query rows per forward program, per backward block, warps)
-CELL_VARIANTS = {256: [(64, 32, 8), (32, 32, 8), (128, 32, 8), (64, 16, 8), (64, 32, 4), (32, 32, 4)],
-                 64: [(64, 64, 4), (32, 32, 4), (16, 16, 4), (64, 64, 8), (32, 64, 2)]}
+# small-map path (kernels/cells.py) launch shapes, per padded cell size: CellBox fields to override ({} = as chosen)
+CELL_VARIANTS = {
+    64: [{"sub_fwd": 64, "sub_bwd": 64, "warps": 4}, {"sub_fwd": 32, "sub_bwd": 32, "warps": 4},
+         {"sub_fwd": 16, "sub_bwd": 16, "warps": 4}, {"sub_fwd": 64, "sub_bwd": 64, "warps": 8},
+         {"sub_fwd": 32, "sub_bwd": 64, "warps": 2}],
+}
 
 
 def cell_sweep(stage_names, batch, iters, deadline):
@@ -197,19 +200,17 @@ def cell_sweep(stage_names, batch, iters, deadline):
         if base.box is None:
             rows.append({"stage": name, "cells": "declined", "reason": base.reason})
             continue
-        for sub_fwd, sub_bwd, warps in CELL_VARIANTS.get(math.prod(base.box), []):
+        for variant in CELL_VARIANTS.get(math.prod(base.box), []):
             if time.time() > deadline:
                 return rows
-            ops.cell_box = lambda *a, _v=(sub_fwd, sub_bwd, warps): original(*a)._replace(
-                sub_fwd=_v[0], sub_bwd=max(_v[1], original(*a).box[2]), warps=_v[2])
+            ops.cell_box = lambda *a, _v=variant: original(*a)._replace(**_v)
             ops._PLANS.clear()
             fwd, fwd_bwd = engine_calls(q, k, v, table, grad, STAGES[name])
             try:
-                row = {"stage": name, "cell_variant": [sub_fwd, sub_bwd, warps], "fwd_ms": median_ms(fwd, iters),
+                row = {"stage": name, "cell_variant": variant, "fwd_ms": median_ms(fwd, iters),
                        "fwd_bwd_ms": median_ms(fwd_bwd, iters), "kernels": kernel_breakdown(fwd_bwd)}
             except Exception as err:
-                row = {"stage": name, "cell_variant": [sub_fwd, sub_bwd, warps],
-                       "error": f"{type(err).__name__}: {err}"[:300]}
+                row = {"stage": name, "cell_variant": variant, "error": f"{type(err).__name__}: {err}"[:300]}
             rows.append(row)
             print(json.dumps(row), flush=True)
         ops.cell_box = original
@@ -344,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['bwd_over_fwd']:5.2f} {r['kernels_fwd']['_attention_kernels_ms']:6.3f} "
                   f"{r['kernels_fwd_bwd']['_attention_kernels_ms']:6.3f} {r['host_us_fwd']:6.0f} "
                   f"{r['host_us_fwd_bwd']:6.0f}")
+    for r in result.get("cell_rows", []):
+        kern = r.get("kernels", {})
+        cells = {k.replace("_cell_", "").replace("_kernel", ""): v for k, v in kern.items() if k.startswith("_cell_")}
+        print(f"{r['stage']:10s} {json.dumps(r.get('cell_variant')):42s} fwd {r.get('fwd_ms', float('nan')):6.3f} "
+              f"fb {r.get('fwd_bwd_ms', float('nan')):6.3f} {cells or r.get('error', r.get('reason', ''))}")
     return 0
 
 

@@ -78,7 +78,7 @@ def relative_bias(rpb: Tensor, spatial: Sequence[int], divisors: Sequence[int], 
     """[heads, N, N] bias ``rpb[h, (kj - qi) + s - 1, ...]`` with coordinates divided by ``divisors`` (NA's dilation;
     1 for windows). A pair whose offset leaves the table (only ever a masked pair: SEMANTICS.md rejects rpb with
     stride > 1) gets 0. Differentiable in ``rpb``."""
-    grids = torch.meshgrid(*[torch.arange(n) for n in spatial], indexing="ij")
+    grids = torch.meshgrid(*[torch.arange(n, device=rpb.device) for n in spatial], indexing="ij")
     coords = [g.reshape(-1) // d for g, d in zip(grids, divisors, strict=True)]
     offs = [c[None, :] - c[:, None] + s - 1 for c, s in zip(coords, sizes, strict=True)]
     inside = torch.stack([(o >= 0) & (o <= 2 * s - 2) for o, s in zip(offs, sizes, strict=True)]).all(0)
@@ -108,7 +108,7 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
     if bias is not None:
         logits = logits + bias.to(torch.float64)
     if mask is not None:
-        mask = mask[None, None] if mask.dim() == 2 else mask[:, None] if mask.dim() == 3 else mask
+        mask = (mask[None, None] if mask.dim() == 2 else mask[:, None] if mask.dim() == 3 else mask).to(logits.device)
         logits = logits.masked_fill(~mask, float("-inf"))
     values = flat(v)
     if extra_k is not None:
