@@ -1,0 +1,115 @@
+"""Greedy MAP inference of a DPP (CDPruner) as one Triton program per image.
+
+The algorithm is the fast incremental-Cholesky greedy of Chen et al. (NeurIPS 2018): every candidate ``j`` carries
+``d2[j]`` (its squared Cholesky pivot, ``det L[S+j] / det L[S]``), starting at ``L[j, j]``; a step picks
+``j* = argmax d2``, computes the new Cholesky row ``e = (L[j*] - sum_t c[t, j*] c[t]) / sqrt(d2[j*])``, appends it
+to ``c`` and lowers ``d2 -= e*e``; the pick's ``d2`` becomes ``-inf``. Each pick depends on the last, so the
+PyTorch loop costs ~8 small launches per pick (500+ for 64 tokens, host-bound). Here one program per image runs all
+``k`` steps: ``d2`` and the ``k x N`` rows ``c`` live in global scratch (L1/L2-resident), ``L`` rows are read from
+the kernel matrix, the running argmax is kept across column chunks, one launch in all.
+
+The arithmetic is the PyTorch loop's, op by op in float32: correctly rounded square root and division, no fused
+multiply-adds (the launch disables FP contraction), the argmax of ``torch.argmax`` (first index on ties, a NaN
+counts as the largest). The one difference is the order in which the ``sum_t`` dot products are accumulated
+(here a fixed tiled sum, in PyTorch a batched matmul), so the two agree bit for bit on the first two picks' rows
+and up to float32 rounding after; the kept set can differ only where two candidates' ``d2`` tie within that
+rounding (duplicate tokens tie exactly in both and go to the first index in both).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+@triton.jit
+def _first_max(x, cols):
+    """``(value, index)`` of the largest entry of ``x`` at ``cols``, as ``torch.argmax``: the first NaN if any,
+    else the first maximum."""
+    nan_at = tl.min(tl.where(x != x, cols, 2147483647), 0)
+    clean = tl.where(x != x, float("-inf"), x)
+    top = tl.max(clean, 0)
+    at = tl.min(tl.where(clean == top, cols, 2147483647), 0)
+    has_nan = nan_at < 2147483647
+    return tl.where(has_nan, float("nan"), top), tl.where(has_nan, nan_at, at)
+
+
+@triton.jit
+def _combine(best, best_at, value, at):
+    """Running argmax over column chunks in ascending order: a later chunk wins only by being strictly larger
+    (or NaN where the running one is not)."""
+    take = (best == best) & ((value != value) | (value > best))
+    return tl.where(take, value, best), tl.where(take, at, best_at)
+
+
+@triton.jit
+def _dpp_kernel(L, D2, C, PICKED, n, k, s_g, s_r, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    g = tl.program_id(0)
+    base = L + g.to(tl.int64) * s_g
+    d2_base = D2 + g.to(tl.int64) * n
+    c_base = C + g.to(tl.int64) * k * n
+    offs = tl.arange(0, BLOCK_N)
+    ts = tl.arange(0, BLOCK_T)
+    best = tl.zeros((), tl.float32) - float("inf")
+    best_at = tl.zeros((), tl.int32)
+    for n0 in range(0, n, BLOCK_N):  # d2 = diag(L)
+        cols = n0 + offs
+        ok = cols < n
+        diag = tl.load(base + cols.to(tl.int64) * (s_r + 1), mask=ok, other=float("-inf"))
+        tl.store(d2_base + cols, diag, mask=ok)
+        value, at = _first_max(diag, cols)
+        best, best_at = _combine(best, best_at, value, at)
+    tl.debug_barrier()
+    for i in range(0, k):
+        j = best_at
+        tl.store(PICKED + g * k + i, j)
+        root = tl.sqrt_rn(best)  # best == d2[j]
+        row = base + j.to(tl.int64) * s_r
+        best = tl.zeros((), tl.float32) - float("inf")
+        best_at = tl.zeros((), tl.int32)
+        for n0 in range(0, n, BLOCK_N):
+            cols = n0 + offs
+            ok = cols < n
+            dot = tl.zeros((BLOCK_N,), tl.float32)
+            for t0 in range(0, i, BLOCK_T):  # sum_t c[t, j] c[t, cols] over the earlier picks
+                t = t0 + ts
+                t_ok = t < i
+                c_j = tl.load(c_base + t * n + j, mask=t_ok, other=0.0)
+                c_t = tl.load(c_base + t[:, None] * n + cols[None, :], mask=t_ok[:, None] & ok[None, :], other=0.0)
+                dot += tl.sum(c_j[:, None] * c_t, 0)
+            e = tl.div_rn(tl.load(row + cols, mask=ok, other=0.0) - dot, root)
+            tl.store(c_base + i * n + cols, e, mask=ok)
+            d2 = tl.load(d2_base + cols, mask=ok, other=float("-inf"))
+            d2 = d2 - e * e
+            d2 = tl.where(ok & (cols != j), d2, float("-inf"))
+            tl.store(d2_base + cols, d2, mask=ok)
+            value, at = _first_max(d2, cols)
+            best, best_at = _combine(best, best_at, value, at)
+        tl.debug_barrier()  # this step's c row and d2 are visible to every thread of the next step
+
+
+def dpp_picks(kernel: Tensor, k: int, block_n: int = 128, block_t: int = 32, num_warps: int = 4) -> Tensor:
+    """Greedy DPP MAP picks (G, k) int64, in pick order, of the float32 kernels ``kernel`` (G, N, N) (symmetric
+    PSD); ``k <= N``. ``block_n`` / ``block_t``: the column chunk and the earlier-pick tile of one dot step
+    (powers of two)."""
+    if not isinstance(kernel, Tensor) or kernel.dim() != 3 or kernel.shape[1] != kernel.shape[2]:
+        raise ValueError(f"kernel: expected a (G, N, N) tensor, got {getattr(kernel, 'shape', type(kernel))}")
+    if kernel.dtype != torch.float32:
+        raise TypeError(f"kernel: expected float32, got {kernel.dtype}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= kernel.shape[1]:
+        raise ValueError(f"k={k!r}: expected an int in [0, {kernel.shape[1]}]")
+    for name, value in (("block_n", block_n), ("block_t", block_t)):
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"{name}={value!r}: expected a power of two")
+    g, n, _ = kernel.shape
+    picked = torch.empty(g, k, dtype=torch.int32, device=kernel.device)
+    if g == 0 or k == 0:
+        return picked.long()
+    kernel = kernel if kernel.stride(-1) == 1 else kernel.contiguous()
+    d2 = torch.empty(g, n, dtype=torch.float32, device=kernel.device)
+    c = torch.empty(g, k, n, dtype=torch.float32, device=kernel.device)
+    _dpp_kernel[(g,)](kernel, d2, c, picked, n, k, kernel.stride(0), kernel.stride(1),
+                      BLOCK_N=min(block_n, triton.next_power_of_2(n)), BLOCK_T=block_t, num_warps=num_warps,
+                      enable_fp_fusion=False)
+    return picked.long()
