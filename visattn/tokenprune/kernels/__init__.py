@@ -180,5 +180,6 @@ for _name, _text in (("rowscore", "LLM-stage row scores: RoPE + row softmax + he
     backends.register_kernel(f"{FAMILY}.{_name}", FAMILY, _probe, _text)
 
 __all__ = ["FAMILY", "MAX_PICKED", "MAX_SCORE_ROWS", "MAX_TOKENS", "TRITON_ERROR", "dedup_positions",
-           "dedup_why_not", "dpp_picks", "dpp_why_not", "interpreting", "maxmin_picks", "maxmin_why_not", "recycle_tokens", "recycle_why_not", "row_scores", "rowscore_why_not", "runs",
-           "select_why_not", "topk_per_image"]
+           "dedup_why_not", "dpp_picks", "dpp_why_not", "interpreting", "maxmin_picks", "maxmin_why_not",
+           "recycle_tokens", "recycle_why_not", "row_scores", "rowscore_why_not", "runs", "select_why_not",
+           "topk_per_image"]

@@ -1,15 +1,16 @@
 """VisPruner's iterative similarity-based removal (the diverse tokens) as one Triton program per image.
 
-The residual set ``R`` shrinks to ``target`` tokens in steps: ``r = min(per_step, |R| - target, ceil(|R| / 2))`` (VisPruner: ``per_step = 8``); ``a``
-= the even positions of ``R``, ``b`` = the odd ones; each ``a`` token scores its largest similarity to a ``b``
-token; the ``r`` highest-scoring ``a`` tokens go (a stable descending sort of the scores: ties to the earlier
-position, a NaN counts as the largest as in ``torch.sort``), and the surviving ``a`` tokens in that order followed
-by all ``b`` tokens form the next ``R``. In PyTorch that is ~7 launches per step and ~64 steps for LLaVA's 576
-patches. Here the cosine similarities of the initial residual tokens come from one batched matmul (cuBLAS) and
-one program per image runs every step on them: the scores are gathered maxima of the similarity rows, the sort is
-a rank by counting (order-preserving integer keys that also carry the position, so every rank is distinct and
-the order stable), the survivors are scattered to their rank; the residual positions ping-pong between two
-scratch rows in global memory. The eager path reads the same similarity matrix, so both give identical indices.
+The residual set ``R`` shrinks to ``target`` tokens in steps of ``r = min(per_step, |R| - target, ceil(|R| / 2))``
+removals (VisPruner: ``per_step = 8``): ``a`` = the even positions of ``R``, ``b`` = the odd ones; each ``a``
+token scores its largest similarity to a ``b`` token; the ``r`` highest-scoring ``a`` tokens go (a stable
+descending sort of the scores: ties to the earlier position, a NaN counts as the largest as in ``torch.sort``),
+and the surviving ``a`` tokens in that order followed by all ``b`` tokens form the next ``R``. In PyTorch that
+is ~7 launches per step and ~64 steps for LLaVA's 576 patches. Here the cosine similarities of the initial
+residual tokens come from one batched matmul (cuBLAS) and one program per image runs every step on them: the
+scores are gathered maxima of the similarity rows, the sort is a rank by counting (order-preserving integer keys
+that also carry the position, so every rank is distinct and the order stable), the survivors are scattered to
+their rank; the residual positions ping-pong between two scratch rows in global memory. The eager path reads the
+same similarity matrix, so both give identical indices.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from visattn.tokenprune.kernels.select import _ordered_key
+
 
 def _removal_steps(size: int, target: int, per_step: int) -> int:
     """How many removal steps shrink ``size`` residual tokens to ``target`` (module docstring)."""
@@ -52,16 +54,16 @@ def _dedup_kernel(SIM, POS, KEYS, OUT, R, target, n_steps, s_g, BLOCK_I: tl.cons
             ii = i0 + ti
             i_ok = ii < n_a
             row = tl.load(cur + 2 * ii, mask=i_ok, other=0).to(tl.int64) * R
-            top = tl.zeros((BLOCK_I,), tl.float32) - float("inf")
-            nan = tl.zeros((BLOCK_I,), tl.int32)
-            for j0 in range(0, n_b, BLOCK_J):
+            best = tl.zeros((BLOCK_I, BLOCK_J), tl.float32) - float("inf")
+            for j0 in range(0, n_b, BLOCK_J):  # element-wise maxima in the loop, one reduction after it
                 jj = j0 + tj
                 j_ok = jj < n_b
                 col = tl.load(cur + 2 * jj + 1, mask=j_ok, other=0)
                 s = tl.load(sim + row[:, None] + col[None, :], mask=i_ok[:, None] & j_ok[None, :],
                             other=float("-inf"))
-                top = tl.maximum(top, tl.max(s, 1))
-                nan = tl.maximum(nan, tl.max((s != s).to(tl.int32), 1))
+                best = tl.maximum(best, s, propagate_nan=tl.PropagateNan.ALL)
+            nan = tl.max((best != best).to(tl.int32), 1)
+            top = tl.max(tl.where(best != best, float("-inf"), best), 1)
             top = tl.where(nan > 0, float("nan"), tl.where(top == 0.0, 0.0, top))  # one NaN, one zero
             tl.store(keys + ii, _ordered_key(top, ii), mask=i_ok)
         tl.debug_barrier()
@@ -69,11 +71,12 @@ def _dedup_kernel(SIM, POS, KEYS, OUT, R, target, n_steps, s_g, BLOCK_I: tl.cons
             ii = i0 + ti
             i_ok = ii < n_a
             mine = tl.load(keys + ii, mask=i_ok, other=-1)
-            rank = tl.zeros((BLOCK_I,), tl.int32)
+            above = tl.zeros((BLOCK_I, BLOCK_J), tl.int32)
             for j0 in range(0, n_a, BLOCK_J):
                 jj = j0 + tj
                 theirs = tl.load(keys + jj, mask=jj < n_a, other=-1)
-                rank += tl.sum((theirs[None, :] > mine[:, None]).to(tl.int32), 1)
+                above += (theirs[None, :] > mine[:, None]).to(tl.int32)
+            rank = tl.sum(above, 1)
             survivor = i_ok & (rank >= r)
             tl.store(nxt + rank - r, tl.load(cur + 2 * ii, mask=survivor, other=0), mask=survivor)
         for j0 in range(0, n_b, BLOCK_J):

@@ -6,7 +6,7 @@ The algorithm is the fast incremental-Cholesky greedy of Chen et al. (NeurIPS 20
 to ``c`` and lowers ``d2 -= e*e``; the pick's ``d2`` becomes ``-inf``. Each pick depends on the last, so the
 PyTorch loop costs ~8 small launches per pick (500+ for 64 tokens, host-bound). Here one program per image runs all
 ``k`` steps: ``d2`` and the ``k x N`` rows ``c`` live in global scratch (L1/L2-resident), ``L`` rows are read from
-the kernel matrix, the running argmax is kept across column chunks, one launch in all.
+the kernel matrix, a per-lane running argmax is kept across column chunks and reduced once per step, one launch in all.
 
 The arithmetic is the PyTorch loop's, op by op in float32: correctly rounded square root and division, no fused
 multiply-adds (the launch disables FP contraction), the argmax of ``torch.argmax`` (first index on ties, a NaN
@@ -23,24 +23,25 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+
 @triton.jit
-def _first_max(x, cols):
-    """``(value, index)`` of the largest entry of ``x`` at ``cols``, as ``torch.argmax``: the first NaN if any,
-    else the first maximum."""
-    nan_at = tl.min(tl.where(x != x, cols, 2147483647), 0)
+def _first_max(x, at):
+    """``(value, index)`` of the largest entry of ``x`` whose indices are ``at``, as ``torch.argmax``: the first
+    NaN if any, else the first maximum."""
+    nan_at = tl.min(tl.where(x != x, at, 2147483647), 0)
     clean = tl.where(x != x, float("-inf"), x)
     top = tl.max(clean, 0)
-    at = tl.min(tl.where(clean == top, cols, 2147483647), 0)
+    first = tl.min(tl.where(clean == top, at, 2147483647), 0)
     has_nan = nan_at < 2147483647
-    return tl.where(has_nan, float("nan"), top), tl.where(has_nan, nan_at, at)
+    return tl.where(has_nan, float("nan"), top), tl.where(has_nan, nan_at, first)
 
 
 @triton.jit
-def _combine(best, best_at, value, at):
-    """Running argmax over column chunks in ascending order: a later chunk wins only by being strictly larger
-    (or NaN where the running one is not)."""
+def _lane_max(best, best_at, value, cols):
+    """Per-lane running argmax over column chunks in ascending order: a later chunk's entry wins its lane only by
+    being strictly larger (or NaN where the lane's is not). Reductions stay out of the loop."""
     take = (best == best) & ((value != value) | (value > best))
-    return tl.where(take, value, best), tl.where(take, at, best_at)
+    return tl.where(take, value, best), tl.where(take, cols, best_at)
 
 
 @triton.jit
@@ -51,41 +52,40 @@ def _dpp_kernel(L, D2, C, PICKED, n, k, s_g, s_r, BLOCK_N: tl.constexpr, BLOCK_T
     c_base = C + g.to(tl.int64) * k * n
     offs = tl.arange(0, BLOCK_N)
     ts = tl.arange(0, BLOCK_T)
-    best = tl.zeros((), tl.float32) - float("inf")
-    best_at = tl.zeros((), tl.int32)
+    lane = tl.zeros((BLOCK_N,), tl.float32) - float("inf")
+    lane_at = offs
     for n0 in range(0, n, BLOCK_N):  # d2 = diag(L)
         cols = n0 + offs
         ok = cols < n
         diag = tl.load(base + cols.to(tl.int64) * (s_r + 1), mask=ok, other=float("-inf"))
         tl.store(d2_base + cols, diag, mask=ok)
-        value, at = _first_max(diag, cols)
-        best, best_at = _combine(best, best_at, value, at)
+        lane, lane_at = _lane_max(lane, lane_at, diag, cols)
+    best, j = _first_max(lane, lane_at)
     tl.debug_barrier()
     for i in range(0, k):
-        j = best_at
         tl.store(PICKED + g * k + i, j)
         root = tl.sqrt_rn(best)  # best == d2[j]
         row = base + j.to(tl.int64) * s_r
-        best = tl.zeros((), tl.float32) - float("inf")
-        best_at = tl.zeros((), tl.int32)
+        lane = tl.zeros((BLOCK_N,), tl.float32) - float("inf")
+        lane_at = offs
         for n0 in range(0, n, BLOCK_N):
             cols = n0 + offs
             ok = cols < n
-            dot = tl.zeros((BLOCK_N,), tl.float32)
+            acc = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
             for t0 in range(0, i, BLOCK_T):  # sum_t c[t, j] c[t, cols] over the earlier picks
                 t = t0 + ts
                 t_ok = t < i
                 c_j = tl.load(c_base + t * n + j, mask=t_ok, other=0.0)
                 c_t = tl.load(c_base + t[:, None] * n + cols[None, :], mask=t_ok[:, None] & ok[None, :], other=0.0)
-                dot += tl.sum(c_j[:, None] * c_t, 0)
-            e = tl.div_rn(tl.load(row + cols, mask=ok, other=0.0) - dot, root)
+                acc += c_j[:, None] * c_t
+            e = tl.div_rn(tl.load(row + cols, mask=ok, other=0.0) - tl.sum(acc, 0), root)
             tl.store(c_base + i * n + cols, e, mask=ok)
             d2 = tl.load(d2_base + cols, mask=ok, other=float("-inf"))
             d2 = d2 - e * e
             d2 = tl.where(ok & (cols != j), d2, float("-inf"))
             tl.store(d2_base + cols, d2, mask=ok)
-            value, at = _first_max(d2, cols)
-            best, best_at = _combine(best, best_at, value, at)
+            lane, lane_at = _lane_max(lane, lane_at, d2, cols)
+        best, j = _first_max(lane, lane_at)
         tl.debug_barrier()  # this step's c row and d2 are visible to every thread of the next step
 
 
