@@ -23,7 +23,7 @@ CASES = {
     "near-size-2": (1, 30, 26, 8, 24),
     "no-step": (1, 20, 12, 8, 12),
     "above-size": (1, 20, 12, 8, 15),
-    "ties": (1, 40, 30, 8, 7),
+    "ties": (1, 40, 30, 8, 7),  # the duplicates are set in _inputs
     "nan": (1, 30, 21, 8, 6),
 }
 
@@ -54,9 +54,10 @@ def _inputs(name: str, seed: int):
     gen = torch.Generator().manual_seed(seed)
     feats = torch.randn(g, p, c, generator=gen)
     residual = torch.stack([torch.randperm(p, generator=gen)[:size] for _ in range(g)])
-    if name == "ties":  # four copies of one patch and two of another inside the residual set
-        for src, dst in ((residual[0, 3], residual[0, [8, 15, 22]]), (residual[0, 4], residual[0, [11]])):
-            feats[0, dst] = feats[0, src].clone()
+    if name == "ties":  # 10 copies of one patch at even positions and one at an odd: 10 ``a`` tokens tie at the
+        # top score and 8 go; 3 copies of another at even positions only: tied scores below the top
+        for src, dst in ((0, [1, 2, 4, 6, 8, 10, 12, 14, 16, 18]), (20, [22, 24])):
+            feats[0, residual[0, dst]] = feats[0, residual[0, src]].clone()
     if name == "nan":
         feats[0, residual[0, 6]] = 0.0
     return feats, residual, target
