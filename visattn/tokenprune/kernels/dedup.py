@@ -108,7 +108,7 @@ def dedup_positions(sim: Tensor, target: int, per_step: int = 8, block_i: int = 
     if isinstance(per_step, bool) or not isinstance(per_step, int) or per_step < 1:
         raise ValueError(f"per_step={per_step!r}: expected an int >= 1")
     for name, value in (("block_i", block_i), ("block_j", block_j)):
-        if value < 1 or value & (value - 1):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value & (value - 1):
             raise ValueError(f"{name}={value!r}: expected a power of two")
     g, size, _ = sim.shape
     steps = _removal_steps(size, target, per_step)

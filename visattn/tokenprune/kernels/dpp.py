@@ -63,7 +63,7 @@ def _dpp_kernel(L, D2, C, PICKED, n, k, s_g, s_r, BLOCK_N: tl.constexpr, BLOCK_T
     best, j = _first_max(lane, lane_at)
     tl.debug_barrier()
     for i in range(0, k):
-        tl.store(PICKED + g * k + i, j)
+        tl.store(PICKED + g * k + i, j.to(tl.int64))
         root = tl.sqrt_rn(best)  # best == d2[j]
         row = base + j.to(tl.int64) * s_r
         lane = tl.zeros((BLOCK_N,), tl.float32) - float("inf")
@@ -89,27 +89,33 @@ def _dpp_kernel(L, D2, C, PICKED, n, k, s_g, s_r, BLOCK_N: tl.constexpr, BLOCK_T
         tl.debug_barrier()  # this step's c row and d2 are visible to every thread of the next step
 
 
-def dpp_picks(kernel: Tensor, k: int, block_n: int = 128, block_t: int = 32, num_warps: int = 4) -> Tensor:
+def dpp_picks(kernel: Tensor, k: int, block_n: int | None = None, block_t: int | None = None,
+              num_warps: int | None = None) -> Tensor:
     """Greedy DPP MAP picks (G, k) int64, in pick order, of the float32 kernels ``kernel`` (G, N, N) (symmetric
     PSD); ``k <= N``. ``block_n`` / ``block_t``: the column chunk and the earlier-pick tile of one dot step
-    (powers of two)."""
+    (powers of two; default: up to 1024 columns, an 8192-entry tile), ``num_warps`` (default 8 from 512 columns,
+    else 4)."""
     if not isinstance(kernel, Tensor) or kernel.dim() != 3 or kernel.shape[1] != kernel.shape[2]:
         raise ValueError(f"kernel: expected a (G, N, N) tensor, got {getattr(kernel, 'shape', type(kernel))}")
     if kernel.dtype != torch.float32:
         raise TypeError(f"kernel: expected float32, got {kernel.dtype}")
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= kernel.shape[1]:
         raise ValueError(f"k={k!r}: expected an int in [0, {kernel.shape[1]}]")
+    if block_n is None:
+        block_n = min(1024, triton.next_power_of_2(max(kernel.shape[1], 1)))
+    if block_t is None:
+        block_t = max(1, min(32, 8192 // block_n))
     for name, value in (("block_n", block_n), ("block_t", block_t)):
-        if value < 1 or value & (value - 1):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value & (value - 1):
             raise ValueError(f"{name}={value!r}: expected a power of two")
     g, n, _ = kernel.shape
-    picked = torch.empty(g, k, dtype=torch.int32, device=kernel.device)
+    picked = torch.empty(g, k, dtype=torch.long, device=kernel.device)
     if g == 0 or k == 0:
-        return picked.long()
+        return picked
     kernel = kernel if kernel.stride(-1) == 1 else kernel.contiguous()
     d2 = torch.empty(g, n, dtype=torch.float32, device=kernel.device)
     c = torch.empty(g, k, n, dtype=torch.float32, device=kernel.device)
-    _dpp_kernel[(g,)](kernel, d2, c, picked, n, k, kernel.stride(0), kernel.stride(1),
-                      BLOCK_N=min(block_n, triton.next_power_of_2(n)), BLOCK_T=block_t, num_warps=num_warps,
-                      enable_fp_fusion=False)
-    return picked.long()
+    block_n = min(block_n, triton.next_power_of_2(n))
+    _dpp_kernel[(g,)](kernel, d2, c, picked, n, k, kernel.stride(0), kernel.stride(1), BLOCK_N=block_n,
+                      BLOCK_T=block_t, num_warps=num_warps or (8 if block_n >= 512 else 4), enable_fp_fusion=False)
+    return picked
