@@ -1,13 +1,15 @@
 """VisPruner's one-launch removal kernel under TRITON_INTERPRET=1: ``remove_duplicates`` on the kernel returns
 exactly the indices of its eager loop (``backends.use_backend("reference")``), of the implementation before the
-kernel (per-step matmuls of the gathered tokens, transcribed below) and of a plain float64 transcription of the rule
-(``tp_oracles.vispruner_removal_loop``) on random features: odd and even residual sizes, targets near 0 and near
-the residual size, no step at all (target >= size), duplicate tokens (exact ties: the earlier position ranks
-first) and a zero feature (NaN similarities: ranked first as ``torch.sort`` does, eager oracle only); score and
-rank tiles smaller than the residual set exercise the chunked loops."""
+kernel (per-step matmuls of the gathered tokens, kept in benchmarks/time_scorers.py) and of a plain float64
+transcription of the rule (``tp_oracles.vispruner_removal_loop``) on random features: odd and even residual sizes,
+targets near 0 and near the residual size, no step at all (target >= size), duplicate tokens (exact ties: the
+earlier position ranks first) and a zero feature (NaN similarities: ranked first as ``torch.sort`` does, eager
+oracle only); score and rank tiles smaller than the residual set exercise the chunked loops."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 
@@ -28,23 +30,15 @@ CASES = {
 }
 
 
-def previous_remove_duplicates(features, residual, target: int):
+@functools.cache
+def previous_remove_duplicates():
     """``vispruner.remove_duplicates`` as it was before the fused kernel (each step's similarities by a matmul of
-    the gathered even/odd tokens)."""
-    import torch
-
-    f = features.float()
-    f = f / f.norm(dim=-1, keepdim=True)
-    while True:
-        size = residual.shape[1]
-        r = min(8, size - target, (size + 1) // 2)
-        if r <= 0:
-            return residual
-        tokens = f.gather(1, residual[..., None].expand(-1, -1, f.shape[-1]))
-        a, b = tokens[:, ::2], tokens[:, 1::2]
-        score = (a @ b.transpose(1, 2)).amax(-1)
-        distinct = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, r:]
-        residual = torch.cat([residual[:, ::2].gather(1, distinct), residual[:, 1::2]], 1)
+    the gathered even/odd tokens), as ``benchmarks/time_scorers.py`` keeps it for its baseline timings."""
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "..", "benchmarks", "time_scorers.py")
+    spec = importlib.util.spec_from_file_location("time_scorers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.previous_remove_duplicates
 
 
 def _inputs(name: str, seed: int):
@@ -83,7 +77,7 @@ def run_cases() -> dict:
         oracle = None if name == "nan" else [vispruner_removal_loop(feats[i], residual[i].tolist(), target)
                                              for i in range(len(feats))]
         results[name] = {"fused": fused, "tiled": tiled, "eager": eager, "oracle": oracle,
-                         "previous": previous_remove_duplicates(feats, residual, target).tolist()}
+                         "previous": previous_remove_duplicates()(feats, residual, target).tolist()}
     return results
 
 

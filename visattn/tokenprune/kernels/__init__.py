@@ -95,24 +95,23 @@ def maxmin_why_not(dist: torch.Tensor) -> str | None:
     return reason
 
 
+def _float32_matrices_why_not(matrices: torch.Tensor) -> str | None:
+    reason = _device_why_not(matrices)
+    if reason is None and matrices.dtype != torch.float32:
+        reason = f"dtype {matrices.dtype}: needs float32"
+    if reason is None and matrices.shape[-1] > MAX_TOKENS:
+        reason = f"{matrices.shape[-1]} tokens per image > {MAX_TOKENS}"
+    return reason
+
+
 def dpp_why_not(kernel: torch.Tensor) -> str | None:
     """Whether :func:`dpp_picks` can run on the DPP kernels ``kernel`` (G, N, N)."""
-    reason = _device_why_not(kernel)
-    if reason is None and kernel.dtype != torch.float32:
-        reason = f"dtype {kernel.dtype}: needs float32"
-    if reason is None and kernel.shape[-1] > MAX_TOKENS:
-        reason = f"{kernel.shape[-1]} tokens per image > {MAX_TOKENS}"
-    return reason
+    return _float32_matrices_why_not(kernel)
 
 
 def dedup_why_not(sim: torch.Tensor) -> str | None:
     """Whether :func:`dedup_positions` can run on the similarity matrices ``sim`` (G, R, R)."""
-    reason = _device_why_not(sim)
-    if reason is None and sim.dtype != torch.float32:
-        reason = f"dtype {sim.dtype}: needs float32"
-    if reason is None and sim.shape[-1] > MAX_TOKENS:
-        reason = f"{sim.shape[-1]} tokens per image > {MAX_TOKENS}"
-    return reason
+    return _float32_matrices_why_not(sim)
 
 
 def runs(kernel: str, why_not: Callable[[], str | None]) -> bool:
