@@ -39,10 +39,10 @@ def remove_duplicates(features: torch.Tensor, residual: torch.Tensor, target: in
 
     The cosine similarities of the residual tokens are one batched matmul up front; every step reads them. On
     CUDA the whole removal loop is then one Triton launch (:mod:`visattn.tokenprune.kernels.dedup`, identical
-    indices) instead of ~7 launches per step."""
+    indices) instead of ~6 launches per step."""
     if target <= 0:
         return residual[:, :0]
-    f = features.float().gather(1, residual[..., None].expand(-1, -1, features.shape[-1]))
+    f = features.gather(1, residual[..., None].expand(-1, -1, features.shape[-1])).float()
     f = f / f.norm(dim=-1, keepdim=True)
     sim = f @ f.transpose(1, 2)  # (N, R, R): sim[n, x, y] = cos(residual x, residual y)
     if kernels.runs("tokenprune.dedup", lambda: kernels.dedup_why_not(sim)):

@@ -5,7 +5,7 @@ removals (VisPruner: ``per_step = 8``): ``a`` = the even positions of ``R``, ``b
 token scores its largest similarity to a ``b`` token; the ``r`` highest-scoring ``a`` tokens go (a stable
 descending sort of the scores: ties to the earlier position, a NaN counts as the largest as in ``torch.sort``),
 and the surviving ``a`` tokens in that order followed by all ``b`` tokens form the next ``R``. In PyTorch that
-is ~7 launches per step and ~64 steps for LLaVA's 576 patches. Here the cosine similarities of the initial
+is ~6 launches per step and ~64 steps for LLaVA's 576 patches. Here the cosine similarities of the initial
 residual tokens come from one batched matmul (cuBLAS) and one program per image runs every step on them: the
 scores are gathered maxima of the similarity rows, the sort is a rank by counting (order-preserving integer keys
 that also carry the position, so every rank is distinct and the order stable), the survivors are scattered to
