@@ -40,10 +40,9 @@ from visattn.tokenprune.vispruner import REMOVE_PER_STEP, remove_duplicates  # n
 
 PATCHES, LM_WIDTH, CLIP_WIDTH, TEXT = 576, 4096, 1024, 20
 DEVICE = "cuda"
-DPP_TILES = [(128, 32, 4), (256, 32, 4), (512, 16, 8), (1024, 8, 8), (1024, 8, 4)]  # block_n, block_t, warps
-# (the default at 576 tokens is 1024, 8, 8)
-DEDUP_TILES = [(32, 128, 4), (16, 128, 4), (16, 256, 4), (64, 64, 4), (32, 64, 4)]  # block_i, block_j, warps
-# (the default is 32, 128, 4)
+# tile configurations --sweep times; the defaults at 576 tokens are (1024, 8, 8) and (64, 128, 8)
+DPP_TILES = [(128, 32, 4), (256, 32, 8), (512, 16, 8), (1024, 8, 8), (1024, 8, 4), (1024, 16, 8)]  # n, t, warps
+DEDUP_TILES = [(32, 128, 4), (16, 128, 4), (64, 64, 4), (64, 128, 8), (32, 256, 8), (128, 64, 8)]  # i, j, warps
 
 
 def previous_remove_duplicates(features: torch.Tensor, residual: torch.Tensor, target: int) -> torch.Tensor:

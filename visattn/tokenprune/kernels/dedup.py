@@ -92,8 +92,8 @@ def _dedup_kernel(SIM, POS, KEYS, OUT, R, target, n_steps, s_g, BLOCK_I: tl.cons
                  mask=p < size)
 
 
-def dedup_positions(sim: Tensor, target: int, per_step: int = 8, block_i: int = 32, block_j: int = 128,
-                    num_warps: int = 4) -> Tensor:
+def dedup_positions(sim: Tensor, target: int, per_step: int = 8, block_i: int = 64, block_j: int = 128,
+                    num_warps: int = 8) -> Tensor:
     """Positions (G, min(R, target)) int64 into the initial residual set that survive the removal (module
     docstring), in the final residual order, from the float32 similarity matrices ``sim`` (G, R, R) of the
     initial residual tokens (``sim[g, x, y]`` = similarity of residual tokens ``x`` and ``y``); ``target >= 1``,
