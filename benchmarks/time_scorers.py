@@ -40,8 +40,9 @@ from visattn.tokenprune.vispruner import REMOVE_PER_STEP, remove_duplicates  # n
 
 PATCHES, LM_WIDTH, CLIP_WIDTH, TEXT = 576, 4096, 1024, 20
 DEVICE = "cuda"
-# tile configurations --sweep times; the defaults at 576 tokens are (1024, 8, 8) and (64, 128, 8)
-DPP_TILES = [(128, 32, 4), (256, 32, 8), (512, 16, 8), (1024, 8, 8), (1024, 8, 4), (1024, 16, 8)]  # n, t, warps
+# tile configurations --sweep times; the defaults at 576 tokens are (1024, 8, 8, 1) and (64, 128, 8)
+DPP_TILES = [(128, 32, 4, 1), (256, 32, 8, 1), (512, 16, 8, 1), (1024, 8, 8, 1), (1024, 8, 4, 1), (1024, 16, 8, 1),
+             (1024, 8, 8, 3), (256, 32, 8, 3), (128, 32, 4, 3)]  # block_n, block_t, warps, pipeline stages
 DEDUP_TILES = [(32, 128, 4), (16, 128, 4), (64, 64, 4), (64, 128, 8), (32, 256, 8), (128, 64, 8)]  # i, j, warps
 
 
@@ -98,10 +99,11 @@ def dpp_rows(batch: int, keep: int, iters: int, sweep: bool) -> list[dict]:
            "equal": bool(torch.equal(got, want)), "rows_differing": int((got != want).any(-1).sum())}
     if sweep:
         row["tiles"] = []
-        for bn, bt, warps in DPP_TILES:
-            call = functools.partial(kernels.dpp_picks, kernel, keep, block_n=bn, block_t=bt, num_warps=warps)
+        for bn, bt, warps, stages in DPP_TILES:
+            call = functools.partial(kernels.dpp_picks, kernel, keep, block_n=bn, block_t=bt, num_warps=warps,
+                                     num_stages=stages)
             same = bool(torch.equal(call().sort(-1).values, want))
-            row["tiles"].append({"block_n": bn, "block_t": bt, "num_warps": warps, "equal": same,
+            row["tiles"].append({"block_n": bn, "block_t": bt, "num_warps": warps, "num_stages": stages, "equal": same,
                                  "ms": round(median_ms(call, iters=iters, warmup=3), 4)})
     pruner = CDPruner(keep=keep)
     select = {"op": "cdpruner_select", "batch": batch, "keep": keep,

@@ -18,6 +18,7 @@ pytest.importorskip("triton")
     ((torch.zeros(2, 3, 3), True), {}, ValueError, "k="),
     ((torch.zeros(2, 3, 3), 2), {"block_n": 48}, ValueError, "block_n="),
     ((torch.zeros(2, 3, 3), 2), {"block_t": 0}, ValueError, "block_t="),
+    ((torch.zeros(2, 3, 3), 2), {"num_stages": 0}, ValueError, "num_stages="),
 ])
 def test_dpp_picks_rejects_bad_arguments(args, kwargs, error, word):
     from visattn.tokenprune.kernels.dpp import dpp_picks

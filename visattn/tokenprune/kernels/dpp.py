@@ -45,7 +45,8 @@ def _lane_max(best, best_at, value, cols):
 
 
 @triton.jit
-def _dpp_kernel(L, D2, C, PICKED, n, k, s_g, s_r, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+def _dpp_kernel(L, D2, C, PICKED, n, k, s_g, s_r, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+                STAGES: tl.constexpr):
     g = tl.program_id(0)
     base = L + g.to(tl.int64) * s_g
     d2_base = D2 + g.to(tl.int64) * n
@@ -72,7 +73,7 @@ def _dpp_kernel(L, D2, C, PICKED, n, k, s_g, s_r, BLOCK_N: tl.constexpr, BLOCK_T
             cols = n0 + offs
             ok = cols < n
             acc = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
-            for t0 in range(0, i, BLOCK_T):  # sum_t c[t, j] c[t, cols] over the earlier picks
+            for t0 in tl.range(0, i, BLOCK_T, num_stages=STAGES):  # sum_t c[t, j] c[t, cols], earlier picks
                 t = t0 + ts
                 t_ok = t < i
                 c_j = tl.load(c_base + t * n + j, mask=t_ok, other=0.0)
@@ -90,11 +91,11 @@ def _dpp_kernel(L, D2, C, PICKED, n, k, s_g, s_r, BLOCK_N: tl.constexpr, BLOCK_T
 
 
 def dpp_picks(kernel: Tensor, k: int, block_n: int | None = None, block_t: int | None = None,
-              num_warps: int | None = None) -> Tensor:
+              num_warps: int | None = None, num_stages: int = 1) -> Tensor:
     """Greedy DPP MAP picks (G, k) int64, in pick order, of the float32 kernels ``kernel`` (G, N, N) (symmetric
     PSD); ``k <= N``. ``block_n`` / ``block_t``: the column chunk and the earlier-pick tile of one dot step
     (powers of two; default: up to 1024 columns, an 8192-entry tile), ``num_warps`` (default 8 from 512 columns,
-    else 4)."""
+    else 4); ``num_stages`` > 1 software-pipelines the loads of the earlier picks' rows (1: a plain loop)."""
     if not isinstance(kernel, Tensor) or kernel.dim() != 3 or kernel.shape[1] != kernel.shape[2]:
         raise ValueError(f"kernel: expected a (G, N, N) tensor, got {getattr(kernel, 'shape', type(kernel))}")
     if kernel.dtype != torch.float32:
@@ -108,6 +109,8 @@ def dpp_picks(kernel: Tensor, k: int, block_n: int | None = None, block_t: int |
     for name, value in (("block_n", block_n), ("block_t", block_t)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value & (value - 1):
             raise ValueError(f"{name}={value!r}: expected a power of two")
+    if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
+        raise ValueError(f"num_stages={num_stages!r}: expected an int >= 1")
     g, n, _ = kernel.shape
     picked = torch.empty(g, k, dtype=torch.long, device=kernel.device)
     if g == 0 or k == 0:
@@ -117,5 +120,6 @@ def dpp_picks(kernel: Tensor, k: int, block_n: int | None = None, block_t: int |
     c = torch.empty(g, k, n, dtype=torch.float32, device=kernel.device)
     block_n = min(block_n, triton.next_power_of_2(n))
     _dpp_kernel[(g,)](kernel, d2, c, picked, n, k, kernel.stride(0), kernel.stride(1), BLOCK_N=block_n,
-                      BLOCK_T=block_t, num_warps=num_warps or (8 if block_n >= 512 else 4), enable_fp_fusion=False)
+                      BLOCK_T=block_t, STAGES=num_stages, num_warps=num_warps or (8 if block_n >= 512 else 4),
+                      enable_fp_fusion=False)
     return picked
