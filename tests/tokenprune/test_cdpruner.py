@@ -15,26 +15,10 @@ pytest.importorskip("transformers")
 
 from test_custom_method import _check_before_llm  # noqa: E402
 from test_llava_methods import N_IMG, _inputs, _span, rows_equal_single_runs  # noqa: E402
+from tp_oracles import greedy_map_loop  # noqa: E402
 
 from visattn import tokenprune as tp  # noqa: E402
 from visattn.tokenprune.selection import dpp_greedy_map  # noqa: E402
-
-
-def greedy_map_loop(kernel: list[list[float]], k: int) -> list[int]:
-    """Fast greedy DPP MAP in plain float64 Python: d2[j] = L[j][j]; pick argmax d2 (first on ties);
-    e_j = (L[pick][j] - sum_t c[t][pick] c[t][j]) / sqrt(d2[pick]); d2[j] -= e_j²; O(k·N²) with the dot."""
-    n = len(kernel)
-    d2 = [kernel[j][j] for j in range(n)]
-    rows: list[list[float]] = []
-    picked: list[int] = []
-    for _ in range(k):
-        best = max((j for j in range(n) if j not in picked), key=lambda j: (d2[j], -j))
-        picked.append(best)
-        root = math.sqrt(d2[best])
-        e = [(kernel[best][j] - sum(r[best] * r[j] for r in rows)) / root for j in range(n)]
-        rows.append(e)
-        d2 = [d2[j] - e[j] ** 2 for j in range(n)]
-    return sorted(picked)
 
 
 def greedy_map_by_determinants(kernel: torch.Tensor, k: int) -> list[int]:

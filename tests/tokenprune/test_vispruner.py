@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("transformers")
 
 from test_llava_methods import _generate, rows_equal_single_runs  # noqa: E402
-from tp_oracles import llm_reference_logits, projected_patches, vision_outputs  # noqa: E402
+from tp_oracles import llm_reference_logits, projected_patches, vision_outputs, vispruner_removal_loop  # noqa: E402
 from tp_tiny import as_eager, batch, pixels, prompt, tiny_llava  # noqa: E402
 
 from visattn import tokenprune as tp  # noqa: E402
@@ -25,15 +25,8 @@ def vispruner_loop(attn_row: torch.Tensor, feats: torch.Tensor, keep: int, ratio
     scores = attn_row.double().tolist()
     order = sorted(range(len(scores)), key=lambda j: (-scores[j], j))
     important, residual = order[:t_imp], order[t_imp:]
-    f = torch.nn.functional.normalize(feats.double(), dim=-1)
-    while t_div > 0:
-        r = min(8, len(residual) - t_div, (len(residual) + 1) // 2)
-        if r <= 0:
-            break
-        a, b = residual[0::2], residual[1::2]
-        best = [max(float(f[x] @ f[y]) for y in b) for x in a]
-        ranked = sorted(range(len(a)), key=lambda i: (-best[i], i))
-        residual = [a[i] for i in ranked[r:]] + b
+    if t_div > 0:
+        residual = vispruner_removal_loop(feats, residual, t_div)
     return sorted(important + (residual if t_div > 0 else []))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -154,3 +156,36 @@ def zipvl_rule(acc: list[float], norm: list[float], tau: float) -> list[int]:
         if running >= tau * total:
             break
     return sorted(sorted(range(len(acc)), key=lambda j: (-norm[j], j))[:p])
+
+
+def greedy_map_loop(kernel: list[list[float]], k: int) -> list[int]:
+    """Fast greedy DPP MAP in plain float64 Python: d2[j] = L[j][j]; pick argmax d2 (first on ties);
+    e_j = (L[pick][j] - sum_t c[t][pick] c[t][j]) / sqrt(d2[pick]); d2[j] -= e_j²; O(k·N²) with the dot."""
+    n = len(kernel)
+    d2 = [kernel[j][j] for j in range(n)]
+    rows: list[list[float]] = []
+    picked: list[int] = []
+    for _ in range(k):
+        best = max((j for j in range(n) if j not in picked), key=lambda j: (d2[j], -j))
+        picked.append(best)
+        root = math.sqrt(d2[best])
+        e = [(kernel[best][j] - sum(r[best] * r[j] for r in rows)) / root for j in range(n)]
+        rows.append(e)
+        d2 = [d2[j] - e[j] ** 2 for j in range(n)]
+    return sorted(picked)
+
+
+def vispruner_removal_loop(feats: torch.Tensor, residual: list[int], target: int) -> list[int]:
+    """VisPruner's iterative removal in float64 plain loops: while the residual list is longer than ``target``,
+    drop ``r = min(8, len - target, ceil(len / 2))`` of its even-position tokens, those with the largest cosine
+    similarity to an odd-position token (stable: ties to the earlier); survivors by descending score, then the
+    odd-position tokens. ``feats`` (P, C) features, ``residual`` indices into them; returns the final list."""
+    f = torch.nn.functional.normalize(feats.double(), dim=-1)
+    while True:
+        r = min(8, len(residual) - target, (len(residual) + 1) // 2)
+        if r <= 0:
+            return residual
+        a, b = residual[0::2], residual[1::2]
+        best = [max(float(f[x] @ f[y]) for y in b) for x in a]
+        ranked = sorted(range(len(a)), key=lambda i: (-best[i], i))
+        residual = [a[i] for i in ranked[r:]] + b

@@ -23,6 +23,7 @@ import numbers
 
 import torch
 
+from visattn.tokenprune import kernels
 from visattn.tokenprune.budget import Budget, check_budget
 from visattn.tokenprune.capabilities import Capabilities
 from visattn.tokenprune.methods import FasterVLM, _check_index
@@ -34,22 +35,30 @@ REMOVE_PER_STEP = 8
 
 def remove_duplicates(features: torch.Tensor, residual: torch.Tensor, target: int) -> torch.Tensor:
     """VisPruner's diverse tokens: shrink ``residual`` (N, R) indices into ``features`` (N, P, C) to ``target``
-    by iterative matching and removal (module docstring); returns (N, target) indices (not sorted)."""
+    by iterative matching and removal (module docstring); returns (N, target) indices (not sorted).
+
+    The cosine similarities of the residual tokens are one batched matmul up front; every step reads them. On
+    CUDA the whole removal loop is then one Triton launch (:mod:`visattn.tokenprune.kernels.dedup`, identical
+    indices) instead of ~6 launches per step."""
     if target <= 0:
         return residual[:, :0]
-    f = features.float()
+    f = features.gather(1, residual[..., None].expand(-1, -1, features.shape[-1])).float()
     f = f / f.norm(dim=-1, keepdim=True)
+    sim = f @ f.transpose(1, 2)  # (N, R, R): sim[n, x, y] = cos(residual x, residual y)
+    if kernels.runs("tokenprune.dedup", lambda: kernels.dedup_why_not(sim)):
+        return residual.gather(1, kernels.dedup_positions(sim, target, REMOVE_PER_STEP))
+    positions = torch.arange(residual.shape[1], device=residual.device).expand_as(residual)
     while True:
-        size = residual.shape[1]
+        size = positions.shape[1]
         r = min(REMOVE_PER_STEP, size - target, (size + 1) // 2)
         if r <= 0:
             break
-        tokens = f.gather(1, residual[..., None].expand(-1, -1, f.shape[-1]))
-        a, b = tokens[:, ::2], tokens[:, 1::2]
-        score = (a @ b.transpose(1, 2)).amax(-1)
+        a, b = positions[:, ::2], positions[:, 1::2]
+        rows = sim.gather(1, a[..., None].expand(-1, -1, sim.shape[-1]))
+        score = rows.gather(2, b[:, None, :].expand(-1, a.shape[1], -1)).amax(-1)
         distinct = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, r:]
-        residual = torch.cat([residual[:, ::2].gather(1, distinct), residual[:, 1::2]], 1)
-    return residual
+        positions = torch.cat([a.gather(1, distinct), b], 1)
+    return residual.gather(1, positions)
 
 
 @register_method("vispruner", "vis-pruner")

@@ -13,7 +13,8 @@ from interpreted import child_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODULES = ("test_rowscore_kernel_interpret", "test_select_kernel_interpret", "test_recycle_kernel_interpret",
-           "test_maxmin_kernel_interpret", "test_row_scores_backends")
+           "test_maxmin_kernel_interpret", "test_row_scores_backends", "test_dpp_kernel_interpret",
+           "test_dedup_kernel_interpret")
 
 _CHILD = """
 import importlib.util, json, os, sys

@@ -9,7 +9,8 @@ import torch
 from visattn import backends
 from visattn.tokenprune import kernels
 
-NAMES = ("tokenprune.rowscore", "tokenprune.select", "tokenprune.recycle", "tokenprune.maxmin")
+NAMES = ("tokenprune.rowscore", "tokenprune.select", "tokenprune.recycle", "tokenprune.maxmin", "tokenprune.dpp",
+         "tokenprune.dedup")
 
 
 def test_kernels_are_listed_with_a_reason_or_none():

@@ -4,7 +4,9 @@
   SparseVLM scoring);
 * ``select``: per-image top-k of an LLM-stage drop, with the keep mask and the kept indices;
 * ``recycle``: SparseVLM v1.5 token recycling (pick, DPC-KNN clustering, cluster means);
-* ``maxmin``: DivPrune's greedy max-min diversity selection.
+* ``maxmin``: DivPrune's greedy max-min diversity selection;
+* ``dpp``: CDPruner's greedy DPP MAP (incremental Cholesky), all ``k`` steps in one launch;
+* ``dedup``: VisPruner's iterative similarity-based removal, all steps in one launch.
 
 Each kernel has one ``*_why_not`` predicate (None when it can run the call, else a short reason) that feeds
 ``visattn.backends.choose`` (family ``"tokenprune"``: ``"auto"`` takes the kernel where it can run, else the eager
@@ -93,6 +95,25 @@ def maxmin_why_not(dist: torch.Tensor) -> str | None:
     return reason
 
 
+def _float32_matrices_why_not(matrices: torch.Tensor) -> str | None:
+    reason = _device_why_not(matrices)
+    if reason is None and matrices.dtype != torch.float32:
+        reason = f"dtype {matrices.dtype}: needs float32"
+    if reason is None and matrices.shape[-1] > MAX_TOKENS:
+        reason = f"{matrices.shape[-1]} tokens per image > {MAX_TOKENS}"
+    return reason
+
+
+def dpp_why_not(kernel: torch.Tensor) -> str | None:
+    """Whether :func:`dpp_picks` can run on the DPP kernels ``kernel`` (G, N, N)."""
+    return _float32_matrices_why_not(kernel)
+
+
+def dedup_why_not(sim: torch.Tensor) -> str | None:
+    """Whether :func:`dedup_positions` can run on the similarity matrices ``sim`` (G, R, R)."""
+    return _float32_matrices_why_not(sim)
+
+
 def runs(kernel: str, why_not: Callable[[], str | None]) -> bool:
     """Whether the fused ``kernel`` serves this call under the tokenprune backend (``visattn.backends``)."""
     return backends.choose(kernel, None, why_not, family=FAMILY) == "triton"
@@ -127,6 +148,20 @@ def maxmin_picks(*args, **kwargs) -> torch.Tensor:
     return launch(*args, **kwargs)
 
 
+def dpp_picks(*args, **kwargs) -> torch.Tensor:
+    """See :func:`visattn.tokenprune.kernels.dpp.dpp_picks`."""
+    from visattn.tokenprune.kernels.dpp import dpp_picks as launch
+
+    return launch(*args, **kwargs)
+
+
+def dedup_positions(*args, **kwargs) -> torch.Tensor:
+    """See :func:`visattn.tokenprune.kernels.dedup.dedup_positions`."""
+    from visattn.tokenprune.kernels.dedup import dedup_positions as launch
+
+    return launch(*args, **kwargs)
+
+
 def _probe(device: str) -> str | None:
     """Device-level capability for ``visattn info`` (shapes are checked per call by the predicates above)."""
     try:
@@ -138,9 +173,12 @@ def _probe(device: str) -> str | None:
 for _name, _text in (("rowscore", "LLM-stage row scores: RoPE + row softmax + head/row mean (FastV, PDrop, SparseVLM)"),
                      ("select", "per-image top-k of an LLM-stage drop, keep mask and kept indices"),
                      ("recycle", "SparseVLM v1.5 token recycling (pick, DPC-KNN, cluster means)"),
-                     ("maxmin", "DivPrune greedy max-min diversity selection")):
+                     ("maxmin", "DivPrune greedy max-min diversity selection"),
+                     ("dpp", "CDPruner greedy DPP MAP (incremental Cholesky), one launch"),
+                     ("dedup", "VisPruner iterative similarity-based removal, one launch")):
     backends.register_kernel(f"{FAMILY}.{_name}", FAMILY, _probe, _text)
 
-__all__ = ["FAMILY", "MAX_PICKED", "MAX_SCORE_ROWS", "MAX_TOKENS", "TRITON_ERROR", "interpreting", "maxmin_picks",
-           "maxmin_why_not", "recycle_tokens", "recycle_why_not", "row_scores", "rowscore_why_not", "runs",
-           "select_why_not", "topk_per_image"]
+__all__ = ["FAMILY", "MAX_PICKED", "MAX_SCORE_ROWS", "MAX_TOKENS", "TRITON_ERROR", "dedup_positions",
+           "dedup_why_not", "dpp_picks", "dpp_why_not", "interpreting", "maxmin_picks", "maxmin_why_not",
+           "recycle_tokens", "recycle_why_not", "row_scores", "rowscore_why_not", "runs", "select_why_not",
+           "topk_per_image"]
