@@ -300,3 +300,20 @@ def test_dymu_row_finds_thresholds_that_merge_towards_the_budget():
     finally:
         tp.remove(model)
     assert all(1 <= k < per_image for k in kept), kept
+
+
+def test_refused_configuration_is_skipped_and_the_run_goes_on(tmp_path):
+    """A budget a method refuses at ``tp.apply`` (Pooling: 3 is no pooled size of the tiny 4 x 4 grid) is a
+    ``skipped`` entry with the method's reason; the rows after it still run (keep 4, a 2 x 2 pool). DyMU's rows
+    (no budget: thresholds found for about each keep) say which mode ran (the language model on the merged
+    tokens, no virtual unmerging)."""
+    out = tmp_path / "prune-refused.json"
+    assert prune.main(["--tiny", "--methods", "pooling,dymu", "--keeps", "3,4", "--batches", "1", "--next-batches", "",
+                       "--decode-tokens", "2", "--decode-calls", "1", "--out", str(out), "--doc", ""]) == 0
+    result = json.loads(out.read_text())
+    rows = [(r["method"], r["keep_per_image"]) for r in result["configs"]]
+    assert rows == [("none", None), ("pooling", 4), ("dymu", 3), ("dymu", 4)]
+    assert all(r["unmerge"] == "none" and len(r["thresholds"]) == 4 for r in result["configs"][2:])
+    (skip,) = result["skipped"]
+    assert (skip["method"], skip["keep"]) == ("pooling", 3)
+    assert skip["reason"].startswith("refused: keep=3") and "not a pooled size" in skip["reason"]

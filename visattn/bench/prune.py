@@ -265,6 +265,32 @@ def dymu_for(model, pixel_values: torch.Tensor, keep: int, per_image: int):
     return tp.DyMU(thresholds=thresholds)
 
 
+def row_pruner(model, pixel_values: torch.Tensor, method: str | None, keep: int, per_image: int):
+    """The pruner of one row (None for the unpruned row): DyMU with thresholds found (DToMe) on the row's images
+    for about ``keep`` tokens (:func:`dymu_for`; it has no budget), any other method by :func:`pruner_for`."""
+    if method is None:
+        return None
+    if method == "dymu":
+        return dymu_for(model, pixel_values, keep, per_image)
+    return pruner_for(method, keep, per_image, model.config.text_config.num_hidden_layers)
+
+
+def attachable(model, make, *args) -> tuple[object, str | None]:
+    """``(pruner, None)`` with ``pruner = make(*args)`` when ``tp.apply(model, pruner)`` accepts it (it is detached
+    again; ``make`` may return None: no pruner), else ``(None, why)``: the ValueError's message of ``make`` or of
+    ``tp.apply`` refusing the configuration (e.g. a Pooling budget that is no pooled size of the grid)."""
+    from visattn import tokenprune as tp
+
+    try:
+        pruner = make(*args)
+        if pruner is not None:
+            tp.apply(model, pruner)
+            tp.remove(model)
+    except ValueError as err:
+        return None, str(err)
+    return pruner, None
+
+
 class _Clock:
     """Wall time of a callable, CUDA-synchronised."""
 
@@ -680,11 +706,12 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if base_method == "dymu" and qwen:
                     raise NotImplementedError("DyMU on Qwen2.5-VL is not supported (no CLIP-style vision tower)")
-                if base_method == "dymu":  # no budget: thresholds found (DToMe) on this row's images for ~keep
-                    pruner = dymu_for(model, inputs["pixel_values"], scaled_keep or 1, per_image)
-                else:
-                    pruner = None if method == "none" else pruner_for(base_method, scaled_keep or 1, per_image,
-                                                                      model.config.text_config.num_hidden_layers)
+                pruner, refused = attachable(model, row_pruner, model, inputs.get("pixel_values"),
+                                             None if method == "none" else base_method, scaled_keep or 1, per_image)
+                if refused is not None:  # a budget or configuration the method refuses: skip it, run the rest
+                    skipped.append({"shape": shape, "batch": batch, "method": method, "keep": keep,
+                                    "round": row_round, "reason": f"refused: {refused}"})
+                    continue
                 # "+eager": the pruning kernels' reference backend (eager ops) for this config only
                 backend = "reference" if variant == "eager" else backends.get_backend(FAMILY)
                 with backends.use_backend(backend, family=FAMILY):
@@ -701,6 +728,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             row.update(shape=shape, images=images, batch=batch, method=method, keep_per_image=scaled_keep,
                        round=row_round)
+            if base_method == "dymu":  # which DyMU ran: the language model on the merged tokens, or VTU
+                row.update(unmerge=pruner.unmerge, thresholds=pruner.thresholds)
             if qwen:  # images = grid frames (each one "image" to the pruner); keep_per_image = per frame,
                 # keep_requested = the --keeps value it was scaled from (per LLaVA image)
                 grid_thw = [int(v) for v in inputs["video_grid_thw"][0]]
