@@ -5,8 +5,8 @@ Decoder-layer pre-hooks score the visual tokens at each stage's ``score_layer`` 
 token, or of the text raters when ``capabilities.text_raters``) and drop them before the stage's ``layer``,
 substituting the layer's hidden states, mask, rotary embeddings and position ids for the layers after the drop; with
 ``capabilities.hidden_select`` the method scores (``layer_scores``) and selects per image (``select_image``, or
-all images at once with ``select_images``) by itself; with ``capabilities.recycles`` the deleted tokens are recycled into extra tokens after each image's kept
-ones.
+all images at once with ``select_images``) by itself; with ``capabilities.recycles`` the deleted tokens are
+recycled into extra tokens after each image's kept ones.
 Decode steps get each layer's own mask and positions. Combined with a family class by the family modules.
 """
 
