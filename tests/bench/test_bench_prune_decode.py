@@ -317,3 +317,25 @@ def test_refused_configuration_is_skipped_and_the_run_goes_on(tmp_path):
     (skip,) = result["skipped"]
     assert (skip["method"], skip["keep"]) == ("pooling", 3)
     assert skip["reason"].startswith("refused: keep=3") and "not a pooled size" in skip["reason"]
+
+
+def test_profile_dymu_script_tiny(tmp_path):
+    """benchmarks/profile_dymu.py on the tiny model (CPU): every CPU variant runs, the merged rows' shapes are the
+    same in every call (the CPU merge adds in index order), the result is strict JSON."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "profile_dymu.py"
+    spec = importlib.util.spec_from_file_location("profile_dymu", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "profile-dymu.json"
+    assert script.main(["--tiny", "--calls", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    variants = result["variants"]
+    assert set(variants) == {"none", "dymu", "dymu-scatter", "dymu-other-thresholds", "dymu-virtual"}
+    assert all(not v["shapes_vary"] and v["lm_finite"] and len(v["calls"]) == 2 for v in variants.values())
+    merged = variants["dymu"]["calls"][0]
+    assert merged["lm_len"] < variants["none"]["calls"][0]["lm_len"]  # the merged images are shorter
+    assert merged["tower_widths"] == variants["dymu-scatter"]["calls"][0]["tower_widths"]  # same merge on the CPU
+    assert set(result["profiles"]) == {"dymu", "dymu-scatter"}
