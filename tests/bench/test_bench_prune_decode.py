@@ -314,6 +314,7 @@ def test_refused_configuration_is_skipped_and_the_run_goes_on(tmp_path):
     rows = [(r["method"], r["keep_per_image"]) for r in result["configs"]]
     assert rows == [("none", None), ("pooling", 4), ("dymu", 3), ("dymu", 4)]
     assert all(r["unmerge"] == "none" and len(r["thresholds"]) == 4 for r in result["configs"][2:])
+    assert all(r["kept_stable"] for r in result["configs"][1:])  # the same kept counts in every timed call
     (skip,) = result["skipped"]
     assert (skip["method"], skip["keep"]) == ("pooling", 3)
     assert skip["reason"].startswith("refused: keep=3") and "not a pooled size" in skip["reason"]

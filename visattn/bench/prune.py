@@ -557,8 +557,15 @@ def measure(model, inputs: dict, method, iters: int, decode_tokens: int, device:
                 clock(prefill)
             lm_times.clear()
             scorings: list[float] = []
-            read_scoring = None if method is None else lambda: scorings.append(tp.last_report(model).scoring_ms)
-            ttft = _repeat(clock, prefill, iters, read_scoring, min_seconds=min_seconds)
+            kept_calls: set[tuple] = set()  # each timed call's kept counts: a dynamic method must repeat its own
+
+            def read_scoring():
+                rep = tp.last_report(model)
+                scorings.append(rep.scoring_ms)
+                kept_calls.add(tuple(rep.visual_tokens_kept))
+
+            ttft = _repeat(clock, prefill, iters, None if method is None else read_scoring,
+                           min_seconds=min_seconds)
             report = tp.last_report(model) if method is not None else None
             scoring = statistics.median(scorings) if scorings else 0.0
         for h in handles:  # the LM-prefill timer stays out of generate()
@@ -586,6 +593,9 @@ def measure(model, inputs: dict, method, iters: int, decode_tokens: int, device:
         "scoring_pct": 100.0 * scoring / t, "decode_tokens": decode_tokens, **decode,
     }
     if report is not None:
+        # False: the kept counts changed between the timed calls of the same inputs (a nondeterministic
+        # selection; every shape after it, and each shape-keyed cache, then changes from call to call too)
+        row["kept_stable"] = len(kept_calls) <= 1
         row.update(llm_visual_tokens=report.visual_tokens_kept[0], layer_avg_visual=report.visual_tokens_layer_avg[0],
                    flops_saved=report.flops_saved[0], visual_tokens=report.visual_tokens[0])
         if "frame_kept" in report.extra:  # videos: per video of the first sample, the kept tokens of every frame
@@ -741,6 +751,9 @@ def main(argv: list[str] | None = None) -> int:
             row["ttft_speedup"] = baselines.get((shape, batch), float("nan")) / row["ttft_ms"]
             rows.append(row)
             print(f"{_stamp(started)} r{row['round']} " + _line(row), flush=True)
+            if not row.get("kept_stable", True):
+                print(f"FLAG: {method} keep={scaled_keep}: the kept counts changed between timed calls of the same "
+                      "inputs (shapes vary per call: shape-keyed caches miss)", flush=True)
         del model, inputs
         gc.collect()
         if device == "cuda":
