@@ -5,7 +5,10 @@ Models: a LLaVA-1.5-7B-architecture model (Llama-7B text config, CLIP ViT-L/14 a
 576 visual tokens per image) and a LLaVA-NeXT-shaped workload (the same model fed 5 crops per sample, 2880 visual
 tokens). fp16, ``attn_implementation="sdpa"``. Per configuration: time to first token (vision tower + scoring +
 LLM prefill), LLM prefill time alone, prefill tokens/s (prompt tokens before pruning / TTFT), decode tokens/s,
-peak memory, scoring time (CUDA events around the scorer) and its share of the pruned TTFT.
+peak memory, scoring time (CUDA events around the scorer) and its share of the pruned TTFT, and whether the kept
+counts were the same in every timed call (``kept_stable``). A configuration a method refuses (a ``ValueError``
+building it or at ``tp.apply``, e.g. a Pooling budget that is no pooled size of the grid) is listed in the result's
+``skipped`` with the reason, and the run goes on.
 ``--qwen-videos B,...`` adds a video workload (shape ``qwen2.5-vl-video``, :func:`build_qwen_model`): a
 Qwen2.5-VL-7B-architecture model with random weights fed ``--qwen-frames`` frames (default 32) at 448x448 per sample,
 i.e. ``video_grid_thw`` = (frames/2, 32, 32) and (frames/2)·256 video tokens after the 2x2 merge, with a short text
