@@ -297,6 +297,8 @@ def select_hidden_batched(pruner, stage_index: int, scores: torch.Tensor, normed
     readback here (the method may make one)."""
     bsz, length = valid.shape
     dev = valid.device
+    if not image_counts:
+        return (image < 0) & valid, [], torch.zeros(0, dtype=torch.long, device=dev)
     g_n, n_max = len(image_counts), max(image_counts)
     cols = torch.arange(length, device=dev)
     ids = torch.arange(g_n, device=dev)
