@@ -300,3 +300,43 @@ def test_dymu_row_finds_thresholds_that_merge_towards_the_budget():
     finally:
         tp.remove(model)
     assert all(1 <= k < per_image for k in kept), kept
+
+
+def test_refused_configuration_is_skipped_and_the_run_goes_on(tmp_path):
+    """A budget a method refuses at ``tp.apply`` (Pooling: 3 is no pooled size of the tiny 4 x 4 grid) is a
+    ``skipped`` entry with the method's reason; the rows after it still run (keep 4, a 2 x 2 pool). DyMU's rows
+    (no budget: thresholds found for about each keep) say which mode ran (the language model on the merged
+    tokens, no virtual unmerging)."""
+    out = tmp_path / "prune-refused.json"
+    assert prune.main(["--tiny", "--methods", "pooling,dymu", "--keeps", "3,4", "--batches", "1", "--next-batches", "",
+                       "--decode-tokens", "2", "--decode-calls", "1", "--out", str(out), "--doc", ""]) == 0
+    result = json.loads(out.read_text())
+    rows = [(r["method"], r["keep_per_image"]) for r in result["configs"]]
+    assert rows == [("none", None), ("pooling", 4), ("dymu", 3), ("dymu", 4)]
+    assert all(r["unmerge"] == "none" and len(r["thresholds"]) == 4 for r in result["configs"][2:])
+    assert all(r["kept_stable"] for r in result["configs"][1:])  # the same kept counts in every timed call
+    (skip,) = result["skipped"]
+    assert (skip["method"], skip["keep"]) == ("pooling", 3)
+    assert skip["reason"].startswith("refused: keep=3") and "not a pooled size" in skip["reason"]
+
+
+def test_profile_dymu_script_tiny(tmp_path):
+    """benchmarks/profile_dymu.py on the tiny model (CPU): every CPU variant runs, the merged rows' shapes are the
+    same in every call (the CPU merge adds in index order), the result is strict JSON."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "profile_dymu.py"
+    spec = importlib.util.spec_from_file_location("profile_dymu", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "profile-dymu.json"
+    assert script.main(["--tiny", "--calls", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    variants = result["variants"]
+    assert set(variants) == {"none", "dymu", "dymu-scatter", "dymu-other-thresholds", "dymu-virtual"}
+    assert all(not v["shapes_vary"] and v["lm_finite"] and len(v["calls"]) == 2 for v in variants.values())
+    merged = variants["dymu"]["calls"][0]
+    assert merged["lm_len"] < variants["none"]["calls"][0]["lm_len"]  # the merged images are shorter
+    assert merged["tower_widths"] == variants["dymu-scatter"]["calls"][0]["tower_widths"]  # same merge on the CPU
+    assert set(result["profiles"]) == {"dymu", "dymu-scatter"}

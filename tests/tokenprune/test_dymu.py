@@ -26,8 +26,9 @@ def _no_grad():
         yield
 
 
+@pytest.mark.parametrize("deterministic", [False, True])  # scatter_reduce / one-hot matmul (CUDA's default)
 @pytest.mark.parametrize("threshold", [-1.0, 0.0, 0.3, 0.8, 2.0])
-def test_threshold_matching_on_padded_rows_equals_loop_oracle(threshold):
+def test_threshold_matching_on_padded_rows_equals_loop_oracle(threshold, deterministic):
     g = torch.Generator().manual_seed(1)
     lengths = [17, 12, 9, 2]  # padded to 17; the real tokens come first in each row
     n, c = max(lengths), 5
@@ -36,7 +37,7 @@ def test_threshold_matching_on_padded_rows_equals_loop_oracle(threshold):
     size = torch.randint(1, 4, (len(lengths), n, 1), generator=g).double()
     valid = torch.arange(n)[None] < torch.tensor(lengths)[:, None]
     m = threshold_matching(metric, valid, threshold)
-    total, new_size = merge_dynamic(x * size, m), merge_dynamic(size, m)
+    total, new_size = merge_dynamic(x * size, m, deterministic=deterministic), merge_dynamic(size, m)
     origin = survivors_dynamic(torch.arange(n).expand(len(lengths), n), m)
     for b, ln in enumerate(lengths):
         ox, osz, osrc = merge_loop(list(x[b, :ln]), metric[b, :ln], [float(s) for s in size[b, :ln, 0]],

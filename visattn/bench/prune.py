@@ -5,7 +5,10 @@ Models: a LLaVA-1.5-7B-architecture model (Llama-7B text config, CLIP ViT-L/14 a
 576 visual tokens per image) and a LLaVA-NeXT-shaped workload (the same model fed 5 crops per sample, 2880 visual
 tokens). fp16, ``attn_implementation="sdpa"``. Per configuration: time to first token (vision tower + scoring +
 LLM prefill), LLM prefill time alone, prefill tokens/s (prompt tokens before pruning / TTFT), decode tokens/s,
-peak memory, scoring time (CUDA events around the scorer) and its share of the pruned TTFT.
+peak memory, scoring time (CUDA events around the scorer) and its share of the pruned TTFT, and whether the kept
+counts were the same in every timed call (``kept_stable``). A configuration a method refuses (a ``ValueError``
+building it or at ``tp.apply``, e.g. a Pooling budget that is no pooled size of the grid) is listed in the result's
+``skipped`` with the reason, and the run goes on.
 ``--qwen-videos B,...`` adds a video workload (shape ``qwen2.5-vl-video``, :func:`build_qwen_model`): a
 Qwen2.5-VL-7B-architecture model with random weights fed ``--qwen-frames`` frames (default 32) at 448x448 per sample,
 i.e. ``video_grid_thw`` = (frames/2, 32, 32) and (frames/2)·256 video tokens after the 2x2 merge, with a short text
@@ -263,6 +266,32 @@ def dymu_for(model, pixel_values: torch.Tensor, keep: int, per_image: int):
     with torch.no_grad():
         thresholds = find_thresholds(tower, [pixel_values], r=[r] * used + [0] * (layers - used))
     return tp.DyMU(thresholds=thresholds)
+
+
+def row_pruner(model, pixel_values: torch.Tensor, method: str | None, keep: int, per_image: int):
+    """The pruner of one row (None for the unpruned row): DyMU with thresholds found (DToMe) on the row's images
+    for about ``keep`` tokens (:func:`dymu_for`; it has no budget), any other method by :func:`pruner_for`."""
+    if method is None:
+        return None
+    if method == "dymu":
+        return dymu_for(model, pixel_values, keep, per_image)
+    return pruner_for(method, keep, per_image, model.config.text_config.num_hidden_layers)
+
+
+def attachable(model, make, *args) -> tuple[object, str | None]:
+    """``(pruner, None)`` with ``pruner = make(*args)`` when ``tp.apply(model, pruner)`` accepts it (it is detached
+    again; ``make`` may return None: no pruner), else ``(None, why)``: the ValueError's message of ``make`` or of
+    ``tp.apply`` refusing the configuration (e.g. a Pooling budget that is no pooled size of the grid)."""
+    from visattn import tokenprune as tp
+
+    try:
+        pruner = make(*args)
+        if pruner is not None:
+            tp.apply(model, pruner)
+            tp.remove(model)
+    except ValueError as err:
+        return None, str(err)
+    return pruner, None
 
 
 class _Clock:
@@ -531,8 +560,15 @@ def measure(model, inputs: dict, method, iters: int, decode_tokens: int, device:
                 clock(prefill)
             lm_times.clear()
             scorings: list[float] = []
-            read_scoring = None if method is None else lambda: scorings.append(tp.last_report(model).scoring_ms)
-            ttft = _repeat(clock, prefill, iters, read_scoring, min_seconds=min_seconds)
+            kept_calls: set[tuple] = set()  # each timed call's kept counts: a dynamic method must repeat its own
+
+            def read_scoring():
+                rep = tp.last_report(model)
+                scorings.append(rep.scoring_ms)
+                kept_calls.add(tuple(rep.visual_tokens_kept))
+
+            ttft = _repeat(clock, prefill, iters, None if method is None else read_scoring,
+                           min_seconds=min_seconds)
             report = tp.last_report(model) if method is not None else None
             scoring = statistics.median(scorings) if scorings else 0.0
         for h in handles:  # the LM-prefill timer stays out of generate()
@@ -560,6 +596,9 @@ def measure(model, inputs: dict, method, iters: int, decode_tokens: int, device:
         "scoring_pct": 100.0 * scoring / t, "decode_tokens": decode_tokens, **decode,
     }
     if report is not None:
+        # False: the kept counts changed between the timed calls of the same inputs (a nondeterministic
+        # selection; every shape after it, and each shape-keyed cache, then changes from call to call too)
+        row["kept_stable"] = len(kept_calls) <= 1
         row.update(llm_visual_tokens=report.visual_tokens_kept[0], layer_avg_visual=report.visual_tokens_layer_avg[0],
                    flops_saved=report.flops_saved[0], visual_tokens=report.visual_tokens[0])
         if "frame_kept" in report.extra:  # videos: per video of the first sample, the kept tokens of every frame
@@ -680,11 +719,12 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if base_method == "dymu" and qwen:
                     raise NotImplementedError("DyMU on Qwen2.5-VL is not supported (no CLIP-style vision tower)")
-                if base_method == "dymu":  # no budget: thresholds found (DToMe) on this row's images for ~keep
-                    pruner = dymu_for(model, inputs["pixel_values"], scaled_keep or 1, per_image)
-                else:
-                    pruner = None if method == "none" else pruner_for(base_method, scaled_keep or 1, per_image,
-                                                                      model.config.text_config.num_hidden_layers)
+                pruner, refused = attachable(model, row_pruner, model, inputs.get("pixel_values"),
+                                             None if method == "none" else base_method, scaled_keep or 1, per_image)
+                if refused is not None:  # a budget or configuration the method refuses: skip it, run the rest
+                    skipped.append({"shape": shape, "batch": batch, "method": method, "keep": keep,
+                                    "round": row_round, "reason": f"refused: {refused}"})
+                    continue
                 # "+eager": the pruning kernels' reference backend (eager ops) for this config only
                 backend = "reference" if variant == "eager" else backends.get_backend(FAMILY)
                 with backends.use_backend(backend, family=FAMILY):
@@ -701,6 +741,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             row.update(shape=shape, images=images, batch=batch, method=method, keep_per_image=scaled_keep,
                        round=row_round)
+            if base_method == "dymu":  # which DyMU ran: the language model on the merged tokens, or VTU
+                row.update(unmerge=pruner.unmerge, thresholds=pruner.thresholds)
             if qwen:  # images = grid frames (each one "image" to the pruner); keep_per_image = per frame,
                 # keep_requested = the --keeps value it was scaled from (per LLaVA image)
                 grid_thw = [int(v) for v in inputs["video_grid_thw"][0]]
@@ -712,6 +754,9 @@ def main(argv: list[str] | None = None) -> int:
             row["ttft_speedup"] = baselines.get((shape, batch), float("nan")) / row["ttft_ms"]
             rows.append(row)
             print(f"{_stamp(started)} r{row['round']} " + _line(row), flush=True)
+            if not row.get("kept_stable", True):
+                print(f"FLAG: {method} keep={scaled_keep}: the kept counts changed between timed calls of the same "
+                      "inputs (shapes vary per call: shape-keyed caches miss)", flush=True)
         del model, inputs
         gc.collect()
         if device == "cuda":

@@ -59,7 +59,8 @@ class Capabilities:
             valid)`` (``valid``: the (B, L) padding mask; any per-token (B, L, ...) tensor), at the drop layer it
             calls ``select_image`` once per image with that image's and its sample's instruction tokens' scores
             and hidden states (the drop layer's input through the language model's final norm) and keeps what it
-            returns, any number of tokens (DART, ZipVL).
+            returns, any number of tokens (DART, ZipVL); a method that also has ``select_images`` gets all images
+            of the batch in one call instead (DART; :func:`visattn.tokenprune.hf_llm.select_hidden_batched`).
         kv_quantize: LLM stage with ``hidden_select``: the selection is not dropped; every token stays, and after the
             prefill the adapter stores the KV cache of the selected (and text) tokens at ``kv_bits[0]`` bits and
             of the unselected visual tokens at ``kv_bits[1]``, in groups of ``kv_group_size``

@@ -18,7 +18,13 @@ Per image, right before layer ``K = layer``:
   position ids), ``positions="reindex"`` renumbers.
 
 Where the official code would fail (fewer instruction tokens than ``pivot_text``, fewer candidates than a pivot's
-share) all that exist are used. Scores are float32 (the official code runs in the model's dtype).
+share) all that exist are used. Scores are float32 (the official code runs in the model's dtype); equal
+similarities go to the earlier token (a stable sort; the official ``topk`` leaves ties unspecified).
+
+The adapter calls :meth:`DART.select_images`, all images of the batch at once: pivots by one stable sort, one host
+readback of the pivots' positions (the visiting order is the Python ``set`` itself, built on the host), then the
+greedy takes as one masked sort per visited pivot, batched over the images. :meth:`DART.select_image` is the same
+rule for one image, written directly (the reference the batched form is checked against).
 """
 
 from __future__ import annotations
@@ -88,8 +94,79 @@ class DART(LLMPruner):
             kind, i = vec[p]
             pivot = h_img[i] if kind == "image" else h_txt[i]
             cand = torch.tensor(left, device=h_img.device)
-            least = (-(h_img[cand] @ pivot)).topk(take).indices.tolist()
+            least = torch.sort(h_img[cand] @ pivot, stable=True).indices[:take].tolist()  # ties: earlier token
             chosen = {left[x] for x in least}
             kept |= chosen
             left = [x for x in left if x not in chosen]
         return torch.tensor(sorted(kept), dtype=torch.long, device=image_scores.device)
+
+    def select_images(self, stage_index: int, image_scores: torch.Tensor, image_hidden: torch.Tensor,
+                      image_ok: torch.Tensor, image_counts: list[int], text_scores: torch.Tensor,
+                      text_hidden: torch.Tensor, text_ok: torch.Tensor, image_pos: torch.Tensor,
+                      text_pos: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """:meth:`select_image` for ``G`` images at once, with one host readback (the pivots' positions).
+
+        ``image_scores`` (G, N), ``image_hidden`` (G, N, C): each image's tokens in order, padded to the longest
+        (``image_ok`` (G, N) marks the real ones, the first ``image_counts[g]`` of row ``g``); ``text_scores``
+        (G, T), ``text_hidden`` (G, T, C), ``text_ok`` (G, T): the instruction tokens of each image's sample (any
+        columns, in sequence order; ``text_ok`` marks them); ``image_pos`` (G, N), ``text_pos`` (G, T): positions
+        in the unpadded sequence. Returns the kept indices (G, K) (each row ascending; past its count a row
+        repeats its last kept index) and the kept count of every image (host ints)."""
+        g_n, n_max = image_scores.shape
+        t_max = text_scores.shape[1]
+        dev = image_scores.device
+        pi, pt = min(self.pivot_image, n_max), min(self.pivot_text, t_max)
+        img_piv = torch.sort(image_scores.float().masked_fill(~image_ok, float("-inf")), dim=1, descending=True,
+                             stable=True).indices[:, :pi]
+        txt_piv = torch.sort(text_scores.float().masked_fill(~text_ok, float("-inf")), dim=1, descending=True,
+                             stable=True).indices[:, :pt]
+        host = torch.cat([img_piv, image_pos.gather(1, img_piv), txt_piv, text_pos.gather(1, txt_piv),
+                          text_ok.sum(1, keepdim=True)], 1).tolist()  # the one readback
+        steps, counts = [], []
+        for g, (row, n) in enumerate(zip(host, image_counts, strict=True)):
+            pivots, share = self._pivots(row, pi, pt, n), self.per_pivot(n)
+            left, own = n - min(pi, n), []
+            # the official visiting order: a set built from the list of the pivots' positions (a list, as the
+            # official code: a set built from a dict is sized differently and may iterate in another order)
+            for p in list(set(list(pivots))):
+                take = min(share, left)
+                if take == 0:
+                    break
+                kind, i = pivots[p]
+                own.append((g * n_max + i if kind == "image" else g_n * n_max + g * t_max + i, take))
+                left -= take
+            steps.append(own)
+            counts.append(n - left)
+        kept = torch.zeros(g_n, n_max, dtype=torch.bool, device=dev)
+        ar = torch.arange(n_max, device=dev)
+        kept.scatter_(1, img_piv, ar[:pi] < image_ok.sum(1, keepdim=True))  # each image's min(pi, n) pivots
+        n_steps = max(len(own) for own in steps)
+        if n_steps:
+            # per image and step: the pivot (a flat row of image_hidden, or past g_n * n_max of text_hidden) and
+            # how many tokens it takes (0 past the image's own steps)
+            pad = [own + [(0, 0)] * (n_steps - len(own)) for own in steps]
+            plan = torch.tensor([[[x[0] for x in own], [x[1] for x in own]] for own in pad],
+                                dtype=torch.long).to(dev, non_blocking=True)  # (G, 2, steps)
+            src, take = plan[:, 0], plan[:, 1]
+            is_text = src >= g_n * n_max
+            rows_i = image_hidden.reshape(g_n * n_max, -1)[src.clamp(max=g_n * n_max - 1)]
+            rows_t = text_hidden.reshape(g_n * t_max, -1)[(src - g_n * n_max).clamp(min=0)]
+            pivot_h = F.normalize(torch.where(is_text[..., None], rows_t, rows_i).float(), dim=-1)
+            sims = torch.bmm(F.normalize(image_hidden.float(), dim=-1), pivot_h.transpose(1, 2))  # (G, N, steps)
+            for s in range(n_steps):
+                free = sims[:, :, s].masked_fill(kept | ~image_ok, float("inf"))
+                least = torch.sort(free, dim=1, stable=True).indices  # least similar first, ties: earlier token
+                kept |= torch.zeros_like(kept).scatter_(1, least, ar[None] < take[:, s, None])
+        k = max(counts)
+        order = torch.sort((~kept).to(torch.int8), dim=1, stable=True).indices[:, :k]  # kept first, ascending
+        last = (kept.sum(1, keepdim=True) - 1).clamp(min=0)
+        return order.gather(1, torch.minimum(ar[None, :k], last)), counts
+
+    def _pivots(self, row: list[int], pi: int, pt: int, n: int) -> dict[int, tuple[str, int]]:
+        """One image's pivots from its readback row (image pivot indices and positions, text pivot indices and
+        positions, the text count): position in the unpadded sequence -> (``"image"`` / ``"text"``, index),
+        image pivots first then text pivots, each in descending norm (the insertion order of the official set)."""
+        n_txt = min(pt, row[-1])
+        out = {row[pi + a]: ("image", row[a]) for a in range(min(pi, n))}
+        out.update({row[2 * pi + pt + a]: ("text", row[2 * pi + a]) for a in range(n_txt)})
+        return out

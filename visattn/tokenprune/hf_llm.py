@@ -4,9 +4,9 @@ PyramidDrop, SparseVLM, DART, ZipVL, any ``capabilities.stage == "llm"`` method)
 Decoder-layer pre-hooks score the visual tokens at each stage's ``score_layer`` (exact attention rows of the last
 token, or of the text raters when ``capabilities.text_raters``) and drop them before the stage's ``layer``,
 substituting the layer's hidden states, mask, rotary embeddings and position ids for the layers after the drop; with
-``capabilities.hidden_select`` the method scores (``layer_scores``) and selects per image (``select_image``) by
-itself; with ``capabilities.recycles`` the deleted tokens are recycled into extra tokens after each image's kept
-ones.
+``capabilities.hidden_select`` the method scores (``layer_scores``) and selects per image (``select_image``, or
+all images at once with ``select_images``) by itself; with ``capabilities.recycles`` the deleted tokens are
+recycled into extra tokens after each image's kept ones.
 Decode steps get each layer's own mask and positions. Combined with a family class by the family modules.
 """
 
@@ -175,34 +175,15 @@ class LLMStage(HFVisionLanguageAdapter):
                                  lambda g, x: self.pruner.select(stage_index, flat[x], call.image_lengths[g]))
 
     def _select_hidden(self, call: PrefillState, lay: _Layout, stage_index: int, hidden: torch.Tensor) -> tuple:
-        """``capabilities.hidden_select``: (keep mask, kept indices per image, last kept flat index per image) from
-        ``pruner.select_image`` called per image with its tokens' and its sample's instruction tokens' (the text
-        after the sample's first image) scores and final-normed hidden states, and their positions in the unpadded
-        sequence (host lists). One readback of the layout; the method's own loop runs per image."""
+        """``capabilities.hidden_select``: (keep mask, kept indices per image, last kept flat index per image) of
+        the method's own selection on the drop layer's input through the language model's final norm: all images
+        at once where the method has ``select_images`` (:func:`select_hidden_batched`), else one
+        ``select_image`` call per image (:func:`select_hidden_per_image`)."""
         scores, normed = call.scores[stage_index], self.lm.norm(hidden)
-        valid, image = lay.valid, lay.image
-        length = valid.shape[1]
-        keep = (image < 0) & valid
-        image_h, valid_h = image.cpu(), valid.cpu()
-        cols = torch.arange(length)
-        sel, last, j = [], [], 0
-        for b, row in enumerate(call.spans):
-            if not row:
-                continue
-            start = int(valid_h[b].long().argmax())  # the row's first real column (left padding)
-            image_cols = [cols[image_h[b] == g] for g in range(j, j + len(row))]
-            text_cols = cols[(image_h[b] < 0) & valid_h[b] & (cols > image_cols[0][0])]
-            text_dev = text_cols.to(hidden.device)
-            for own in image_cols:
-                own_dev = own.to(hidden.device)
-                kept = self.pruner.select_image(stage_index, scores[b, own_dev], normed[b, own_dev],
-                                                scores[b, text_dev], normed[b, text_dev], (own - start).tolist(),
-                                                (text_cols - start).tolist())
-                keep[b, own_dev[kept]] = True
-                sel.append(kept)
-                last.append(b * length + int(own[kept[-1].item()]))
-            j += len(row)
-        return keep, sel, torch.tensor(last, device=hidden.device)
+        if hasattr(self.pruner, "select_images"):
+            return select_hidden_batched(self.pruner, stage_index, scores, normed, lay.image, lay.valid,
+                                         call.image_counts)
+        return select_hidden_per_image(self.pruner, stage_index, scores, normed, lay.image, lay.valid, call.spans)
 
     def _score_rows(self, call: PrefillState, lay: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
         """Query rows (B, R) for the scores and which are real: the raters if any, else the last valid token
@@ -275,3 +256,67 @@ class LLMStage(HFVisionLanguageAdapter):
         tokens = [[snaps[i][0][b] for i in call.per_layer] for b in range(bsz)]
         vis = [[snaps[i][1][b] for i in call.per_layer] for b in range(bsz)]
         return kept, tokens, vis, extra
+
+
+def select_hidden_per_image(pruner, stage_index: int, scores: torch.Tensor, normed: torch.Tensor,
+                            image: torch.Tensor, valid: torch.Tensor, spans) -> tuple:
+    """(keep mask (B, L), kept indices per image, last kept flat index per image) from ``pruner.select_image``
+    called per image with its tokens' and its sample's instruction tokens' (the text after the sample's first
+    image) ``scores`` (B, L, ...) and final-normed hidden states ``normed`` (B, L, C), and their positions in the
+    unpadded sequence (host lists); ``image`` / ``valid`` (B, L): the layout, ``spans`` the images of each row.
+    One readback of the layout, then the method's own loop per image."""
+    length = valid.shape[1]
+    keep = (image < 0) & valid
+    image_h, valid_h = image.cpu(), valid.cpu()
+    cols = torch.arange(length)
+    sel, last, j = [], [], 0
+    for b, row in enumerate(spans):
+        if not row:
+            continue
+        start = int(valid_h[b].long().argmax())  # the row's first real column (left padding)
+        image_cols = [cols[image_h[b] == g] for g in range(j, j + len(row))]
+        text_cols = cols[(image_h[b] < 0) & valid_h[b] & (cols > image_cols[0][0])]
+        text_dev = text_cols.to(normed.device)
+        for own in image_cols:
+            own_dev = own.to(normed.device)
+            kept = pruner.select_image(stage_index, scores[b, own_dev], normed[b, own_dev], scores[b, text_dev],
+                                       normed[b, text_dev], (own - start).tolist(), (text_cols - start).tolist())
+            keep[b, own_dev[kept]] = True
+            sel.append(kept)
+            last.append(b * length + int(own[kept[-1].item()]))
+        j += len(row)
+    return keep, sel, torch.tensor(last, device=normed.device)
+
+
+def select_hidden_batched(pruner, stage_index: int, scores: torch.Tensor, normed: torch.Tensor,
+                          image: torch.Tensor, valid: torch.Tensor, image_counts: list[int]) -> tuple:
+    """:func:`select_hidden_per_image` with the layout work on the device and one ``pruner.select_images`` call
+    for all ``G = len(image_counts)`` images (``image_counts``: each image's current token count, host ints;
+    ``image`` holds image ids 0..G-1 in batch order). The images' tokens are gathered into (G, N) rows, their
+    samples' instruction tokens (valid text after the sample's first image) stay (G, L) rows with a mask; no host
+    readback here (the method may make one)."""
+    bsz, length = valid.shape
+    dev = valid.device
+    if not image_counts:
+        return (image < 0) & valid, [], torch.zeros(0, dtype=torch.long, device=dev)
+    g_n, n_max = len(image_counts), max(image_counts)
+    cols = torch.arange(length, device=dev)
+    ids = torch.arange(g_n, device=dev)
+    is_img = (image >= 0) & valid
+    rows = ((image[None] == ids[:, None, None]) & valid[None]).any(2).long().argmax(1)  # (G,) row of each image
+    mine = (image.index_select(0, rows) == ids[:, None]) & valid.index_select(0, rows)  # (G, L)
+    own = torch.sort((~mine).to(torch.int8), dim=1, stable=True).indices[:, :n_max]  # its columns, in order
+    own_ok = torch.arange(n_max, device=dev)[None] < mine.sum(1, keepdim=True)
+    start = valid.long().argmax(1)  # each row's first real column (left padding)
+    first = torch.where(is_img, cols, length).min(1).values  # each row's first image column
+    text = (image < 0) & valid & (cols[None] > first[:, None])
+    flat = rows[:, None] * length + own
+    kept, counts = pruner.select_images(
+        stage_index, scores.flatten(0, 1)[flat], normed.flatten(0, 1)[flat], own_ok, list(image_counts),
+        scores.index_select(0, rows), normed.index_select(0, rows), text.index_select(0, rows),
+        own - start[rows, None], (cols[None] - start[:, None]).index_select(0, rows))
+    kept_cols = own.gather(1, kept)  # (G, K); past an image's count: its last kept column again
+    keep = (image < 0) & valid
+    keep.view(-1)[(rows[:, None] * length + kept_cols).flatten()] = True
+    sel = [kept[g, :c] for g, c in enumerate(counts)]
+    return keep, sel, rows * length + kept_cols[:, -1]

@@ -227,10 +227,24 @@ def _dynamic_plan(valid: torch.Tensor, partner: torch.Tensor, merged: torch.Tens
     return ThresholdMatching(merged, partner, order, counts, int(counts.max()))
 
 
-def merge_dynamic(x: torch.Tensor, m: ThresholdMatching, reduce: str = "sum") -> torch.Tensor:
+def merge_dynamic(x: torch.Tensor, m: ThresholdMatching, reduce: str = "sum",
+                  deterministic: bool | None = None) -> torch.Tensor:
     """Apply ``m`` to ``x`` (B, N, C): merged A tokens reduced into their partners, then each row's kept tokens
-    first, (B, width, C); positions past a row's count hold leftovers (mask them with the row counts)."""
+    first, (B, width, C); positions past a row's count hold leftovers (mask them with the row counts).
+
+    ``reduce="sum"`` with ``deterministic`` (default: on CUDA) adds the merged A tokens into their partners with
+    a batched one-hot matmul (fp32 or wider accumulation, one rounding) instead of ``scatter_reduce``, whose CUDA
+    atomics add in a different order on every call: DyMU's next layers compare similarities against a threshold, so a
+    last-bit difference can move a token across it and change a row's token count from call to call (then
+    every shape after it, and each shape-keyed cache, changes too). Elsewhere the scatter adds in index order."""
     a, b = x[:, ::2], x[:, 1::2]
+    if deterministic is None:
+        deterministic = x.is_cuda
+    if reduce == "sum" and deterministic:
+        onehot = (m.partner[..., None] == torch.arange(b.shape[1], device=x.device)) & m.merged[..., None]
+        acc = torch.promote_types(x.dtype, torch.float32)
+        added = torch.bmm(onehot.transpose(1, 2).to(acc), a.to(acc))
+        return _take(torch.cat([a, (b.to(acc) + added).to(x.dtype)], 1), m.order)[:, : m.width]
     moved = torch.where(m.merged[..., None], a, torch.zeros_like(a))
     b = b.scatter_reduce(1, m.partner[..., None].expand(-1, -1, x.shape[-1]), moved, reduce=reduce)
     return _take(torch.cat([a, b], 1), m.order)[:, : m.width]
