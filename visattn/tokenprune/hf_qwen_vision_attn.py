@@ -133,12 +133,12 @@ def group_chunks(cu_seqlens: torch.Tensor, seq_len: int, device: torch.device | 
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(f"cu_seqlens: expected a 1-D tensor of chunk boundaries, got shape {tuple(cu_seqlens.shape)}")
     bounds = [int(b) for b in cu_seqlens.tolist()]  # the one host readback
-    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    lengths = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
     if any(n < 0 for n in lengths) or bounds[-1] - bounds[0] != seq_len:
         raise ValueError(f"cu_seqlens: boundaries {bounds[:4]}...{bounds[-2:]} do not cut {seq_len} rows into "
                          "chunks (non-decreasing, spanning them all)")
     starts: dict[int, list[int]] = {}
-    for first, n in zip(bounds, lengths):
+    for first, n in zip(bounds, lengths, strict=False):
         if n:
             starts.setdefault(n, []).append(first - bounds[0])
     runs, row, identity = [], 0, True
