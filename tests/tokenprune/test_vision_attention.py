@@ -249,6 +249,10 @@ def test_unpatch_restores_stock(family, monkeypatch):
     assert all(s[0] == 1 for _, s in rec.calls)  # the stock loop again: one call per chunk
     for a, b in zip(out, ref, strict=True):
         assert torch.equal(a, b)
+    alone = tp.patch_vision_attention(tower)  # the tower alone (its own config's model_type)
+    assert (alone.model_type, alone.patched) == (first.model_type, DEPTH)
+    tp.unpatch_vision_attention(tower)
+    assert not any(is_vision_attention_patched(b.attn) for b in tower.blocks)
 
 
 def test_refusals_name_the_argument():
