@@ -122,6 +122,27 @@ def _llava_inputs() -> dict:
     return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels(2, 168))
 
 
+def _tiny_qwen() -> torch.nn.Module:
+    from tp_tiny import tiny_qwen2vl
+
+    return tiny_qwen2vl(v25=True)  # Qwen2.5-VL: a windowed and a full-attention vision block
+
+
+def _qwen_video_inputs() -> dict:
+    import inspect
+
+    from tp_tiny import QWEN_VEND, QWEN_VSTART
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    t, h, w = 2, 8, 12  # 2 frames of 24 tokens; 4x4-patch windows: 4 full and 2 half windows per frame
+    ids = torch.tensor([[11, 12, QWEN_VSTART] + [5] * (t * h * w // 4) + [QWEN_VEND, 13]])  # 5: the video token
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), video_grid_thw=torch.tensor([[t, h, w]]),
+              pixel_values_videos=torch.randn(t * h * w, 3 * 2 * 4 * 4))
+    if "mm_token_type_ids" in inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters:
+        kw["mm_token_type_ids"] = (ids == 5).int() * 2  # 2 marks video tokens
+    return kw
+
+
 def _clip_vision() -> torch.nn.Module:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -216,6 +237,8 @@ GIVEN: dict[str, Callable[[], object]] = {
     "llava": _tiny_llava,
     "model": _tiny_llava,  # docs/TOKENPRUNE.md's LLaVA
     "inputs": _llava_inputs,
+    "qwen": _tiny_qwen,  # docs/TOKENPRUNE.md's Qwen2.5-VL
+    "video_inputs": _qwen_video_inputs,
     "vision": _clip_vision,
     "pixel_values": _randn(2, 3, 224, 224),
     "visual": _open_clip_tower,

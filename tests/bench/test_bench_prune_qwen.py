@@ -114,3 +114,29 @@ def test_qwen_methods_flag_picks_the_video_rows_methods():
         {"none", "random", "temporal-merge"}, {"none", "cdpruner"})
     assert methods("--methods", "dart")[0] == {"none", "dart"}
     assert methods()[0] == {"none", *prune.QWEN_METHODS}
+
+
+def test_fast_vision_patches_the_qwen_model_for_every_row(tmp_path, monkeypatch):
+    """``--fast-vision``: every Qwen row, the unpruned baseline included, is measured on the patched vision attention
+    (checked at each measurement), the header and the rows record it, and pruning keeps what it keeps unpatched."""
+    from visattn.tokenprune.hf_qwen_vision_attn import is_vision_attention_patched
+
+    measured, real = [], prune.measure
+
+    def measure(model, inputs, pruner, *args, **kwargs):
+        measured.append(all(is_vision_attention_patched(b.attn) for b in model.model.visual.blocks))
+        return real(model, inputs, pruner, *args, **kwargs)
+
+    monkeypatch.setattr(prune, "measure", measure)
+    out = tmp_path / "prune-fast.json"
+    assert prune.main(["--tiny", "--qwen-videos", "1", "--methods", "divprune", "--fast-vision", "--qwen-frames", "4",
+                       "--batches", "",
+                       "--next-batches", "", "--decode-tokens", "2", "--decode-calls", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert measured == [True, True]
+    assert result["fast_vision"] is True and "2 vision attention modules" in result["fast_vision_patch"]
+    rows = {r["method"]: r for r in result["configs"]}
+    assert set(rows) == {"none", "divprune"} and all(r["fast_vision"] is True for r in rows.values())
+    keep = round(4 * 16 / 16)
+    assert rows["divprune"]["frame_kept"] == [[keep] * 2]  # 4 input frames = 2 grid frames
+    assert "`--fast-vision`" in prune.markdown(result)

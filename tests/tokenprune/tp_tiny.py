@@ -73,8 +73,9 @@ def pixels(n: int, size: int = 56, seed: int = 0) -> torch.Tensor:
 QWEN_IMAGE, QWEN_VSTART, QWEN_VEND = 4, 6, 7
 
 
-def tiny_qwen2vl(attn: str = "sdpa", seed: int = 0, layers: int = 4, v25: bool = False):
-    """Tiny random Qwen2-VL (or Qwen2.5-VL) with 4-px patches, 2x2 merge and M-RoPE sections (2, 3, 3)."""
+def tiny_qwen2vl(attn: str = "sdpa", seed: int = 0, layers: int = 4, v25: bool = False, depth: int = 2):
+    """Tiny random Qwen2-VL (or Qwen2.5-VL) with 4-px patches, 2x2 merge and M-RoPE sections (2, 3, 3); ``depth``
+    vision blocks (Qwen2.5-VL: block 1 full attention, the others windows of 2x2 merged tokens)."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -82,7 +83,7 @@ def tiny_qwen2vl(attn: str = "sdpa", seed: int = 0, layers: int = 4, v25: bool =
                 bos_token_id=1, eos_token_id=2, num_key_value_heads=2, vocab_size=96, max_position_embeddings=512,
                 pad_token_id=PAD,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
-    vision = dict(depth=2, num_heads=4, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    vision = dict(depth=depth, num_heads=4, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
     if v25:
         vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64, fullatt_block_indexes=[1],
                       window_size=16)

@@ -17,7 +17,10 @@ Random, Uniform, temporal-merge with DivPrune per frame, FastV) prune every fram
 576-token image) is scaled to the frame's token count (64 -> 28 of 256). Those rows always decode with
 ``generate()`` (the graph decode does not handle M-RoPE; the row's ``decode_mode`` says so) and report the kept
 tokens of every frame (``frame_kept``); TTFT is their main figure. The Qwen model is built only when asked for,
-after the LLaVA rows and their model are done and freed.
+after the LLaVA rows and their model are done and freed. ``--fast-vision`` runs that model's vision attention through
+:func:`visattn.tokenprune.patch_vision_attention` (one attention call per distinct window / frame length instead of
+one per chunk) for ALL its rows, the unpruned baseline included, so the speed-ups stay comparable; the result
+header and every video row record it (``fast_vision``).
 ``--tiny`` runs tiny configs on the CPU (smoke test). Any registered method runs by name (``--methods``); the ones
 without a budget run as their defaults say (ZipVL: ``tau``), DyMU with thresholds found by its own search on the
 row's images for about ``--keeps`` tokens (:func:`dymu_for`).
@@ -96,6 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qwen-frames", type=int, default=None,
                         help=f"input frames per video of the Qwen rows (even; default {QWEN_FRAMES}, tiny: "
                         f"{QWEN_TINY_FRAMES}), {QWEN_SIDE}x{QWEN_SIDE} each")
+    parser.add_argument("--fast-vision", action="store_true",
+                        help="batch the Qwen video model's vision attention by chunk length "
+                        "(tokenprune.patch_vision_attention) for all its rows, the unpruned one included")
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--decode-tokens", type=int, default=None,
                         help="new tokens per sample and decode call, exactly (default 16; tiny: 3); decode = the "
@@ -688,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, skipped, baselines = [], [], {}
     configs = grid(args)
     cache_implementation = None
+    fast_vision = None  # what patch_vision_attention did to the Qwen model (--fast-vision)
     # one model at a time: the LLaVA rows (rounds interleaved), then, only when asked for, the Qwen video rows
     for family in ([c for c in configs if c[0] != QWEN_SHAPE], [c for c in configs if c[0] == QWEN_SHAPE]):
         if not family:
@@ -702,6 +709,11 @@ def main(argv: list[str] | None = None) -> int:
             reference = 16 if args.tiny else 576  # --keeps counts tokens of a LLaVA (CLIP 336 px) image
             side = QWEN_TINY_SIDE if args.tiny else QWEN_SIDE
             per_image = (side // vis.patch_size // vis.spatial_merge_size) ** 2  # tokens per frame
+            if args.fast_vision:  # every Qwen row, the unpruned baseline included
+                from visattn.tokenprune import patch_vision_attention
+
+                fast_vision = str(patch_vision_attention(model))
+                print(f"{_stamp(started)} --fast-vision: {fast_vision}", flush=True)
         else:
             reference = per_image = (model.config.vision_config.image_size
                                      // model.config.vision_config.patch_size) ** 2
@@ -747,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
                 # keep_requested = the --keeps value it was scaled from (per LLaVA image)
                 grid_thw = [int(v) for v in inputs["video_grid_thw"][0]]
                 row.update(frames=images, images=grid_thw[0], video_grid_thw=grid_thw, keep_requested=keep,
-                           kv_cache="dynamic")
+                           kv_cache="dynamic", fast_vision=bool(args.fast_vision))
                 row.setdefault("visual_tokens", grid_thw[0] * per_image)
             if method == "none":
                 baselines[(shape, batch)] = row["ttft_ms"]
@@ -770,6 +782,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "transformers": transformers.__version__, "dtype": str(dtype),
         "attn_implementation": "sdpa", "tiny": args.tiny, "iters": iters,
+        "fast_vision": bool(args.fast_vision), "fast_vision_patch": fast_vision,
         "timer": timer_kind(device), "decode_tokens": decode_tokens, "decode_steps": decode_tokens - 1,
         "decode_calls": args.decode_calls, "decode_warmup_calls": 1, "decode_mode": decode_mode,
         "kv_cache": "static per layer" if decode_mode == "graph" else cache_implementation or "dynamic",

@@ -433,6 +433,8 @@ def prune_models(rows: list[dict]) -> str:
         counts = ", ".join(sorted({f"{r['frames']} frames = {r['visual_tokens']} video tokens" for r in video}))
         text += (f"; {video[0]['shape']}: Qwen2.5-VL-7B architecture, one video per sample ({counts}), keep/img per "
                  "frame, decode always via `generate()`")
+        if any(r.get("fast_vision") for r in video):
+            text += ", vision attention batched by chunk length (`--fast-vision`) in every video row"
     return text
 
 

@@ -25,6 +25,11 @@ from visattn.tokenprune.capabilities import Capabilities
 from visattn.tokenprune.cdpruner import CDPruner
 from visattn.tokenprune.dart import DART
 from visattn.tokenprune.dymu import DyMU, find_thresholds
+from visattn.tokenprune.hf_qwen_vision_attn import (
+    VisionAttentionReport,
+    patch_vision_attention,
+    unpatch_vision_attention,
+)
 from visattn.tokenprune.methods import (
     VTCCLS,
     DivPrune,
@@ -71,6 +76,7 @@ __all__ = [
     "Uniform",
     "VisionPruner",
     "VisPruner",
+    "VisionAttentionReport",
     "VisionZip",
     "ZipVL",
     "apply",
@@ -79,7 +85,9 @@ __all__ = [
     "decode_layers",
     "find_thresholds",
     "last_report",
+    "patch_vision_attention",
     "register",
     "register_method",
     "remove",
+    "unpatch_vision_attention",
 ]
