@@ -93,6 +93,12 @@ def tiny_qwen2vl(attn: str = "sdpa", seed: int = 0, layers: int = 4, v25: bool =
         cfg_cls, cls = tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration
     cfg = cfg_cls(text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE, video_token_id=5,
                   vision_start_token_id=QWEN_VSTART, vision_end_token_id=QWEN_VEND, bos_token_id=1, eos_token_id=2)
+    return _random_generator(cls, cfg, attn)
+
+
+def _random_generator(cls, cfg, attn: str):
+    """``cls`` built from ``cfg`` with weights drawn from N(0, 0.2), no end-of-sequence token (generate runs its
+    full length) and PAD as padding, in eval mode."""
     model = cls._from_config(cfg, attn_implementation=attn)
     for p in model.parameters():
         p.data.normal_(0, 0.2)
@@ -137,10 +143,4 @@ def tiny_onevision(attn: str = "sdpa", seed: int = 0, layers: int = 4):
                                 image_size=24, patch_size=4)
     cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=OV_IMAGE,
                                video_token_id=OV_VIDEO, image_grid_pinpoints=[[24, 48], [48, 24]])
-    cls = LlavaOnevisionForConditionalGeneration
-    model = cls._from_config(cfg, attn_implementation=attn)
-    for p in model.parameters():
-        p.data.normal_(0, 0.2)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = PAD
-    return model.eval()
+    return _random_generator(LlavaOnevisionForConditionalGeneration, cfg, attn)
