@@ -136,16 +136,17 @@ def gmacs(name: str) -> float | None:
         return None
 
 
-def make_step(model: torch.nn.Module, batch: int, mode: str, size: int = 224, compiled: bool = False):
+def make_step(model: torch.nn.Module, batch: int, mode: str, size: int = 224, compiled: bool = False,
+              compile_mode: str | None = None):
     """One inference (no_grad) or train step (forward, cross-entropy, backward, SGD step) of ``model`` on CUDA,
     bf16 autocast, channels-last inputs and weights, fixed random ``size``-square inputs; ``compiled`` runs the
-    model through ``torch.compile``."""
+    model through ``torch.compile`` (with ``mode=compile_mode``, e.g. ``"reduce-overhead"``)."""
     device = torch.device("cuda")
     model = model.to(device).to(memory_format=torch.channels_last)
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, 3, size, size, device=device, generator=gen).to(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (batch,), device=device, generator=gen)
-    fn = torch.compile(model) if compiled else model
+    fn = torch.compile(model, mode=compile_mode) if compiled else model
     if mode == "infer":
         model.eval()
 

@@ -23,11 +23,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from visattn.bench.common import environment, median_ms, save_result  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_backbones import make_step  # noqa: E402
 
 SWIN = "swin_tiny_patch4_window7_224"
 DEFAULT_ROWS = ",".join([
@@ -79,26 +81,12 @@ def run_row(spec: str, batch: int, iters: int) -> dict:
 
     name, form, mode = spec.split(":")
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=1000).cuda().to(memory_format=torch.channels_last)
+    model = timm.create_model(name, num_classes=1000)
     row = {"model": name, "form": form, "mode": mode, "batch": batch}
     if form == "floor":
         row["stripped_modules"] = strip_attention(model)
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    run = model
-    if mode == "compile":
-        run = torch.compile(model)
-    elif mode == "reduce-overhead":
-        run = torch.compile(model, mode="reduce-overhead")
-    x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
-    target = torch.randint(0, 1000, (batch,), device="cuda")
-
-    def step():
-        with torch.autocast("cuda", torch.bfloat16):
-            loss = F.cross_entropy(run(x), target)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = make_step(model, batch, "train", compiled=mode != "eager",
+                     compile_mode="reduce-overhead" if mode == "reduce-overhead" else None)
 
     start = time.perf_counter()
     for _ in range(3):  # compile (both graphs) and warm-up
