@@ -101,18 +101,9 @@ def engine_calls(q, k, v, table, grad, stage):
 
 def kernel_breakdown(fn):
     """GPU time per kernel name (ms) over one call of fn, via torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
     out = {}
-    for evt in prof.key_averages():
-        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-        if t > 0 and getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA:
-            out[evt.key[:60]] = round(t / 1000, 4)
+    for name, ms in common.kernel_gpu_ms(fn).items():
+        out[name[:60]] = round(ms, 4)
     top = dict(sorted(out.items(), key=lambda kv: -kv[1])[:8])
     # totals: all GPU kernels, and visattn's attention kernels (engine + routing + the rpb reduction's matmuls
     # are not separable, so only the Triton kernels of the engine count here)

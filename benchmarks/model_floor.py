@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from visattn.bench.common import environment, median_ms, save_result  # noqa: E402
+from visattn.bench.common import environment, kernel_gpu_ms, median_ms, save_result  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_backbones import make_step  # noqa: E402
@@ -56,21 +56,12 @@ def strip_attention(model: torch.nn.Module) -> int:
 
 def attention_share(step) -> dict:
     """GPU ms of one step: all kernels, visattn's attention kernels, and the share (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
     total = attention = 0.0
-    for evt in prof.key_averages():
-        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-        if t > 0 and getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA:
-            total += t
-            if any(evt.key.startswith(p) or p in evt.key for p in ATTENTION_KERNELS):
-                attention += t
-    return {"gpu_ms": round(total / 1e3, 3), "attention_gpu_ms": round(attention / 1e3, 3),
+    for name, ms in kernel_gpu_ms(step).items():
+        total += ms
+        if any(name.startswith(p) or p in name for p in ATTENTION_KERNELS):
+            attention += ms
+    return {"gpu_ms": round(total, 3), "attention_gpu_ms": round(attention, 3),
             "attention_share": round(attention / total, 4) if total else None}
 
 

@@ -571,8 +571,11 @@ na3d.__doc__ = _NA_DOC.format(rank=3, spatial="T, H, W", rpb_shape="2k0-1, 2k1-1
 def _window(query, key, value, window_size, shift, rpb, scale, backend, dry_run=False):
     fast = None
     if not dry_run and (scale is None or type(scale) in (float, int)):
+        # autograd on or off is part of the key: the kernels' why_not refuses one differentiated geometry
+        grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad
+                                            or (rpb is not None and rpb.requires_grad))
         fast = _validated_key("window", _geometry(query), _geometry(key), _geometry(value), _geometry(rpb),
-                              window_size, shift, scale, backend)
+                              window_size, shift, scale, backend, grad)
         hit = None if fast is None else _VALIDATED.get(fast)
         if hit is not None:
             _record("triton")

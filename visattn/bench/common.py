@@ -68,6 +68,23 @@ def median_ms(fn: Callable[[], object], iters: int = 50, warmup: int = 5) -> flo
     return statistics.median(times)
 
 
+def kernel_gpu_ms(fn: Callable[[], object]) -> dict[str, float]:
+    """GPU time in ms per CUDA kernel name over one call of ``fn`` (after one warm-up call), by torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    found: dict[str, float] = {}
+    for evt in prof.key_averages():
+        us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if us > 0 and getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            found[evt.key] = found.get(evt.key, 0.0) + us / 1e3
+    return found
+
+
 def op_ms_and_peak_mib(fn: Callable, inputs: list[torch.Tensor], backward: bool, iters: int = 30
                        ) -> tuple[float, float]:
     """(median ms, peak extra MiB) of ``fn(*inputs)``, plus the backward into every input when ``backward``."""
@@ -212,6 +229,7 @@ def save_result(name: str, payload: dict, out: str | Path | None = None) -> Path
     return write_json(out or default_result_path(name), {"bench": name, **environment(), **payload})
 
 
-__all__ = ["DTYPES", "default_result_path", "device_ceilings", "dtype_name", "environment", "floor_ms", "median_ms",
+__all__ = ["DTYPES", "default_result_path", "device_ceilings", "dtype_name", "environment", "floor_ms", "kernel_gpu_ms",
+           "median_ms",
            "op_ms_and_peak_mib", "parse_dtype", "run_peer_benchmark", "require_cuda", "save_result", "strict",
            "write_csv", "write_json"]

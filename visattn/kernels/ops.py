@@ -145,6 +145,11 @@ def cell_box(pat: Pattern, lengths: tuple, head_d: int, head_dv: int, elem_bytes
         return CellBox(None, "additional keys and values run on the tiled path")
     if has_rpb and rank != 2:
         return CellBox(None, "a bias gradient binned per cell needs a 2-D map (1-D and 3-D biases: tiled path)")
+    if has_rpb and max(head_d, head_dv) <= 16 and not INTERPRETED:
+        # Compiled by triton 3.6 for an H100, this kernel gave a wrong (once non-finite) dK with a bias at head_dim
+        # 16 (check-h100-2026-12-06-run4-failed.json); 32 passes, and so does the tiled path on the same problem.
+        # The interpreter runs the same kernel correctly, so the CPU tests keep exercising it at head_dim 16.
+        return CellBox(None, "a bias with head_dim <= 16 runs on the tiled path (the cell backward miscompiles)")
     extents = [pat.kernel[i] if pat.window else -(-lengths[i] // pat.dilation[i]) for i in range(3)]
     box = [_pow2(e) for e in extents]
     cell = math.prod(box)
