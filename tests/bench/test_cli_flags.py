@@ -57,14 +57,19 @@ def test_a_bad_dtype_lists_the_documented_spelling(capsys):
     assert "choose from 'auto', 'fp32', 'fp16', 'bf16'" in capsys.readouterr().err.replace('"', "'")
 
 
-def test_check_takes_both_dtype_spellings(capsys):
+@pytest.mark.parametrize("flag,good,bad,message", [
+    ("--dtypes", "fp16,bfloat16", ("fp64",), "choose from fp32,fp16,bf16"),  # both dtype spellings accepted
+    ("--ranks", "3", ("4", "1,x", ""), "a comma list drawn from 1,2,3"),
+])
+def test_check_flags_are_validated_before_the_gpu(capsys, flag, good, bad, message):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: check would run")
-    assert cli.main(["check", "--dtypes", "fp16,bfloat16"]) == 2  # accepted: stops at the missing GPU
+    assert cli.main(["check", flag, good]) == 2  # accepted: stops at the missing GPU
     out = capsys.readouterr()
-    assert "needs a CUDA GPU" in out.out and "--dtypes" not in out.err
-    assert cli.main(["check", "--dtypes", "fp64"]) == 2
-    assert "--dtypes='fp64': choose from fp32,fp16,bf16" in capsys.readouterr().err
+    assert "needs a CUDA GPU" in out.out and flag not in out.err
+    for value in bad:
+        assert cli.main(["check", flag, value]) == 2
+        assert f"{flag}={value!r}: {message}" in capsys.readouterr().err
 
 
 def test_bench_help_is_written_for_users(capsys):
