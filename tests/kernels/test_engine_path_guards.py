@@ -55,3 +55,18 @@ def test_window_3d_rpb_under_autograd_is_refused_on_cuda(monkeypatch, rank, rpb,
     assert (why is not None) == refused, why
     if refused:
         assert "3-D window attention with an rpb" in why
+
+
+def test_bfloat16_under_the_interpreter_is_refused(monkeypatch):
+    import torch
+
+    import visattn
+    import visattn.kernels as kernels
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q16, qb = torch.zeros(1, 8, 8, 2, 16, dtype=torch.float16), torch.zeros(1, 8, 8, 2, 16, dtype=torch.bfloat16)
+    args = ((3, 3), (1, 1), (1, 1), (False, False), None, None, None)
+    assert "bfloat16 under the Triton interpreter" in kernels.na_why_not(qb, qb, qb, *args)
+    assert "bfloat16" not in (kernels.na_why_not(q16, q16, q16, *args) or "")
+    with pytest.raises(ValueError, match="bfloat16 under the Triton interpreter"):
+        visattn.na2d(qb, qb, qb, 3, backend="triton")

@@ -62,6 +62,10 @@ def _max_offset(t: Tensor) -> int:
 def _common_why_not(tensors: list[Tensor | None], q: Tensor, k: Tensor, v: Tensor) -> str | None:
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         return "no CUDA tensor and TRITON_INTERPRET is not set"
+    if q.device.type != "cuda" and q.dtype == torch.bfloat16:
+        # measured: na2d 8x8 k3 under the interpreter is off by ~8e8 in bfloat16 (float16: 6e-4), triton 3.8
+        return ("bfloat16 under the Triton interpreter: its bfloat16 tl.dot is wrong (errors ~1e9 against float64); "
+                "use float16 or float32 on the CPU, or a CUDA device")
     if q.dtype not in _SUPPORTED_DTYPES:
         return f"dtype {q.dtype} is not supported by the triton kernels (float16, bfloat16, float32)"
     if q.shape[-1] > _MAX_HEAD_DIM or v.shape[-1] > _MAX_HEAD_DIM:
