@@ -89,3 +89,21 @@ def test_a_list_argument_is_checked_every_time(fake_kernels):
     q, k, v = _qkv()
     functional.na2d(q, k, v, [3, 3], backend="triton")  # unhashable: never remembered
     assert functional._VALIDATED == {}
+
+
+def test_grad_mode_and_requires_grad_are_part_of_the_key(fake_kernels, monkeypatch):
+    """A verdict remembered without autograd does not carry over to a differentiated call (a why_not may refuse
+    those: window_why_not does for 3-D windows with an rpb on CUDA)."""
+    def refuse_differentiated(op, q, *args):
+        return "differentiated" if torch.is_grad_enabled() and q.requires_grad else None
+
+    monkeypatch.setattr(functional, "_triton_why_not", refuse_differentiated)
+    q, k, v = _qkv((2, 6, 6, 2, 8))
+    with torch.no_grad():
+        functional.window_attention(q.requires_grad_(), k, v, 3, backend="triton")
+    assert len(functional._VALIDATED) == 1
+    functional.window_attention(q.detach(), k, v, 3, backend="triton")  # grad mode on, nothing requires grad
+    assert fake_kernels == ["window", "window"]
+    with pytest.raises(ValueError, match="differentiated"):
+        functional.window_attention(q, k, v, 3, backend="triton")
+    assert fake_kernels == ["window", "window"]

@@ -361,9 +361,9 @@ def _dense_schedule_allowed(backend: str | None) -> bool:
 
 # ================================================================================================ validated calls
 # A model makes the same few calls every step, and the checks and backend choice of a call are a pure function of
-# its tensors' geometry (shape, strides, dtype, device), its other arguments and the default backend. Calls that
-# chose the fused kernels are remembered under that key, so a repeated call skips straight to the kernel (eager
-# mode only; traced calls run the checks once while tracing anyway).
+# its tensors' geometry (shape, strides, dtype, device, requires_grad), its other arguments, the default backend
+# and the grad mode. Calls that chose the fused kernels are remembered under that key, so a repeated call skips
+# straight to the kernel (eager mode only; traced calls run the checks once while tracing anyway).
 _VALIDATED: dict = {}
 
 
@@ -372,14 +372,15 @@ def _geometry(t) -> tuple | list | None:
         return None
     if not isinstance(t, Tensor):
         return [t]  # unhashable: the call takes the full checks, which name the argument
-    return (t.shape, t.stride(), t.dtype, t.device, type(t))
+    return (t.shape, t.stride(), t.dtype, t.device, type(t), t.requires_grad)
 
 
 def _validated_key(*parts) -> tuple | None:
     """The cache key of a call, or None when a part is unhashable or a non-number scale (always checked in full)."""
     if torch.compiler.is_compiling():
         return None
-    key = (*parts, backends.get_backend(FAMILY))
+    # grad mode and requires_grad are part of it: a why_not may refuse a call that autograd will differentiate
+    key = (*parts, backends.get_backend(FAMILY), torch.is_grad_enabled())
     try:
         hash(key)
     except TypeError:
@@ -571,11 +572,8 @@ na3d.__doc__ = _NA_DOC.format(rank=3, spatial="T, H, W", rpb_shape="2k0-1, 2k1-1
 def _window(query, key, value, window_size, shift, rpb, scale, backend, dry_run=False):
     fast = None
     if not dry_run and (scale is None or type(scale) in (float, int)):
-        # autograd on or off is part of the key: the kernels' why_not refuses one differentiated geometry
-        grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad
-                                            or (rpb is not None and rpb.requires_grad))
         fast = _validated_key("window", _geometry(query), _geometry(key), _geometry(value), _geometry(rpb),
-                              window_size, shift, scale, backend, grad)
+                              window_size, shift, scale, backend)
         hit = None if fast is None else _VALIDATED.get(fast)
         if hit is not None:
             _record("triton")
