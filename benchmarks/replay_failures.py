@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from unittest.mock import patch
 
 from visattn.bench.check import run_problem
 from visattn.kernels import ops
@@ -25,24 +26,26 @@ def _errors(result: dict) -> str:
     return f"{found} {result.get('error', '')[:120]}"
 
 
-def _tiles_override(pass_name: str, change: Callable):
+def _tiles_changed(pass_name: str, change: Callable):
+    """``ops._tiles`` with ``change`` applied to one pass's choice."""
     original = ops._tiles
 
     def tiles(name, *args, **kwargs):
         chosen = original(name, *args, **kwargs)
         return change(chosen) if name == pass_name else chosen
 
-    return original, tiles
+    return tiles
 
 
-def _cell_override(**changes):
+def _cell_record_changed(**changes):
+    """``ops._CELL_BWD.record`` with constexprs (and ``warps``) replaced."""
     original = ops._CELL_BWD.record
 
     def record(grid, n_tensors, scalars, constexprs, warps, stages):
         constexprs = {**constexprs, **{k: v for k, v in changes.items() if k != "warps"}}
         return original(grid, n_tensors, scalars, constexprs, changes.get("warps", warps), stages)
 
-    return original, record
+    return record
 
 
 def variants(problem: dict) -> None:
@@ -58,23 +61,17 @@ def variants(problem: dict) -> None:
         inputs.append(("no shift", {"shift": [0] * problem["rank"]}))
     for tag, change in inputs:
         show(tag, {**problem, **change})
-    for pass_name in ("dq", "dkv", "fwd"):
-        for tag, change in [("stages 1", lambda t: t._replace(stages=1)), ("warps 2", lambda t: t._replace(warps=2)),
-                            ("warps 8", lambda t: t._replace(warps=8))]:
-            original, tiles = _tiles_override(pass_name, change)
-            ops._tiles = tiles
-            try:
-                show(f"{pass_name} {tag}", problem)
-            finally:
-                ops._tiles = original
-    for tag, changes in [("cell ieee products", dict(BIAS_PREC="ieee", BINS_PREC="ieee")),
-                         ("cell warps 8", dict(warps=8))]:
-        original, record = _cell_override(**changes)
-        ops._CELL_BWD.record = record
-        try:
+    launches = [(f"{pass_name} {tag}", patch.object(ops, "_tiles", _tiles_changed(pass_name, change)))
+                for pass_name in ("dq", "dkv", "fwd")
+                for tag, change in [("stages 1", lambda t: t._replace(stages=1)),
+                                    ("warps 2", lambda t: t._replace(warps=2)),
+                                    ("warps 8", lambda t: t._replace(warps=8))]]
+    launches += [(tag, patch.object(ops._CELL_BWD, "record", _cell_record_changed(**changes)))
+                 for tag, changes in [("cell ieee products", dict(BIAS_PREC="ieee", BINS_PREC="ieee")),
+                                      ("cell warps 8", dict(warps=8))]]
+    for tag, patched in launches:
+        with patched:
             show(tag, problem)
-        finally:
-            ops._CELL_BWD.record = original
 
 
 def main(argv: list[str] | None = None) -> int:

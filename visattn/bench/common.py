@@ -230,6 +230,5 @@ def save_result(name: str, payload: dict, out: str | Path | None = None) -> Path
 
 
 __all__ = ["DTYPES", "default_result_path", "device_ceilings", "dtype_name", "environment", "floor_ms", "kernel_gpu_ms",
-           "median_ms",
-           "op_ms_and_peak_mib", "parse_dtype", "run_peer_benchmark", "require_cuda", "save_result", "strict",
-           "write_csv", "write_json"]
+           "median_ms", "op_ms_and_peak_mib", "parse_dtype", "run_peer_benchmark", "require_cuda", "save_result",
+           "strict", "write_csv", "write_json"]
