@@ -11,6 +11,7 @@ import types
 
 import pytest
 import torch
+from bench_scripts import load_benchmark, read_strict_json
 
 from visattn.bench import prune
 
@@ -241,7 +242,7 @@ def test_bench_prune_tiny_end_to_end(tmp_path, monkeypatch):
     tokens, calls = 4, 2
     assert prune.main(["--tiny", "--methods", "visionzip", "--batches", "2", "--next-batches", "1",
                        "--decode-tokens", str(tokens), "--decode-calls", str(calls), "--out", str(out)]) == 0
-    result = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    result = read_strict_json(out)
     for key in ("device", "torch", "triton", "transformers", "date", "timer", "decode_flags"):
         assert key in result
     assert result["timer"] == "perf_counter" and result["device"] == "cpu"
@@ -323,16 +324,9 @@ def test_refused_configuration_is_skipped_and_the_run_goes_on(tmp_path):
 def test_profile_dymu_script_tiny(tmp_path):
     """benchmarks/profile_dymu.py on the tiny model (CPU): every CPU variant runs, the merged rows' shapes are the
     same in every call (the CPU merge adds in index order), the result is strict JSON."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "profile_dymu.py"
-    spec = importlib.util.spec_from_file_location("profile_dymu", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     out = tmp_path / "profile-dymu.json"
-    assert script.main(["--tiny", "--calls", "2", "--out", str(out)]) == 0
-    result = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert load_benchmark("profile_dymu").main(["--tiny", "--calls", "2", "--out", str(out)]) == 0
+    result = read_strict_json(out)
     variants = result["variants"]
     assert set(variants) == {"none", "dymu", "dymu-scatter", "dymu-other-thresholds", "dymu-virtual"}
     assert all(not v["shapes_vary"] and v["lm_finite"] and len(v["calls"]) == 2 for v in variants.values())

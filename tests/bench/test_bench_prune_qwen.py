@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from bench_scripts import read_strict_json
 
 pytest.importorskip("transformers")
 
@@ -56,7 +57,7 @@ def test_qwen_video_rows_tiny_end_to_end(tmp_path, monkeypatch):
     assert prune.main(["--tiny", "--qwen-videos", "1", "--methods", "divprune,temporal-merge,fastervlm",
                        "--batches", "", "--next-batches", "", "--decode-tokens", "2", "--decode-calls", "1",
                        "--out", str(out)]) == 0
-    result = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    result = read_strict_json(out)
     rows = {r["method"]: r for r in result["configs"]}
     assert set(rows) == {"none", "divprune", "temporal-merge"}
     cfg = prune.qwen_config(tiny=True).vision_config

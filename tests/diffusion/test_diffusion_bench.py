@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-import json
-from pathlib import Path
-
 import pytest
+from bench_scripts import load_benchmark, read_strict_json
 
 pytest.importorskip("diffusers")
 
@@ -14,14 +11,10 @@ pytest.importorskip("diffusers")
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 def test_bench_diffusion_tiny_writes_strict_json(tmp_path):
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_diffusion.py"
-    spec = importlib.util.spec_from_file_location("bench_diffusion", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_diffusion")
     out = tmp_path / "diffusion.json"
     assert bench.main(["--tiny", "--time-budget", "300", "--out", str(out)]) == 0
-    text = out.read_text()
-    result = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-strict JSON constant {name}"))
+    result = read_strict_json(out)
     for key in ("device", "torch", "triton", "diffusers", "date", "ceilings"):
         assert key in result
     ltx2 = result["ltx2"]

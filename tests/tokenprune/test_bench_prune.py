@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from bench_scripts import read_strict_json
 
 pytest.importorskip("transformers")
 
@@ -15,7 +16,7 @@ def test_bench_prune_tiny_writes_results(tmp_path):
 
     assert main(["--tiny", "--methods", "fastervlm,fastv", "--batches", "2", "--out-dir", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("prune-*-tiny.json")
-    result = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    result = read_strict_json(path)
     assert {"device", "torch", "transformers", "date", "configs"} <= set(result)
     methods = {(r["shape"], r["method"]) for r in result["configs"]}
     assert ("llava-1.5", "fastv") in methods and ("llava-next", "fastervlm") in methods

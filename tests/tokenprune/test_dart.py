@@ -186,17 +186,11 @@ def test_batched_selection_matches_rule(budget, p_img, p_txt):
 def test_time_dart_script_tiny(tmp_path):
     """benchmarks/time_dart.py at toy sizes on the CPU: both forms keep the same tokens in every configuration
     (B8, B1, a left-padded B8 with shorter texts) and the result is strict JSON."""
-    import importlib.util
-    import json
-    from pathlib import Path
+    from bench_scripts import load_benchmark, read_strict_json
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "time_dart.py"
-    spec = importlib.util.spec_from_file_location("time_dart", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     out = tmp_path / "time-dart.json"
-    assert script.main(["--tiny", "--out", str(out)]) == 0
-    result = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert load_benchmark("time_dart").main(["--tiny", "--out", str(out)]) == 0
+    result = read_strict_json(out)
     rows = result["rows"]
     assert [(r["shape"], r["keep"]) for r in rows] == [(s, k) for s in ("b8", "b1", "b8-padded") for k in (4, 8)]
     assert all(r["equal"] and r["batched_ms"] > 0 for r in rows)

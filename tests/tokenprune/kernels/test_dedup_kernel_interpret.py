@@ -9,7 +9,6 @@ oracle only); score and rank tiles smaller than the residual set exercise the ch
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 
@@ -34,11 +33,9 @@ CASES = {
 def previous_remove_duplicates():
     """``vispruner.remove_duplicates`` as it was before the fused kernel (each step's similarities by a matmul of
     the gathered even/odd tokens), as ``benchmarks/time_scorers.py`` keeps it for its baseline timings."""
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "..", "benchmarks", "time_scorers.py")
-    spec = importlib.util.spec_from_file_location("time_scorers", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.previous_remove_duplicates
+    from bench_scripts import load_benchmark
+
+    return load_benchmark("time_scorers").previous_remove_duplicates
 
 
 def _inputs(name: str, seed: int):
