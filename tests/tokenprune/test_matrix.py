@@ -19,6 +19,7 @@ from tp_tiny import (  # noqa: E402
     batch,
     pixels,
     prompt,
+    pruned_forward,
     qwen_pixels,
     qwen_prompt,
     tiny_llava,
@@ -108,13 +109,7 @@ def test_apply_serves_or_refuses(method, family):
             tp.apply(model, make())
         assert not hasattr(model, "_visattn_tokenprune")
         return
-    tp.apply(model, make())
-    try:
-        with torch.no_grad():
-            logits = model(**kw).logits
-        rep = tp.last_report(model)
-    finally:
-        tp.remove(model)
+    logits, rep = pruned_forward(model, make(), **kw)
     assert rep is not None and rep.method == make().name
     assert all(0 < k <= v for k, v in zip(rep.visual_tokens_kept, rep.visual_tokens, strict=True)), rep
     assert torch.isfinite(logits).all()

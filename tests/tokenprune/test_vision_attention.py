@@ -19,7 +19,15 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
-from tp_tiny import QWEN_IMAGE, batch, qwen_pixels, qwen_prompt, tiny_llava, tiny_qwen2vl  # noqa: E402
+from tp_tiny import (  # noqa: E402
+    QWEN_IMAGE,
+    batch,
+    pruned_forward,
+    qwen_pixels,
+    qwen_prompt,
+    tiny_llava,
+    tiny_qwen2vl,
+)
 
 from visattn import tokenprune as tp  # noqa: E402
 from visattn.tokenprune.hf_qwen_vision_attn import group_chunks, is_vision_attention_patched  # noqa: E402
@@ -214,14 +222,7 @@ def test_composes_with_video_pruning(pair, method):
     stock, patched, _ = pair
     results = []
     for model in (stock, patched):
-        kw = _kwargs(model, [0, 1])
-        tp.apply(model, METHODS[method]())
-        try:
-            with torch.no_grad():
-                logits = model(**kw).logits
-            report = tp.last_report(model)
-        finally:
-            tp.remove(model)
+        logits, report = pruned_forward(model, METHODS[method](), **_kwargs(model, [0, 1]))
         results.append((logits, [[k.tolist() for k in row] for row in report.kept_indices],
                         report.extra["frame_kept"]))
     (logits, kept, frames), (ref_logits, ref_kept, ref_frames) = results[1], results[0]

@@ -144,3 +144,16 @@ def tiny_onevision(attn: str = "sdpa", seed: int = 0, layers: int = 4):
     cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=OV_IMAGE,
                                video_token_id=OV_VIDEO, image_grid_pinpoints=[[24, 48], [48, 24]])
     return _random_generator(LlavaOnevisionForConditionalGeneration, cfg, attn)
+
+
+def pruned_forward(model, pruner, **inputs):
+    """(logits, report) of one no-grad forward of ``model`` with ``pruner`` applied (removed again afterwards)."""
+    from visattn import tokenprune as tp
+
+    tp.apply(model, pruner)
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        return logits, tp.last_report(model)
+    finally:
+        tp.remove(model)
