@@ -108,7 +108,7 @@ def kernel_breakdown(fn):
     # totals: all GPU kernels, and visattn's attention kernels (engine + routing + the rpb reduction's matmuls
     # are not separable, so only the Triton kernels of the engine count here)
     top["_total_gpu_ms"] = round(sum(out.values()), 3)
-    engine = ("_fwd_kernel", "_bwd_", "_delta_kernel", "_small", "_cell_")
+    engine = ("_fwd_kernel", "_bwd_", "_delta_kernel", "_small", "_cell_", "_expand_", "_bias_grad")
     top["_attention_kernels_ms"] = round(sum(v for k, v in out.items() if k.startswith(engine)), 3)
     return top
 

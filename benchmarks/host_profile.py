@@ -50,7 +50,7 @@ def calibration(calls: int, shape) -> dict:
     lse = torch.empty(plan.lse_shape, device="cuda", dtype=torch.float32)
     # the small-map kernel (cells.py) takes 6 tensors, the tiled one 8 (extra keys and values)
     launcher, tensors = ((ops._CELL_FWD, (qq, kk, vv, out, lse, qq)) if plan.cells else
-                         (ops._FWD, (qq, kk, vv, out, lse, qq, qq, qq)))
+                         (ops._FWD, (qq, kk, vv, out, lse, qq, qq, qq, qq)))
     rows["cached runner launch only"] = host_us(lambda: launcher(plan.launch, tensors), calls)
     rec = plan.launch
     rows["kernel[grid](...) launch"] = host_us(

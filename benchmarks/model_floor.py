@@ -37,7 +37,7 @@ DEFAULT_ROWS = ",".join([
     f"{SWIN}:stock:compile", "nat_tiny:visattn:compile", "nat_tiny:floor:compile", "dinat_tiny:visattn:compile",
     "nat_tiny:visattn:reduce-overhead",
 ])
-ATTENTION_KERNELS = ("_cell_", "_fwd_kernel", "_bwd_", "_delta_kernel", "_small")
+ATTENTION_KERNELS = ("_cell_", "_fwd_kernel", "_bwd_", "_delta_kernel", "_small", "_expand_", "_bias_grad")
 
 
 def strip_attention(model: torch.nn.Module) -> int:

@@ -93,7 +93,7 @@ def test_a_list_argument_is_checked_every_time(fake_kernels):
 
 def test_grad_mode_and_requires_grad_are_part_of_the_key(fake_kernels, monkeypatch):
     """A verdict remembered without autograd does not carry over to a differentiated call (a why_not may refuse
-    those: window_why_not does for 3-D windows with an rpb on CUDA)."""
+    those)."""
     def refuse_differentiated(op, q, *args):
         return "differentiated" if torch.is_grad_enabled() and q.requires_grad else None
 

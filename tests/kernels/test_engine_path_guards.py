@@ -43,18 +43,32 @@ class _CudaLike:
         return self._dim
 
 
-@pytest.mark.parametrize("rank,rpb,grad,refused", [(3, True, True, True), (3, True, False, False),
-                                                   (3, False, True, False), (2, True, True, False)])
-def test_window_3d_rpb_under_autograd_is_refused_on_cuda(monkeypatch, rank, rpb, grad, refused):
+def test_window_3d_rpb_under_autograd_runs_the_kernels(monkeypatch):
+    """The fence of 2026-12-06 (3-D window + rpb under autograd sent to the reference) is lifted: the dQ pass's
+    pipelining was the cause (tests/kernels/test_check_regressions_gpu.py replays the problem on a GPU)."""
     import visattn.kernels as kernels
 
     monkeypatch.setattr(kernels, "_common_why_not", lambda *a: None)  # the device and size checks pass
-    q, k, v = (_CudaLike(rank, grad) for _ in range(3))
-    table = _CudaLike(rank, False) if rpb else None
-    why = kernels.window_why_not(q, k, v, (5,) * rank, (0,) * rank, table)
-    assert (why is not None) == refused, why
-    if refused:
-        assert "3-D window attention with an rpb" in why
+    q, k, v = (_CudaLike(3, True) for _ in range(3))
+    assert kernels.window_why_not(q, k, v, (5, 5, 5), (0, 0, 0), _CudaLike(3, True)) is None
+
+
+def test_per_pair_buffer_dq_pass_runs_unpipelined_on_cuda(monkeypatch):
+    """The dQ pass that writes the per-pair dS buffer (1-D / 3-D biases) is planned with one pipeline stage on CUDA:
+    with two, triton 3.6 compiled a wrong dQ for a 3-D window on an H100."""
+    import torch
+
+    from visattn.kernels import ops
+
+    monkeypatch.setattr(ops, "INTERPRETED", False)
+    q = torch.zeros(2, 6, 5, 4, 2, 64)
+    pat = ops.make_pattern(3, True, (5, 1, 2), (1, 1, 1), (1, 1, 1), (False,) * 3, (2, 0, 1))
+    plan = ops._backward_plan(q, q, q, q, q, q[..., 0], torch.zeros(2, 9, 1, 3), None, None, pat, 0.125, None)
+    assert plan.rpb_mode == "dsn" and plan.dq.options["num_stages"] == 1
+    q2 = torch.zeros(2, 6, 5, 2, 64)
+    pat2 = ops.make_pattern(2, False, (3, 3), (1, 1), (1, 1), (False,) * 2, (0, 0))
+    plan2 = ops._backward_plan(q2, q2, q2, q2, q2, q2[..., 0], None, None, None, pat2, 0.125, None)
+    assert plan2.dq.options["num_stages"] > 1
 
 
 def test_bfloat16_under_the_interpreter_is_refused(monkeypatch):

@@ -1,8 +1,8 @@
 """Autograd extras of the fused engine under TRITON_INTERPRET=1, against the float64 oracle: the atomic-free rpb
 gradient (2-D: offset bins summed in registers, bitwise repeatable run to run; 1-D: the per-pair dS buffer, also
 split into batch chunks; in float32 and from float16 inputs — bfloat16 is left to the GPU tests because the
-interpreter's bf16 ``tl.dot`` is wrong), and the gradient
-through the returned log-sum-exp, eager and traced (the custom ops' fake and autograd registrations)."""
+interpreter's bf16 ``tl.dot`` is wrong), and the gradient through the returned log-sum-exp, eager and traced (the
+custom ops' fake and autograd registrations), with bias tiles."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def run_case() -> dict:
                                rpb=table64)
         return torch.autograd.grad(ref, table64, grad.double())[0]
 
-    # 2-D: the dQ pass sums the bias gradient in registers ("bins")
+    # 2-D: the dQ pass sums the bias gradient in registers ("bins"; bias tiles have their own test)
+    ops.BIAS_TILES = False
     case2d = (q, k, v, rpb, grad, (3, 3), (1, 2), (False, True))
     whole, again = drpb(1 << 30, *case2d), drpb(1 << 30, *case2d)
     ref2d = want(*case2d)
@@ -73,8 +74,10 @@ def run_case() -> dict:
                   fp16_chunk_err=(half_chunked.double() - want).abs().max().item() / scale,
                   fp16_repeat_equal=bool(torch.equal(half_whole, half_again)))
 
-    # out and lse both in the loss: dq, dk, dv, drpb against the oracle's
+    # out and lse both in the loss: dq, dk, dv, drpb against the oracle's, with bias tiles
     ops._DSN_BYTES = 1 << 30
+    ops.BIAS_TILES = True
+    ops._PLANS.clear()
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v, rpb)]
     out, lse = kernels.na(*leaves[:3], (3, 3), (1, 2), (1, 1), (False, True), leaves[3], 0.25, None, None,
                           return_lse=True)
@@ -96,6 +99,7 @@ def run_case() -> dict:
     loss = torch.compile(traced, backend="aot_eager", fullgraph=True)(*compiled_leaves)
     compiled = torch.autograd.grad(loss, compiled_leaves)
     result["compiled_grad_err"] = max((a - b).abs().max().item() for a, b in zip(compiled, got, strict=True))
+    result["modes_lse"] = sorted(modes())
     result["lse_grad_err"] = max((a.double() - b).abs().max().item() / b.abs().max().item()
                                  for a, b in zip(got, want, strict=True))
     return result
@@ -107,6 +111,6 @@ def test_rpb_gradient_chunked_deterministic_and_lse_gradient():
     assert result["repeat_equal"], result
     assert result["modes_2d"] == ["bins"] and result["modes_1d"] == ["dsn"], result
     assert result["lse_err"] < 1e-5 and result["lse_grad_err"] < 1e-5, result
-    assert result["compiled_grad_err"] < 1e-6, result
+    assert result["compiled_grad_err"] < 1e-6 and result["modes_lse"] == ["tiles"], result
     assert result["fp16_dtype"] == "torch.float16", result  # the gradient comes back in the table's dtype
     assert result["fp16_err"] < 3e-3 and result["fp16_chunk_err"] < 3e-3 and result["fp16_repeat_equal"], result

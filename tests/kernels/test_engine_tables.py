@@ -78,3 +78,38 @@ def test_query_range_table_shape_and_cache():
     assert tables.query_range_table(pat, lengths, n_tiles, box, torch.device("cpu")) is table
     for combo in itertools.product(range(2), range(4)):
         assert table[1, combo[0], 0] <= table[1, combo[0], 1]
+
+
+@pytest.mark.parametrize("length,kernel,dilation,stride,causal", NA_CASES)
+@pytest.mark.parametrize("tile_m,tile_n", [(4, 8), (16, 4), (8, 8)])
+def test_key_walk_length_matches_brute_force(length, kernel, dilation, stride, causal, tile_m, tile_n):
+    """The bias tiles' key walk per query tile: the dense mask's first and last key of the tile's real queries."""
+    mask = _group_mask(length, kernel, dilation, stride, causal, False, 0)
+    n_tiles = math.ceil(math.ceil(length / dilation) / tile_m)
+    most = 0
+    for t in range(dilation * n_tiles):
+        group, index = divmod(t, n_tiles)
+        positions = list(range(group, length, dilation))
+        rows = positions[index * tile_m:(index + 1) * tile_m]
+        keys = [j for j, p in enumerate(positions) for r in rows if mask[r, p]]
+        if keys:
+            most = max(most, (max(keys) - min(keys) + tile_n) // tile_n)
+    assert tables._dim_walk(length, dilation, n_tiles, kernel, stride, 0, causal, False, tile_m, tile_n) == most
+
+
+@pytest.mark.parametrize("length,window,shift", WINDOW_CASES)
+@pytest.mark.parametrize("tile_m,tile_n", [(2, 4), (4, 2)])
+def test_query_walk_length_matches_brute_force(length, window, shift, tile_m, tile_n):
+    """The dK/dV walk's query tiles per key tile, from the queries that reach each key tile."""
+    mask = _group_mask(length, window, 1, 1, False, True, shift)
+    n_tiles = (length // window + (1 if shift > 0 else 0)) * -(-window // tile_n)
+    most = 0
+    for t in range(n_tiles):
+        _, _, first, lo, hi = tables.tile_span(t, length, 1, n_tiles, window, shift, tile_n, True)
+        keys = range(max(first, lo), min(first + tile_n, hi))
+        reach = [i for i in range(length) if any(mask[i, key] for key in keys)]
+        if reach:
+            most = max(most, (reach[-1] - reach[0] + tile_m) // tile_m)
+    pat = make_pattern(1, True, (window,), (1,), (1,), (False,), (shift,))
+    got = tables.query_walk_length(pat, (1, 1, length), (1, 1, n_tiles), (1, 1, tile_m), (1, 1, tile_n))
+    assert got == most

@@ -241,7 +241,8 @@ def engine_section(results) -> str:
         dfwd, dfb = _ms(peer.get("fwd_ms")), _ms(peer.get("fwd_bwd_ms"))
         kernels = r.get("kernels_fwd_bwd") or {}
         gpu = kernels.get("_attention_kernels_ms") or sum(
-            v for k, v in kernels.items() if k.startswith(("_fwd_kernel", "_bwd_", "_delta_kernel")))
+            v for k, v in kernels.items()
+            if k.startswith(("_fwd_kernel", "_bwd_", "_delta_kernel", "_expand_", "_bias_grad")))
         body.append([r["stage"], r.get("rpb"), fwd, fb, r.get("bwd_over_fwd"), gpu or None, r.get("host_us_fwd_bwd"),
                      dfwd, dfb, peer.get("host_us_fwd_bwd"), dfwd / fwd if dfwd and fwd else None,
                      dfb / fb if dfb and fb else None])

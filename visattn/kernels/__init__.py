@@ -40,7 +40,8 @@ def _load_ops():
 def engine_path(q: Tensor, v: Tensor, rpb: Tensor | None, additional_keys: Tensor | None, window: bool,
                 kernel_size: tuple, dilation: tuple, stride: tuple, is_causal: tuple, shift: tuple) -> tuple[str, str]:
     """Which of the engine's kernels a neighborhood / window call runs: ("small-map", why) for one program per
-    dilation group or window (``cells.py``), ("tiled", why) for the halo-tiled kernels (``engine.py``)."""
+    dilation group or window (``cells.py``), ("tiled", why) for the halo-tiled kernels (``engine.py``; a trained
+    2-D bias read from expanded tiles, ``bias_tiles.py``, says so)."""
     ops = _load_ops()
     if ops is None:
         return "none", str(_engine_error)
@@ -51,6 +52,8 @@ def engine_path(q: Tensor, v: Tensor, rpb: Tensor | None, additional_keys: Tenso
         unit = "window" if window else "dilation group"
         return "small-map", (f"one program per {unit}: a {'x'.join(map(str, cb.box[3 - rank:]))} padded cell, "
                              f"one-pass backward")
+    if ops._tile_layout_of(q, v, rpb, additional_keys, pat) is not None:
+        return "tiled", f"{cb.reason}; the bias expanded once per call into its tiles (bias_tiles.py)"
     return "tiled", cb.reason
 
 
@@ -86,11 +89,6 @@ def _common_why_not(tensors: list[Tensor | None], q: Tensor, k: Tensor, v: Tenso
     return None
 
 
-def _differentiated(*tensors: Tensor) -> bool:
-    """Will autograd call this op's backward (grad mode on and an input that requires grad)?"""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def na_why_not(q, k, v, kernel_size, dilation, stride, is_causal, rpb, additional_keys,
                additional_values) -> str | None:
     """None when the Triton kernels can run this neighborhood-attention call, else a short reason."""
@@ -110,9 +108,6 @@ def window_why_not(q, k, v, window_size, shift, rpb) -> str | None:
     try:
         if rpb is not None and rpb.dtype not in _SUPPORTED_DTYPES:
             return f"rpb dtype {rpb.dtype} is not supported by the triton kernels"
-        if rpb is not None and q.dim() == 6 and q.is_cuda and _differentiated(q, k, v, rpb):
-            return ("3-D window attention with an rpb under autograd: the fused backward gave a wrong dQ and rpb "
-                    "gradient on an H100 (open defect, tests/kernels/test_check_regressions_gpu.py)")
         return _common_why_not([q, k, v], q, k, v)
     except Exception as err:
         return f"triton capability check failed ({type(err).__name__}: {err})"

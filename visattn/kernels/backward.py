@@ -12,6 +12,7 @@ import triton.language as tl
 from visattn.kernels.engine import (
     _PATTERN_ARGS,
     LOG2E,
+    _bias_tile,
     _key_tile,
     _load_cols,
     _load_rows,
@@ -30,26 +31,28 @@ from visattn.kernels.patterns import in_box_t, key_interval, split_tile, unflatt
 IEEE = tl.constexpr("ieee")
 
 
-@triton.jit(do_not_specialize=_PATTERN_ARGS + ["N_EXTRA"])
+@triton.jit(do_not_specialize=_PATTERN_ARGS + ["N_EXTRA", "NKMAX"])
 def _bwd_dq_kernel(
-    Q, K, V, DO, OUT, GLSE, LSE, DELTA, DQ, DSN, RPB, EK, EV,
+    Q, K, V, DO, OUT, GLSE, LSE, DELTA, DQ, DSN, RPB, EK, EV, BT,
     q_sb, q_s0, q_s1, q_s2, q_sh, q_sd, k_sb, k_s0, k_s1, k_s2, k_sh, k_sd,
     v_sb, v_s0, v_s1, v_s2, v_sh, v_sd, do_sb, do_s0, do_s1, do_s2, do_sh, do_sd,
     o_sb, o_s0, o_s1, o_s2, o_sh,
     dq_sb, dq_s0, dq_s1, dq_s2, dq_sh, l_sb, l_s0, l_s1, l_s2,
     r_sh, r_s0, r_s1, r_s2, ek_sb, ek_sn, ek_sh, ek_sd, ev_sb, ev_sn, ev_sh, ev_sd,
     H, L0, L1, L2, DL0, DL1, DL2, NT0, NT1, NT2, KS0, KS1, KS2, ST0, ST1, ST2, SH0, SH1, SH2,
-    N_EXTRA, qk_scale, sm_scale, HEAD_D, HEAD_DV,
+    N_EXTRA, NKMAX, qk_scale, sm_scale, HEAD_D, HEAD_DV,
     M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, WINDOW: tl.constexpr,
     HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, DOT_PREC: tl.constexpr,
     RPB_BINS: tl.constexpr = False, O1: tl.constexpr = 16, O2: tl.constexpr = 16, HAS_GLSE: tl.constexpr = False,
+    BIAS_TILES: tl.constexpr = False,
 ):
     """dQ for one query tile over the forward's key tiles, and ``delta = rowsum(dO * O)`` (minus the LSE
     gradient's share) computed here and stored for the dK/dV pass. With a bias: ``RPB_BINS`` sums each tile's dS
     into relative-offset bins in registers (``_rpb_bins``) and stores one ``[O1, O2]`` partial per program;
-    otherwise each pair's dS goes to the neighbour buffer ``DSN``."""
+    otherwise each pair's dS goes to the neighbour buffer ``DSN``. With ``BIAS_TILES`` (``HAS_RPB`` off) the bias
+    and mask come from the expanded tiles ``BT`` and the bias gradient is left to ``bias_tiles._bias_grad_kernel``."""
     BLOCK_M: tl.constexpr = M0 * M1 * M2
     BLOCK_N: tl.constexpr = N0 * N1 * N2
     pid = tl.program_id(0)
@@ -93,7 +96,7 @@ def _bwd_dq_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         s, pair = _tile_scores(s, q_valid, qi0, qi1, qi2, st0, st1, st2, en0, en1, en2, lo0, lo1, lo2, kj0, kj1, kj2,
                                cl0, cl1, cl2, ch0, ch1, ch2, RPB, h, r_sh, r_s0, r_s1, r_s2, KS0, KS1, KS2,
-                               N0, N1, N2, HAS_RPB)
+                               N0, N1, N2, HAS_RPB, BT, pid, t, NKMAX, BIAS_TILES)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, vT, input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
@@ -162,34 +165,51 @@ def _key_dim(t, c, L, dil, n_tiles, ks, sh, qr, M: tl.constexpr, N: tl.constexpr
     return g, group_len, kj, valid, q_lo, q_hi, n_query_tiles, inner_lo, inner_hi
 
 
-@triton.jit(do_not_specialize=_PATTERN_ARGS + ["QR_T"])
-def _bwd_dkv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, RPB, QR,
-    q_sb, q_s0, q_s1, q_s2, q_sh, q_sd, k_sb, k_s0, k_s1, k_s2, k_sh, k_sd,
-    v_sb, v_s0, v_s1, v_s2, v_sh, v_sd, do_sb, do_s0, do_s1, do_s2, do_sh, do_sd,
-    dk_sb, dk_s0, dk_s1, dk_s2, dk_sh, dv_sb, dv_s0, dv_s1, dv_s2, dv_sh, l_sb, l_s0, l_s1, l_s2,
-    r_sh, r_s0, r_s1, r_s2,
-    H, L0, L1, L2, DL0, DL1, DL2, NT0, NT1, NT2, KS0, KS1, KS2, ST0, ST1, ST2, SH0, SH1, SH2,
-    QR_T, qk_scale, sm_scale, HEAD_D, HEAD_DV,
-    M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, WINDOW: tl.constexpr,
-    HAS_RPB: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    """dK, dV for one key tile (N0 x N1 x N2), over the query tiles (M0 x M1 x M2) that attend it."""
-    BLOCK_M: tl.constexpr = M0 * M1 * M2
-    BLOCK_N: tl.constexpr = N0 * N1 * N2
-    pid = tl.program_id(0)
-    b, h = _program_head(H)
+@triton.jit
+def _key_box(pid, L0, L1, L2, DL0, DL1, DL2, NT0, NT1, NT2, KS0, KS1, KS2, SH0, SH1, SH2, QR, QR_T,
+             M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, N0: tl.constexpr, N1: tl.constexpr,
+             N2: tl.constexpr, WINDOW: tl.constexpr):
+    """Key tile ``pid`` of the dK/dV walk (N0 x N1 x N2 rows, row-major) and the walk over its query tiles.
+
+    Returns the query box's row coordinates (r0, r1, r2); then per dimension (three values each, dimension 0 first):
+    dilation group, group length, the keys' coordinates; the keys' validity; and per dimension the first and last
+    query reaching the tile, the number of M-row query tiles to walk, and the inner range (``_key_dim``)."""
     t0, t1, t2 = unflatten(pid, DL1 * NT1, DL2 * NT2)
-    r0, r1, r2 = unflatten(tl.arange(0, BLOCK_M), M1, M2)
-    c0, c1, c2 = unflatten(tl.arange(0, BLOCK_N), N1, N2)
+    r0, r1, r2 = unflatten(tl.arange(0, M0 * M1 * M2), M1, M2)
+    c0, c1, c2 = unflatten(tl.arange(0, N0 * N1 * N2), N1, N2)
     g0, G0, kj0, kv0, ql0, qh0, nq0, il0, ih0 = _key_dim(t0, c0, L0, DL0, NT0, KS0, SH0, QR, M0, N0, WINDOW)
     g1, G1, kj1, kv1, ql1, qh1, nq1, il1, ih1 = _key_dim(t1, c1, L1, DL1, NT1, KS1, SH1, QR + QR_T * 4, M1, N1,
                                                          WINDOW)
     g2, G2, kj2, kv2, ql2, qh2, nq2, il2, ih2 = _key_dim(t2, c2, L2, DL2, NT2, KS2, SH2, QR + QR_T * 8, M2, N2,
                                                          WINDOW)
-    k_valid = kv0 & kv1 & kv2
+    return (r0, r1, r2, g0, g1, g2, G0, G1, G2, kj0, kj1, kj2, kv0 & kv1 & kv2, ql0, ql1, ql2, qh0, qh1, qh2,
+            nq0, nq1, nq2, il0, il1, il2, ih0, ih1, ih2)
+
+
+@triton.jit(do_not_specialize=_PATTERN_ARGS + ["QR_T", "NQMAX"])
+def _bwd_dkv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, RPB, QR, BT,
+    q_sb, q_s0, q_s1, q_s2, q_sh, q_sd, k_sb, k_s0, k_s1, k_s2, k_sh, k_sd,
+    v_sb, v_s0, v_s1, v_s2, v_sh, v_sd, do_sb, do_s0, do_s1, do_s2, do_sh, do_sd,
+    dk_sb, dk_s0, dk_s1, dk_s2, dk_sh, dv_sb, dv_s0, dv_s1, dv_s2, dv_sh, l_sb, l_s0, l_s1, l_s2,
+    r_sh, r_s0, r_s1, r_s2,
+    H, L0, L1, L2, DL0, DL1, DL2, NT0, NT1, NT2, KS0, KS1, KS2, ST0, ST1, ST2, SH0, SH1, SH2,
+    QR_T, NQMAX, qk_scale, sm_scale, HEAD_D, HEAD_DV,
+    M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, WINDOW: tl.constexpr,
+    HAS_RPB: tl.constexpr, DOT_PREC: tl.constexpr, BIAS_TILES: tl.constexpr = False,
+):
+    """dK, dV for one key tile (N0 x N1 x N2), over the query tiles (M0 x M1 x M2) that attend it. With
+    ``BIAS_TILES`` (``HAS_RPB`` off) each query tile's transposed bias and mask come from the expanded tiles
+    ``BT`` (``bias_tiles._expand_key_walk_kernel``)."""
+    BLOCK_M: tl.constexpr = M0 * M1 * M2
+    BLOCK_N: tl.constexpr = N0 * N1 * N2
+    pid = tl.program_id(0)
+    b, h = _program_head(H)
+    (r0, r1, r2, g0, g1, g2, G0, G1, G2, kj0, kj1, kj2, k_valid, ql0, ql1, ql2, qh0, qh1, qh2, nq0, nq1, nq2,
+     il0, il1, il2, ih0, ih1, ih2) = _key_box(pid, L0, L1, L2, DL0, DL1, DL2, NT0, NT1, NT2, KS0, KS1, KS2,
+                                              SH0, SH1, SH2, QR, QR_T, M0, M1, M2, N0, N1, N2, WINDOW)
     d_cols = tl.arange(0, BLOCK_D)
     dv_cols = tl.arange(0, BLOCK_DV)
     k_rows = _row_offsets(kj0, kj1, kj2, DL0, DL1, DL2, g0, g1, g2, k_s0, k_s1, k_s2)
@@ -212,8 +232,12 @@ def _bwd_dkv_kernel(
         lse = tl.load(LSE + l_rows, mask=q_valid, other=0.0)
         delta = tl.load(DELTA + l_rows, mask=q_valid, other=0.0)
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
-        border = _on_border(qs0, qs1, qs2, il0, il1, il2, ih0, ih1, ih2, M0, M1, M2)
-        border = border | HAS_RPB  # the bias gather needs the element mask anyway
+        if BIAS_TILES:
+            border = False
+            sT = sT + _bias_tile(BT, h, pid, t, NQMAX, BLOCK_N, BLOCK_M)
+        else:
+            border = _on_border(qs0, qs1, qs2, il0, il1, il2, ih0, ih1, ih2, M0, M1, M2)
+            border = border | HAS_RPB  # the bias gather needs the element mask anyway
         if border:
             st0, en0 = key_interval(qi0, G0, KS0, ST0, SH0, CAUSAL0, WINDOW)
             st1, en1 = key_interval(qi1, G1, KS1, ST1, SH1, CAUSAL1, WINDOW)

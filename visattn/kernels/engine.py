@@ -140,17 +140,31 @@ def _on_border(lo0, lo1, lo2, in_lo0, in_lo1, in_lo2, in_hi0, in_hi1, in_hi2, S0
 
 
 @triton.jit
+def _bias_tile(BT, h, pid, t, NKMAX, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tile ``t`` of query tile ``pid``'s walk from the expanded bias (``bias_tiles.py``): ``[BLOCK_M, BLOCK_N]``
+    float32, log2 domain, ``-inf`` off the windows."""
+    cells = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    row = (h * tl.num_programs(0) + pid).to(tl.int64) * NKMAX + t
+    return tl.load(BT + row * (BLOCK_M * BLOCK_N) + cells).to(tl.float32)
+
+
+@triton.jit
 def _tile_scores(s, q_valid, qi0, qi1, qi2, st0, st1, st2, en0, en1, en2, lo0, lo1, lo2, kj0, kj1, kj2,
                  cl0, cl1, cl2, ch0, ch1, ch2, RPB, h, r_sh, r_s0, r_s1, r_s2, KS0, KS1, KS2,
-                 N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, HAS_RPB: tl.constexpr):
+                 N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, HAS_RPB: tl.constexpr,
+                 BT, pid, t, NKMAX, BIAS_TILES: tl.constexpr):
     """Mask (and bias) a ``[query rows, keys]`` tile of log2-domain scores ``s`` of the forward / dQ walk.
 
     With a bias: every pair outside a row's window, or of an invalid row, is -inf, and each real pair gets the
     table entry (key - query + kernel - 1 per dimension) times log2(e). Without one: only a tile reaching outside
-    the interval every row sees, [cl, ch], is masked to the windows. Returns the scores and the mask of real pairs
-    (with a bias; ``False`` without one, where no caller needs it).
+    the interval every row sees, [cl, ch], is masked to the windows. With ``BIAS_TILES``: tile ``t`` of query tile
+    ``pid``'s walk read from the expanded bias ``BT``, bias and mask in one load. Returns the scores and the mask of
+    real pairs (with a gathered bias; ``False`` otherwise, where no caller needs it).
     """
-    if HAS_RPB:
+    if BIAS_TILES:
+        s = s + _bias_tile(BT, h, pid, t, NKMAX, s.shape[0], s.shape[1])
+        pair = tl.constexpr(False)
+    elif HAS_RPB:
         pair = in_box(kj0, kj1, kj2, st0, st1, st2, en0, en1, en2)
         pair = pair & q_valid[:, None]
         offs = _rpb_offsets(qi0, qi1, qi2, kj0, kj1, kj2, KS0, KS1, KS2, r_s0, r_s1, r_s2)
@@ -165,20 +179,22 @@ def _tile_scores(s, q_valid, qi0, qi1, qi2, st0, st1, st2, en0, en1, en2, lo0, l
     return s, pair
 
 
-@triton.jit(do_not_specialize=_PATTERN_ARGS + ["N_EXTRA"])
+@triton.jit(do_not_specialize=_PATTERN_ARGS + ["N_EXTRA", "NKMAX"])
 def _fwd_kernel(
-    Q, K, V, OUT, LSE, RPB, EK, EV,
+    Q, K, V, OUT, LSE, RPB, EK, EV, BT,
     q_sb, q_s0, q_s1, q_s2, q_sh, q_sd, k_sb, k_s0, k_s1, k_s2, k_sh, k_sd,
     v_sb, v_s0, v_s1, v_s2, v_sh, v_sd, o_sb, o_s0, o_s1, o_s2, o_sh, l_sb, l_s0, l_s1, l_s2,
     r_sh, r_s0, r_s1, r_s2, ek_sb, ek_sn, ek_sh, ek_sd, ev_sb, ev_sn, ev_sh, ev_sd,
     H, L0, L1, L2, DL0, DL1, DL2, NT0, NT1, NT2, KS0, KS1, KS2, ST0, ST1, ST2, SH0, SH1, SH2,
-    N_EXTRA, qk_scale, HEAD_D, HEAD_DV,
+    N_EXTRA, NKMAX, qk_scale, HEAD_D, HEAD_DV,
     M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, WINDOW: tl.constexpr,
-    HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, DOT_PREC: tl.constexpr, BIAS_TILES: tl.constexpr,
 ):
-    """Online-softmax forward over the key tiles covering the union of the query tile's windows."""
+    """Online-softmax forward over the key tiles covering the union of the query tile's windows. With
+    ``BIAS_TILES`` the bias (and mask) of each tile is read from the expanded tiles ``BT`` instead of gathered
+    from ``RPB`` per pair."""
     BLOCK_M: tl.constexpr = M0 * M1 * M2
     BLOCK_N: tl.constexpr = N0 * N1 * N2
     pid = tl.program_id(0)
@@ -207,7 +223,7 @@ def _fwd_kernel(
         s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
         s, _ = _tile_scores(s, q_valid, qi0, qi1, qi2, st0, st1, st2, en0, en1, en2, lo0, lo1, lo2, kj0, kj1, kj2,
                             cl0, cl1, cl2, ch0, ch1, ch2, RPB, h, r_sh, r_s0, r_s1, r_s2, KS0, KS1, KS2,
-                            N0, N1, N2, HAS_RPB)
+                            N0, N1, N2, HAS_RPB, BT, pid, t, NKMAX, BIAS_TILES)
         m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, DOT_PREC)
 
     if HAS_EXTRA:

@@ -15,11 +15,12 @@ import torch
 from torch import Tensor
 
 from visattn.kernels.backward import _bwd_dkv_kernel, _bwd_dq_kernel, _bwd_extra_dkv_kernel
+from visattn.kernels.bias_tiles import _bias_grad_kernel, _expand_key_walk_kernel, _expand_query_walk_kernel
 from visattn.kernels.cells import _cell_bwd_kernel, _cell_fwd_kernel
 from visattn.kernels.engine import _fwd_kernel
 from visattn.kernels.launch import INTERPRETED, KernelLauncher, LaunchRecord, tensor_key
-from visattn.kernels.tables import query_range_table, rpb_offset_maps
-from visattn.kernels.tiles import choose_tiles, dot_precision, padded_head_dim
+from visattn.kernels.tables import key_walk_length, query_range_table, query_walk_length, rpb_offset_maps
+from visattn.kernels.tiles import Tiles, choose_tiles, dot_precision, padded_head_dim
 
 # Test hook (visattn.bench.check): fill outputs with NaN before launching, so an unwritten element fails a check.
 POISON = False
@@ -67,10 +68,10 @@ def _tiles_per_group(pat: Pattern, lengths, box) -> list[int]:
     return out
 
 
-def _tiles(pass_name: str, pat: Pattern, lengths, q: Tensor, head_dim: int, bias: bool = False,
-           bins: bool = False):
+def _tiles(pass_name: str, pat: Pattern, lengths, dtype: torch.dtype, head_dim: int, bias: bool = False,
+           bins: bool = False) -> Tiles:
     extents = tuple(math.ceil(lengths[i] / pat.dilation[i]) for i in range(3))
-    bits = 16 if q.dtype in (torch.float16, torch.bfloat16) else 32
+    bits = 16 if dtype in (torch.float16, torch.bfloat16) else 32
     return choose_tiles(pass_name, pat.window, extents, tuple(pat.kernel), tuple(pat.stride), bits, head_dim,
                         INTERPRETED, bias, bins)
 
@@ -254,7 +255,88 @@ def _cell_backward_plan(grad_out, q, k, v, lse, rpb, pat: Pattern, scale: float,
 _FWD = KernelLauncher(_fwd_kernel)
 _DQ = KernelLauncher(_bwd_dq_kernel)
 _DKV = KernelLauncher(_bwd_dkv_kernel)
+_EXPAND_Q = KernelLauncher(_expand_query_walk_kernel)
+_EXPAND_K = KernelLauncher(_expand_key_walk_kernel)
+_BIAS_GRAD = KernelLauncher(_bias_grad_kernel)
 _PLANS: dict = {}
+
+# ------------------------------------------------------------------------------------------------------------
+# Bias tiles (bias_tiles.py): a trained 2-D bias on the tiled path, expanded once per call.
+# ------------------------------------------------------------------------------------------------------------
+
+# Test hook and escape hatch: False (or VISATTN_BIAS_TILES=0 at import) gathers the bias per pair as before.
+BIAS_TILES = os.environ.get("VISATTN_BIAS_TILES", "1") != "0"
+BIAS_TILE_BYTES = 256 << 20  # one expanded layout above this (huge maps with a bias) gathers per pair instead
+# 16-bit inputs read their expanded bias as float16 (half the traffic of float32; its rounding, 2^-11 of the
+# log2-domain bias, is below that of the bf16 probabilities the P V product rounds to); float32 inputs keep float32.
+BIAS_TILE_HALF = os.environ.get("VISATTN_BIAS_TILE_HALF", "1") != "0"
+
+
+class BiasTileLayout(NamedTuple):
+    """Where the expanded bias of one geometry lives: the forward / dQ walk's tiles (``q_*``: programs, most key
+    tiles per program) and the dK/dV walk's (``k_*``), and the storage dtype."""
+
+    q_tiles: Tiles
+    q_n_tiles: tuple
+    q_programs: int
+    q_walk: int
+    k_tiles: Tiles
+    k_n_tiles: tuple
+    k_programs: int
+    k_walk: int
+    dtype: torch.dtype
+
+    def q_shape(self, heads: int) -> tuple:
+        return (heads, self.q_programs, self.q_walk, math.prod(self.q_tiles.m) * math.prod(self.q_tiles.n))
+
+    def k_shape(self, heads: int) -> tuple:
+        return (heads, self.k_programs, self.k_walk, math.prod(self.k_tiles.m) * math.prod(self.k_tiles.n))
+
+
+@functools.lru_cache(maxsize=512)
+def bias_tile_layout(pat: Pattern, lengths: tuple, dtype: torch.dtype, head_dim: int, heads: int, rank: int,
+                     has_extra: bool, half: bool = True) -> BiasTileLayout | None:
+    """The expanded-bias layout of a tiled call with a trained bias, or None where the per-pair gather runs
+    instead: ranks 1 and 3 (their gradient takes the per-pair buffer), extra keys, tiles whose bias gradient
+    cannot be binned in registers, or an expansion above ``BIAS_TILE_BYTES``. ``half``: 16-bit inputs store the
+    expansion in float16."""
+    if rank != 2 or has_extra:
+        return None
+    q_tiles = _tiles("dq", pat, lengths, dtype, head_dim, bins=True)
+    if not (q_tiles.m[0] == q_tiles.n[0] == 1 and q_tiles.m[1] * q_tiles.n[1] >= 16
+            and q_tiles.m[2] * q_tiles.n[2] >= 16):
+        return None
+    k_tiles = _tiles("dkv", pat, lengths, dtype, head_dim)
+    q_n = tuple(_tiles_per_group(pat, lengths, q_tiles.m))
+    k_n = tuple(_tiles_per_group(pat, lengths, k_tiles.n))
+    store = torch.float16 if dtype in (torch.float16, torch.bfloat16) and half else torch.float32
+    layout = BiasTileLayout(
+        q_tiles, q_n, math.prod(pat.dilation[i] * q_n[i] for i in range(3)),
+        max(1, key_walk_length(pat, lengths, q_n, q_tiles.m, q_tiles.n)),
+        k_tiles, k_n, math.prod(pat.dilation[i] * k_n[i] for i in range(3)),
+        max(1, query_walk_length(pat, lengths, k_n, k_tiles.m, k_tiles.n)), store)
+    size = max(math.prod(layout.q_shape(heads)), math.prod(layout.k_shape(heads))) * store.itemsize
+    return layout if size <= BIAS_TILE_BYTES else None
+
+
+def _tile_layout_of(q: Tensor, v: Tensor, rpb: Tensor | None, extra_k: Tensor | None,
+                    pat: Pattern) -> BiasTileLayout | None:
+    if rpb is None or not BIAS_TILES:
+        return None
+    rank = q.dim() - 3
+    lengths = (1,) * (3 - rank) + tuple(q.shape[1:-2])
+    return bias_tile_layout(pat, lengths, q.dtype, max(q.shape[-1], v.shape[-1]), q.shape[-2], rank,
+                            extra_k is not None, BIAS_TILE_HALF)
+
+
+def _walk_constexprs(pat: Pattern, tiles: Tiles) -> dict:
+    return dict(M0=tiles.m[0], M1=tiles.m[1], M2=tiles.m[2], N0=tiles.n[0], N1=tiles.n[1], N2=tiles.n[2],
+                CAUSAL0=pat.causal[0], CAUSAL1=pat.causal[1], CAUSAL2=pat.causal[2], WINDOW=pat.window)
+
+
+def _expand_query_record(pat: Pattern, lengths, layout: BiasTileLayout, r_st, heads: int) -> LaunchRecord:
+    scalars = (*r_st, *_pattern_args(pat, lengths, layout.q_n_tiles), layout.q_walk)
+    return _EXPAND_Q.record((layout.q_programs, heads), 2, scalars, _walk_constexprs(pat, layout.q_tiles), 4, 1)
 
 
 def _remember_plan(key, plan):
@@ -279,11 +361,16 @@ class _ForwardPlan(NamedTuple):
     out_shape: tuple
     lse_shape: tuple
     cells: bool = False  # the small-map kernel (cells.py) rather than the tiled one
+    expand: LaunchRecord | None = None  # the bias's expansion (bias tiles), launched before the forward
+    bias_shape: tuple = ()
+    bias_dtype: torch.dtype | None = None
 
 
 def _forward_plan(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float) -> _ForwardPlan:
     rank, (q3, k3, v3), B, lengths, H, D, Dv, out_shape, lse_shape = _forward_shapes(q, k, v)
-    tiles = _tiles("fwd", pat, lengths, q, max(D, Dv), bias=rpb is not None)
+    layout = _tile_layout_of(q, v, rpb, extra_k, pat)
+    # with bias tiles the forward walks the dQ pass's tiles, so both read one expansion
+    tiles = layout.q_tiles if layout else _tiles("fwd", pat, lengths, q.dtype, max(D, Dv), bias=rpb is not None)
     n_tiles = _tiles_per_group(pat, lengths, tiles.m)
     r_st = (0,) * 4 if rpb is None else _rpb3(rpb, rank).stride()
     ek_st = (0,) * 4 if extra_k is None else extra_k.stride()
@@ -292,10 +379,15 @@ def _forward_plan(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float) ->
     scalars = (*q3.stride(), *k3.stride(), *v3.stride(), *_view3_strides(out_shape, rank)[:5],
                *_view3_strides(lse_shape, rank)[:4], *r_st, *ek_st, *ev_st,
                H, *_pattern_args(pat, lengths, n_tiles),
-               0 if extra_k is None else extra_k.shape[1], scale * _LOG2E, D, Dv)
+               0 if extra_k is None else extra_k.shape[1], layout.q_walk if layout else 1, scale * _LOG2E, D, Dv)
     constexprs, warps, stages = _split_options(_pattern_constexprs(pat, tiles, D, Dv, q.dtype))
-    constexprs.update(HAS_RPB=rpb is not None, HAS_EXTRA=extra_k is not None)
-    return _ForwardPlan(_FWD.record(grid, 8, scalars, constexprs, warps, stages), out_shape, lse_shape)
+    constexprs.update(HAS_RPB=rpb is not None and layout is None, HAS_EXTRA=extra_k is not None,
+                      BIAS_TILES=layout is not None)
+    launch = _FWD.record(grid, 9, scalars, constexprs, warps, stages)
+    if layout is None:
+        return _ForwardPlan(launch, out_shape, lse_shape)
+    return _ForwardPlan(launch, out_shape, lse_shape, False, _expand_query_record(pat, lengths, layout, r_st, H),
+                        layout.q_shape(H), layout.dtype)
 
 
 def forward(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
@@ -314,9 +406,13 @@ def forward(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
     lse = _new(plan.lse_shape, q, torch.float32)
     if plan.cells:
         _CELL_FWD(plan.launch, (q, k, v, out, lse, q if rpb is None else rpb))
-    else:
-        _FWD(plan.launch, (q, k, v, out, lse, q if rpb is None else rpb, q if extra_k is None else extra_k,
-                           q if extra_v is None else extra_v))
+        return out, lse
+    bias = q
+    if plan.expand is not None:
+        bias = torch.empty(plan.bias_shape, device=q.device, dtype=plan.bias_dtype)
+        _EXPAND_Q(plan.expand, (rpb, bias))
+    _FWD(plan.launch, (q, k, v, out, lse, q if rpb is None else rpb, q if extra_k is None else extra_k,
+                       q if extra_v is None else extra_v, bias))
     return out, lse
 
 
@@ -344,13 +440,32 @@ def _bins(kernel: int) -> int:
     return max(16, 1 << (2 * kernel - 2).bit_length())
 
 
+class _BiasTilePlan(NamedTuple):
+    """The extra launches of a backward with bias tiles: both expansions and the bias gradient."""
+
+    expand_q: LaunchRecord
+    expand_k: LaunchRecord
+    grad: LaunchRecord
+    q_shape: tuple
+    k_shape: tuple
+    dtype: torch.dtype
+
+
 class _BackwardPlan(NamedTuple):
     dq: LaunchRecord
     dkv: LaunchRecord
     table: Tensor
-    rpb_mode: str  # "none", "bins" (in-register offset bins) or "dsn" (per-pair buffer + host reduction)
-    part_shape: tuple  # bins: [B, H, dQ programs, O1, O2]
+    rpb_mode: str  # "none", "bins" (in-register offset bins), "dsn" (per-pair buffer + host reduction), "tiles"
+    part_shape: tuple  # bins: [B, H, dQ programs, O1, O2]; tiles: [batch chunks, H, grad programs, O1, O2]
     n_programs: int
+    tiles: _BiasTilePlan | None = None
+
+
+# Bias-gradient programs to keep at least (batch chunks are sized for it): a few per SM. Its loop over a chunk's
+# items is pipelined over BIAS_GRAD_STAGES stages (H100, NAT-T s1-s3: 3 stages 25% faster than 1; 8 warps 2x slower).
+BIAS_GRAD_PROGRAMS = 1024
+BIAS_GRAD_STAGES = 3
+BIAS_GRAD_WARPS = 4
 
 
 def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, scale: float,
@@ -366,8 +481,11 @@ def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Patt
     ev_st = (0,) * 4 if extra_v is None else extra_v.stride()
 
     mode = "none"
-    tiles = _tiles("dq", pat, lengths, q, d_max, bins=rpb is not None and rank == 2)
-    if rpb is not None:
+    layout = _tile_layout_of(q, v, rpb, extra_k, pat)
+    tiles = _tiles("dq", pat, lengths, q.dtype, d_max, bins=rpb is not None and rank == 2)
+    if layout is not None:
+        mode = "tiles"
+    elif rpb is not None:
         fits = (tiles.m[0] == tiles.n[0] == 1 and tiles.m[1] * tiles.n[1] >= 16 and tiles.m[2] * tiles.n[2] >= 16)
         mode = "bins" if rank == 2 and fits else "dsn"
     n_tiles = _tiles_per_group(pat, lengths, tiles.m)
@@ -376,23 +494,52 @@ def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Patt
     o1, o2 = _bins(pat.kernel[1]), _bins(pat.kernel[2])
     scalars = (*q3.stride(), *k3.stride(), *v3.stride(), *do3.stride(), *o3.stride()[:5],
                *_view3_strides(q.shape, rank)[:5], *l3.stride()[:4], *r_st, *ek_st, *ev_st,
-               H, *pattern_tail, 0 if extra_k is None else extra_k.shape[1], scale * _LOG2E, scale, D, Dv)
+               H, *pattern_tail, 0 if extra_k is None else extra_k.shape[1], layout.q_walk if layout else 1,
+               scale * _LOG2E, scale, D, Dv)
     constexprs, warps, stages = _split_options(_pattern_constexprs(pat, tiles, D, Dv, q.dtype))
-    constexprs.update(HAS_RPB=rpb is not None, HAS_EXTRA=extra_k is not None, RPB_BINS=mode == "bins", O1=o1, O2=o2,
-                      HAS_GLSE=grad_lse is not None)
-    dq = _DQ.record((n_programs, B * H), 13, scalars, constexprs, warps, stages)
+    if mode == "dsn" and not INTERPRETED:
+        # triton 3.6 on an H100 pipelined this variant (the per-pair dS store in the key-tile loop) into a wrong dQ
+        # and bias gradient: 3-D window, head_dim 64 (check-h100-2026-12-06-run4-failed.json; right unpipelined,
+        # or at 2 or 8 warps: replay-h100-2026-12-06-variants.json). One stage costs little: ranks 1 and 3 only.
+        stages = 1
+    constexprs.update(HAS_RPB=rpb is not None and layout is None, HAS_EXTRA=extra_k is not None,
+                      RPB_BINS=mode == "bins", O1=o1, O2=o2, HAS_GLSE=grad_lse is not None,
+                      BIAS_TILES=layout is not None)
+    dq = _DQ.record((n_programs, B * H), 14, scalars, constexprs, warps, stages)
+    grad = None
+    if layout is not None:
+        walk = layout.q_walk
+        chunks = max(1, min(B, BIAS_GRAD_PROGRAMS // max(1, n_programs * walk * H)))
+        per_chunk = triton_cdiv(B, chunks)
+        chunks = triton_cdiv(B, per_chunk)
+        g_scalars = (*q3.stride(), *k3.stride(), *v3.stride(), *do3.stride(), *l3.stride()[:4], H, *pattern_tail,
+                     walk, B, per_chunk, scale * _LOG2E, D, Dv)
+        g_constexprs, _, _ = _split_options(_pattern_constexprs(pat, tiles, D, Dv, q.dtype))
+        g_constexprs.update(O1=o1, O2=o2, BINS_PREC="ieee" if INTERPRETED else "tf32x3")
+        grad = _BIAS_GRAD.record((n_programs * walk, H, chunks), 8, g_scalars, g_constexprs, BIAS_GRAD_WARPS,
+                                 1 if INTERPRETED else BIAS_GRAD_STAGES)
+        part_shape = (chunks, H, n_programs * walk, o1, o2)
 
-    tiles = _tiles("dkv", pat, lengths, q, d_max)
+    tiles = _tiles("dkv", pat, lengths, q.dtype, d_max)
     n_tiles = _tiles_per_group(pat, lengths, tiles.n)
     table = query_range_table(pat, lengths, n_tiles, tiles.n, q.device)
     scalars = (*q3.stride(), *k3.stride(), *v3.stride(), *do3.stride(), *_view3_strides(k.shape, rank)[:5],
                *_view3_strides(v.shape, rank)[:5], *l3.stride()[:4], *r_st,
-               H, *_pattern_args(pat, lengths, n_tiles), table.shape[1], scale * _LOG2E, scale, D, Dv)
+               H, *_pattern_args(pat, lengths, n_tiles), table.shape[1], layout.k_walk if layout else 1,
+               scale * _LOG2E, scale, D, Dv)
     constexprs, warps, stages = _split_options(_pattern_constexprs(pat, tiles, D, Dv, q.dtype))
-    constexprs.update(HAS_RPB=rpb is not None)
+    constexprs.update(HAS_RPB=rpb is not None and layout is None, BIAS_TILES=layout is not None)
     grid = (math.prod(pat.dilation[i] * n_tiles[i] for i in range(3)), B * H)
-    dkv = _DKV.record(grid, 10, scalars, constexprs, warps, stages)
-    return _BackwardPlan(dq, dkv, table, mode, (B, H, n_programs, o1, o2), n_programs)
+    dkv = _DKV.record(grid, 11, scalars, constexprs, warps, stages)
+    if layout is None:
+        return _BackwardPlan(dq, dkv, table, mode, (B, H, n_programs, o1, o2), n_programs)
+    assert tiles == layout.k_tiles and grid[0] == layout.k_programs
+    expand_k = _EXPAND_K.record((layout.k_programs, H), 3,
+                                (*r_st, *_pattern_args(pat, lengths, n_tiles), table.shape[1], layout.k_walk),
+                                _walk_constexprs(pat, tiles), 4, 1)
+    bias_plan = _BiasTilePlan(_expand_query_record(pat, lengths, layout, r_st, H), expand_k, grad,
+                              layout.q_shape(H), layout.k_shape(H), layout.dtype)
+    return _BackwardPlan(dq, dkv, table, mode, part_shape, n_programs, bias_plan)
 
 
 def backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, scale: float,
@@ -429,15 +576,24 @@ def backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, s
     ek = q if extra_k is None else extra_k
     ev = q if extra_v is None else extra_v
     drpb = None
+    bias_q = bias_k = q
     if plan.rpb_mode == "dsn":
         drpb = _dq_pass_with_dsn(plan, grad_out, q, k, v, out, glse, lse, delta, dq, rpb, ek, ev, pat)
     else:
         part = q if plan.rpb_mode == "none" else torch.empty(plan.part_shape, device=q.device, dtype=torch.float32)
-        _DQ(plan.dq, (q, k, v, grad_out, out, glse, lse, delta, dq, part, rpb_t, ek, ev))
-        if plan.rpb_mode == "bins":
+        if plan.tiles is not None:
+            bt = plan.tiles
+            bias_q = torch.empty(bt.q_shape, device=q.device, dtype=bt.dtype)
+            bias_k = torch.empty(bt.k_shape, device=q.device, dtype=bt.dtype)
+            _EXPAND_Q(bt.expand_q, (rpb, bias_q))
+            _EXPAND_K(bt.expand_k, (rpb, bias_k, plan.table))
+        _DQ(plan.dq, (q, k, v, grad_out, out, glse, lse, delta, dq, part, rpb_t, ek, ev, bias_q))
+        if plan.tiles is not None:
+            _BIAS_GRAD(plan.tiles.grad, (q, k, v, grad_out, lse, delta, bias_q, part))
+        if plan.rpb_mode in ("bins", "tiles"):
             k1, k2 = pat.kernel[1], pat.kernel[2]
             drpb = part[:, :, :, : 2 * k1 - 1, : 2 * k2 - 1].sum((0, 2)).reshape(rpb.shape)
-    _DKV(plan.dkv, (q, k, v, grad_out, lse, delta, dk, dv, rpb_t, plan.table))
+    _DKV(plan.dkv, (q, k, v, grad_out, lse, delta, dk, dv, rpb_t, plan.table, bias_k))
     dek = dev = None
     if extra_k is not None:
         rank = q.dim() - 3
@@ -478,7 +634,7 @@ def _dq_pass_with_dsn(plan: _BackwardPlan, grad_out, q, k, v, out, glse, lse, de
         part = slice(b0, b0 + nb)
         dsn = alloc((nb, H, math.prod(lengths), neighbours), device=q.device, dtype=torch.float32)
         tensors = (q[part], k[part], v[part], grad_out[part], out[part], glse[part], lse[part], delta[part], dq[part],
-                   dsn, rpb, ek[part], ev[part])
+                   dsn, rpb, ek[part], ev[part], q)
         _DQ.kernel[(rec.grid[0], nb * H)](*tensors, *rec.scalars, **rec.constexprs, **rec.options)
         part_grad = _reduce_rpb_grad(dsn, pat, lengths, H, maps)
         drpb = part_grad if drpb is None else drpb + part_grad

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import math
 
 import torch
 
@@ -91,3 +92,38 @@ def rpb_offset_maps(pattern, lengths, device: torch.device) -> list[torch.Tensor
     return cached(_DEVICE_TABLES, key, lambda: [
         _offset_map(lengths[i], pattern.dilation[i], pattern.kernel[i], pattern.stride[i], pattern.shift[i],
                     pattern.causal[i], pattern.window).to(device) for i in range(3)])
+
+
+@functools.lru_cache(maxsize=256)
+def _dim_walk(length: int, dilation: int, n_tiles: int, kernel: int, stride: int, shift: int, causal: bool,
+              window: bool, tile_m: int, tile_n: int) -> int:
+    """The most key tiles (``tile_n`` rows) one query tile (``tile_m`` rows) walks along one dimension, as
+    ``engine._query_dim`` counts them."""
+    most = 0
+    for t in range(dilation * n_tiles):
+        _, group_len, first, lo, hi = tile_span(t, length, dilation, n_tiles, kernel, shift, tile_m, window)
+        qa, qb = max(first, lo), min(first + tile_m, hi) - 1
+        if qb < qa:
+            continue
+        ka = interval(qa, group_len, kernel, stride, shift, causal, window)[0]
+        kb = interval(qb, group_len, kernel, stride, shift, causal, window)[1]
+        most = max(most, (kb - ka + tile_n) // tile_n)
+    return most
+
+
+def key_walk_length(pattern, lengths, n_tiles, tile_m, tile_n) -> int:
+    """The most key tiles any query tile of the forward / dQ walk visits (the expanded bias's tiles per program)."""
+    return math.prod(_dim_walk(lengths[i], pattern.dilation[i], n_tiles[i], pattern.kernel[i], pattern.stride[i],
+                               pattern.shift[i], pattern.causal[i], pattern.window, tile_m[i], tile_n[i])
+                     for i in range(3))
+
+
+def query_walk_length(pattern, lengths, n_tiles, tile_m, tile_n) -> int:
+    """The most query tiles (``tile_m`` rows) any key tile (``tile_n`` rows, ``n_tiles`` per group) of the dK/dV
+    pass walks, from the same rows as ``query_range_table``."""
+    most = 1
+    for i in range(3):
+        rows = _dim_ranges(lengths[i], pattern.dilation[i], n_tiles[i], pattern.kernel[i], pattern.stride[i],
+                           pattern.shift[i], pattern.causal[i], pattern.window, tile_n[i])
+        most *= max([(q_hi - q_lo + tile_m[i]) // tile_m[i] for q_lo, q_hi, _, _ in rows if q_hi >= q_lo] or [0])
+    return most
