@@ -84,3 +84,22 @@ def test_bfloat16_under_the_interpreter_is_refused(monkeypatch):
     assert "bfloat16" not in (kernels.na_why_not(q16, q16, q16, *args) or "")
     with pytest.raises(ValueError, match="bfloat16 under the Triton interpreter"):
         visattn.na2d(qb, qb, qb, 3, backend="triton")
+
+
+def test_engine_path_names_the_bias_tiles():
+    """A trained 2-D bias on the tiled path says it is read from expanded tiles; a 3-D one (per-pair buffer) does
+    not, nor does a call without a bias."""
+    import torch
+
+    import visattn.kernels as kernels
+
+    q = torch.zeros(2, 28, 28, 4, 32, dtype=torch.float16)
+    args = ((7, 7), (1, 1), (1, 1), (False, False), (0, 0))
+    path, why = kernels.engine_path(q, q, torch.zeros(4, 13, 13), None, False, *args)
+    assert path == "tiled" and "bias expanded once per call" in why, why
+    path, why = kernels.engine_path(q, q, None, None, False, *args)
+    assert "bias expanded" not in why, why
+    q3 = torch.zeros(2, 12, 12, 12, 2, 32, dtype=torch.float16)
+    path, why = kernels.engine_path(q3, q3, torch.zeros(2, 5, 5, 5), None, False, (3, 3, 3), (1, 1, 1), (1, 1, 1),
+                                    (False,) * 3, (0, 0, 0))
+    assert path == "tiled" and "bias expanded" not in why, why
