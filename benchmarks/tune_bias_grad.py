@@ -24,13 +24,14 @@ STAGES = {"nat_s1": ((56, 56), 2), "nat_s2": ((28, 28), 4), "nat_s3": ((14, 14),
 CHOICES = [(p, s, w) for p in (1024, 4096, 16384) for s in (1, 2, 3) for w in (4, 8) if w == 4 or s == 2]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     missing = common.require_cuda("tune_bias_grad")
     if missing:
-        raise SystemExit(missing)
+        print(missing, file=sys.stderr)
+        return 2
     rows = []
     for name, (spatial, heads) in STAGES.items():
         qkv = torch.randn(256, *spatial, 3, heads, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -50,7 +51,8 @@ def main() -> None:
             rows.append(dict(stage=name, programs=programs, stages=stages, warps=warps, ms=round(ms, 4)))
             print(rows[-1], flush=True)
     common.save_result("tune-bias-grad", {"batch": 256, "dtype": "bfloat16", "head_dim": 32, "rows": rows}, args.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
