@@ -20,7 +20,7 @@ from visattn.kernels.cells import _cell_bwd_kernel, _cell_fwd_kernel
 from visattn.kernels.engine import _fwd_kernel
 from visattn.kernels.launch import INTERPRETED, KernelLauncher, LaunchRecord, tensor_key
 from visattn.kernels.tables import key_walk_length, query_range_table, query_walk_length, rpb_offset_maps
-from visattn.kernels.tiles import Tiles, choose_tiles, dot_precision, padded_head_dim
+from visattn.kernels.tiles import Tiles, binnable, choose_tiles, dot_precision, padded_head_dim
 
 # Test hook (visattn.bench.check): fill outputs with NaN before launching, so an unwritten element fails a check.
 POISON = False
@@ -303,8 +303,7 @@ def bias_tile_layout(pat: Pattern, lengths: tuple, dtype: torch.dtype, head_dim:
     if rank != 2 or has_extra:
         return None
     q_tiles = _tiles("dq", pat, lengths, dtype, head_dim, bins=True)
-    if not (q_tiles.m[0] == q_tiles.n[0] == 1 and q_tiles.m[1] * q_tiles.n[1] >= 16
-            and q_tiles.m[2] * q_tiles.n[2] >= 16):
+    if not binnable(q_tiles.m, q_tiles.n):
         return None
     k_tiles = _tiles("dkv", pat, lengths, dtype, head_dim)
     q_n = tuple(_tiles_per_group(pat, lengths, q_tiles.m))
@@ -486,8 +485,7 @@ def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Patt
     if layout is not None:
         mode = "tiles"
     elif rpb is not None:
-        fits = (tiles.m[0] == tiles.n[0] == 1 and tiles.m[1] * tiles.n[1] >= 16 and tiles.m[2] * tiles.n[2] >= 16)
-        mode = "bins" if rank == 2 and fits else "dsn"
+        mode = "bins" if rank == 2 and binnable(tiles.m, tiles.n) else "dsn"
     n_tiles = _tiles_per_group(pat, lengths, tiles.m)
     n_programs = math.prod(pat.dilation[i] * n_tiles[i] for i in range(3))
     pattern_tail = _pattern_args(pat, lengths, n_tiles)

@@ -113,7 +113,9 @@ def _dim_cost(own: int, other: int, extent: int, kernel: int, stride: int, windo
     return math.ceil(min(reach, extent) / other) * other, min(own, extent)
 
 
-def _binnable(own: Triple, other: Triple) -> bool:
+def binnable(own: Triple, other: Triple) -> bool:
+    """Whether a query box ``own`` against a key box ``other`` can have its dS binned into bias offsets in registers
+    (``backward._rpb_bins``): flat in dimension 0, query x key rows >= 16 (tl.dot's minimum) in dimensions 1 and 2."""
     return own[0] == other[0] == 1 and own[1] * other[1] >= 16 and own[2] * other[2] >= 16
 
 
@@ -148,8 +150,8 @@ def choose_tiles(pass_name: str, window: bool, extents: Triple, kernel: Triple, 
     best, best_cost = None, float("inf")
     for volume in own_volumes:
         pairs = list(itertools.product(_boxes(volume), _boxes(other_volume)))
-        if bins and any(_binnable(own, other) for own, other in pairs):
-            pairs = [(own, other) for own, other in pairs if _binnable(own, other)]
+        if bins and any(binnable(own, other) for own, other in pairs):
+            pairs = [(own, other) for own, other in pairs if binnable(own, other)]
         for own, other in pairs:
             visited, useful = 1.0, 1.0
             for i in range(3):
