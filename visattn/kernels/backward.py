@@ -1,7 +1,9 @@
 """The backward of the engine, FA2-style: probabilities are recomputed from the saved log2-LSE and
-``delta = rowsum(dO * O)``. The dQ pass walks the same key tiles as the forward; with a trained rpb it also writes
-each pair's dS into a per-query neighbour buffer ``[B, H, positions, prod(kernel)]`` (every pair exactly once, no
-atomics), which the host reduces into the table deterministically (``ops._reduce_rpb_grad``). The dK/dV pass owns
+``delta = rowsum(dO * O)``. The dQ pass walks the same key tiles as the forward. With a trained rpb it also
+produces the bias gradient: a 1-D / 3-D one as each pair's dS in a per-query neighbour buffer
+``[B, H, positions, prod(kernel)]`` (every pair exactly once, no atomics) that the host reduces deterministically
+(``ops._reduce_rpb_grad``), a 2-D one as offset bins summed in registers (``_rpb_bins``), unless the bias is read
+from expanded tiles, whose gradient ``bias_tiles._bias_grad_kernel`` computes. The dK/dV pass owns
 a key tile and walks the query tiles whose windows reach it, read from a per-shape table (``tables.py``). Extra
 (global) keys get their own dK/dV pass over all queries.
 """
