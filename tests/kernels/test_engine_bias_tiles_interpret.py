@@ -35,6 +35,7 @@ def run_case() -> dict:
     from visattn.kernels import ops
 
     ops.SMALL_MAP = False  # the tiled kernels (the small-map path has its own bias handling)
+    ops.BIAS_GRAD_BUFFER = False  # the recomputing bias-gradient kernel first (its batch chunks); the buffer below
     ops.POISON = True  # NaN-filled outputs and partials: anything never written fails the comparison
     results = {}
 
@@ -78,6 +79,14 @@ def run_case() -> dict:
                                                   repeat_equal=bool(torch.equal(drpb, again)))
     ops.BIAS_GRAD_PROGRAMS = 1024
 
+    # the gradient from the dQ pass's dS, written once per pair into the per-position buffer
+    ops.BIAS_GRAD_BUFFER = True
+    for i, case in enumerate(TILE_CASES):
+        ops._PLANS.clear()
+        errs, _ = run(case, 40 + i)
+        modes = {plan.rpb_mode for key, plan in ops._PLANS.items() if key[0] == "bwd"}
+        results[f"{case[0]}/buffer"] = dict(errs=errs, modes=sorted(modes))
+
     # the per-pair gather, same case: the second opinion of the fused path
     ops.BIAS_TILES = False
     ops._PLANS.clear()
@@ -106,6 +115,15 @@ def test_bias_tiles_match_oracle(case, chunks, tile_results):
     assert got["modes"] == ["tiles"], got
     assert got["chunks"] == [chunks], got
     assert got["repeat_equal"], got
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("case", TILE_CASES, ids=[c[0] for c in TILE_CASES])
+def test_bias_gradient_from_the_dq_buffer_matches_oracle(case, tile_results):
+    got = tile_results[f"{case[0]}/buffer"]
+    assert got["modes"] == ["tiles-dsn"], got
+    tol = TOL[case[8]]
+    assert all(v < tol for v in got["errs"].values()), got
 
 
 @pytest.mark.interpret

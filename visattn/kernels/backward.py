@@ -48,7 +48,7 @@ def _bwd_dq_kernel(
     CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, WINDOW: tl.constexpr,
     HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, DOT_PREC: tl.constexpr,
     RPB_BINS: tl.constexpr = False, O1: tl.constexpr = 16, O2: tl.constexpr = 16, HAS_GLSE: tl.constexpr = False,
-    BIAS_TILES: tl.constexpr = False,
+    BIAS_TILES: tl.constexpr = False, DS_BUFFER: tl.constexpr = False,
 ):
     """dQ for one query tile over the forward's key tiles, and ``delta = rowsum(dO * O)`` (minus the LSE
     gradient's share) computed here and stored for the dK/dV pass. With a bias: ``RPB_BINS`` sums each tile's dS
@@ -85,7 +85,7 @@ def _bwd_dq_kernel(
         _, _, q_first1, _, _ = split_tile(t1, L1, DL1, NT1, KS1, SH1, M1, WINDOW)
         _, _, q_first2, _, _ = split_tile(t2, L2, DL2, NT2, KS2, SH2, M2, WINDOW)
         bins = tl.zeros([O1, O2], tl.float32)
-    elif HAS_RPB:  # row starts of this program's queries in the dS buffer [B, H, L0*L1*L2, KS0*KS1*KS2]
+    elif HAS_RPB or DS_BUFFER:  # row starts of this program's queries in the dS buffer [B, H, L0*L1*L2, KS0*KS1*KS2]
         positions = ((qi0 * DL0 + g0) * L1 + (qi1 * DL1 + g1)) * L2 + (qi2 * DL2 + g2)
         dsn_rows = DSN + ((b * H + h) * (L0 * L1 * L2) + positions) * (KS0 * KS1 * KS2)
     for t in range(0, nk0 * nk1 * nk2):
@@ -104,7 +104,9 @@ def _bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         if RPB_BINS:
             bins += _rpb_bins(ds, q_first1, q_first2, lo1, lo2, KS1, KS2, M1, M2, N1, N2, O1, O2, IEEE)
-        elif HAS_RPB:  # neighbour index (key - window start) per dimension: each pair lands in its own slot
+        elif HAS_RPB or DS_BUFFER:  # neighbour index (key - window start) per dimension: each pair in its own slot
+            if DS_BUFFER:  # bias tiles: the real pairs are those whose expanded bias is finite
+                pair = s > float("-inf")
             nbr = (((kj0[None, :] - st0[:, None]) * KS1 + (kj1[None, :] - st1[:, None])) * KS2
                    + (kj2[None, :] - st2[:, None]))
             tl.store(dsn_rows[:, None] + nbr, ds, mask=pair)

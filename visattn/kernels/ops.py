@@ -444,7 +444,7 @@ class _BiasTilePlan(NamedTuple):
 
     expand_q: LaunchRecord
     expand_k: LaunchRecord
-    grad: LaunchRecord
+    grad: LaunchRecord | None  # None when the dQ pass writes the per-pair buffer ("tiles-dsn")
     q_shape: tuple
     k_shape: tuple
     dtype: torch.dtype
@@ -463,6 +463,9 @@ class _BackwardPlan(NamedTuple):
 # Bias-gradient programs to keep at least (batch chunks are sized for it): a few per SM. Its loop over a chunk's
 # items is pipelined over BIAS_GRAD_STAGES stages (H100, NAT-T s1-s3: 3 stages 25% faster than 1; 8 warps 2x slower).
 BIAS_GRAD_PROGRAMS = 1024
+# Candidate (branch engine-bias-tiles-dsn, not measured): the bias gradient from the dQ pass's dS, written once per
+# pair into the per-position buffer and reduced on the host, instead of recomputed by _bias_grad_kernel.
+BIAS_GRAD_BUFFER = os.environ.get("VISATTN_BIAS_GRAD_BUFFER", "1") != "0"
 BIAS_GRAD_STAGES = 3
 BIAS_GRAD_WARPS = 4
 
@@ -483,7 +486,7 @@ def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Patt
     layout = _tile_layout_of(q, v, rpb, extra_k, pat)
     tiles = _tiles("dq", pat, lengths, q.dtype, d_max, bins=rpb is not None and rank == 2)
     if layout is not None:
-        mode = "tiles"
+        mode = "tiles-dsn" if BIAS_GRAD_BUFFER else "tiles"
     elif rpb is not None:
         mode = "bins" if rank == 2 and binnable(tiles.m, tiles.n) else "dsn"
     n_tiles = _tiles_per_group(pat, lengths, tiles.m)
@@ -495,17 +498,18 @@ def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Patt
                H, *pattern_tail, 0 if extra_k is None else extra_k.shape[1], layout.q_walk if layout else 1,
                scale * _LOG2E, scale, D, Dv)
     constexprs, warps, stages = _split_options(_pattern_constexprs(pat, tiles, D, Dv, q.dtype))
-    if mode == "dsn" and not INTERPRETED:
+    if mode in ("dsn", "tiles-dsn") and not INTERPRETED:
         # triton 3.6 on an H100 pipelined this variant (the per-pair dS store in the key-tile loop) into a wrong dQ
         # and bias gradient: 3-D window, head_dim 64 (check-h100-2026-12-06-run4-failed.json; right unpipelined,
         # or at 2 or 8 warps: replay-h100-2026-12-06-variants.json). One stage costs little: ranks 1 and 3 only.
         stages = 1
     constexprs.update(HAS_RPB=rpb is not None and layout is None, HAS_EXTRA=extra_k is not None,
                       RPB_BINS=mode == "bins", O1=o1, O2=o2, HAS_GLSE=grad_lse is not None,
-                      BIAS_TILES=layout is not None)
+                      BIAS_TILES=layout is not None, DS_BUFFER=mode == "tiles-dsn")
     dq = _DQ.record((n_programs, B * H), 14, scalars, constexprs, warps, stages)
     grad = None
-    if layout is not None:
+    part_shape = (B, H, n_programs, o1, o2)
+    if mode == "tiles":
         walk = layout.q_walk
         chunks = max(1, min(B, BIAS_GRAD_PROGRAMS // max(1, n_programs * walk * H)))
         per_chunk = triton_cdiv(B, chunks)
@@ -530,7 +534,7 @@ def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Patt
     grid = (math.prod(pat.dilation[i] * n_tiles[i] for i in range(3)), B * H)
     dkv = _DKV.record(grid, 11, scalars, constexprs, warps, stages)
     if layout is None:
-        return _BackwardPlan(dq, dkv, table, mode, (B, H, n_programs, o1, o2), n_programs)
+        return _BackwardPlan(dq, dkv, table, mode, part_shape, n_programs)
     assert tiles == layout.k_tiles and grid[0] == layout.k_programs
     expand_k = _EXPAND_K.record((layout.k_programs, H), 3,
                                 (*r_st, *_pattern_args(pat, lengths, n_tiles), table.shape[1], layout.k_walk),
@@ -575,16 +579,16 @@ def backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, s
     ev = q if extra_v is None else extra_v
     drpb = None
     bias_q = bias_k = q
-    if plan.rpb_mode == "dsn":
-        drpb = _dq_pass_with_dsn(plan, grad_out, q, k, v, out, glse, lse, delta, dq, rpb, ek, ev, pat)
+    if plan.tiles is not None:
+        bt = plan.tiles
+        bias_q = torch.empty(bt.q_shape, device=q.device, dtype=bt.dtype)
+        bias_k = torch.empty(bt.k_shape, device=q.device, dtype=bt.dtype)
+        _EXPAND_Q(bt.expand_q, (rpb, bias_q))
+        _EXPAND_K(bt.expand_k, (rpb, bias_k, plan.table))
+    if plan.rpb_mode in ("dsn", "tiles-dsn"):
+        drpb = _dq_pass_with_dsn(plan, grad_out, q, k, v, out, glse, lse, delta, dq, rpb, ek, ev, pat, bias_q)
     else:
         part = q if plan.rpb_mode == "none" else torch.empty(plan.part_shape, device=q.device, dtype=torch.float32)
-        if plan.tiles is not None:
-            bt = plan.tiles
-            bias_q = torch.empty(bt.q_shape, device=q.device, dtype=bt.dtype)
-            bias_k = torch.empty(bt.k_shape, device=q.device, dtype=bt.dtype)
-            _EXPAND_Q(bt.expand_q, (rpb, bias_q))
-            _EXPAND_K(bt.expand_k, (rpb, bias_k, plan.table))
         _DQ(plan.dq, (q, k, v, grad_out, out, glse, lse, delta, dq, part, rpb_t, ek, ev, bias_q))
         if plan.tiles is not None:
             _BIAS_GRAD(plan.tiles.grad, (q, k, v, grad_out, lse, delta, bias_q, part))
@@ -613,7 +617,7 @@ def backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, s
 
 
 def _dq_pass_with_dsn(plan: _BackwardPlan, grad_out, q, k, v, out, glse, lse, delta, dq, rpb, ek, ev,
-                      pat: Pattern) -> Tensor:
+                      pat: Pattern, bias: Tensor) -> Tensor:
     """The dQ pass for a bias the in-register bins cannot take (rank 1 and 3): each pair's dS into a per-query
     neighbour buffer, reduced on the host (``_reduce_rpb_grad``); batch chunks bound the buffer. Launched through
     Triton's normal path (chunk views change pointers)."""
@@ -632,7 +636,7 @@ def _dq_pass_with_dsn(plan: _BackwardPlan, grad_out, q, k, v, out, glse, lse, de
         part = slice(b0, b0 + nb)
         dsn = alloc((nb, H, math.prod(lengths), neighbours), device=q.device, dtype=torch.float32)
         tensors = (q[part], k[part], v[part], grad_out[part], out[part], glse[part], lse[part], delta[part], dq[part],
-                   dsn, rpb, ek[part], ev[part], q)
+                   dsn, rpb, ek[part], ev[part], bias)
         _DQ.kernel[(rec.grid[0], nb * H)](*tensors, *rec.scalars, **rec.constexprs, **rec.options)
         part_grad = _reduce_rpb_grad(dsn, pat, lengths, H, maps)
         drpb = part_grad if drpb is None else drpb + part_grad
