@@ -302,8 +302,9 @@ def bias_tile_layout(pat: Pattern, lengths: tuple, dtype: torch.dtype, head_dim:
     expansion in float16."""
     if rank != 2 or has_extra:
         return None
-    q_tiles = _tiles("dq", pat, lengths, dtype, head_dim, bins=True)
-    if not binnable(q_tiles.m, q_tiles.n):
+    # the recomputing bias-gradient kernel bins dS per tile pair; the per-pair buffer takes any tiles
+    q_tiles = _tiles("dq", pat, lengths, dtype, head_dim, bins=not BIAS_GRAD_BUFFER)
+    if not BIAS_GRAD_BUFFER and not binnable(q_tiles.m, q_tiles.n):
         return None
     k_tiles = _tiles("dkv", pat, lengths, dtype, head_dim)
     q_n = tuple(_tiles_per_group(pat, lengths, q_tiles.m))
@@ -484,7 +485,8 @@ def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Patt
 
     mode = "none"
     layout = _tile_layout_of(q, v, rpb, extra_k, pat)
-    tiles = _tiles("dq", pat, lengths, q.dtype, d_max, bins=rpb is not None and rank == 2)
+    bins = rpb is not None and rank == 2
+    tiles = layout.q_tiles if layout else _tiles("dq", pat, lengths, q.dtype, d_max, bins=bins)
     if layout is not None:
         mode = "tiles-dsn" if BIAS_GRAD_BUFFER else "tiles"
     elif rpb is not None:
@@ -498,7 +500,7 @@ def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Patt
                H, *pattern_tail, 0 if extra_k is None else extra_k.shape[1], layout.q_walk if layout else 1,
                scale * _LOG2E, scale, D, Dv)
     constexprs, warps, stages = _split_options(_pattern_constexprs(pat, tiles, D, Dv, q.dtype))
-    if mode in ("dsn", "tiles-dsn") and not INTERPRETED:
+    if mode == "dsn" and not INTERPRETED:
         # triton 3.6 on an H100 pipelined this variant (the per-pair dS store in the key-tile loop) into a wrong dQ
         # and bias gradient: 3-D window, head_dim 64 (check-h100-2026-12-06-run4-failed.json; right unpipelined,
         # or at 2 or 8 warps: replay-h100-2026-12-06-variants.json). One stage costs little: ranks 1 and 3 only.
