@@ -2,8 +2,9 @@
 ``delta = rowsum(dO * O)``. The dQ pass walks the same key tiles as the forward. With a trained rpb it also
 produces the bias gradient: a 1-D / 3-D one as each pair's dS in a per-query neighbour buffer
 ``[B, H, positions, prod(kernel)]`` (every pair exactly once, no atomics) that the host reduces deterministically
-(``ops._reduce_rpb_grad``), a 2-D one as offset bins summed in registers (``_rpb_bins``), unless the bias is read
-from expanded tiles, whose gradient ``bias_tiles._bias_grad_kernel`` computes. The dK/dV pass owns
+(``ops._reduce_rpb_grad``), a 2-D one as offset bins summed in registers (``_rpb_bins``). A 2-D bias read from
+expanded tiles (``bias_tiles.py``) also takes the neighbour buffer (``DS_BUFFER``): one store per pair costs less
+than recomputing dS (``ops.BIAS_GRAD_BUFFER``; ``bias_tiles._bias_grad_kernel`` otherwise). The dK/dV pass owns
 a key tile and walks the query tiles whose windows reach it, read from a per-shape table (``tables.py``). Extra
 (global) keys get their own dK/dV pass over all queries.
 """
@@ -54,7 +55,8 @@ def _bwd_dq_kernel(
     gradient's share) computed here and stored for the dK/dV pass. With a bias: ``RPB_BINS`` sums each tile's dS
     into relative-offset bins in registers (``_rpb_bins``) and stores one ``[O1, O2]`` partial per program;
     otherwise each pair's dS goes to the neighbour buffer ``DSN``. With ``BIAS_TILES`` (``HAS_RPB`` off) the bias
-    and mask come from the expanded tiles ``BT`` and the bias gradient is left to ``bias_tiles._bias_grad_kernel``."""
+    and mask come from the expanded tiles ``BT``; ``DS_BUFFER`` then stores each real pair's dS (finite bias) in
+    ``DSN``, else the bias gradient is left to ``bias_tiles._bias_grad_kernel``."""
     BLOCK_M: tl.constexpr = M0 * M1 * M2
     BLOCK_N: tl.constexpr = N0 * N1 * N2
     pid = tl.program_id(0)

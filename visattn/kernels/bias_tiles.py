@@ -9,7 +9,9 @@ does the same along the dK/dV pass's walk, transposed. The attention kernels the
 The bias gradient is the adjoint: ``_bias_grad_kernel`` owns one (query tile, key tile) pair and a chunk of the
 batch, recomputes dS there for each item, sums it in registers and bins the sum into bias offsets once
 (``backward._rpb_bins``): the binning is paid per batch chunk instead of per item, and each program writes its
-own partial (no atomics; the host sums the partials in a fixed order).
+own partial (no atomics; the host sums the partials in a fixed order). By default (``ops.BIAS_GRAD_BUFFER``) the
+dQ pass instead stores each pair's dS once in the per-query neighbour buffer and the host reduces it: on an H100
+that cost less than this kernel's recompute at NAT-T s1-s3 (engine-h100-2026-12-06-run6-dsn.json).
 """
 
 import triton
