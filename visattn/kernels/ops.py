@@ -623,8 +623,8 @@ def backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, s
 def _dq_pass_with_dsn(plan: _BackwardPlan, grad_out, q, k, v, out, glse, lse, delta, dq, rpb, ek, ev,
                       pat: Pattern, bias: Tensor) -> Tensor:
     """The dQ pass for a bias the in-register bins cannot take (rank 1 and 3): each pair's dS into a per-query
-    neighbour buffer, reduced on the host (``_reduce_rpb_grad``); batch chunks bound the buffer. Launched through
-    Triton's normal path (chunk views change pointers)."""
+    neighbour buffer, reduced on the host (``_reduce_rpb_grad``); batch chunks bound the buffer. A single chunk
+    replays the plan's launch; several go through Triton's normal path (their grids differ from the plan's)."""
     rank = q.dim() - 3
     B, H = q.shape[0], q.shape[-2]
     lengths = tuple(_view3(q, rank).shape[1:4])
@@ -641,7 +641,10 @@ def _dq_pass_with_dsn(plan: _BackwardPlan, grad_out, q, k, v, out, glse, lse, de
         dsn = alloc((nb, H, math.prod(lengths), neighbours), device=q.device, dtype=torch.float32)
         tensors = (q[part], k[part], v[part], grad_out[part], out[part], glse[part], lse[part], delta[part], dq[part],
                    dsn, rpb, ek[part], ev[part], bias)
-        _DQ.kernel[(rec.grid[0], nb * H)](*tensors, *rec.scalars, **rec.constexprs, **rec.options)
+        if nb == B:  # one chunk (the usual case): the plan's replayed launch, not Triton's per-call binding
+            _DQ(rec, tensors)
+        else:
+            _DQ.kernel[(rec.grid[0], nb * H)](*tensors, *rec.scalars, **rec.constexprs, **rec.options)
         part_grad = _reduce_rpb_grad(dsn, pat, lengths, H, maps)
         drpb = part_grad if drpb is None else drpb + part_grad
     return drpb.reshape(rpb.shape)

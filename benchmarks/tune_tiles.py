@@ -1,0 +1,172 @@
+"""Tile volumes of the tiled engine's passes (forward, dQ, dK/dV) at NAT-T stages 1-3 or FLUX's 1024² block.
+
+Suite ``nat``: B256, bf16, head_dim 32, kernel 7, with and without a trained bias. Suite ``flux``: B1, 64x64 image
+tokens, 24 heads x 128, NA kernel 21 and GNA kernel 32 stride 16, with FLUX's 512 text tokens as extra keys.
+Configuration ``i`` replaces the suite's volume of every pass by its ``i``-th candidate (``tiles._VOLUMES``: rows
+per query tile, rows per key tile, warps, stages), so one profiled forward+backward times one candidate of each
+pass; each kernel's GPU time is the mean over ``--reps`` profiled calls.
+Every configuration's output and gradients are compared with configuration 0's (the shipped table) so a candidate
+that computes something else is seen. Exploratory: chosen volumes go into ``visattn/kernels/tiles.py`` by hand.
+
+Usage (repo root, CUDA): python benchmarks/tune_tiles.py --out /tmp/out/tune-tiles.json [--suite flux]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import visattn  # noqa: E402
+from visattn.bench import common  # noqa: E402
+from visattn.kernels import ops, tiles  # noqa: E402
+
+# stage -> (map, heads, head_dim, batch, kernel, stride, text tokens, rpb draws)
+STAGES = {"nat_s1": ((56, 56), 2, 32, 256, 7, 1, 0, (False, True)),
+          "nat_s2": ((28, 28), 4, 32, 256, 7, 1, 0, (False, True)),
+          "nat_s3": ((14, 14), 8, 32, 256, 7, 1, 0, (False, True)),
+          "flux_na_k21": ((64, 64), 24, 128, 1, 21, 1, 512, (False,)),
+          "flux_gna_k32_s16": ((64, 64), 24, 128, 1, 32, 16, 512, (False,))}
+SUITES = {"nat": ("nat_s1", "nat_s2", "nat_s3"), "flux": ("flux_na_k21", "flux_gna_k32_s16")}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass; index 0 is filled with the shipped table's entry at run time.
+CANDIDATES = {
+    "nat": {
+        "fwd": [None, (32, 64, 4, 2), (32, 128, 4, 2), (16, 128, 4, 2), (64, 32, 4, 2), (32, 64, 2, 2),
+                (64, 64, 4, 3), (128, 64, 4, 3), (16, 64, 2, 2)],
+        "bwd": [None, (32, 64, 4, 2), (32, 32, 2, 2), (16, 64, 2, 2), (32, 128, 4, 2), (64, 64, 4, 2),
+                (16, 128, 4, 2), (32, 64, 2, 2), (64, 32, 4, 3)],
+        "dkv": [None, (32, 32, 2, 2), (64, 32, 4, 2), (16, 64, 4, 2), (64, 64, 4, 2), (32, 128, 4, 2),
+                (16, 32, 2, 2), (32, 64, 2, 2), (32, 64, 4, 3)],
+    },
+    "flux": {
+        "fwd": [None, (128, 64, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+                (128, 32, 4, 3), (64, 128, 8, 3)],
+        "bwd": [None, (128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2),
+                (128, 64, 8, 3), (32, 64, 4, 2)],
+        "dkv": [None, (64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (128, 64, 8, 2),
+                (64, 128, 8, 3), (32, 128, 4, 2)],
+    },
+}
+KEYS = {"nat": {"fwd": ("fwd", 16, 64, "small"), "bwd": ("bwd", 16, 64, "small"), "dkv": ("dkv", 16, 64, "small")},
+        "flux": {"fwd": ("fwd", 16, 128, "large"), "bwd": ("bwd", 16, 128, "large"),
+                 "dkv": ("dkv", 16, 128, "large")}}
+ENGINE = ("_fwd_kernel", "_bwd_", "_bias_grad", "_expand_")
+
+
+def _apply(suite: str, config: int, shipped: dict) -> dict:
+    chosen = {}
+    for name, key in KEYS[suite].items():
+        volume = CANDIDATES[suite][name][config] or shipped[name]
+        if volume is None:  # no entry of its own (the dK/dV pass then takes the dQ pass's): leave it absent
+            tiles._VOLUMES.pop(key, None)
+            chosen[name] = None
+            continue
+        tiles._VOLUMES[key] = volume
+        if key in tiles._BIAS_VOLUMES:
+            tiles._BIAS_VOLUMES[key] = volume
+        chosen[name] = list(volume)
+    tiles.choose_tiles.cache_clear()
+    tiles.volume_key.cache_clear()
+    ops._PLANS.clear()
+    if hasattr(ops, "bias_tile_layout"):
+        ops.bias_tile_layout.cache_clear()
+    return chosen
+
+
+def _kernel_ms(fn, reps: int) -> dict[str, float]:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    found: dict[str, float] = {}
+    for evt in prof.key_averages():
+        us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        on_gpu = getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA
+        if us > 0 and on_gpu and evt.key.startswith(ENGINE):
+            found[evt.key[:40]] = round(found.get(evt.key[:40], 0.0) + us / 1e3 / reps, 4)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--suite", choices=sorted(SUITES), default="nat")
+    parser.add_argument("--stages", default=None, help="comma list (default: the suite's)")
+    parser.add_argument("--configs", default=None, help="comma list of candidate indices (default: all)")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--time-budget", type=float, default=300.0)
+    args = parser.parse_args(argv)
+    missing = common.require_cuda("tune_tiles")
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
+    suite = args.suite
+    stages = args.stages.split(",") if args.stages else SUITES[suite]
+    n_configs = len(CANDIDATES[suite]["fwd"])
+    configs = [int(c) for c in args.configs.split(",")] if args.configs else list(range(n_configs))
+    deadline = time.time() + args.time_budget
+    shipped = {name: tiles._VOLUMES.get(key) for name, key in KEYS[suite].items()}
+    rows = []
+    for stage in stages:
+        spatial, heads, dim, batch, kernel, stride, text, rpb_draws = STAGES[stage]
+        for rpb in rpb_draws:
+            torch.manual_seed(0)
+            qkv = torch.randn(batch, *spatial, 3, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            leaves = [qkv]
+            table = None
+            if rpb:
+                table = torch.randn(heads, 2 * kernel - 1, 2 * kernel - 1, device="cuda", dtype=torch.bfloat16) * 0.1
+                table.requires_grad_(True)
+                leaves.append(table)
+            text_kv = None
+            if text:
+                text_kv = torch.randn(batch, text, 2, heads, dim, device="cuda", dtype=torch.bfloat16,
+                                      requires_grad=True)
+                leaves.append(text_kv)
+            grad = torch.randn(batch, *spatial, heads, dim, device="cuda", dtype=torch.bfloat16)
+            reference = None
+            for config in configs:
+                if time.time() > deadline:
+                    break
+                chosen = _apply(suite, config, shipped)
+
+                def step(leaves=tuple(leaves), table=table, text_kv=text_kv, grad=grad, kernel=kernel, stride=stride):
+                    q, k, v = leaves[0].unbind(-3)
+                    extra = {} if text_kv is None else dict(additional_keys=text_kv[:, :, 0],
+                                                            additional_values=text_kv[:, :, 1])
+                    out = visattn.na2d(q, k, v, kernel_size=kernel, stride=stride, rpb=table, **extra)
+                    return (out, *torch.autograd.grad(out, leaves, grad))
+
+                try:
+                    results = step()
+                    kernels = _kernel_ms(step, args.reps)
+                except Exception as exc:  # a candidate that does not compile or fit is a row, not the end
+                    rows.append(dict(stage=stage, rpb=rpb, config=config, volumes=chosen, error=repr(exc)[:300]))
+                    print(rows[-1], flush=True)
+                    continue
+                if reference is None:
+                    reference = results
+                err = max(float((a.float() - b.float()).abs().max()) for a, b in zip(results, reference, strict=True))
+                extents, k3, s3 = (1, *spatial), (1, kernel, kernel), (1, stride, stride)
+                boxes = {p: tuple(tiles.choose_tiles(p, False, extents, k3, s3, 16, dim, False, bias=rpb,
+                                                     bins=p == "dq" and rpb)[:2]) for p in ("fwd", "dq", "dkv")}
+                rows.append(dict(stage=stage, rpb=rpb, config=config, volumes=chosen, boxes=boxes, kernels=kernels,
+                                 attention_ms=round(sum(kernels.values()), 4), max_diff_vs_config0=err))
+                print(rows[-1], flush=True)
+    _apply(suite, 0, shipped)
+    common.save_result("tune-tiles", {"suite": suite, "dtype": "bfloat16", "stages": {s: STAGES[s] for s in stages},
+                                      "candidates": CANDIDATES[suite], "shipped": shipped, "rows": rows}, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
