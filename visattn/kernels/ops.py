@@ -295,16 +295,17 @@ class BiasTileLayout(NamedTuple):
 
 @functools.lru_cache(maxsize=512)
 def bias_tile_layout(pat: Pattern, lengths: tuple, dtype: torch.dtype, head_dim: int, heads: int, rank: int,
-                     has_extra: bool, half: bool = True) -> BiasTileLayout | None:
+                     has_extra: bool, half: bool = True, grad_buffer: bool = True) -> BiasTileLayout | None:
     """The expanded-bias layout of a tiled call with a trained bias, or None where the per-pair gather runs
     instead: ranks 1 and 3 (their gradient takes the per-pair buffer), extra keys, tiles whose bias gradient
-    cannot be binned in registers, or an expansion above ``BIAS_TILE_BYTES``. ``half``: 16-bit inputs store the
-    expansion in float16."""
+    cannot be binned in registers (only without ``grad_buffer``), or an expansion above ``BIAS_TILE_BYTES``.
+    ``half``: 16-bit inputs store the expansion in float16. ``grad_buffer``: the gradient comes from the dQ pass's
+    per-pair buffer (``BIAS_GRAD_BUFFER``), not the recomputing kernel; an argument so the cache is keyed on it."""
     if rank != 2 or has_extra:
         return None
     # the recomputing bias-gradient kernel bins dS per tile pair; the per-pair buffer takes any tiles
-    q_tiles = _tiles("dq", pat, lengths, dtype, head_dim, bins=not BIAS_GRAD_BUFFER)
-    if not BIAS_GRAD_BUFFER and not binnable(q_tiles.m, q_tiles.n):
+    q_tiles = _tiles("dq", pat, lengths, dtype, head_dim, bins=not grad_buffer)
+    if not grad_buffer and not binnable(q_tiles.m, q_tiles.n):
         return None
     k_tiles = _tiles("dkv", pat, lengths, dtype, head_dim)
     q_n = tuple(_tiles_per_group(pat, lengths, q_tiles.m))
@@ -326,7 +327,7 @@ def _tile_layout_of(q: Tensor, v: Tensor, rpb: Tensor | None, extra_k: Tensor | 
     rank = q.dim() - 3
     lengths = (1,) * (3 - rank) + tuple(q.shape[1:-2])
     return bias_tile_layout(pat, lengths, q.dtype, max(q.shape[-1], v.shape[-1]), q.shape[-2], rank,
-                            extra_k is not None, BIAS_TILE_HALF)
+                            extra_k is not None, BIAS_TILE_HALF, BIAS_GRAD_BUFFER)
 
 
 def _walk_constexprs(pat: Pattern, tiles: Tiles) -> dict:
@@ -455,7 +456,9 @@ class _BackwardPlan(NamedTuple):
     dq: LaunchRecord
     dkv: LaunchRecord
     table: Tensor
-    rpb_mode: str  # "none", "bins" (in-register offset bins), "dsn" (per-pair buffer + host reduction), "tiles"
+    # "none", "bins" (in-register offset bins), "dsn" (per-pair buffer + host reduction), "tiles" (bias tiles,
+    # recomputing gradient kernel), "tiles-dsn" (bias tiles, per-pair buffer)
+    rpb_mode: str
     part_shape: tuple  # bins: [B, H, dQ programs, O1, O2]; tiles: [batch chunks, H, grad programs, O1, O2]
     n_programs: int
     tiles: _BiasTilePlan | None = None
@@ -622,7 +625,8 @@ def backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, s
 
 def _dq_pass_with_dsn(plan: _BackwardPlan, grad_out, q, k, v, out, glse, lse, delta, dq, rpb, ek, ev,
                       pat: Pattern, bias: Tensor) -> Tensor:
-    """The dQ pass for a bias the in-register bins cannot take (rank 1 and 3): each pair's dS into a per-query
+    """The dQ pass for a bias the in-register bins do not take (rank 1 and 3, and bias tiles with
+    ``BIAS_GRAD_BUFFER``; ``bias`` is then the expanded tiles, else unused): each pair's dS into a per-query
     neighbour buffer, reduced on the host (``_reduce_rpb_grad``); batch chunks bound the buffer. A single chunk
     replays the plan's launch; several go through Triton's normal path (their grids differ from the plan's)."""
     rank = q.dim() - 3
