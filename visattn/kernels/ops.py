@@ -19,7 +19,7 @@ from visattn.kernels.bias_tiles import _bias_grad_kernel, _expand_key_walk_kerne
 from visattn.kernels.cells import _cell_bwd_kernel, _cell_fwd_kernel
 from visattn.kernels.engine import _fwd_kernel
 from visattn.kernels.launch import INTERPRETED, KernelLauncher, LaunchRecord, tensor_key
-from visattn.kernels.tables import key_walk_length, query_range_table, query_walk_length, rpb_offset_maps
+from visattn.kernels.tables import key_walk_length, query_range_table, query_walk_length, rpb_joint_map, rpb_offset_maps
 from visattn.kernels.tiles import Tiles, binnable, choose_tiles, dot_precision, padded_head_dim
 
 # Test hook (visattn.bench.check): fill outputs with NaN before launching, so an unwritten element fails a check.
@@ -182,7 +182,9 @@ def engine_path(q: Tensor, v: Tensor, rpb: Tensor | None, extra_k: Tensor | None
         return CellBox(None, "the small-map path is switched off (visattn.kernels.ops.SMALL_MAP)")
     rank = q.dim() - 3
     lengths = (1,) * (3 - rank) + tuple(q.shape[1:-2])  # the canonical 3-D lengths, without building the view
-    return cell_box(pat, lengths, q.shape[-1], v.shape[-1], q.element_size(), rank, rpb is not None,
+    # traced calls skip the lru_cache wrapper, which dynamo would only ignore with a warning in the user's log
+    box_of = cell_box.__wrapped__ if torch.compiler.is_compiling() else cell_box
+    return box_of(pat, lengths, q.shape[-1], v.shape[-1], q.element_size(), rank, rpb is not None,
                     extra_k is not None)
 
 
@@ -422,12 +424,17 @@ def forward(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
 _DSN_BYTES = 1 << 30
 
 
-def _reduce_rpb_grad(dsn: Tensor, pat: Pattern, lengths, heads: int, maps) -> Tensor:
+def _reduce_rpb_grad(dsn: Tensor, pat: Pattern, lengths, heads: int) -> Tensor:
     """drpb [H, 2K0-1, 2K1-1, 2K2-1] from the dS buffer: sum over batch, then over the positions sharing an offset
-    class per dimension, one dimension at a time as a matmul with its one-hot map (deterministic, no atomics)."""
-    x_len, y_len, z_len = lengths
+    class as a matmul with the one-hot map (deterministic, no atomics): the joint map of all dimensions where it is
+    small (two launches; the host time of the six-launch chain cost more than its GPU time at 14x14), else one
+    dimension at a time."""
     k0, k1, k2 = pat.kernel
-    w0, w1, w2 = maps
+    joint = rpb_joint_map(pat, lengths, dsn.device)
+    if joint is not None:
+        return (dsn.sum(0).view(heads, -1) @ joint).view(heads, 2 * k0 - 1, 2 * k1 - 1, 2 * k2 - 1)
+    x_len, y_len, z_len = lengths
+    w0, w1, w2 = rpb_offset_maps(pat, lengths, dsn.device)
     s = dsn.sum(0).view(heads, x_len, y_len, z_len, k0, k1, k2)
     s = s.permute(0, 2, 3, 5, 6, 1, 4).reshape(-1, x_len * k0) @ w0.view(x_len * k0, -1)  # [H,Y,Z,B,C,R]
     s = s.view(heads, y_len, z_len, k1, k2, -1).permute(0, 2, 4, 5, 1, 3).reshape(-1, y_len * k1)
@@ -634,22 +641,21 @@ def _dq_pass_with_dsn(plan: _BackwardPlan, grad_out, q, k, v, out, glse, lse, de
     lengths = tuple(_view3(q, rank).shape[1:4])
     neighbours = math.prod(pat.kernel)
     chunk = max(1, min(B, _DSN_BYTES // (H * math.prod(lengths) * neighbours * 4)))
-    maps = rpb_offset_maps(pat, lengths, q.device)
     # windows (partial at borders) and causal rows have fewer than prod(kernel) neighbours: zero their slots.
     alloc = torch.zeros if (pat.window or any(pat.causal)) else torch.empty
     drpb = None
     rec = plan.dq
     for b0 in range(0, B, chunk):
         nb = min(chunk, B - b0)
-        part = slice(b0, b0 + nb)
         dsn = alloc((nb, H, math.prod(lengths), neighbours), device=q.device, dtype=torch.float32)
-        tensors = (q[part], k[part], v[part], grad_out[part], out[part], glse[part], lse[part], delta[part], dq[part],
-                   dsn, rpb, ek[part], ev[part], bias)
-        if nb == B:  # one chunk (the usual case): the plan's replayed launch, not Triton's per-call binding
-            _DQ(rec, tensors)
+        if nb == B:  # one chunk (the usual case): the plan's replayed launch on the whole tensors, no slicing
+            _DQ(rec, (q, k, v, grad_out, out, glse, lse, delta, dq, dsn, rpb, ek, ev, bias))
         else:
+            part = slice(b0, b0 + nb)
+            tensors = (q[part], k[part], v[part], grad_out[part], out[part], glse[part], lse[part], delta[part],
+                       dq[part], dsn, rpb, ek[part], ev[part], bias)
             _DQ.kernel[(rec.grid[0], nb * H)](*tensors, *rec.scalars, **rec.constexprs, **rec.options)
-        part_grad = _reduce_rpb_grad(dsn, pat, lengths, H, maps)
+        part_grad = _reduce_rpb_grad(dsn, pat, lengths, H)
         drpb = part_grad if drpb is None else drpb + part_grad
     return drpb.reshape(rpb.shape)
 
@@ -779,7 +785,8 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, extra_k
     """The engine for one call: the registered custom op while ``torch.compile`` traces (opaque to Inductor, with
     its fake and autograd), the equivalent ``autograd.Function`` in eager mode. With ``return_lse`` also the
     natural-log LSE ``[B, *spatial, heads]`` (float32), differentiable."""
-    pat = _cached_pattern(q.dim() - 3, window, tuple(kernel), tuple(dilation), tuple(stride),
+    pattern_of = make_pattern if torch.compiler.is_compiling() else _cached_pattern  # as in engine_path
+    pat = pattern_of(q.dim() - 3, window, tuple(kernel), tuple(dilation), tuple(stride),
                           tuple(bool(c) for c in causal), tuple(shift))
     fp32_out = wants_fp32_out(q, rpb, v, extra_k, pat)
     if torch.compiler.is_compiling():

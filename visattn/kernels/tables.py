@@ -4,7 +4,8 @@
   and those whose windows hold all of it (``inner_lo..inner_hi``). The kernel used to find them with four binary
   searches per dimension and program (51 dependent steps), which cost more than the tile work itself on small maps.
 * ``rpb_offset_maps``: for the atomic-free rpb gradient, the one-hot map from (query position, neighbour index) to
-  the bias-table offset ``key - query + kernel - 1`` along each dimension.
+  the bias-table offset ``key - query + kernel - 1`` along each dimension; ``rpb_joint_map``, their product over
+  all dimensions, so a small map's reduction is one matmul (one launch, not six).
 
 Both must agree exactly with the ``@triton.jit`` rules in ``patterns.py``; the interpreter tests compare the fused
 backward (which uses them) against the float64 reference, so a mismatch fails there.
@@ -92,6 +93,30 @@ def rpb_offset_maps(pattern, lengths, device: torch.device) -> list[torch.Tensor
     return cached(_DEVICE_TABLES, key, lambda: [
         _offset_map(lengths[i], pattern.dilation[i], pattern.kernel[i], pattern.stride[i], pattern.shift[i],
                     pattern.causal[i], pattern.window).to(device) for i in range(3)])
+
+
+# The joint map below is one matmul's right operand; above this size (NAT-T's 56x56 stage: 104 MB) the reduction
+# takes the three per-dimension maps one after the other instead.
+JOINT_MAP_BYTES = 32 << 20
+
+
+def rpb_joint_map(pattern, lengths, device: torch.device) -> torch.Tensor | None:
+    """float32 ``[positions * neighbours, (2K0-1)(2K1-1)(2K2-1)]``: one where neighbour ``j`` of position ``p`` (both
+    flattened row-major, as in the per-pair dS buffer) sits at table offset ``r``; the product of the three
+    per-dimension maps. ``None`` above ``JOINT_MAP_BYTES``. Cached on ``device``."""
+    k0, k1, k2 = pattern.kernel
+    rows = math.prod(lengths) * k0 * k1 * k2
+    cols = (2 * k0 - 1) * (2 * k1 - 1) * (2 * k2 - 1)
+    if rows * cols * 4 > JOINT_MAP_BYTES:
+        return None
+
+    def build() -> torch.Tensor:
+        w0, w1, w2 = (_offset_map(lengths[i], pattern.dilation[i], pattern.kernel[i], pattern.stride[i],
+                                  pattern.shift[i], pattern.causal[i], pattern.window) for i in range(3))
+        joint = torch.einsum("xia,yjb,zkc->xyzijkabc", w0, w1, w2)
+        return joint.reshape(rows, cols).contiguous().to(device)
+
+    return cached(_DEVICE_TABLES, ("rpb-joint", pattern, tuple(lengths), str(device)), build)
 
 
 @functools.lru_cache(maxsize=256)
