@@ -1,9 +1,9 @@
 """Bias tiles (``kernels/bias_tiles.py``: a trained 2-D bias expanded once per call into the tiled kernels' tiles,
 its gradient summed over batch chunks and binned once per chunk) under TRITON_INTERPRET=1, against the float64
 oracle: forward and every gradient for dilated, causal, strided and shifted-window patterns, float32 and float16
-inputs (the float16 expansion), one and several batch chunks (the last one partial), the path each call took, and
-the gradient bitwise repeatable. The per-pair gather (``ops.BIAS_TILES = False``) is run on one case as a second
-opinion."""
+inputs (the float16 expansion), one and several batch chunks (the last one partial), the path each call took, the
+gradient bitwise repeatable, and the backward reusing the forward's expansion. The per-pair gather
+(``ops.BIAS_TILES = False``) is run on one case as a second opinion."""
 
 from __future__ import annotations
 
@@ -81,11 +81,26 @@ def run_case() -> dict:
 
     # the gradient from the dQ pass's dS, written once per pair into the per-position buffer
     ops.BIAS_GRAD_BUFFER = True
+
+    class Counted:  # the query-walk expansion's launches: the eager backward reuses the forward's
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+
+        def record(self, *args, **kwargs):
+            return self.inner.record(*args, **kwargs)
+
+        def __call__(self, rec, tensors):
+            self.calls += 1
+            self.inner(rec, tensors)
+
+    real_expand = ops._EXPAND_Q
     for i, case in enumerate(TILE_CASES):
         ops._PLANS.clear()
+        ops._EXPAND_Q = counted = Counted(real_expand)
         errs, _ = run(case, 40 + i)
         modes = {plan.rpb_mode for key, plan in ops._PLANS.items() if key[0] == "bwd"}
-        results[f"{case[0]}/buffer"] = dict(errs=errs, modes=sorted(modes))
+        results[f"{case[0]}/buffer"] = dict(errs=errs, modes=sorted(modes), expand_q_launches=counted.calls)
+    ops._EXPAND_Q = real_expand
 
     # the per-pair gather, same case: the second opinion of the fused path
     ops.BIAS_TILES = False
@@ -122,6 +137,7 @@ def test_bias_tiles_match_oracle(case, chunks, tile_results):
 def test_bias_gradient_from_the_dq_buffer_matches_oracle(case, tile_results):
     got = tile_results[f"{case[0]}/buffer"]
     assert got["modes"] == ["tiles-dsn"], got
+    assert got["expand_q_launches"] == 1, got  # one forward + backward: the forward's expansion, reused
     tol = TOL[case[8]]
     assert all(v < tol for v in got["errs"].values()), got
 

@@ -397,6 +397,13 @@ def forward(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
             out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """Run the forward kernel; returns the output (contiguous, ``out_dtype`` or q's) and the log2-LSE
     ``[B, *spatial, heads]``. Launched from a plan cached per geometry (``launch.py``)."""
+    return _forward(q, k, v, rpb, extra_k, extra_v, pat, scale, out_dtype)[:2]
+
+
+def _forward(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
+             out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``forward`` plus the bias expanded into the forward / dQ walk's tiles (None without bias tiles), which the
+    eager backward reuses instead of expanding the same table again."""
     # the output dtype is part of the key: the compiled kernel is specialised on its output pointer's type
     key = ("fwd", pat, scale, out_dtype, SMALL_MAP, q.device, tensor_key(q), tensor_key(k), tensor_key(v),
            tensor_key(rpb), tensor_key(extra_k), tensor_key(extra_v))
@@ -409,14 +416,14 @@ def forward(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
     lse = _new(plan.lse_shape, q, torch.float32)
     if plan.cells:
         _CELL_FWD(plan.launch, (q, k, v, out, lse, q if rpb is None else rpb))
-        return out, lse
-    bias = q
+        return out, lse, None
+    bias = None
     if plan.expand is not None:
         bias = torch.empty(plan.bias_shape, device=q.device, dtype=plan.bias_dtype)
         _EXPAND_Q(plan.expand, (rpb, bias))
     _FWD(plan.launch, (q, k, v, out, lse, q if rpb is None else rpb, q if extra_k is None else extra_k,
-                       q if extra_v is None else extra_v, bias))
-    return out, lse
+                       q if extra_v is None else extra_v, q if bias is None else bias))
+    return out, lse, bias
 
 
 # The per-pair dS buffer of the rpb gradient (used where the in-register bins cannot: rank 1 and 3) is float32
@@ -559,8 +566,9 @@ def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Patt
 
 
 def backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, scale: float,
-             grad_lse: Tensor | None = None):
-    """dq, dk, dv, drpb (float32 or None), d extra_k, d extra_v (or None).
+             grad_lse: Tensor | None = None, bias_q: Tensor | None = None):
+    """dq, dk, dv, drpb (float32 or None), d extra_k, d extra_v (or None). ``bias_q``: the forward's expanded
+    bias (``_forward``'s third output, same table), so the backward skips expanding it again.
 
     Two launches (plus one reduction with a trained bias): the dQ pass, which also computes ``delta = rowsum(dO*O)``
     (shifted by the LSE gradient ``grad_lse`` of the log2-LSE output, when it was used) and stores it, then the
@@ -592,12 +600,15 @@ def backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, s
     ek = q if extra_k is None else extra_k
     ev = q if extra_v is None else extra_v
     drpb = None
-    bias_q = bias_k = q
-    if plan.tiles is not None:
+    bias_k = q
+    if plan.tiles is None:
+        bias_q = q
+    else:
         bt = plan.tiles
-        bias_q = torch.empty(bt.q_shape, device=q.device, dtype=bt.dtype)
+        if bias_q is None or bias_q.shape != bt.q_shape or bias_q.dtype != bt.dtype:
+            bias_q = torch.empty(bt.q_shape, device=q.device, dtype=bt.dtype)
+            _EXPAND_Q(bt.expand_q, (rpb, bias_q))
         bias_k = torch.empty(bt.k_shape, device=q.device, dtype=bt.dtype)
-        _EXPAND_Q(bt.expand_q, (rpb, bias_q))
         _EXPAND_K(bt.expand_k, (rpb, bias_k, plan.table))
     if plan.rpb_mode in ("dsn", "tiles-dsn"):
         drpb = _dq_pass_with_dsn(plan, grad_out, q, k, v, out, glse, lse, delta, dq, rpb, ek, ev, pat, bias_q)
@@ -756,9 +767,10 @@ class _LocalAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float, fp32_out: bool):
-        out, lse = forward(q, k, v, rpb, extra_k, extra_v, pat, scale, torch.float32 if fp32_out else None)
+        out, lse, bias = _forward(q, k, v, rpb, extra_k, extra_v, pat, scale, torch.float32 if fp32_out else None)
         ctx.save_for_backward(q, k, v, out, lse, rpb, extra_k, extra_v)
         ctx.pattern, ctx.scale = pat, scale
+        ctx.bias_q = bias if rpb is not None and rpb.requires_grad else None  # autograd checks rpb's version
         ctx.set_materialize_grads(False)  # an unused LSE costs nothing in the backward
         return (out.to(q.dtype) if fp32_out else out), lse
 
@@ -768,7 +780,8 @@ class _LocalAttention(torch.autograd.Function):
         if grad_out is None:
             grad_out = torch.zeros(*q.shape[:-1], v.shape[-1], device=q.device, dtype=q.dtype)
         dq, dk, dv, drpb, dek, dev = backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, ctx.pattern,
-                                              ctx.scale, grad_lse)
+                                              ctx.scale, grad_lse, ctx.bias_q)
+        ctx.bias_q = None
         if drpb is not None:
             drpb = drpb.to(rpb.dtype)
         return dq, dk, dv, drpb, dek, dev, None, None, None
