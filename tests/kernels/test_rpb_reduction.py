@@ -22,11 +22,15 @@ def _slots(length, dilation, kernel, stride, shift, causal, window):
     return out
 
 
+def _per_dim(pat, lengths):
+    return [_slots(lengths[i], pat.dilation[i], pat.kernel[i], pat.stride[i], pat.shift[i], pat.causal[i],
+                   pat.window) for i in range(3)]
+
+
 def _brute_force(dsn, pat, lengths):
     k0, k1, k2 = pat.kernel
     heads = dsn.shape[1]
-    per_dim = [_slots(lengths[i], pat.dilation[i], pat.kernel[i], pat.stride[i], pat.shift[i], pat.causal[i],
-                      pat.window) for i in range(3)]
+    per_dim = _per_dim(pat, lengths)
     total = dsn.double().sum(0).view(heads, *lengths, k0, k1, k2)
     out = torch.zeros(heads, 2 * k0 - 1, 2 * k1 - 1, 2 * k2 - 1, dtype=torch.float64)
     for x, y, z in itertools.product(*(range(n) for n in lengths)):
@@ -38,8 +42,7 @@ def _brute_force(dsn, pat, lengths):
 def _valid_mask(pat, lengths):
     """1 where a (position, neighbour slot) pair exists: the kernel leaves the others zero."""
     mask = torch.zeros(*lengths, *pat.kernel)
-    per_dim = [_slots(lengths[i], pat.dilation[i], pat.kernel[i], pat.stride[i], pat.shift[i], pat.causal[i],
-                      pat.window) for i in range(3)]
+    per_dim = _per_dim(pat, lengths)
     for x, y, z in itertools.product(*(range(n) for n in lengths)):
         for (i, _), (j, _), (k, _) in itertools.product(per_dim[0][x], per_dim[1][y], per_dim[2][z]):
             mask[x, y, z, i, j, k] = 1

@@ -176,16 +176,20 @@ def cell_box(pat: Pattern, lengths: tuple, head_d: int, head_dv: int, elem_bytes
     return CellBox(tuple(box), "", sub_fwd, sub_bwd, 4 if cell <= 64 else 8)
 
 
+def _cache_unless_tracing(cached_fn):
+    """``cached_fn`` (an ``lru_cache`` wrapper), or the function it wraps while dynamo traces: dynamo ignores the
+    cache there anyway, and says so with a warning in the user's log."""
+    return cached_fn.__wrapped__ if torch.compiler.is_compiling() else cached_fn
+
+
 def engine_path(q: Tensor, v: Tensor, rpb: Tensor | None, extra_k: Tensor | None, pat: Pattern) -> CellBox:
     """The engine path of a call: ``box`` set for the small-map path, else ``reason`` says why the tiled one."""
     if not SMALL_MAP:
         return CellBox(None, "the small-map path is switched off (visattn.kernels.ops.SMALL_MAP)")
     rank = q.dim() - 3
     lengths = (1,) * (3 - rank) + tuple(q.shape[1:-2])  # the canonical 3-D lengths, without building the view
-    # traced calls skip the lru_cache wrapper, which dynamo would only ignore with a warning in the user's log
-    box_of = cell_box.__wrapped__ if torch.compiler.is_compiling() else cell_box
-    return box_of(pat, lengths, q.shape[-1], v.shape[-1], q.element_size(), rank, rpb is not None,
-                    extra_k is not None)
+    return _cache_unless_tracing(cell_box)(pat, lengths, q.shape[-1], v.shape[-1], q.element_size(), rank,
+                                           rpb is not None, extra_k is not None)
 
 
 def _cell_constexprs(pat: Pattern, cb: CellBox, sub: int, head_d: int, head_dv: int, dtype, rpb) -> dict:
@@ -798,9 +802,8 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, extra_k
     """The engine for one call: the registered custom op while ``torch.compile`` traces (opaque to Inductor, with
     its fake and autograd), the equivalent ``autograd.Function`` in eager mode. With ``return_lse`` also the
     natural-log LSE ``[B, *spatial, heads]`` (float32), differentiable."""
-    pattern_of = make_pattern if torch.compiler.is_compiling() else _cached_pattern  # as in engine_path
-    pat = pattern_of(q.dim() - 3, window, tuple(kernel), tuple(dilation), tuple(stride),
-                          tuple(bool(c) for c in causal), tuple(shift))
+    pat = _cache_unless_tracing(_cached_pattern)(q.dim() - 3, window, tuple(kernel), tuple(dilation),
+                                                 tuple(stride), tuple(bool(c) for c in causal), tuple(shift))
     fp32_out = wants_fp32_out(q, rpb, v, extra_k, pat)
     if torch.compiler.is_compiling():
         out, lse2, _ = local_attention_fwd(q, k, v, rpb, extra_k, extra_v, window, list(kernel), list(dilation),

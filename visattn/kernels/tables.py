@@ -111,10 +111,8 @@ def rpb_joint_map(pattern, lengths, device: torch.device) -> torch.Tensor | None
         return None
 
     def build() -> torch.Tensor:
-        w0, w1, w2 = (_offset_map(lengths[i], pattern.dilation[i], pattern.kernel[i], pattern.stride[i],
-                                  pattern.shift[i], pattern.causal[i], pattern.window) for i in range(3))
-        joint = torch.einsum("xia,yjb,zkc->xyzijkabc", w0, w1, w2)
-        return joint.reshape(rows, cols).contiguous().to(device)
+        w0, w1, w2 = rpb_offset_maps(pattern, lengths, device)
+        return torch.einsum("xia,yjb,zkc->xyzijkabc", w0, w1, w2).reshape(rows, cols).contiguous()
 
     return cached(_DEVICE_TABLES, ("rpb-joint", pattern, tuple(lengths), str(device)), build)
 
