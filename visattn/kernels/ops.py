@@ -310,10 +310,10 @@ def bias_tile_layout(pat: Pattern, lengths: tuple, dtype: torch.dtype, head_dim:
     if rank != 2 or has_extra:
         return None
     # the recomputing bias-gradient kernel bins dS per tile pair; the per-pair buffer takes any tiles
-    q_tiles = _tiles("dq", pat, lengths, dtype, head_dim, bins=not grad_buffer)
+    q_tiles = _tiles("dq", pat, lengths, dtype, head_dim, bias=True, bins=not grad_buffer)
     if not grad_buffer and not binnable(q_tiles.m, q_tiles.n):
         return None
-    k_tiles = _tiles("dkv", pat, lengths, dtype, head_dim)
+    k_tiles = _tiles("dkv", pat, lengths, dtype, head_dim, bias=True)
     q_n = tuple(_tiles_per_group(pat, lengths, q_tiles.m))
     k_n = tuple(_tiles_per_group(pat, lengths, k_tiles.n))
     store = torch.float16 if dtype in (torch.float16, torch.bfloat16) and half else torch.float32
@@ -547,7 +547,7 @@ def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Patt
                                  1 if INTERPRETED else BIAS_GRAD_STAGES)
         part_shape = (chunks, H, n_programs * walk, o1, o2)
 
-    tiles = _tiles("dkv", pat, lengths, q.dtype, d_max)
+    tiles = layout.k_tiles if layout else _tiles("dkv", pat, lengths, q.dtype, d_max)
     n_tiles = _tiles_per_group(pat, lengths, tiles.n)
     table = query_range_table(pat, lengths, n_tiles, tiles.n, q.device)
     scalars = (*q3.stride(), *k3.stride(), *v3.stride(), *do3.stride(), *_view3_strides(k.shape, rank)[:5],

@@ -44,13 +44,15 @@ _VOLUMES = {
     ("bwd", 16, 64, "large"): (64, 64, 4, 2),
     ("bwd", 16, 128, "large"): (64, 64, 8, 2),
     ("bwd", 16, 256, "large"): (32, 32, 8, 1),
-    ("bwd", 16, 64, "small"): (64, 32, 4, 2),
+    ("bwd", 16, 64, "small"): (64, 64, 4, 2),
     ("bwd", 16, 128, "small"): (64, 64, 8, 2),
     ("bwd", 16, 256, "small"): (32, 32, 8, 1),
     # dK/dV owns the key tile (BLOCK_N) and walks query tiles (BLOCK_M): on H200 at NAT-T stage 1/3 (head_dim 32)
     # 32 queries x 64 keys ran the pass in 1.01 / 0.26 ms against 2.10 / 0.43 ms with the dQ pass's 64 x 32
     # (benchmarks/results/engine-h200-2026-11-30-run2.json).
-    ("dkv", 16, 64, "small"): (32, 64, 4, 2),
+    # 2 warps (and the dQ pass at 64 x 64) were faster at NAT-T s1-s3 without a bias on an H100
+    # (tune-tiles-h100-2026-12-06.json: dK/dV 0.826 -> 0.760 ms, dQ 0.492 -> 0.435 ms at s1).
+    ("dkv", 16, 64, "small"): (32, 64, 2, 2),
     ("dkv", 16, 64, "window"): (32, 64, 4, 2),
 }
 for _key, _vol in list(_VOLUMES.items()):  # float32: half the rows (registers), ieee dots
@@ -63,6 +65,11 @@ _BIAS_VOLUMES = {
     ("fwd", 16, 128, "large"): (128, 64, 8, 3),
     ("fwd", 16, 64, "small"): (64, 32, 4, 2),
     ("fwd", 16, 128, "small"): (64, 32, 4, 2),
+    # Expanded bias tiles (bias_tiles.py; the forward walks the dQ tiles): one more tile load per key tile, which a
+    # third pipeline stage hides; dK/dV ran fastest with 32x32 tiles at 2 warps (NAT-T s1-s3, H100:
+    # tune-tiles-h100-2026-12-06.json, dQ 0.196 -> 0.181 ms and dK/dV 0.202 -> 0.164 ms at s3).
+    ("bwd", 16, 64, "small"): (64, 32, 4, 3),
+    ("dkv", 16, 64, "small"): (32, 32, 2, 2),
 }
 _INTERPRETER_VOLUMES = {"fwd": (64, 32, 4, 1), "bwd": (64, 64, 4, 1)}
 
