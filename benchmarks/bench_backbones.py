@@ -157,7 +157,11 @@ def make_step(model: torch.nn.Module, batch: int, mode: str, size: int = 224, co
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
+    graphs = compiled and compile_mode == "reduce-overhead"
+
     def step():
+        if graphs:  # a new CUDA-graph generation per step: the last step's outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = F.cross_entropy(fn(x), labels)
         loss.backward()

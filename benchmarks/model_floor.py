@@ -79,17 +79,20 @@ def run_row(spec: str, batch: int, iters: int) -> dict:
     step = make_step(model, batch, "train", compiled=mode != "eager",
                      compile_mode="reduce-overhead" if mode == "reduce-overhead" else None)
 
-    start = time.perf_counter()
-    for _ in range(3):  # compile (both graphs) and warm-up
-        step()
-    torch.cuda.synchronize()
-    row["compile_s"] = round(time.perf_counter() - start, 1)
-    ms = median_ms(step, iters, warmup=2)
-    row.update(train_ms=round(ms, 3), train_img_s=round(batch / ms * 1e3, 1))
-    if form == "visattn" and mode != "eager" or (form == "floor" and mode == "compile"):
-        row.update(attention_share(step))
-    torch._dynamo.reset()
-    torch.cuda.empty_cache()
+    try:
+        start = time.perf_counter()
+        for _ in range(3):  # compile (both graphs) and warm-up
+            step()
+        torch.cuda.synchronize()
+        row["compile_s"] = round(time.perf_counter() - start, 1)
+        ms = median_ms(step, iters, warmup=2)
+        row.update(train_ms=round(ms, 3), train_img_s=round(batch / ms * 1e3, 1))
+        if form == "visattn" and mode != "eager" or (form == "floor" and mode == "compile"):
+            row.update(attention_share(step))
+    finally:  # a failed row must not leave its graphs (and their CUDA-graph pool) to the next one
+        del step
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
     return row
 
 

@@ -1,7 +1,10 @@
 """Tile volumes of the tiled engine's passes (forward, dQ, dK/dV) at NAT-T stages 1-3 or FLUX's 1024² block.
 
 Suite ``nat``: B256, bf16, head_dim 32, kernel 7, with and without a trained bias. Suite ``flux``: B1, 64x64 image
-tokens, 24 heads x 128, NA kernel 21 and GNA kernel 32 stride 16, with FLUX's 512 text tokens as extra keys.
+tokens, 24 heads x 128, NA kernel 21 and GNA kernel 32 stride 16, with FLUX's 512 text tokens as extra keys. Suite
+``flux4k``: the same heads on FLUX-4K's 256x256 map, kernel 80, NA and GNA stride 16, no text, and HunyuanVideo's
+30x48x80 latent with an 18x24x24 kernel (3-D; the same candidates as ``flux``: all set the head_dim-128 "large"
+volumes).
 Configuration ``i`` replaces the suite's volume of every pass by its ``i``-th candidate (``tiles._VOLUMES``: rows
 per query tile, rows per key tile, warps, stages), so one profiled forward+backward times one candidate of each
 pass; each kernel's GPU time is the mean over ``--reps`` profiled calls.
@@ -31,8 +34,12 @@ STAGES = {"nat_s1": ((56, 56), 2, 32, 256, 7, 1, 0, (False, True)),
           "nat_s2": ((28, 28), 4, 32, 256, 7, 1, 0, (False, True)),
           "nat_s3": ((14, 14), 8, 32, 256, 7, 1, 0, (False, True)),
           "flux_na_k21": ((64, 64), 24, 128, 1, 21, 1, 512, (False,)),
-          "flux_gna_k32_s16": ((64, 64), 24, 128, 1, 32, 16, 512, (False,))}
-SUITES = {"nat": ("nat_s1", "nat_s2", "nat_s3"), "flux": ("flux_na_k21", "flux_gna_k32_s16")}
+          "flux_gna_k32_s16": ((64, 64), 24, 128, 1, 32, 16, 512, (False,)),
+          "flux4k_na_k80": ((256, 256), 24, 128, 1, 80, 1, 0, (False,)),
+          "flux4k_gna_k80_s16": ((256, 256), 24, 128, 1, 80, 16, 0, (False,)),
+          "hunyuan_na": ((30, 48, 80), 24, 128, 1, (18, 24, 24), 1, 0, (False,))}
+SUITES = {"nat": ("nat_s1", "nat_s2", "nat_s3"), "flux": ("flux_na_k21", "flux_gna_k32_s16"),
+          "flux4k": ("flux4k_na_k80", "flux4k_gna_k80_s16", "hunyuan_na")}
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass; index 0 is filled with the shipped table's entry at run time.
 CANDIDATES = {
     "nat": {
@@ -55,6 +62,7 @@ CANDIDATES = {
 KEYS = {"nat": {"fwd": ("fwd", 16, 64, "small"), "bwd": ("bwd", 16, 64, "small"), "dkv": ("dkv", 16, 64, "small")},
         "flux": {"fwd": ("fwd", 16, 128, "large"), "bwd": ("bwd", 16, 128, "large"),
                  "dkv": ("dkv", 16, 128, "large")}}
+CANDIDATES["flux4k"], KEYS["flux4k"] = CANDIDATES["flux"], KEYS["flux"]
 ENGINE = ("_fwd_kernel", "_bwd_", "_bias_grad", "_expand_")
 
 
@@ -139,11 +147,13 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 chosen = _apply(suite, config, shipped)
 
-                def step(leaves=tuple(leaves), table=table, text_kv=text_kv, grad=grad, kernel=kernel, stride=stride):
+                def step(leaves=tuple(leaves), table=table, text_kv=text_kv, grad=grad, kernel=kernel, stride=stride,
+                         spatial=spatial):
                     q, k, v = leaves[0].unbind(-3)
                     extra = {} if text_kv is None else dict(additional_keys=text_kv[:, :, 0],
                                                             additional_values=text_kv[:, :, 1])
-                    out = visattn.na2d(q, k, v, kernel_size=kernel, stride=stride, rpb=table, **extra)
+                    op = visattn.na3d if len(spatial) == 3 else visattn.na2d
+                    out = op(q, k, v, kernel_size=kernel, stride=stride, rpb=table, **extra)
                     return (out, *torch.autograd.grad(out, leaves, grad))
 
                 try:
@@ -156,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                 if reference is None:
                     reference = results
                 err = max(float((a.float() - b.float()).abs().max()) for a, b in zip(results, reference, strict=True))
-                extents, k3, s3 = (1, *spatial), (1, kernel, kernel), (1, stride, stride)
+                rank = len(spatial)
+                k3 = (1,) * (3 - rank) + (kernel if isinstance(kernel, tuple) else (kernel,) * rank)
+                extents, s3 = (1,) * (3 - rank) + tuple(spatial), (1,) * (3 - rank) + (stride,) * rank
                 boxes = {p: tuple(tiles.choose_tiles(p, False, extents, k3, s3, 16, dim, False, bias=rpb,
                                                      bins=p == "dq" and rpb)[:2]) for p in ("fwd", "dq", "dkv")}
                 rows.append(dict(stage=stage, rpb=rpb, config=config, volumes=chosen, boxes=boxes, kernels=kernels,

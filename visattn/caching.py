@@ -7,6 +7,7 @@ bottom of the import layers (docs/ARCHITECTURE.md, "Import rules"): it imports o
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -38,12 +39,47 @@ def cached(store: dict, key, build: Callable[[], _T], *tensors, limit: int = 512
         return build()
     hit = store.get(key)
     if hit is None:
-        with torch.inference_mode(False):
-            hit = build()
+        hit = _build_outside_graph_pools(build)
         if len(store) >= limit:  # bounded: the shapes one process sees are few
             store.clear()
         store[key] = hit
     return hit
+
+
+def _build_outside_graph_pools(build: Callable[[], _T]) -> _T:
+    """``build()`` with inference mode off, on a helper thread once CUDA is in use.
+
+    ``torch.compile(mode="reduce-overhead")`` runs each new graph's warm-up with this thread's CUDA allocations
+    routed to its private CUDA-graph pool; a table kept from there is a pool allocation no graph output tracks,
+    which fails the pool check at the next recording. A fresh thread (and its device's default stream) allocates
+    from the normal pool; it waits for the caller's stream first and synchronises before handing the value over.
+    During a CUDA-graph capture nothing may be built (host copies and synchronisation are not capturable)."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        with torch.inference_mode(False):
+            return build()
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "visattn: this shape's tables are built on its first call, which cannot happen inside a CUDA-graph "
+            "capture; run the op once on the same shapes before capturing (torch.cuda.graph's warm-up does)")
+    caller = torch.cuda.current_stream()
+    box: dict = {}
+
+    def work() -> None:
+        try:
+            with torch.cuda.device(caller.device):
+                own = torch.cuda.current_stream()
+                own.wait_stream(caller)
+                box["value"] = build()
+                own.synchronize()
+        except BaseException as err:  # noqa: BLE001  (re-raised on the caller's thread)
+            box["error"] = err
+
+    worker = threading.Thread(target=work, name="visattn-table-build")
+    worker.start()
+    worker.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 __all__ = ["cached", "may_cache"]

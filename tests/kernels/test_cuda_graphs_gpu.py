@@ -81,3 +81,36 @@ def test_forward_backward_replays_equal_eager(name, op, spatial, rpb_shape):
     eager = step()
     for got, want in zip(captured, eager, strict=True):
         assert torch.equal(got, want), f"{name}: replay differs from eager by {(got - want).abs().max().item()}"
+
+
+def test_reduce_overhead_training_builds_tables_outside_the_graph_pool():
+    """``torch.compile(mode="reduce-overhead")`` warms each graph up with allocations routed to its CUDA-graph pool;
+    tables first built there (new shapes, emptied cache) used to stay in the pool untracked, and the next recording
+    failed torch's pool check ("tensor(s) in the cudagraph pool not tracked as outputs"). Trains three steps of two
+    NA blocks with a bias on shapes this process has not seen and compares the last step's loss and gradients
+    with the same module run eagerly."""
+    from visattn.kernels import tables
+    from visattn.nn import NeighborhoodAttention2D
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    tables._DEVICE_TABLES.clear()
+    blocks = torch.nn.Sequential(NeighborhoodAttention2D(64, 2, 7, rel_pos_bias=True),
+                                 NeighborhoodAttention2D(64, 2, 5, dilation=2, rel_pos_bias=True)).cuda()
+    compiled = torch.compile(blocks, mode="reduce-overhead")
+    x = torch.randn(2, 18, 22, 64, device="cuda")
+
+    def step(fn):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fn(x).float().square().mean()
+        grads = torch.autograd.grad(loss, list(blocks.parameters()))
+        return loss.detach().clone(), [g.clone() for g in grads]
+
+    for _ in range(3):
+        torch.compiler.cudagraph_mark_step_begin()
+        got_loss, got_grads = step(compiled)
+    want_loss, want_grads = step(blocks)
+    torch.testing.assert_close(got_loss, want_loss, rtol=2e-2, atol=1e-4)
+    for got, want in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-3)
+    torch._dynamo.reset()
