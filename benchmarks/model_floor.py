@@ -7,8 +7,9 @@ Rows (model, form, mode), B256, bf16 autocast, channels-last, SGD step, CUDA-eve
   attention kernel can make the model faster than its floor; ``stock``: timm's own model (Swin).
 * mode ``eager``; ``compile`` (``torch.compile(model)``, default mode); ``reduce-overhead`` (CUDA graphs).
 
-For the compiled ``visattn`` rows one profiled step gives the GPU time of visattn's attention kernels and their
-share of the step (target: at most 15%). Each row is bounded by ``--time-budget`` so a long run still writes.
+For every compiled row one profiled step gives the step's GPU time (against its wall time: host stalls), and
+for visattn's models the GPU time of the attention kernels and their share of the step (target: at most 15%).
+Each row is bounded by ``--time-budget`` so a long run still writes.
 
 Usage (repo root, CUDA): python benchmarks/model_floor.py --out /tmp/out/floor.json
     [--rows nat_tiny:visattn:compile,nat_tiny:floor:compile,swin_tiny_patch4_window7_224:stock:compile]
@@ -55,14 +56,18 @@ def strip_attention(model: torch.nn.Module) -> int:
 
 
 def attention_share(step) -> dict:
-    """GPU ms of one step: all kernels, visattn's attention kernels, and the share (torch.profiler)."""
+    """GPU ms of one step: all kernels, visattn's attention kernels (the twelve largest by name), and the share
+    (torch.profiler)."""
     total = attention = 0.0
+    kernels: dict[str, float] = {}
     for name, ms in kernel_gpu_ms(step).items():
         total += ms
         if any(name.startswith(p) or p in name for p in ATTENTION_KERNELS):
             attention += ms
+            kernels[name[:48]] = round(kernels.get(name[:48], 0.0) + ms, 3)
     return {"gpu_ms": round(total, 3), "attention_gpu_ms": round(attention, 3),
-            "attention_share": round(attention / total, 4) if total else None}
+            "attention_share": round(attention / total, 4) if total else None,
+            "attention_kernels": dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:12])}
 
 
 def run_row(spec: str, batch: int, iters: int) -> dict:
@@ -87,7 +92,7 @@ def run_row(spec: str, batch: int, iters: int) -> dict:
         row["compile_s"] = round(time.perf_counter() - start, 1)
         ms = median_ms(step, iters, warmup=2)
         row.update(train_ms=round(ms, 3), train_img_s=round(batch / ms * 1e3, 1))
-        if form == "visattn" and mode != "eager" or (form == "floor" and mode == "compile"):
+        if mode != "eager":  # the stock rows too: their GPU time against their wall time shows host stalls
             row.update(attention_share(step))
     finally:  # a failed row must not leave its graphs (and their CUDA-graph pool) to the next one
         del step

@@ -40,7 +40,9 @@ STAGES = {"nat_s1": ((56, 56), 2, 32, 256, 7, 1, 0, (False, True)),
           "hunyuan_na": ((30, 48, 80), 24, 128, 1, (18, 24, 24), 1, 0, (False,))}
 SUITES = {"nat": ("nat_s1", "nat_s2", "nat_s3"), "flux": ("flux_na_k21", "flux_gna_k32_s16"),
           "flux4k": ("flux4k_na_k80", "flux4k_gna_k80_s16", "hunyuan_na")}
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass; index 0 is filled with the shipped table's entry at run time.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass; index 0 is filled with the shipped table's entry at run time,
+# as is every None (flux 8-10 keep the shipped forward and change the backward only; 10 is the table before the
+# head_dim-128 dK/dV entry, whose dK/dV pass took the dQ pass's 64 x 64 at 8 warps).
 CANDIDATES = {
     "nat": {
         "fwd": [None, (32, 64, 4, 2), (32, 128, 4, 2), (16, 128, 4, 2), (64, 32, 4, 2), (32, 64, 2, 2),
@@ -52,11 +54,11 @@ CANDIDATES = {
     },
     "flux": {
         "fwd": [None, (128, 64, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
-                (128, 32, 4, 3), (64, 128, 8, 3)],
+                (128, 32, 4, 3), (64, 128, 8, 3), None, None, None],
         "bwd": [None, (128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2),
-                (128, 64, 8, 3), (32, 64, 4, 2)],
+                (128, 64, 8, 3), (32, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2)],
         "dkv": [None, (64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (128, 64, 8, 2),
-                (64, 128, 8, 3), (32, 128, 4, 2)],
+                (64, 128, 8, 3), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2)],
     },
 }
 KEYS = {"nat": {"fwd": ("fwd", 16, 64, "small"), "bwd": ("bwd", 16, 64, "small"), "dkv": ("dkv", 16, 64, "small")},
