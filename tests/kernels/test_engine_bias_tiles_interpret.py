@@ -39,13 +39,11 @@ def run_case() -> dict:
     ops.POISON = True  # NaN-filled outputs and partials: anything never written fails the comparison
     results = {}
 
-    def run(case, seed, batch=BATCH):
+    def run(case, seed):
         name, op, spatial, heads, d, params = case[:6]
         gen = torch.Generator().manual_seed(seed)
         q, k, v, rpb, _, _, _ = tiled._make(case, gen)
-        # batch 3: chunks of 2 leave a partial one; more items: scaled copies, distinct per item
-        q, k, v = (torch.cat([t] + [t[:1] * (0.5 + 0.25 * i) for i in range(batch - t.shape[0])])
-                   for t in (q, k, v))
+        q, k, v = (torch.cat([t, t[:1] * 0.5]) for t in (q, k, v))  # batch 3: chunks of 2 leave a partial one
         grad = torch.randn(*q.shape[:-1], v.shape[-1], generator=gen).to(q.dtype)
         ours_in = [t.detach().requires_grad_(True) for t in (q, k, v, rpb)]
         ref_in = [t.detach().double().requires_grad_(True) for t in (q, k, v, rpb)]
@@ -104,19 +102,6 @@ def run_case() -> dict:
         results[f"{case[0]}/buffer"] = dict(errs=errs, modes=sorted(modes), expand_q_launches=counted.calls)
     ops._EXPAND_Q = real_expand
 
-    # the buffer with batch items grouped per dQ program (ops.DQ_ITEMS): batch 4 in one group of 4, batch 6 in
-    # groups of 2, and batch 6 in buffer chunks of one group each (ops._DSN_BYTES); every dS summed over a group
-    ops.DQ_ITEMS, ops.DQ_PROGRAMS = 8, 1
-    for case, batch, dsn_bytes, label in ((TILE_CASES[0], 4, 1 << 30, "b4"), (TILE_CASES[2], 6, 1 << 30, "b6"),
-                                          (TILE_CASES[3], 6, 1, "b6-chunked")):
-        ops._PLANS.clear()
-        ops._DSN_BYTES = dsn_bytes
-        errs, drpb = run(case, 50, batch)
-        again = run(case, 50, batch)[1]
-        items = sorted({plan.items for key, plan in ops._PLANS.items() if key[0] == "bwd"})
-        results[f"{case[0]}/items-{label}"] = dict(errs=errs, items=items, repeat_equal=bool(torch.equal(drpb, again)))
-    ops.DQ_ITEMS, ops.DQ_PROGRAMS, ops._DSN_BYTES = 1, 1024, 1 << 30
-
     # the per-pair gather, same case: the second opinion of the fused path
     ops.BIAS_TILES = False
     ops._PLANS.clear()
@@ -155,21 +140,6 @@ def test_bias_gradient_from_the_dq_buffer_matches_oracle(case, tile_results):
     assert got["expand_q_launches"] == 1, got  # one forward + backward: the forward's expansion, reused
     tol = TOL[case[8]]
     assert all(v < tol for v in got["errs"].values()), got
-
-
-ITEM_RUNS = [(TILE_CASES[0], "b4", 4), (TILE_CASES[2], "b6", 2), (TILE_CASES[3], "b6-chunked", 2)]
-
-
-@pytest.mark.interpret
-@pytest.mark.parametrize(("case", "label", "items"), ITEM_RUNS, ids=[r[1] for r in ITEM_RUNS])
-def test_dq_programs_sum_a_group_of_items_in_the_buffer(case, label, items, tile_results):
-    """A dQ program serving several batch items adds their dS into one buffer slot per pair (the first stores, the
-    rest add after a barrier): gradients still match float64, and the grouping is deterministic."""
-    got = tile_results[f"{case[0]}/items-{label}"]
-    assert got["items"] == [items], got
-    tol = TOL[case[8]]
-    assert all(v < tol for v in got["errs"].values()), got
-    assert got["repeat_equal"], got
 
 
 @pytest.mark.interpret

@@ -16,8 +16,8 @@ from visattn.kernels.engine import (
     _PATTERN_ARGS,
     LOG2E,
     _bias_tile,
-    _extra_tile,
-    _key_value_tile,
+    _key_tile,
+    _load_cols,
     _load_rows,
     _on_border,
     _program_head,
@@ -49,22 +49,18 @@ def _bwd_dq_kernel(
     CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, WINDOW: tl.constexpr,
     HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, DOT_PREC: tl.constexpr,
     RPB_BINS: tl.constexpr = False, O1: tl.constexpr = 16, O2: tl.constexpr = 16, HAS_GLSE: tl.constexpr = False,
-    BIAS_TILES: tl.constexpr = False, DS_BUFFER: tl.constexpr = False, ITEMS: tl.constexpr = 1,
+    BIAS_TILES: tl.constexpr = False, DS_BUFFER: tl.constexpr = False,
 ):
     """dQ for one query tile over the forward's key tiles, and ``delta = rowsum(dO * O)`` (minus the LSE
     gradient's share) computed here and stored for the dK/dV pass. With a bias: ``RPB_BINS`` sums each tile's dS
     into relative-offset bins in registers (``_rpb_bins``) and stores one ``[O1, O2]`` partial per program;
     otherwise each pair's dS goes to the neighbour buffer ``DSN``. With ``BIAS_TILES`` (``HAS_RPB`` off) the bias
     and mask come from the expanded tiles ``BT``; ``DS_BUFFER`` then stores each real pair's dS (finite bias) in
-    ``DSN``, else the bias gradient is left to ``bias_tiles._bias_grad_kernel``. A program serves ``ITEMS``
-    consecutive batch items of one head (grid axis 1: groups x heads); with ``DS_BUFFER`` their dS is summed per pair
-    in the buffer's slot (``[B / ITEMS, H, positions, neighbours]``): the first item stores, the later ones add to
-    what the earlier ones stored (a barrier between items, since another thread may hold a slot), so the buffer
-    and its reduction shrink ITEMS-fold."""
+    ``DSN``, else the bias gradient is left to ``bias_tiles._bias_grad_kernel``."""
     BLOCK_M: tl.constexpr = M0 * M1 * M2
     BLOCK_N: tl.constexpr = N0 * N1 * N2
     pid = tl.program_id(0)
-    group, h = _program_head(H)  # with ITEMS > 1, the program's group of ITEMS batch items
+    b, h = _program_head(H)
     (t1, t2, g0, g1, g2, G0, G1, G2, qi0, qi1, qi2, q_valid, st0, st1, st2, en0, en1, en2,
      ka0, ka1, ka2, nk0, nk1, nk2, cl0, cl1, cl2, ch0, ch1, ch2, c0, c1, c2) = _query_tile(
         pid, L0, L1, L2, DL0, DL1, DL2, NT0, NT1, NT2, KS0, KS1, KS2, ST0, ST1, ST2, SH0, SH1, SH2,
@@ -72,71 +68,68 @@ def _bwd_dq_kernel(
     d_cols = tl.arange(0, BLOCK_D)
     dv_cols = tl.arange(0, BLOCK_DV)
     q_rows = _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, q_s0, q_s1, q_s2)
+    q = _load_rows(Q + b * q_sb + h * q_sh, q_rows, 1, q_valid, d_cols, q_sd, HEAD_D)
     do_rows = _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, do_s0, do_s1, do_s2)
+    do = _load_rows(DO + b * do_sb + h * do_sh, do_rows, 1, q_valid, dv_cols, do_sd, HEAD_DV)
+    l_rows = b * l_sb + h + _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, l_s0, l_s1, l_s2)
+    lse = tl.load(LSE + l_rows, mask=q_valid, other=0.0)
     o_rows = _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, o_s0, o_s1, o_s2)
-    dq_rows = _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, dq_s0, dq_s1, dq_s2)
+    o = _load_rows(OUT + b * o_sb + h * o_sh, o_rows, 1, q_valid, dv_cols, 1, HEAD_DV)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_GLSE:  # lse = log2(sum exp2(s)) adds p * g / ln 2 to each score's gradient: delta shifts by -g / ln 2
+        delta -= tl.load(GLSE + l_rows, mask=q_valid, other=0.0).to(tl.float32) * LOG2E
+    tl.store(DELTA + l_rows, delta, mask=q_valid)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_base = K + b * k_sb + h * k_sh
+    v_base = V + b * v_sb + h * v_sh
     if RPB_BINS:  # first query coordinate of the tile along dimensions 1 and 2 (dimension 0 is the padding one)
         _, _, q_first1, _, _ = split_tile(t1, L1, DL1, NT1, KS1, SH1, M1, WINDOW)
         _, _, q_first2, _, _ = split_tile(t2, L2, DL2, NT2, KS2, SH2, M2, WINDOW)
         bins = tl.zeros([O1, O2], tl.float32)
     elif HAS_RPB or DS_BUFFER:  # row starts of this program's queries in the dS buffer [B, H, L0*L1*L2, KS0*KS1*KS2]
         positions = ((qi0 * DL0 + g0) * L1 + (qi1 * DL1 + g1)) * L2 + (qi2 * DL2 + g2)
-        dsn_rows = DSN + ((group * H + h) * (L0 * L1 * L2) + positions) * (KS0 * KS1 * KS2)
-    for item in range(ITEMS):
-        b = group * ITEMS + item
-        q = _load_rows(Q + b * q_sb + h * q_sh, q_rows, 1, q_valid, d_cols, q_sd, HEAD_D)
-        do = _load_rows(DO + b * do_sb + h * do_sh, do_rows, 1, q_valid, dv_cols, do_sd, HEAD_DV)
-        l_rows = b * l_sb + h + _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, l_s0, l_s1, l_s2)
-        lse = tl.load(LSE + l_rows, mask=q_valid, other=0.0)
-        o = _load_rows(OUT + b * o_sb + h * o_sh, o_rows, 1, q_valid, dv_cols, 1, HEAD_DV)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        if HAS_GLSE:  # lse = log2(sum exp2(s)) adds p * g / ln 2 to each score's gradient: delta shifts by -g / ln 2
-            delta -= tl.load(GLSE + l_rows, mask=q_valid, other=0.0).to(tl.float32) * LOG2E
-        tl.store(DELTA + l_rows, delta, mask=q_valid)
+        dsn_rows = DSN + ((b * H + h) * (L0 * L1 * L2) + positions) * (KS0 * KS1 * KS2)
+    for t in range(0, nk0 * nk1 * nk2):
+        lo0, lo1, lo2, kj0, kj1, kj2, k_in = _key_tile(t, nk1, nk2, ka0, ka1, ka2, c0, c1, c2, G0, G1, G2,
+                                                       N0, N1, N2)
+        k_rows = _row_offsets(kj0, kj1, kj2, DL0, DL1, DL2, g0, g1, g2, k_s0, k_s1, k_s2)
+        k = _load_rows(k_base, k_rows, 1, k_in, d_cols, k_sd, HEAD_D)
+        v_rows = _row_offsets(kj0, kj1, kj2, DL0, DL1, DL2, g0, g1, g2, v_s0, v_s1, v_s2)
+        vT = _load_cols(v_base, v_rows, 1, k_in, dv_cols, v_sd, HEAD_DV)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        s, pair = _tile_scores(s, q_valid, qi0, qi1, qi2, st0, st1, st2, en0, en1, en2, lo0, lo1, lo2, kj0, kj1, kj2,
+                               cl0, cl1, cl2, ch0, ch1, ch2, RPB, h, r_sh, r_s0, r_s1, r_s2, KS0, KS1, KS2,
+                               N0, N1, N2, HAS_RPB, BT, pid, t, NKMAX, BIAS_TILES)
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, vT, input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        if RPB_BINS:
+            bins += _rpb_bins(ds, q_first1, q_first2, lo1, lo2, KS1, KS2, M1, M2, N1, N2, O1, O2, IEEE)
+        elif HAS_RPB or DS_BUFFER:  # neighbour index (key - window start) per dimension: each pair in its own slot
+            if DS_BUFFER:  # bias tiles: the real pairs are those whose expanded bias is finite
+                pair = s > float("-inf")
+            nbr = (((kj0[None, :] - st0[:, None]) * KS1 + (kj1[None, :] - st1[:, None])) * KS2
+                   + (kj2[None, :] - st2[:, None]))
+            tl.store(dsn_rows[:, None] + nbr, ds, mask=pair)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
-        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for t in range(0, nk0 * nk1 * nk2):
-            lo0, lo1, lo2, kj0, kj1, kj2, k, vT = _key_value_tile(
-                t, nk1, nk2, ka0, ka1, ka2, c0, c1, c2, G0, G1, G2, DL0, DL1, DL2, g0, g1, g2,
-                K + b * k_sb + h * k_sh, V + b * v_sb + h * v_sh, k_s0, k_s1, k_s2, k_sd, v_s0, v_s1, v_s2, v_sd,
-                d_cols, dv_cols, HEAD_D, HEAD_DV, N0, N1, N2, True)
+    if HAS_EXTRA:
+        e_cols = tl.arange(0, BLOCK_N)
+        for n0 in range(0, N_EXTRA, BLOCK_N):
+            e_in = (n0 + e_cols) < N_EXTRA
+            k = _load_rows(EK + b * ek_sb + h * ek_sh, n0 + e_cols, ek_sn, e_in, d_cols, ek_sd, HEAD_D)
+            vT = _load_cols(EV + b * ev_sb + h * ev_sh, n0 + e_cols, ev_sn, e_in, dv_cols, ev_sd, HEAD_DV)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-            s, pair = _tile_scores(s, q_valid, qi0, qi1, qi2, st0, st1, st2, en0, en1, en2, lo0, lo1, lo2, kj0, kj1,
-                                   kj2, cl0, cl1, cl2, ch0, ch1, ch2, RPB, h, r_sh, r_s0, r_s1, r_s2, KS0, KS1, KS2,
-                                   N0, N1, N2, HAS_RPB, BT, pid, t, NKMAX, BIAS_TILES)
+            s = tl.where(e_in[None, :], s, float("-inf"))
             p = tl.math.exp2(s - lse[:, None])
-            dp = tl.dot(do, vT, input_precision=DOT_PREC)
-            ds = p * (dp - delta[:, None])
-            if RPB_BINS:
-                bins += _rpb_bins(ds, q_first1, q_first2, lo1, lo2, KS1, KS2, M1, M2, N1, N2, O1, O2, IEEE)
-            elif HAS_RPB or DS_BUFFER:  # neighbour index (key - window start) per dimension: each pair its own slot
-                if DS_BUFFER:  # bias tiles: the real pairs are those whose expanded bias is finite
-                    pair = s > float("-inf")
-                nbr = (((kj0[None, :] - st0[:, None]) * KS1 + (kj1[None, :] - st1[:, None])) * KS2
-                       + (kj2[None, :] - st2[:, None]))
-                if ITEMS > 1:  # the group's items share each slot: the first stores, the others add
-                    ds_sum = ds + tl.load(dsn_rows[:, None] + nbr, mask=pair & (item > 0), other=0.0)
-                    tl.store(dsn_rows[:, None] + nbr, ds_sum, mask=pair)
-                else:
-                    tl.store(dsn_rows[:, None] + nbr, ds, mask=pair)
+            ds = p * (tl.dot(do, vT, input_precision=DOT_PREC) - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
-        if HAS_EXTRA:
-            e_cols = tl.arange(0, BLOCK_N)
-            for n0 in range(0, N_EXTRA, BLOCK_N):
-                e_in, k, vT = _extra_tile(n0, e_cols, EK + b * ek_sb + h * ek_sh, EV + b * ev_sb + h * ev_sh,
-                                          ek_sn, ek_sd, ev_sn, ev_sd, d_cols, dv_cols, N_EXTRA, HEAD_D, HEAD_DV, True)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-                s = tl.where(e_in[None, :], s, float("-inf"))
-                p = tl.math.exp2(s - lse[:, None])
-                ds = p * (tl.dot(do, vT, input_precision=DOT_PREC) - delta[:, None])
-                dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-
-        _store_rows(DQ + b * dq_sb + h * dq_sh, dq_rows, 1, q_valid, d_cols, HEAD_D, dq * sm_scale)
-        if ITEMS > 1:  # the next item reads the slots this one wrote, through other threads' registers
-            tl.debug_barrier()
+    dq_rows = _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, dq_s0, dq_s1, dq_s2)
+    _store_rows(DQ + b * dq_sb + h * dq_sh, dq_rows, 1, q_valid, d_cols, HEAD_D, dq * sm_scale)
     if RPB_BINS:  # this program's partial bias gradient: [B, H, programs, O1, O2], summed on the host
-        part = DSN + ((group * H + h) * tl.num_programs(0) + pid) * (O1 * O2)
+        part = DSN + ((b * H + h) * tl.num_programs(0) + pid) * (O1 * O2)
         tl.store(part + tl.arange(0, O1)[:, None] * O2 + tl.arange(0, O2)[None, :], bins)
 
 

@@ -131,39 +131,6 @@ def _key_tile(t, nk1, nk2, ka0, ka1, ka2, c0, c1, c2, G0, G1, G2, N0: tl.constex
 
 
 @triton.jit
-def _key_value_tile(t, nk1, nk2, ka0, ka1, ka2, c0, c1, c2, G0, G1, G2, DL0, DL1, DL2, g0, g1, g2, k_base, v_base,
-                    k_s0, k_s1, k_s2, k_sd, v_s0, v_s1, v_s2, v_sd, d_cols, dv_cols, HEAD_D, HEAD_DV,
-                    N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, FOR_DQ: tl.constexpr):
-    """``_key_tile`` plus the tile's keys and values: ``K^T`` and ``V`` for the forward (``P V``), ``K`` and ``V^T``
-    for the dQ pass (``dS K``, ``dO V^T``)."""
-    lo0, lo1, lo2, kj0, kj1, kj2, k_in = _key_tile(t, nk1, nk2, ka0, ka1, ka2, c0, c1, c2, G0, G1, G2, N0, N1, N2)
-    k_rows = _row_offsets(kj0, kj1, kj2, DL0, DL1, DL2, g0, g1, g2, k_s0, k_s1, k_s2)
-    v_rows = _row_offsets(kj0, kj1, kj2, DL0, DL1, DL2, g0, g1, g2, v_s0, v_s1, v_s2)
-    if FOR_DQ:
-        k = _load_rows(k_base, k_rows, 1, k_in, d_cols, k_sd, HEAD_D)
-        v = _load_cols(v_base, v_rows, 1, k_in, dv_cols, v_sd, HEAD_DV)
-    else:
-        k = _load_cols(k_base, k_rows, 1, k_in, d_cols, k_sd, HEAD_D)
-        v = _load_rows(v_base, v_rows, 1, k_in, dv_cols, v_sd, HEAD_DV)
-    return lo0, lo1, lo2, kj0, kj1, kj2, k, v
-
-
-@triton.jit
-def _extra_tile(n0, e_cols, ek_base, ev_base, ek_sn, ek_sd, ev_sn, ev_sd, d_cols, dv_cols, N_EXTRA, HEAD_D,
-                HEAD_DV, FOR_DQ: tl.constexpr):
-    """Extra (global) keys ``[n0, n0 + len(e_cols))``: which exist, and their keys and values oriented as in
-    ``_key_value_tile``."""
-    e_in = (n0 + e_cols) < N_EXTRA
-    if FOR_DQ:
-        k = _load_rows(ek_base, n0 + e_cols, ek_sn, e_in, d_cols, ek_sd, HEAD_D)
-        v = _load_cols(ev_base, n0 + e_cols, ev_sn, e_in, dv_cols, ev_sd, HEAD_DV)
-    else:
-        k = _load_cols(ek_base, n0 + e_cols, ek_sn, e_in, d_cols, ek_sd, HEAD_D)
-        v = _load_rows(ev_base, n0 + e_cols, ev_sn, e_in, dv_cols, ev_sd, HEAD_DV)
-    return e_in, k, v
-
-
-@triton.jit
 def _on_border(lo0, lo1, lo2, in_lo0, in_lo1, in_lo2, in_hi0, in_hi1, in_hi2, S0: tl.constexpr, S1: tl.constexpr,
                S2: tl.constexpr):
     """Whether the S0 x S1 x S2 tile starting at (lo0, lo1, lo2) reaches outside [in_lo, in_hi] along a dimension
@@ -244,11 +211,15 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    k_base = K + b * k_sb + h * k_sh
+    v_base = V + b * v_sb + h * v_sh
     for t in range(0, nk0 * nk1 * nk2):
-        lo0, lo1, lo2, kj0, kj1, kj2, kT, v = _key_value_tile(
-            t, nk1, nk2, ka0, ka1, ka2, c0, c1, c2, G0, G1, G2, DL0, DL1, DL2, g0, g1, g2, K + b * k_sb + h * k_sh,
-            V + b * v_sb + h * v_sh, k_s0, k_s1, k_s2, k_sd, v_s0, v_s1, v_s2, v_sd, dq_cols, dv_cols, HEAD_D,
-            HEAD_DV, N0, N1, N2, False)
+        lo0, lo1, lo2, kj0, kj1, kj2, k_in = _key_tile(t, nk1, nk2, ka0, ka1, ka2, c0, c1, c2, G0, G1, G2,
+                                                       N0, N1, N2)
+        k_rows = _row_offsets(kj0, kj1, kj2, DL0, DL1, DL2, g0, g1, g2, k_s0, k_s1, k_s2)
+        kT = _load_cols(k_base, k_rows, 1, k_in, dq_cols, k_sd, HEAD_D)
+        v_rows = _row_offsets(kj0, kj1, kj2, DL0, DL1, DL2, g0, g1, g2, v_s0, v_s1, v_s2)
+        v = _load_rows(v_base, v_rows, 1, k_in, dv_cols, v_sd, HEAD_DV)
         s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
         s, _ = _tile_scores(s, q_valid, qi0, qi1, qi2, st0, st1, st2, en0, en1, en2, lo0, lo1, lo2, kj0, kj1, kj2,
                             cl0, cl1, cl2, ch0, ch1, ch2, RPB, h, r_sh, r_s0, r_s1, r_s2, KS0, KS1, KS2,
@@ -258,8 +229,9 @@ def _fwd_kernel(
     if HAS_EXTRA:
         e_cols = tl.arange(0, BLOCK_N)
         for n0 in range(0, N_EXTRA, BLOCK_N):
-            e_in, kT, v = _extra_tile(n0, e_cols, EK + b * ek_sb + h * ek_sh, EV + b * ev_sb + h * ev_sh, ek_sn,
-                                      ek_sd, ev_sn, ev_sd, dq_cols, dv_cols, N_EXTRA, HEAD_D, HEAD_DV, False)
+            e_in = (n0 + e_cols) < N_EXTRA
+            kT = _load_cols(EK + b * ek_sb + h * ek_sh, n0 + e_cols, ek_sn, e_in, dq_cols, ek_sd, HEAD_D)
+            v = _load_rows(EV + b * ev_sb + h * ev_sh, n0 + e_cols, ev_sn, e_in, dv_cols, ev_sd, HEAD_DV)
             s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
             s = tl.where(e_in[None, :], s, float("-inf"))
             m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, DOT_PREC)

@@ -480,7 +480,6 @@ class _BackwardPlan(NamedTuple):
     part_shape: tuple  # bins: [B, H, dQ programs, O1, O2]; tiles: [batch chunks, H, grad programs, O1, O2]
     n_programs: int
     tiles: _BiasTilePlan | None = None
-    items: int = 1  # batch items per dQ program (their dS summed per pair in the buffer: "tiles-dsn" only)
 
 
 # Bias-gradient programs to keep at least (batch chunks are sized for it): a few per SM. Its loop over a chunk's
@@ -493,21 +492,6 @@ BIAS_GRAD_PROGRAMS = 1024
 BIAS_GRAD_BUFFER = os.environ.get("VISATTN_BIAS_GRAD_BUFFER", "1") != "0"
 BIAS_GRAD_STAGES = 3
 BIAS_GRAD_WARPS = 4
-# With the per-pair buffer, a dQ program may serve up to DQ_ITEMS batch items of one head and sum their dS in the
-# buffer (at 8, 8x less buffer to write and reduce: at NAT-T s3, B256, 79 MB of float32 per call), while at least
-# DQ_PROGRAMS programs remain. 1 (off) until it is timed and swept on the GPU; tests raise it.
-DQ_ITEMS = int(os.environ.get("VISATTN_DQ_ITEMS", "1"))
-DQ_PROGRAMS = 1024
-
-
-def dq_items(batch: int, programs_per_item: int) -> int:
-    """Batch items per dQ program with the per-pair buffer: a power of two <= ``DQ_ITEMS`` dividing ``batch``, while
-    at least ``DQ_PROGRAMS`` programs remain (``programs_per_item``: query tiles x heads)."""
-    items = 1
-    while (items * 2 <= DQ_ITEMS and batch % (items * 2) == 0
-           and batch // (items * 2) * programs_per_item >= DQ_PROGRAMS):
-        items *= 2
-    return items
 
 
 def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, scale: float,
@@ -544,11 +528,10 @@ def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Patt
         # and bias gradient: 3-D window, head_dim 64 (check-h100-2026-12-06-run4-failed.json; right unpipelined,
         # or at 2 or 8 warps: replay-h100-2026-12-06-variants.json). One stage costs little: ranks 1 and 3 only.
         stages = 1
-    items = dq_items(B, n_programs * H) if mode == "tiles-dsn" else 1
     constexprs.update(HAS_RPB=rpb is not None and layout is None, HAS_EXTRA=extra_k is not None,
                       RPB_BINS=mode == "bins", O1=o1, O2=o2, HAS_GLSE=grad_lse is not None,
-                      BIAS_TILES=layout is not None, DS_BUFFER=mode == "tiles-dsn", ITEMS=items)
-    dq = _DQ.record((n_programs, B // items * H), 14, scalars, constexprs, warps, stages)
+                      BIAS_TILES=layout is not None, DS_BUFFER=mode == "tiles-dsn")
+    dq = _DQ.record((n_programs, B * H), 14, scalars, constexprs, warps, stages)
     grad = None
     part_shape = (B, H, n_programs, o1, o2)
     if mode == "tiles":
@@ -583,7 +566,7 @@ def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Patt
                                 _walk_constexprs(pat, tiles), 4, 1)
     bias_plan = _BiasTilePlan(_expand_query_record(pat, lengths, layout, r_st, H), expand_k, grad,
                               layout.q_shape(H), layout.k_shape(H), layout.dtype)
-    return _BackwardPlan(dq, dkv, table, mode, part_shape, n_programs, bias_plan, items)
+    return _BackwardPlan(dq, dkv, table, mode, part_shape, n_programs, bias_plan)
 
 
 def backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, scale: float,
@@ -667,28 +650,26 @@ def _dq_pass_with_dsn(plan: _BackwardPlan, grad_out, q, k, v, out, glse, lse, de
     """The dQ pass for a bias the in-register bins do not take (rank 1 and 3, and bias tiles with
     ``BIAS_GRAD_BUFFER``; ``bias`` is then the expanded tiles, else unused): each pair's dS into a per-query
     neighbour buffer, reduced on the host (``_reduce_rpb_grad``); batch chunks bound the buffer. A single chunk
-    replays the plan's launch; several go through Triton's normal path (their grids differ from the plan's). With
-    ``plan.items`` > 1 a buffer row holds the dS summed over that many items, and chunks are whole groups."""
+    replays the plan's launch; several go through Triton's normal path (their grids differ from the plan's)."""
     rank = q.dim() - 3
     B, H = q.shape[0], q.shape[-2]
-    items = plan.items
     lengths = tuple(_view3(q, rank).shape[1:4])
     neighbours = math.prod(pat.kernel)
-    chunk = max(1, min(B // items, _DSN_BYTES // (H * math.prod(lengths) * neighbours * 4))) * items
+    chunk = max(1, min(B, _DSN_BYTES // (H * math.prod(lengths) * neighbours * 4)))
     # windows (partial at borders) and causal rows have fewer than prod(kernel) neighbours: zero their slots.
     alloc = torch.zeros if (pat.window or any(pat.causal)) else torch.empty
     drpb = None
     rec = plan.dq
     for b0 in range(0, B, chunk):
         nb = min(chunk, B - b0)
-        dsn = alloc((nb // items, H, math.prod(lengths), neighbours), device=q.device, dtype=torch.float32)
+        dsn = alloc((nb, H, math.prod(lengths), neighbours), device=q.device, dtype=torch.float32)
         if nb == B:  # one chunk (the usual case): the plan's replayed launch on the whole tensors, no slicing
             _DQ(rec, (q, k, v, grad_out, out, glse, lse, delta, dq, dsn, rpb, ek, ev, bias))
         else:
             part = slice(b0, b0 + nb)
             tensors = (q[part], k[part], v[part], grad_out[part], out[part], glse[part], lse[part], delta[part],
                        dq[part], dsn, rpb, ek[part], ev[part], bias)
-            _DQ.kernel[(rec.grid[0], nb // items * H)](*tensors, *rec.scalars, **rec.constexprs, **rec.options)
+            _DQ.kernel[(rec.grid[0], nb * H)](*tensors, *rec.scalars, **rec.constexprs, **rec.options)
         part_grad = _reduce_rpb_grad(dsn, pat, lengths, H)
         drpb = part_grad if drpb is None else drpb + part_grad
     return drpb.reshape(rpb.shape)

@@ -42,7 +42,10 @@ _VOLUMES = {
     ("bwd", 16, 128, "window"): (64, 32, 8, 2),
     ("bwd", 16, 256, "window"): (32, 32, 8, 1),
     ("bwd", 16, 64, "large"): (64, 64, 4, 2),
-    ("bwd", 16, 128, "large"): (64, 64, 8, 2),
+    # head_dim 128 backward at 4 warps, with a dK/dV entry of its own (it had taken this volume at 8 warps): H100,
+    # FLUX-4K NA k80 dQ 41.7 -> 17.0 ms, dK/dV 62.2 -> 34.6 ms (tune-tiles-flux4k-h100-2026-12-07.json); FLUX
+    # 1024^2 + text NA k21 fwd+bwd 2.010 -> 1.411 ms, below cuDNN's 1.752 (flux-text-profile-h100-2026-12-07-*.json).
+    ("bwd", 16, 128, "large"): (64, 64, 4, 2),
     ("bwd", 16, 256, "large"): (32, 32, 8, 1),
     ("bwd", 16, 64, "small"): (64, 64, 4, 2),
     ("bwd", 16, 128, "small"): (64, 64, 8, 2),
@@ -54,6 +57,7 @@ _VOLUMES = {
     # (tune-tiles-h100-2026-12-06.json: dK/dV 0.826 -> 0.760 ms, dQ 0.492 -> 0.435 ms at s1).
     ("dkv", 16, 64, "small"): (32, 64, 2, 2),
     ("dkv", 16, 64, "window"): (32, 64, 4, 2),
+    ("dkv", 16, 128, "large"): (64, 64, 4, 2),
 }
 for _key, _vol in list(_VOLUMES.items()):  # float32: half the rows (registers), ieee dots
     _VOLUMES[(_key[0], 32) + _key[2:]] = (max(16, _vol[0] // 2), max(16, _vol[1] // 2), 4, min(_vol[3], 2))
