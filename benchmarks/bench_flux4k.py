@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import visattn  # noqa: E402
-from visattn.bench.common import environment, median_ms, require_cuda, save_result  # noqa: E402
+from visattn.bench.common import median_ms, require_cuda, save_result  # noqa: E402
 
 HEADS, HEAD_DIM, SIDE = 24, 128, 256
 CASES = {"na_k80": dict(kernel_size=80), "gna_k80_s16": dict(kernel_size=80, stride=16)}
@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         row["fwd_x_dense"] = round(dense["fwd_ms"] / row["fwd_ms"], 2)
         row["fwd_bwd_x_dense"] = round(dense["fwd_bwd_ms"] / row["fwd_bwd_ms"], 2)
         print(name, row, flush=True)
-    save_result("flux4k-fwd-bwd", {**environment(), "shape": "FLUX-4K 256x256, 24 heads x 128, B1, bf16",
-                                   "rows": rows}, args.out)
+    save_result("flux4k-fwd-bwd", {"shape": "FLUX-4K 256x256, 24 heads x 128, B1, bf16", "rows": rows}, args.out)
     return 0
 
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def window_start(q: int, length: int, kernel: int) -> int:
-    """First key of query ``q``'s window (NATTEN's rule for stride 1: centred, clamped inside the map)."""
-    return min(max(q - kernel // 2, 0), length - kernel)
+from visattn.geometry import interval  # noqa: E402
 
 
 def visited_pairs(side: int, kernel: int, m: tuple[int, int], n: tuple[int, int]) -> int:
@@ -31,8 +31,8 @@ def visited_pairs(side: int, kernel: int, m: tuple[int, int], n: tuple[int, int]
             tiles = 1
             for t, mm, nn in ((t0, m[0], n[0]), (t1, m[1], n[1])):
                 first, last = t * mm, min(t * mm + mm, side) - 1
-                ka = window_start(first, side, kernel)
-                kb = window_start(last, side, kernel) + kernel - 1
+                ka = interval(first, side, kernel, 1, 0, False, False)[0]
+                kb = interval(last, side, kernel, 1, 0, False, False)[1]
                 tiles *= (kb - ka + nn) // nn
             total += m[0] * m[1] * tiles * n[0] * n[1]
     return total
