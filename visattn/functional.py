@@ -1253,13 +1253,13 @@ def which_path(op: str, *args, **kwargs) -> tuple[str, str]:
         window = int_tuple(a["window_size"], rank, "window_size")
         shift = int_tuple(a["shift"], rank, "shift", minimum=0)
         path, why = _kernels.engine_path(query, value, a["rpb"], None, True, window, (1,) * rank, (1,) * rank,
-                                         (False,) * rank, shift)
+                                         (False,) * rank, shift, a["key"])
     else:
         path, why = _kernels.engine_path(query, value, a["rpb"], a["additional_keys"], False,
                                          int_tuple(a["kernel_size"], rank, "kernel_size"),
                                          int_tuple(a["dilation"], rank, "dilation", default=1),
                                          int_tuple(a["stride"], rank, "stride", default=1),
-                                         bool_tuple(a["is_causal"], rank, "is_causal"), (0,) * rank)
+                                         bool_tuple(a["is_causal"], rank, "is_causal"), (0,) * rank, a["key"])
     return f"triton:{path}", why
 
 

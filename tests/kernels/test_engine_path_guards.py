@@ -99,6 +99,21 @@ def test_engine_path_names_the_bias_tiles():
     assert path == "tiled" and "bias expanded once per call" in why, why
     path, why = kernels.engine_path(q, q, None, None, False, *args)
     assert "bias expanded" not in why, why
+    # the tiled path also names its loads: tensor descriptors (TMA) are opt-in; opted in, CPU tensors cannot take
+    # them, nor can dilation
+    assert "pointer loads" in why and "VISATTN_KV_DESC=1" in why, why
+    from visattn.kernels import ops
+
+    ops.KV_DESCRIPTORS = True
+    try:
+        path, why = kernels.engine_path(q, q, None, None, False, *args)
+        assert "pointer loads" in why and "compute capability 9.0" in why, why
+        q_big = torch.zeros(1, 64, 64, 2, 32, dtype=torch.float16)  # 32x32 dilation groups: the tiled path
+        path, why = kernels.engine_path(q_big, q_big, None, None, False, (7, 7), (2, 2), (1, 1), (False, False),
+                                        (0, 0))
+        assert path == "tiled" and "pointer loads (dilation" in why, (path, why)
+    finally:
+        ops.KV_DESCRIPTORS = False
     q3 = torch.zeros(2, 12, 12, 12, 2, 32, dtype=torch.float16)
     path, why = kernels.engine_path(q3, q3, torch.zeros(2, 5, 5, 5), None, False, (3, 3, 3), (1, 1, 1), (1, 1, 1),
                                     (False,) * 3, (0, 0, 0))

@@ -38,10 +38,12 @@ def _load_ops():
 
 
 def engine_path(q: Tensor, v: Tensor, rpb: Tensor | None, additional_keys: Tensor | None, window: bool,
-                kernel_size: tuple, dilation: tuple, stride: tuple, is_causal: tuple, shift: tuple) -> tuple[str, str]:
+                kernel_size: tuple, dilation: tuple, stride: tuple, is_causal: tuple, shift: tuple,
+                k: Tensor | None = None) -> tuple[str, str]:
     """Which of the engine's kernels a neighborhood / window call runs: ("small-map", why) for one program per
     dilation group or window (``cells.py``), ("tiled", why) for the halo-tiled kernels (``engine.py``; a trained
-    2-D bias read from expanded tiles, ``bias_tiles.py``, says so)."""
+    2-D bias read from expanded tiles, ``bias_tiles.py``, says so, and so do the loads: tensor descriptors (TMA) on
+    Hopper, or pointer loads and why; ``k`` defaults to ``q`` there)."""
     ops = _load_ops()
     if ops is None:
         return "none", str(_engine_error)
@@ -52,9 +54,13 @@ def engine_path(q: Tensor, v: Tensor, rpb: Tensor | None, additional_keys: Tenso
         unit = "window" if window else "dilation group"
         return "small-map", (f"one program per {unit}: a {'x'.join(map(str, cb.box[3 - rank:]))} padded cell, "
                              f"one-pass backward")
+    why = cb.reason
     if ops._tile_layout_of(q, v, rpb, additional_keys, pat) is not None:
-        return "tiled", f"{cb.reason}; the bias expanded once per call into its tiles (bias_tiles.py)"
-    return "tiled", cb.reason
+        why += "; the bias expanded once per call into its tiles (bias_tiles.py)"
+    views = [ops._view3(t, rank) for t in (q, q if k is None else k, v)]
+    refusals = [r for r in (ops.kv_descriptor_why_not(t, pat) for t in views) if r is not None]
+    loads = f"pointer loads ({refusals[0]})" if refusals else "key and query boxes through TMA tensor descriptors"
+    return "tiled", f"{why}; {loads}"
 
 
 def _max_offset(t: Tensor) -> int:

@@ -27,6 +27,7 @@ from visattn.kernels.engine import (
     _store_rows,
     _tile_scores,
     _tile_walk,
+    _walked_pair,
 )
 from visattn.kernels.patterns import in_box_t, key_interval, split_tile, unflatten
 
@@ -36,7 +37,7 @@ IEEE = tl.constexpr("ieee")
 
 @triton.jit(do_not_specialize=_PATTERN_ARGS + ["N_EXTRA", "NKMAX"])
 def _bwd_dq_kernel(
-    Q, K, V, DO, OUT, GLSE, LSE, DELTA, DQ, DSN, RPB, EK, EV, BT,
+    Q, K, V, DO, OUT, GLSE, LSE, DELTA, DQ, DSN, RPB, EK, EV, BT, KD, VD,
     q_sb, q_s0, q_s1, q_s2, q_sh, q_sd, k_sb, k_s0, k_s1, k_s2, k_sh, k_sd,
     v_sb, v_s0, v_s1, v_s2, v_sh, v_sd, do_sb, do_s0, do_s1, do_s2, do_sh, do_sd,
     o_sb, o_s0, o_s1, o_s2, o_sh,
@@ -49,14 +50,15 @@ def _bwd_dq_kernel(
     CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, WINDOW: tl.constexpr,
     HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, DOT_PREC: tl.constexpr,
     RPB_BINS: tl.constexpr = False, O1: tl.constexpr = 16, O2: tl.constexpr = 16, HAS_GLSE: tl.constexpr = False,
-    BIAS_TILES: tl.constexpr = False, DS_BUFFER: tl.constexpr = False,
+    BIAS_TILES: tl.constexpr = False, DS_BUFFER: tl.constexpr = False, KV_DESC: tl.constexpr = False,
 ):
     """dQ for one query tile over the forward's key tiles, and ``delta = rowsum(dO * O)`` (minus the LSE
     gradient's share) computed here and stored for the dK/dV pass. With a bias: ``RPB_BINS`` sums each tile's dS
     into relative-offset bins in registers (``_rpb_bins``) and stores one ``[O1, O2]`` partial per program;
     otherwise each pair's dS goes to the neighbour buffer ``DSN``. With ``BIAS_TILES`` (``HAS_RPB`` off) the bias
     and mask come from the expanded tiles ``BT``; ``DS_BUFFER`` then stores each real pair's dS (finite bias) in
-    ``DSN``, else the bias gradient is left to ``bias_tiles._bias_grad_kernel``."""
+    ``DSN``, else the bias gradient is left to ``bias_tiles._bias_grad_kernel``. ``KV_DESC``: key boxes through
+    tensor descriptors ``KD`` / ``VD``, as in the forward (``engine._fwd_kernel``)."""
     BLOCK_M: tl.constexpr = M0 * M1 * M2
     BLOCK_N: tl.constexpr = N0 * N1 * N2
     pid = tl.program_id(0)
@@ -93,10 +95,9 @@ def _bwd_dq_kernel(
     for t in range(0, nk0 * nk1 * nk2):
         lo0, lo1, lo2, kj0, kj1, kj2, k_in = _key_tile(t, nk1, nk2, ka0, ka1, ka2, c0, c1, c2, G0, G1, G2,
                                                        N0, N1, N2)
-        k_rows = _row_offsets(kj0, kj1, kj2, DL0, DL1, DL2, g0, g1, g2, k_s0, k_s1, k_s2)
-        k = _load_rows(k_base, k_rows, 1, k_in, d_cols, k_sd, HEAD_D)
-        v_rows = _row_offsets(kj0, kj1, kj2, DL0, DL1, DL2, g0, g1, g2, v_s0, v_s1, v_s2)
-        vT = _load_cols(v_base, v_rows, 1, k_in, dv_cols, v_sd, HEAD_DV)
+        k, vT = _walked_pair(KV_DESC, KD, VD, k_base, v_base, b, L0, lo0, lo1, lo2, h, kj0, kj1, kj2, k_in,
+                             DL0, DL1, DL2, g0, g1, g2, k_s0, k_s1, k_s2, k_sd, v_s0, v_s1, v_s2, v_sd, HEAD_D,
+                             HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, True)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         s, pair = _tile_scores(s, q_valid, qi0, qi1, qi2, st0, st1, st2, en0, en1, en2, lo0, lo1, lo2, kj0, kj1, kj2,
                                cl0, cl1, cl2, ch0, ch1, ch2, RPB, h, r_sh, r_s0, r_s1, r_s2, KS0, KS1, KS2,
@@ -194,7 +195,7 @@ def _key_box(pid, L0, L1, L2, DL0, DL1, DL2, NT0, NT1, NT2, KS0, KS1, KS2, SH0, 
 
 @triton.jit(do_not_specialize=_PATTERN_ARGS + ["QR_T", "NQMAX"])
 def _bwd_dkv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, RPB, QR, BT,
+    Q, K, V, DO, LSE, DELTA, DK, DV, RPB, QR, BT, QD, DOD,
     q_sb, q_s0, q_s1, q_s2, q_sh, q_sd, k_sb, k_s0, k_s1, k_s2, k_sh, k_sd,
     v_sb, v_s0, v_s1, v_s2, v_sh, v_sd, do_sb, do_s0, do_s1, do_s2, do_sh, do_sd,
     dk_sb, dk_s0, dk_s1, dk_s2, dk_sh, dv_sb, dv_s0, dv_s1, dv_s2, dv_sh, l_sb, l_s0, l_s1, l_s2,
@@ -204,11 +205,13 @@ def _bwd_dkv_kernel(
     M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, WINDOW: tl.constexpr,
-    HAS_RPB: tl.constexpr, DOT_PREC: tl.constexpr, BIAS_TILES: tl.constexpr = False,
+    HAS_RPB: tl.constexpr, DOT_PREC: tl.constexpr, BIAS_TILES: tl.constexpr = False, QDO_DESC: tl.constexpr = False,
 ):
     """dK, dV for one key tile (N0 x N1 x N2), over the query tiles (M0 x M1 x M2) that attend it. With
     ``BIAS_TILES`` (``HAS_RPB`` off) each query tile's transposed bias and mask come from the expanded tiles
-    ``BT`` (``bias_tiles._expand_key_walk_kernel``)."""
+    ``BT`` (``bias_tiles._expand_key_walk_kernel``). ``QDO_DESC``: query and output-gradient boxes through tensor
+    descriptors ``QD`` / ``DOD`` (5-D views as in the forward; rows past a walk's last query are masked as on the
+    pointer path, rows past the map are zero-filled)."""
     BLOCK_M: tl.constexpr = M0 * M1 * M2
     BLOCK_N: tl.constexpr = N0 * N1 * N2
     pid = tl.program_id(0)
@@ -230,10 +233,9 @@ def _bwd_dkv_kernel(
     for t in range(0, nq0 * nq1 * nq2):
         qs0, qs1, qs2, qi0, qi1, qi2 = _tile_walk(t, nq1, nq2, ql0, ql1, ql2, r0, r1, r2, M0, M1, M2)
         q_valid = (qi0 <= qh0) & (qi1 <= qh1) & (qi2 <= qh2)
-        q_rows = _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, q_s0, q_s1, q_s2)
-        q = _load_rows(q_base, q_rows, 1, q_valid, d_cols, q_sd, HEAD_D)
-        do_rows = _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, do_s0, do_s1, do_s2)
-        do = _load_rows(do_base, do_rows, 1, q_valid, dv_cols, do_sd, HEAD_DV)
+        q, do = _walked_pair(QDO_DESC, QD, DOD, q_base, do_base, b, L0, qs0, qs1, qs2, h, qi0, qi1, qi2, q_valid,
+                             DL0, DL1, DL2, g0, g1, g2, q_s0, q_s1, q_s2, q_sd, do_s0, do_s1, do_s2, do_sd, HEAD_D,
+                             HEAD_DV, BLOCK_M, BLOCK_D, BLOCK_DV, False, False)
         l_rows = b * l_sb + h + _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, l_s0, l_s1, l_s2)
         lse = tl.load(LSE + l_rows, mask=q_valid, other=0.0)
         delta = tl.load(DELTA + l_rows, mask=q_valid, other=0.0)

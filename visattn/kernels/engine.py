@@ -59,6 +59,42 @@ def _load_cols(ptr, rows, row_stride, valid, cols, col_stride, n_cols):
 
 
 @triton.jit
+def _box_load(desc, b, L0, lo0, lo1, lo2, h, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The ``[ROWS, COLS]`` tile of one box (rows row-major from (lo0, lo1, lo2) of batch item ``b``, head ``h``)
+    through a tensor descriptor over the 5-D view ``[B * L0, L1, L2, heads, D]`` (``ops.kv_descriptor``)."""
+    return tl.reshape(desc.load([(b * L0 + lo0).to(tl.int32), lo1, lo2, h, 0]), [ROWS, COLS])
+
+
+@triton.jit
+def _walked_pair(DESC: tl.constexpr, desc_a, desc_b, ptr_a, ptr_b, b, L0, lo0, lo1, lo2, h, i0, i1, i2, valid,
+                 DL0, DL1, DL2, g0, g1, g2, a_s0, a_s1, a_s2, a_sd, b_s0, b_s1, b_s2, b_sd, HEAD_A, HEAD_B,
+                 ROWS: tl.constexpr, COLS_A: tl.constexpr, COLS_B: tl.constexpr, TRANS_A: tl.constexpr,
+                 TRANS_B: tl.constexpr):
+    """The two operand tiles of one walked box (keys and values, or queries and output gradients), each
+    ``[ROWS, COLS]`` or transposed (``TRANS_*``): through tensor descriptors with ``DESC``, else gathered at the
+    rows' coordinates (i0, i1, i2) of dilation group (g0, g1, g2), invalid rows and columns past the head dim 0."""
+    if DESC:
+        a = _box_load(desc_a, b, L0, lo0, lo1, lo2, h, ROWS, COLS_A)
+        c = _box_load(desc_b, b, L0, lo0, lo1, lo2, h, ROWS, COLS_B)
+        if TRANS_A:
+            a = tl.trans(a)
+        if TRANS_B:
+            c = tl.trans(c)
+    else:
+        a_rows = _row_offsets(i0, i1, i2, DL0, DL1, DL2, g0, g1, g2, a_s0, a_s1, a_s2)
+        b_rows = _row_offsets(i0, i1, i2, DL0, DL1, DL2, g0, g1, g2, b_s0, b_s1, b_s2)
+        if TRANS_A:
+            a = _load_cols(ptr_a, a_rows, 1, valid, tl.arange(0, COLS_A), a_sd, HEAD_A)
+        else:
+            a = _load_rows(ptr_a, a_rows, 1, valid, tl.arange(0, COLS_A), a_sd, HEAD_A)
+        if TRANS_B:
+            c = _load_cols(ptr_b, b_rows, 1, valid, tl.arange(0, COLS_B), b_sd, HEAD_B)
+        else:
+            c = _load_rows(ptr_b, b_rows, 1, valid, tl.arange(0, COLS_B), b_sd, HEAD_B)
+    return a, c
+
+
+@triton.jit
 def _store_rows(ptr, rows, row_stride, valid, cols, n_cols, value):
     """Store a ``[rows, cols]`` tile (columns contiguous) in ``ptr``'s dtype: valid rows, columns < n_cols."""
     tl.store(ptr + rows[:, None] * row_stride + cols[None, :], value.to(ptr.dtype.element_ty),
@@ -181,7 +217,7 @@ def _tile_scores(s, q_valid, qi0, qi1, qi2, st0, st1, st2, en0, en1, en2, lo0, l
 
 @triton.jit(do_not_specialize=_PATTERN_ARGS + ["N_EXTRA", "NKMAX"])
 def _fwd_kernel(
-    Q, K, V, OUT, LSE, RPB, EK, EV, BT,
+    Q, K, V, OUT, LSE, RPB, EK, EV, BT, KD, VD,
     q_sb, q_s0, q_s1, q_s2, q_sh, q_sd, k_sb, k_s0, k_s1, k_s2, k_sh, k_sd,
     v_sb, v_s0, v_s1, v_s2, v_sh, v_sd, o_sb, o_s0, o_s1, o_s2, o_sh, l_sb, l_s0, l_s1, l_s2,
     r_sh, r_s0, r_s1, r_s2, ek_sb, ek_sn, ek_sh, ek_sd, ev_sb, ev_sn, ev_sh, ev_sd,
@@ -191,10 +227,13 @@ def _fwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, WINDOW: tl.constexpr,
     HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, DOT_PREC: tl.constexpr, BIAS_TILES: tl.constexpr,
+    KV_DESC: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     """Online-softmax forward over the key tiles covering the union of the query tile's windows. With
     ``BIAS_TILES`` the bias (and mask) of each tile is read from the expanded tiles ``BT`` instead of gathered
-    from ``RPB`` per pair."""
+    from ``RPB`` per pair. With ``KV_DESC`` (Hopper, no dilation) each key box is one tensor-descriptor (TMA) load
+    of ``KD`` / ``VD``, 5-D views ``[B * L0, L1, L2, heads, D]`` whose block is the key box; the copy engine
+    zero-fills whatever lies outside the map, and keys outside a row's window are masked as on the pointer path."""
     BLOCK_M: tl.constexpr = M0 * M1 * M2
     BLOCK_N: tl.constexpr = N0 * N1 * N2
     pid = tl.program_id(0)
@@ -213,13 +252,12 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     k_base = K + b * k_sb + h * k_sh
     v_base = V + b * v_sb + h * v_sh
-    for t in range(0, nk0 * nk1 * nk2):
+    for t in tl.range(0, nk0 * nk1 * nk2, warp_specialize=WARP_SPEC):
         lo0, lo1, lo2, kj0, kj1, kj2, k_in = _key_tile(t, nk1, nk2, ka0, ka1, ka2, c0, c1, c2, G0, G1, G2,
                                                        N0, N1, N2)
-        k_rows = _row_offsets(kj0, kj1, kj2, DL0, DL1, DL2, g0, g1, g2, k_s0, k_s1, k_s2)
-        kT = _load_cols(k_base, k_rows, 1, k_in, dq_cols, k_sd, HEAD_D)
-        v_rows = _row_offsets(kj0, kj1, kj2, DL0, DL1, DL2, g0, g1, g2, v_s0, v_s1, v_s2)
-        v = _load_rows(v_base, v_rows, 1, k_in, dv_cols, v_sd, HEAD_DV)
+        kT, v = _walked_pair(KV_DESC, KD, VD, k_base, v_base, b, L0, lo0, lo1, lo2, h, kj0, kj1, kj2, k_in,
+                             DL0, DL1, DL2, g0, g1, g2, k_s0, k_s1, k_s2, k_sd, v_s0, v_s1, v_s2, v_sd, HEAD_D,
+                             HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, False)
         s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
         s, _ = _tile_scores(s, q_valid, qi0, qi1, qi2, st0, st1, st2, en0, en1, en2, lo0, lo1, lo2, kj0, kj1, kj2,
                             cl0, cl1, cl2, ch0, ch1, ch2, RPB, h, r_sh, r_s0, r_s1, r_s2, KS0, KS1, KS2,

@@ -363,6 +363,67 @@ def _split_options(constexprs: dict) -> tuple[dict, int, int]:
     return constexprs, constexprs.pop("num_warps"), constexprs.pop("num_stages")
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Tensor-descriptor (TMA) key/value loads of the tiled forward (Hopper and later).
+# ------------------------------------------------------------------------------------------------------------
+
+# Opt-in (VISATTN_KV_DESC=1 at import, or this flag) until timed on a GPU: built and checked against float64 under
+# the interpreter only. KV_DESC_INTERPRETED is the test hook that runs the descriptor path under the interpreter
+# (which has no compute capability to check).
+KV_DESCRIPTORS = os.environ.get("VISATTN_KV_DESC", "0") == "1"
+KV_DESC_INTERPRETED = False
+# Experimental: warp-specialise the forward's key loop (tl.range(warp_specialize=True)); off until timed.
+FWD_WARP_SPEC = os.environ.get("VISATTN_WARP_SPEC", "0") == "1"
+
+
+class KVDescriptor(NamedTuple):
+    """A 5-D descriptor view ``[B * L0, L1, L2, heads, D]`` of keys or values, and its block (one key box)."""
+
+    shape: tuple
+    strides: tuple
+    block: tuple
+
+
+def kv_descriptor_why_not(t3: Tensor, pat: Pattern) -> str | None:
+    """Why the tiled kernels cannot read ``t3`` (a canonical 6-D view of an operand they walk) through a tensor
+    descriptor, or None when it can. TMA wants 16-byte aligned strides and base, a contiguous last dim and at most
+    5 dims, so the batch folds into the first spatial dim only where one of them is 1 (a box never crosses items)."""
+    if not KV_DESCRIPTORS:
+        return "off by default until timed on a GPU (opt in: VISATTN_KV_DESC=1)"
+    if any(d != 1 for d in pat.dilation):
+        return "dilation: a dilation group is a strided sub-grid"
+    B, L0 = t3.shape[:2]
+    if B > 1 and L0 > 1:
+        return "3-D map with batch > 1: the 6-D view exceeds TMA's 5 dims"
+    size = t3.element_size()
+    if t3.stride(-1) != 1 or t3.data_ptr() % 16 or any(s * size % 16 for s in t3.stride()[:-1]):
+        return "strides or base not 16-byte aligned, or head dim not contiguous"
+    if INTERPRETED:
+        if not KV_DESC_INTERPRETED:
+            return "the interpreter runs pointer loads (test hook: ops.KV_DESC_INTERPRETED)"
+    elif t3.device.type != "cuda" or torch.cuda.get_device_capability(t3.device)[0] < 9:
+        return "tensor descriptors need compute capability 9.0 or newer"
+    return None
+
+
+def kv_descriptor(t3: Tensor, box: tuple, block_d: int) -> KVDescriptor:
+    """The descriptor view of a canonical 6-D view ``t3`` that ``kv_descriptor_why_not`` accepted, whose block is
+    one ``box`` of rows (the walked tiles' box) by ``block_d`` columns."""
+    B, L0, L1, L2, H, D = t3.shape
+    sb, s0, s1, s2, sh, sd = t3.stride()
+    return KVDescriptor((B * L0, L1, L2, H, D), (sb if L0 == 1 else s0, s1, s2, sh, sd),
+                        (*box, 1, block_d))
+
+
+def _descriptors(views: tuple, a: Tensor, b: Tensor) -> tuple:
+    """Tensor descriptors of ``a`` and ``b`` through the two ``KVDescriptor`` views of a plan (made per call: a
+    descriptor holds the tensor's address)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return tuple(TensorDescriptor(t, list(d.shape), list(d.strides), list(d.block))
+                 for t, d in ((a, views[0]), (b, views[1])))
+
+
 class _ForwardPlan(NamedTuple):
     launch: LaunchRecord
     out_shape: tuple
@@ -371,6 +432,7 @@ class _ForwardPlan(NamedTuple):
     expand: LaunchRecord | None = None  # the bias's expansion (bias tiles), launched before the forward
     bias_shape: tuple = ()
     bias_dtype: torch.dtype | None = None
+    kv_desc: tuple | None = None  # (keys, values) KVDescriptor: the forward loads key boxes through TMA
 
 
 def _forward_plan(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float) -> _ForwardPlan:
@@ -388,13 +450,17 @@ def _forward_plan(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float) ->
                H, *_pattern_args(pat, lengths, n_tiles),
                0 if extra_k is None else extra_k.shape[1], layout.q_walk if layout else 1, scale * _LOG2E, D, Dv)
     constexprs, warps, stages = _split_options(_pattern_constexprs(pat, tiles, D, Dv, q.dtype))
+    kv_desc = None
+    if kv_descriptor_why_not(k3, pat) is None and kv_descriptor_why_not(v3, pat) is None:
+        kv_desc = (kv_descriptor(k3, tiles.n, constexprs["BLOCK_D"]),
+                   kv_descriptor(v3, tiles.n, constexprs["BLOCK_DV"]))
     constexprs.update(HAS_RPB=rpb is not None and layout is None, HAS_EXTRA=extra_k is not None,
-                      BIAS_TILES=layout is not None)
-    launch = _FWD.record(grid, 9, scalars, constexprs, warps, stages)
+                      BIAS_TILES=layout is not None, KV_DESC=kv_desc is not None, WARP_SPEC=FWD_WARP_SPEC)
+    launch = _FWD.record(grid, 11, scalars, constexprs, warps, stages)
     if layout is None:
-        return _ForwardPlan(launch, out_shape, lse_shape)
+        return _ForwardPlan(launch, out_shape, lse_shape, kv_desc=kv_desc)
     return _ForwardPlan(launch, out_shape, lse_shape, False, _expand_query_record(pat, lengths, layout, r_st, H),
-                        layout.q_shape(H), layout.dtype)
+                        layout.q_shape(H), layout.dtype, kv_desc)
 
 
 def forward(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
@@ -409,7 +475,8 @@ def _forward(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
     """``forward`` plus the bias expanded into the forward / dQ walk's tiles (None without bias tiles), which the
     eager backward reuses instead of expanding the same table again."""
     # the output dtype is part of the key: the compiled kernel is specialised on its output pointer's type
-    key = ("fwd", pat, scale, out_dtype, SMALL_MAP, q.device, tensor_key(q), tensor_key(k), tensor_key(v),
+    key = ("fwd", pat, scale, out_dtype, SMALL_MAP, KV_DESCRIPTORS, KV_DESC_INTERPRETED, FWD_WARP_SPEC, q.device,
+           tensor_key(q), tensor_key(k), tensor_key(v),
            tensor_key(rpb), tensor_key(extra_k), tensor_key(extra_v))
     plan = _PLANS.get(key)
     if plan is None:
@@ -425,8 +492,9 @@ def _forward(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
     if plan.expand is not None:
         bias = torch.empty(plan.bias_shape, device=q.device, dtype=plan.bias_dtype)
         _EXPAND_Q(plan.expand, (rpb, bias))
+    kd, vd = (q, q) if plan.kv_desc is None else _descriptors(plan.kv_desc, k, v)
     _FWD(plan.launch, (q, k, v, out, lse, q if rpb is None else rpb, q if extra_k is None else extra_k,
-                       q if extra_v is None else extra_v, q if bias is None else bias))
+                       q if extra_v is None else extra_v, q if bias is None else bias, kd, vd))
     return out, lse, bias
 
 
@@ -480,6 +548,8 @@ class _BackwardPlan(NamedTuple):
     part_shape: tuple  # bins: [B, H, dQ programs, O1, O2]; tiles: [batch chunks, H, grad programs, O1, O2]
     n_programs: int
     tiles: _BiasTilePlan | None = None
+    dq_desc: tuple | None = None  # (keys, values) KVDescriptor of the dQ pass
+    dkv_desc: tuple | None = None  # (queries, output gradients) KVDescriptor of the dK/dV pass
 
 
 # Bias-gradient programs to keep at least (batch chunks are sized for it): a few per SM. Its loop over a chunk's
@@ -531,7 +601,12 @@ def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Patt
     constexprs.update(HAS_RPB=rpb is not None and layout is None, HAS_EXTRA=extra_k is not None,
                       RPB_BINS=mode == "bins", O1=o1, O2=o2, HAS_GLSE=grad_lse is not None,
                       BIAS_TILES=layout is not None, DS_BUFFER=mode == "tiles-dsn")
-    dq = _DQ.record((n_programs, B * H), 14, scalars, constexprs, warps, stages)
+    dq_desc = None  # not with the per-pair buffer, whose batch chunks launch on slices
+    if mode not in ("dsn", "tiles-dsn") and all(kv_descriptor_why_not(t, pat) is None for t in (k3, v3)):
+        dq_desc = (kv_descriptor(k3, tiles.n, constexprs["BLOCK_D"]),
+                   kv_descriptor(v3, tiles.n, constexprs["BLOCK_DV"]))
+    constexprs["KV_DESC"] = dq_desc is not None
+    dq = _DQ.record((n_programs, B * H), 16, scalars, constexprs, warps, stages)
     grad = None
     part_shape = (B, H, n_programs, o1, o2)
     if mode == "tiles":
@@ -555,18 +630,23 @@ def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Patt
                H, *_pattern_args(pat, lengths, n_tiles), table.shape[1], layout.k_walk if layout else 1,
                scale * _LOG2E, scale, D, Dv)
     constexprs, warps, stages = _split_options(_pattern_constexprs(pat, tiles, D, Dv, q.dtype))
-    constexprs.update(HAS_RPB=rpb is not None and layout is None, BIAS_TILES=layout is not None)
+    dkv_desc = None
+    if all(kv_descriptor_why_not(t, pat) is None for t in (q3, do3)):
+        dkv_desc = (kv_descriptor(q3, tiles.m, constexprs["BLOCK_D"]),  # the dK/dV pass walks query boxes
+                    kv_descriptor(do3, tiles.m, constexprs["BLOCK_DV"]))
+    constexprs.update(HAS_RPB=rpb is not None and layout is None, BIAS_TILES=layout is not None,
+                      QDO_DESC=dkv_desc is not None)
     grid = (math.prod(pat.dilation[i] * n_tiles[i] for i in range(3)), B * H)
-    dkv = _DKV.record(grid, 11, scalars, constexprs, warps, stages)
+    dkv = _DKV.record(grid, 13, scalars, constexprs, warps, stages)
     if layout is None:
-        return _BackwardPlan(dq, dkv, table, mode, part_shape, n_programs)
+        return _BackwardPlan(dq, dkv, table, mode, part_shape, n_programs, None, dq_desc, dkv_desc)
     assert tiles == layout.k_tiles and grid[0] == layout.k_programs
     expand_k = _EXPAND_K.record((layout.k_programs, H), 3,
                                 (*r_st, *_pattern_args(pat, lengths, n_tiles), table.shape[1], layout.k_walk),
                                 _walk_constexprs(pat, tiles), 4, 1)
     bias_plan = _BiasTilePlan(_expand_query_record(pat, lengths, layout, r_st, H), expand_k, grad,
                               layout.q_shape(H), layout.k_shape(H), layout.dtype)
-    return _BackwardPlan(dq, dkv, table, mode, part_shape, n_programs, bias_plan)
+    return _BackwardPlan(dq, dkv, table, mode, part_shape, n_programs, bias_plan, dq_desc, dkv_desc)
 
 
 def backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, scale: float,
@@ -577,7 +657,8 @@ def backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, s
     Two launches (plus one reduction with a trained bias): the dQ pass, which also computes ``delta = rowsum(dO*O)``
     (shifted by the LSE gradient ``grad_lse`` of the log2-LSE output, when it was used) and stores it, then the
     dK/dV pass, which reads it. ``grad_out`` may have any strides."""
-    key = ("bwd", pat, scale, SMALL_MAP, q.device, tensor_key(grad_out), tensor_key(q), tensor_key(k), tensor_key(v),
+    key = ("bwd", pat, scale, SMALL_MAP, KV_DESCRIPTORS, KV_DESC_INTERPRETED, q.device, tensor_key(grad_out),
+           tensor_key(q), tensor_key(k), tensor_key(v),
            tensor_key(out), tensor_key(lse), tensor_key(rpb), tensor_key(extra_k), tensor_key(extra_v),
            tensor_key(grad_lse))
     plan = _PLANS.get(key)
@@ -618,13 +699,15 @@ def backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, s
         drpb = _dq_pass_with_dsn(plan, grad_out, q, k, v, out, glse, lse, delta, dq, rpb, ek, ev, pat, bias_q)
     else:
         part = q if plan.rpb_mode == "none" else torch.empty(plan.part_shape, device=q.device, dtype=torch.float32)
-        _DQ(plan.dq, (q, k, v, grad_out, out, glse, lse, delta, dq, part, rpb_t, ek, ev, bias_q))
+        kd, vd = (q, q) if plan.dq_desc is None else _descriptors(plan.dq_desc, k, v)
+        _DQ(plan.dq, (q, k, v, grad_out, out, glse, lse, delta, dq, part, rpb_t, ek, ev, bias_q, kd, vd))
         if plan.tiles is not None:
             _BIAS_GRAD(plan.tiles.grad, (q, k, v, grad_out, lse, delta, bias_q, part))
         if plan.rpb_mode in ("bins", "tiles"):
             k1, k2 = pat.kernel[1], pat.kernel[2]
             drpb = part[:, :, :, : 2 * k1 - 1, : 2 * k2 - 1].sum((0, 2)).reshape(rpb.shape)
-    _DKV(plan.dkv, (q, k, v, grad_out, lse, delta, dk, dv, rpb_t, plan.table, bias_k))
+    qd, dod = (q, q) if plan.dkv_desc is None else _descriptors(plan.dkv_desc, q, grad_out)
+    _DKV(plan.dkv, (q, k, v, grad_out, lse, delta, dk, dv, rpb_t, plan.table, bias_k, qd, dod))
     dek = dev = None
     if extra_k is not None:
         rank = q.dim() - 3
@@ -664,11 +747,11 @@ def _dq_pass_with_dsn(plan: _BackwardPlan, grad_out, q, k, v, out, glse, lse, de
         nb = min(chunk, B - b0)
         dsn = alloc((nb, H, math.prod(lengths), neighbours), device=q.device, dtype=torch.float32)
         if nb == B:  # one chunk (the usual case): the plan's replayed launch on the whole tensors, no slicing
-            _DQ(rec, (q, k, v, grad_out, out, glse, lse, delta, dq, dsn, rpb, ek, ev, bias))
+            _DQ(rec, (q, k, v, grad_out, out, glse, lse, delta, dq, dsn, rpb, ek, ev, bias, q, q))
         else:
             part = slice(b0, b0 + nb)
             tensors = (q[part], k[part], v[part], grad_out[part], out[part], glse[part], lse[part], delta[part],
-                       dq[part], dsn, rpb, ek[part], ev[part], bias)
+                       dq[part], dsn, rpb, ek[part], ev[part], bias, q, q)
             _DQ.kernel[(rec.grid[0], nb * H)](*tensors, *rec.scalars, **rec.constexprs, **rec.options)
         part_grad = _reduce_rpb_grad(dsn, pat, lengths, H)
         drpb = part_grad if drpb is None else drpb + part_grad
