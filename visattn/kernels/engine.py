@@ -227,7 +227,7 @@ def _fwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, WINDOW: tl.constexpr,
     HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, DOT_PREC: tl.constexpr, BIAS_TILES: tl.constexpr,
-    KV_DESC: tl.constexpr, WARP_SPEC: tl.constexpr,
+    KV_DESC: tl.constexpr,
 ):
     """Online-softmax forward over the key tiles covering the union of the query tile's windows. With
     ``BIAS_TILES`` the bias (and mask) of each tile is read from the expanded tiles ``BT`` instead of gathered
@@ -252,7 +252,7 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     k_base = K + b * k_sb + h * k_sh
     v_base = V + b * v_sb + h * v_sh
-    for t in tl.range(0, nk0 * nk1 * nk2, warp_specialize=WARP_SPEC):
+    for t in range(0, nk0 * nk1 * nk2):
         lo0, lo1, lo2, kj0, kj1, kj2, k_in = _key_tile(t, nk1, nk2, ka0, ka1, ka2, c0, c1, c2, G0, G1, G2,
                                                        N0, N1, N2)
         kT, v = _walked_pair(KV_DESC, KD, VD, k_base, v_base, b, L0, lo0, lo1, lo2, h, kj0, kj1, kj2, k_in,

@@ -372,8 +372,6 @@ def _split_options(constexprs: dict) -> tuple[dict, int, int]:
 # (which has no compute capability to check).
 KV_DESCRIPTORS = os.environ.get("VISATTN_KV_DESC", "0") == "1"
 KV_DESC_INTERPRETED = False
-# Experimental: warp-specialise the forward's key loop (tl.range(warp_specialize=True)); off until timed.
-FWD_WARP_SPEC = os.environ.get("VISATTN_WARP_SPEC", "0") == "1"
 
 
 class KVDescriptor(NamedTuple):
@@ -455,7 +453,7 @@ def _forward_plan(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float) ->
         kv_desc = (kv_descriptor(k3, tiles.n, constexprs["BLOCK_D"]),
                    kv_descriptor(v3, tiles.n, constexprs["BLOCK_DV"]))
     constexprs.update(HAS_RPB=rpb is not None and layout is None, HAS_EXTRA=extra_k is not None,
-                      BIAS_TILES=layout is not None, KV_DESC=kv_desc is not None, WARP_SPEC=FWD_WARP_SPEC)
+                      BIAS_TILES=layout is not None, KV_DESC=kv_desc is not None)
     launch = _FWD.record(grid, 11, scalars, constexprs, warps, stages)
     if layout is None:
         return _ForwardPlan(launch, out_shape, lse_shape, kv_desc=kv_desc)
@@ -475,7 +473,7 @@ def _forward(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
     """``forward`` plus the bias expanded into the forward / dQ walk's tiles (None without bias tiles), which the
     eager backward reuses instead of expanding the same table again."""
     # the output dtype is part of the key: the compiled kernel is specialised on its output pointer's type
-    key = ("fwd", pat, scale, out_dtype, SMALL_MAP, KV_DESCRIPTORS, KV_DESC_INTERPRETED, FWD_WARP_SPEC, q.device,
+    key = ("fwd", pat, scale, out_dtype, SMALL_MAP, KV_DESCRIPTORS, KV_DESC_INTERPRETED, q.device,
            tensor_key(q), tensor_key(k), tensor_key(v),
            tensor_key(rpb), tensor_key(extra_k), tensor_key(extra_v))
     plan = _PLANS.get(key)
