@@ -396,6 +396,10 @@ def kv_descriptor_why_not(t3: Tensor, pat: Pattern) -> str | None:
     size = t3.element_size()
     if t3.stride(-1) != 1 or t3.data_ptr() % 16 or any(s * size % 16 for s in t3.stride()[:-1]):
         return "strides or base not 16-byte aligned, or head dim not contiguous"
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return "this Triton has no host tensor descriptors (triton.tools.tensor_descriptor)"
     if INTERPRETED:
         if not KV_DESC_INTERPRETED:
             return "the interpreter runs pointer loads (test hook: ops.KV_DESC_INTERPRETED)"
