@@ -1,9 +1,10 @@
-"""The tiled forward's tensor-descriptor (TMA) key/value loads, under TRITON_INTERPRET=1 against the float64 oracle:
-1-D, 2-D (maps not a multiple of the key box, so boxes reach past the map and are zero-filled), a 3-D map with
-batch 1, GNA strides, causal dims, a shifted window, a trained bias, extra keys and a padded head dim (12 of 16
-columns). Forward and every gradient are compared, with the dQ pass reading key / value boxes and the dK/dV pass
-query / output-gradient boxes through descriptors too (the dQ pass keeps pointer loads where a bias gradient takes
-the per-pair buffer). Also: why other calls keep pointer loads (dilation, a 3-D batch, unaligned strides)."""
+"""The tiled passes' tensor-descriptor (TMA) loads of their walked boxes, under TRITON_INTERPRET=1 against the
+float64 oracle: 1-D, 2-D (maps not a multiple of the key box, so boxes reach past the map and are zero-filled), a
+3-D map with batch 1, GNA strides, causal dims, a shifted window, a trained bias, extra keys and a padded head dim
+(12 of 16 columns). Forward and every gradient are compared, with the dQ pass reading key / value boxes and the
+dK/dV pass query / output-gradient boxes through descriptors too (the dQ pass keeps pointer loads where a bias
+gradient takes the per-pair buffer). Also: why other calls keep pointer loads (dilation, a 3-D batch, unaligned
+strides)."""
 
 from __future__ import annotations
 

@@ -59,7 +59,8 @@ def engine_path(q: Tensor, v: Tensor, rpb: Tensor | None, additional_keys: Tenso
         why += "; the bias expanded once per call into its tiles (bias_tiles.py)"
     views = [ops._view3(t, rank) for t in (q, q if k is None else k, v)]
     refusals = [r for r in (ops.kv_descriptor_why_not(t, pat) for t in views) if r is not None]
-    loads = f"pointer loads ({refusals[0]})" if refusals else "key and query boxes through TMA tensor descriptors"
+    loads = (f"pointer loads ({refusals[0]})" if refusals
+             else "walked boxes (keys / values, queries / output gradients) through TMA tensor descriptors")
     return "tiled", f"{why}; {loads}"
 
 

@@ -66,31 +66,35 @@ def _box_load(desc, b, L0, lo0, lo1, lo2, h, ROWS: tl.constexpr, COLS: tl.conste
 
 
 @triton.jit
+def _walked_tile(DESC: tl.constexpr, desc, ptr, b, L0, lo0, lo1, lo2, h, i0, i1, i2, valid, DL0, DL1, DL2, g0, g1,
+                 g2, s0, s1, s2, sd, HEAD, ROWS: tl.constexpr, COLS: tl.constexpr, TRANS: tl.constexpr):
+    """One operand tile of a walked box, ``[ROWS, COLS]`` or transposed (``TRANS``): through the tensor descriptor
+    ``desc`` with ``DESC``, else gathered from ``ptr`` at the rows' coordinates (i0, i1, i2) of dilation group
+    (g0, g1, g2), invalid rows and columns past the head dim ``HEAD`` reading 0."""
+    if DESC:
+        tile = _box_load(desc, b, L0, lo0, lo1, lo2, h, ROWS, COLS)
+        if TRANS:
+            tile = tl.trans(tile)
+    else:
+        rows = _row_offsets(i0, i1, i2, DL0, DL1, DL2, g0, g1, g2, s0, s1, s2)
+        if TRANS:
+            tile = _load_cols(ptr, rows, 1, valid, tl.arange(0, COLS), sd, HEAD)
+        else:
+            tile = _load_rows(ptr, rows, 1, valid, tl.arange(0, COLS), sd, HEAD)
+    return tile
+
+
+@triton.jit
 def _walked_pair(DESC: tl.constexpr, desc_a, desc_b, ptr_a, ptr_b, b, L0, lo0, lo1, lo2, h, i0, i1, i2, valid,
                  DL0, DL1, DL2, g0, g1, g2, a_s0, a_s1, a_s2, a_sd, b_s0, b_s1, b_s2, b_sd, HEAD_A, HEAD_B,
                  ROWS: tl.constexpr, COLS_A: tl.constexpr, COLS_B: tl.constexpr, TRANS_A: tl.constexpr,
                  TRANS_B: tl.constexpr):
-    """The two operand tiles of one walked box (keys and values, or queries and output gradients), each
-    ``[ROWS, COLS]`` or transposed (``TRANS_*``): through tensor descriptors with ``DESC``, else gathered at the
-    rows' coordinates (i0, i1, i2) of dilation group (g0, g1, g2), invalid rows and columns past the head dim 0."""
-    if DESC:
-        a = _box_load(desc_a, b, L0, lo0, lo1, lo2, h, ROWS, COLS_A)
-        c = _box_load(desc_b, b, L0, lo0, lo1, lo2, h, ROWS, COLS_B)
-        if TRANS_A:
-            a = tl.trans(a)
-        if TRANS_B:
-            c = tl.trans(c)
-    else:
-        a_rows = _row_offsets(i0, i1, i2, DL0, DL1, DL2, g0, g1, g2, a_s0, a_s1, a_s2)
-        b_rows = _row_offsets(i0, i1, i2, DL0, DL1, DL2, g0, g1, g2, b_s0, b_s1, b_s2)
-        if TRANS_A:
-            a = _load_cols(ptr_a, a_rows, 1, valid, tl.arange(0, COLS_A), a_sd, HEAD_A)
-        else:
-            a = _load_rows(ptr_a, a_rows, 1, valid, tl.arange(0, COLS_A), a_sd, HEAD_A)
-        if TRANS_B:
-            c = _load_cols(ptr_b, b_rows, 1, valid, tl.arange(0, COLS_B), b_sd, HEAD_B)
-        else:
-            c = _load_rows(ptr_b, b_rows, 1, valid, tl.arange(0, COLS_B), b_sd, HEAD_B)
+    """The two operand tiles of one walked box (keys and values, or queries and output gradients), each as
+    ``_walked_tile`` reads it."""
+    a = _walked_tile(DESC, desc_a, ptr_a, b, L0, lo0, lo1, lo2, h, i0, i1, i2, valid, DL0, DL1, DL2, g0, g1, g2,
+                     a_s0, a_s1, a_s2, a_sd, HEAD_A, ROWS, COLS_A, TRANS_A)
+    c = _walked_tile(DESC, desc_b, ptr_b, b, L0, lo0, lo1, lo2, h, i0, i1, i2, valid, DL0, DL1, DL2, g0, g1, g2,
+                     b_s0, b_s1, b_s2, b_sd, HEAD_B, ROWS, COLS_B, TRANS_B)
     return a, c
 
 

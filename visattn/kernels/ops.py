@@ -364,8 +364,13 @@ def _split_options(constexprs: dict) -> tuple[dict, int, int]:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Tensor-descriptor (TMA) key/value loads of the tiled forward (Hopper and later).
+# Tensor-descriptor (TMA) loads of the tiled passes' walked boxes (Hopper and later).
 # ------------------------------------------------------------------------------------------------------------
+
+try:  # host tensor descriptors (absent from Triton 3.3, which torch 2.7 pins)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 # Opt-in (VISATTN_KV_DESC=1 at import, or this flag) until timed on a GPU: built and checked against float64 under
 # the interpreter only. KV_DESC_INTERPRETED is the test hook that runs the descriptor path under the interpreter
@@ -375,7 +380,8 @@ KV_DESC_INTERPRETED = False
 
 
 class KVDescriptor(NamedTuple):
-    """A 5-D descriptor view ``[B * L0, L1, L2, heads, D]`` of keys or values, and its block (one key box)."""
+    """A 5-D descriptor view ``[B * L0, L1, L2, heads, D]`` of one operand a pass walks (keys, values, queries or
+    output gradients), and its block (one walked box)."""
 
     shape: tuple
     strides: tuple
@@ -396,9 +402,7 @@ def kv_descriptor_why_not(t3: Tensor, pat: Pattern) -> str | None:
     size = t3.element_size()
     if t3.stride(-1) != 1 or t3.data_ptr() % 16 or any(s * size % 16 for s in t3.stride()[:-1]):
         return "strides or base not 16-byte aligned, or head dim not contiguous"
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except ImportError:
+    if TensorDescriptor is None:
         return "this Triton has no host tensor descriptors (triton.tools.tensor_descriptor)"
     if INTERPRETED:
         if not KV_DESC_INTERPRETED:
@@ -417,11 +421,18 @@ def kv_descriptor(t3: Tensor, box: tuple, block_d: int) -> KVDescriptor:
                         (*box, 1, block_d))
 
 
+def _descriptor_views(a3: Tensor, b3: Tensor, pat: Pattern, box: tuple, block_a: int,
+                      block_b: int) -> tuple | None:
+    """The two ``KVDescriptor`` views of a pass's walked operands (canonical 6-D views ``a3``, ``b3``, one ``box``
+    of rows by ``block_a`` / ``block_b`` columns), or None when either keeps pointer loads."""
+    if kv_descriptor_why_not(a3, pat) is not None or kv_descriptor_why_not(b3, pat) is not None:
+        return None
+    return kv_descriptor(a3, box, block_a), kv_descriptor(b3, box, block_b)
+
+
 def _descriptors(views: tuple, a: Tensor, b: Tensor) -> tuple:
     """Tensor descriptors of ``a`` and ``b`` through the two ``KVDescriptor`` views of a plan (made per call: a
     descriptor holds the tensor's address)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     return tuple(TensorDescriptor(t, list(d.shape), list(d.strides), list(d.block))
                  for t, d in ((a, views[0]), (b, views[1])))
 
@@ -452,10 +463,7 @@ def _forward_plan(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float) ->
                H, *_pattern_args(pat, lengths, n_tiles),
                0 if extra_k is None else extra_k.shape[1], layout.q_walk if layout else 1, scale * _LOG2E, D, Dv)
     constexprs, warps, stages = _split_options(_pattern_constexprs(pat, tiles, D, Dv, q.dtype))
-    kv_desc = None
-    if kv_descriptor_why_not(k3, pat) is None and kv_descriptor_why_not(v3, pat) is None:
-        kv_desc = (kv_descriptor(k3, tiles.n, constexprs["BLOCK_D"]),
-                   kv_descriptor(v3, tiles.n, constexprs["BLOCK_DV"]))
+    kv_desc = _descriptor_views(k3, v3, pat, tiles.n, constexprs["BLOCK_D"], constexprs["BLOCK_DV"])
     constexprs.update(HAS_RPB=rpb is not None and layout is None, HAS_EXTRA=extra_k is not None,
                       BIAS_TILES=layout is not None, KV_DESC=kv_desc is not None)
     launch = _FWD.record(grid, 11, scalars, constexprs, warps, stages)
@@ -604,9 +612,8 @@ def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Patt
                       RPB_BINS=mode == "bins", O1=o1, O2=o2, HAS_GLSE=grad_lse is not None,
                       BIAS_TILES=layout is not None, DS_BUFFER=mode == "tiles-dsn")
     dq_desc = None  # not with the per-pair buffer, whose batch chunks launch on slices
-    if mode not in ("dsn", "tiles-dsn") and all(kv_descriptor_why_not(t, pat) is None for t in (k3, v3)):
-        dq_desc = (kv_descriptor(k3, tiles.n, constexprs["BLOCK_D"]),
-                   kv_descriptor(v3, tiles.n, constexprs["BLOCK_DV"]))
+    if mode not in ("dsn", "tiles-dsn"):
+        dq_desc = _descriptor_views(k3, v3, pat, tiles.n, constexprs["BLOCK_D"], constexprs["BLOCK_DV"])
     constexprs["KV_DESC"] = dq_desc is not None
     dq = _DQ.record((n_programs, B * H), 16, scalars, constexprs, warps, stages)
     grad = None
@@ -632,10 +639,8 @@ def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Patt
                H, *_pattern_args(pat, lengths, n_tiles), table.shape[1], layout.k_walk if layout else 1,
                scale * _LOG2E, scale, D, Dv)
     constexprs, warps, stages = _split_options(_pattern_constexprs(pat, tiles, D, Dv, q.dtype))
-    dkv_desc = None
-    if all(kv_descriptor_why_not(t, pat) is None for t in (q3, do3)):
-        dkv_desc = (kv_descriptor(q3, tiles.m, constexprs["BLOCK_D"]),  # the dK/dV pass walks query boxes
-                    kv_descriptor(do3, tiles.m, constexprs["BLOCK_DV"]))
+    # the dK/dV pass walks query boxes
+    dkv_desc = _descriptor_views(q3, do3, pat, tiles.m, constexprs["BLOCK_D"], constexprs["BLOCK_DV"])
     constexprs.update(HAS_RPB=rpb is not None and layout is None, BIAS_TILES=layout is not None,
                       QDO_DESC=dkv_desc is not None)
     grid = (math.prod(pat.dilation[i] * n_tiles[i] for i in range(3)), B * H)
