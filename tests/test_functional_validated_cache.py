@@ -26,6 +26,18 @@ def fake_kernels(monkeypatch):
             calls.append("window")
             return reference.window(*args)
 
+        @staticmethod
+        def prepare_na(q, k, v, kernel, dilation, stride, causal, rpb, scale, extra_k, extra_v, return_lse):
+            def replay(q, k, v, rpb, extra_k, extra_v):
+                return Fake.na(q, k, v, kernel, dilation, stride, causal, rpb, scale, extra_k, extra_v,
+                               return_lse=return_lse)
+
+            return replay
+
+        @staticmethod
+        def prepare_window(q, k, v, window, shift, rpb, scale):
+            return lambda q, k, v, rpb, extra_k, extra_v: Fake.window(q, k, v, window, shift, rpb, scale)
+
     monkeypatch.setattr(functional, "_kernels", Fake)
     monkeypatch.setattr(functional, "_triton_why_not", lambda *args: None)
     monkeypatch.setattr(functional, "_VALIDATED", {})
@@ -51,7 +63,13 @@ def test_repeat_calls_skip_the_checks_and_give_the_same_result(fake_kernels, mon
     again = functional.na2d(q, k, v, 3, dilation=(1, 2), rpb=rpb, backend="triton")
     monkeypatch.setattr(functional, "_check_qkv", checks)
     torch.testing.assert_close(again, first, rtol=0, atol=0)
-    assert fake_kernels == ["na", "na"]
+    q2, k2, v2 = _qkv(seed=1)  # a replay runs on the tensors it is given
+    monkeypatch.setattr(functional, "_check_qkv", no_checks)
+    other = functional.na2d(q2, k2, v2, 3, dilation=(1, 2), rpb=rpb, backend="triton")
+    monkeypatch.setattr(functional, "_check_qkv", checks)
+    torch.testing.assert_close(other, reference.na(q2, k2, v2, (3, 3), (1, 2), (1, 1), (False, False), rpb,
+                                                   8 ** -0.5, None, None))
+    assert fake_kernels == ["na", "na", "na"]
     want = reference.na(q, k, v, (3, 3), (1, 2), (1, 1), (False, False), rpb, 8 ** -0.5, None, None)
     torch.testing.assert_close(first, want)
     out = functional.window_attention(q[:, :6, :6], k[:, :6, :6], v[:, :6, :6], 3, shift=1, backend="triton")

@@ -370,26 +370,34 @@ _VALIDATED: dict = {}
 def _geometry(t) -> tuple | list | None:
     if t is None:
         return None
-    if not isinstance(t, Tensor):
+    if not isinstance(t, Tensor) or t.layout != torch.strided:
         return [t]  # unhashable: the call takes the full checks, which name the argument
-    return (t.shape, t.stride(), t.dtype, t.device, type(t), t.requires_grad)
+    # the pointer's 16-byte alignment too: the compiled kernels are specialised on it
+    return (t.shape, t.stride(), t.dtype, t.device, type(t), t.requires_grad, t.data_ptr() % 16 == 0)
 
 
-def _validated_key(*parts) -> tuple | None:
-    """The cache key of a call, or None when a part is unhashable or a non-number scale (always checked in full)."""
-    if torch.compiler.is_compiling():
-        return None
+def _validated_key(*parts) -> tuple:
+    """The cache key of an eager call (the caller skips traced calls: a fake tensor has no data pointer)."""
     # grad mode and requires_grad are part of it: a why_not may refuse a call that autograd will differentiate
-    key = (*parts, backends.get_backend(FAMILY), torch.is_grad_enabled())
+    return (*parts, backends.get_backend(FAMILY), torch.is_grad_enabled())
+
+
+def _prepared(key):
+    """The remembered call of ``key`` or None (also for an unhashable key: that call is checked in full)."""
+    if key is None:
+        return None
     try:
-        hash(key)
+        return _VALIDATED.get(key)
     except TypeError:
         return None
-    return key
 
 
 def _remember_validated(key, value) -> None:
-    if key is None:
+    if key is None or value is None:
+        return
+    try:
+        hash(key)
+    except TypeError:
         return
     if len(_VALIDATED) > 4096:  # bounded: a process sees few geometries
         _VALIDATED.clear()
@@ -402,19 +410,21 @@ def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale
         backward_kv_tile_shape, backward_kv_splits, backward_use_pt_reduction, run_persistent_kernel,
         kernel_schedule, torch_compile, return_lse, rpb, dry_run=False):
     fast = None
-    if not dry_run and attention_kwargs is None and (scale is None or type(scale) in (float, int)):
+    if not dry_run and attention_kwargs is None and (scale is None or type(scale) in (float, int)) \
+            and not torch.compiler.is_compiling():  # traced calls run the checks once while tracing anyway
         fast = _validated_key("na", rank, _geometry(query), _geometry(key), _geometry(value), _geometry(rpb),
                               _geometry(additional_keys), _geometry(additional_values), kernel_size, stride,
                               dilation, is_causal, scale, backend, q_tile_shape, kv_tile_shape,
                               backward_q_tile_shape, backward_kv_tile_shape, backward_kv_splits,
                               backward_use_pt_reduction, run_persistent_kernel, kernel_schedule, torch_compile,
                               return_lse)
-        hit = None if fast is None else _VALIDATED.get(fast)
+        hit = _prepared(fast)
         if hit is not None:
-            _record("triton")
-            kernel, dil, strd, causal, scale = hit
-            args = (query, key, value, kernel, dil, strd, causal, _rpb_in_compute_dtype(rpb, query))
-            return _run_na("triton", backend, args, scale, additional_keys, additional_values, return_lse)
+            result = hit(query, key, value, _rpb_in_compute_dtype(rpb, query), additional_keys, additional_values)
+            if result is not None:
+                _record("triton")
+                return result  # contiguous: fresh kernel outputs
+            del _VALIDATED[fast]
     op = f"na{rank}d"
     backend = check_backend(backend, op)
     _check_qkv(query, key, value, (rank,), op)
@@ -452,8 +462,8 @@ def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale
     if dry_run:
         return chosen
     _record(chosen)
-    if chosen == "triton":
-        _remember_validated(fast, (kernel, dil, strd, causal, scale))
+    if chosen == "triton" and fast is not None:
+        _remember_validated(fast, _kernels.prepare_na(*args, scale, additional_keys, additional_values, return_lse))
     return _run_na(chosen, backend, args, scale, additional_keys, additional_values, return_lse)
 
 
@@ -571,15 +581,16 @@ na3d.__doc__ = _NA_DOC.format(rank=3, spatial="T, H, W", rpb_shape="2k0-1, 2k1-1
 # ================================================================================================ window
 def _window(query, key, value, window_size, shift, rpb, scale, backend, dry_run=False):
     fast = None
-    if not dry_run and (scale is None or type(scale) in (float, int)):
+    if not dry_run and (scale is None or type(scale) in (float, int)) and not torch.compiler.is_compiling():
         fast = _validated_key("window", _geometry(query), _geometry(key), _geometry(value), _geometry(rpb),
                               window_size, shift, scale, backend)
-        hit = None if fast is None else _VALIDATED.get(fast)
+        hit = _prepared(fast)
         if hit is not None:
-            _record("triton")
-            window, shifts, scale = hit
-            return _contiguous(_kernels.window(query, key, value, window, shifts, _rpb_in_compute_dtype(rpb, query),
-                                               scale))
+            result = hit(query, key, value, _rpb_in_compute_dtype(rpb, query), None, None)
+            if result is not None:
+                _record("triton")
+                return result  # contiguous: a fresh kernel output
+            del _VALIDATED[fast]
     op = "window_attention"
     backend = check_backend(backend, op)
     rank = _check_qkv(query, key, value, (2, 3), op)
@@ -602,8 +613,8 @@ def _window(query, key, value, window_size, shift, rpb, scale, backend, dry_run=
     if dry_run:
         return chosen
     _record(chosen)
-    if chosen == "triton":
-        _remember_validated(fast, (window, shifts, scale))
+    if chosen == "triton" and fast is not None:
+        _remember_validated(fast, _kernels.prepare_window(*args, scale))
     if chosen == "reference" and _dense_schedule_allowed(backend):
         # timm's formulation (roll, partition, one batched masked SDPA call): as fast as stock Swin on the CPU and
         # exact; backend="reference" keeps the neighbour-table reference

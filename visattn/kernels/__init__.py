@@ -129,6 +129,23 @@ def na(q: Tensor, k: Tensor, v: Tensor, kernel_size: tuple, dilation: tuple, str
                                        dilation, stride, is_causal, (0,) * (q.dim() - 3), scale, return_lse)
 
 
+def prepare_na(q: Tensor, k: Tensor, v: Tensor, kernel_size: tuple, dilation: tuple, stride: tuple,
+               is_causal: tuple, rpb: Tensor | None, scale: float, additional_keys: Tensor | None,
+               additional_values: Tensor | None, return_lse: bool = False):
+    """``na``'s call resolved for this geometry (an ``ops.PreparedCall``; None while tracing). Calling it with the
+    tensors of a call of the same geometry returns what ``na`` returns, or None once the plan was retired."""
+    return _load_ops().prepare(q, k, v, rpb, additional_keys, additional_values, False, kernel_size, dilation,
+                               stride, is_causal, (0,) * (q.dim() - 3), scale, return_lse)
+
+
+def prepare_window(q: Tensor, k: Tensor, v: Tensor, window_size: tuple, shift: tuple, rpb: Tensor | None,
+                   scale: float):
+    """``window``'s call resolved for this geometry, as ``prepare_na``."""
+    rank = q.dim() - 3
+    return _load_ops().prepare(q, k, v, rpb, None, None, True, window_size, (1,) * rank, (1,) * rank,
+                               (False,) * rank, shift, scale)
+
+
 def window(q: Tensor, k: Tensor, v: Tensor, window_size: tuple, shift: tuple, rpb: Tensor | None,
            scale: float) -> Tensor:
     """Fused (shifted) window attention, ``[B, *spatial, heads, D_v]``."""
@@ -311,4 +328,5 @@ def halo(q: Tensor, k: Tensor, v: Tensor, block: tuple, halo: tuple, rel_h: Tens
 
 
 __all__ = ["agent", "agent_why_not", "bilevel_routing", "bilevel_routing_why_not", "halo", "halo_why_not", "na",
-           "na_why_not", "radial", "radial_why_not", "vmoba", "vmoba_why_not", "window", "window_why_not"]
+           "na_why_not", "prepare_na", "prepare_window", "radial", "radial_why_not", "vmoba", "vmoba_why_not",
+           "window", "window_why_not"]

@@ -264,7 +264,20 @@ _DKV = KernelLauncher(_bwd_dkv_kernel)
 _EXPAND_Q = KernelLauncher(_expand_query_walk_kernel)
 _EXPAND_K = KernelLauncher(_expand_key_walk_kernel)
 _BIAS_GRAD = KernelLauncher(_bias_grad_kernel)
-_PLANS: dict = {}
+
+
+class _PlanCache(dict):
+    """The launch plans by geometry. ``clear()`` also moves ``epoch`` on, which retires every ``PreparedCall`` that
+    holds a plan from before (tests and benchmarks clear the cache when they switch a path)."""
+
+    epoch = 0
+
+    def clear(self) -> None:
+        self.epoch += 1
+        super().clear()
+
+
+_PLANS = _PlanCache()
 
 # ------------------------------------------------------------------------------------------------------------
 # Bias tiles (bias_tiles.py): a trained 2-D bias on the tiled path, expanded once per call.
@@ -481,20 +494,16 @@ def forward(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
 
 
 def _forward(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
-             out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+             out_dtype: torch.dtype | None = None, plan: _ForwardPlan | None = None, lse: Tensor | None = None
+             ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``forward`` plus the bias expanded into the forward / dQ walk's tiles (None without bias tiles), which the
-    eager backward reuses instead of expanding the same table again."""
-    # the output dtype is part of the key: the compiled kernel is specialised on its output pointer's type
-    key = ("fwd", pat, scale, out_dtype, SMALL_MAP, KV_DESCRIPTORS, KV_DESC_INTERPRETED, q.device,
-           tensor_key(q), tensor_key(k), tensor_key(v),
-           tensor_key(rpb), tensor_key(extra_k), tensor_key(extra_v))
-    plan = _PLANS.get(key)
+    eager backward reuses instead of expanding the same table again. ``plan``: this geometry's plan, when the
+    caller holds it (a ``PreparedCall``), which skips the lookup; ``lse``: a buffer to write the LSE into."""
     if plan is None:
-        cb = engine_path(q, v, rpb, extra_k, pat)
-        plan = _remember_plan(key, _cell_forward_plan(q, k, v, rpb, pat, scale, cb) if cb.box else
-                              _forward_plan(q, k, v, rpb, extra_k, extra_v, pat, scale))
+        plan = _forward_plan_of(q, k, v, rpb, extra_k, extra_v, pat, scale, out_dtype)
     out = _new(plan.out_shape, q, out_dtype)
-    lse = _new(plan.lse_shape, q, torch.float32)
+    if lse is None:
+        lse = _new(plan.lse_shape, q, torch.float32)
     if plan.cells:
         _CELL_FWD(plan.launch, (q, k, v, out, lse, q if rpb is None else rpb))
         return out, lse, None
@@ -506,6 +515,26 @@ def _forward(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
     _FWD(plan.launch, (q, k, v, out, lse, q if rpb is None else rpb, q if extra_k is None else extra_k,
                        q if extra_v is None else extra_v, q if bias is None else bias, kd, vd))
     return out, lse, bias
+
+
+def _forward_plan_of(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
+                     out_dtype: torch.dtype | None) -> _ForwardPlan:
+    """The cached forward plan of a call's geometry, made on its first call."""
+    # the output dtype is part of the key: the compiled kernel is specialised on its output pointer's type
+    key = ("fwd", pat, scale, out_dtype, *_path_flags(), q.device,
+           tensor_key(q), tensor_key(k), tensor_key(v),
+           tensor_key(rpb), tensor_key(extra_k), tensor_key(extra_v))
+    plan = _PLANS.get(key)
+    if plan is None:
+        cb = engine_path(q, v, rpb, extra_k, pat)
+        plan = _remember_plan(key, _cell_forward_plan(q, k, v, rpb, pat, scale, cb) if cb.box else
+                              _forward_plan(q, k, v, rpb, extra_k, extra_v, pat, scale))
+    return plan
+
+
+def _path_flags() -> tuple:
+    """The module switches a plan depends on (test hooks and escape hatches)."""
+    return SMALL_MAP, KV_DESCRIPTORS, KV_DESC_INTERPRETED
 
 
 # The per-pair dS buffer of the rpb gradient (used where the in-register bins cannot: rank 1 and 3) is float32
@@ -656,15 +685,10 @@ def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Patt
     return _BackwardPlan(dq, dkv, table, mode, part_shape, n_programs, bias_plan, dq_desc, dkv_desc)
 
 
-def backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, scale: float,
-             grad_lse: Tensor | None = None, bias_q: Tensor | None = None):
-    """dq, dk, dv, drpb (float32 or None), d extra_k, d extra_v (or None). ``bias_q``: the forward's expanded
-    bias (``_forward``'s third output, same table), so the backward skips expanding it again.
-
-    Two launches (plus one reduction with a trained bias): the dQ pass, which also computes ``delta = rowsum(dO*O)``
-    (shifted by the LSE gradient ``grad_lse`` of the log2-LSE output, when it was used) and stores it, then the
-    dK/dV pass, which reads it. ``grad_out`` may have any strides."""
-    key = ("bwd", pat, scale, SMALL_MAP, KV_DESCRIPTORS, KV_DESC_INTERPRETED, q.device, tensor_key(grad_out),
+def _backward_plan_of(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, scale: float,
+                      grad_lse: Tensor | None):
+    """The cached backward plan of a call's geometry (a cell or a tiled plan), made on its first call."""
+    key = ("bwd", pat, scale, *_path_flags(), q.device, tensor_key(grad_out),
            tensor_key(q), tensor_key(k), tensor_key(v),
            tensor_key(out), tensor_key(lse), tensor_key(rpb), tensor_key(extra_k), tensor_key(extra_v),
            tensor_key(grad_lse))
@@ -674,6 +698,20 @@ def backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, s
         plan = _remember_plan(key, _cell_backward_plan(grad_out, q, k, v, lse, rpb, pat, scale, grad_lse, cb)
                               if cb.box else _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat,
                                                             scale, grad_lse))
+    return plan
+
+
+def backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, scale: float,
+             grad_lse: Tensor | None = None, bias_q: Tensor | None = None, plan=None):
+    """dq, dk, dv, drpb (float32 or None), d extra_k, d extra_v (or None). ``bias_q``: the forward's expanded
+    bias (``_forward``'s third output, same table), so the backward skips expanding it again. ``plan``: this
+    geometry's backward plan when the caller holds it (a ``PreparedCall``).
+
+    Two launches (plus one reduction with a trained bias): the dQ pass, which also computes ``delta = rowsum(dO*O)``
+    (shifted by the LSE gradient ``grad_lse`` of the log2-LSE output, when it was used) and stores it, then the
+    dK/dV pass, which reads it. ``grad_out`` may have any strides."""
+    if plan is None:
+        plan = _backward_plan_of(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat, scale, grad_lse)
     dq, dk, dv = _new(q.shape, q), _new(k.shape, k), _new(v.shape, v)
     if isinstance(plan, _CellBackwardPlan):
         drpb = None
@@ -860,10 +898,12 @@ class _LocalAttention(torch.autograd.Function):
     attention output and the log2-LSE (both differentiable)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float, fp32_out: bool):
-        out, lse, bias = _forward(q, k, v, rpb, extra_k, extra_v, pat, scale, torch.float32 if fp32_out else None)
+    def forward(ctx, q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float, fp32_out: bool,
+                prepared: PreparedCall | None = None):
+        out, lse, bias = _forward(q, k, v, rpb, extra_k, extra_v, pat, scale, torch.float32 if fp32_out else None,
+                                  None if prepared is None else prepared.plan)
         ctx.save_for_backward(q, k, v, out, lse, rpb, extra_k, extra_v)
-        ctx.pattern, ctx.scale = pat, scale
+        ctx.pattern, ctx.scale, ctx.prepared = pat, scale, prepared
         ctx.bias_q = bias if rpb is not None and rpb.requires_grad else None  # autograd checks rpb's version
         ctx.set_materialize_grads(False)  # an unused LSE costs nothing in the backward
         return (out.to(q.dtype) if fp32_out else out), lse
@@ -873,17 +913,25 @@ class _LocalAttention(torch.autograd.Function):
         q, k, v, out, lse, rpb, extra_k, extra_v = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros(*q.shape[:-1], v.shape[-1], device=q.device, dtype=q.dtype)
+        plan = None
+        if ctx.prepared is not None:
+            plan = ctx.prepared.backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, grad_lse)
         dq, dk, dv, drpb, dek, dev = backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, ctx.pattern,
-                                              ctx.scale, grad_lse, ctx.bias_q)
+                                              ctx.scale, grad_lse, ctx.bias_q, plan)
         ctx.bias_q = None
         if drpb is not None:
             drpb = drpb.to(rpb.dtype)
-        return dq, dk, dv, drpb, dek, dev, None, None, None
+        return dq, dk, dv, drpb, dek, dev, None, None, None, None
 
 
 @functools.lru_cache(maxsize=1024)
 def _cached_pattern(rank, window, kernel, dilation, stride, causal, shift) -> Pattern:
     return make_pattern(rank, window, kernel, dilation, stride, causal, shift)
+
+
+def _call_pattern(q: Tensor, window: bool, kernel, dilation, stride, causal, shift) -> Pattern:
+    return _cache_unless_tracing(_cached_pattern)(q.dim() - 3, window, tuple(kernel), tuple(dilation),
+                                                  tuple(stride), tuple(bool(c) for c in causal), tuple(shift))
 
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, extra_k: Tensor | None,
@@ -892,8 +940,7 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, extra_k
     """The engine for one call: the registered custom op while ``torch.compile`` traces (opaque to Inductor, with
     its fake and autograd), the equivalent ``autograd.Function`` in eager mode. With ``return_lse`` also the
     natural-log LSE ``[B, *spatial, heads]`` (float32), differentiable."""
-    pat = _cache_unless_tracing(_cached_pattern)(q.dim() - 3, window, tuple(kernel), tuple(dilation),
-                                                 tuple(stride), tuple(bool(c) for c in causal), tuple(shift))
+    pat = _call_pattern(q, window, kernel, dilation, stride, causal, shift)
     fp32_out = wants_fp32_out(q, rpb, v, extra_k, pat)
     if torch.compiler.is_compiling():
         out, lse2, _ = local_attention_fwd(q, k, v, rpb, extra_k, extra_v, window, list(kernel), list(dilation),
@@ -902,3 +949,68 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, extra_k
     else:
         out, lse2 = _LocalAttention.apply(q, k, v, rpb, extra_k, extra_v, pat, float(scale), fp32_out)
     return (out, lse2 * _LN2_RATIO) if return_lse else out
+
+
+class PreparedCall:
+    """One eager geometry of ``local_attention`` resolved once: pattern, float32-output choice, forward plan and
+    whether autograd records the call. A model makes the same few calls every step; replaying a prepared call skips
+    the pattern, path and plan lookups, and without gradients the ``autograd.Function`` as well (its host time was
+    a quarter of a small-map forward's). The caller keys it by everything the plan depends on: shapes, strides,
+    dtypes, device, 16-byte pointer alignment, ``requires_grad`` and the grad mode (``visattn.functional``)."""
+
+    __slots__ = ("pat", "scale", "fp32_out", "return_lse", "plan", "autograd", "epoch", "flags", "scratch_lse",
+                 "backward_plans")
+
+    def __init__(self, q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float, return_lse: bool):
+        self.pat, self.scale, self.return_lse = pat, float(scale), return_lse
+        self.fp32_out = wants_fp32_out(q, rpb, v, extra_k, pat)
+        self.autograd = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, rpb, extra_k, extra_v))
+        self.epoch, self.flags = _PLANS.epoch, _path_flags()
+        self.plan = _forward_plan_of(q, k, v, rpb, extra_k, extra_v, pat, self.scale,
+                                     torch.float32 if self.fp32_out else None)
+        # Where nothing reads the LSE (no gradient, not returned), every replay writes it into one buffer: an
+        # allocation less per call, and concurrent writers of data nobody reads cannot change a result.
+        self.scratch_lse = None
+        self.backward_plans: dict = {}  # by the output gradient's and the LSE gradient's geometry
+        if not (self.autograd or return_lse or POISON):
+            self.scratch_lse = torch.empty(self.plan.lse_shape, device=q.device, dtype=torch.float32)
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, extra_k: Tensor | None,
+                 extra_v: Tensor | None):
+        """The call's result, as ``local_attention`` returns it; None when the plan was retired (a cleared plan
+        cache or a switched path flag), so the caller takes the full path."""
+        if self.epoch != _PLANS.epoch or self.flags != _path_flags():
+            return None
+        if self.autograd:
+            out, lse2 = _LocalAttention.apply(q, k, v, rpb, extra_k, extra_v, self.pat, self.scale, self.fp32_out,
+                                              self)
+        else:  # nothing to differentiate: fp32_out is False here (it needs a bias that requires grad)
+            out, lse2, _ = _forward(q, k, v, rpb, extra_k, extra_v, self.pat, self.scale, None, self.plan,
+                                    self.scratch_lse)
+        return (out, lse2 * _LN2_RATIO) if self.return_lse else out
+
+
+    def backward_plan(self, grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, grad_lse):
+        """The backward plan of a replayed call: the rest of its geometry is fixed by this call's key (the output
+        and LSE are fresh allocations of the forward plan), so only the incoming gradients' geometry varies.
+        None once retired (``backward`` then looks the plan up by the full key)."""
+        if self.epoch != _PLANS.epoch or self.flags != _path_flags():
+            return None
+        key = (tensor_key(grad_out), tensor_key(grad_lse))
+        plan = self.backward_plans.get(key)
+        if plan is None:
+            plan = self.backward_plans[key] = _backward_plan_of(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v,
+                                                                self.pat, self.scale, grad_lse)
+        return plan
+
+
+def prepare(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, extra_k: Tensor | None, extra_v: Tensor | None,
+            window: bool, kernel: tuple, dilation: tuple, stride: tuple, causal: tuple, shift: tuple, scale: float,
+            return_lse: bool = False) -> PreparedCall | None:
+    """A ``PreparedCall`` for this eager call's geometry (``local_attention``'s arguments), or None while tracing
+    (the custom op runs there)."""
+    if torch.compiler.is_compiling():
+        return None
+    pat = _call_pattern(q, window, kernel, dilation, stride, causal, shift)
+    return PreparedCall(q, k, v, rpb, extra_k, extra_v, pat, scale, return_lse)

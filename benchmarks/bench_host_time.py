@@ -1,0 +1,151 @@
+"""Host time per public call and per GPU launch (issue 18: <= 25 us per launch), beside cuDNN SDPA's.
+
+Each case runs a public op at a batch small enough that its GPU kernels finish before the host issues the next
+call, so a CPU timer around back-to-back calls (no synchronisation inside the loop) measures host time. Modes:
+forward without autograd, and forward+backward with every input and the bias requiring grad (autograd engine
+included). Launches per call are counted with the CUDA profiler (every kernel the call enqueues, ours and torch's).
+The peer is ``F.scaled_dot_product_attention`` (cuDNN) over the same tokens, timed the same way in the same process.
+Medians of ``--repeats`` loops of ``--calls`` calls each.
+
+Usage (repo root, CUDA): python benchmarks/bench_host_time.py --out /tmp/out/launch-host.json [--time-budget 120]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import visattn  # noqa: E402
+from visattn.bench.common import environment, require_cuda, write_json  # noqa: E402
+
+# name: (op, batch, spatial, heads, head_dim, pattern keyword arguments, bias table shape or None)
+CASES = {
+    "nat_s3_14sq_rpb": ("na2d", 2, (14, 14), 8, 32, dict(kernel_size=7), (15, 15)),
+    "nat_s4_7sq_rpb": ("na2d", 2, (7, 7), 16, 32, dict(kernel_size=7), (13, 13)),
+    "dinat_s2_28sq_dil4": ("na2d", 2, (28, 28), 4, 32, dict(kernel_size=7, dilation=4), (13, 13)),
+    "nat_s3_14sq": ("na2d", 2, (14, 14), 8, 32, dict(kernel_size=7), None),
+    "swin_s3_14sq_shift": ("window_attention", 2, (14, 14), 12, 32, dict(window_size=7, shift=3), (13, 13)),
+}
+
+
+def _host_us(fn, calls: int, repeats: int) -> float:
+    """Median over ``repeats`` of the mean host microseconds per call of ``calls`` back-to-back calls."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(samples)
+
+
+def _launches(fn) -> int:
+    """GPU kernels one call enqueues (CUDA profiler)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def _case_rows(name: str, case: tuple, calls: int, repeats: int) -> list[dict]:
+    op, batch, spatial, heads, d, kwargs, table = case
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+    qkv = randn(batch, *spatial, 3, heads, d)  # a fused projection's output, read in place
+    rpb = None if table is None else (randn(heads, *table).float() * 0.02)
+    grad = randn(batch, *spatial, heads, d)
+    fn = getattr(visattn, op)
+    rows = []
+    leaf_qkv = qkv.clone().requires_grad_(True)
+    leaf_rpb = None if rpb is None else rpb.clone().requires_grad_(True)
+
+    def fwd():
+        with torch.no_grad():
+            q, k, v = qkv.unbind(-3)
+            return fn(q, k, v, rpb=rpb, **kwargs)
+
+    def fwd_bwd():
+        q, k, v = leaf_qkv.unbind(-3)
+        torch.autograd.backward(fn(q, k, v, rpb=leaf_rpb, **kwargs), grad)
+
+    joint = qkv.flatten(1, len(spatial)).permute(2, 0, 3, 1, 4).contiguous()  # [3, B, heads, tokens, d]
+    leaf_joint = joint.clone().requires_grad_(True)
+    dense_grad = grad.flatten(1, len(spatial)).transpose(1, 2).contiguous()
+
+    def dense_fwd():
+        with torch.no_grad(), sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(*joint.unbind(0))
+
+    def dense_fwd_bwd():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            torch.autograd.backward(F.scaled_dot_product_attention(*leaf_joint.unbind(0)), dense_grad)
+
+    for mode, ours, dense in (("fwd", fwd, dense_fwd), ("fwd_bwd", fwd_bwd, dense_fwd_bwd)):
+        with visattn.functional.track_backends() as used:
+            ours()
+        launches = _launches(ours)
+        host = _host_us(ours, calls, repeats)
+        dense_launches = _launches(dense)
+        dense_host = _host_us(dense, calls, repeats)
+        rows.append({"case": name, "op": op, "mode": mode, "batch": batch, "spatial": list(spatial), "heads": heads,
+                     "head_dim": d, "rpb": table is not None, "backend": dict(used), "launches": launches,
+                     "host_us": host, "host_us_per_launch": host / max(1, launches),
+                     "cudnn_launches": dense_launches, "cudnn_host_us": dense_host})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--time-budget", type=float, default=120.0, help="seconds; later cases are skipped")
+    parser.add_argument("--cases", default=",".join(CASES), help="comma list of case names")
+    parser.add_argument("--calls", type=int, default=500, help="calls per timed loop")
+    parser.add_argument("--repeats", type=int, default=7, help="timed loops per row (the median is kept)")
+    args = parser.parse_args(argv)
+    names = [c for c in args.cases.split(",") if c]
+    unknown = [c for c in names if c not in CASES]
+    if unknown:
+        parser.error(f"--cases: unknown {unknown}; choose from {', '.join(CASES)}")
+    message = require_cuda("bench_host_time")
+    if message:
+        print(message, file=sys.stderr)
+        return 2
+    result = {"bench": "launch-host", **environment(), "calls": args.calls, "repeats": args.repeats, "rows": []}
+    start = time.time()
+    for name in names:
+        if time.time() - start > args.time_budget:
+            print(f"time budget spent: {name} and later skipped", flush=True)
+            break
+        for row in _case_rows(name, CASES[name], args.calls, args.repeats):
+            result["rows"].append(row)
+            print(row, flush=True)
+        write_json(args.out, result)
+    write_json(args.out, result)
+    print("| case | mode | launches | host us | us / launch | cuDNN launches | cuDNN host us |")
+    for r in result["rows"]:
+        print(f"| {r['case']} | {r['mode']} | {r['launches']} | {r['host_us']:.1f} | {r['host_us_per_launch']:.1f} "
+              f"| {r['cudnn_launches']} | {r['cudnn_host_us']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
