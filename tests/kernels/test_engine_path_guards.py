@@ -99,11 +99,18 @@ def test_engine_path_names_the_bias_tiles():
     assert path == "tiled" and "bias expanded once per call" in why, why
     path, why = kernels.engine_path(q, q, None, None, False, *args)
     assert "bias expanded" not in why, why
-    # the tiled path also names its loads: tensor descriptors (TMA) are opt-in; opted in, CPU tensors cannot take
-    # them, nor can dilation
-    assert "pointer loads" in why and "VISATTN_KV_DESC=1" in why, why
+    # the tiled path also names its loads: tensor descriptors (TMA) need a Hopper GPU (CPU tensors cannot take
+    # them), dilation keeps pointer loads, and VISATTN_KV_DESC=0 switches them off
+    assert "pointer loads" in why and "compute capability 9.0" in why, why
     from visattn.kernels import ops
 
+    previous = ops.KV_DESCRIPTORS
+    ops.KV_DESCRIPTORS = False
+    try:
+        path, why = kernels.engine_path(q, q, None, None, False, *args)
+        assert "pointer loads" in why and "VISATTN_KV_DESC=0" in why, why
+    finally:
+        ops.KV_DESCRIPTORS = previous
     ops.KV_DESCRIPTORS = True
     try:
         path, why = kernels.engine_path(q, q, None, None, False, *args)
@@ -113,7 +120,7 @@ def test_engine_path_names_the_bias_tiles():
                                         (0, 0))
         assert path == "tiled" and "pointer loads (dilation" in why, (path, why)
     finally:
-        ops.KV_DESCRIPTORS = False
+        ops.KV_DESCRIPTORS = previous
     q3 = torch.zeros(2, 12, 12, 12, 2, 32, dtype=torch.float16)
     path, why = kernels.engine_path(q3, q3, torch.zeros(2, 5, 5, 5), None, False, (3, 3, 3), (1, 1, 1), (1, 1, 1),
                                     (False,) * 3, (0, 0, 0))
