@@ -837,7 +837,7 @@ def local_attention_fwd(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, ext
                         stride: list[int], causal: list[bool], shift: list[int], scale: float,
                         fp32_out: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(output, log2-LSE, the output in float32 when ``fp32_out`` else an empty tensor)."""
-    pat = make_pattern(q.dim() - 3, window, kernel, dilation, stride, causal, shift)
+    pat = _call_pattern(q, window, kernel, dilation, stride, causal, shift)  # cached: one call per layer per step
     if not fp32_out:
         return (*forward(q, k, v, rpb, extra_k, extra_v, pat, scale), q.new_empty(_EMPTY))
     out32, lse = forward(q, k, v, rpb, extra_k, extra_v, pat, scale, torch.float32)
@@ -857,7 +857,7 @@ def local_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: 
                         kernel: list[int], dilation: list[int], stride: list[int], causal: list[bool],
                         shift: list[int], scale: float, grad_lse: Tensor | None = None
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    pat = make_pattern(q.dim() - 3, window, kernel, dilation, stride, causal, shift)
+    pat = _call_pattern(q, window, kernel, dilation, stride, causal, shift)
     dq, dk, dv, drpb, dek, dev = backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat, scale, grad_lse)
     # custom ops cannot return None: absent gradients travel as empty tensors.
     drpb = q.new_empty(_EMPTY) if drpb is None else drpb.to(rpb.dtype)
