@@ -424,7 +424,7 @@ def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale
             if result is not None:
                 _record("triton")
                 return result  # contiguous: fresh kernel outputs
-            del _VALIDATED[fast]
+            _VALIDATED.pop(fast, None)  # retired (a cleared plan cache or a switched path flag)
     op = f"na{rank}d"
     backend = check_backend(backend, op)
     _check_qkv(query, key, value, (rank,), op)
@@ -590,7 +590,7 @@ def _window(query, key, value, window_size, shift, rpb, scale, backend, dry_run=
             if result is not None:
                 _record("triton")
                 return result  # contiguous: a fresh kernel output
-            del _VALIDATED[fast]
+            _VALIDATED.pop(fast, None)  # retired (a cleared plan cache or a switched path flag)
     op = "window_attention"
     backend = check_backend(backend, op)
     rank = _check_qkv(query, key, value, (2, 3), op)
