@@ -24,6 +24,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine_profile import host_us  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 import visattn  # noqa: E402
 from visattn.bench.common import environment, require_cuda, write_json  # noqa: E402
 
@@ -38,19 +40,11 @@ CASES = {
 
 
 def _host_us(fn, calls: int, repeats: int) -> float:
-    """Median over ``repeats`` of the mean host microseconds per call of ``calls`` back-to-back calls."""
+    """Median over ``repeats`` of ``engine_profile.host_us`` (host µs per call of ``calls`` back-to-back calls),
+    after warm-up calls that compile and plan."""
     for _ in range(20):
         fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        samples.append((time.perf_counter() - start) / calls * 1e6)
-    torch.cuda.synchronize()
-    return statistics.median(samples)
+    return statistics.median(host_us(fn, calls) for _ in range(repeats))
 
 
 def _launches(fn) -> int:

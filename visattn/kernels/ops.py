@@ -421,10 +421,12 @@ def kv_descriptor_why_not(t3: Tensor, pat: Pattern) -> str | None:
     if INTERPRETED:
         if not KV_DESC_INTERPRETED:
             return "the interpreter runs pointer loads (test hook: ops.KV_DESC_INTERPRETED)"
-    elif t3.device.type != "cuda" or torch.cuda.get_device_capability(t3.device)[0] < 9:
-        return "tensor descriptors need compute capability 9.0 or newer"
-    elif KV_DESCRIPTORS is None and torch.cuda.get_device_capability(t3.device)[0] != 9:
-        return "on by default on Hopper (sm90) only, where they were timed and swept (opt in: VISATTN_KV_DESC=1)"
+    else:
+        major = torch.cuda.get_device_capability(t3.device)[0] if t3.device.type == "cuda" else 0
+        if major < 9:
+            return "tensor descriptors need compute capability 9.0 or newer"
+        if KV_DESCRIPTORS is None and major != 9:
+            return "on by default on Hopper (sm90) only, where they were timed and swept (opt in: VISATTN_KV_DESC=1)"
     return None
 
 
@@ -983,7 +985,7 @@ class PreparedCall:
                  extra_v: Tensor | None):
         """The call's result, as ``local_attention`` returns it; None when the plan was retired (a cleared plan
         cache or a switched path flag), so the caller takes the full path."""
-        if self.epoch != _PLANS.epoch or self.flags != _path_flags():
+        if self._retired():
             return None
         if self.autograd:
             out, lse2 = _LocalAttention.apply(q, k, v, rpb, extra_k, extra_v, self.pat, self.scale, self.fp32_out,
@@ -993,12 +995,15 @@ class PreparedCall:
                                     self.scratch_lse)
         return (out, lse2 * _LN2_RATIO) if self.return_lse else out
 
+    def _retired(self) -> bool:
+        """The plan cache was cleared or a path flag switched since this call was prepared."""
+        return self.epoch != _PLANS.epoch or self.flags != _path_flags()
 
     def backward_plan(self, grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, grad_lse):
         """The backward plan of a replayed call: the rest of its geometry is fixed by this call's key (the output
         and LSE are fresh allocations of the forward plan), so only the incoming gradients' geometry varies.
         None once retired (``backward`` then looks the plan up by the full key)."""
-        if self.epoch != _PLANS.epoch or self.flags != _path_flags():
+        if self._retired():
             return None
         key = (tensor_key(grad_out), tensor_key(grad_lse))
         plan = self.backward_plans.get(key)
