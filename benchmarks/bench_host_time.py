@@ -5,7 +5,9 @@ call, so a CPU timer around back-to-back calls (no synchronisation inside the lo
 forward without autograd, and forward+backward with every input and the bias requiring grad (autograd engine
 included). Launches per call are counted with the CUDA profiler (every kernel the call enqueues, ours and torch's).
 The peer is ``F.scaled_dot_product_attention`` (cuDNN) over the same tokens, timed the same way in the same process.
-Medians of ``--repeats`` loops of ``--calls`` calls each.
+Medians of ``--repeats`` loops of ``--calls`` calls each. Two more rows per case time the registered custom ops
+(``op_fwd``, ``op_bwd``) called as a ``torch.compile`` graph calls them: through ``torch.ops``, without autograd,
+with the float32 output copy a trained bias asks for (no cuDNN peer on these rows).
 
 Usage (repo root, CUDA): python benchmarks/bench_host_time.py --out /tmp/out/launch-host.json [--time-budget 120]
 """
@@ -57,6 +59,39 @@ def _launches(fn) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def _custom_op_calls(op: str, kwargs: dict, qkv, rpb, grad):
+    """(forward, backward) closures calling ``visattn::local_attention_fwd`` / ``_bwd`` through ``torch.ops``
+    without autograd, as the code ``torch.compile`` generates for a model calls them; ``rpb`` is the trained
+    (leaf) table or None."""
+    from visattn.kernels import ops
+
+    rank = qkv.dim() - 4
+    if op == "window_attention":
+        window, kernel, dilation, shift = True, kwargs["window_size"], 1, kwargs.get("shift", 0)
+    else:
+        window, kernel, dilation, shift = False, kwargs["kernel_size"], kwargs.get("dilation", 1), 0
+    pattern = (window, [kernel] * rank, [dilation] * rank, [1] * rank, [False] * rank, [shift] * rank,
+               qkv.shape[-1] ** -0.5)
+    q, k, v = qkv.unbind(-3)
+    with torch.enable_grad():  # the float32 output copy is chosen at trace time, where the bias requires grad
+        pat = ops.make_pattern(rank, *pattern[:6])
+        fp32_out = ops.wants_fp32_out(q, rpb, v, None, pat)
+    fwd_op, bwd_op = torch.ops.visattn.local_attention_fwd.default, torch.ops.visattn.local_attention_bwd.default
+
+    def op_fwd():
+        with torch.no_grad():
+            return fwd_op(q, k, v, rpb, None, None, *pattern, fp32_out)
+
+    out, lse, out32 = op_fwd()
+    saved = out32 if fp32_out else out
+
+    def op_bwd():
+        with torch.no_grad():
+            return bwd_op(grad, q, k, v, saved, lse, rpb, None, None, *pattern, None)
+
+    return op_fwd, op_bwd
+
+
 def _case_rows(name: str, case: tuple, calls: int, repeats: int) -> list[dict]:
     op, batch, spatial, heads, d, kwargs, table = case
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -93,13 +128,15 @@ def _case_rows(name: str, case: tuple, calls: int, repeats: int) -> list[dict]:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             torch.autograd.backward(F.scaled_dot_product_attention(*leaf_joint.unbind(0)), dense_grad)
 
-    for mode, ours, dense in (("fwd", fwd, dense_fwd), ("fwd_bwd", fwd_bwd, dense_fwd_bwd)):
+    op_fwd, op_bwd = _custom_op_calls(op, kwargs, qkv, leaf_rpb, grad)
+    for mode, ours, dense in (("fwd", fwd, dense_fwd), ("fwd_bwd", fwd_bwd, dense_fwd_bwd), ("op_fwd", op_fwd, None),
+                              ("op_bwd", op_bwd, None)):
         with visattn.functional.track_backends() as used:
             ours()
         launches = _launches(ours)
         host = _host_us(ours, calls, repeats)
-        dense_launches = _launches(dense)
-        dense_host = _host_us(dense, calls, repeats)
+        dense_launches = None if dense is None else _launches(dense)
+        dense_host = None if dense is None else _host_us(dense, calls, repeats)
         rows.append({"case": name, "op": op, "mode": mode, "batch": batch, "spatial": list(spatial), "heads": heads,
                      "head_dim": d, "rpb": table is not None, "backend": dict(used), "launches": launches,
                      "host_us": host, "host_us_per_launch": host / max(1, launches),
@@ -136,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out, result)
     print("| case | mode | launches | host us | us / launch | cuDNN launches | cuDNN host us |")
     for r in result["rows"]:
+        dense = "| — | — |" if r["cudnn_host_us"] is None else f"| {r['cudnn_launches']} | {r['cudnn_host_us']:.1f} |"
         print(f"| {r['case']} | {r['mode']} | {r['launches']} | {r['host_us']:.1f} | {r['host_us_per_launch']:.1f} "
-              f"| {r['cudnn_launches']} | {r['cudnn_host_us']:.1f} |")
+              + dense)
     return 0
 
 

@@ -84,7 +84,9 @@ def test_engine_backbones_and_diffusion_sections_from_the_h200_files():
     engine = report.engine_section(results)
     # the newest engine-profile file with stage rows, found independently of the report's own picker
     files = sorted((Path(__file__).resolve().parents[2] / "benchmarks/results").glob("engine-*.json"))
-    newest = max((json.loads(f.read_text()) | {"_name": f.name} for f in files),
+    with_stages = (d for d in (json.loads(f.read_text()) | {"_name": f.name} for f in files)
+                   if any("stage" in r for r in d.get("rows", [])))
+    newest = max(with_stages,
                  key=lambda d: (d["date"], "-run" in d["_name"] and int(d["_name"].split("-run")[1][0]), d["_name"]))
     ours = next(r for r in newest["rows"] if r["stage"] == "nat_s1" and r.get("rpb") is False and "dense" not in r)
     dense = next(r for r in newest["rows"] if r["stage"] == "nat_s1" and r.get("dense") == "cudnn")
