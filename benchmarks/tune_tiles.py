@@ -4,14 +4,14 @@ Suite ``nat``: B256, bf16, head_dim 32, kernel 7, with and without a trained bia
 tokens, 24 heads x 128, NA kernel 21 and GNA kernel 32 stride 16, with FLUX's 512 text tokens as extra keys. Suite
 ``flux4k``: the same heads on FLUX-4K's 256x256 map, kernel 80, NA and GNA stride 16, no text, and HunyuanVideo's
 30x48x80 latent with an 18x24x24 kernel (3-D; the same candidates as ``flux``: all set the head_dim-128 "large"
-volumes).
+volumes). Suite ``d128-dkv``: HunyuanVideo and FLUX-4K NA with only the dK/dV pass's volume varied.
 Configuration ``i`` replaces the suite's volume of every pass by its ``i``-th candidate (``tiles._VOLUMES``: rows
 per query tile, rows per key tile, warps, stages), so one profiled forward+backward times one candidate of each
 pass; each kernel's GPU time is the mean over ``--reps`` profiled calls.
 Every configuration's output and gradients are compared with configuration 0's (the shipped table) so a candidate
 that computes something else is seen. Exploratory: chosen volumes go into ``visattn/kernels/tiles.py`` by hand.
 
-Usage (repo root, CUDA): python benchmarks/tune_tiles.py --out /tmp/out/tune-tiles.json [--suite flux]
+Usage (repo root, CUDA): python benchmarks/tune_tiles.py --out /tmp/out/tune-tiles.json [--suite flux|d128-dkv]
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ STAGES = {"nat_s1": ((56, 56), 2, 32, 256, 7, 1, 0, (False, True)),
           "flux4k_gna_k80_s16": ((256, 256), 24, 128, 1, 80, 16, 0, (False,)),
           "hunyuan_na": ((30, 48, 80), 24, 128, 1, (18, 24, 24), 1, 0, (False,))}
 SUITES = {"nat": ("nat_s1", "nat_s2", "nat_s3"), "flux": ("flux_na_k21", "flux_gna_k32_s16"),
-          "flux4k": ("flux4k_na_k80", "flux4k_gna_k80_s16", "hunyuan_na")}
+          "flux4k": ("flux4k_na_k80", "flux4k_gna_k80_s16", "hunyuan_na"),
+          "d128-dkv": ("hunyuan_na", "flux4k_na_k80")}
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass; index 0 is filled with the shipped table's entry at run time,
 # as is every None (flux 8-10 keep the shipped forward and change the backward only; 10 is the table before the
 # head_dim-128 dK/dV entry, whose dK/dV pass took the dQ pass's 64 x 64 at 8 warps).
@@ -61,10 +62,17 @@ CANDIDATES = {
                 (64, 128, 8, 3), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2)],
     },
 }
+# The head_dim-128 dK/dV pass alone (issue 21: per visited pair it costs ~2x the dQ pass at FLUX-4K and
+# HunyuanVideo): forward and dQ keep the shipped volumes, the dK/dV pass tries fewer stages, fewer rows, more warps.
+# Run it once more with VISATTN_KV_DESC=0 to see the descriptor loads' share.
+_DKV128 = [None, (64, 64, 4, 1), (64, 64, 4, 3), (32, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 1), (64, 64, 8, 1),
+           (32, 32, 4, 2), (128, 32, 4, 2)]
+CANDIDATES["d128-dkv"] = {"fwd": [None] * len(_DKV128), "bwd": [None] * len(_DKV128), "dkv": _DKV128}
 KEYS = {"nat": {"fwd": ("fwd", 16, 64, "small"), "bwd": ("bwd", 16, 64, "small"), "dkv": ("dkv", 16, 64, "small")},
         "flux": {"fwd": ("fwd", 16, 128, "large"), "bwd": ("bwd", 16, 128, "large"),
                  "dkv": ("dkv", 16, 128, "large")}}
 CANDIDATES["flux4k"], KEYS["flux4k"] = CANDIDATES["flux"], KEYS["flux"]
+KEYS["d128-dkv"] = KEYS["flux"]
 ENGINE = ("_fwd_kernel", "_bwd_", "_bias_grad", "_expand_")
 
 

@@ -8,7 +8,14 @@ queries' windows; dense = every query against every key, and dense padded to 128
 kernels such as cuDNN's). Their ratios bound what any kernel of that tiling can gain over dense attention at equal
 cost per visited pair.
 
+``--map L0,L1,L2 --map-kernel K0,K1,K2`` instead counts the engine's three passes on any 1-3-D map (stride 1)
+with the boxes they ship for that shape (``ops._tiles``): the forward and dQ pass walk key tiles per query box, the
+dK/dV pass walks query tiles per key box (the queries whose windows reach the box), each in whole tiles. Dividing
+a pass's GPU time by its visited pairs compares the passes' cost per pair (HunyuanVideo: ``--map 30,48,80
+--map-kernel 18,24,24 --head-dim 128``).
+
 Usage (repo root, CPU): python benchmarks/visited_pairs.py [--side 14] [--kernel 7]
+    [--map 30,48,80 --map-kernel 18,24,24 --head-dim 128]
 """
 
 from __future__ import annotations
@@ -38,11 +45,57 @@ def visited_pairs(side: int, kernel: int, m: tuple[int, int], n: tuple[int, int]
     return total
 
 
+def _pass_walks(lengths: tuple, kernel: tuple, m: tuple, n: tuple) -> tuple[int, int, int]:
+    """(needed, query-box walk, key-box walk) pair counts on a map (the count is separable by dimension)."""
+    needed = query_walk = key_walk = 1
+    for length, k, mm, nn in zip(lengths, kernel, m, n, strict=True):
+        windows = [interval(i, length, k, 1, 0, False, False) for i in range(length)]
+        needed *= sum(b - a + 1 for a, b in windows)
+        q_total = 0
+        for t in range(math.ceil(length / mm)):
+            first, last = t * mm, min(t * mm + mm, length) - 1
+            q_total += mm * ((windows[last][1] - windows[first][0] + nn) // nn) * nn
+        query_walk *= q_total
+        k_total = 0
+        for t in range(math.ceil(length / nn)):
+            first, last = t * nn, min(t * nn + nn, length) - 1
+            reach = [i for i, (a, b) in enumerate(windows) if a <= last and b >= first]
+            k_total += nn * ((reach[-1] - reach[0] + mm) // mm) * mm
+        key_walk *= k_total
+    return needed, query_walk, key_walk
+
+
+def engine_passes(lengths: tuple, kernel: tuple, head_dim: int) -> None:
+    """Print each pass's boxes and visited / needed pairs with the tiles the engine ships for this shape."""
+    import torch
+
+    from visattn.kernels import ops
+
+    rank = len(lengths)
+    lengths3, kernel3 = (1,) * (3 - rank) + tuple(lengths), (1,) * (3 - rank) + tuple(kernel)
+    pat = ops.make_pattern(rank, False, kernel, (1,) * rank, (1,) * rank, (False,) * rank, (0,) * rank)
+    print(f"map {lengths}, kernel {kernel}, head_dim {head_dim}, bf16")
+    for name in ("fwd", "dq", "dkv"):
+        tiles = ops._tiles(name, pat, lengths3, torch.bfloat16, head_dim)
+        needed, query_walk, key_walk = _pass_walks(lengths3, kernel3, tiles.m, tiles.n)
+        visited = key_walk if name == "dkv" else query_walk
+        print(f"{name:>4s}: query box {tiles.m}, key box {tiles.n}: visited / needed {visited / needed:.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--side", type=int, default=14)
     parser.add_argument("--kernel", type=int, default=7)
+    parser.add_argument("--map", default=None, help="comma list: count the engine's passes on this map instead")
+    parser.add_argument("--map-kernel", default=None, help="comma list, with --map")
+    parser.add_argument("--head-dim", type=int, default=128, help="with --map: picks the shipped tiles")
     args = parser.parse_args(argv)
+    if args.map:
+        if not args.map_kernel:
+            parser.error("--map needs --map-kernel")
+        engine_passes(tuple(int(x) for x in args.map.split(",")), tuple(int(x) for x in args.map_kernel.split(",")),
+                      args.head_dim)
+        return 0
     side, kernel = args.side, args.kernel
     needed = side * side * kernel * kernel
     dense = (side * side) ** 2
