@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=",".join(CASES), help="comma list of case names")
     parser.add_argument("--calls", type=int, default=500, help="calls per timed loop")
     parser.add_argument("--repeats", type=int, default=7, help="timed loops per row (the median is kept)")
+    parser.add_argument("--no-descriptor-reuse", action="store_true",
+                        help="build every TMA descriptor with Triton's constructor (ops.DESCRIPTOR_FIELD_REUSE off)")
     args = parser.parse_args(argv)
     names = [c for c in args.cases.split(",") if c]
     unknown = [c for c in names if c not in CASES]
@@ -160,7 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     if message:
         print(message, file=sys.stderr)
         return 2
-    result = {"bench": "launch-host", **environment(), "calls": args.calls, "repeats": args.repeats, "rows": []}
+    from visattn.kernels import ops
+
+    ops.DESCRIPTOR_FIELD_REUSE = not args.no_descriptor_reuse
+    result = {"bench": "launch-host", **environment(), "calls": args.calls, "repeats": args.repeats,
+              "descriptor_field_reuse": ops.DESCRIPTOR_FIELD_REUSE, "rows": []}
     start = time.time()
     for name in names:
         if time.time() - start > args.time_budget:

@@ -451,8 +451,33 @@ def _descriptor_views(a3: Tensor, b3: Tensor, pat: Pattern, box: tuple, block_a:
 def _descriptors(views: tuple, a: Tensor, b: Tensor) -> tuple:
     """Tensor descriptors of ``a`` and ``b`` through the two ``KVDescriptor`` views of a plan (made per call: a
     descriptor holds the tensor's address)."""
-    return tuple(TensorDescriptor(t, list(d.shape), list(d.strides), list(d.block))
-                 for t, d in ((a, views[0]), (b, views[1])))
+    return _descriptor(a, views[0]), _descriptor(b, views[1])
+
+
+# Validated descriptor fields per (view, dtype), base dropped: Triton's constructor re-checks shapes, strides, block
+# and base alignment on every call (~8 us of host time each on an H100's host, two per pass), all of which the plan
+# key already fixes (shape, strides, dtype and 16-byte alignment; a view exists only where they passed).
+_DESCRIPTOR_FIELDS: dict = {}
+DESCRIPTOR_FIELD_REUSE = True  # False: Triton's constructor every call (the A/B of benchmarks/bench_host_time.py)
+
+
+def _descriptor(t: Tensor, view: KVDescriptor):
+    """A ``TensorDescriptor`` of ``t`` through ``view``: built (and validated) by Triton the first time per (view,
+    dtype), then copied from those fields with ``t`` as the base. A Triton whose descriptor keeps no ``__dict__``
+    builds one every call."""
+    key = (view, t.dtype)
+    fields = _DESCRIPTOR_FIELDS.get(key) if DESCRIPTOR_FIELD_REUSE else None
+    if fields is None:
+        if len(_DESCRIPTOR_FIELDS) > 1024:  # bounded like the plans
+            _DESCRIPTOR_FIELDS.clear()
+        desc = TensorDescriptor(t, list(view.shape), list(view.strides), list(view.block))
+        if "base" in getattr(desc, "__dict__", {}):
+            _DESCRIPTOR_FIELDS[key] = {name: value for name, value in vars(desc).items() if name != "base"}
+        return desc
+    desc = object.__new__(TensorDescriptor)
+    desc.__dict__.update(fields)
+    desc.base = t
+    return desc
 
 
 class _ForwardPlan(NamedTuple):
