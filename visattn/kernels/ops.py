@@ -395,11 +395,14 @@ KV_DESC_INTERPRETED = False
 
 class KVDescriptor(NamedTuple):
     """A 5-D descriptor view ``[B * L0, L1, L2, heads, D]`` of one operand a pass walks (keys, values, queries or
-    output gradients), and its block (one walked box)."""
+    output gradients), and its block (one walked box). ``fields``: a ``TensorDescriptor`` of the view built (and
+    validated) by Triton when the plan was made, without its base; None where Triton's descriptor keeps no
+    ``__dict__``."""
 
     shape: tuple
     strides: tuple
     block: tuple
+    fields: dict | None = None
 
 
 def kv_descriptor_why_not(t3: Tensor, pat: Pattern) -> str | None:
@@ -435,8 +438,10 @@ def kv_descriptor(t3: Tensor, box: tuple, block_d: int) -> KVDescriptor:
     one ``box`` of rows (the walked tiles' box) by ``block_d`` columns."""
     B, L0, L1, L2, H, D = t3.shape
     sb, s0, s1, s2, sh, sd = t3.stride()
-    return KVDescriptor((B * L0, L1, L2, H, D), (sb if L0 == 1 else s0, s1, s2, sh, sd),
-                        (*box, 1, block_d))
+    shape, strides, block = (B * L0, L1, L2, H, D), (sb if L0 == 1 else s0, s1, s2, sh, sd), (*box, 1, block_d)
+    built = getattr(TensorDescriptor(t3, list(shape), list(strides), list(block)), "__dict__", {})  # validated
+    fields = {name: value for name, value in built.items() if name != "base"} if "base" in built else None
+    return KVDescriptor(shape, strides, block, fields)
 
 
 def _descriptor_views(a3: Tensor, b3: Tensor, pat: Pattern, box: tuple, block_a: int,
@@ -454,28 +459,20 @@ def _descriptors(views: tuple, a: Tensor, b: Tensor) -> tuple:
     return _descriptor(a, views[0]), _descriptor(b, views[1])
 
 
-# Validated descriptor fields per (view, dtype), base dropped: Triton's constructor re-checks shapes, strides, block
-# and base alignment on every call (~8 us of host time each on an H100's host, two per pass), all of which the plan
-# key already fixes (shape, strides, dtype and 16-byte alignment; a view exists only where they passed).
-_DESCRIPTOR_FIELDS: dict = {}
-DESCRIPTOR_FIELD_REUSE = True  # False: Triton's constructor every call (the A/B of benchmarks/bench_host_time.py)
+# Triton's constructor re-checks shapes, strides, block and base alignment on every call (~8 us of host time each
+# on an H100's host, two per pass), all of which the plan key fixes (shape, strides, dtype and 16-byte alignment);
+# so a call copies the fields its plan's view validated once. False: Triton's constructor every call (the A/B of
+# benchmarks/bench_host_time.py --no-descriptor-reuse).
+DESCRIPTOR_FIELD_REUSE = True
 
 
 def _descriptor(t: Tensor, view: KVDescriptor):
-    """A ``TensorDescriptor`` of ``t`` through ``view``: built (and validated) by Triton the first time per (view,
-    dtype), then copied from those fields with ``t`` as the base. A Triton whose descriptor keeps no ``__dict__``
-    builds one every call."""
-    key = (view, t.dtype)
-    fields = _DESCRIPTOR_FIELDS.get(key) if DESCRIPTOR_FIELD_REUSE else None
-    if fields is None:
-        if len(_DESCRIPTOR_FIELDS) > 1024:  # bounded like the plans
-            _DESCRIPTOR_FIELDS.clear()
-        desc = TensorDescriptor(t, list(view.shape), list(view.strides), list(view.block))
-        if "base" in getattr(desc, "__dict__", {}):
-            _DESCRIPTOR_FIELDS[key] = {name: value for name, value in vars(desc).items() if name != "base"}
-        return desc
+    """A ``TensorDescriptor`` of ``t`` through ``view``: a copy of the view's validated fields with ``t`` as the
+    base, or built by Triton where the view has none (or the reuse is switched off)."""
+    if view.fields is None or not DESCRIPTOR_FIELD_REUSE:
+        return TensorDescriptor(t, list(view.shape), list(view.strides), list(view.block))
     desc = object.__new__(TensorDescriptor)
-    desc.__dict__.update(fields)
+    desc.__dict__.update(view.fields)
     desc.base = t
     return desc
 
