@@ -32,17 +32,7 @@ from visattn.geometry import interval  # noqa: E402
 
 def visited_pairs(side: int, kernel: int, m: tuple[int, int], n: tuple[int, int]) -> int:
     """Pairs the walk visits for query boxes ``m`` and key boxes ``n`` (rows x columns) on a ``side``^2 map."""
-    total = 0
-    for t0 in range(math.ceil(side / m[0])):
-        for t1 in range(math.ceil(side / m[1])):
-            tiles = 1
-            for t, mm, nn in ((t0, m[0], n[0]), (t1, m[1], n[1])):
-                first, last = t * mm, min(t * mm + mm, side) - 1
-                ka = interval(first, side, kernel, 1, 0, False, False)[0]
-                kb = interval(last, side, kernel, 1, 0, False, False)[1]
-                tiles *= (kb - ka + nn) // nn
-            total += m[0] * m[1] * tiles * n[0] * n[1]
-    return total
+    return _pass_walks((side, side), (kernel, kernel), m, n)[1]
 
 
 def _pass_walks(lengths: tuple, kernel: tuple, m: tuple, n: tuple) -> tuple[int, int, int]:
