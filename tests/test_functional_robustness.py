@@ -145,6 +145,29 @@ def test_caches_never_hold_fake_or_inference_tensors():
     assert not any(isinstance(t, FakeTensor) or t.is_inference() for t in stored)
 
 
+def test_fake_calls_never_read_a_data_pointer_nor_prepare_a_replay():
+    """The eager fast path keys a call by its tensors' pointer alignment; a fake tensor has no data pointer (torch
+    warns that reading it will become an error) and must take the full checks, and ``ops.prepare`` must not build a
+    replayed call (with its scratch buffer) from fake tensors."""
+    import warnings
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from visattn import functional
+    from visattn.kernels import ops as engine_ops
+
+    calls = _ops()
+    functional._VALIDATED.clear()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fake = mode.from_tensor(torch.randn(1, 8, 8, 2, 8))
+        for call in calls.values():
+            call(fake)
+        assert engine_ops.prepare(fake, fake, fake, None, None, None, False, (3, 3), (1, 1), (1, 1),
+                                  (False, False), (0, 0), 8 ** -0.5) is None
+    assert not functional._VALIDATED, "a fake call was remembered"
+
+
 # ------------------------------------------------------------------------------------------------ double backward
 GRADGRAD = {  # [1, 6, 1, 2] inputs (gradgradcheck's cost grows with the square of the element count)
     "na1d": lambda q, k, v: visattn.na1d(q, k, v, 3),

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from visattn import backends, dense_schedule, reference
+from visattn.caching import may_cache
 from visattn.geometry import radial_block_mask, radial_mask, sliding_tile_kernel
 
 try:  # imported once here: a compiled graph must never trace a first-time import
@@ -377,7 +378,8 @@ def _geometry(t) -> tuple | list | None:
 
 
 def _validated_key(*parts) -> tuple:
-    """The cache key of an eager call (the caller skips traced calls: a fake tensor has no data pointer)."""
+    """The cache key of an eager call (the caller skips traced and fake calls, ``caching.may_cache``: a fake tensor
+    has no data pointer)."""
     # grad mode and requires_grad are part of it: a why_not may refuse a call that autograd will differentiate
     return (*parts, backends.get_backend(FAMILY), torch.is_grad_enabled())
 
@@ -411,7 +413,7 @@ def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale
         kernel_schedule, torch_compile, return_lse, rpb, dry_run=False):
     fast = None
     if not dry_run and attention_kwargs is None and (scale is None or type(scale) in (float, int)) \
-            and not torch.compiler.is_compiling():  # traced calls run the checks once while tracing anyway
+            and may_cache(query, key, value, rpb):  # traced / fake calls run the checks (no data pointer there)
         fast = _validated_key("na", rank, _geometry(query), _geometry(key), _geometry(value), _geometry(rpb),
                               _geometry(additional_keys), _geometry(additional_values), kernel_size, stride,
                               dilation, is_causal, scale, backend, q_tile_shape, kv_tile_shape,
@@ -581,7 +583,7 @@ na3d.__doc__ = _NA_DOC.format(rank=3, spatial="T, H, W", rpb_shape="2k0-1, 2k1-1
 # ================================================================================================ window
 def _window(query, key, value, window_size, shift, rpb, scale, backend, dry_run=False):
     fast = None
-    if not dry_run and (scale is None or type(scale) in (float, int)) and not torch.compiler.is_compiling():
+    if not dry_run and (scale is None or type(scale) in (float, int)) and may_cache(query, key, value, rpb):
         fast = _validated_key("window", _geometry(query), _geometry(key), _geometry(value), _geometry(rpb),
                               window_size, shift, scale, backend)
         hit = _prepared(fast)

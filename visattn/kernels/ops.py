@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from visattn.caching import may_cache
 from visattn.kernels.backward import _bwd_dkv_kernel, _bwd_dq_kernel, _bwd_extra_dkv_kernel
 from visattn.kernels.bias_tiles import _bias_grad_kernel, _expand_key_walk_kernel, _expand_query_walk_kernel
 from visattn.kernels.cells import _cell_bwd_kernel, _cell_fwd_kernel
@@ -1039,8 +1040,9 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, extra_k: Tensor
             window: bool, kernel: tuple, dilation: tuple, stride: tuple, causal: tuple, shift: tuple, scale: float,
             return_lse: bool = False) -> PreparedCall | None:
     """A ``PreparedCall`` for this eager call's geometry (``local_attention``'s arguments), or None while tracing
-    (the custom op runs there)."""
-    if torch.compiler.is_compiling():
+    (the custom op runs there) or for fake tensors, whose scratch buffer a later real call must not meet
+    (``caching.may_cache``)."""
+    if not may_cache(q, k, v, rpb, extra_k, extra_v):
         return None
     pat = _call_pattern(q, window, kernel, dilation, stride, causal, shift)
     return PreparedCall(q, k, v, rpb, extra_k, extra_v, pat, scale, return_lse)
