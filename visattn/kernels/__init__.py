@@ -190,6 +190,20 @@ def bilevel_routing_why_not(q, k, v, regions, topk) -> str | None:
         return f"triton capability check failed ({type(err).__name__}: {err})"
 
 
+def routing_path(height: int, width: int, regions: tuple) -> tuple[str, str]:
+    """Which schedule of the routed-attention kernels a ``height x width`` map on a ``regions`` grid takes: ("map",
+    why) for one program per tile of raster queries against the whole map with the routing as a mask (small maps
+    such as BiFormer-T's 14x14 stage), ("regions", why) for one program per region tile over its routed keys."""
+    if _routing_kernels is None:
+        return "none", str(_engine_error)
+    padded = (-(-height // regions[0]) * regions[0], -(-width // regions[1]) * regions[1])
+    why_not = _routing_kernels.map_schedule_why_not(*padded, tuple(regions))
+    if why_not is None:
+        return "map", (f"{padded[0] * padded[1]} tokens and {regions[0] * regions[1]} regions fit the map schedule "
+                       f"(at most {_routing_kernels.MAP_MAX_TOKENS} and {_routing_kernels.MAP_MAX_REGIONS})")
+    return "regions", why_not
+
+
 def bilevel_routing(q: Tensor, k: Tensor, v: Tensor, regions: tuple, topk: int, scale: float,
                     return_routing: bool = False):
     """Fused bi-level routing attention: routed regions read in place, no key/value gather."""
@@ -328,5 +342,5 @@ def halo(q: Tensor, k: Tensor, v: Tensor, block: tuple, halo: tuple, rel_h: Tens
 
 
 __all__ = ["agent", "agent_why_not", "bilevel_routing", "bilevel_routing_why_not", "halo", "halo_why_not", "na",
-           "na_why_not", "prepare_na", "prepare_window", "radial", "radial_why_not", "vmoba", "vmoba_why_not",
-           "window", "window_why_not"]
+           "na_why_not", "prepare_na", "prepare_window", "radial", "radial_why_not", "routing_path", "vmoba",
+           "vmoba_why_not", "window", "window_why_not"]

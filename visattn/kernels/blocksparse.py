@@ -160,8 +160,14 @@ def _bs_fwd_kernel(Q, K, V, EK, EV, OUT, LSE, ROW_PTR, COL_IDX, SEL,
 @triton.jit
 def dq_tile(q, do, k, v, col_ok, row_ok, lse, delta, dq, qk_scale, DOT_PREC: tl.constexpr):
     """FA2's dQ update for one key tile, P recomputed from the log2 LSE (shared with ``routing.py``)."""
+    return dq_tile_masked(q, do, k, v, row_ok[:, None] & col_ok[None, :], lse, delta, dq, qk_scale, DOT_PREC)
+
+
+@triton.jit
+def dq_tile_masked(q, do, k, v, allowed, lse, delta, dq, qk_scale, DOT_PREC: tl.constexpr):
+    """``dq_tile`` with a [queries, keys] mask of the pairs that attend."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-    p = tl.where(col_ok[None, :] & row_ok[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
+    p = tl.where(allowed, tl.math.exp2(s - lse[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
@@ -213,8 +219,15 @@ def _bs_dq_kernel(Q, K, V, EK, EV, OUT, DO, DQ, LSE, DELTA, ROW_PTR, COL_IDX, SE
 @triton.jit
 def dkv_tile(k, v, q, do, col_ok, row_ok, lse, delta, dk, dvacc, qk_scale, DOT_PREC: tl.constexpr):
     """FA2's dK / dV update of a key tile by one query tile (shared with ``routing.py``)."""
+    return dkv_tile_masked(k, v, q, do, col_ok[:, None] & row_ok[None, :], lse, delta, dk, dvacc, qk_scale,
+                           DOT_PREC)
+
+
+@triton.jit
+def dkv_tile_masked(k, v, q, do, allowed_t, lse, delta, dk, dvacc, qk_scale, DOT_PREC: tl.constexpr):
+    """``dkv_tile`` with a [keys, queries] mask of the pairs that attend."""
     sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [keys, queries]
-    pT = tl.where(col_ok[:, None] & row_ok[None, :], tl.math.exp2(sT - lse[None, :]), 0.0)
+    pT = tl.where(allowed_t, tl.math.exp2(sT - lse[None, :]), 0.0)
     dvacc += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     dsT = pT * (dpT - delta[None, :])
