@@ -3,7 +3,8 @@ tokens, in one process (issue 18: every BiFormer-T stage at most dense attention
 
 For each stage of the ``vision`` suite's BiFormer-T rows (B128, bf16, head_dim 32, 7x7 regions), forward and
 forward+backward: the fused call (routing included, as a model runs it) on the schedule ``routing_path`` picks and
-with the region schedule forced (``MAP_MAX_TOKENS = 0``), each in eager wall time and replayed from a CUDA graph
+with the region schedule forced (``MAP_MAX_TOKENS = 0``), and for forward+backward the region forward feeding the
+map backward ("mixed", ``MAP_PASSES``), each in eager wall time and replayed from a CUDA graph
 (GPU time), the routing step alone (``route_regions``), dense cuDNN SDPA over the same tokens, and the memory /
 matmul floor. Outputs of the two schedules are compared (max abs difference). CUDA-event medians.
 
@@ -27,16 +28,17 @@ from visattn.bench.suites import load_suite  # noqa: E402
 STAGES = ("biformer-t-s1", "biformer-t-s2", "biformer-t-s3")
 
 
-def _timed(p, sets, map_tokens: int) -> tuple[float, float]:
-    """(eager ms, CUDA-graph ms) of the fused call with ``routing.MAP_MAX_TOKENS = map_tokens``."""
+def _timed(p, sets, map_tokens: int, passes: tuple = ("fwd", "bwd")) -> tuple[float, float]:
+    """(eager ms, CUDA-graph ms) of the fused call with ``routing.MAP_MAX_TOKENS = map_tokens`` and the map
+    schedule on ``passes``."""
     from visattn.kernels import routing
 
-    previous = routing.MAP_MAX_TOKENS
-    routing.MAP_MAX_TOKENS = map_tokens
+    previous = routing.MAP_MAX_TOKENS, routing.MAP_PASSES
+    routing.MAP_MAX_TOKENS, routing.MAP_PASSES = map_tokens, passes
     try:
         return attn._ours(p, sets), attn._graphed(p, sets)
     finally:
-        routing.MAP_MAX_TOKENS = previous
+        routing.MAP_MAX_TOKENS, routing.MAP_PASSES = previous
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         row["region_ms"], row["region_graph_ms"] = _timed(p, sets, 0)
         if path == "map":
             row["map_ms"], row["map_graph_ms"] = _timed(p, sets, routing.MAP_MAX_TOKENS)
+            if p.backward:  # the region forward feeding the map backward
+                row["mixed_ms"], row["mixed_graph_ms"] = _timed(p, sets, routing.MAP_MAX_TOKENS, ("bwd",))
             q, k, v = (t.detach() for t in sets[0][:3])
             outs = []
             for tokens in (routing.MAP_MAX_TOKENS, 0):
@@ -81,10 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.out, result)
         torch.cuda.empty_cache()
     write_json(args.out, result)
-    print("| stage | path | region ms (graph) | map ms (graph) | routing only | cuDNN ms | floor ms |")
+    print("| stage | path | region ms (graph) | map ms (graph) | mixed ms (graph) | routing only | cuDNN ms "
+          "| floor ms |")
     for r in result["rows"]:
         new = f"{r['map_ms']:.3f} ({r['map_graph_ms']:.3f})" if "map_ms" in r else "—"
-        print(f"| {r['problem']} | {r['path']} | {r['region_ms']:.3f} ({r['region_graph_ms']:.3f}) | {new} "
+        mixed = f"{r['mixed_ms']:.3f} ({r['mixed_graph_ms']:.3f})" if "mixed_ms" in r else "—"
+        print(f"| {r['problem']} | {r['path']} | {r['region_ms']:.3f} ({r['region_graph_ms']:.3f}) | {new} | {mixed} "
               f"| {r['routing_only_ms']:.3f} | {r['cudnn_ms']:.3f} | {r['floor_ms']:.3f} |")
     return 0
 

@@ -23,8 +23,11 @@ CASES = [
     # whole tiles masked for a row (the guarded running max)
     (1, 14, 14, 2, 16, 16, (7, 7), 1, "float32", True),
     (2, 14, 14, 1, 32, 32, (7, 7), 5, "float16", False),
+    # 48 regions (1x2 tokens): routed regions on both int32 words of the mask
+    (1, 6, 16, 1, 16, 16, (6, 8), 20, "float32", False),
 ]
-SCHEDULES = ("map", "region")
+# "mixed": the region forward feeds the map backward (routing.MAP_PASSES)
+SCHEDULES = ("map", "region", "mixed")
 # bfloat16 runs on the GPU only (tests/kernels/test_bra_kernel_gpu.py): the interpreter's bf16 tl.dot is wrong
 # (triton 3.9: errors ~1e10).
 TOL = {"float32": 1e-5, "float16": 3e-3}
@@ -52,7 +55,8 @@ def run_cases() -> list[dict]:
     results = []
     for schedule, (i, (b, h, w, heads, d, dv, regions, topk, dtype, strided)) in (
             (s, c) for s in SCHEDULES for c in enumerate(CASES)):
-        routing_module.MAP_MAX_TOKENS = 256 if schedule == "map" else 0
+        routing_module.MAP_MAX_TOKENS = 0 if schedule == "region" else 256
+        routing_module.MAP_PASSES = ("bwd",) if schedule == "mixed" else ("fwd", "bwd")
         padded = (-(-h // regions[0]) * regions[0], -(-w // regions[1]) * regions[1])
         took_map = routing_module.map_schedule_why_not(*padded, regions) is None
         gen = torch.Generator().manual_seed(i)
@@ -94,7 +98,7 @@ def run_cases() -> list[dict]:
 def test_bra_kernels_match_dense_oracle_under_interpreter():
     results = run_interpreted(__file__, timeout=900)
     assert len(results) == len(CASES) * len(SCHEDULES)
-    assert [r["took_map"] for r in results] == [True] * len(CASES) + [False] * len(CASES)
+    assert [r["took_map"] for r in results] == [True] * len(CASES) + [False] * len(CASES) + [True] * len(CASES)
     for res, case in zip(results, CASES * len(SCHEDULES), strict=True):
         tol = TOL[res["dtype"]]
         assert not res["nan"], res

@@ -11,9 +11,9 @@ Small maps take the *map schedule* instead (``map_schedule_why_not``): at BiForm
 tokens, so a region program padded its 4 queries to tl.dot's 16 rows and reloaded 64 routed keys for them (50k
 programs per call, 7% of the memory floor). There a program owns BLOCK_M raster-order queries of one (image, head)
 and walks every key tile of the map, masking the pairs whose key region is not routed to the query's region (one
-int64 bit per region, read from the routing table once per program): dense tiles over at most 256 tokens, like
-dense attention over the map, with the routing applied as a mask. Its dK/dV pass walks all query tiles the same
-way, so it needs no inverse table.
+bit per region in two int32 words, read from the routing table once per program): dense tiles over at most 256
+tokens, like dense attention over the map, with the routing applied as a mask. Its dK/dV pass walks all query
+tiles the same way, so it needs no inverse table.
 """
 
 from __future__ import annotations
@@ -178,6 +178,9 @@ def _bra_dkv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, INV, INV_COUNT, s_b, s_y, s
 # the region schedule. MAP_MAX_TOKENS = 0 forces the region schedule (tests).
 MAP_MAX_TOKENS = 256
 MAP_MAX_REGIONS = 64
+# Which passes take the map schedule where it applies: "fwd", "bwd" (dQ + dK/dV). The two schedules share the LSE
+# layout and the map dQ pass computes delta itself, so a region forward can feed a map backward (timed as "mixed").
+MAP_PASSES = ("fwd", "bwd")
 MAP_LAUNCH: dict[str, dict[str, int]] = {"fwd": dict(num_warps=4, num_stages=2), "dq": dict(num_warps=4, num_stages=2),
                                          "dkv": dict(num_warps=4, num_stages=2)}
 
@@ -202,26 +205,32 @@ def _map_tokens(start, N, W, SW, RH, RW, BLOCK: tl.constexpr):
 
 @triton.jit
 def _routed_bits(IDX, region, ok, idx_r, TOPK):
-    """Per token: an int64 with bit r set when key region r is routed to the token's query region (``IDX``: this
-    image's [regions, topk] table)."""
-    bits = tl.zeros_like(region).to(tl.int64)
-    one = tl.full(region.shape, 1, tl.int64)
+    """Per token: two int32 words with bit ``r % 32`` of word ``r // 32`` set when key region ``r`` is routed to
+    the token's query region (``IDX``: this image's [regions, topk] table). 32-bit words: sm90 emulates 64-bit
+    shifts, and the first version (one int64 per token) ran the map forward slower than the region one."""
+    lo = tl.zeros_like(region)
+    hi = tl.zeros_like(region)
+    one = tl.full(region.shape, 1, tl.int32)
     for j in range(0, TOPK):
         routed = tl.load(IDX + region * idx_r + j, mask=ok, other=0)
-        bits = bits | (one << routed.to(tl.int64))
-    return bits
+        bit = one << (routed & 31)
+        lo = lo | tl.where(routed < 32, bit, 0)
+        hi = hi | tl.where(routed >= 32, bit, 0)
+    return lo, hi
 
 
 @triton.jit
-def _routed(bits, key_region):
-    """[len(bits), len(key_region)]: does the query (row) attend to a key of that region (column)?"""
-    return ((bits[:, None] >> key_region[None, :].to(tl.int64)) & 1) != 0
+def _routed(lo, hi, key_region):
+    """[queries, keys]: does the query (row; its ``_routed_bits`` words) attend to a key of that region?"""
+    word = tl.where(key_region[None, :] < 32, lo[:, None], hi[:, None])
+    return ((word >> (key_region[None, :] & 31)) & 1) != 0
 
 
 @triton.jit
-def _routed_t(bits, key_region):
-    """``_routed`` transposed: [len(key_region), len(bits)]."""
-    return ((bits[None, :] >> key_region[:, None].to(tl.int64)) & 1) != 0
+def _routed_t(lo, hi, key_region):
+    """``_routed`` transposed: [keys, queries]."""
+    word = tl.where(key_region[:, None] < 32, lo[None, :], hi[None, :])
+    return ((word >> (key_region[:, None] & 31)) & 1) != 0
 
 
 @triton.jit
@@ -235,7 +244,7 @@ def _bra_map_fwd_kernel(Q, K, V, OUT, LSE, IDX, s_b, s_y, s_x, s_h, s_d, v_b, v_
     entirely, so the running max is guarded)."""
     b, h = tl.program_id(1) // HEADS, tl.program_id(1) % HEADS
     qy, qx, q_region, row_ok = _map_tokens(tl.program_id(0) * BLOCK_M, N, W, SW, RH, RW, BLOCK_M)
-    bits = _routed_bits(IDX + b.to(tl.int64) * idx_b, q_region, row_ok, idx_r, TOPK)
+    lo, hi = _routed_bits(IDX + b.to(tl.int64) * idx_b, q_region, row_ok, idx_r, TOPK)
     d, dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     qk_head = b.to(tl.int64) * s_b + h * s_h
     v_head = b.to(tl.int64) * v_b + h * v_h
@@ -247,7 +256,7 @@ def _bra_map_fwd_kernel(Q, K, V, OUT, LSE, IDX, s_b, s_y, s_x, s_h, s_d, v_b, v_
         ky, kx, k_region, col_ok = _map_tokens(c0, N, W, SW, RH, RW, BLOCK_N)
         kT = tl.trans(_load_rows(K + qk_head, ky, kx, s_y, s_x, s_d, col_ok, d, HEAD_D))
         v = _load_rows(V + v_head, ky, kx, v_y, v_x, v_d, col_ok, dv, HEAD_DV)
-        allowed = _routed(bits, k_region) & col_ok[None, :]
+        allowed = _routed(lo, hi, k_region) & col_ok[None, :]
         s = tl.where(allowed, tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -272,7 +281,7 @@ def _bra_map_dq_kernel(Q, K, V, OUT, DO, DQ, LSE, DELTA, IDX, s_b, s_y, s_x, s_h
     rowsum(dO * O) is computed here and stored for the dK/dV pass."""
     b, h = tl.program_id(1) // HEADS, tl.program_id(1) % HEADS
     qy, qx, q_region, row_ok = _map_tokens(tl.program_id(0) * BLOCK_M, N, W, SW, RH, RW, BLOCK_M)
-    bits = _routed_bits(IDX + b.to(tl.int64) * idx_b, q_region, row_ok, idx_r, TOPK)
+    lo, hi = _routed_bits(IDX + b.to(tl.int64) * idx_b, q_region, row_ok, idx_r, TOPK)
     d, dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     qk_head = b.to(tl.int64) * s_b + h * s_h
     v_head = b.to(tl.int64) * v_b + h * v_h
@@ -288,7 +297,7 @@ def _bra_map_dq_kernel(Q, K, V, OUT, DO, DQ, LSE, DELTA, IDX, s_b, s_y, s_x, s_h
         ky, kx, k_region, col_ok = _map_tokens(c0, N, W, SW, RH, RW, BLOCK_N)
         k = _load_rows(K + qk_head, ky, kx, s_y, s_x, s_d, col_ok, d, HEAD_D)
         v = _load_rows(V + v_head, ky, kx, v_y, v_x, v_d, col_ok, dv, HEAD_DV)
-        allowed = _routed(bits, k_region) & col_ok[None, :] & row_ok[:, None]
+        allowed = _routed(lo, hi, k_region) & col_ok[None, :] & row_ok[:, None]
         dq = dq_tile_masked(q, do, k, v, allowed, lse, delta, dq, qk_scale, DOT_PREC)
     out = DQ + b.to(tl.int64) * gq_b + h * gq_h + qy[:, None] * gq_y + qx[:, None] * gq_x + d[None, :]
     tl.store(out, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < HEAD_D))
@@ -315,13 +324,13 @@ def _bra_map_dkv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, IDX, s_b, s_y, s_x, s_h
     idx = IDX + b.to(tl.int64) * idx_b
     for r0 in range(0, N, BLOCK_M):
         qy, qx, q_region, row_ok = _map_tokens(r0, N, W, SW, RH, RW, BLOCK_M)
-        bits = _routed_bits(idx, q_region, row_ok, idx_r, TOPK)
+        lo, hi = _routed_bits(idx, q_region, row_ok, idx_r, TOPK)
         q = _load_rows(Q + qk_head, qy, qx, s_y, s_x, s_d, row_ok, d, HEAD_D)
         do = _load_rows(DO + g_head, qy, qx, g_y, g_x, 1, row_ok, dv, HEAD_DV)
         stats = (b * HEADS + h).to(tl.int64) * N + qy * W + qx
         lse = tl.load(LSE + stats, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
-        allowed_t = _routed_t(bits, k_region) & col_ok[:, None] & row_ok[None, :]
+        allowed_t = _routed_t(lo, hi, k_region) & col_ok[:, None] & row_ok[None, :]
         dk, dvacc = dkv_tile_masked(k, v, q, do, allowed_t, lse, delta, dk, dvacc, qk_scale, DOT_PREC)
     tl.store(DK + b.to(tl.int64) * gk_b + h * gk_h + ky[:, None] * gk_y + kx[:, None] * gk_x + d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & (d[None, :] < HEAD_D))
@@ -360,7 +369,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, routing: Tensor, sh: int, sw: int,
     topk = routing.shape[-1]
     out = torch.empty(*q.shape[:-1], v.shape[-1], device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, heads, hp, wp, device=q.device, dtype=torch.float32)
-    if map_schedule_why_not(hp, wp, (sh, sw)) is None:
+    if "fwd" in MAP_PASSES and map_schedule_why_not(hp, wp, (sh, sw)) is None:
         block_m, block_n, block_d, block_dv = _map_blocks(hp * wp, q.shape[-1], v.shape[-1], q.dtype)
         _bra_map_fwd_kernel[(triton.cdiv(hp * wp, block_m), batch * heads)](
             q, k, v, out, lse, routing, *_strides5(q), *_strides5(v), *_strides5(out)[:4],
@@ -452,7 +461,7 @@ def _backward_kernels(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Te
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    if map_schedule_why_not(hp, wp, (sh, sw)) is None:
+    if "bwd" in MAP_PASSES and map_schedule_why_not(hp, wp, (sh, sw)) is None:
         block_m, block_n, block_d, block_dv = _map_blocks(hp * wp, q.shape[-1], v.shape[-1], q.dtype)
         common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
                       DOT_PREC=dot_precision(q.dtype))
