@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=500, help="calls per timed loop")
     parser.add_argument("--repeats", type=int, default=7, help="timed loops per row (the median is kept)")
     parser.add_argument("--no-descriptor-reuse", action="store_true",
-                        help="build every TMA descriptor with Triton's constructor (ops.DESCRIPTOR_FIELD_REUSE off)")
+                        help="build every TMA descriptor with Triton's constructor (ops.DESCRIPTOR_FIELD_REUSE off; "
+                             "the head_dim-32 cases take descriptors only with VISATTN_KV_DESC=1)")
     args = parser.parse_args(argv)
     names = [c for c in args.cases.split(",") if c]
     unknown = [c for c in names if c not in CASES]

@@ -1243,8 +1243,9 @@ def which_path(op: str, *args, **kwargs) -> tuple[str, str]:
     """``(path, why)`` for ``visattn.<op>(*args, **kwargs)``, without running it: "reference" / "sdpa" (with the
     reason the fused kernel was not chosen), "triton:small-map" (one program per dilation group or window: small
     maps such as NAT's 14x14 and 7x7 stages and Swin windows) or "triton:tiled" (the halo-tiled kernels, with the
-    reason the small-map path declined), or "triton" for the agent and routing kernels. Same arguments and
-    validation as :func:`which_backend`."""
+    reason the small-map path declined), "triton:map" / "triton:regions" for the routing kernels' schedules
+    (``kernels.routing_path``), or "triton" for the agent kernels. Same arguments and validation as
+    :func:`which_backend`."""
     backend = which_backend(op, *args, **kwargs)
     key = OP_ALIASES[op]
     public_name = op if op in _SPECS[key].public else _SPECS[key].public[0]
@@ -1258,6 +1259,10 @@ def which_path(op: str, *args, **kwargs) -> tuple[str, str]:
         if why is None and _kernels is not None and key in ("na", "window"):
             why = _triton_why_not(key, *_path_args(key, a))
         return backend, why or f"backend={a.get('backend')!r}"
+    if key == "bilevel_routing":
+        path, why = _kernels.routing_path(a["query"].shape[1], a["query"].shape[2], int_tuple(a["regions"], 2,
+                                                                                              "regions"))
+        return f"triton:{path}", why
     if key not in ("na", "window"):
         return "triton", "one fused kernel family"
     query, value = a["query"], a["value"]

@@ -46,6 +46,7 @@ CASES = [
     ("window", _window, (28, 28), (13, 13)),
     ("window-norpb", _window, (14, 14), None),
     ("routing", _routing, (28, 28), None),
+    ("routing-map", _routing, (14, 14), None),  # the routing kernels' map schedule (kernels.routing_path)
     ("agent", _agent, (16, 16), None),
 ]
 

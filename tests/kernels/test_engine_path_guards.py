@@ -125,3 +125,25 @@ def test_engine_path_names_the_bias_tiles():
     path, why = kernels.engine_path(q3, q3, torch.zeros(2, 5, 5, 5), None, False, (3, 3, 3), (1, 1, 1), (1, 1, 1),
                                     (False,) * 3, (0, 0, 0))
     assert path == "tiled" and "bias expanded" not in why, why
+
+
+def test_routing_path_names_the_schedule(monkeypatch):
+    """BiFormer-T's stages: the 14x14 map (7x7 regions) takes the region forward and the map backward by default
+    ("mixed"), both passes on the map schedule when ``MAP_PASSES`` says so; 28x28 and 56x56 the region schedule,
+    each with its reason; padding to the region grid counts (13x13 pads to 14x14), and more than 64 regions (one
+    bit each) decline the map schedule."""
+    import visattn.kernels as kernels
+    from visattn.kernels import routing
+
+    path, why = kernels.routing_path(14, 14, (7, 7))
+    assert path == "mixed" and "196 tokens" in why and "backward takes the map" in why, why
+    assert kernels.routing_path(13, 13, (7, 7))[0] == "mixed"
+    monkeypatch.setattr(routing, "MAP_PASSES", ("fwd", "bwd"))
+    assert kernels.routing_path(14, 14, (7, 7))[0] == "map"
+    monkeypatch.setattr(routing, "MAP_PASSES", ())
+    assert kernels.routing_path(14, 14, (7, 7))[0] == "regions"
+    for side in (28, 56):
+        path, why = kernels.routing_path(side, side, (7, 7))
+        assert path == "regions" and f"{side * side} tokens exceed" in why, why
+    path, why = kernels.routing_path(9, 9, (9, 9))
+    assert path == "regions" and "81 regions exceed" in why, why

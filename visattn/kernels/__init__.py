@@ -190,6 +190,29 @@ def bilevel_routing_why_not(q, k, v, regions, topk) -> str | None:
         return f"triton capability check failed ({type(err).__name__}: {err})"
 
 
+def routing_path(height: int, width: int, regions: tuple) -> tuple[str, str]:
+    """Which schedules of the routed-attention kernels a ``height x width`` map on a ``regions`` grid takes:
+    "map" (one program per tile of raster queries against the whole map, the routing as a mask: small maps such as
+    BiFormer-T's 14x14 stage), "regions" (one program per region tile over its routed keys), or "mixed" (the region
+    forward, the map backward; ``routing.MAP_PASSES`` says which passes may take the map schedule), with why."""
+    if _routing_kernels is None:
+        return "none", str(_engine_error)
+    padded = (-(-height // regions[0]) * regions[0], -(-width // regions[1]) * regions[1])
+    why_not = _routing_kernels.map_schedule_why_not(*padded, tuple(regions))
+    if why_not is not None:
+        return "regions", why_not
+    fits = (f"{padded[0] * padded[1]} tokens and {regions[0] * regions[1]} regions fit the map schedule "
+            f"(at most {_routing_kernels.MAP_MAX_TOKENS} and {_routing_kernels.MAP_MAX_REGIONS})")
+    passes = set(_routing_kernels.MAP_PASSES)
+    if passes >= {"fwd", "bwd"}:
+        return "map", fits
+    if passes == {"bwd"}:
+        return "mixed", f"{fits}; the forward keeps the region schedule (faster there), the backward takes the map's"
+    if passes == {"fwd"}:
+        return "mixed", f"{fits}; the forward takes the map schedule, the backward keeps the region schedule"
+    return "regions", f"{fits}, but routing.MAP_PASSES switches the map schedule off"
+
+
 def bilevel_routing(q: Tensor, k: Tensor, v: Tensor, regions: tuple, topk: int, scale: float,
                     return_routing: bool = False):
     """Fused bi-level routing attention: routed regions read in place, no key/value gather."""
@@ -328,5 +351,5 @@ def halo(q: Tensor, k: Tensor, v: Tensor, block: tuple, halo: tuple, rel_h: Tens
 
 
 __all__ = ["agent", "agent_why_not", "bilevel_routing", "bilevel_routing_why_not", "halo", "halo_why_not", "na",
-           "na_why_not", "prepare_na", "prepare_window", "radial", "radial_why_not", "vmoba", "vmoba_why_not",
-           "window", "window_why_not"]
+           "na_why_not", "prepare_na", "prepare_window", "radial", "radial_why_not", "routing_path", "vmoba",
+           "vmoba_why_not", "window", "window_why_not"]

@@ -78,7 +78,7 @@ def _row_selection(SEL, bh, rows, kb, row_ok, N, NKB, HAS_SEL: tl.constexpr):
 
 
 @triton.jit
-def _online_step(q, kT, v, ok, m_i, l_i, acc, qk_scale, DOT_PREC: tl.constexpr):
+def online_step(q, kT, v, ok, m_i, l_i, acc, qk_scale, DOT_PREC: tl.constexpr):
     """One key tile of the online softmax (log2 domain) over the [rows, keys] pairs ``ok``; a running max of -inf
     is used as 0, so empty rows stay at l = 0 without NaNs."""
     s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
@@ -93,8 +93,8 @@ def _online_step(q, kT, v, ok, m_i, l_i, acc, qk_scale, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _online_step_full(q, kT, v, m_i, l_i, acc, qk_scale, DOT_PREC: tl.constexpr):
-    """:func:`_online_step` for a tile whose every pair is attended: the new running max is finite."""
+def online_step_full(q, kT, v, m_i, l_i, acc, qk_scale, DOT_PREC: tl.constexpr):
+    """:func:`online_step` for a tile whose every pair is attended: the new running max is finite."""
     s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.math.exp2(m_i - m_new)
@@ -135,9 +135,9 @@ def _bs_fwd_kernel(Q, K, V, EK, EV, OUT, LSE, ROW_PTR, COL_IDX, SEL,
             kT = tl.trans(_rows(k_head, cols, k_n, k_d, col_ok, d, HEAD_D))
             v = _rows(v_head, cols, v_n, v_d, col_ok, dv, HEAD_DV)
             if full:
-                m_i, l_i, acc = _online_step_full(q, kT, v, m_i, l_i, acc, qk_scale, DOT_PREC)
+                m_i, l_i, acc = online_step_full(q, kT, v, m_i, l_i, acc, qk_scale, DOT_PREC)
             else:
-                m_i, l_i, acc = _online_step(q, kT, v, row_sel[:, None] & col_ok[None, :], m_i, l_i, acc, qk_scale,
+                m_i, l_i, acc = online_step(q, kT, v, row_sel[:, None] & col_ok[None, :], m_i, l_i, acc, qk_scale,
                                              DOT_PREC)
     if HAS_EXTRA:
         ek_head = EK + b.to(tl.int64) * ek_b + h * ek_h
@@ -147,7 +147,7 @@ def _bs_fwd_kernel(Q, K, V, EK, EV, OUT, LSE, ROW_PTR, COL_IDX, SEL,
             col_ok = cols < N_EXTRA
             kT = tl.trans(_rows(ek_head, cols, ek_n, ek_d, col_ok, d, HEAD_D))
             v = _rows(ev_head, cols, ev_n, ev_d, col_ok, dv, HEAD_DV)
-            m_i, l_i, acc = _online_step(q, kT, v, row_ok[:, None] & col_ok[None, :], m_i, l_i, acc, qk_scale,
+            m_i, l_i, acc = online_step(q, kT, v, row_ok[:, None] & col_ok[None, :], m_i, l_i, acc, qk_scale,
                                          DOT_PREC)
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -160,8 +160,14 @@ def _bs_fwd_kernel(Q, K, V, EK, EV, OUT, LSE, ROW_PTR, COL_IDX, SEL,
 @triton.jit
 def dq_tile(q, do, k, v, col_ok, row_ok, lse, delta, dq, qk_scale, DOT_PREC: tl.constexpr):
     """FA2's dQ update for one key tile, P recomputed from the log2 LSE (shared with ``routing.py``)."""
+    return dq_tile_masked(q, do, k, v, row_ok[:, None] & col_ok[None, :], lse, delta, dq, qk_scale, DOT_PREC)
+
+
+@triton.jit
+def dq_tile_masked(q, do, k, v, allowed, lse, delta, dq, qk_scale, DOT_PREC: tl.constexpr):
+    """``dq_tile`` with a [queries, keys] mask of the pairs that attend."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-    p = tl.where(col_ok[None, :] & row_ok[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
+    p = tl.where(allowed, tl.math.exp2(s - lse[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
@@ -213,8 +219,15 @@ def _bs_dq_kernel(Q, K, V, EK, EV, OUT, DO, DQ, LSE, DELTA, ROW_PTR, COL_IDX, SE
 @triton.jit
 def dkv_tile(k, v, q, do, col_ok, row_ok, lse, delta, dk, dvacc, qk_scale, DOT_PREC: tl.constexpr):
     """FA2's dK / dV update of a key tile by one query tile (shared with ``routing.py``)."""
+    return dkv_tile_masked(k, v, q, do, col_ok[:, None] & row_ok[None, :], lse, delta, dk, dvacc, qk_scale,
+                           DOT_PREC)
+
+
+@triton.jit
+def dkv_tile_masked(k, v, q, do, allowed_t, lse, delta, dk, dvacc, qk_scale, DOT_PREC: tl.constexpr):
+    """``dkv_tile`` with a [keys, queries] mask of the pairs that attend."""
     sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [keys, queries]
-    pT = tl.where(col_ok[:, None] & row_ok[None, :], tl.math.exp2(sT - lse[None, :]), 0.0)
+    pT = tl.where(allowed_t, tl.math.exp2(sT - lse[None, :]), 0.0)
     dvacc += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     dsT = pT * (dpT - delta[None, :])

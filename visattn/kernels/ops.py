@@ -392,6 +392,10 @@ except ImportError:
 # KV_DESC_INTERPRETED is the test hook that runs the descriptor path under the interpreter (no compute capability).
 KV_DESCRIPTORS: bool | None = {"1": True, "0": False}.get(os.environ.get("VISATTN_KV_DESC", ""))
 KV_DESC_INTERPRETED = False
+# By default, operands of head_dim <= 32 (NAT / DiNAT / Swin) keep pointer loads: there a descriptor saves no GPU
+# time, while Triton's launcher encodes each one on the host (~15 us a descriptor, six per fwd+bwd). H100, NAT-T s3
+# B256: fwd 0.162 -> 0.141 ms, host 47.7 -> 33.1 us (engine-h100-2026-12-07-run4-{desc,ptr}.json).
+KV_DESC_POINTER_HEAD_DIM = 32
 
 
 class KVDescriptor(NamedTuple):
@@ -431,6 +435,9 @@ def kv_descriptor_why_not(t3: Tensor, pat: Pattern) -> str | None:
             return "tensor descriptors need compute capability 9.0 or newer"
         if KV_DESCRIPTORS is None and major != 9:
             return "on by default on Hopper (sm90) only, where they were timed and swept (opt in: VISATTN_KV_DESC=1)"
+        if KV_DESCRIPTORS is None and t3.shape[-1] <= KV_DESC_POINTER_HEAD_DIM:
+            return (f"head_dim <= {KV_DESC_POINTER_HEAD_DIM}: pointer loads are as fast on the GPU and cost less "
+                    f"host time per launch (opt in: VISATTN_KV_DESC=1)")
     return None
 
 
