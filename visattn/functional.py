@@ -1243,8 +1243,8 @@ def which_path(op: str, *args, **kwargs) -> tuple[str, str]:
     """``(path, why)`` for ``visattn.<op>(*args, **kwargs)``, without running it: "reference" / "sdpa" (with the
     reason the fused kernel was not chosen), "triton:small-map" (one program per dilation group or window: small
     maps such as NAT's 14x14 and 7x7 stages and Swin windows) or "triton:tiled" (the halo-tiled kernels, with the
-    reason the small-map path declined), "triton:map" / "triton:regions" for the routing kernels' schedules
-    (``kernels.routing_path``), or "triton" for the agent kernels. Same arguments and validation as
+    reason the small-map path declined), "triton:map" / "triton:regions" / "triton:mixed" for the routing kernels'
+    schedules (``kernels.routing_path``), or "triton" for the agent kernels. Same arguments and validation as
     :func:`which_backend`."""
     backend = which_backend(op, *args, **kwargs)
     key = OP_ALIASES[op]

@@ -226,40 +226,50 @@ def _latest_file(results, kind: str, field: str) -> tuple[Path, dict] | None:
 
 
 def engine_section(results) -> str:
-    """``benchmarks/engine_profile.py``: the engine at the stage shapes of NAT-T / DiNAT-T / Swin-T (latest file)."""
-    latest = _latest_file(results, "engine-profile", "rows")
-    if latest is None:
+    """``benchmarks/engine_profile.py``: the engine at the stage shapes of NAT-T / DiNAT-T / Swin-T, each stage from
+    the newest file that measured it (its rows and its cuDNN row come from that one file: same-process ratios)."""
+    newest: dict[str, tuple[Path, dict]] = {}
+    for path, kind, data in results:
+        if kind == "engine-profile":
+            for r in data.get("rows") or []:
+                if isinstance(r, dict) and "stage" in r:
+                    newest[r["stage"]] = (path, data)
+    if not newest:
         return ""
-    path, data = latest
-    dense = {r["stage"]: r for r in data["rows"] if r.get("dense") == "cudnn"}
     body = []
-    for r in data["rows"]:
-        if "dense" in r:
-            continue
-        peer = dense.get(r["stage"], {})
-        fwd, fb = _ms(r.get("fwd_ms")), _ms(r.get("fwd_bwd_ms"))
-        dfwd, dfb = _ms(peer.get("fwd_ms")), _ms(peer.get("fwd_bwd_ms"))
-        kernels = r.get("kernels_fwd_bwd") or {}
-        gpu = kernels.get("_attention_kernels_ms") or sum(
-            v for k, v in kernels.items()
-            if k.startswith(("_fwd_kernel", "_bwd_", "_delta_kernel", "_expand_", "_bias_grad")))
-        body.append([r["stage"], r.get("rpb"), fwd, fb, r.get("bwd_over_fwd"), gpu or None, r.get("host_us_fwd_bwd"),
-                     dfwd, dfb, peer.get("host_us_fwd_bwd"), dfwd / fwd if dfwd and fwd else None,
-                     dfb / fb if dfb and fb else None])
+    for stage, (path, data) in newest.items():
+        rows = [r for r in data["rows"] if isinstance(r, dict) and r.get("stage") == stage]
+        peer = next((r for r in rows if r.get("dense") == "cudnn"), {})
+        for r in rows:
+            if "dense" in r:
+                continue
+            fwd, fb = _ms(r.get("fwd_ms")), _ms(r.get("fwd_bwd_ms"))
+            dfwd, dfb = _ms(peer.get("fwd_ms")), _ms(peer.get("fwd_bwd_ms"))
+            kernels = r.get("kernels_fwd_bwd") or {}
+            gpu = kernels.get("_attention_kernels_ms") or sum(
+                v for k, v in kernels.items()
+                if k.startswith(("_fwd_kernel", "_bwd_", "_delta_kernel", "_expand_", "_bias_grad")))
+            body.append([stage, r.get("rpb"), fwd, fb, r.get("bwd_over_fwd"), gpu or None, r.get("host_us_fwd_bwd"),
+                         dfwd, dfb, peer.get("host_us_fwd_bwd"), dfwd / fwd if dfwd and fwd else None,
+                         dfb / fb if dfb and fb else None, path.name])
     header = ["stage", "rpb", "fwd ms", "fwd+bwd ms", "bwd/fwd", "engine kernels ms (fwd+bwd)", "host µs (fwd+bwd)",
-              "cuDNN fwd ms", "cuDNN fwd+bwd ms", "cuDNN host µs", "speed-up fwd", "speed-up fwd+bwd"]
-    text = (f"## The engine at vision stage shapes (`benchmarks/engine_profile.py`, {path.name})\n\n"
-            f"{data.get('device')}, batch {data.get('batch')}, {data.get('dtype')}, head_dim {data.get('head_dim')}; "
+              "cuDNN fwd ms", "cuDNN fwd+bwd ms", "cuDNN host µs", "speed-up fwd", "speed-up fwd+bwd", "file"]
+    setups = sorted({f"{d.get('device')}, batch {d.get('batch')}, {d.get('dtype')}, head_dim {d.get('head_dim')}"
+                     for _, d in newest.values()})
+    text = ("## The engine at vision stage shapes (`benchmarks/engine_profile.py`)\n\n"
+            f"{'; '.join(setups)}. Each stage comes from the newest file that measured it (last column); "
             "q/k/v are views of one fused qkv tensor; dense = cuDNN SDPA over all tokens of the map, same process. "
             "Wall times (CUDA events around the eager call, host included); the kernels column is their GPU time "
             "alone (torch.profiler); host µs: a CPU timer around back-to-back calls on an idle GPU (empty where the "
             "file predates it).\n\n" + table(header, body))
-    models = data.get("model_rows") or []
-    if models:
-        text += "\n\n" + table(["model", "infer img/s", "train img/s", "train GPU ms", "attention kernels ms"],
-                                [[m["model"], m.get("infer_img_s"), m.get("train_img_s"),
-                                  (m.get("train_kernels") or {}).get("_total_gpu_ms"),
-                                  (m.get("train_kernels") or {}).get("_attention_kernels_ms")] for m in models])
+    with_models = _latest_file(results, "engine-profile", "model_rows")
+    if with_models:
+        models = with_models[1]["model_rows"]
+        text += (f"\n\nModels ({with_models[0].name}):\n\n"
+                 + table(["model", "infer img/s", "train img/s", "train GPU ms", "attention kernels ms"],
+                         [[m["model"], m.get("infer_img_s"), m.get("train_img_s"),
+                           (m.get("train_kernels") or {}).get("_total_gpu_ms"),
+                           (m.get("train_kernels") or {}).get("_attention_kernels_ms")] for m in models]))
     return text
 
 
