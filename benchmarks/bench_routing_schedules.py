@@ -14,6 +14,7 @@ Usage (repo root, CUDA): python benchmarks/bench_routing_schedules.py --out /tmp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -28,17 +29,23 @@ from visattn.bench.suites import load_suite  # noqa: E402
 STAGES = ("biformer-t-s1", "biformer-t-s2", "biformer-t-s3")
 
 
-def _timed(p, sets, map_tokens: int, passes: tuple = ("fwd", "bwd")) -> tuple[float, float]:
-    """(eager ms, CUDA-graph ms) of the fused call with ``routing.MAP_MAX_TOKENS = map_tokens`` and the map
-    schedule on ``passes``."""
+@contextlib.contextmanager
+def _schedule(map_tokens: int, passes: tuple = ("fwd", "bwd")):
+    """Run the routing kernels with ``routing.MAP_MAX_TOKENS = map_tokens`` and the map schedule on ``passes``."""
     from visattn.kernels import routing
 
     previous = routing.MAP_MAX_TOKENS, routing.MAP_PASSES
     routing.MAP_MAX_TOKENS, routing.MAP_PASSES = map_tokens, passes
     try:
-        return attn._ours(p, sets), attn._graphed(p, sets)
+        yield
     finally:
         routing.MAP_MAX_TOKENS, routing.MAP_PASSES = previous
+
+
+def _timed(p, sets, map_tokens: int, passes: tuple = ("fwd", "bwd")) -> tuple[float, float]:
+    """(eager ms, CUDA-graph ms) of the fused call under ``_schedule(map_tokens, passes)``."""
+    with _schedule(map_tokens, passes):
+        return attn._ours(p, sets), attn._graphed(p, sets)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,10 +79,9 @@ def main(argv: list[str] | None = None) -> int:
                 row["mixed_ms"], row["mixed_graph_ms"] = _timed(p, sets, routing.MAP_MAX_TOKENS, ("bwd",))
             q, k, v = (t.detach() for t in sets[0][:3])
             outs = []
-            for tokens in (routing.MAP_MAX_TOKENS, 0):
-                previous, routing.MAP_MAX_TOKENS = routing.MAP_MAX_TOKENS, tokens
-                outs.append(routing.bilevel_routing(q, k, v, p.regions, p.topk, p.softmax_scale).float())
-                routing.MAP_MAX_TOKENS = previous
+            for tokens in (routing.MAP_MAX_TOKENS, 0):  # the map forward (both passes on it), then the region one
+                with _schedule(tokens):
+                    outs.append(routing.bilevel_routing(q, k, v, p.regions, p.topk, p.softmax_scale).float())
             row["max_diff_map_vs_region"] = float((outs[0] - outs[1]).abs().max())
         q, k = sets[0][0].detach(), sets[0][1].detach()
         row["routing_only_ms"] = attn.bench(lambda q=q, k=k, p=p: route_regions(q, k, p.regions, p.topk))
