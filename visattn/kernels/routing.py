@@ -279,7 +279,7 @@ def _bra_map_fwd_kernel(Q, K, V, OUT, LSE, IDX, s_b, s_y, s_x, s_h, s_d, v_b, v_
         m_i, l_i, acc = online_step(q, kT, v, allowed, m_i, l_i, acc, qk_scale, DOT_PREC)
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # rows past the map only: every query has >= 1 routed key
     _store_out(OUT, b, h, o_b, o_y, o_x, o_h, qy, qx, dv, row_ok, HEAD_DV, acc / l_safe[:, None])
-    tl.store(LSE + (b * HEADS + h).to(tl.int64) * N + qy * W + qx, m_i + tl.log2(l_safe), mask=row_ok)
+    tl.store(LSE + _stat_offsets(b, h, HEADS, N // W, W, qy, qx), m_i + tl.log2(l_safe), mask=row_ok)
 
 
 @triton.jit
@@ -299,7 +299,7 @@ def _bra_map_dq_kernel(Q, K, V, OUT, DO, DQ, LSE, DELTA, IDX, s_b, s_y, s_x, s_h
     q = _load_rows(Q + qk_head, qy, qx, s_y, s_x, s_d, row_ok, d, HEAD_D)
     do = _load_rows(DO + b.to(tl.int64) * g_b + h * g_h, qy, qx, g_y, g_x, 1, row_ok, dv, HEAD_DV)
     o = _load_rows(OUT + b.to(tl.int64) * o_b + h * o_h, qy, qx, o_y, o_x, 1, row_ok, dv, HEAD_DV)
-    stats = (b * HEADS + h).to(tl.int64) * N + qy * W + qx
+    stats = _stat_offsets(b, h, HEADS, N // W, W, qy, qx)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + stats, delta, mask=row_ok)
     lse = tl.load(LSE + stats, mask=row_ok, other=0.0)
@@ -333,7 +333,7 @@ def _bra_map_dkv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, IDX, s_b, s_y, s_x, s_h
         lo, hi = _routed_bits(idx, q_region, row_ok, idx_r, TOPK)
         q = _load_rows(Q + qk_head, qy, qx, s_y, s_x, s_d, row_ok, d, HEAD_D)
         do = _load_rows(DO + g_head, qy, qx, g_y, g_x, 1, row_ok, dv, HEAD_DV)
-        stats = (b * HEADS + h).to(tl.int64) * N + qy * W + qx
+        stats = _stat_offsets(b, h, HEADS, N // W, W, qy, qx)
         lse = tl.load(LSE + stats, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
         allowed_t = _routed_t(lo, hi, k_region) & col_ok[:, None] & row_ok[None, :]
