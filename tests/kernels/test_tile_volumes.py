@@ -29,3 +29,18 @@ def test_larger_maps_biases_backward_and_interpreter_keep_their_volumes():
     assert _volume("dkv", 14) == tiles._VOLUMES[("dkv", 16, 64, "small")]
     assert _volume("fwd", 14, interpret=True) == tiles._INTERPRETER_VOLUMES["fwd"]
     assert _volume("fwd", 14, head_dim=128) == tiles._VOLUMES[("fwd", 16, 128, "small")]
+
+
+def test_a_tuned_volume_reaches_every_table_holding_its_key_and_restores():
+    """Tuners set a key through ``set_volume``: the small-map and bias tables that override the main one for that
+    key take the volume too (else a tuner would time the override, not its candidate), and the saved tables come
+    back whole."""
+    key = ("fwd", 16, 64, "small")
+    saved = tiles.volume_tables()
+    try:
+        tiles.set_volume(key, (16, 32, 4, 3))
+        assert _volume("fwd", 14) == (16, 32, 4, 3) and _volume("fwd", 56) == (16, 32, 4, 3)
+        assert _volume("fwd", 14, bias=True) == (16, 32, 4, 3)
+    finally:
+        tiles.restore_volume_tables(saved)
+    assert _volume("fwd", 14) == (32, 64, 2, 2) and tiles.volume_tables() == saved

@@ -84,6 +84,35 @@ _SMALL_MAP_VOLUMES = {("fwd", 16, 64, "small"): (32, 64, 2, 2)}
 _INTERPRETER_VOLUMES = {"fwd": (64, 32, 4, 1), "bwd": (64, 64, 4, 1)}
 
 
+def set_volume(key: tuple, volume: tuple | None) -> None:
+    """For tuners: set one volume entry in the main table and in every table that overrides it for this key (a
+    fused bias, small maps), so the volume applies to every problem of the key; None removes the main entry (the
+    dK/dV pass then takes the dQ pass's). Clears the tile caches."""
+    if volume is None:
+        _VOLUMES.pop(key, None)
+    else:
+        _VOLUMES[key] = volume
+        for table in (_BIAS_VOLUMES, _SMALL_MAP_VOLUMES):
+            if key in table:
+                table[key] = volume
+    choose_tiles.cache_clear()
+    volume_key.cache_clear()
+
+
+def volume_tables() -> tuple[dict, dict, dict]:
+    """Copies of the three volume tables (main, bias, small maps), for a tuner to restore."""
+    return dict(_VOLUMES), dict(_BIAS_VOLUMES), dict(_SMALL_MAP_VOLUMES)
+
+
+def restore_volume_tables(saved: tuple[dict, dict, dict]) -> None:
+    """Put back tables saved by ``volume_tables`` and clear the tile caches."""
+    for table, copy in zip((_VOLUMES, _BIAS_VOLUMES, _SMALL_MAP_VOLUMES), saved, strict=True):
+        table.clear()
+        table.update(copy)
+    choose_tiles.cache_clear()
+    volume_key.cache_clear()
+
+
 def padded_head_dim(head_dim: int) -> int:
     """Power-of-two block for the head dimension (tl.dot needs >= 16); extra columns are masked."""
     return max(16, 1 << (head_dim - 1).bit_length())
