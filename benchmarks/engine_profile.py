@@ -151,7 +151,10 @@ def stage_rows(name, batch, iters, deadline):
 
                 row = {"stage": name, "dense": label, "fwd_ms": median_ms(dfwd, iters),
                        "fwd_bwd_ms": median_ms(dfb, iters), "host_us_fwd": host_us(dfwd),
-                       "host_us_fwd_bwd": host_us(dfb)}
+                       "host_us_fwd_bwd": host_us(dfb),
+                       # every kernel of the step (the attention's and the qkv split's backward): for the dense
+                       # backward/forward ratio beside the engine's
+                       "kernels_fwd": kernel_breakdown(dfwd), "kernels_fwd_bwd": kernel_breakdown(dfb)}
         except Exception as err:  # a backend that cannot run this shape is recorded, not fatal
             row = {"stage": name, "dense": label, "error": f"{type(err).__name__}: {err}"[:200]}
         rows.append(row)
@@ -328,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in result["rows"]:
         if "dense" in r:
             print(f"{r['stage']:14s} {r['dense']:5s} {r.get('fwd_ms', float('nan')):7.3f} "
-                  f"{r.get('fwd_bwd_ms', float('nan')):7.3f} {'':5s} {'':6s} {'':6s} "
+                  f"{r.get('fwd_bwd_ms', float('nan')):7.3f} {'':5s} "
+                  f"{r.get('kernels_fwd', {}).get('_total_gpu_ms', float('nan')):6.3f} "
+                  f"{r.get('kernels_fwd_bwd', {}).get('_total_gpu_ms', float('nan')):6.3f} "
                   f"{r.get('host_us_fwd', float('nan')):6.0f} {r.get('host_us_fwd_bwd', float('nan')):6.0f}")
         else:
             print(f"{r['stage']:14s} {str(r['rpb']):5s} {r['fwd_ms']:7.3f} {r['fwd_bwd_ms']:7.3f} "
