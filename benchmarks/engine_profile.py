@@ -217,12 +217,12 @@ def tile_sweep(stage_names, batch, iters, deadline):
     for name in stage_names:
         spatial, heads, kernel, dil, window, shift = STAGES[name]
         for key, variants in TILE_VARIANTS.items():
-            saved = tiles_mod._VOLUMES[key]
+            saved = tiles_mod.volume_tables()
             for vol in variants:
                 if time.time() > deadline:
+                    tiles_mod.restore_volume_tables(saved)
                     return rows
-                tiles_mod._VOLUMES[key] = vol
-                tiles_mod.choose_tiles.cache_clear()
+                tiles_mod.set_volume(key, vol)
                 try:
                     qkv, q, k, v, table = make_inputs(batch, spatial, heads, 32, False, kernel, True)
                     grad = torch.randn(batch, *spatial, heads, 32, device="cuda", dtype=torch.bfloat16)
@@ -237,8 +237,7 @@ def tile_sweep(stage_names, batch, iters, deadline):
                            "error": f"{type(err).__name__}: {err}"[:300]}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-            tiles_mod._VOLUMES[key] = saved
-            tiles_mod.choose_tiles.cache_clear()
+            tiles_mod.restore_volume_tables(saved)
     return rows
 
 

@@ -5,9 +5,10 @@ tokens, 24 heads x 128, NA kernel 21 and GNA kernel 32 stride 16, with FLUX's 51
 ``flux4k``: the same heads on FLUX-4K's 256x256 map, kernel 80, NA and GNA stride 16, no text, and HunyuanVideo's
 30x48x80 latent with an 18x24x24 kernel (3-D; the same candidates as ``flux``: all set the head_dim-128 "large"
 volumes). Suite ``d128-dkv``: HunyuanVideo and FLUX-4K NA with only the dK/dV pass's volume varied.
-Configuration ``i`` replaces the suite's volume of every pass by its ``i``-th candidate (``tiles._VOLUMES``: rows
-per query tile, rows per key tile, warps, stages), so one profiled forward+backward times one candidate of each
-pass; each kernel's GPU time is the mean over ``--reps`` profiled calls.
+Configuration ``i`` replaces the suite's volume of every pass by its ``i``-th candidate (``tiles.set_volume``: rows
+per query tile, rows per key tile, warps, stages, in every table holding the key, so at maps of at most
+``tiles.SMALL_MAP_TOKENS`` configuration 0 is the main table's volume, not the small-map one), so one profiled
+forward+backward times one candidate of each pass; each kernel's GPU time is the mean over ``--reps`` profiled calls.
 Every configuration's output and gradients are compared with configuration 0's (the shipped table) so a candidate
 that computes something else is seen. Exploratory: chosen volumes go into ``visattn/kernels/tiles.py`` by hand.
 
@@ -80,16 +81,9 @@ def _apply(suite: str, config: int, shipped: dict) -> dict:
     chosen = {}
     for name, key in KEYS[suite].items():
         volume = CANDIDATES[suite][name][config] or shipped[name]
-        if volume is None:  # no entry of its own (the dK/dV pass then takes the dQ pass's): leave it absent
-            tiles._VOLUMES.pop(key, None)
-            chosen[name] = None
-            continue
-        tiles._VOLUMES[key] = volume
-        if key in tiles._BIAS_VOLUMES:
-            tiles._BIAS_VOLUMES[key] = volume
-        chosen[name] = list(volume)
-    tiles.choose_tiles.cache_clear()
-    tiles.volume_key.cache_clear()
+        # None: no entry of its own (the dK/dV pass then takes the dQ pass's): leave it absent
+        tiles.set_volume(key, volume)
+        chosen[name] = None if volume is None else list(volume)
     ops._PLANS.clear()
     if hasattr(ops, "bias_tile_layout"):
         ops.bias_tile_layout.cache_clear()
@@ -133,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = [int(c) for c in args.configs.split(",")] if args.configs else list(range(n_configs))
     deadline = time.time() + args.time_budget
     shipped = {name: tiles._VOLUMES.get(key) for name, key in KEYS[suite].items()}
+    saved_tables = tiles.volume_tables()
     rows = []
     for stage in stages:
         spatial, heads, dim, batch, kernel, stride, text, rpb_draws = STAGES[stage]
@@ -184,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(dict(stage=stage, rpb=rpb, config=config, volumes=chosen, boxes=boxes, kernels=kernels,
                                  attention_ms=round(sum(kernels.values()), 4), max_diff_vs_config0=err))
                 print(rows[-1], flush=True)
-    _apply(suite, 0, shipped)
+    tiles.restore_volume_tables(saved_tables)
+    ops._PLANS.clear()
     common.save_result("tune-tiles", {"suite": suite, "dtype": "bfloat16", "stages": {s: STAGES[s] for s in stages},
                                       "candidates": CANDIDATES[suite], "shipped": shipped, "rows": rows}, args.out)
     return 0

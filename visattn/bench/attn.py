@@ -329,8 +329,7 @@ def tune(problems: list[Problem]) -> list[dict]:
         key = tiles.volume_key("dq" if p.backward else "fwd", p.window, kernel3, bits, p.head_dim)
         best = (float("inf"), tiles._VOLUMES[key])
         for vol in TUNE_BWD if p.backward else TUNE_FWD:
-            tiles._VOLUMES[key] = vol
-            tiles.choose_tiles.cache_clear()
+            tiles.set_volume(key, vol)
             try:
                 ms = _ours(p, sets)
                 best = min(best, (ms, vol))
@@ -338,8 +337,7 @@ def tune(problems: list[Problem]) -> list[dict]:
                 ms = f"n/a ({type(err).__name__})"
             found.append(dict(problem=p.name, key=list(key), volume=list(vol), ms=ms))
             print(f"tune {p.name:<16} {str(vol):<18} {ms if isinstance(ms, str) else f'{ms:.4f} ms'}", flush=True)
-        tiles._VOLUMES[key] = best[1]
-        tiles.choose_tiles.cache_clear()
+        tiles.set_volume(key, best[1])
         print(f"tune {p.name:<16} best {best[1]} for {key}", flush=True)
     return found
 

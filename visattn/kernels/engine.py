@@ -221,7 +221,7 @@ def _tile_scores(s, q_valid, qi0, qi1, qi2, st0, st1, st2, en0, en1, en2, lo0, l
 
 @triton.jit(do_not_specialize=_PATTERN_ARGS + ["N_EXTRA", "NKMAX"])
 def _fwd_kernel(
-    Q, K, V, OUT, LSE, RPB, EK, EV, BT, KD, VD,
+    Q, K, V, OUT, LSE, RPB, EK, EV, BT, KD, VD, OUT_LOW,
     q_sb, q_s0, q_s1, q_s2, q_sh, q_sd, k_sb, k_s0, k_s1, k_s2, k_sh, k_sd,
     v_sb, v_s0, v_s1, v_s2, v_sh, v_sd, o_sb, o_s0, o_s1, o_s2, o_sh, l_sb, l_s0, l_s1, l_s2,
     r_sh, r_s0, r_s1, r_s2, ek_sb, ek_sn, ek_sh, ek_sd, ev_sb, ev_sn, ev_sh, ev_sd,
@@ -231,13 +231,15 @@ def _fwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, WINDOW: tl.constexpr,
     HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, DOT_PREC: tl.constexpr, BIAS_TILES: tl.constexpr,
-    KV_DESC: tl.constexpr,
+    KV_DESC: tl.constexpr, DUAL_OUT: tl.constexpr,
 ):
     """Online-softmax forward over the key tiles covering the union of the query tile's windows. With
     ``BIAS_TILES`` the bias (and mask) of each tile is read from the expanded tiles ``BT`` instead of gathered
     from ``RPB`` per pair. With ``KV_DESC`` (Hopper, no dilation) each key box is one tensor-descriptor (TMA) load
     of ``KD`` / ``VD``, 5-D views ``[B * L0, L1, L2, heads, D]`` whose block is the key box; the copy engine
-    zero-fills whatever lies outside the map, and keys outside a row's window are masked as on the pointer path."""
+    zero-fills whatever lies outside the map, and keys outside a row's window are masked as on the pointer path.
+    With ``DUAL_OUT`` the output is stored twice: in ``OUT`` (float32, kept for the backward) and ``OUT_LOW`` (the
+    inputs' 16-bit dtype, same strides), which saves the caller a conversion kernel."""
     BLOCK_M: tl.constexpr = M0 * M1 * M2
     BLOCK_N: tl.constexpr = N0 * N1 * N2
     pid = tl.program_id(0)
@@ -282,6 +284,8 @@ def _fwd_kernel(
     out = acc / l_safe[:, None]
     o_rows = _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, o_s0, o_s1, o_s2)
     _store_rows(OUT + b * o_sb + h * o_sh, o_rows, 1, q_valid, dv_cols, HEAD_DV, out)
+    if DUAL_OUT:  # the float32 output (for the backward's delta) and the 16-bit one the caller returns
+        _store_rows(OUT_LOW + b * o_sb + h * o_sh, o_rows, 1, q_valid, dv_cols, HEAD_DV, out)
     l_rows = _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, l_s0, l_s1, l_s2)
     tl.store(LSE + b * l_sb + h + l_rows, m_i + tl.log2(l_safe), mask=q_valid)
 

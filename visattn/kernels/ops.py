@@ -494,9 +494,11 @@ class _ForwardPlan(NamedTuple):
     bias_shape: tuple = ()
     bias_dtype: torch.dtype | None = None
     kv_desc: tuple | None = None  # (keys, values) KVDescriptor: the forward loads key boxes through TMA
+    dual_out: bool = False  # a float32 output plus its 16-bit copy, both stored by the forward kernel
 
 
-def _forward_plan(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float) -> _ForwardPlan:
+def _forward_plan(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
+                  out_dtype: torch.dtype | None = None) -> _ForwardPlan:
     rank, (q3, k3, v3), B, lengths, H, D, Dv, out_shape, lse_shape = _forward_shapes(q, k, v)
     layout = _tile_layout_of(q, v, rpb, extra_k, pat)
     # with bias tiles the forward walks the dQ pass's tiles, so both read one expansion
@@ -512,13 +514,14 @@ def _forward_plan(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float) ->
                0 if extra_k is None else extra_k.shape[1], layout.q_walk if layout else 1, scale * _LOG2E, D, Dv)
     constexprs, warps, stages = _split_options(_pattern_constexprs(pat, tiles, D, Dv, q.dtype))
     kv_desc = _descriptor_views(k3, v3, pat, tiles.n, constexprs["BLOCK_D"], constexprs["BLOCK_DV"])
+    dual_out = out_dtype == torch.float32 and q.dtype != torch.float32
     constexprs.update(HAS_RPB=rpb is not None and layout is None, HAS_EXTRA=extra_k is not None,
-                      BIAS_TILES=layout is not None, KV_DESC=kv_desc is not None)
-    launch = _FWD.record(grid, 11, scalars, constexprs, warps, stages)
+                      BIAS_TILES=layout is not None, KV_DESC=kv_desc is not None, DUAL_OUT=dual_out)
+    launch = _FWD.record(grid, 12, scalars, constexprs, warps, stages)
     if layout is None:
-        return _ForwardPlan(launch, out_shape, lse_shape, kv_desc=kv_desc)
+        return _ForwardPlan(launch, out_shape, lse_shape, kv_desc=kv_desc, dual_out=dual_out)
     return _ForwardPlan(launch, out_shape, lse_shape, False, _expand_query_record(pat, lengths, layout, r_st, H),
-                        layout.q_shape(H), layout.dtype, kv_desc)
+                        layout.q_shape(H), layout.dtype, kv_desc, dual_out)
 
 
 def forward(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
@@ -530,10 +533,12 @@ def forward(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
 
 def _forward(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
              out_dtype: torch.dtype | None = None, plan: _ForwardPlan | None = None, lse: Tensor | None = None
-             ) -> tuple[Tensor, Tensor, Tensor | None]:
+             ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """``forward`` plus the bias expanded into the forward / dQ walk's tiles (None without bias tiles), which the
-    eager backward reuses instead of expanding the same table again. ``plan``: this geometry's plan, when the
-    caller holds it (a ``PreparedCall``), which skips the lookup; ``lse``: a buffer to write the LSE into."""
+    eager backward reuses instead of expanding the same table again, and the output in q's 16-bit dtype where a
+    float32 output was asked of the tiled kernel (stored by the same launch; else None). ``plan``: this geometry's
+    plan, when the caller holds it (a ``PreparedCall``), which skips the lookup; ``lse``: a buffer to write the LSE
+    into."""
     if plan is None:
         plan = _forward_plan_of(q, k, v, rpb, extra_k, extra_v, pat, scale, out_dtype)
     out = _new(plan.out_shape, q, out_dtype)
@@ -541,15 +546,17 @@ def _forward(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
         lse = _new(plan.lse_shape, q, torch.float32)
     if plan.cells:
         _CELL_FWD(plan.launch, (q, k, v, out, lse, q if rpb is None else rpb))
-        return out, lse, None
+        return out, lse, None, None
     bias = None
     if plan.expand is not None:
         bias = torch.empty(plan.bias_shape, device=q.device, dtype=plan.bias_dtype)
         _EXPAND_Q(plan.expand, (rpb, bias))
     kd, vd = (q, q) if plan.kv_desc is None else _descriptors(plan.kv_desc, k, v)
+    out_low = _new(plan.out_shape, q) if plan.dual_out else None
     _FWD(plan.launch, (q, k, v, out, lse, q if rpb is None else rpb, q if extra_k is None else extra_k,
-                       q if extra_v is None else extra_v, q if bias is None else bias, kd, vd))
-    return out, lse, bias
+                       q if extra_v is None else extra_v, q if bias is None else bias, kd, vd,
+                       out if out_low is None else out_low))
+    return out, lse, bias, out_low
 
 
 def _forward_plan_of(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
@@ -563,7 +570,7 @@ def _forward_plan_of(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
     if plan is None:
         cb = engine_path(q, v, rpb, extra_k, pat)
         plan = _remember_plan(key, _cell_forward_plan(q, k, v, rpb, pat, scale, cb) if cb.box else
-                              _forward_plan(q, k, v, rpb, extra_k, extra_v, pat, scale))
+                              _forward_plan(q, k, v, rpb, extra_k, extra_v, pat, scale, out_dtype))
     return plan
 
 
@@ -872,8 +879,8 @@ def local_attention_fwd(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, ext
     pat = _call_pattern(q, window, kernel, dilation, stride, causal, shift)  # cached: one call per layer per step
     if not fp32_out:
         return (*forward(q, k, v, rpb, extra_k, extra_v, pat, scale), q.new_empty(_EMPTY))
-    out32, lse = forward(q, k, v, rpb, extra_k, extra_v, pat, scale, torch.float32)
-    return out32.to(q.dtype), lse, out32
+    out32, lse, _, out_low = _forward(q, k, v, rpb, extra_k, extra_v, pat, scale, torch.float32)
+    return (out32.to(q.dtype) if out_low is None else out_low), lse, out32
 
 
 @local_attention_fwd.register_fake
@@ -935,12 +942,15 @@ class _LocalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float, fp32_out: bool,
                 prepared: PreparedCall | None = None):
-        out, lse, bias = _forward(q, k, v, rpb, extra_k, extra_v, pat, scale, torch.float32 if fp32_out else None,
-                                  None if prepared is None else prepared.plan)
+        out, lse, bias, out_low = _forward(q, k, v, rpb, extra_k, extra_v, pat, scale,
+                                           torch.float32 if fp32_out else None,
+                                           None if prepared is None else prepared.plan)
         ctx.save_for_backward(q, k, v, out, lse, rpb, extra_k, extra_v)
         ctx.pattern, ctx.scale, ctx.prepared = pat, scale, prepared
         ctx.bias_q = bias if rpb is not None and rpb.requires_grad else None  # autograd checks rpb's version
         ctx.set_materialize_grads(False)  # an unused LSE costs nothing in the backward
+        if out_low is not None:
+            return out_low, lse
         return (out.to(q.dtype) if fp32_out else out), lse
 
     @staticmethod
@@ -1021,8 +1031,8 @@ class PreparedCall:
             out, lse2 = _LocalAttention.apply(q, k, v, rpb, extra_k, extra_v, self.pat, self.scale, self.fp32_out,
                                               self)
         else:  # nothing to differentiate: fp32_out is False here (it needs a bias that requires grad)
-            out, lse2, _ = _forward(q, k, v, rpb, extra_k, extra_v, self.pat, self.scale, None, self.plan,
-                                    self.scratch_lse)
+            out, lse2, _, _ = _forward(q, k, v, rpb, extra_k, extra_v, self.pat, self.scale, None, self.plan,
+                                       self.scratch_lse)
         return (out, lse2 * _LN2_RATIO) if self.return_lse else out
 
     def _retired(self) -> bool:

@@ -75,7 +75,42 @@ _BIAS_VOLUMES = {
     ("bwd", 16, 64, "small"): (64, 32, 4, 3),
     ("dkv", 16, 64, "small"): (32, 32, 2, 2),
 }
+# Maps of at most SMALL_MAP_TOKENS tokens (per dilation group) without a bias: the forward is issue-bound at 25%
+# occupancy there (ncu-timeline-nat-s3-h100-2026-12-07-run1.json), and 32 x 64 tiles at 2 warps ran faster on an
+# H100 (tune-tiles-h100-2026-12-06.json, pointer loads: NAT-T s3 0.1061 -> 0.0966 ms, s2 0.2491 -> 0.2146; at s1,
+# 56^2, 0.4177 -> 0.4401, so larger maps keep the table's volume).
+SMALL_MAP_TOKENS = 1024
+_SMALL_MAP_VOLUMES = {("fwd", 16, 64, "small"): (32, 64, 2, 2)}
 _INTERPRETER_VOLUMES = {"fwd": (64, 32, 4, 1), "bwd": (64, 64, 4, 1)}
+
+
+def set_volume(key: tuple, volume: tuple | None) -> None:
+    """For tuners: set one volume entry in the main table and in every table that overrides it for this key (a
+    fused bias, small maps), so the volume applies to every problem of the key; None removes the main entry (the
+    dK/dV pass then takes the dQ pass's). Clears the tile caches."""
+    if volume is None:
+        _VOLUMES.pop(key, None)
+    else:
+        _VOLUMES[key] = volume
+        for table in (_BIAS_VOLUMES, _SMALL_MAP_VOLUMES):
+            if key in table:
+                table[key] = volume
+    choose_tiles.cache_clear()
+    volume_key.cache_clear()
+
+
+def volume_tables() -> tuple[dict, dict, dict]:
+    """Copies of the three volume tables (main, bias, small maps), for a tuner to restore."""
+    return dict(_VOLUMES), dict(_BIAS_VOLUMES), dict(_SMALL_MAP_VOLUMES)
+
+
+def restore_volume_tables(saved: tuple[dict, dict, dict]) -> None:
+    """Put back tables saved by ``volume_tables`` and clear the tile caches."""
+    for table, copy in zip((_VOLUMES, _BIAS_VOLUMES, _SMALL_MAP_VOLUMES), saved, strict=True):
+        table.clear()
+        table.update(copy)
+    choose_tiles.cache_clear()
+    volume_key.cache_clear()
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -152,7 +187,10 @@ def choose_tiles(pass_name: str, window: bool, extents: Triple, kernel: Triple, 
         block_m, block_n, warps, stages = _INTERPRETER_VOLUMES["fwd" if pass_name == "fwd" else "bwd"]
     else:
         key = volume_key(pass_name, window, kernel, dtype_bits, head_dim)
-        block_m, block_n, warps, stages = (_BIAS_VOLUMES if bias and key in _BIAS_VOLUMES else _VOLUMES)[key]
+        table = _BIAS_VOLUMES if bias and key in _BIAS_VOLUMES else _VOLUMES
+        if not bias and key in _SMALL_MAP_VOLUMES and math.prod(extents) <= SMALL_MAP_TOKENS:
+            table = _SMALL_MAP_VOLUMES
+        block_m, block_n, warps, stages = table[key]
     # the dK/dV pass owns the key tile and walks query tiles: the same cost with the roles swapped.
     own_volume, other_volume = (block_n, block_m) if pass_name == "dkv" else (block_m, block_n)
     # Neighborhoods keep the table's volume (fewer, larger tiles reload fewer halo keys per row); windows may
