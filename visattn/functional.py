@@ -485,6 +485,40 @@ def _run_na(chosen: str, backend, args: tuple, scale: float, additional_keys, ad
     return _contiguous(_kernels.na(*args, scale, additional_keys, additional_values, return_lse=return_lse))
 
 
+def _na_packed(rank: int, qkv: Tensor, kernel_size, stride, dilation, is_causal, scale, rpb: Tensor | None,
+               backend) -> Tensor:
+    """``na{rank}d`` on the three views of a packed ``qkv`` ``[B, *spatial, 3, heads, head_dim]`` (a fused qkv
+    projection's output, as the nn modules hold it): the same checks, backend choice and result as ``_na`` on
+    ``qkv.unbind(-3)``. Where the fused kernels run an eager call that autograd records for ``qkv``, one autograd
+    node takes ``qkv`` itself and the backward writes one packed gradient, without the unbind's stack of dq, dk,
+    dv (three copies of the projection's gradient per call)."""
+    if not isinstance(qkv, Tensor) or qkv.dim() != rank + 4 or qkv.shape[-3] != 3:
+        raise ValueError(f"na{rank}d: qkv must be a [B, *spatial ({rank} dims), 3, heads, head_dim] tensor, got "
+                         f"{tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__}")
+    query, key, value = qkv.unbind(-3)
+    common = (kernel_size, stride, dilation, is_causal, scale, None, None, None, backend, None, None, None, None,
+              None, False, True, None, False, False)
+    if not (torch.is_grad_enabled() and qkv.requires_grad) or torch.compiler.is_compiling():
+        return _na(rank, query, key, value, *common, rpb)
+    fast = None
+    if (scale is None or type(scale) in (float, int)) and may_cache(qkv, rpb):
+        fast = _validated_key("na-packed", rank, _geometry(qkv), _geometry(rpb), kernel_size, stride, dilation,
+                              is_causal, scale, backend)
+    validated = _prepared(fast)  # (kernel, dilation, stride, causal, scale) of a call that chose the kernels
+    if validated is None:
+        if _na(rank, query, key, value, *common, rpb, dry_run=True) != "triton":
+            return _na(rank, query, key, value, *common, rpb)
+        validated = (int_tuple(kernel_size, rank, "kernel_size"), int_tuple(dilation, rank, "dilation", default=1),
+                     int_tuple(stride, rank, "stride", default=1), bool_tuple(is_causal, rank, "is_causal"),
+                     check_scale(scale, query.shape[-1]))
+        _remember_validated(fast, validated)
+    if not _kernels.packed_qkv_enabled():  # asked only once the kernels were chosen (they import Triton)
+        return _na(rank, query, key, value, *common, rpb)
+    kernel, dil, strd, causal, scale = validated
+    _record("triton")
+    return _contiguous(_kernels.na_packed(qkv, kernel, dil, strd, causal, _rpb_in_compute_dtype(rpb, query), scale))
+
+
 _NA_DOC = """{rank}-D neighborhood attention (NA / DiNA / GNA) on heads-last ``[B, {spatial}, heads, head_dim]``.
 
     NATTEN 0.21's ``natten.na{rank}d``: same parameter names, positional order and semantics (docs/SEMANTICS.md),

@@ -129,6 +129,19 @@ def na(q: Tensor, k: Tensor, v: Tensor, kernel_size: tuple, dilation: tuple, str
                                        dilation, stride, is_causal, (0,) * (q.dim() - 3), scale, return_lse)
 
 
+def packed_qkv_enabled() -> bool:
+    """Whether eager calls on a packed ``qkv`` take ``na_packed`` (``ops.PACKED_QKV``; ``VISATTN_PACKED_QKV=0``
+    turns it off)."""
+    return _load_ops().PACKED_QKV
+
+
+def na_packed(qkv: Tensor, kernel_size: tuple, dilation: tuple, stride: tuple, is_causal: tuple,
+              rpb: Tensor | None, scale: float) -> Tensor:
+    """``na`` on the three views of a packed ``qkv`` ``[B, *spatial, 3, heads, D]``; under autograd ``qkv`` gets
+    one packed gradient written by the backward kernels (no stack of dq, dk, dv)."""
+    return _load_ops().local_attention_packed(qkv, rpb, kernel_size, dilation, stride, is_causal, scale)
+
+
 def prepare_na(q: Tensor, k: Tensor, v: Tensor, kernel_size: tuple, dilation: tuple, stride: tuple,
                is_causal: tuple, rpb: Tensor | None, scale: float, additional_keys: Tensor | None,
                additional_values: Tensor | None, return_lse: bool = False):

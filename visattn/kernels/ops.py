@@ -106,6 +106,8 @@ def _optional(t: Tensor | None, like: Tensor, n_strides: int):
 # The small-map path (cells.py): a whole dilation group or window per program.
 # ------------------------------------------------------------------------------------------------------------
 
+# Escape hatch: False (or VISATTN_PACKED_QKV=0 at import) runs the nn modules' packed qkv as three unbound views.
+PACKED_QKV = os.environ.get("VISATTN_PACKED_QKV", "1") != "0"
 # Test hook and escape hatch: False (or VISATTN_SMALL_MAP=0 at import) sends every call to the tiled kernels.
 SMALL_MAP = os.environ.get("VISATTN_SMALL_MAP", "1") != "0"
 CELL_MAX = 128  # tokens of a padded cell box: its keys, values and dK/dV accumulators stay in registers
@@ -236,8 +238,17 @@ class _CellBackwardPlan(NamedTuple):
     part_shape: tuple | None  # [H, batch groups, cells, O1, O2] with a bias
 
 
+def _grad_strides(q: Tensor, k: Tensor, v: Tensor, grads: tuple | None) -> tuple:
+    """The 5 leading strides of the canonical 3-D views of dq, dk, dv: fresh contiguous tensors, or the caller's
+    ``grads`` (views of one packed gradient, ``_PackedLocalAttention``)."""
+    rank = q.dim() - 3
+    if grads is None:
+        return tuple(_view3_strides(t.shape, rank)[:5] for t in (q, k, v))
+    return tuple(_view3(g, rank).stride()[:5] for g in grads)
+
+
 def _cell_backward_plan(grad_out, q, k, v, lse, rpb, pat: Pattern, scale: float, grad_lse,
-                        cb: CellBox) -> _CellBackwardPlan:
+                        cb: CellBox, grads: tuple | None = None) -> _CellBackwardPlan:
     rank = q.dim() - 3
     q3, k3, v3, do3, l3 = (_view3(t, rank) for t in (q, k, v, grad_out, lse))
     B, L0, L1, L2, H, D = q3.shape
@@ -247,9 +258,9 @@ def _cell_backward_plan(grad_out, q, k, v, lse, rpb, pat: Pattern, scale: float,
     n_cells = math.prod(pat.dilation[i] * n_tiles[i] for i in range(3))
     r_st = (0,) * 4 if rpb is None else _rpb3(rpb, rank).stride()
     o1, o2 = _bins(pat.kernel[1]), _bins(pat.kernel[2])
-    scalars = (*q3.stride(), *k3.stride(), *v3.stride(), *do3.stride(), *_view3_strides(q.shape, rank)[:5],
-               *_view3_strides(k.shape, rank)[:5], *_view3_strides(v.shape, rank)[:5], *l3.stride()[:4], *r_st,
-               B, H, *_pattern_args(pat, lengths, n_tiles), scale * _LOG2E, scale, D, Dv)
+    dq_st, dk_st, dv_st = _grad_strides(q, k, v, grads)
+    scalars = (*q3.stride(), *k3.stride(), *v3.stride(), *do3.stride(), *dq_st, *dk_st, *dv_st, *l3.stride()[:4],
+               *r_st, B, H, *_pattern_args(pat, lengths, n_tiles), scale * _LOG2E, scale, D, Dv)
     constexprs = _cell_constexprs(pat, cb, cb.sub_bwd, D, Dv, q.dtype, rpb)
     nb = batch_per_program(n_cells * H * B)
     constexprs.update(HAS_RPB=rpb is not None, HAS_GLSE=grad_lse is not None, NB=nb,
@@ -646,7 +657,7 @@ BIAS_GRAD_WARPS = 4
 
 
 def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, scale: float,
-                   grad_lse) -> _BackwardPlan:
+                   grad_lse, grads: tuple | None = None) -> _BackwardPlan:
     rank = q.dim() - 3
     q3, k3, v3, do3, o3, l3 = (_view3(t, rank) for t in (q, k, v, grad_out, out, lse))
     B, L0, L1, L2, H, D = q3.shape
@@ -656,6 +667,7 @@ def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Patt
     r_st = (0,) * 4 if rpb is None else _rpb3(rpb, rank).stride()
     ek_st = (0,) * 4 if extra_k is None else extra_k.stride()
     ev_st = (0,) * 4 if extra_v is None else extra_v.stride()
+    dq_st, dk_st, dv_st = _grad_strides(q, k, v, grads)
 
     mode = "none"
     layout = _tile_layout_of(q, v, rpb, extra_k, pat)
@@ -670,7 +682,7 @@ def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Patt
     pattern_tail = _pattern_args(pat, lengths, n_tiles)
     o1, o2 = _bins(pat.kernel[1]), _bins(pat.kernel[2])
     scalars = (*q3.stride(), *k3.stride(), *v3.stride(), *do3.stride(), *o3.stride()[:5],
-               *_view3_strides(q.shape, rank)[:5], *l3.stride()[:4], *r_st, *ek_st, *ev_st,
+               *dq_st, *l3.stride()[:4], *r_st, *ek_st, *ev_st,
                H, *pattern_tail, 0 if extra_k is None else extra_k.shape[1], layout.q_walk if layout else 1,
                scale * _LOG2E, scale, D, Dv)
     constexprs, warps, stages = _split_options(_pattern_constexprs(pat, tiles, D, Dv, q.dtype))
@@ -705,8 +717,7 @@ def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Patt
     tiles = layout.k_tiles if layout else _tiles("dkv", pat, lengths, q.dtype, d_max)
     n_tiles = _tiles_per_group(pat, lengths, tiles.n)
     table = query_range_table(pat, lengths, n_tiles, tiles.n, q.device)
-    scalars = (*q3.stride(), *k3.stride(), *v3.stride(), *do3.stride(), *_view3_strides(k.shape, rank)[:5],
-               *_view3_strides(v.shape, rank)[:5], *l3.stride()[:4], *r_st,
+    scalars = (*q3.stride(), *k3.stride(), *v3.stride(), *do3.stride(), *dk_st, *dv_st, *l3.stride()[:4], *r_st,
                H, *_pattern_args(pat, lengths, n_tiles), table.shape[1], layout.k_walk if layout else 1,
                scale * _LOG2E, scale, D, Dv)
     constexprs, warps, stages = _split_options(_pattern_constexprs(pat, tiles, D, Dv, q.dtype))
@@ -728,33 +739,35 @@ def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Patt
 
 
 def _backward_plan_of(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, scale: float,
-                      grad_lse: Tensor | None):
-    """The cached backward plan of a call's geometry (a cell or a tiled plan), made on its first call."""
+                      grad_lse: Tensor | None, grads: tuple | None = None):
+    """The cached backward plan of a call's geometry (a cell or a tiled plan), made on its first call. ``grads``:
+    the (dq, dk, dv) tensors the kernels write, when the caller allocates them (else fresh contiguous ones)."""
     key = ("bwd", pat, scale, *_path_flags(), q.device, tensor_key(grad_out),
            tensor_key(q), tensor_key(k), tensor_key(v),
            tensor_key(out), tensor_key(lse), tensor_key(rpb), tensor_key(extra_k), tensor_key(extra_v),
-           tensor_key(grad_lse))
+           tensor_key(grad_lse), *((None,) if grads is None else (tensor_key(g) for g in grads)))
     plan = _PLANS.get(key)
     if plan is None:
         cb = engine_path(q, v, rpb, extra_k, pat)
-        plan = _remember_plan(key, _cell_backward_plan(grad_out, q, k, v, lse, rpb, pat, scale, grad_lse, cb)
+        plan = _remember_plan(key, _cell_backward_plan(grad_out, q, k, v, lse, rpb, pat, scale, grad_lse, cb, grads)
                               if cb.box else _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat,
-                                                            scale, grad_lse))
+                                                            scale, grad_lse, grads))
     return plan
 
 
 def backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, scale: float,
-             grad_lse: Tensor | None = None, bias_q: Tensor | None = None, plan=None):
+             grad_lse: Tensor | None = None, bias_q: Tensor | None = None, plan=None, grads: tuple | None = None):
     """dq, dk, dv, drpb (float32 or None), d extra_k, d extra_v (or None). ``bias_q``: the forward's expanded
     bias (``_forward``'s third output, same table), so the backward skips expanding it again. ``plan``: this
-    geometry's backward plan when the caller holds it (a ``PreparedCall``).
+    geometry's backward plan when the caller holds it (a ``PreparedCall``). ``grads``: the (dq, dk, dv) tensors
+    to write (views of one packed gradient; unit stride in the head dim), else fresh contiguous ones.
 
     Two launches (plus one reduction with a trained bias): the dQ pass, which also computes ``delta = rowsum(dO*O)``
     (shifted by the LSE gradient ``grad_lse`` of the log2-LSE output, when it was used) and stores it, then the
     dK/dV pass, which reads it. ``grad_out`` may have any strides."""
     if plan is None:
-        plan = _backward_plan_of(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat, scale, grad_lse)
-    dq, dk, dv = _new(q.shape, q), _new(k.shape, k), _new(v.shape, v)
+        plan = _backward_plan_of(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat, scale, grad_lse, grads)
+    dq, dk, dv = (_new(q.shape, q), _new(k.shape, k), _new(v.shape, v)) if grads is None else grads
     if isinstance(plan, _CellBackwardPlan):
         drpb = None
         part = q
@@ -967,6 +980,56 @@ class _LocalAttention(torch.autograd.Function):
         if drpb is not None:
             drpb = drpb.to(rpb.dtype)
         return dq, dk, dv, drpb, dek, dev, None, None, None, None
+
+
+class _PackedLocalAttention(torch.autograd.Function):
+    """``_LocalAttention`` on one packed ``qkv`` ``[B, *spatial, 3, heads, D]`` (a fused projection's output; q, k, v
+    are its views along dim -3). The backward writes dq, dk, dv into one packed gradient: on the three views,
+    autograd's unbind backward stacks them in three more copy kernels (103 us at NAT-T's 14x14 stage, B256, H100:
+    profiler-trace-nat-s3-h100-2026-12-07-run6.json). Output: the attention output (16-bit where q is)."""
+
+    @staticmethod
+    def forward(ctx, qkv, rpb, pat: Pattern, scale: float, fp32_out: bool):
+        q, k, v = qkv.unbind(-3)
+        out, lse, bias, out_low = _forward(q, k, v, rpb, None, None, pat, scale, torch.float32 if fp32_out else None)
+        ctx.save_for_backward(qkv, out, lse, rpb)
+        ctx.pattern, ctx.scale = pat, scale
+        ctx.bias_q = bias if rpb is not None and rpb.requires_grad else None  # autograd checks rpb's version
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(lse)
+        if out_low is not None:
+            return out_low, lse
+        return (out.to(q.dtype) if fp32_out else out), lse
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        qkv, out, lse, rpb = ctx.saved_tensors
+        q, k, v = qkv.unbind(-3)
+        if grad_out is None:
+            grad_out = torch.zeros(q.shape, device=q.device, dtype=q.dtype)
+        grad_qkv = _new(qkv.shape, qkv)  # contiguous: the head dim has unit stride in each view
+        _, _, _, drpb, _, _ = backward(grad_out, q, k, v, out, lse, rpb, None, None, ctx.pattern, ctx.scale, None,
+                                       ctx.bias_q, None, grad_qkv.unbind(-3))
+        ctx.bias_q = None
+        if drpb is not None:
+            drpb = drpb.to(rpb.dtype)
+        return grad_qkv, drpb, None, None, None
+
+
+def local_attention_packed(qkv: Tensor, rpb: Tensor | None, kernel: tuple, dilation: tuple, stride: tuple,
+                           causal: tuple, scale: float) -> Tensor:
+    """Neighborhood attention of the three views of a packed ``qkv`` ``[B, *spatial, 3, heads, D]``, as
+    ``local_attention(*qkv.unbind(-3), ...)`` returns it. Eager calls differentiate ``qkv`` as one tensor
+    (``_PackedLocalAttention``); traced calls take the custom op on the views (Inductor fuses the unbind's
+    backward into its own kernels)."""
+    q, k, v = qkv.unbind(-3)
+    rank = q.dim() - 3
+    if torch.compiler.is_compiling():
+        return local_attention(q, k, v, rpb, None, None, False, kernel, dilation, stride, causal, (0,) * rank,
+                               scale)
+    pat = _call_pattern(q, False, kernel, dilation, stride, causal, (0,) * rank)
+    out, _ = _PackedLocalAttention.apply(qkv, rpb, pat, float(scale), wants_fp32_out(q, rpb, v, None, pat))
+    return out
 
 
 @functools.lru_cache(maxsize=1024)

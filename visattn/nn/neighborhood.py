@@ -79,9 +79,14 @@ class _NeighborhoodAttention(nn.Module):
     def _attend(self, x: Tensor, additional_keys: Tensor | None, additional_values: Tensor | None) -> Tensor:
         spatial = x.shape[1:-1]
         qkv = self.qkv(x).view(x.shape[0], *spatial, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(-3)  # strided views of the fused projection, no copies
-        out = self._op(q, k, v, self.kernel_size, self.stride, self.dilation, self.is_causal, self.scale,
-                       additional_keys, additional_values, backend=self.backend, rpb=self.rpb)
+        if additional_keys is None and additional_values is None:
+            # one packed tensor: under autograd its gradient comes back packed, not stacked from dq, dk, dv
+            out = functional._na_packed(self.rank, qkv, self.kernel_size, self.stride, self.dilation,
+                                        self.is_causal, self.scale, self.rpb, self.backend)
+        else:
+            q, k, v = qkv.unbind(-3)  # strided views of the fused projection, no copies
+            out = self._op(q, k, v, self.kernel_size, self.stride, self.dilation, self.is_causal, self.scale,
+                           additional_keys, additional_values, backend=self.backend, rpb=self.rpb)
         return self.proj_drop(self.proj(out.reshape(*x.shape[:-1], self.embed_dim)))
 
     def extra_repr(self) -> str:
