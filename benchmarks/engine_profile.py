@@ -6,7 +6,7 @@ For each stage: the fused engine's forward and forward+backward (rpb on / off), 
 ``--time-budget`` (seconds) so a long run still writes its JSON.
 
 Usage (repo root, CUDA):
-    python benchmarks/engine_profile.py --out /tmp/out/engine.json [--tiles] [--stages nat_s1,swin_s3]
+    python benchmarks/engine_profile.py --out /tmp/out/engine.json [--tiles] [--stages nat_s1,swin_s3] [--packed]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import datetime
 import functools
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -287,6 +288,41 @@ def model_rows(names, batch, iters, deadline):
     return rows
 
 
+def packed_rows(stage_names, batch, iters, deadline):
+    """Forward+backward of each NA stage on the nn modules' packed path (``functional._na_packed`` on the qkv leaf:
+    one packed gradient) beside the three unbound views (autograd stacks dq, dk, dv), alternated twice in one
+    process; eager wall ms (median of the two rounds) and every kernel's GPU time."""
+    from visattn import functional
+
+    rows = []
+    for name in stage_names:
+        spatial, heads, kernel, dil, window, _ = STAGES[name]
+        if window:
+            continue
+        for rpb in (False, True):
+            if time.time() > deadline:
+                return rows
+            qkv, q, k, v, table = make_inputs(batch, spatial, heads, 32, rpb, kernel, True)
+            grad = torch.randn(batch, *spatial, heads, 32, device="cuda", dtype=torch.bfloat16)
+            _, views = engine_calls(q, k, v, table, grad, STAGES[name])
+            rank = len(spatial)
+
+            def packed(rank=rank, qkv=qkv, kernel=kernel, dil=dil, table=table, grad=grad):
+                functional._na_packed(rank, qkv, kernel, 1, dil, False, None, table, None).backward(grad)
+
+            walls: dict = {"packed": [], "views": []}
+            for _ in range(2):
+                for label, fn in (("packed", packed), ("views", views)):
+                    walls[label].append(median_ms(fn, iters))
+            row = {"stage": name, "rpb": rpb, **{f"{label}_fwd_bwd_ms": statistics.median(w)
+                                                   for label, w in walls.items()},
+                   "rounds_ms": walls, "packed_gpu_ms": kernel_breakdown(packed)["_total_gpu_ms"],
+                   "views_gpu_ms": kernel_breakdown(views)["_total_gpu_ms"]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -301,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=argparse.SUPPRESS)
     parser.add_argument("--cells", default="", help="comma list of stages: sweep the small-map launch shapes")
     parser.add_argument("--models", default="", help="comma list of timm names (name@visattn: Swin on visattn)")
+    parser.add_argument("--packed", action="store_true",
+                        help="also time the NA stages on the modules' packed-qkv path beside the views")
     args = parser.parse_args(argv)
     import triton
 
@@ -322,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cells:
         result["cell_rows"] = cell_sweep(args.cells.split(","), args.batch, args.iters, deadline + 120)
         path.write_text(json.dumps(result, indent=1))
+    if args.packed:
+        result["packed_rows"] = packed_rows(args.stages.split(","), args.batch, args.iters, deadline + 120)
+        path.write_text(json.dumps(result, indent=1))
     if args.models:
         result["model_rows"] = model_rows(args.models.split(","), args.batch, args.iters, deadline + 240)
     path.write_text(json.dumps(result, indent=1))
@@ -340,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['bwd_over_fwd']:5.2f} {r['kernels_fwd']['_attention_kernels_ms']:6.3f} "
                   f"{r['kernels_fwd_bwd']['_attention_kernels_ms']:6.3f} {r['host_us_fwd']:6.0f} "
                   f"{r['host_us_fwd_bwd']:6.0f}")
+    for r in result.get("packed_rows", []):
+        print(f"{r['stage']:14s} {str(r['rpb']):5s} fwd+bwd packed {r['packed_fwd_bwd_ms']:7.3f} views "
+              f"{r['views_fwd_bwd_ms']:7.3f}  GPU packed {r['packed_gpu_ms']:6.3f} views {r['views_gpu_ms']:6.3f}")
     for r in result.get("cell_rows", []):
         kern = r.get("kernels", {})
         cells = {k.replace("_cell_", "").replace("_kernel", ""): v for k, v in kern.items() if k.startswith("_cell_")}

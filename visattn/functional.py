@@ -504,19 +504,25 @@ def _na_packed(rank: int, qkv: Tensor, kernel_size, stride, dilation, is_causal,
     if (scale is None or type(scale) in (float, int)) and may_cache(qkv, rpb):
         fast = _validated_key("na-packed", rank, _geometry(qkv), _geometry(rpb), kernel_size, stride, dilation,
                               is_causal, scale, backend)
-    validated = _prepared(fast)  # (kernel, dilation, stride, causal, scale) of a call that chose the kernels
+    # (kernel, dilation, stride, causal, scale, the views' PreparedCall) of a call that chose the kernels
+    validated = _prepared(fast)
+    rpb = _rpb_in_compute_dtype(rpb, query)
+    if validated is not None and validated[5] is not None and validated[5].retired:
+        validated = None  # a cleared plan cache or a switched path flag: prepare again
     if validated is None:
         if _na(rank, query, key, value, *common, rpb, dry_run=True) != "triton":
             return _na(rank, query, key, value, *common, rpb)
-        validated = (int_tuple(kernel_size, rank, "kernel_size"), int_tuple(dilation, rank, "dilation", default=1),
-                     int_tuple(stride, rank, "stride", default=1), bool_tuple(is_causal, rank, "is_causal"),
-                     check_scale(scale, query.shape[-1]))
+        args = (int_tuple(kernel_size, rank, "kernel_size"), int_tuple(dilation, rank, "dilation", default=1),
+                int_tuple(stride, rank, "stride", default=1), bool_tuple(is_causal, rank, "is_causal"))
+        scale = check_scale(scale, query.shape[-1])
+        prepared = None if fast is None else _kernels.prepare_na(query, key, value, *args, rpb, scale, None, None)
+        validated = (*args, scale, prepared)
         _remember_validated(fast, validated)
     if not _kernels.packed_qkv_enabled():  # asked only once the kernels were chosen (they import Triton)
         return _na(rank, query, key, value, *common, rpb)
-    kernel, dil, strd, causal, scale = validated
+    kernel, dil, strd, causal, scale, prepared = validated
     _record("triton")
-    return _contiguous(_kernels.na_packed(qkv, kernel, dil, strd, causal, _rpb_in_compute_dtype(rpb, query), scale))
+    return _contiguous(_kernels.na_packed(qkv, kernel, dil, strd, causal, rpb, scale, prepared))
 
 
 _NA_DOC = """{rank}-D neighborhood attention (NA / DiNA / GNA) on heads-last ``[B, {spatial}, heads, head_dim]``.

@@ -52,6 +52,14 @@ def run_case() -> dict:
             node = type(out.grad_fn).__name__ if out.grad_fn is not None else None
             leaves = [qkv] + ([rpb] if bias else [])
             got = torch.autograd.grad(out, leaves, g)
+            # a repeat replays the prepared call (its plans); after a cleared plan cache it is prepared again
+            replays = []
+            for clear in (False, True):
+                if clear:
+                    ops._PLANS.clear()
+                again = functional._na_packed(rank, qkv, kernel, 1, dil, False, None, rpb, "triton")
+                replays.append(bool(torch.equal(again, out)) and all(
+                    torch.equal(a, b) for a, b in zip(torch.autograd.grad(again, leaves, g), got, strict=True)))
             ref_qkv = qkv.detach().double().requires_grad_(True)
             ref_rpb = None if rpb is None else rpb.detach().double().requires_grad_(True)
             ref = oracle.na_oracle(*ref_qkv.unbind(-3), kernel, (1,) * rank, dil, (False,) * rank,
@@ -59,7 +67,7 @@ def run_case() -> dict:
             want = torch.autograd.grad(ref, [ref_qkv] + ([ref_rpb] if bias else []), g.double())
             result["cases"].append({
                 "case": f"{spatial} {dtype} bias={bias} small_map={small_map}", "backend": dict(used),
-                "node": node, "out_dtype": str(out.dtype), "dtype": str(dt),
+                "node": node, "out_dtype": str(out.dtype), "dtype": str(dt), "replays_equal": replays,
                 "err": {"out": rel(out, ref.detach()),
                         **{n: rel(a, b) for n, a, b in zip(("dqkv", "drpb"), got, want, strict=False)}}})
 
@@ -93,6 +101,7 @@ def test_packed_qkv_matches_float64_with_one_packed_gradient():
         assert case["backend"] == {"triton": 1}, case
         assert case["node"] == "_PackedLocalAttentionBackward", case
         assert case["out_dtype"] == case["dtype"], case
+        assert case["replays_equal"] == [True, True], case
         limit = 1e-2 if case["dtype"] == "torch.float16" else 1e-4
         assert max(case["err"].values()) < limit, case
     assert res["hatch_node"] == "_LocalAttentionBackward", res["hatch_node"]

@@ -136,10 +136,11 @@ def packed_qkv_enabled() -> bool:
 
 
 def na_packed(qkv: Tensor, kernel_size: tuple, dilation: tuple, stride: tuple, is_causal: tuple,
-              rpb: Tensor | None, scale: float) -> Tensor:
+              rpb: Tensor | None, scale: float, prepared=None) -> Tensor:
     """``na`` on the three views of a packed ``qkv`` ``[B, *spatial, 3, heads, D]``; under autograd ``qkv`` gets
-    one packed gradient written by the backward kernels (no stack of dq, dk, dv)."""
-    return _load_ops().local_attention_packed(qkv, rpb, kernel_size, dilation, stride, is_causal, scale)
+    one packed gradient written by the backward kernels (no stack of dq, dk, dv). ``prepared``: ``prepare_na``'s
+    result for the views of a call of this geometry, replayed (its plans) while it is not retired."""
+    return _load_ops().local_attention_packed(qkv, rpb, kernel_size, dilation, stride, is_causal, scale, prepared)
 
 
 def prepare_na(q: Tensor, k: Tensor, v: Tensor, kernel_size: tuple, dilation: tuple, stride: tuple,

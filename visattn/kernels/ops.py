@@ -989,11 +989,12 @@ class _PackedLocalAttention(torch.autograd.Function):
     profiler-trace-nat-s3-h100-2026-12-07-run6.json). Output: the attention output (16-bit where q is)."""
 
     @staticmethod
-    def forward(ctx, qkv, rpb, pat: Pattern, scale: float, fp32_out: bool):
+    def forward(ctx, qkv, rpb, pat: Pattern, scale: float, fp32_out: bool, prepared: PreparedCall | None = None):
         q, k, v = qkv.unbind(-3)
-        out, lse, bias, out_low = _forward(q, k, v, rpb, None, None, pat, scale, torch.float32 if fp32_out else None)
+        out, lse, bias, out_low = _forward(q, k, v, rpb, None, None, pat, scale, torch.float32 if fp32_out else None,
+                                           None if prepared is None else prepared.plan)
         ctx.save_for_backward(qkv, out, lse, rpb)
-        ctx.pattern, ctx.scale = pat, scale
+        ctx.pattern, ctx.scale, ctx.prepared = pat, scale, prepared
         ctx.bias_q = bias if rpb is not None and rpb.requires_grad else None  # autograd checks rpb's version
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(lse)
@@ -1008,25 +1009,33 @@ class _PackedLocalAttention(torch.autograd.Function):
         if grad_out is None:
             grad_out = torch.zeros(q.shape, device=q.device, dtype=q.dtype)
         grad_qkv = _new(qkv.shape, qkv)  # contiguous: the head dim has unit stride in each view
+        grads = grad_qkv.unbind(-3)
+        plan = None
+        if ctx.prepared is not None:
+            plan = ctx.prepared.backward_plan(grad_out, q, k, v, out, lse, rpb, None, None, None, grads)
         _, _, _, drpb, _, _ = backward(grad_out, q, k, v, out, lse, rpb, None, None, ctx.pattern, ctx.scale, None,
-                                       ctx.bias_q, None, grad_qkv.unbind(-3))
+                                       ctx.bias_q, plan, grads)
         ctx.bias_q = None
         if drpb is not None:
             drpb = drpb.to(rpb.dtype)
-        return grad_qkv, drpb, None, None, None
+        return grad_qkv, drpb, None, None, None, None
 
 
 def local_attention_packed(qkv: Tensor, rpb: Tensor | None, kernel: tuple, dilation: tuple, stride: tuple,
-                           causal: tuple, scale: float) -> Tensor:
+                           causal: tuple, scale: float, prepared: PreparedCall | None = None) -> Tensor:
     """Neighborhood attention of the three views of a packed ``qkv`` ``[B, *spatial, 3, heads, D]``, as
     ``local_attention(*qkv.unbind(-3), ...)`` returns it. Eager calls differentiate ``qkv`` as one tensor
     (``_PackedLocalAttention``); traced calls take the custom op on the views (Inductor fuses the unbind's
-    backward into its own kernels)."""
+    backward into its own kernels). ``prepared``: this geometry's ``PreparedCall`` (made on the views by
+    ``prepare``), whose forward plan and backward plans a repeated call replays."""
     q, k, v = qkv.unbind(-3)
     rank = q.dim() - 3
     if torch.compiler.is_compiling():
         return local_attention(q, k, v, rpb, None, None, False, kernel, dilation, stride, causal, (0,) * rank,
                                scale)
+    if prepared is not None and not prepared._retired():
+        out, _ = _PackedLocalAttention.apply(qkv, rpb, prepared.pat, prepared.scale, prepared.fp32_out, prepared)
+        return out
     pat = _call_pattern(q, False, kernel, dilation, stride, causal, (0,) * rank)
     out, _ = _PackedLocalAttention.apply(qkv, rpb, pat, float(scale), wants_fp32_out(q, rpb, v, None, pat))
     return out
@@ -1098,21 +1107,28 @@ class PreparedCall:
                                        self.scratch_lse)
         return (out, lse2 * _LN2_RATIO) if self.return_lse else out
 
+    @property
+    def retired(self) -> bool:
+        """Whether the plan cache was cleared or a path flag switched since this call was prepared (replaying it
+        would run stale plans: the caller prepares the call again)."""
+        return self._retired()
+
     def _retired(self) -> bool:
         """The plan cache was cleared or a path flag switched since this call was prepared."""
         return self.epoch != _PLANS.epoch or self.flags != _path_flags()
 
-    def backward_plan(self, grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, grad_lse):
+    def backward_plan(self, grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, grad_lse, grads=None):
         """The backward plan of a replayed call: the rest of its geometry is fixed by this call's key (the output
-        and LSE are fresh allocations of the forward plan), so only the incoming gradients' geometry varies.
-        None once retired (``backward`` then looks the plan up by the full key)."""
+        and LSE are fresh allocations of the forward plan), so only the incoming gradients' geometry varies, and
+        that of ``grads`` where the caller allocates dq, dk, dv (``_PackedLocalAttention``). None once retired
+        (``backward`` then looks the plan up by the full key)."""
         if self._retired():
             return None
-        key = (tensor_key(grad_out), tensor_key(grad_lse))
+        key = (tensor_key(grad_out), tensor_key(grad_lse), *((None,) if grads is None else map(tensor_key, grads)))
         plan = self.backward_plans.get(key)
         if plan is None:
             plan = self.backward_plans[key] = _backward_plan_of(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v,
-                                                                self.pat, self.scale, grad_lse)
+                                                                self.pat, self.scale, grad_lse, grads)
         return plan
 
 
