@@ -946,6 +946,36 @@ def _backward(ctx, grad_out, grad_lse, grad_out32):
 local_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _autograd_forward(ctx, q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float, fp32_out: bool,
+                      prepared: PreparedCall | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward both autograd Functions run: ``(returned, out, lse)``, the output they return (16-bit where q
+    is), the output the backward reads (float32 where ``fp32_out``) and the log2-LSE. Sets the context's pattern,
+    scale, prepared call and the expanded bias the backward reuses; the caller saves its own inputs."""
+    out, lse, bias, out_low = _forward(q, k, v, rpb, extra_k, extra_v, pat, scale,
+                                       torch.float32 if fp32_out else None, None if prepared is None else prepared.plan)
+    ctx.pattern, ctx.scale, ctx.prepared = pat, scale, prepared
+    ctx.bias_q = bias if rpb is not None and rpb.requires_grad else None  # autograd checks rpb's version
+    ctx.set_materialize_grads(False)  # an unused LSE costs nothing in the backward
+    returned = out_low if out_low is not None else (out.to(q.dtype) if fp32_out else out)
+    return returned, out, lse
+
+
+def _autograd_backward(ctx, grad_out, grad_lse, q, k, v, out, lse, rpb, extra_k, extra_v, grads=None) -> tuple:
+    """The backward both autograd Functions run: ``backward``'s six results, with the prepared call's plan where
+    there is one and the bias gradient in the table's dtype. ``grads``: ``backward``'s (dq, dk, dv) to write."""
+    if grad_out is None:
+        grad_out = torch.zeros(*q.shape[:-1], v.shape[-1], device=q.device, dtype=q.dtype)
+    plan = None
+    if ctx.prepared is not None:
+        plan = ctx.prepared.backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, grad_lse, grads)
+    dq, dk, dv, drpb, dek, dev = backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, ctx.pattern, ctx.scale,
+                                          grad_lse, ctx.bias_q, plan, grads)
+    ctx.bias_q = None
+    if drpb is not None:
+        drpb = drpb.to(rpb.dtype)
+    return dq, dk, dv, drpb, dek, dev
+
+
 class _LocalAttention(torch.autograd.Function):
     """The same forward/backward as the custom op, for eager mode: ``torch.library`` dispatch (schema checks,
     default filling, alias checks, redispatch) cost about as much host time per call as the kernels' GPU time at
@@ -955,31 +985,13 @@ class _LocalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float, fp32_out: bool,
                 prepared: PreparedCall | None = None):
-        out, lse, bias, out_low = _forward(q, k, v, rpb, extra_k, extra_v, pat, scale,
-                                           torch.float32 if fp32_out else None,
-                                           None if prepared is None else prepared.plan)
+        returned, out, lse = _autograd_forward(ctx, q, k, v, rpb, extra_k, extra_v, pat, scale, fp32_out, prepared)
         ctx.save_for_backward(q, k, v, out, lse, rpb, extra_k, extra_v)
-        ctx.pattern, ctx.scale, ctx.prepared = pat, scale, prepared
-        ctx.bias_q = bias if rpb is not None and rpb.requires_grad else None  # autograd checks rpb's version
-        ctx.set_materialize_grads(False)  # an unused LSE costs nothing in the backward
-        if out_low is not None:
-            return out_low, lse
-        return (out.to(q.dtype) if fp32_out else out), lse
+        return returned, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, rpb, extra_k, extra_v = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros(*q.shape[:-1], v.shape[-1], device=q.device, dtype=q.dtype)
-        plan = None
-        if ctx.prepared is not None:
-            plan = ctx.prepared.backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, grad_lse)
-        dq, dk, dv, drpb, dek, dev = backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, ctx.pattern,
-                                              ctx.scale, grad_lse, ctx.bias_q, plan)
-        ctx.bias_q = None
-        if drpb is not None:
-            drpb = drpb.to(rpb.dtype)
-        return dq, dk, dv, drpb, dek, dev, None, None, None, None
+        return (*_autograd_backward(ctx, grad_out, grad_lse, *ctx.saved_tensors), None, None, None, None)
 
 
 class _PackedLocalAttention(torch.autograd.Function):
@@ -990,34 +1002,17 @@ class _PackedLocalAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, rpb, pat: Pattern, scale: float, fp32_out: bool, prepared: PreparedCall | None = None):
-        q, k, v = qkv.unbind(-3)
-        out, lse, bias, out_low = _forward(q, k, v, rpb, None, None, pat, scale, torch.float32 if fp32_out else None,
-                                           None if prepared is None else prepared.plan)
+        returned, out, lse = _autograd_forward(ctx, *qkv.unbind(-3), rpb, None, None, pat, scale, fp32_out, prepared)
         ctx.save_for_backward(qkv, out, lse, rpb)
-        ctx.pattern, ctx.scale, ctx.prepared = pat, scale, prepared
-        ctx.bias_q = bias if rpb is not None and rpb.requires_grad else None  # autograd checks rpb's version
-        ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(lse)
-        if out_low is not None:
-            return out_low, lse
-        return (out.to(q.dtype) if fp32_out else out), lse
+        return returned, lse
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
         qkv, out, lse, rpb = ctx.saved_tensors
-        q, k, v = qkv.unbind(-3)
-        if grad_out is None:
-            grad_out = torch.zeros(q.shape, device=q.device, dtype=q.dtype)
         grad_qkv = _new(qkv.shape, qkv)  # contiguous: the head dim has unit stride in each view
-        grads = grad_qkv.unbind(-3)
-        plan = None
-        if ctx.prepared is not None:
-            plan = ctx.prepared.backward_plan(grad_out, q, k, v, out, lse, rpb, None, None, None, grads)
-        _, _, _, drpb, _, _ = backward(grad_out, q, k, v, out, lse, rpb, None, None, ctx.pattern, ctx.scale, None,
-                                       ctx.bias_q, plan, grads)
-        ctx.bias_q = None
-        if drpb is not None:
-            drpb = drpb.to(rpb.dtype)
+        drpb = _autograd_backward(ctx, grad_out, None, *qkv.unbind(-3), out, lse, rpb, None, None,
+                                  grad_qkv.unbind(-3))[3]
         return grad_qkv, drpb, None, None, None, None
 
 
@@ -1033,7 +1028,7 @@ def local_attention_packed(qkv: Tensor, rpb: Tensor | None, kernel: tuple, dilat
     if torch.compiler.is_compiling():
         return local_attention(q, k, v, rpb, None, None, False, kernel, dilation, stride, causal, (0,) * rank,
                                scale)
-    if prepared is not None and not prepared._retired():
+    if prepared is not None and not prepared.retired:
         out, _ = _PackedLocalAttention.apply(qkv, rpb, prepared.pat, prepared.scale, prepared.fp32_out, prepared)
         return out
     pat = _call_pattern(q, False, kernel, dilation, stride, causal, (0,) * rank)
@@ -1097,7 +1092,7 @@ class PreparedCall:
                  extra_v: Tensor | None):
         """The call's result, as ``local_attention`` returns it; None when the plan was retired (a cleared plan
         cache or a switched path flag), so the caller takes the full path."""
-        if self._retired():
+        if self.retired:
             return None
         if self.autograd:
             out, lse2 = _LocalAttention.apply(q, k, v, rpb, extra_k, extra_v, self.pat, self.scale, self.fp32_out,
@@ -1111,10 +1106,6 @@ class PreparedCall:
     def retired(self) -> bool:
         """Whether the plan cache was cleared or a path flag switched since this call was prepared (replaying it
         would run stale plans: the caller prepares the call again)."""
-        return self._retired()
-
-    def _retired(self) -> bool:
-        """The plan cache was cleared or a path flag switched since this call was prepared."""
         return self.epoch != _PLANS.epoch or self.flags != _path_flags()
 
     def backward_plan(self, grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, grad_lse, grads=None):
@@ -1122,7 +1113,7 @@ class PreparedCall:
         and LSE are fresh allocations of the forward plan), so only the incoming gradients' geometry varies, and
         that of ``grads`` where the caller allocates dq, dk, dv (``_PackedLocalAttention``). None once retired
         (``backward`` then looks the plan up by the full key)."""
-        if self._retired():
+        if self.retired:
             return None
         key = (tensor_key(grad_out), tensor_key(grad_lse), *((None,) if grads is None else map(tensor_key, grads)))
         plan = self.backward_plans.get(key)
