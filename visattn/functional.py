@@ -496,10 +496,15 @@ def _na_packed(rank: int, qkv: Tensor, kernel_size, stride, dilation, is_causal,
         raise ValueError(f"na{rank}d: qkv must be a [B, *spatial ({rank} dims), 3, heads, head_dim] tensor, got "
                          f"{tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__}")
     query, key, value = qkv.unbind(-3)
-    common = (kernel_size, stride, dilation, is_causal, scale, None, None, None, backend, None, None, None, None,
-              None, False, True, None, False, False)
+    # ``_na``'s remaining arguments as the public functions default them (no extra keys, NATTEN's tuning options
+    # unset, no LSE)
+    common = dict(kernel_size=kernel_size, stride=stride, dilation=dilation, is_causal=is_causal, scale=scale,
+                  additional_keys=None, additional_values=None, attention_kwargs=None, backend=backend,
+                  q_tile_shape=None, kv_tile_shape=None, backward_q_tile_shape=None, backward_kv_tile_shape=None,
+                  backward_kv_splits=None, backward_use_pt_reduction=False, run_persistent_kernel=True,
+                  kernel_schedule=None, torch_compile=False, return_lse=False)
     if not (torch.is_grad_enabled() and qkv.requires_grad) or torch.compiler.is_compiling():
-        return _na(rank, query, key, value, *common, rpb)
+        return _na(rank, query, key, value, **common, rpb=rpb)
     fast = None
     if (scale is None or type(scale) in (float, int)) and may_cache(qkv, rpb):
         fast = _validated_key("na-packed", rank, _geometry(qkv), _geometry(rpb), kernel_size, stride, dilation,
@@ -510,8 +515,8 @@ def _na_packed(rank: int, qkv: Tensor, kernel_size, stride, dilation, is_causal,
     if validated is not None and validated[5] is not None and validated[5].retired:
         validated = None  # a cleared plan cache or a switched path flag: prepare again
     if validated is None:
-        if _na(rank, query, key, value, *common, rpb, dry_run=True) != "triton":
-            return _na(rank, query, key, value, *common, rpb)
+        if _na(rank, query, key, value, **common, rpb=rpb, dry_run=True) != "triton":
+            return _na(rank, query, key, value, **common, rpb=rpb)
         args = (int_tuple(kernel_size, rank, "kernel_size"), int_tuple(dilation, rank, "dilation", default=1),
                 int_tuple(stride, rank, "stride", default=1), bool_tuple(is_causal, rank, "is_causal"))
         scale = check_scale(scale, query.shape[-1])
@@ -519,7 +524,7 @@ def _na_packed(rank: int, qkv: Tensor, kernel_size, stride, dilation, is_causal,
         validated = (*args, scale, prepared)
         _remember_validated(fast, validated)
     if not _kernels.packed_qkv_enabled():  # asked only once the kernels were chosen (they import Triton)
-        return _na(rank, query, key, value, *common, rpb)
+        return _na(rank, query, key, value, **common, rpb=rpb)
     kernel, dil, strd, causal, scale, prepared = validated
     _record("triton")
     return _contiguous(_kernels.na_packed(qkv, kernel, dil, strd, causal, rpb, scale, prepared))
