@@ -491,7 +491,8 @@ def _na_packed(rank: int, qkv: Tensor, kernel_size, stride, dilation, is_causal,
     projection's output, as the nn modules hold it): the same checks, backend choice and result as ``_na`` on
     ``qkv.unbind(-3)``. Where the fused kernels run an eager call that autograd records for ``qkv``, one autograd
     node takes ``qkv`` itself and the backward writes one packed gradient, without the unbind's stack of dq, dk,
-    dv (three copies of the projection's gradient per call)."""
+    dv (three copies of the projection's gradient per call); traced calls take the packed custom ops, so a compiled
+    graph holds no copy either."""
     if not isinstance(qkv, Tensor) or qkv.dim() != rank + 4 or qkv.shape[-3] != 3:
         raise ValueError(f"na{rank}d: qkv must be a [B, *spatial ({rank} dims), 3, heads, head_dim] tensor, got "
                          f"{tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__}")
@@ -503,7 +504,7 @@ def _na_packed(rank: int, qkv: Tensor, kernel_size, stride, dilation, is_causal,
                   q_tile_shape=None, kv_tile_shape=None, backward_q_tile_shape=None, backward_kv_tile_shape=None,
                   backward_kv_splits=None, backward_use_pt_reduction=False, run_persistent_kernel=True,
                   kernel_schedule=None, torch_compile=False, return_lse=False)
-    if not (torch.is_grad_enabled() and qkv.requires_grad) or torch.compiler.is_compiling():
+    if not (torch.is_grad_enabled() and qkv.requires_grad):
         return _na(rank, query, key, value, **common, rpb=rpb)
     fast = None
     if (scale is None or type(scale) in (float, int)) and may_cache(qkv, rpb):

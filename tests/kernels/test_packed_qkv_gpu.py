@@ -59,3 +59,39 @@ def test_packed_qkv_matches_oracle_and_the_unpacked_kernels(seed):
     for name, a, b in zip(("out", "dqkv", "drpb"), (out, *got), (ref, *want), strict=False):
         err = float((a.double() - b).abs().max() / b.abs().max())
         assert err < 2e-2, (name, err, rank, spatial, heads, d, kernel, dil, dtype, bias)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_compiled_module_takes_the_packed_ops_and_matches_eager(bias, monkeypatch):
+    """A NeighborhoodAttention2D block compiled with Inductor (fullgraph) runs the packed custom ops (its backward
+    writes one packed gradient: ``ops.backward`` gets ``grads``) and gives the eager packed call's output and
+    parameter gradients (tolerance of one bf16 rounding)."""
+    import copy
+
+    import visattn
+    from visattn.kernels import ops
+
+    packed_backwards = []
+    plain_backward = ops.backward
+
+    def spy(*args, **kwargs):  # grads: keyword or the 15th positional argument
+        packed_backwards.append(kwargs.get("grads", args[14] if len(args) > 14 else None) is not None)
+        return plain_backward(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "backward", spy)
+    torch.manual_seed(0)
+    module = visattn.nn.NeighborhoodAttention2D(64, 2, 7, rel_pos_bias=bias).cuda()
+    twin = copy.deepcopy(module)
+    compiled = torch.compile(twin, fullgraph=True)
+    x = torch.randn(4, 14, 14, 64, device="cuda")
+    g = torch.randn(4, 14, 14, 64, device="cuda")
+    results = []
+    for mod in (module, compiled):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = mod(x)
+        results.append((y.float(), torch.autograd.grad(y, list(mod.parameters()), g.to(y.dtype))))
+    assert packed_backwards == [True, True]  # eager, then compiled: both packed
+    (y_e, g_e), (y_c, g_c) = results
+    assert torch.allclose(y_c, y_e, atol=2e-2, rtol=2e-2)
+    for a, b in zip(g_c, g_e, strict=True):
+        assert float((a.float() - b.float()).abs().max() / b.float().abs().max()) < 2e-2
