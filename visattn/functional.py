@@ -485,18 +485,49 @@ def _run_na(chosen: str, backend, args: tuple, scale: float, additional_keys, ad
     return _contiguous(_kernels.na(*args, scale, additional_keys, additional_values, return_lse=return_lse))
 
 
-def _na_packed(rank: int, qkv: Tensor, kernel_size, stride, dilation, is_causal, scale, rpb: Tensor | None,
-               backend) -> Tensor:
-    """``na{rank}d`` on the three views of a packed ``qkv`` ``[B, *spatial, 3, heads, head_dim]`` (a fused qkv
-    projection's output, as the nn modules hold it): the same checks, backend choice and result as ``_na`` on
-    ``qkv.unbind(-3)``. Where the fused kernels run an eager call that autograd records for ``qkv``, one autograd
-    node takes ``qkv`` itself and the backward writes one packed gradient, without the unbind's stack of dq, dk,
-    dv (three copies of the projection's gradient per call); traced calls take the packed custom ops, so a compiled
-    graph holds no copy either."""
+def _packed_call(kind: str, qkv: Tensor, rank: int, rpb: Tensor | None, scale, key_parts: tuple,
+                 views_call: Callable, normalize: Callable[[], tuple], prepare: Callable, run: Callable) -> Tensor:
+    """A local-attention call on the three views of a packed ``qkv`` ``[B, *spatial, 3, heads, head_dim]`` (a fused
+    qkv projection's output, as the nn modules hold it): the same checks, backend choice and result as the views'
+    call. Where the fused kernels run a call that autograd records for ``qkv``, one autograd node (eager) or one
+    custom op (traced) takes ``qkv`` itself and the backward writes one packed gradient, without the unbind's stack
+    of dq, dk, dv (three copies of the projection's gradient per call; one copy in a compiled graph).
+
+    ``views_call(q, k, v, rpb, dry_run=False)``: the public op on the views (validation, backend choice, dry run);
+    ``normalize()``: the pattern arguments as the kernels take them; ``prepare(q, k, v, args, rpb, scale)``: the
+    views' ``PreparedCall``; ``run(qkv, args, rpb, scale, prepared)``: the packed kernels entry."""
     if not isinstance(qkv, Tensor) or qkv.dim() != rank + 4 or qkv.shape[-3] != 3:
-        raise ValueError(f"na{rank}d: qkv must be a [B, *spatial ({rank} dims), 3, heads, head_dim] tensor, got "
+        raise ValueError(f"{kind}: qkv must be a [B, *spatial ({rank} dims), 3, heads, head_dim] tensor, got "
                          f"{tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__}")
     query, key, value = qkv.unbind(-3)
+    if not (torch.is_grad_enabled() and qkv.requires_grad):
+        return views_call(query, key, value, rpb)
+    fast = None
+    if (scale is None or type(scale) in (float, int)) and may_cache(qkv, rpb):
+        fast = _validated_key(kind + "-packed", rank, _geometry(qkv), _geometry(rpb), *key_parts, scale)
+    # (pattern arguments, scale, the views' PreparedCall) of a call that chose the kernels
+    validated = _prepared(fast)
+    rpb = _rpb_in_compute_dtype(rpb, query)
+    if validated is not None and validated[2] is not None and validated[2].retired:
+        validated = None  # a cleared plan cache or a switched path flag: prepare again
+    if validated is None:
+        if views_call(query, key, value, rpb, dry_run=True) != "triton":
+            return views_call(query, key, value, rpb)
+        args = normalize()
+        scale = check_scale(scale, query.shape[-1])
+        prepared = None if fast is None else prepare(query, key, value, args, rpb, scale)
+        validated = (args, scale, prepared)
+        _remember_validated(fast, validated)
+    if not _kernels.packed_qkv_enabled():  # asked only once the kernels were chosen (they import Triton)
+        return views_call(query, key, value, rpb)
+    args, scale, prepared = validated
+    _record("triton")
+    return _contiguous(run(qkv, args, rpb, scale, prepared))
+
+
+def _na_packed(rank: int, qkv: Tensor, kernel_size, stride, dilation, is_causal, scale, rpb: Tensor | None,
+               backend) -> Tensor:
+    """``na{rank}d`` on the views of a packed ``qkv`` (``_packed_call``), as the NA nn modules call it."""
     # ``_na``'s remaining arguments as the public functions default them (no extra keys, NATTEN's tuning options
     # unset, no LSE)
     common = dict(kernel_size=kernel_size, stride=stride, dilation=dilation, is_causal=is_causal, scale=scale,
@@ -504,31 +535,22 @@ def _na_packed(rank: int, qkv: Tensor, kernel_size, stride, dilation, is_causal,
                   q_tile_shape=None, kv_tile_shape=None, backward_q_tile_shape=None, backward_kv_tile_shape=None,
                   backward_kv_splits=None, backward_use_pt_reduction=False, run_persistent_kernel=True,
                   kernel_schedule=None, torch_compile=False, return_lse=False)
-    if not (torch.is_grad_enabled() and qkv.requires_grad):
-        return _na(rank, query, key, value, **common, rpb=rpb)
-    fast = None
-    if (scale is None or type(scale) in (float, int)) and may_cache(qkv, rpb):
-        fast = _validated_key("na-packed", rank, _geometry(qkv), _geometry(rpb), kernel_size, stride, dilation,
-                              is_causal, scale, backend)
-    # (kernel, dilation, stride, causal, scale, the views' PreparedCall) of a call that chose the kernels
-    validated = _prepared(fast)
-    rpb = _rpb_in_compute_dtype(rpb, query)
-    if validated is not None and validated[5] is not None and validated[5].retired:
-        validated = None  # a cleared plan cache or a switched path flag: prepare again
-    if validated is None:
-        if _na(rank, query, key, value, **common, rpb=rpb, dry_run=True) != "triton":
-            return _na(rank, query, key, value, **common, rpb=rpb)
-        args = (int_tuple(kernel_size, rank, "kernel_size"), int_tuple(dilation, rank, "dilation", default=1),
+
+    def views_call(q, k, v, table, dry_run=False):
+        return _na(rank, q, k, v, **common, rpb=table, dry_run=dry_run)
+
+    def normalize():
+        return (int_tuple(kernel_size, rank, "kernel_size"), int_tuple(dilation, rank, "dilation", default=1),
                 int_tuple(stride, rank, "stride", default=1), bool_tuple(is_causal, rank, "is_causal"))
-        scale = check_scale(scale, query.shape[-1])
-        prepared = None if fast is None else _kernels.prepare_na(query, key, value, *args, rpb, scale, None, None)
-        validated = (*args, scale, prepared)
-        _remember_validated(fast, validated)
-    if not _kernels.packed_qkv_enabled():  # asked only once the kernels were chosen (they import Triton)
-        return _na(rank, query, key, value, **common, rpb=rpb)
-    kernel, dil, strd, causal, scale, prepared = validated
-    _record("triton")
-    return _contiguous(_kernels.na_packed(qkv, kernel, dil, strd, causal, rpb, scale, prepared))
+
+    def prepare(q, k, v, args, table, scale):
+        return _kernels.prepare_na(q, k, v, *args, table, scale, None, None)
+
+    def run(qkv, args, table, scale, prepared):
+        return _kernels.na_packed(qkv, *args, table, scale, prepared)
+
+    return _packed_call(f"na{rank}d", qkv, rank, rpb, scale, (kernel_size, stride, dilation, is_causal, backend),
+                        views_call, normalize, prepare, run)
 
 
 _NA_DOC = """{rank}-D neighborhood attention (NA / DiNA / GNA) on heads-last ``[B, {spatial}, heads, head_dim]``.
@@ -669,6 +691,27 @@ def _window(query, key, value, window_size, shift, rpb, scale, backend, dry_run=
         return _contiguous(dense_schedule.window_partition_attention(query, key, value, window, shifts, rpb, scale))
     impl = reference if chosen == "reference" else _kernels
     return _contiguous(impl.window(*args, scale))
+
+
+def _window_packed(qkv: Tensor, window_size, shift, rpb: Tensor | None, scale, backend) -> Tensor:
+    """``window_attention`` on the views of a packed ``qkv`` (``_packed_call``), as ``visattn.nn.WindowAttention``
+    and the Swin blocks patched in place call it."""
+    rank = qkv.dim() - 4 if isinstance(qkv, Tensor) else 0
+
+    def views_call(q, k, v, table, dry_run=False):
+        return _window(q, k, v, window_size, shift, table, scale, backend, dry_run=dry_run)
+
+    def normalize():
+        return int_tuple(window_size, rank, "window_size"), int_tuple(shift, rank, "shift", minimum=0)
+
+    def prepare(q, k, v, args, table, scale):
+        return _kernels.prepare_window(q, k, v, *args, table, scale)
+
+    def run(qkv, args, table, scale, prepared):
+        return _kernels.window_packed(qkv, *args, table, scale, prepared)
+
+    return _packed_call("window_attention", qkv, rank if rank in (2, 3) else 2, rpb, scale,
+                        (window_size, shift, backend), views_call, normalize, prepare, run)
 
 
 def window_attention(query: Tensor, key: Tensor, value: Tensor, window_size: IntOrTuple, shift: IntOrTuple = 0,

@@ -1,17 +1,19 @@
-"""The packed-qkv path under ``torch.compile`` (TRITON_INTERPRET=1): a traced call on a fused projection's ``qkv``
-``[B, *spatial, 3, heads, D]`` must hold the packed custom ops (``visattn::local_attention_packed_fwd`` in the
-forward graph, ``..._packed_bwd`` in the backward graph; no op on the three views, whose gradients a compiled
-graph would copy into one tensor), pass ``torch.library.opcheck``, and give the output, the packed gradient and
-the bias gradient of the float64 oracle and of the eager call. Runs in a child process (tests/interpreted.py)."""
+"""The packed-qkv path under ``torch.compile`` (TRITON_INTERPRET=1): a traced call on a fused projection's ``qkv`` ``[B,
+*spatial, 3, heads, D]`` must hold the packed custom ops (``visattn::local_attention_packed_fwd`` in the forward
+graph, ``..._packed_bwd`` in the backward graph; no op on the three views, whose gradients a compiled graph would
+copy into one tensor), for neighborhoods and shifted windows, pass ``torch.library.opcheck``, and give the output,
+the packed gradient and the bias gradient of the float64 oracle and of the eager call. Runs in a child process
+(tests/interpreted.py)."""
 
 from __future__ import annotations
 
 import pytest
 from interpreted import run_case_interpreted
 
-CASES = [  # (spatial, heads, head_dim, kernel, dilation, bias, dtype)
-    ((9, 10), 2, 16, (3, 5), (1, 2), True, "float16"),
-    ((4, 5, 6), 1, 16, (3, 3, 3), (1, 1, 1), False, "float32"),
+CASES = [  # (spatial, heads, head_dim, kernel or window, dilation or shift, window, bias, dtype)
+    ((9, 10), 2, 16, (3, 5), (1, 2), False, True, "float16"),
+    ((4, 5, 6), 1, 16, (3, 3, 3), (1, 1, 1), False, False, "float32"),
+    ((8, 12), 2, 16, (4, 4), (2, 1), True, True, "float32"),
 ]
 
 
@@ -33,12 +35,12 @@ def run_case() -> dict:
     qkv = torch.randn(1, 6, 7, 3, 2, 16, generator=gen)
     rpb = torch.randn(2, 5, 5, generator=gen).requires_grad_(True)
     checks = torch.library.opcheck(
-        ops.local_attention_packed_fwd, (qkv.requires_grad_(True), rpb, [3, 3], [1, 1], [1, 1], [False, False],
-                                         0.25, False),
+        ops.local_attention_packed_fwd, (qkv.requires_grad_(True), rpb, False, [3, 3], [1, 1], [1, 1],
+                                         [False, False], [0, 0], 0.25, False),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     result: dict = {"opcheck": {name: verdict == "SUCCESS" for name, verdict in checks.items()}, "cases": []}
 
-    for spatial, heads, d, kernel, dil, bias, dtype in CASES:
+    for spatial, heads, d, kernel, dil, window, bias, dtype in CASES:
         rank = len(spatial)
         graphs: list[set] = []
 
@@ -46,7 +48,9 @@ def run_case() -> dict:
             graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
             return make_boxed_func(gm.forward)
 
-        def call(qkv, rpb, rank=rank, kernel=kernel, dil=dil):
+        def call(qkv, rpb, rank=rank, kernel=kernel, dil=dil, window=window):
+            if window:  # dil: the shift
+                return functional._window_packed(qkv, kernel, dil, rpb, None, "triton")
             return functional._na_packed(rank, qkv, kernel, 1, dil, False, None, rpb, "triton")
 
         compiled = torch.compile(call, backend=aot_autograd(fw_compiler=record, bw_compiler=record), fullgraph=True)
@@ -60,12 +64,15 @@ def run_case() -> dict:
             out = fn(leaves[0], leaves[1] if bias else None)
             runs[name] = (out.detach(), torch.autograd.grad(out, leaves, g))
         high = [base.double().requires_grad_(True)] + ([table.double().requires_grad_(True)] if bias else [])
-        want = oracle.na_oracle(*high[0].unbind(-3), kernel, (1,) * rank, dil, (False,) * rank, scale=d**-0.5,
-                                rpb=high[1] if bias else None)
+        if window:
+            want = oracle.window_oracle(*high[0].unbind(-3), kernel, dil, rpb=high[1] if bias else None)
+        else:
+            want = oracle.na_oracle(*high[0].unbind(-3), kernel, (1,) * rank, dil, (False,) * rank,
+                                    scale=d**-0.5, rpb=high[1] if bias else None)
         g_want = torch.autograd.grad(want, high, g.double())
         (out_c, g_c), (out_e, g_e) = runs["compiled"], runs["eager"]
         result["cases"].append({
-            "case": f"{spatial} {dtype} bias={bias}", "dtype": dtype,
+            "case": f"{spatial} window={window} {dtype} bias={bias}", "dtype": dtype,
             "graphs": [sorted(t for t in ops_ if "visattn" in t) for ops_ in graphs],
             "grad_shapes_ok": [tuple(a.shape) for a in g_c] == [tuple(t.shape) for t in high],
             "err_oracle": max([rel(out_c, want.detach())] + [rel(a, b) for a, b in zip(g_c, g_want, strict=True)]),

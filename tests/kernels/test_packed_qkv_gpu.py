@@ -1,7 +1,8 @@
 """The packed-qkv path (``functional._na_packed``: one autograd node on a fused projection's ``qkv``, gradient
 written packed by the backward kernels) on a CUDA GPU: output and packed gradient against the float64 oracle, and
 bitwise equal to the same kernels on the three unbound views (contiguous dq, dk, dv, stacked by autograd), for
-random 1-D/2-D/3-D problems with and without a trained bias. Skipped without CUDA."""
+random 1-D/2-D/3-D problems with and without a trained bias, and shifted windows; a compiled module takes the packed
+custom ops. Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -59,6 +60,47 @@ def test_packed_qkv_matches_oracle_and_the_unpacked_kernels(seed):
     for name, a, b in zip(("out", "dqkv", "drpb"), (out, *got), (ref, *want), strict=False):
         err = float((a.double() - b).abs().max() / b.abs().max())
         assert err < 2e-2, (name, err, rank, spatial, heads, d, kernel, dil, dtype, bias)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_packed_windows_match_oracle_and_the_unpacked_kernels(seed):
+    """Shifted Swin / Video-Swin windows on the packed path: bitwise the views' kernels, and the float64 oracle."""
+    import oracle
+
+    from visattn import functional
+
+    rng = random.Random(100 + seed)
+    rank = rng.choice([2, 3])
+    window = tuple(rng.choice([2, 4, 7]) if rank == 2 else rng.choice([2, 4]) for _ in range(rank))
+    shift = tuple(rng.randrange(w) for w in window)
+    spatial = tuple(w * rng.choice([1, 2, 3]) for w in window)
+    heads, d, dtype, bias = rng.choice([1, 3]), rng.choice([16, 32, 64]), rng.choice([torch.float16,
+                                                                                      torch.bfloat16]), seed % 2 == 0
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    qkv = torch.randn(2, *spatial, 3, heads, d, device="cuda", generator=gen).to(dtype)
+    rpb = torch.randn(heads, *(2 * w - 1 for w in window), device="cuda", generator=gen) * 0.3 if bias else None
+    g = torch.randn(2, *spatial, heads, d, device="cuda", generator=gen).to(dtype)
+    runs = []
+    for packed in (True, False):
+        leaf = qkv.clone().requires_grad_(True)
+        table = None if rpb is None else rpb.clone().requires_grad_(True)
+        if packed:
+            out = functional._window_packed(leaf, window, shift, table, None, "triton")
+            assert type(out.grad_fn).__name__ == "_PackedLocalAttentionBackward"
+        else:
+            out = functional.window_attention(*leaf.unbind(-3), window, shift, rpb=table, backend="triton")
+        runs.append((out, torch.autograd.grad(out, [leaf] + ([table] if bias else []), g)))
+    (out, got), (out_views, want_views) = runs
+    assert torch.equal(out, out_views)
+    for a, b in zip(got, want_views, strict=True):
+        assert torch.equal(a, b)
+    ref_leaf = qkv.double().requires_grad_(True)
+    ref_table = None if rpb is None else rpb.double().requires_grad_(True)
+    ref = oracle.window_oracle(*ref_leaf.unbind(-3), window, shift, rpb=ref_table)
+    want = torch.autograd.grad(ref, [ref_leaf] + ([ref_table] if bias else []), g.double())
+    for name, a, b in zip(("out", "dqkv", "drpb"), (out, *got), (ref, *want), strict=False):
+        err = float((a.double() - b).abs().max() / b.abs().max())
+        assert err < 2e-2, (name, err, spatial, window, shift, heads, d, dtype, bias)
 
 
 @pytest.mark.parametrize("bias", [False, True])

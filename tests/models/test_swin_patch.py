@@ -28,12 +28,26 @@ def _forward_and_grads(model, x):
     return out.detach(), grads
 
 
-def test_patched_swin_matches_timm_values_and_grads(monkeypatch):
+def _spy_window_calls(monkeypatch) -> list:
+    """The shifts of the window-attention calls visattn runs (``functional._window``: what ``window_attention`` and
+    the packed-qkv path of Swin v1 blocks both reach; dry runs of the backend choice not counted)."""
     from visattn import functional
 
     calls = []
-    real = functional.window_attention
-    monkeypatch.setattr(functional, "window_attention", lambda *a, **kw: calls.append(kw["shift"]) or real(*a, **kw))
+    real = functional._window
+
+    def spy(*args, dry_run=False):
+        if not dry_run:
+            calls.append(args[4])
+        return real(*args, dry_run=dry_run)
+
+    monkeypatch.setattr(functional, "_window", spy)
+    return calls
+
+
+def test_patched_swin_matches_timm_values_and_grads(monkeypatch):
+
+    calls = _spy_window_calls(monkeypatch)
     model = _tiny_swin()
     assert any(any(b.shift_size) for b in model.modules() if hasattr(b, "shift_size"))  # shifted blocks exist
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
@@ -77,12 +91,9 @@ def _randomise_position_params(model):
 def test_every_block_accelerated_and_equal_to_timm(name, img_size, window, monkeypatch):
     """Maps the window does not divide (swin_tiny at 256 has 64 = 9*7 + 1) and SwinV2 run on visattn and match
     stock timm in float64, values and gradients."""
-    from visattn import functional
     from visattn.models.swin_patch import patched_block_count
 
-    calls = []
-    real = functional.window_attention
-    monkeypatch.setattr(functional, "window_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = _spy_window_calls(monkeypatch)
     torch.manual_seed(0)
     model = timm.create_model(name, img_size=img_size, window_size=window, embed_dim=16, depths=(2, 2, 2, 2),
                               num_heads=(1, 2, 2, 4), num_classes=5).double().eval()
@@ -110,11 +121,8 @@ def test_attention_dropout_in_training_warns_and_uses_timm():
 def test_cpu_auto_runs_timms_path_and_forced_backend_runs_visattn(monkeypatch):
     """On CPU tensors under "auto" the patched blocks take timm's own path (faster there); a forced backend runs
     visattn.window_attention; both equal stock timm."""
-    from visattn import functional
 
-    calls = []
-    real = functional.window_attention
-    monkeypatch.setattr(functional, "window_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = _spy_window_calls(monkeypatch)
     model = _tiny_swin()
     x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():

@@ -140,7 +140,17 @@ def na_packed(qkv: Tensor, kernel_size: tuple, dilation: tuple, stride: tuple, i
     """``na`` on the three views of a packed ``qkv`` ``[B, *spatial, 3, heads, D]``; under autograd ``qkv`` gets
     one packed gradient written by the backward kernels (no stack of dq, dk, dv). ``prepared``: ``prepare_na``'s
     result for the views of a call of this geometry, replayed (its plans) while it is not retired."""
-    return _load_ops().local_attention_packed(qkv, rpb, kernel_size, dilation, stride, is_causal, scale, prepared)
+    return _load_ops().local_attention_packed(qkv, rpb, False, kernel_size, dilation, stride, is_causal,
+                                              (0,) * (qkv.dim() - 4), scale, prepared)
+
+
+def window_packed(qkv: Tensor, window_size: tuple, shift: tuple, rpb: Tensor | None, scale: float,
+                  prepared=None) -> Tensor:
+    """``window`` on the three views of a packed ``qkv`` ``[B, *spatial, 3, heads, D]``, one packed gradient as in
+    ``na_packed``; ``prepared``: ``prepare_window``'s result for the views, replayed while not retired."""
+    rank = qkv.dim() - 4
+    return _load_ops().local_attention_packed(qkv, rpb, True, window_size, (1,) * rank, (1,) * rank,
+                                              (False,) * rank, shift, scale, prepared)
 
 
 def prepare_na(q: Tensor, k: Tensor, v: Tensor, kernel_size: tuple, dilation: tuple, stride: tuple,

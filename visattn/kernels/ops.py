@@ -957,17 +957,16 @@ local_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # of the unbind, so on the views a compiled graph copies the three into one tensor per call; these ops take the
 # fused projection's qkv [B, *spatial, 3, heads, D] itself and the backward op writes one packed gradient.
 @torch.library.custom_op("visattn::local_attention_packed_fwd", mutates_args=())
-def local_attention_packed_fwd(qkv: Tensor, rpb: Tensor | None, kernel: list[int], dilation: list[int],
-                               stride: list[int], causal: list[bool], scale: float,
-                               fp32_out: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """``local_attention_fwd`` (neighborhood, no extra keys) on the views of ``qkv`` along dim -3."""
+def local_attention_packed_fwd(qkv: Tensor, rpb: Tensor | None, window: bool, kernel: list[int],
+                               dilation: list[int], stride: list[int], causal: list[bool], shift: list[int],
+                               scale: float, fp32_out: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``local_attention_fwd`` (no extra keys) on the views of ``qkv`` along dim -3."""
     q, k, v = qkv.unbind(-3)
-    return _op_forward(q, k, v, rpb, None, None, False, kernel, dilation, stride, causal, [0] * (q.dim() - 3),
-                       scale, fp32_out)
+    return _op_forward(q, k, v, rpb, None, None, window, kernel, dilation, stride, causal, shift, scale, fp32_out)
 
 
 @local_attention_packed_fwd.register_fake
-def _(qkv, rpb, kernel, dilation, stride, causal, scale, fp32_out=False):
+def _(qkv, rpb, window, kernel, dilation, stride, causal, shift, scale, fp32_out=False):
     shape = (*qkv.shape[:-3], *qkv.shape[-2:])
     out32 = qkv.new_empty(shape, dtype=torch.float32) if fp32_out else qkv.new_empty(_EMPTY)
     return qkv.new_empty(shape), qkv.new_empty(shape[:-1], dtype=torch.float32), out32
@@ -975,32 +974,32 @@ def _(qkv, rpb, kernel, dilation, stride, causal, scale, fp32_out=False):
 
 @torch.library.custom_op("visattn::local_attention_packed_bwd", mutates_args=())
 def local_attention_packed_bwd(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, rpb: Tensor | None,
-                               kernel: list[int], dilation: list[int], stride: list[int], causal: list[bool],
-                               scale: float) -> tuple[Tensor, Tensor]:
+                               window: bool, kernel: list[int], dilation: list[int], stride: list[int],
+                               causal: list[bool], shift: list[int], scale: float) -> tuple[Tensor, Tensor]:
     """(the packed gradient of ``qkv``, the bias gradient or an empty tensor)."""
     q, k, v = qkv.unbind(-3)
-    pat = _call_pattern(q, False, kernel, dilation, stride, causal, [0] * (q.dim() - 3))
+    pat = _call_pattern(q, window, kernel, dilation, stride, causal, shift)
     grad_qkv = _new(qkv.shape, qkv)  # contiguous: the head dim has unit stride in each view
     drpb = backward(grad_out, q, k, v, out, lse, rpb, None, None, pat, scale, grads=grad_qkv.unbind(-3))[3]
     return grad_qkv, qkv.new_empty(_EMPTY) if drpb is None else drpb.to(rpb.dtype)
 
 
 @local_attention_packed_bwd.register_fake
-def _(grad_out, qkv, out, lse, rpb, kernel, dilation, stride, causal, scale):
+def _(grad_out, qkv, out, lse, rpb, window, kernel, dilation, stride, causal, shift, scale):
     return qkv.new_empty(qkv.shape), qkv.new_empty(_EMPTY) if rpb is None else rpb.new_empty(rpb.shape)
 
 
 def _setup_packed_context(ctx, inputs, output):
-    qkv, rpb, kernel, dilation, stride, causal, scale, fp32_out = inputs
+    qkv, rpb, window, kernel, dilation, stride, causal, shift, scale, fp32_out = inputs
     out, lse, out32 = output
     ctx.save_for_backward(qkv, out32 if fp32_out else out, lse, rpb)
-    ctx.pattern = (kernel, dilation, stride, causal, scale)
+    ctx.pattern = (window, kernel, dilation, stride, causal, shift, scale)
 
 
 def _packed_backward(ctx, grad_out, _grad_lse, _grad_out32):
     qkv, out, lse, rpb = ctx.saved_tensors
     grad_qkv, drpb = local_attention_packed_bwd(grad_out, qkv, out, lse, rpb, *ctx.pattern)
-    return grad_qkv, None if rpb is None else drpb, None, None, None, None, None, None
+    return grad_qkv, None if rpb is None else drpb, *(None,) * 8
 
 
 local_attention_packed_fwd.register_autograd(_packed_backward, setup_context=_setup_packed_context)
@@ -1076,24 +1075,24 @@ class _PackedLocalAttention(torch.autograd.Function):
         return grad_qkv, drpb, None, None, None, None
 
 
-def local_attention_packed(qkv: Tensor, rpb: Tensor | None, kernel: tuple, dilation: tuple, stride: tuple,
-                           causal: tuple, scale: float, prepared: PreparedCall | None = None) -> Tensor:
-    """Neighborhood attention of the three views of a packed ``qkv`` ``[B, *spatial, 3, heads, D]``, as
+def local_attention_packed(qkv: Tensor, rpb: Tensor | None, window: bool, kernel: tuple, dilation: tuple,
+                           stride: tuple, causal: tuple, shift: tuple, scale: float,
+                           prepared: PreparedCall | None = None) -> Tensor:
+    """Local attention (no extra keys) of the three views of a packed ``qkv`` ``[B, *spatial, 3, heads, D]``, as
     ``local_attention(*qkv.unbind(-3), ...)`` returns it. Eager calls differentiate ``qkv`` as one tensor
     (``_PackedLocalAttention``); traced calls take the packed custom ops (``local_attention_packed_fwd/bwd``).
     ``prepared``: this geometry's ``PreparedCall`` (made on the views by ``prepare``), whose forward plan and
     backward plans a repeated call replays."""
     q, k, v = qkv.unbind(-3)
-    rank = q.dim() - 3
     if torch.compiler.is_compiling():
-        pat = _call_pattern(q, False, kernel, dilation, stride, causal, (0,) * rank)
-        return local_attention_packed_fwd(qkv, rpb, list(kernel), list(dilation), list(stride),
-                                          [bool(c) for c in causal], float(scale),
+        pat = _call_pattern(q, window, kernel, dilation, stride, causal, shift)
+        return local_attention_packed_fwd(qkv, rpb, window, list(kernel), list(dilation), list(stride),
+                                          [bool(c) for c in causal], list(shift), float(scale),
                                           wants_fp32_out(q, rpb, v, None, pat))[0]
     if prepared is not None and not prepared.retired:
         out, _ = _PackedLocalAttention.apply(qkv, rpb, prepared.pat, prepared.scale, prepared.fp32_out, prepared)
         return out
-    pat = _call_pattern(q, False, kernel, dilation, stride, causal, (0,) * rank)
+    pat = _call_pattern(q, window, kernel, dilation, stride, causal, shift)
     out, _ = _PackedLocalAttention.apply(qkv, rpb, pat, float(scale), wants_fp32_out(q, rpb, v, None, pat))
     return out
 

@@ -47,11 +47,12 @@ def _is_v2(block: nn.Module) -> bool:
     return hasattr(block.attn, "logit_scale")
 
 
-def _qkv_v1(block: nn.Module, x: torch.Tensor):
+def _attend_v1(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Swin v1 window attention on the packed qkv (one packed gradient for the projection on the fused kernels)."""
     attn = block.attn
-    q, k, v = attn.qkv(x).view(*x.shape[:3], 3, attn.num_heads, -1).unbind(3)
-    rpb = swin_rpb_to_visattn(attn.relative_position_bias_table, block.window_size)
-    return q, k, v, rpb, attn.scale
+    qkv = attn.qkv(x).view(*x.shape[:3], 3, attn.num_heads, -1)
+    rpb = swin_rpb_to_visattn(attn.relative_position_bias_table, block.window_size).to(qkv.dtype)
+    return functional._window_packed(qkv, tuple(block.window_size), tuple(block.shift_size), rpb, attn.scale, None)
 
 
 def _qkv_v2(block: nn.Module, x: torch.Tensor):
@@ -72,9 +73,12 @@ def _qkv_v2(block: nn.Module, x: torch.Tensor):
 def _attend(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Window attention of a window-divisible [B, H, W, C] map with visattn shifted-window semantics."""
     batch, height, width, _ = x.shape
-    q, k, v, rpb, scale = (_qkv_v2 if _is_v2(block) else _qkv_v1)(block, x)
-    out = functional.window_attention(q, k, v, tuple(block.window_size), shift=tuple(block.shift_size),
-                                      rpb=rpb.to(q.dtype), scale=scale)
+    if _is_v2(block):
+        q, k, v, rpb, scale = _qkv_v2(block, x)
+        out = functional.window_attention(q, k, v, tuple(block.window_size), shift=tuple(block.shift_size),
+                                          rpb=rpb.to(q.dtype), scale=scale)
+    else:
+        out = _attend_v1(block, x)
     attn = block.attn
     return attn.proj_drop(attn.proj(out.reshape(batch, height, width, -1)))
 

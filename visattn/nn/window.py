@@ -105,9 +105,9 @@ class WindowAttention(nn.Module):
                 pads += [0, p - n]
             x = F.pad(x, [0, 0] + pads)
         qkv = self.qkv(x).view(x.shape[0], *padded, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(-3)
-        out = functional.window_attention(q, k, v, self.window_size, self.shift_size, rpb=self.position_bias(),
-                                          scale=self.scale, backend=self.backend)
+        # the packed qkv: on the fused kernels the backward writes one gradient for the projection (no stack)
+        out = functional._window_packed(qkv, self.window_size, self.shift_size, self.position_bias(), self.scale,
+                                        self.backend)
         out = self.proj_drop(self.proj(out.reshape(*x.shape[:-1], self.dim)))
         if padded != spatial:
             out = out[(slice(None), *(slice(0, n) for n in spatial))]
