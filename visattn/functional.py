@@ -486,31 +486,33 @@ def _run_na(chosen: str, backend, args: tuple, scale: float, additional_keys, ad
 
 
 def _packed_call(kind: str, qkv: Tensor, rank: int, rpb: Tensor | None, scale, key_parts: tuple,
-                 views_call: Callable, normalize: Callable[[], tuple], prepare: Callable, run: Callable) -> Tensor:
+                 views_calls: Callable[[], tuple], run: Callable) -> Tensor:
     """A local-attention call on the three views of a packed ``qkv`` ``[B, *spatial, 3, heads, head_dim]`` (a fused
     qkv projection's output, as the nn modules hold it): the same checks, backend choice and result as the views'
     call. Where the fused kernels run a call that autograd records for ``qkv``, one autograd node (eager) or one
     custom op (traced) takes ``qkv`` itself and the backward writes one packed gradient, without the unbind's stack
     of dq, dk, dv (three copies of the projection's gradient per call; one copy in a compiled graph).
 
-    ``views_call(q, k, v, rpb, dry_run=False)``: the public op on the views (validation, backend choice, dry run);
-    ``normalize()``: the pattern arguments as the kernels take them; ``prepare(q, k, v, args, rpb, scale)``: the
-    views' ``PreparedCall``; ``run(qkv, args, rpb, scale, prepared)``: the packed kernels entry."""
+    ``views_calls()`` (built only when a call is not a replay: closures cost host time) returns ``(views_call,
+    normalize, prepare)``: ``views_call(q, k, v, rpb, dry_run=False)`` is the public op on the views (validation,
+    backend choice, dry run), ``normalize()`` the pattern arguments as the kernels take them, ``prepare(q, k, v,
+    args, rpb, scale)`` the views' ``PreparedCall``; ``run(qkv, *args, rpb, scale, prepared)``: the packed kernels."""
     if not isinstance(qkv, Tensor) or qkv.dim() != rank + 4 or qkv.shape[-3] != 3:
         raise ValueError(f"{kind}: qkv must be a [B, *spatial ({rank} dims), 3, heads, head_dim] tensor, got "
                          f"{tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__}")
-    query, key, value = qkv.unbind(-3)
     if not (torch.is_grad_enabled() and qkv.requires_grad):
-        return views_call(query, key, value, rpb)
+        return views_calls()[0](*qkv.unbind(-3), rpb)
     fast = None
     if (scale is None or type(scale) in (float, int)) and may_cache(qkv, rpb):
-        fast = _validated_key(kind + "-packed", rank, _geometry(qkv), _geometry(rpb), *key_parts, scale)
+        fast = _validated_key(kind, _geometry(qkv), _geometry(rpb), *key_parts, scale)
     # (pattern arguments, scale, the views' PreparedCall) of a call that chose the kernels
     validated = _prepared(fast)
-    rpb = _rpb_in_compute_dtype(rpb, query)
+    rpb = _rpb_in_compute_dtype(rpb, qkv)  # the views' dtype
     if validated is not None and validated[2] is not None and validated[2].retired:
         validated = None  # a cleared plan cache or a switched path flag: prepare again
     if validated is None:
+        query, key, value = qkv.unbind(-3)
+        views_call, normalize, prepare = views_calls()
         if views_call(query, key, value, rpb, dry_run=True) != "triton":
             return views_call(query, key, value, rpb)
         args = normalize()
@@ -519,38 +521,42 @@ def _packed_call(kind: str, qkv: Tensor, rank: int, rpb: Tensor | None, scale, k
         validated = (args, scale, prepared)
         _remember_validated(fast, validated)
     if not _kernels.packed_qkv_enabled():  # asked only once the kernels were chosen (they import Triton)
-        return views_call(query, key, value, rpb)
+        return views_calls()[0](*qkv.unbind(-3), rpb)
     args, scale, prepared = validated
     _record("triton")
-    return _contiguous(run(qkv, args, rpb, scale, prepared))
+    return _contiguous(run(qkv, *args, rpb, scale, prepared))
+
+
+# ``_na``'s remaining arguments as the public functions default them (no extra keys, NATTEN's tuning options unset)
+_NA_PACKED_DEFAULTS = dict(additional_keys=None, additional_values=None, attention_kwargs=None, q_tile_shape=None,
+                           kv_tile_shape=None, backward_q_tile_shape=None, backward_kv_tile_shape=None,
+                           backward_kv_splits=None, backward_use_pt_reduction=False, run_persistent_kernel=True,
+                           kernel_schedule=None, torch_compile=False, return_lse=False)
 
 
 def _na_packed(rank: int, qkv: Tensor, kernel_size, stride, dilation, is_causal, scale, rpb: Tensor | None,
                backend) -> Tensor:
     """``na{rank}d`` on the views of a packed ``qkv`` (``_packed_call``), as the NA nn modules call it."""
-    # ``_na``'s remaining arguments as the public functions default them (no extra keys, NATTEN's tuning options
-    # unset, no LSE)
-    common = dict(kernel_size=kernel_size, stride=stride, dilation=dilation, is_causal=is_causal, scale=scale,
-                  additional_keys=None, additional_values=None, attention_kwargs=None, backend=backend,
-                  q_tile_shape=None, kv_tile_shape=None, backward_q_tile_shape=None, backward_kv_tile_shape=None,
-                  backward_kv_splits=None, backward_use_pt_reduction=False, run_persistent_kernel=True,
-                  kernel_schedule=None, torch_compile=False, return_lse=False)
 
-    def views_call(q, k, v, table, dry_run=False):
-        return _na(rank, q, k, v, **common, rpb=table, dry_run=dry_run)
+    def views_calls():
+        def views_call(q, k, v, table, dry_run=False):
+            return _na(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb=table, backend=backend,
+                       dry_run=dry_run, **_NA_PACKED_DEFAULTS)
 
-    def normalize():
-        return (int_tuple(kernel_size, rank, "kernel_size"), int_tuple(dilation, rank, "dilation", default=1),
-                int_tuple(stride, rank, "stride", default=1), bool_tuple(is_causal, rank, "is_causal"))
+        def normalize():
+            return (int_tuple(kernel_size, rank, "kernel_size"), int_tuple(dilation, rank, "dilation", default=1),
+                    int_tuple(stride, rank, "stride", default=1), bool_tuple(is_causal, rank, "is_causal"))
 
-    def prepare(q, k, v, args, table, scale):
-        return _kernels.prepare_na(q, k, v, *args, table, scale, None, None)
+        def prepare(q, k, v, args, table, scale):
+            return _kernels.prepare_na(q, k, v, *args, table, scale, None, None)
 
-    def run(qkv, args, table, scale, prepared):
-        return _kernels.na_packed(qkv, *args, table, scale, prepared)
+        return views_call, normalize, prepare
 
-    return _packed_call(f"na{rank}d", qkv, rank, rpb, scale, (kernel_size, stride, dilation, is_causal, backend),
-                        views_call, normalize, prepare, run)
+    return _packed_call(_NA_PACKED_KINDS[rank], qkv, rank, rpb, scale,
+                        (kernel_size, stride, dilation, is_causal, backend), views_calls, _kernels.na_packed)
+
+
+_NA_PACKED_KINDS = {1: "na1d", 2: "na2d", 3: "na3d"}
 
 
 _NA_DOC = """{rank}-D neighborhood attention (NA / DiNA / GNA) on heads-last ``[B, {spatial}, heads, head_dim]``.
@@ -696,22 +702,22 @@ def _window(query, key, value, window_size, shift, rpb, scale, backend, dry_run=
 def _window_packed(qkv: Tensor, window_size, shift, rpb: Tensor | None, scale, backend) -> Tensor:
     """``window_attention`` on the views of a packed ``qkv`` (``_packed_call``), as ``visattn.nn.WindowAttention``
     and the Swin blocks patched in place call it."""
-    rank = qkv.dim() - 4 if isinstance(qkv, Tensor) else 0
+    rank = qkv.dim() - 4 if isinstance(qkv, Tensor) and qkv.dim() == 7 else 2
 
-    def views_call(q, k, v, table, dry_run=False):
-        return _window(q, k, v, window_size, shift, table, scale, backend, dry_run=dry_run)
+    def views_calls():
+        def views_call(q, k, v, table, dry_run=False):
+            return _window(q, k, v, window_size, shift, table, scale, backend, dry_run=dry_run)
 
-    def normalize():
-        return int_tuple(window_size, rank, "window_size"), int_tuple(shift, rank, "shift", minimum=0)
+        def normalize():
+            return int_tuple(window_size, rank, "window_size"), int_tuple(shift, rank, "shift", minimum=0)
 
-    def prepare(q, k, v, args, table, scale):
-        return _kernels.prepare_window(q, k, v, *args, table, scale)
+        def prepare(q, k, v, args, table, scale):
+            return _kernels.prepare_window(q, k, v, *args, table, scale)
 
-    def run(qkv, args, table, scale, prepared):
-        return _kernels.window_packed(qkv, *args, table, scale, prepared)
+        return views_call, normalize, prepare
 
-    return _packed_call("window_attention", qkv, rank if rank in (2, 3) else 2, rpb, scale,
-                        (window_size, shift, backend), views_call, normalize, prepare, run)
+    return _packed_call("window_attention", qkv, rank, rpb, scale, (window_size, shift, backend), views_calls,
+                        _kernels.window_packed)
 
 
 def window_attention(query: Tensor, key: Tensor, value: Tensor, window_size: IntOrTuple, shift: IntOrTuple = 0,

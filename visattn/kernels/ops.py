@@ -1083,15 +1083,15 @@ def local_attention_packed(qkv: Tensor, rpb: Tensor | None, window: bool, kernel
     (``_PackedLocalAttention``); traced calls take the packed custom ops (``local_attention_packed_fwd/bwd``).
     ``prepared``: this geometry's ``PreparedCall`` (made on the views by ``prepare``), whose forward plan and
     backward plans a repeated call replays."""
+    if prepared is not None and not prepared.retired and not torch.compiler.is_compiling():
+        out, _ = _PackedLocalAttention.apply(qkv, rpb, prepared.pat, prepared.scale, prepared.fp32_out, prepared)
+        return out
     q, k, v = qkv.unbind(-3)
     if torch.compiler.is_compiling():
         pat = _call_pattern(q, window, kernel, dilation, stride, causal, shift)
         return local_attention_packed_fwd(qkv, rpb, window, list(kernel), list(dilation), list(stride),
                                           [bool(c) for c in causal], list(shift), float(scale),
                                           wants_fp32_out(q, rpb, v, None, pat))[0]
-    if prepared is not None and not prepared.retired:
-        out, _ = _PackedLocalAttention.apply(qkv, rpb, prepared.pat, prepared.scale, prepared.fp32_out, prepared)
-        return out
     pat = _call_pattern(q, window, kernel, dilation, stride, causal, shift)
     out, _ = _PackedLocalAttention.apply(qkv, rpb, pat, float(scale), wants_fp32_out(q, rpb, v, None, pat))
     return out
