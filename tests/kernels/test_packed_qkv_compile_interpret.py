@@ -34,10 +34,10 @@ def run_case() -> dict:
     gen = torch.Generator().manual_seed(5)
     qkv = torch.randn(1, 6, 7, 3, 2, 16, generator=gen)
     rpb = torch.randn(2, 5, 5, generator=gen).requires_grad_(True)
+    # schema and fake implementation (autograd is an autograd.Function around the op pair, exercised below)
     checks = torch.library.opcheck(
-        ops.local_attention_packed_fwd, (qkv.requires_grad_(True), rpb, False, [3, 3], [1, 1], [1, 1],
-                                         [False, False], [0, 0], 0.25, False),
-        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+        ops.local_attention_packed_fwd, (qkv, rpb.detach(), False, [3, 3], [1, 1], [1, 1], [False, False], [0, 0],
+                                         0.25, False), test_utils=("test_schema", "test_faketensor"))
     result: dict = {"opcheck": {name: verdict == "SUCCESS" for name, verdict in checks.items()}, "cases": []}
 
     for spatial, heads, d, kernel, dil, window, bias, dtype in CASES:

@@ -883,9 +883,26 @@ def wants_fp32_out(q: Tensor, rpb: Tensor | None, v: Tensor | None = None, extra
     return pat is None or v is None or engine_path(q, v, rpb, extra_k, pat).box is None
 
 
+# The engine's ops for traced calls (what a compiled graph holds: opaque to Inductor, fake implementations for
+# shapes). Each is one CompositeExplicitAutograd kernel, and autograd lives in an autograd.Function around the pair
+# (_TracedLocalAttention, _TracedPackedLocalAttention) that dynamo traces: a torch.library.custom_op adds Python
+# autograd and dispatch layers that a compiled graph pays on every call (32 us against 10 us per call for this
+# signature with an empty body, on the CPU; docs/PERF.md, fifteenth round).
+_LIB = torch.library.Library("visattn", "FRAGMENT")
+
+
+def _define_op(name: str, schema: str, kernel, fake):
+    """``visattn::<name>`` with ``kernel`` for every device (the Triton launchers pick the device) and ``fake`` for
+    tracing; returns the op's overload."""
+    _LIB.define(name + schema)
+    _LIB.impl(name, kernel, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"visattn::{name}", fake, lib=_LIB)
+    return getattr(torch.ops.visattn, name).default
+
+
 def _op_forward(q, k, v, rpb, extra_k, extra_v, window, kernel, dilation, stride, causal, shift, scale,
-                fp32_out) -> tuple[Tensor, Tensor, Tensor]:
-    """The forward custom ops' body: (output, log2-LSE, the output in float32 when ``fp32_out`` else empty)."""
+                fp32_out=False) -> tuple[Tensor, Tensor, Tensor]:
+    """``visattn::local_attention_fwd``: (output, log2-LSE, the output in float32 when ``fp32_out`` else empty)."""
     pat = _call_pattern(q, window, kernel, dilation, stride, causal, shift)  # cached: one call per layer per step
     if not fp32_out:
         return (*forward(q, k, v, rpb, extra_k, extra_v, pat, scale), q.new_empty(_EMPTY))
@@ -893,41 +910,27 @@ def _op_forward(q, k, v, rpb, extra_k, extra_v, window, kernel, dilation, stride
     return (out32.to(q.dtype) if out_low is None else out_low), lse, out32
 
 
-@torch.library.custom_op("visattn::local_attention_fwd", mutates_args=())
-def local_attention_fwd(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, extra_k: Tensor | None,
-                        extra_v: Tensor | None, window: bool, kernel: list[int], dilation: list[int],
-                        stride: list[int], causal: list[bool], shift: list[int], scale: float,
-                        fp32_out: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """(output, log2-LSE, the output in float32 when ``fp32_out`` else an empty tensor)."""
-    return _op_forward(q, k, v, rpb, extra_k, extra_v, window, kernel, dilation, stride, causal, shift, scale,
-                       fp32_out)
-
-
-@local_attention_fwd.register_fake
-def _(q, k, v, rpb, extra_k, extra_v, window, kernel, dilation, stride, causal, shift, scale, fp32_out=False):
+def _fake_forward(q, k, v, rpb, extra_k, extra_v, window, kernel, dilation, stride, causal, shift, scale,
+                  fp32_out=False):
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     out32 = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=torch.float32) if fp32_out else q.new_empty(_EMPTY)
     return out, q.new_empty(q.shape[:-1], dtype=torch.float32), out32
 
 
-@torch.library.custom_op("visattn::local_attention_bwd", mutates_args=())
-def local_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                        rpb: Tensor | None, extra_k: Tensor | None, extra_v: Tensor | None, window: bool,
-                        kernel: list[int], dilation: list[int], stride: list[int], causal: list[bool],
-                        shift: list[int], scale: float, grad_lse: Tensor | None = None
-                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _op_backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, window, kernel, dilation, stride, causal,
+                 shift, scale, grad_lse=None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``visattn::local_attention_bwd``: dq, dk, dv, drpb, d extra_k, d extra_v (absent ones as empty tensors: an
+    op cannot return None)."""
     pat = _call_pattern(q, window, kernel, dilation, stride, causal, shift)
     dq, dk, dv, drpb, dek, dev = backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat, scale, grad_lse)
-    # custom ops cannot return None: absent gradients travel as empty tensors.
     drpb = q.new_empty(_EMPTY) if drpb is None else drpb.to(rpb.dtype)
     dek = q.new_empty(_EMPTY) if dek is None else dek
     dev = q.new_empty(_EMPTY) if dev is None else dev
     return dq, dk, dv, drpb, dek, dev
 
 
-@local_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, window, kernel, dilation, stride, causal, shift, scale,
-      grad_lse=None):
+def _fake_backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, window, kernel, dilation, stride, causal,
+                   shift, scale, grad_lse=None):
     def like(t):
         return q.new_empty(_EMPTY) if t is None else t.new_empty(t.shape)
 
@@ -935,48 +938,33 @@ def _(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, window, kernel, dilati
             like(extra_v))
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, rpb, extra_k, extra_v, window, kernel, dilation, stride, causal, shift, scale, fp32_out = inputs
-    out, lse, out32 = output
-    ctx.save_for_backward(q, k, v, out32 if fp32_out else out, lse, rpb, extra_k, extra_v)
-    ctx.pattern = (window, kernel, dilation, stride, causal, shift, scale)
-
-
-def _backward(ctx, grad_out, grad_lse, grad_out32):
-    q, k, v, out, lse, rpb, extra_k, extra_v = ctx.saved_tensors
-    dq, dk, dv, drpb, dek, dev = local_attention_bwd(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v,
-                                                     *ctx.pattern, grad_lse=grad_lse)
-    return (dq, dk, dv, None if rpb is None else drpb, None if extra_k is None else dek,
-            None if extra_v is None else dev) + (None,) * 8
-
-
-local_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_PATTERN_SCHEMA = "bool window, int[] kernel, int[] dilation, int[] stride, bool[] causal, int[] shift, float scale"
+local_attention_fwd = _define_op(
+    "local_attention_fwd", f"(Tensor q, Tensor k, Tensor v, Tensor? rpb, Tensor? extra_k, Tensor? extra_v, "
+    f"{_PATTERN_SCHEMA}, bool fp32_out=False) -> (Tensor, Tensor, Tensor)", _op_forward, _fake_forward)
+local_attention_bwd = _define_op(
+    "local_attention_bwd", f"(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? rpb, "
+    f"Tensor? extra_k, Tensor? extra_v, {_PATTERN_SCHEMA}, Tensor? grad_lse=None) -> "
+    "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", _op_backward, _fake_backward)
 
 
 # The packed-qkv pair for traced calls: Inductor cannot write an opaque op's dq, dk, dv into the stacked gradient
 # of the unbind, so on the views a compiled graph copies the three into one tensor per call; these ops take the
 # fused projection's qkv [B, *spatial, 3, heads, D] itself and the backward op writes one packed gradient.
-@torch.library.custom_op("visattn::local_attention_packed_fwd", mutates_args=())
-def local_attention_packed_fwd(qkv: Tensor, rpb: Tensor | None, window: bool, kernel: list[int],
-                               dilation: list[int], stride: list[int], causal: list[bool], shift: list[int],
-                               scale: float, fp32_out: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """``local_attention_fwd`` (no extra keys) on the views of ``qkv`` along dim -3."""
+def _op_packed_forward(qkv, rpb, window, kernel, dilation, stride, causal, shift, scale, fp32_out=False):
+    """``visattn::local_attention_packed_fwd``: ``local_attention_fwd`` (no extra keys) on the views of ``qkv``."""
     q, k, v = qkv.unbind(-3)
     return _op_forward(q, k, v, rpb, None, None, window, kernel, dilation, stride, causal, shift, scale, fp32_out)
 
 
-@local_attention_packed_fwd.register_fake
-def _(qkv, rpb, window, kernel, dilation, stride, causal, shift, scale, fp32_out=False):
+def _fake_packed_forward(qkv, rpb, window, kernel, dilation, stride, causal, shift, scale, fp32_out=False):
     shape = (*qkv.shape[:-3], *qkv.shape[-2:])
     out32 = qkv.new_empty(shape, dtype=torch.float32) if fp32_out else qkv.new_empty(_EMPTY)
     return qkv.new_empty(shape), qkv.new_empty(shape[:-1], dtype=torch.float32), out32
 
 
-@torch.library.custom_op("visattn::local_attention_packed_bwd", mutates_args=())
-def local_attention_packed_bwd(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, rpb: Tensor | None,
-                               window: bool, kernel: list[int], dilation: list[int], stride: list[int],
-                               causal: list[bool], shift: list[int], scale: float) -> tuple[Tensor, Tensor]:
-    """(the packed gradient of ``qkv``, the bias gradient or an empty tensor)."""
+def _op_packed_backward(grad_out, qkv, out, lse, rpb, window, kernel, dilation, stride, causal, shift, scale):
+    """``visattn::local_attention_packed_bwd``: (the packed gradient of ``qkv``, the bias gradient or empty)."""
     q, k, v = qkv.unbind(-3)
     pat = _call_pattern(q, window, kernel, dilation, stride, causal, shift)
     grad_qkv = _new(qkv.shape, qkv)  # contiguous: the head dim has unit stride in each view
@@ -984,25 +972,61 @@ def local_attention_packed_bwd(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: 
     return grad_qkv, qkv.new_empty(_EMPTY) if drpb is None else drpb.to(rpb.dtype)
 
 
-@local_attention_packed_bwd.register_fake
-def _(grad_out, qkv, out, lse, rpb, window, kernel, dilation, stride, causal, shift, scale):
+def _fake_packed_backward(grad_out, qkv, out, lse, rpb, window, kernel, dilation, stride, causal, shift, scale):
     return qkv.new_empty(qkv.shape), qkv.new_empty(_EMPTY) if rpb is None else rpb.new_empty(rpb.shape)
 
 
-def _setup_packed_context(ctx, inputs, output):
-    qkv, rpb, window, kernel, dilation, stride, causal, shift, scale, fp32_out = inputs
-    out, lse, out32 = output
-    ctx.save_for_backward(qkv, out32 if fp32_out else out, lse, rpb)
-    ctx.pattern = (window, kernel, dilation, stride, causal, shift, scale)
+local_attention_packed_fwd = _define_op(
+    "local_attention_packed_fwd", f"(Tensor qkv, Tensor? rpb, {_PATTERN_SCHEMA}, bool fp32_out=False) -> "
+    "(Tensor, Tensor, Tensor)", _op_packed_forward, _fake_packed_forward)
+local_attention_packed_bwd = _define_op(
+    "local_attention_packed_bwd", f"(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, Tensor? rpb, "
+    f"{_PATTERN_SCHEMA}) -> (Tensor, Tensor)", _op_packed_backward, _fake_packed_backward)
 
 
-def _packed_backward(ctx, grad_out, _grad_lse, _grad_out32):
-    qkv, out, lse, rpb = ctx.saved_tensors
-    grad_qkv, drpb = local_attention_packed_bwd(grad_out, qkv, out, lse, rpb, *ctx.pattern)
-    return grad_qkv, None if rpb is None else drpb, *(None,) * 8
+class _TracedLocalAttention(torch.autograd.Function):
+    """Autograd of the traced ops: forward ``local_attention_fwd``, backward ``local_attention_bwd``. Outputs: the
+    attention output and the log2-LSE; ``return_lse`` False marks the LSE non-differentiable (its zero gradient is
+    then not passed on, and the backward skips the LSE term)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rpb, extra_k, extra_v, window: bool, kernel: list, dilation: list, stride: list,
+                causal: list, shift: list, scale: float, fp32_out: bool, return_lse: bool):
+        out, lse, out32 = local_attention_fwd(q, k, v, rpb, extra_k, extra_v, window, kernel, dilation, stride,
+                                              causal, shift, scale, fp32_out)
+        ctx.save_for_backward(q, k, v, out32 if fp32_out else out, lse, rpb, extra_k, extra_v)
+        ctx.pattern = (window, kernel, dilation, stride, causal, shift, scale)
+        ctx.return_lse = return_lse
+        if not return_lse:
+            ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, rpb, extra_k, extra_v = ctx.saved_tensors
+        dq, dk, dv, drpb, dek, dev = local_attention_bwd(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v,
+                                                         *ctx.pattern, grad_lse if ctx.return_lse else None)
+        return (dq, dk, dv, None if rpb is None else drpb, None if extra_k is None else dek,
+                None if extra_v is None else dev) + (None,) * 9
 
 
-local_attention_packed_fwd.register_autograd(_packed_backward, setup_context=_setup_packed_context)
+class _TracedPackedLocalAttention(torch.autograd.Function):
+    """Autograd of the traced packed ops (``local_attention_packed_fwd/bwd``): one packed gradient for ``qkv``."""
+
+    @staticmethod
+    def forward(ctx, qkv, rpb, window: bool, kernel: list, dilation: list, stride: list, causal: list,
+                shift: list, scale: float, fp32_out: bool):
+        out, lse, out32 = local_attention_packed_fwd(qkv, rpb, window, kernel, dilation, stride, causal, shift,
+                                                     scale, fp32_out)
+        ctx.save_for_backward(qkv, out32 if fp32_out else out, lse, rpb)
+        ctx.pattern = (window, kernel, dilation, stride, causal, shift, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qkv, out, lse, rpb = ctx.saved_tensors
+        grad_qkv, drpb = local_attention_packed_bwd(grad_out, qkv, out, lse, rpb, *ctx.pattern)
+        return (grad_qkv, None if rpb is None else drpb) + (None,) * 8
 
 
 def _autograd_forward(ctx, q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float, fp32_out: bool,
@@ -1089,9 +1113,9 @@ def local_attention_packed(qkv: Tensor, rpb: Tensor | None, window: bool, kernel
     q, k, v = qkv.unbind(-3)
     if torch.compiler.is_compiling():
         pat = _call_pattern(q, window, kernel, dilation, stride, causal, shift)
-        return local_attention_packed_fwd(qkv, rpb, window, list(kernel), list(dilation), list(stride),
-                                          [bool(c) for c in causal], list(shift), float(scale),
-                                          wants_fp32_out(q, rpb, v, None, pat))[0]
+        return _TracedPackedLocalAttention.apply(qkv, rpb, window, list(kernel), list(dilation), list(stride),
+                                                 [bool(c) for c in causal], list(shift), float(scale),
+                                                 wants_fp32_out(q, rpb, v, None, pat))
     pat = _call_pattern(q, window, kernel, dilation, stride, causal, shift)
     out, _ = _PackedLocalAttention.apply(qkv, rpb, pat, float(scale), wants_fp32_out(q, rpb, v, None, pat))
     return out
@@ -1116,9 +1140,9 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, extra_k
     pat = _call_pattern(q, window, kernel, dilation, stride, causal, shift)
     fp32_out = wants_fp32_out(q, rpb, v, extra_k, pat)
     if torch.compiler.is_compiling():
-        out, lse2, _ = local_attention_fwd(q, k, v, rpb, extra_k, extra_v, window, list(kernel), list(dilation),
-                                           list(stride), [bool(c) for c in causal], list(shift), float(scale),
-                                           fp32_out)
+        out, lse2 = _TracedLocalAttention.apply(q, k, v, rpb, extra_k, extra_v, window, list(kernel),
+                                                list(dilation), list(stride), [bool(c) for c in causal], list(shift),
+                                                float(scale), fp32_out, return_lse)
     else:
         out, lse2 = _LocalAttention.apply(q, k, v, rpb, extra_k, extra_v, pat, float(scale), fp32_out)
     return (out, lse2 * _LN2_RATIO) if return_lse else out
