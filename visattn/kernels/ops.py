@@ -1,4 +1,5 @@
-"""Launchers for the engine and its ``torch.library.custom_op`` wrapper (fake + autograd registered).
+"""Launchers for the engine, its ops for traced calls (fake implementations, autograd in a traced
+``autograd.Function``) and the eager ``autograd.Function``.
 
 Every tensor is viewed as ``[B, L0, L1, L2, heads, D]`` by inserting size-1 spatial dims after the batch dim (a
 view: strided inputs such as ``qkv.unbind(-3)`` are read in place). Pattern arguments are padded the same way.
@@ -1134,9 +1135,9 @@ def _call_pattern(q: Tensor, window: bool, kernel, dilation, stride, causal, shi
 def local_attention(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, extra_k: Tensor | None,
                     extra_v: Tensor | None, window: bool, kernel: tuple, dilation: tuple, stride: tuple,
                     causal: tuple, shift: tuple, scale: float, return_lse: bool = False):
-    """The engine for one call: the registered custom op while ``torch.compile`` traces (opaque to Inductor, with
-    its fake and autograd), the equivalent ``autograd.Function`` in eager mode. With ``return_lse`` also the
-    natural-log LSE ``[B, *spatial, heads]`` (float32), differentiable."""
+    """The engine for one call: the registered ops while ``torch.compile`` traces (opaque to Inductor, with their
+    fakes; autograd through ``_TracedLocalAttention``), the equivalent ``autograd.Function`` in eager mode. With
+    ``return_lse`` also the natural-log LSE ``[B, *spatial, heads]`` (float32), differentiable."""
     pat = _call_pattern(q, window, kernel, dilation, stride, causal, shift)
     fp32_out = wants_fp32_out(q, rpb, v, extra_k, pat)
     if torch.compiler.is_compiling():
