@@ -130,8 +130,8 @@ def na(q: Tensor, k: Tensor, v: Tensor, kernel_size: tuple, dilation: tuple, str
 
 
 def packed_qkv_enabled() -> bool:
-    """Whether eager calls on a packed ``qkv`` take ``na_packed`` (``ops.PACKED_QKV``; ``VISATTN_PACKED_QKV=0``
-    turns it off)."""
+    """Whether calls on a packed ``qkv`` (eager or traced) take ``na_packed`` / ``window_packed``
+    (``ops.PACKED_QKV``; ``VISATTN_PACKED_QKV=0`` turns it off)."""
     return _load_ops().PACKED_QKV
 
 

@@ -959,9 +959,8 @@ def _op_packed_forward(qkv, rpb, window, kernel, dilation, stride, causal, shift
 
 
 def _fake_packed_forward(qkv, rpb, window, kernel, dilation, stride, causal, shift, scale, fp32_out=False):
-    shape = (*qkv.shape[:-3], *qkv.shape[-2:])
-    out32 = qkv.new_empty(shape, dtype=torch.float32) if fp32_out else qkv.new_empty(_EMPTY)
-    return qkv.new_empty(shape), qkv.new_empty(shape[:-1], dtype=torch.float32), out32
+    q, k, v = qkv.unbind(-3)
+    return _fake_forward(q, k, v, rpb, None, None, window, kernel, dilation, stride, causal, shift, scale, fp32_out)
 
 
 def _op_packed_backward(grad_out, qkv, out, lse, rpb, window, kernel, dilation, stride, causal, shift, scale):
@@ -1105,20 +1104,19 @@ def local_attention_packed(qkv: Tensor, rpb: Tensor | None, window: bool, kernel
                            prepared: PreparedCall | None = None) -> Tensor:
     """Local attention (no extra keys) of the three views of a packed ``qkv`` ``[B, *spatial, 3, heads, D]``, as
     ``local_attention(*qkv.unbind(-3), ...)`` returns it. Eager calls differentiate ``qkv`` as one tensor
-    (``_PackedLocalAttention``); traced calls take the packed custom ops (``local_attention_packed_fwd/bwd``).
+    (``_PackedLocalAttention``); traced calls take the packed ops (``local_attention_packed_fwd/bwd``).
     ``prepared``: this geometry's ``PreparedCall`` (made on the views by ``prepare``), whose forward plan and
     backward plans a repeated call replays."""
     if prepared is not None and not prepared.retired and not torch.compiler.is_compiling():
         out, _ = _PackedLocalAttention.apply(qkv, rpb, prepared.pat, prepared.scale, prepared.fp32_out, prepared)
         return out
     q, k, v = qkv.unbind(-3)
-    if torch.compiler.is_compiling():
-        pat = _call_pattern(q, window, kernel, dilation, stride, causal, shift)
-        return _TracedPackedLocalAttention.apply(qkv, rpb, window, list(kernel), list(dilation), list(stride),
-                                                 [bool(c) for c in causal], list(shift), float(scale),
-                                                 wants_fp32_out(q, rpb, v, None, pat))
     pat = _call_pattern(q, window, kernel, dilation, stride, causal, shift)
-    out, _ = _PackedLocalAttention.apply(qkv, rpb, pat, float(scale), wants_fp32_out(q, rpb, v, None, pat))
+    fp32_out = wants_fp32_out(q, rpb, v, None, pat)
+    if torch.compiler.is_compiling():
+        return _TracedPackedLocalAttention.apply(qkv, rpb, window, list(kernel), list(dilation), list(stride),
+                                                 [bool(c) for c in causal], list(shift), float(scale), fp32_out)
+    out, _ = _PackedLocalAttention.apply(qkv, rpb, pat, float(scale), fp32_out)
     return out
 
 

@@ -98,9 +98,9 @@ class _NeighborhoodAttention(nn.Module):
 _MODULE_DOC = """{rank}-D neighborhood attention module on ``[B, {spatial}, embed_dim]`` (NATTEN 0.21's
     ``natten.NeighborhoodAttention{rank}D``: same arguments, order, defaults and state-dict keys).
 
-    ``qkv`` Linear -> :func:`visattn.na{rank}d` on strided views of its output -> ``proj`` Linear -> dropout. An
-    eager call that trains through the fused kernels hands them the packed projection instead, so its gradient is
-    written packed (no stack of three; ``VISATTN_PACKED_QKV=0`` turns this off).
+    ``qkv`` Linear -> :func:`visattn.na{rank}d` on strided views of its output -> ``proj`` Linear -> dropout. A
+    call that trains through the fused kernels (eager or compiled) hands them the packed projection instead, so its
+    gradient is written packed (no stack of three; ``VISATTN_PACKED_QKV=0`` turns this off).
 
     Args:
         embed_dim: channels ``C`` (``num_heads * head_dim``).
