@@ -19,6 +19,7 @@ Usage (repo root, CUDA): python benchmarks/model_floor.py --out /tmp/out/floor.j
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -42,13 +43,20 @@ ATTENTION_KERNELS = ("_cell_", "_fwd_kernel", "_bwd_", "_delta_kernel", "_small"
 
 
 def strip_attention(model: torch.nn.Module) -> int:
-    """Replace every neighborhood-attention core by its value tensor (made contiguous, as the output write)."""
+    """Replace every neighborhood-attention core by its value tensor (made contiguous, as the output write): the
+    module's qkv Linear, the value slice of its output, its proj Linear and dropout. ``_attend`` is replaced, not
+    ``_op``: modules hand the packed projection to ``functional._na_packed`` and never call ``_op`` then."""
     from visattn.nn.neighborhood import _NeighborhoodAttention
+
+    def floor_attend(module, x, additional_keys=None, additional_values=None):
+        qkv = module.qkv(x).view(x.shape[0], *x.shape[1:-1], 3, module.num_heads, module.head_dim)
+        out = qkv[..., 2, :, :].contiguous()
+        return module.proj_drop(module.proj(out.reshape(*x.shape[:-1], module.embed_dim)))
 
     count = 0
     for module in model.modules():
         if isinstance(module, _NeighborhoodAttention):
-            module._op = lambda q, k, v, *args, **kwargs: v.contiguous()
+            module._attend = functools.partial(floor_attend, module)
             count += 1
     if not count:
         raise ValueError(f"{type(model).__name__} has no NeighborhoodAttention module to strip")

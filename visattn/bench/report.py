@@ -227,9 +227,13 @@ def _latest_file(results, kind: str, field: str) -> tuple[Path, dict] | None:
 
 def engine_section(results) -> str:
     """``benchmarks/engine_profile.py``: the engine at the stage shapes of NAT-T / DiNAT-T / Swin-T, each stage from
-    the newest file that measured it (its rows and its cuDNN row come from that one file: same-process ratios)."""
+    the newest file that measured it (its rows and its cuDNN row come from that one file: same-process ratios), except
+    files whose ``provenance`` says ``"landed": false`` (a tried change's A/B)."""
     newest: dict[str, tuple[Path, dict]] = {}
     for path, kind, data in results:
+        provenance = data.get("provenance")
+        if isinstance(provenance, dict) and provenance.get("landed") is False:
+            continue  # a tried change that did not land: kept as evidence, not as the engine's current rows
         if kind == "engine-profile":
             for r in data.get("rows") or []:
                 if isinstance(r, dict) and "stage" in r:
