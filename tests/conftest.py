@@ -1,5 +1,7 @@
-"""Shared pytest setup: only the ``gpu`` marker auto-skip. Keep this file minimal."""
+"""Shared pytest setup: the ``gpu`` marker auto-skip, and Inductor's cache private to the session (set on import
+of ``interpreted``). Keep this file minimal."""
 
+import interpreted  # noqa: F401  (sets TORCHINDUCTOR_CACHE_DIR before any test compiles)
 import pytest
 import torch
 

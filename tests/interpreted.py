@@ -5,18 +5,28 @@ pytest process (whose kernels are compiled, or absent without a GPU)."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 
 
+# Inductor's on-disk caches private to this test session (unless the caller chose a directory): a graph compiled
+# and cached by another checkout on this machine (same graph, another op schema) must not be replayed here.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="visattn-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+
+
 def child_env(**extra: str) -> dict:
     """The environment of a child process: the repository's visattn and the shared test helpers importable
-    (visattn need not be installed), plus ``extra``."""
+    (visattn need not be installed), the test session's Inductor cache, plus ``extra``."""
     paths = [REPO, TESTS, os.path.join(TESTS, "tokenprune"), os.environ.get("PYTHONPATH", "")]
     return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p), **extra)
 
