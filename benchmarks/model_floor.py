@@ -49,7 +49,7 @@ def strip_attention(model: torch.nn.Module) -> int:
     from visattn.nn.neighborhood import _NeighborhoodAttention
 
     def floor_attend(module, x, additional_keys=None, additional_values=None):
-        qkv = module.qkv(x).view(x.shape[0], *x.shape[1:-1], 3, module.num_heads, module.head_dim)
+        qkv = module.qkv(x).view(*x.shape[:-1], 3, module.num_heads, module.head_dim)
         out = qkv[..., 2, :, :].contiguous()
         return module.proj_drop(module.proj(out.reshape(*x.shape[:-1], module.embed_dim)))
 

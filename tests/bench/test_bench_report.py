@@ -125,7 +125,7 @@ def test_timm_inplace_and_video_sparse_sections_show_the_newest_rows():
     assert "| g | radial | 0.25 | 50 | 200 | 2 |" in text and "vmoba" not in text
 
 
-def test_engine_section_skips_a_tried_change_that_did_not_land(tmp_path):
+def test_page_sections_skip_a_tried_change_that_did_not_land(tmp_path):
     def engine_file(name, fwd_ms, provenance):
         rows = [{"stage": "nat_s3", "rpb": False, "fwd_ms": fwd_ms, "fwd_bwd_ms": 3 * fwd_ms},
                 {"stage": "nat_s3", "dense": "cudnn", "fwd_ms": 0.2, "fwd_bwd_ms": 0.6}]
@@ -135,8 +135,9 @@ def test_engine_section_skips_a_tried_change_that_did_not_land(tmp_path):
 
     engine_file("engine-x-2026-12-07-run1.json", 0.111, {"tree": "main"})
     engine_file("engine-x-2026-12-07-run2.json", 0.999, {"tree": "a branch", "landed": False})
-    page = report.engine_section(report.load_results(tmp_path))
+    page = report.render_perf(report.load_results(tmp_path), "# Performance")
     row = next(line for line in page.splitlines() if line.startswith("| nat_s3 | no |"))
     assert "engine-x-2026-12-07-run1.json" in row and "0.111" in row and "0.999" not in page
+    assert "| engine-x-2026-12-07-run2.json |" in page  # still listed as a result file
     engine_file("engine-x-2026-12-07-run2.json", 0.999, {"tree": "landed later"})  # without the flag it is newest
-    assert "0.999" in report.engine_section(report.load_results(tmp_path))
+    assert "0.999" in report.render_perf(report.load_results(tmp_path), "# Performance")

@@ -227,13 +227,9 @@ def _latest_file(results, kind: str, field: str) -> tuple[Path, dict] | None:
 
 def engine_section(results) -> str:
     """``benchmarks/engine_profile.py``: the engine at the stage shapes of NAT-T / DiNAT-T / Swin-T, each stage from
-    the newest file that measured it (its rows and its cuDNN row come from that one file: same-process ratios), except
-    files whose ``provenance`` says ``"landed": false`` (a tried change's A/B)."""
+    the newest file that measured it (its rows and its cuDNN row come from that one file: same-process ratios)."""
     newest: dict[str, tuple[Path, dict]] = {}
     for path, kind, data in results:
-        provenance = data.get("provenance")
-        if isinstance(provenance, dict) and provenance.get("landed") is False:
-            continue  # a tried change that did not land: kept as evidence, not as the engine's current rows
         if kind == "engine-profile":
             for r in data.get("rows") or []:
                 if isinstance(r, dict) and "stage" in r:
@@ -398,12 +394,20 @@ def index_section(results) -> str:
     return "## Result files\n\n" + table(["file", "kind", "device", "date", "torch", "triton"], body)
 
 
+def landed(data: dict) -> bool:
+    """False for a file whose ``provenance`` says ``"landed": false``: a tried change's A/B, kept as evidence."""
+    provenance = data.get("provenance")
+    return not (isinstance(provenance, dict) and provenance.get("landed") is False)
+
+
 def render_perf(results, preamble: str) -> str:
-    sections = [attn_section(results), engine_section(results), models_section(results),
-                backbones_section(results), profile_section(results), timm_inplace_section(results),
-                diffusion_section(results), video_sparse_section(results),
-                bra_section(results), agent_section(results),
-                prune_kernels_section(results), check_section(results), index_section(results)]
+    """The page: every section from the files of landed code (``landed``), the index from every file."""
+    current = [entry for entry in results if landed(entry[2])]
+    sections = [attn_section(current), engine_section(current), models_section(current),
+                backbones_section(current), profile_section(current), timm_inplace_section(current),
+                diffusion_section(current), video_sparse_section(current),
+                bra_section(current), agent_section(current),
+                prune_kernels_section(current), check_section(current), index_section(results)]
     return "\n\n".join([GENERATED_NOTE, preamble.strip(), *[s for s in sections if s]]) + "\n"
 
 
