@@ -4,7 +4,8 @@ Suite ``nat``: B256, bf16, head_dim 32, kernel 7, with and without a trained bia
 tokens, 24 heads x 128, NA kernel 21 and GNA kernel 32 stride 16, with FLUX's 512 text tokens as extra keys. Suite
 ``flux4k``: the same heads on FLUX-4K's 256x256 map, kernel 80, NA and GNA stride 16, no text, and HunyuanVideo's
 30x48x80 latent with an 18x24x24 kernel (3-D; the same candidates as ``flux``: all set the head_dim-128 "large"
-volumes). Suite ``d128-dkv``: HunyuanVideo and FLUX-4K NA with only the dK/dV pass's volume varied.
+volumes). Suite ``d128-dkv``: HunyuanVideo and FLUX-4K NA with only the dK/dV pass's volume varied;
+``d128-dkv-wg``: the same with key tiles of 128 rows at 8 warps (one 64-key tile per warpgroup), plus FLUX-4K GNA.
 Configuration ``i`` replaces the suite's volume of every pass by its ``i``-th candidate (``tiles.set_volume``: rows
 per query tile, rows per key tile, warps, stages, in every table holding the key, so at maps of at most
 ``tiles.SMALL_MAP_TOKENS`` configuration 0 is the main table's volume, not the small-map one), so one profiled
@@ -41,7 +42,8 @@ STAGES = {"nat_s1": ((56, 56), 2, 32, 256, 7, 1, 0, (False, True)),
           "hunyuan_na": ((30, 48, 80), 24, 128, 1, (18, 24, 24), 1, 0, (False,))}
 SUITES = {"nat": ("nat_s1", "nat_s2", "nat_s3"), "flux": ("flux_na_k21", "flux_gna_k32_s16"),
           "flux4k": ("flux4k_na_k80", "flux4k_gna_k80_s16", "hunyuan_na"),
-          "d128-dkv": ("hunyuan_na", "flux4k_na_k80")}
+          "d128-dkv": ("hunyuan_na", "flux4k_na_k80"),
+          "d128-dkv-wg": ("hunyuan_na", "flux4k_na_k80", "flux4k_gna_k80_s16")}
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass; index 0 is filled with the shipped table's entry at run time,
 # as is every None (flux 8-10 keep the shipped forward and change the backward only; 10 is the table before the
 # head_dim-128 dK/dV entry, whose dK/dV pass took the dQ pass's 64 x 64 at 8 warps).
@@ -74,6 +76,14 @@ KEYS = {"nat": {"fwd": ("fwd", 16, 64, "small"), "bwd": ("bwd", 16, 64, "small")
                  "dkv": ("dkv", 16, 128, "large")}}
 CANDIDATES["flux4k"], KEYS["flux4k"] = CANDIDATES["flux"], KEYS["flux"]
 KEYS["d128-dkv"] = KEYS["flux"]
+# The same pass with the key tile sized to the warps (sm90 offline compiles, triton 3.6, ptxas -v): at 4 warps the
+# shipped 64 x 64 pass holds two 64 x 128 float32 accumulators and spills (FLUX-4K 60 B, HunyuanVideo 88 B); 64 key
+# rows at 8 warps run every score product twice (one 64-row warpgroup layout, replicated) and convert layouts; 128
+# key rows at 8 warps give each warpgroup its own 64 keys (FlashAttention-3's backward layout), without spills.
+_DKV128_WG = [None, (32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 2), (16, 128, 8, 3), (64, 128, 8, 2),
+              (32, 64, 4, 2), (16, 64, 4, 3)]
+CANDIDATES["d128-dkv-wg"] = {"fwd": [None] * len(_DKV128_WG), "bwd": [None] * len(_DKV128_WG), "dkv": _DKV128_WG}
+KEYS["d128-dkv-wg"] = KEYS["flux"]
 ENGINE = ("_fwd_kernel", "_bwd_", "_bias_grad", "_expand_")
 
 
