@@ -89,7 +89,10 @@ def parse(csv_path: str) -> list[dict]:
             key = f"{row['ID']}:{row['Kernel Name'].split('(')[0]}"
             entry = kernels.setdefault(key, {"kernel": row["Kernel Name"].split("(")[0], "stalls": {}})
             name, unit, value = row["Metric Name"], row.get("Metric Unit", ""), _number(row["Metric Value"])
-            if name in METRICS:
+            if name == "Memory Throughput" and unit != "%":  # the memory section's, in bytes per second
+                entry["memory_throughput_bytes_per_s"] = value
+                entry["memory_throughput_bytes_per_s_unit"] = unit
+            elif name in METRICS:
                 entry[METRICS[name]] = value
                 if unit:
                     entry[METRICS[name] + "_unit"] = unit

@@ -1,10 +1,11 @@
-"""The tiled passes' tensor-descriptor (TMA) loads of their walked boxes, under TRITON_INTERPRET=1 against the
-float64 oracle: 1-D, 2-D (maps not a multiple of the key box, so boxes reach past the map and are zero-filled), a
-3-D map with batch 1, GNA strides, causal dims, a shifted window, a trained bias, extra keys and a padded head dim
-(12 of 16 columns). Forward and every gradient are compared, with the dQ pass reading key / value boxes and the
-dK/dV pass query / output-gradient boxes through descriptors too (the dQ pass keeps pointer loads where a bias
-gradient takes the per-pair buffer). Also: why other calls keep pointer loads (dilation, a 3-D batch, unaligned
-strides)."""
+"""The tiled passes' tensor-descriptor (TMA) loads of their walked boxes, under TRITON_INTERPRET=1 against the float64
+oracle: 1-D, 2-D (maps not a multiple of the key box, so boxes reach past the map and are zero-filled), a 3-D map
+with batch 1, GNA strides, causal dims, a shifted window, a trained bias, extra keys and a padded head dim (12 of 16
+columns). Forward and every gradient are compared, with the dQ pass reading key / value boxes and the dK/dV pass
+query / output-gradient boxes through descriptors too (the dQ pass keeps pointer loads where a bias gradient takes
+the per-pair buffer); four cases again with the dK/dV pass reading LSE and delta from their head-major copy, by
+pointer and through a descriptor (``ops.DKV_STATS``). Also: why other calls keep pointer loads (dilation, a 3-D
+batch, unaligned strides)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ CASES = {
     "na3d_b1": (1, (5, 6, 7), (3, 3, 5), (1, 1, 2), (False, False, False), False, False, False, 16),
     "window2d_shift": (2, (8, 12), (4, 6), (2, 3), None, True, True, False, 16),
 }
+# the dK/dV pass's LSE / delta reads from their head-major copy (ops.DKV_STATS): kernel mode per setting
+STATS_MODES = {"pointer": 1, "descriptor": 2}
+STATS_CASES = ("na2d_rpb", "gna2d_causal", "na3d_b1", "window2d_shift")
 
 
 def run_case() -> dict:
@@ -33,7 +37,10 @@ def run_case() -> dict:
     ops.KV_DESCRIPTORS = ops.KV_DESC_INTERPRETED = True
     gen = torch.Generator().manual_seed(11)
     errors: dict = {}
-    for name, (batch, spatial, kernel, stride, causal, window, with_rpb, extra, d) in CASES.items():
+    runs = [(name, "rows") for name in CASES] + [(name, m) for m in STATS_MODES for name in STATS_CASES]
+    for name, stats in runs:
+        batch, spatial, kernel, stride, causal, window, with_rpb, extra, d = CASES[name]
+        ops.DKV_STATS = stats
         heads = 2
         q, k, v = (torch.randn(batch, *spatial, heads, d, generator=gen) for _ in range(3))
         rpb = torch.randn(heads, *[2 * x - 1 for x in kernel], generator=gen) if with_rpb else None
@@ -67,10 +74,11 @@ def run_case() -> dict:
         want = torch.autograd.grad(ref, refs, grad.double())
         fwd = [p for key, p in ops._PLANS.items() if key[0] == "fwd"]
         bwd = [p for key, p in ops._PLANS.items() if key[0] == "bwd"]
-        errors[name] = {
+        errors[name if stats == "rows" else f"{name}@{stats}"] = {
             "fwd": len(fwd) == 1 and fwd[0].kv_desc is not None,
             "dq": len(bwd) == 1 and bwd[0].dq_desc is not None,
             "dkv": len(bwd) == 1 and bwd[0].dkv_desc is not None,
+            "stats": len(bwd) == 1 and bwd[0].dkv.constexprs["STATS"],
             "err": max([(out.double() - ref).abs().max().item() / ref.abs().max().item()]
                        + [(a.double() - b).abs().max().item() / b.abs().max().item()
                           for a, b in zip(got, want, strict=True)]),
@@ -96,7 +104,9 @@ def test_descriptor_loads_match_oracle():
     why = errors.pop("why_not")
     assert why["ok"] is None, why
     assert "dilation" in why["dilation"] and "batch" in why["batch3d"] and "aligned" in why["unaligned"], why
-    for name, res in errors.items():
-        assert res["fwd"] and res["dkv"], f"{name} did not take the descriptor path: {res}"
-        assert res["dq"] == (not CASES[name][6]), f"{name}: dQ descriptors {res}"  # the bias cases take the buffer
+    for key, res in errors.items():
+        name, _, stats = key.partition("@")
+        assert res["fwd"] and res["dkv"], f"{key} did not take the descriptor path: {res}"
+        assert res["dq"] == (not CASES[name][6]), f"{key}: dQ descriptors {res}"  # the bias cases take the buffer
+        assert res["stats"] == STATS_MODES.get(stats, 0), f"{key}: LSE / delta reads {res}"
         assert res["err"] < 1e-5, (name, res)

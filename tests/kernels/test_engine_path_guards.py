@@ -147,3 +147,28 @@ def test_routing_path_names_the_schedule(monkeypatch):
         assert path == "regions" and f"{side * side} tokens exceed" in why, why
     path, why = kernels.routing_path(9, 9, (9, 9))
     assert path == "regions" and "81 regions exceed" in why, why
+
+
+def test_engine_path_names_the_dkv_stats_reads(monkeypatch):
+    """Where descriptors are taken, a non-default ``DKV_STATS`` is named; the default ("rows") adds nothing; a bad
+    ``VISATTN_DKV_STATS`` is refused at import, naming the variable."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    import visattn.kernels as kernels
+    from visattn.kernels import ops
+
+    q = torch.zeros(1, 32, 32, 2, 64, dtype=torch.float16)
+    args = ((9, 9), (1, 1), (1, 1), (False, False), (0, 0))
+    monkeypatch.setattr(ops, "kv_descriptor_why_not", lambda t3, pat: None)
+    path, why = kernels.engine_path(q, q, None, None, False, *args)
+    assert path == "tiled" and "TMA tensor descriptors" in why and "LSE / delta" not in why, why
+    monkeypatch.setattr(ops, "DKV_STATS", "pointer")
+    path, why = kernels.engine_path(q, q, None, None, False, *args)
+    assert "LSE / delta from their head-major copy (pointer" in why, why
+    bad = subprocess.run([sys.executable, "-c", "import visattn.kernels.ops"], capture_output=True, text=True,
+                         env={**os.environ, "VISATTN_DKV_STATS": "tma"})
+    assert bad.returncode != 0 and "VISATTN_DKV_STATS='tma'" in bad.stderr, bad.stderr[-300:]

@@ -61,6 +61,8 @@ def engine_path(q: Tensor, v: Tensor, rpb: Tensor | None, additional_keys: Tenso
     refusals = [r for r in (ops.kv_descriptor_why_not(t, pat) for t in views) if r is not None]
     loads = (f"pointer loads ({refusals[0]})" if refusals
              else "walked boxes (keys / values, queries / output gradients) through TMA tensor descriptors")
+    if not refusals and ops.DKV_STATS != "rows":
+        loads += f"; the dK/dV pass's LSE / delta from their head-major copy ({ops.DKV_STATS}, VISATTN_DKV_STATS)"
     return "tiled", f"{why}; {loads}"
 
 

@@ -195,7 +195,7 @@ def _key_box(pid, L0, L1, L2, DL0, DL1, DL2, NT0, NT1, NT2, KS0, KS1, KS2, SH0, 
 
 @triton.jit(do_not_specialize=_PATTERN_ARGS + ["QR_T", "NQMAX"])
 def _bwd_dkv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, RPB, QR, BT, QD, DOD,
+    Q, K, V, DO, LSE, DELTA, DK, DV, RPB, QR, BT, QD, DOD, SD,
     q_sb, q_s0, q_s1, q_s2, q_sh, q_sd, k_sb, k_s0, k_s1, k_s2, k_sh, k_sd,
     v_sb, v_s0, v_s1, v_s2, v_sh, v_sd, do_sb, do_s0, do_s1, do_s2, do_sh, do_sd,
     dk_sb, dk_s0, dk_s1, dk_s2, dk_sh, dv_sb, dv_s0, dv_s1, dv_s2, dv_sh, l_sb, l_s0, l_s1, l_s2,
@@ -206,12 +206,17 @@ def _bwd_dkv_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, WINDOW: tl.constexpr,
     HAS_RPB: tl.constexpr, DOT_PREC: tl.constexpr, BIAS_TILES: tl.constexpr = False, QDO_DESC: tl.constexpr = False,
+    STATS: tl.constexpr = 0,
 ):
     """dK, dV for one key tile (N0 x N1 x N2), over the query tiles (M0 x M1 x M2) that attend it. With
     ``BIAS_TILES`` (``HAS_RPB`` off) each query tile's transposed bias and mask come from the expanded tiles
     ``BT`` (``bias_tiles._expand_key_walk_kernel``). ``QDO_DESC``: query and output-gradient boxes through tensor
     descriptors ``QD`` / ``DOD`` (5-D views as in the forward; rows past a walk's last query are masked as on the
-    pointer path, rows past the map are zero-filled)."""
+    pointer path, rows past the map are zero-filled). ``STATS`` 1 / 2 (with ``QDO_DESC``): each query box's LSE and
+    delta from their head-major copy ``SD`` ``[B, heads, L0, L1, L2, 4]`` (``ops._row_stats``): 1 by pointer at a
+    scalar plus a loop-invariant offset, 2 through a tensor descriptor (a query's 16 bytes are one TMA box row).
+    Per-query values are this pass's column vectors, 16 per thread at 64 queries: read from the ``[B, *spatial,
+    heads]`` layout (``STATS`` 0) they cost a fifth of the loop's instructions (sm90 SASS, FLUX-4K)."""
     BLOCK_M: tl.constexpr = M0 * M1 * M2
     BLOCK_N: tl.constexpr = N0 * N1 * N2
     pid = tl.program_id(0)
@@ -230,15 +235,27 @@ def _bwd_dkv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     q_base = Q + b * q_sb + h * q_sh
     do_base = DO + b * do_sb + h * do_sh
+    if STATS == 1:  # no dilation with QDO_DESC: group coordinates are map coordinates
+        s_roff = (r0 * L1 + r1) * L2 + r2
+        s_last = tl.num_programs(1) * (L0 * L1 * L2) - 1
     for t in range(0, nq0 * nq1 * nq2):
         qs0, qs1, qs2, qi0, qi1, qi2 = _tile_walk(t, nq1, nq2, ql0, ql1, ql2, r0, r1, r2, M0, M1, M2)
         q_valid = (qi0 <= qh0) & (qi1 <= qh1) & (qi2 <= qh2)
         q, do = _walked_pair(QDO_DESC, QD, DOD, q_base, do_base, b, L0, qs0, qs1, qs2, h, qi0, qi1, qi2, q_valid,
                              DL0, DL1, DL2, g0, g1, g2, q_s0, q_s1, q_s2, q_sd, do_s0, do_s1, do_s2, do_sd, HEAD_D,
                              HEAD_DV, BLOCK_M, BLOCK_D, BLOCK_DV, False, False)
-        l_rows = b * l_sb + h + _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, l_s0, l_s1, l_s2)
-        lse = tl.load(LSE + l_rows, mask=q_valid, other=0.0)
-        delta = tl.load(DELTA + l_rows, mask=q_valid, other=0.0)
+        if STATS == 1:  # rows past the map read the last row (their pairs are masked)
+            s_rows = tl.minimum((((b * H + h) * L0 + qs0) * L1 + qs1) * L2 + qs2 + s_roff, s_last)
+            lse, delta = tl.split(tl.load(SD + s_rows[:, None] * 4 + tl.arange(0, 2)[None, :]))
+        elif STATS == 2:  # rows past the map are zero-filled
+            stats = tl.reshape(SD.load([(b * H + h).to(tl.int32), qs0, qs1, qs2, 0]), [BLOCK_M, 2, 2])
+            lse_pair, delta_pair = tl.split(stats)
+            lse, _ = tl.split(lse_pair)
+            delta, _ = tl.split(delta_pair)
+        else:
+            l_rows = b * l_sb + h + _row_offsets(qi0, qi1, qi2, DL0, DL1, DL2, g0, g1, g2, l_s0, l_s1, l_s2)
+            lse = tl.load(LSE + l_rows, mask=q_valid, other=0.0)
+            delta = tl.load(DELTA + l_rows, mask=q_valid, other=0.0)
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
         if BIAS_TILES:
             border = False

@@ -497,6 +497,37 @@ def _descriptor(t: Tensor, view: KVDescriptor):
     return desc
 
 
+# Where the dK/dV pass reads its query boxes' LSE and delta on the descriptor path (head_dim > 32, Hopper): "rows"
+# from the [B, *spatial, heads] tensors by per-element pointer (16 per thread, replicated, with 3-D index math:
+# about a fifth of the loop's sm90 instructions at FLUX-4K), "pointer" from a head-major copy by one scalar plus a
+# loop-invariant offset, "descriptor" from that copy through TMA (benchmarks/bench_dkv_stats.py times the three).
+DKV_STATS = os.environ.get("VISATTN_DKV_STATS", "rows")
+_DKV_STATS_MODES = {"rows": 0, "pointer": 1, "descriptor": 2}
+if DKV_STATS not in _DKV_STATS_MODES:
+    raise ValueError(f"VISATTN_DKV_STATS={DKV_STATS!r}: choose one of {', '.join(_DKV_STATS_MODES)}")
+
+
+def _row_stats_view(batch: int, heads: int, lengths: tuple, box: tuple) -> KVDescriptor | None:
+    """The descriptor view through which the dK/dV pass reads its query boxes' LSE and delta: a head-major copy
+    ``[B * heads, L0, L1, L2, 4]`` (``_row_stats``), block ``(1, *box, 4)``; None without host descriptors. Built
+    per call, without field reuse: only the base changes, and at the sizes that take this path (head_dim > 32)
+    the ~8 us constructor is noise."""
+    if TensorDescriptor is None:
+        return None
+    L0, L1, L2 = lengths
+    return KVDescriptor((batch * heads, L0, L1, L2, 4), (L0 * L1 * L2 * 4, L1 * L2 * 4, L2 * 4, 4, 1),
+                        (1, *box, 4))
+
+
+def _row_stats(lse: Tensor, delta: Tensor) -> Tensor:
+    """LSE and delta ``[B, *spatial, heads]`` as ``[B, heads, L0, L1, L2, 4]`` (LSE, delta, LSE, delta per query),
+    contiguous: a query's 16 bytes make one TMA box row (float32 boxes narrower than 16 bytes, or starting off a
+    16-byte boundary, are not allowed)."""
+    rank = lse.dim() - 2
+    l3, d3 = _view3(lse, rank), _view3(delta, rank)
+    return torch.stack((l3, d3, l3, d3), -1).permute(0, 4, 1, 2, 3, 5).contiguous()
+
+
 class _ForwardPlan(NamedTuple):
     launch: LaunchRecord
     out_shape: tuple
@@ -588,7 +619,7 @@ def _forward_plan_of(q, k, v, rpb, extra_k, extra_v, pat: Pattern, scale: float,
 
 def _path_flags() -> tuple:
     """The module switches a plan depends on (test hooks and escape hatches)."""
-    return SMALL_MAP, KV_DESCRIPTORS, KV_DESC_INTERPRETED
+    return SMALL_MAP, KV_DESCRIPTORS, KV_DESC_INTERPRETED, DKV_STATS
 
 
 # The per-pair dS buffer of the rpb gradient (used where the in-register bins cannot: rank 1 and 3) is float32
@@ -643,6 +674,7 @@ class _BackwardPlan(NamedTuple):
     tiles: _BiasTilePlan | None = None
     dq_desc: tuple | None = None  # (keys, values) KVDescriptor of the dQ pass
     dkv_desc: tuple | None = None  # (queries, output gradients) KVDescriptor of the dK/dV pass
+    stats_desc: KVDescriptor | None = None  # the dK/dV pass's LSE / delta boxes (``_row_stats_view``)
 
 
 # Bias-gradient programs to keep at least (batch chunks are sized for it): a few per SM. Its loop over a chunk's
@@ -724,19 +756,22 @@ def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Patt
     constexprs, warps, stages = _split_options(_pattern_constexprs(pat, tiles, D, Dv, q.dtype))
     # the dK/dV pass walks query boxes
     dkv_desc = _descriptor_views(q3, do3, pat, tiles.m, constexprs["BLOCK_D"], constexprs["BLOCK_DV"])
+    stats_mode = 0 if dkv_desc is None else _DKV_STATS_MODES[DKV_STATS]
+    stats_desc = _row_stats_view(B, H, lengths, tiles.m) if stats_mode == 2 else None
+    stats_mode = 0 if stats_mode == 2 and stats_desc is None else stats_mode
     constexprs.update(HAS_RPB=rpb is not None and layout is None, BIAS_TILES=layout is not None,
-                      QDO_DESC=dkv_desc is not None)
+                      QDO_DESC=dkv_desc is not None, STATS=stats_mode)
     grid = (math.prod(pat.dilation[i] * n_tiles[i] for i in range(3)), B * H)
-    dkv = _DKV.record(grid, 13, scalars, constexprs, warps, stages)
+    dkv = _DKV.record(grid, 14, scalars, constexprs, warps, stages)
     if layout is None:
-        return _BackwardPlan(dq, dkv, table, mode, part_shape, n_programs, None, dq_desc, dkv_desc)
+        return _BackwardPlan(dq, dkv, table, mode, part_shape, n_programs, None, dq_desc, dkv_desc, stats_desc)
     assert tiles == layout.k_tiles and grid[0] == layout.k_programs
     expand_k = _EXPAND_K.record((layout.k_programs, H), 3,
                                 (*r_st, *_pattern_args(pat, lengths, n_tiles), table.shape[1], layout.k_walk),
                                 _walk_constexprs(pat, tiles), 4, 1)
     bias_plan = _BiasTilePlan(_expand_query_record(pat, lengths, layout, r_st, H), expand_k, grad,
                               layout.q_shape(H), layout.k_shape(H), layout.dtype)
-    return _BackwardPlan(dq, dkv, table, mode, part_shape, n_programs, bias_plan, dq_desc, dkv_desc)
+    return _BackwardPlan(dq, dkv, table, mode, part_shape, n_programs, bias_plan, dq_desc, dkv_desc, stats_desc)
 
 
 def _backward_plan_of(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, scale: float,
@@ -808,7 +843,11 @@ def backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Pattern, s
             k1, k2 = pat.kernel[1], pat.kernel[2]
             drpb = part[:, :, :, : 2 * k1 - 1, : 2 * k2 - 1].sum((0, 2)).reshape(rpb.shape)
     qd, dod = (q, q) if plan.dkv_desc is None else _descriptors(plan.dkv_desc, q, grad_out)
-    _DKV(plan.dkv, (q, k, v, grad_out, lse, delta, dk, dv, rpb_t, plan.table, bias_k, qd, dod))
+    sd = q
+    if plan.dkv.constexprs["STATS"]:
+        sd = _row_stats(lse, delta)
+        sd = sd if plan.stats_desc is None else _descriptor(sd, plan.stats_desc)
+    _DKV(plan.dkv, (q, k, v, grad_out, lse, delta, dk, dv, rpb_t, plan.table, bias_k, qd, dod, sd))
     dek = dev = None
     if extra_k is not None:
         rank = q.dim() - 3
