@@ -758,7 +758,9 @@ def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Patt
     dkv_desc = _descriptor_views(q3, do3, pat, tiles.m, constexprs["BLOCK_D"], constexprs["BLOCK_DV"])
     stats_mode = 0 if dkv_desc is None else _DKV_STATS_MODES[DKV_STATS]
     stats_desc = _row_stats_view(B, H, lengths, tiles.m) if stats_mode == 2 else None
-    stats_mode = 0 if stats_mode == 2 and stats_desc is None else stats_mode
+    # the pointer reads index the copy in int32 (kernel STATS 1): bigger copies keep the per-element reads
+    too_big = B * H * math.prod(lengths) * 4 >= 2**31
+    stats_mode = 0 if (stats_mode == 2 and stats_desc is None) or (stats_mode == 1 and too_big) else stats_mode
     constexprs.update(HAS_RPB=rpb is not None and layout is None, BIAS_TILES=layout is not None,
                       QDO_DESC=dkv_desc is not None, STATS=stats_mode)
     grid = (math.prod(pat.dilation[i] * n_tiles[i] for i in range(3)), B * H)
