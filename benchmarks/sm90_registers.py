@@ -11,7 +11,10 @@ device image's Triton (3.6 on ours; ``PYTHONPATH`` a side install first) to matc
 Descriptor (TMA) loads are chosen by compute capability, which CPU tensors lack; ``--descriptors`` forces them on
 for the passes that take them on Hopper (head_dim > 32, no dilation), as the H100 runs them.
 
-Usage (repo root, CPU): python benchmarks/sm90_registers.py --stage flux4k_na_k80 [--descriptors]
+``--sass`` adds each kernel's main-loop instruction mix (``cuobjdump -sass``, static); ``VISATTN_DKV_STATS`` picks
+the dK/dV pass's LSE / delta reads as in a run.
+
+Usage (repo root, CPU): python benchmarks/sm90_registers.py --stage flux4k_na_k80 [--descriptors] [--sass]
     [--pass dkv --volume 64,64,4,2 --volume 32,128,8,2] [--out F.json]
 """
 
@@ -82,17 +85,49 @@ def ptxas_report(ptx: str) -> dict:
         Path(src).write_text(ptx)
         done = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", src, "-o", os.path.join(tmp, "k.cubin")],
                               capture_output=True, text=True, check=True)
-    return parse_ptxas(done.stderr)
+    return parse_ptxas(done.stderr + done.stdout)
 
 
 def parse_ptxas(text: str) -> dict:
-    """Registers and spill bytes from ``ptxas -v`` output (the last function reported)."""
+    """Registers and spill bytes from ``ptxas -v`` output (the last function reported), and whether ptxas
+    serialized the function's wgmma instructions (its performance advisory C7515)."""
     regs = re.findall(r"Used (\d+) registers", text)
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     if not regs:
         raise ValueError(f"no register count in ptxas output: {text[:200]!r}")
     stores, loads = spills[-1] if spills else ("0", "0")
-    return {"registers": int(regs[-1]), "spill_store_bytes": int(stores), "spill_load_bytes": int(loads)}
+    # C7515: ptxas waits on every wgmma of the function (no overlap of tensor-core work with anything else)
+    return {"registers": int(regs[-1]), "spill_store_bytes": int(stores), "spill_load_bytes": int(loads),
+            "wgmma_serialized": "C7515" in text}
+
+
+def loop_profile(cubin: bytes) -> dict:
+    """The static instruction mix of a kernel's longest loop (the span of its longest backward branch) in the SASS
+    of ``cubin`` (``cuobjdump -sass``): instruction count and the most frequent opcodes. A static count: a loop
+    with two mask branches counts both."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        Path(path).write_bytes(cubin)
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+    return parse_loop(sass)
+
+
+def parse_loop(sass: str) -> dict:
+    """``loop_profile`` on SASS text: lines ``/*addr*/ [@pred] OPCODE.modifiers operands ;``."""
+    instrs = [(int(m[1], 16), m[2].strip()) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    spans = [(int(m[1], 16), addr) for addr, ins in instrs for m in [re.search(r"BRA\b.*0x([0-9a-f]+)", ins)]
+             if m and int(m[1], 16) < addr]
+    if not spans:
+        return {"loop_instructions": 0, "loop_opcodes": {}}
+    lo, hi = max(spans, key=lambda span: span[1] - span[0])
+    opcodes: dict[str, int] = {}
+    for addr, ins in instrs:
+        if lo <= addr <= hi:
+            op = re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0].split(".")[0]
+            opcodes[op] = opcodes.get(op, 0) + 1
+    top = dict(sorted(opcodes.items(), key=lambda kv: -kv[1])[:12])
+    return {"loop_instructions": sum(opcodes.values()), "loop_opcodes": top}
 
 
 def record_launches(stage: str, descriptors: bool) -> list[tuple]:
@@ -121,10 +156,13 @@ def record_launches(stage: str, descriptors: bool) -> list[tuple]:
     return recorder.launches
 
 
-def compile_sm90(kernel, rec, tensors) -> dict:
-    """Compile one recorded launch for sm90; its ptxas report, shared memory and launch options."""
+def compile_sm90(kernel, rec, tensors, sass: bool = False) -> dict:
+    """Compile one recorded launch for sm90; its ptxas report, shared memory and launch options (and with ``sass``
+    its main loop's static instruction mix, ``loop_profile``)."""
     compiled = kernel.warmup(*tensors, *rec.scalars, **rec.constexprs, **rec.options, grid=rec.grid)
     report = ptxas_report(compiled.asm["ptx"])
+    if sass:
+        report.update(loop_profile(compiled.asm["cubin"]))
     tile = {name: rec.constexprs[name] for name in ("M0", "M1", "M2", "N0", "N1", "N2") if name in rec.constexprs}
     return {"kernel": kernel.__name__, **report, "shared_bytes": int(compiled.metadata.shared),
             "num_warps": rec.options["num_warps"], "num_stages": rec.options["num_stages"], "boxes": tile,
@@ -152,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--volume", action="append", default=[],
                         help="BLOCK_M,BLOCK_N,warps,stages for --pass (repeatable; default: the shipped table)")
     parser.add_argument("--descriptors", action="store_true", help="TMA descriptor loads, as on Hopper")
+    parser.add_argument("--sass", action="store_true", help="also the main loop's static instruction mix")
+    parser.add_argument("--dkv-stats", default=None,
+                        help="comma list of ops.DKV_STATS settings to compile in turn (default: the current one)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.volume and not args.pass_name:
@@ -159,8 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     driver.set_active(_OfflineDriver())
     saved = tiles.volume_tables()
     rows = []
-    # the shipped tables first (every pass, or --pass alone without --volume), then each --volume of --pass
-    for volume in [None, *args.volume]:
+    settings = args.dkv_stats.split(",") if args.dkv_stats else [ops.DKV_STATS]
+    if any(setting not in ops._DKV_STATS_MODES for setting in settings):
+        parser.error(f"--dkv-stats {args.dkv_stats!r}: choose from {', '.join(ops._DKV_STATS_MODES)}")
+    # per setting: the shipped tables first (every pass, or --pass alone without --volume), then each --volume
+    for setting, volume in [(setting, v) for setting in settings for v in [None, *args.volume]]:
+        ops.DKV_STATS = setting
         if volume is not None:
             tiles.set_volume(volume_entry(args.pass_name, args.stage), tuple(int(x) for x in volume.split(",")))
         try:
@@ -168,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                 varied = volume is not None or not args.volume
                 if args.pass_name and varied and kernel.__name__ != PASS_KERNELS[args.pass_name]:
                     continue
-                row = {"volume": volume, **compile_sm90(kernel, rec, tensors)}
+                row = {"volume": volume, "dkv_stats": ops.DKV_STATS, **compile_sm90(kernel, rec, tensors, args.sass)}
                 rows.append(row)
                 print(row, flush=True)
         finally:
