@@ -2,10 +2,10 @@
 
 "rows" reads them from the ``[B, *spatial, heads]`` tensors by per-element pointer (the shipped default), "pointer"
 from their head-major copy by a scalar plus a loop-invariant offset, "descriptor" from that copy through TMA. For
-each stage (``tune_tiles.STAGES``, no bias) and setting: the engine's kernel GPU times over ``--reps`` profiled
-forward+backward calls, every CUDA kernel's total beside them (the copy's two kernels included), and the largest
-difference of the output and gradients from the "rows" setting's (the same LSE and delta reach the same products, so
-0 is expected).
+each stage (``tune_tiles.stage_step``: no bias) and setting: the engine's kernel GPU times over ``--reps`` profiled
+forward+backward calls, every CUDA kernel's total over one more call (``common.kernel_gpu_ms``: the copy's two
+kernels included), and the largest difference of the output and gradients from the "rows" setting's (the same LSE
+and delta reach the same products, so 0 is expected).
 
 Usage (repo root, CUDA): python benchmarks/bench_dkv_stats.py --out F.json [--stages hunyuan_na,flux4k_na_k80]
 """
@@ -22,31 +22,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import visattn  # noqa: E402
 from visattn.bench import common  # noqa: E402
 from visattn.kernels import ops  # noqa: E402
 
 MODES = ("rows", "pointer", "descriptor")
 
 
-def _all_kernels_ms(fn, reps: int) -> float:
-    """GPU time of every CUDA kernel of one ``fn()`` call, mean over ``reps`` profiled calls."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    total = 0.0
-    for evt in prof.key_averages():
-        if getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA:
-            total += getattr(evt, "self_device_time_total", 0) or getattr(evt, "self_cuda_time_total", 0)
-    return round(total / 1e3 / reps, 4)
-
-
 def main(argv: list[str] | None = None) -> int:
-    from tune_tiles import STAGES, _kernel_ms
+    from tune_tiles import STAGES, _kernel_ms, stage_step
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -60,17 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.time() + args.time_budget
     rows = []
     for stage in args.stages.split(","):
-        spatial, heads, dim, batch, kernel, stride, _, _ = STAGES[stage]
-        torch.manual_seed(0)
-        qkv = torch.randn(batch, *spatial, 3, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        grad = torch.randn(batch, *spatial, heads, dim, device="cuda", dtype=torch.bfloat16)
-        op = visattn.na3d if len(spatial) == 3 else visattn.na2d
-
-        def step(qkv=qkv, grad=grad, op=op, kernel=kernel, stride=stride):
-            q, k, v = qkv.unbind(-3)
-            out = op(q, k, v, kernel_size=kernel, stride=stride)
-            return (out, *torch.autograd.grad(out, [qkv], grad))
-
+        step = stage_step(stage)
         reference = None
         for mode in MODES:
             if time.time() > deadline:
@@ -79,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             ops._PLANS.clear()
             results = step()
             kernels = _kernel_ms(step, args.reps)
-            all_ms = _all_kernels_ms(step, args.reps)
+            all_ms = round(sum(common.kernel_gpu_ms(step).values()), 4)
             mode_used = [p.dkv.constexprs.get("STATS") for key, p in ops._PLANS.items() if key[0] == "bwd"]
             if reference is None:
                 reference = results

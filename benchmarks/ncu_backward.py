@@ -26,7 +26,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import visattn  # noqa: E402
 from visattn.bench import common  # noqa: E402
 
 # ncu metric names (details page) kept per kernel, under short keys
@@ -53,19 +52,9 @@ METRICS = {
 
 def workload(stage: str) -> None:
     """One warm-up forward+backward of ``stage``, then one profiled."""
-    from tune_tiles import STAGES
+    from tune_tiles import stage_step
 
-    spatial, heads, dim, batch, kernel, stride, text, _ = STAGES[stage]
-    torch.manual_seed(0)
-    qkv = torch.randn(batch, *spatial, 3, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    grad = torch.randn(batch, *spatial, heads, dim, device="cuda", dtype=torch.bfloat16)
-    op = visattn.na3d if len(spatial) == 3 else visattn.na2d
-
-    def step():
-        q, k, v = qkv.unbind(-3)
-        out = op(q, k, v, kernel_size=kernel, stride=stride)
-        torch.autograd.grad(out, [qkv], grad)
-
+    step = stage_step(stage)
     step()
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStart()

@@ -21,7 +21,6 @@ Usage (repo root, CPU): python benchmarks/sm90_registers.py --stage flux4k_na_k8
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import subprocess
@@ -170,13 +169,15 @@ def compile_sm90(kernel, rec, tensors, sass: bool = False) -> dict:
 
 
 def volume_entry(pass_name: str, stage: str) -> tuple:
-    """The ``tiles._VOLUMES`` key a pass of ``stage`` reads (16-bit inputs, no window)."""
+    """The ``tiles._VOLUMES`` key a pass of ``stage`` reads (16-bit inputs, no window); the dK/dV pass's own key
+    even where the table has no entry for it yet (``tiles.volume_key`` then names the dQ pass's)."""
     from tune_tiles import STAGES
 
     spatial, _, dim, _, kernel, _, _, _ = STAGES[stage]
-    keys = math.prod(kernel) if isinstance(kernel, tuple) else kernel ** len(spatial)
-    return (PASS_KEYS[pass_name], 16, 64 if dim <= 64 else 128 if dim <= 128 else 256,
-            "small" if keys <= 81 else "large")
+    rank = len(spatial)
+    kernel3 = (1,) * (3 - rank) + (kernel if isinstance(kernel, tuple) else (kernel,) * rank)
+    key = tiles.volume_key(pass_name, False, kernel3, 16, dim)
+    return (PASS_KEYS[pass_name], *key[1:])
 
 
 def main(argv: list[str] | None = None) -> int:

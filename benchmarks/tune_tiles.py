@@ -87,6 +87,23 @@ KEYS["d128-dkv-wg"] = KEYS["flux"]
 ENGINE = ("_fwd_kernel", "_bwd_", "_bias_grad", "_expand_")
 
 
+def stage_step(stage: str):
+    """A forward+backward of ``stage`` without a bias or text keys on fresh seeded CUDA inputs (bf16, fused qkv
+    leaf): a function returning the output and the qkv gradient (``ncu_backward.py``, ``bench_dkv_stats.py``)."""
+    spatial, heads, dim, batch, kernel, stride, _, _ = STAGES[stage]
+    torch.manual_seed(0)
+    qkv = torch.randn(batch, *spatial, 3, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(batch, *spatial, heads, dim, device="cuda", dtype=torch.bfloat16)
+    op = visattn.na3d if len(spatial) == 3 else visattn.na2d
+
+    def step():
+        q, k, v = qkv.unbind(-3)
+        out = op(q, k, v, kernel_size=kernel, stride=stride)
+        return (out, *torch.autograd.grad(out, [qkv], grad))
+
+    return step
+
+
 def _apply(suite: str, config: int, shipped: dict) -> dict:
     chosen = {}
     for name, key in KEYS[suite].items():

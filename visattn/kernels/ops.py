@@ -507,13 +507,11 @@ if DKV_STATS not in _DKV_STATS_MODES:
     raise ValueError(f"VISATTN_DKV_STATS={DKV_STATS!r}: choose one of {', '.join(_DKV_STATS_MODES)}")
 
 
-def _row_stats_view(batch: int, heads: int, lengths: tuple, box: tuple) -> KVDescriptor | None:
+def _row_stats_view(batch: int, heads: int, lengths: tuple, box: tuple) -> KVDescriptor:
     """The descriptor view through which the dK/dV pass reads its query boxes' LSE and delta: a head-major copy
-    ``[B * heads, L0, L1, L2, 4]`` (``_row_stats``), block ``(1, *box, 4)``; None without host descriptors. Built
-    per call, without field reuse: only the base changes, and at the sizes that take this path (head_dim > 32)
-    the ~8 us constructor is noise."""
-    if TensorDescriptor is None:
-        return None
+    ``[B * heads, L0, L1, L2, 4]`` (``_row_stats``), block ``(1, *box, 4)`` (asked for only where the pass's query
+    boxes take descriptors, so host descriptors exist). Built per call, without field reuse: only the base
+    changes, and at the sizes that take this path (head_dim > 32) the ~8 us constructor is noise."""
     L0, L1, L2 = lengths
     return KVDescriptor((batch * heads, L0, L1, L2, 4), (L0 * L1 * L2 * 4, L1 * L2 * 4, L2 * 4, 4, 1),
                         (1, *box, 4))
@@ -757,10 +755,9 @@ def _backward_plan(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, pat: Patt
     # the dK/dV pass walks query boxes
     dkv_desc = _descriptor_views(q3, do3, pat, tiles.m, constexprs["BLOCK_D"], constexprs["BLOCK_DV"])
     stats_mode = 0 if dkv_desc is None else _DKV_STATS_MODES[DKV_STATS]
+    if stats_mode == 1 and B * H * math.prod(lengths) * 4 >= 2**31:
+        stats_mode = 0  # the pointer reads index the copy in int32: bigger copies keep the per-element reads
     stats_desc = _row_stats_view(B, H, lengths, tiles.m) if stats_mode == 2 else None
-    # the pointer reads index the copy in int32 (kernel STATS 1): bigger copies keep the per-element reads
-    too_big = B * H * math.prod(lengths) * 4 >= 2**31
-    stats_mode = 0 if (stats_mode == 2 and stats_desc is None) or (stats_mode == 1 and too_big) else stats_mode
     constexprs.update(HAS_RPB=rpb is not None and layout is None, BIAS_TILES=layout is not None,
                       QDO_DESC=dkv_desc is not None, STATS=stats_mode)
     grid = (math.prod(pat.dilation[i] * n_tiles[i] for i in range(3)), B * H)
